@@ -1,0 +1,74 @@
+# AMC image-search ranker. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SYSTEM_PACKAGES := fonts-noto-color-emoji unicode-cldr-core
+RUN ?= runs/amc
+CHECKPOINT := $(RUN)/checkpoint.pt
+REPOSITORY ?= model_repository
+TRAIN_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help setup system-deps data train eval export serve demo test test-fast bench lint format clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+system-deps: ## Install the Debian packages with the emoji font and CLDR keywords (apt-get, only if missing)
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): requirements.txt pyproject.toml client/pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . -e client
+	@touch $@
+
+setup: system-deps $(STAMP) ## Create .venv with pinned packages and the Debian packages (idempotent)
+
+data: setup ## Build the corpus (renders emoji, extracts region features; cached in .cache/amc)
+	$(PY) -m training.corpus
+
+$(CHECKPOINT): | setup
+	$(PY) -m training.train --out $(RUN) $(TRAIN_ARGS)
+
+train: setup ## Train the default AMC model into runs/amc/checkpoint.pt
+	$(PY) -m training.train --out $(RUN) $(TRAIN_ARGS)
+
+eval: setup ## Train AMC and the baselines on 3 seeds; write reports/eval.{json,md} and plots
+	$(PY) -m training.evaluate --out reports
+
+export: setup $(CHECKPOINT) ## Export the checkpoint to ONNX, validate it and publish a new version into model_repository
+	$(PY) -m export.publish --checkpoint $(CHECKPOINT) --repository $(REPOSITORY)
+
+serve: setup ## Start tritonserver on the model repository (Ctrl-C stops it)
+	$(PY) -m serving.server --repository $(REPOSITORY)
+
+demo: setup ## The main job: data, train a small model, export, serve with Triton, rank queries through the client
+	$(PY) -m serving.demo --repository $(REPOSITORY) --run $(RUN)
+
+test: setup ## Run all tests, integration tests against a real tritonserver included
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: setup ## Unit tests only (no tritonserver)
+	$(PY) -m pytest -q -ra -m "not integration" $(PYTEST_ARGS)
+
+bench: setup ## CPU serving benchmark: writes reports/serving_cpu.json
+	$(PY) -m benchmarks.run --device cpu
+
+lint: setup ## ruff lint and format check
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: setup ## ruff format
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean: ## Remove runs and build outputs (keeps the venv and the feature cache)
+	rm -rf runs build .pytest_cache

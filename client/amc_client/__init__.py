@@ -1,0 +1,1 @@
+"""Thin gRPC client for the AMC image-search ranker served by Triton."""

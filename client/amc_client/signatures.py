@@ -1,0 +1,159 @@
+"""The one place that names AMC's tensors: name, dtype and dims of every input and output of every step.
+
+ONNX export takes ``input_names``/``output_names``/``dynamic_axes`` from here, the Triton config generator
+builds every ``config.pbtxt`` from here, and the client builds its requests from here. Nothing else spells
+a tensor name.
+
+Dims are ints (fixed) or strings (symbolic). A symbolic dim listed in :data:`DYNAMIC_AXES` varies per
+request (batch, candidates, ...) and is a dynamic axis of the ONNX graph; any other symbolic dim (``hidden``)
+is fixed by the trained model's configuration and is written as ``-1`` in Triton configs, which accept any
+size there. The first dim of every tensor is ``batch`` (queries in one request): Triton's batch dimension.
+
+Axes: B queries, N candidates per query, R regions per image, D region-feature channels, K keywords per
+candidate, W words per keyword, L words per query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# The wire contract's fixed sizes: EfficientNet-Lite0's last feature map is 7x7x1280.
+REGION_FEATURE_DIM = 1280
+REGIONS_PER_IMAGE = 49
+FEATURE_MAP_SIDE = 7
+
+DYNAMIC_AXES = ("batch", "candidates", "regions", "keywords", "words", "query_len")
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy name: float32, int64, bool, or "bytes" for Triton's BYTES (strings)
+    dims: tuple[Dim, ...]  # full shape, batch first
+    doc: str = ""
+
+    @property
+    def triton_dtype(self) -> str:
+        return _TRITON_DTYPE[self.dtype]
+
+    @property
+    def triton_datatype(self) -> str:
+        """The wire name tritonclient uses (``FP32``, ``BYTES``)."""
+        return _TRITON_DTYPE[self.dtype].removeprefix("TYPE_").replace("STRING", "BYTES")
+
+    @property
+    def triton_dims(self) -> list[int]:
+        """Dims after the batch dim, -1 where symbolic."""
+        return [d if isinstance(d, int) else -1 for d in self.dims[1:]]
+
+    @property
+    def onnx_dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.dims) if isinstance(d, str) and d in DYNAMIC_AXES}
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(object) if self.dtype == "bytes" else np.dtype(self.dtype)
+
+
+_TRITON_DTYPE = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "bool": "TYPE_BOOL",
+                 "bytes": "TYPE_STRING"}
+
+
+@dataclass(frozen=True)
+class StepSignature:
+    """One served step: a Triton model with named inputs and outputs."""
+
+    model_name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        return _find(self.inputs, name, self.model_name)
+
+    def output(self, name: str) -> TensorSpec:
+        return _find(self.outputs, name, self.model_name)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+def _find(specs: tuple[TensorSpec, ...], name: str, model: str) -> TensorSpec:
+    for spec in specs:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"{model} has no tensor named {name!r}")
+
+
+def _t(name: str, dtype: str, *dims: Dim, doc: str = "") -> TensorSpec:
+    return TensorSpec(name, dtype, tuple(dims), doc)
+
+
+# ---- public request / response of the `amc` ensemble -------------------------------------------------
+QUERY = _t("query", "bytes", "batch", 1, doc="UTF-8 query text")
+REGIONS = _t("regions", "float32", "batch", "candidates", "regions", REGION_FEATURE_DIM,
+             doc="EfficientNet-Lite0 region features per candidate image")
+REGION_MASK = _t("region_mask", "bool", "batch", "candidates", "regions", doc="True for real regions")
+KEYWORDS = _t("keywords", "bytes", "batch", "candidates", "keywords",
+              doc="UTF-8 keyword strings per candidate; the empty string pads")
+
+SCORES = _t("scores", "float32", "batch", "candidates", doc="cosine relevance in [-1, 1]")
+MODALITY_WEIGHTS = _t("modality_weights", "float32", "batch", "candidates", 2,
+                      doc="MTN weights (visual, language), summing to 1")
+REGION_ATTENTION = _t("region_attention", "float32", "batch", "candidates", "regions",
+                      doc="VAN attention over regions, 0 on masked regions")
+KEYWORD_ATTENTION = _t("keyword_attention", "float32", "batch", "candidates", "keywords",
+                       doc="LAN attention over keywords, 0 on padding and unknown keywords")
+MODEL_VERSION = _t("model_version", "int64", "batch", 1,
+                   doc="version that scored the response; -1 if the steps' versions disagreed")
+
+# ---- internal tensors between steps ------------------------------------------------------------------
+QUERY_TOKENS = _t("query_tokens", "int64", "batch", "query_len", doc="vocabulary ids, 0 pads")
+KEYWORD_TOKENS = _t("keyword_tokens", "int64", "batch", "candidates", "keywords", "words",
+                    doc="vocabulary ids of each keyword's words, 0 pads")
+QUERY_EMBEDDING = _t("query_embedding", "float32", "batch", "query_dim")
+VISUAL_VECTOR = _t("visual_vector", "float32", "batch", "candidates", "hidden")
+KEYWORD_VECTOR = _t("keyword_vector", "float32", "batch", "candidates", "hidden")
+TOKENIZER_VERSION = _t("tokenizer_version", "int64", "batch", 1)
+QEN_VERSION = _t("qen_version", "int64", "batch", 1)
+VAN_VERSION = _t("van_version", "int64", "batch", 1)
+LAN_VERSION = _t("lan_version", "int64", "batch", 1)
+
+# ---- the steps ---------------------------------------------------------------------------------------
+TOKENIZER = StepSignature("amc_tokenizer", (QUERY, KEYWORDS), (QUERY_TOKENS, KEYWORD_TOKENS, TOKENIZER_VERSION))
+QEN = StepSignature("amc_qen", (QUERY_TOKENS,), (QUERY_EMBEDDING, QEN_VERSION))
+VAN = StepSignature("amc_van", (QUERY_EMBEDDING, REGIONS, REGION_MASK), (VISUAL_VECTOR, REGION_ATTENTION, VAN_VERSION))
+LAN = StepSignature("amc_lan", (QUERY_EMBEDDING, KEYWORD_TOKENS), (KEYWORD_VECTOR, KEYWORD_ATTENTION, LAN_VERSION))
+MTN = StepSignature(
+    "amc_mtn",
+    (QUERY_EMBEDDING, VISUAL_VECTOR, KEYWORD_VECTOR, TOKENIZER_VERSION, QEN_VERSION, VAN_VERSION, LAN_VERSION),
+    (SCORES, MODALITY_WEIGHTS, MODEL_VERSION),
+)
+# The networks exported to ONNX (the tokenizer is plain Python).
+NETWORKS = (QEN, VAN, LAN, MTN)
+
+ENSEMBLE_NAME = "amc"
+ENSEMBLE = StepSignature(
+    ENSEMBLE_NAME,
+    (QUERY, REGIONS, REGION_MASK, KEYWORDS),
+    (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION),
+)
+
+
+def versioned_ensemble_name(version: int) -> str:
+    """Name of the ensemble pinned to one model version (``amc`` itself is pinned to the serving one)."""
+    return f"{ENSEMBLE_NAME}_v{version}"
+
+
+# Largest candidate set one query may carry; the tokenizer rejects larger ones with a clear error.
+MAX_CANDIDATES = 1000
+# Largest number of queries in one request (Triton's max_batch_size for every step).
+MAX_BATCH = 8

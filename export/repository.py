@@ -1,0 +1,210 @@
+"""Generates every Triton ``config.pbtxt`` of the AMC repository from :mod:`amc_client.signatures`.
+
+Configs are built as Triton's ``ModelConfig`` protobuf (so an invalid field cannot be written) and printed
+with ``text_format``. Layout of a serving repository::
+
+    amc_tokenizer/config.pbtxt   amc_tokenizer/<N>/{model.py, vocab.json, version.json, amc_text.py}
+    amc_qen/config.pbtxt         amc_qen/<N>/{model.onnx [, model.py]}      (and amc_van, amc_lan, amc_mtn)
+    amc_v<N>/config.pbtxt        ensemble pinned to version N of every step; amc_v<N>/manifest.json
+    amc/config.pbtxt             ensemble pinned to the serving version; routing in its parameters
+
+Two flavours come from the same code: ``python`` (each network is a Python-backend model running
+onnxruntime, with the CUDA execution provider when a GPU is present; runs on the tritonserver from the
+nvidia-pytriton wheel) and ``onnxruntime`` (``platform: onnxruntime_onnx`` on ``KIND_GPU``, for NVIDIA's
+Triton container). The tokenizer is a Python-backend model in both.
+
+Why pinned ensembles: an ensemble step with ``model_version: -1`` resolves to the latest loaded version at
+request time, so during a rollout one request could run VAN of one version and MTN of another. Every
+ensemble here pins one explicit version on every step, so the version set of a request is fixed by the
+ensemble it was sent to.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from amc_client import signatures as sig
+
+FLAVOURS = ("python", "onnxruntime")
+STEPS: tuple[sig.StepSignature, ...] = (sig.TOKENIZER, *sig.NETWORKS)
+ONNX_FILE = "model.onnx"
+BACKENDS_DIR = Path(__file__).resolve().parent.parent / "serving" / "backends"
+TEMPLATE_ROOT = Path(__file__).resolve().parent.parent / "model_repository"
+# Networks that gain from merging requests: VAN does most of the work; the others are cheap but batching
+# them costs nothing when requests arrive together.
+BATCH_DELAY_US = 200
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which version ``amc`` serves and which version, if any, takes a share of client traffic as canary."""
+
+    serving_version: int
+    canary_version: int | None = None
+    canary_share: float = 0.0
+
+    def as_parameters(self) -> dict[str, str]:
+        return {"serving_version": str(self.serving_version),
+                "canary_version": "" if self.canary_version is None else str(self.canary_version),
+                "canary_share": f"{self.canary_share:g}"}
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> Routing:
+        canary = params.get("canary_version", "")
+        return cls(int(params["serving_version"]), int(canary) if canary else None,
+                   float(params.get("canary_share", "0") or 0))
+
+
+def _tensor(spec: sig.TensorSpec, cls):
+    return cls(name=spec.name, data_type=mc.DataType.Value(spec.triton_dtype), dims=spec.triton_dims)
+
+
+def _io(config: mc.ModelConfig, signature: sig.StepSignature) -> None:
+    config.input.extend(_tensor(t, mc.ModelInput) for t in signature.inputs)
+    config.output.extend(_tensor(t, mc.ModelOutput) for t in signature.outputs)
+
+
+def step_config(signature: sig.StepSignature, flavour: str) -> mc.ModelConfig:
+    """Config of one step model; version-independent (every version directory shares it)."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown flavour {flavour!r}; expected one of {FLAVOURS}")
+    config = mc.ModelConfig(name=signature.model_name, max_batch_size=sig.MAX_BATCH)
+    # Every version on disk is loaded; the rollout tool decides which directories exist.
+    config.version_policy.all.SetInParent()
+    _io(config, signature)
+    if signature is sig.TOKENIZER:
+        config.backend = "python"
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+        config.parameters["max_candidates"].string_value = str(sig.MAX_CANDIDATES)
+        return config
+    config.dynamic_batching.max_queue_delay_microseconds = BATCH_DELAY_US
+    if flavour == "python":
+        config.backend = "python"
+        # KIND_CPU: the instance is a Python process; onnxruntime inside it picks the CUDA provider itself.
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+        config.parameters["onnx_file"].string_value = ONNX_FILE
+    else:
+        config.platform = "onnxruntime_onnx"
+        config.default_model_filename = ONNX_FILE
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
+    return config
+
+
+def ensemble_config(name: str, version: int, routing: Routing | None = None) -> mc.ModelConfig:
+    """The tokenizer -> QEN -> (VAN, LAN) -> MTN ensemble with every step pinned to ``version``."""
+    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=sig.MAX_BATCH)
+    _io(config, sig.ENSEMBLE)
+    for step in STEPS:
+        # Tensor names are unique across the whole pipeline, so every map is the identity.
+        config.ensemble_scheduling.step.add(
+            model_name=step.model_name, model_version=version,
+            input_map={n: n for n in step.input_names}, output_map={n: n for n in step.output_names})
+    for key, value in (routing.as_parameters() if routing else {}).items():
+        config.parameters[key].string_value = value
+    return config
+
+
+def to_text(config: mc.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def parse_config(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    with tempfile.NamedTemporaryFile(mode, dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, path)
+
+
+def template_files(flavour: str) -> dict[str, str]:
+    """The version-independent configs of a fresh repository: what ``model_repository/<flavour>/`` holds.
+
+    ``amc`` starts pinned to version 1, the first version a publish writes.
+    """
+    files = {f"{s.model_name}/config.pbtxt": to_text(step_config(s, flavour)) for s in STEPS}
+    files[f"{sig.ENSEMBLE_NAME}/config.pbtxt"] = to_text(ensemble_config(sig.ENSEMBLE_NAME, 1, Routing(1)))
+    return files
+
+
+def write_template(repository: Path, flavour: str) -> None:
+    for rel, text in template_files(flavour).items():
+        write_atomic(repository / rel, text)
+
+
+def init_repository(repository: Path, flavour: str) -> None:
+    """Create a serving repository from the generated template if it has none yet (idempotent)."""
+    if not (repository / sig.ENSEMBLE_NAME / "config.pbtxt").exists():
+        write_template(repository, flavour)
+
+
+def repository_flavour(repository: Path) -> str:
+    text = (repository / sig.QEN.model_name / "config.pbtxt").read_text()
+    return "onnxruntime" if "onnxruntime_onnx" in text else "python"
+
+
+def stage_version(stage: Path, *, version: int, flavour: str, onnx_dir: Path, vocab_json: str) -> None:
+    """Lay out one version's step directories and its pinned ensemble under ``stage`` (not yet live)."""
+    tokenizer_dir = stage / sig.TOKENIZER.model_name / str(version)
+    tokenizer_dir.mkdir(parents=True)
+    shutil.copy(BACKENDS_DIR / "tokenizer.py", tokenizer_dir / "model.py")
+    # The Python backend stub only sees site-packages, so the tokenizer gets the shared text rules beside it.
+    shutil.copy(Path(sig.__file__).with_name("text.py"), tokenizer_dir / "amc_text.py")
+    (tokenizer_dir / "vocab.json").write_text(vocab_json)
+    (tokenizer_dir / "version.json").write_text(f'{{"version": {version}}}')
+    for network in sig.NETWORKS:
+        version_dir = stage / network.model_name / str(version)
+        version_dir.mkdir(parents=True)
+        short = network.model_name.removeprefix("amc_")
+        shutil.copy(onnx_dir / f"{short}.onnx", version_dir / ONNX_FILE)
+        if flavour == "python":
+            shutil.copy(BACKENDS_DIR / "onnx_runner.py", version_dir / "model.py")
+    ensemble_dir = stage / sig.versioned_ensemble_name(version)
+    (ensemble_dir / "1").mkdir(parents=True)
+    write_atomic(ensemble_dir / "config.pbtxt", to_text(ensemble_config(ensemble_dir.name, version)))
+
+
+def set_routing(repository: Path, routing: Routing) -> str:
+    """Rewrite ``amc`` pinned to ``routing.serving_version``; returns the new config text."""
+    text = to_text(ensemble_config(sig.ENSEMBLE_NAME, routing.serving_version, routing))
+    write_atomic(repository / sig.ENSEMBLE_NAME / "config.pbtxt", text)
+    (repository / sig.ENSEMBLE_NAME / "1").mkdir(exist_ok=True)
+    return text
+
+
+def read_routing(repository: Path) -> Routing:
+    config = parse_config((repository / sig.ENSEMBLE_NAME / "config.pbtxt").read_text())
+    return Routing.from_parameters({k: v.string_value for k, v in config.parameters.items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Regenerate the committed templates: ``python -m export.repository [--check]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m export.repository", description=main.__doc__)
+    parser.add_argument("--root", type=Path, default=TEMPLATE_ROOT)
+    parser.add_argument("--check", action="store_true", help="exit 1 if the committed configs differ")
+    args = parser.parse_args(argv)
+    stale = [f"{fl}/{rel}" for fl in FLAVOURS for rel, text in template_files(fl).items()
+             if not (args.root / fl / rel).exists() or (args.root / fl / rel).read_text() != text]
+    if args.check:
+        print("\n".join(f"differs from generator: {s}" for s in stale) or "model_repository matches the generator")
+        return 1 if stale else 0
+    for flavour in FLAVOURS:
+        write_template(args.root / flavour, flavour)
+    print(f"wrote {sum(len(template_files(f)) for f in FLAVOURS)} configs under {args.root}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""Unit tests: attention masking, MTN weights, loss, NDCG, BM25, configs and checkpoints."""
+
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.config import ConfigError, add_dataclass_args, config_from_args
+from training.metrics import BM25, dcg, ndcg_at_k
+from training.model import AMC, AMCConfig, masked_softmax, ranking_loss
+from training.train import TrainConfig
+
+
+VOCAB = 40
+
+
+def _model(mode="amc", seed=0) -> AMC:
+    torch.manual_seed(seed)
+    model = AMC(AMCConfig(vocab_size=VOCAB, region_dim=32, pca_dim=16, query_dim=24, hidden=20, mode=mode))
+    model.set_word_vectors(torch.randn(VOCAB, 50))
+    model.set_region_pca(torch.randn(32), torch.randn(32, 16) / 4)
+    return model.eval()
+
+
+def _inputs(b=3, n=5, r=7, k=4, w=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randint(1, VOCAB, (b, 6), generator=g)
+    query[:, 4:] = 0
+    regions = torch.randn(b, n, r, 32, generator=g)
+    region_mask = torch.rand(b, n, r, generator=g) > 0.3
+    region_mask[:, :, 0] = True
+    keywords = torch.randint(0, VOCAB, (b, n, k, w), generator=g)
+    keywords[:, :, -1] = 0  # the last keyword slot is padding everywhere
+    return query, regions, region_mask, keywords
+
+
+def test_masked_softmax_sums_to_one_and_zeroes_padding():
+    logits = torch.tensor([[3.0, 1.0, 100.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    w = masked_softmax(logits, mask)
+    assert w[0, 2] == 0 and torch.isclose(w[0].sum(), torch.tensor(1.0))
+    assert torch.equal(w[1], torch.zeros(3))  # nothing unmasked: zeros, not NaN
+
+
+def test_region_and_keyword_attention_respect_masks():
+    model = _model()
+    query, regions, region_mask, keywords = _inputs()
+    out = model(query, regions, region_mask, keywords)
+    ra, ka = out.region_attention, out.keyword_attention
+    assert torch.allclose(ra.sum(-1), torch.ones(ra.shape[:2]), atol=1e-6)
+    assert torch.all(ra[~region_mask] == 0)
+    keyword_mask = (keywords > 0).any(-1)
+    assert torch.all(ka[~keyword_mask] == 0)
+    has_keywords = keyword_mask.any(-1)
+    assert torch.allclose(ka.sum(-1)[has_keywords], torch.ones(int(has_keywords.sum())), atol=1e-6)
+    assert torch.allclose(out.modality_weights.sum(-1), torch.ones(out.scores.shape), atol=1e-6)
+    assert torch.all(out.scores.abs() <= 1 + 1e-6)
+
+
+def test_padding_does_not_change_real_outputs():
+    model = _model()
+    query, regions, region_mask, keywords = _inputs(b=1, n=3)
+    base = model(query, regions, region_mask, keywords)
+    # Add padding: more regions (masked), more keywords (zeros), more candidates (all masked).
+    regions2 = torch.cat([regions, torch.randn(1, 3, 2, 32)], 2)
+    mask2 = torch.cat([region_mask, torch.zeros(1, 3, 2, dtype=torch.bool)], 2)
+    keywords2 = torch.cat([keywords, torch.zeros(1, 3, 2, 3, dtype=torch.long)], 2)
+    regions2 = torch.cat([regions2, torch.randn(1, 2, 9, 32)], 1)
+    mask2 = torch.cat([mask2, torch.zeros(1, 2, 9, dtype=torch.bool)], 1)
+    keywords2 = torch.cat([keywords2, torch.zeros(1, 2, 6, 3, dtype=torch.long)], 1)
+    padded = model(query, regions2, mask2, keywords2)
+    assert torch.allclose(padded.scores[:, :3], base.scores, atol=1e-6)
+    assert torch.allclose(padded.region_attention[:, :3, :7], base.region_attention, atol=1e-6)
+    assert torch.all(padded.scores[:, 3:] == 0)
+
+
+def test_baseline_modes_fix_modality_weights():
+    query, regions, region_mask, keywords = _inputs()
+    for mode, expected in [("visual_only", (1, 0)), ("keywords_only", (0, 1)), ("equal_fusion", (0.5, 0.5))]:
+        w = _model(mode)(query, regions, region_mask, keywords).modality_weights
+        assert torch.allclose(w, torch.tensor(expected, dtype=torch.float32).expand_as(w))
+    with pytest.raises(ValueError, match="unknown mode"):
+        AMCConfig(vocab_size=3, mode="text")
+
+
+def test_ranking_loss_matches_hand_computation():
+    scores = torch.tensor([[0.5, 0.4, 0.1, 0.6], [0.9, -0.2, 0.0, 0.1]])
+    # margin 0.2: query 1: max(0,.2-.5+.4)=.1, max(0,.2-.5+.1)=0, max(0,.2-.5+.6)=.3 -> .4 ; query 2: all 0
+    assert ranking_loss(scores, 0.2).item() == pytest.approx(0.2)
+
+
+def test_ndcg_matches_hand_computation():
+    relevance = np.array([0, 2, 1, 0])
+    scores = np.array([0.9, 0.8, 0.1, 0.0])  # ranking: 0, 2, 1, 0
+    assert dcg([0, 2, 1], 3) == pytest.approx(3 / math.log2(3) + 1 / 2)
+    ideal = 3 + 1 / math.log2(3)
+    assert ndcg_at_k(scores, relevance, 3) == pytest.approx((3 / math.log2(3) + 1 / 2) / ideal)
+    assert ndcg_at_k(scores, relevance, 1) == 0.0
+    assert ndcg_at_k(np.array([0, 1, 0.5, 0]), relevance, 10) == pytest.approx(1.0)
+
+
+def test_bm25_prefers_documents_with_rare_query_words():
+    bm25 = BM25([["cat", "face"], ["dog", "face"], ["cat", "cat", "pet"], ["tree"]])
+    assert bm25.score(["cat"], 2) > bm25.score(["cat"], 0) > 0
+    assert bm25.score(["cat"], 1) == 0
+    # By hand: n=4, df(cat)=2 -> idf=ln(1+2.5/2.5)=ln 2; tf=1, |d|=2=avgdl -> ln2 * 2.2/(1+1.2) = ln 2
+    assert bm25.score(["cat"], 0) == pytest.approx(math.log(2))
+
+
+def test_unknown_config_keys_are_rejected_with_the_key_named(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, TrainConfig)
+    cfg = config_from_args(TrainConfig, parser.parse_args(["--epochs", "3", "--corpus.seed", "7"]))
+    assert cfg.epochs == 3 and cfg.corpus.seed == 7
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"epochs": 2, "corpus": {"noise_levle": 0.5}}')
+    with pytest.raises(ConfigError, match="noise_levle"):
+        config_from_args(TrainConfig, parser.parse_args(["--config", str(bad)]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--learning-rate", "1"])
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    model = _model()
+    vocab = ["<pad>"] + [f"w{i}" for i in range(VOCAB - 1)]
+    ckpt = save_checkpoint(tmp_path / "c.pt", model, vocab, train_config={"seed": 0})
+    loaded = load_checkpoint(tmp_path / "c.pt", expect=model.config)
+    assert loaded.fingerprint == ckpt.fingerprint and loaded.vocab == vocab
+    rebuilt = loaded.build_model()
+    query, regions, region_mask, keywords = _inputs()
+    assert torch.equal(rebuilt(query, regions, region_mask, keywords).scores,
+                       model(query, regions, region_mask, keywords).scores)
+    other = AMCConfig(vocab_size=VOCAB, region_dim=32, pca_dim=16, query_dim=24, hidden=64)
+    with pytest.raises(CheckpointError, match="hidden"):
+        load_checkpoint(tmp_path / "c.pt", expect=other)
+    (tmp_path / "corrupt.pt").write_bytes((tmp_path / "c.pt").read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(tmp_path / "corrupt.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")

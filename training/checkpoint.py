@@ -1,0 +1,104 @@
+"""Checkpoints that hold everything export needs: model arguments, weights, vocabulary, version fingerprint.
+
+The fingerprint is a SHA-256 over the model configuration, the vocabulary and every weight tensor, so two
+checkpoints share it only if they compute the same function. Export writes it into each ONNX file's
+metadata and the version manifest, which is how a served version is traced back to its training run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from training.model import AMC, AMCConfig
+
+FORMAT = "amc-checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: unreadable, wrong format, tampered, or from another config."""
+
+
+@dataclass
+class Checkpoint:
+    model_config: AMCConfig
+    state_dict: dict[str, torch.Tensor]
+    vocab: list[str]
+    train_config: dict = field(default_factory=dict)  # the training run's full configuration
+    metrics: dict = field(default_factory=dict)  # validation/test figures at save time
+    fingerprint: str = ""
+
+    def build_model(self) -> AMC:
+        model = AMC(self.model_config)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+def fingerprint(model_config: AMCConfig, vocab: list[str], state_dict: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(model_config.to_dict(), sort_keys=True).encode())
+    h.update("\n".join(vocab).encode())
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(path: str | Path, model: AMC, vocab: list[str], *, train_config: dict,
+                    metrics: dict | None = None) -> Checkpoint:
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    ckpt = Checkpoint(model.config, state, list(vocab), train_config, dict(metrics or {}),
+                      fingerprint(model.config, vocab, state))
+    payload = {"format": FORMAT, "model_config": ckpt.model_config.to_dict(), "state_dict": state,
+               "vocab": ckpt.vocab, "train_config": train_config, "metrics": ckpt.metrics,
+               "fingerprint": ckpt.fingerprint}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so a crash never leaves a half-written checkpoint in place.
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        torch.save(payload, tmp)
+    os.replace(tmp.name, path)
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, *, expect: AMCConfig | None = None) -> Checkpoint:
+    """Load and verify a checkpoint. ``expect`` refuses one trained with another model configuration."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt file
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an AMC checkpoint (expected format {FORMAT})")
+    try:
+        config = AMCConfig.from_dict(payload["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid model configuration: {e}") from e
+    if expect is not None and expect != config:
+        diff = {k: (v, getattr(expect, k)) for k, v in config.to_dict().items() if getattr(expect, k) != v}
+        raise CheckpointError(
+            f"{path} was trained with another model configuration; differing fields "
+            + ", ".join(f"{k}: checkpoint {a!r} vs expected {b!r}" for k, (a, b) in diff.items()))
+    state, vocab = payload["state_dict"], payload["vocab"]
+    if len(vocab) != config.vocab_size:
+        raise CheckpointError(f"{path}: vocabulary has {len(vocab)} words but the model expects {config.vocab_size}")
+    expected_shapes = {k: tuple(v.shape) for k, v in AMC(config).state_dict().items()}
+    found_shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if expected_shapes != found_shapes:
+        bad = sorted(set(expected_shapes.items()) ^ set(found_shapes.items()))[:5]
+        raise CheckpointError(f"{path}: weights do not match its model configuration (first differences: {bad})")
+    actual = fingerprint(config, vocab, state)
+    if actual != payload["fingerprint"]:
+        raise CheckpointError(f"{path}: fingerprint mismatch (stored {payload['fingerprint']}, "
+                              f"computed {actual}); the file was modified or is corrupt")
+    return Checkpoint(config, state, vocab, payload.get("train_config", {}), payload.get("metrics", {}), actual)

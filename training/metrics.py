@@ -1,0 +1,50 @@
+"""Ranking metrics and the BM25 baseline."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+
+NDCG_KS = (1, 5, 10, 20)
+
+
+def dcg(relevance_in_rank_order: np.ndarray, k: int) -> float:
+    """Sum over the top k of (2^rel - 1) / log2(rank + 1), ranks from 1."""
+    rel = np.asarray(relevance_in_rank_order, dtype=np.float64)[:k]
+    return float(((2.0**rel - 1.0) / np.log2(np.arange(2, rel.size + 2))).sum())
+
+
+def ndcg_at_k(scores: np.ndarray, relevance: np.ndarray, k: int) -> float:
+    """NDCG@k of ranking ``relevance`` by ``scores`` (descending; ties keep the given order)."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    ideal = dcg(np.sort(relevance)[::-1], k)
+    return dcg(np.asarray(relevance)[order], k) / ideal if ideal > 0 else 0.0
+
+
+def mean_ndcg(score_lists: list[np.ndarray], relevance_lists: list[np.ndarray], ks=NDCG_KS) -> dict[str, float]:
+    return {f"ndcg@{k}": float(np.mean([ndcg_at_k(s, r, k) for s, r in zip(score_lists, relevance_lists)]))
+            for k in ks}
+
+
+class BM25:
+    """Okapi BM25 over bag-of-words documents (here: an image's auto-tagger keywords)."""
+
+    def __init__(self, documents: list[list[str]], k1: float = 1.2, b: float = 0.75) -> None:
+        self.k1, self.b = k1, b
+        self.counts = [Counter(doc) for doc in documents]
+        self.lengths = np.array([len(doc) for doc in documents], dtype=np.float64)
+        self.avg_length = float(self.lengths.mean()) if documents else 0.0
+        df = Counter(word for doc in self.counts for word in doc)
+        n = len(documents)
+        self.idf = {w: math.log(1 + (n - f + 0.5) / (f + 0.5)) for w, f in df.items()}
+
+    def score(self, query_words: list[str], doc: int) -> float:
+        counts, norm = self.counts[doc], self.k1 * (1 - self.b + self.b * self.lengths[doc] / self.avg_length)
+        total = 0.0
+        for w in query_words:
+            tf = counts.get(w, 0)
+            if tf:
+                total += self.idf[w] * tf * (self.k1 + 1) / (tf + norm)
+        return total

@@ -1,0 +1,185 @@
+"""Train AMC (or one of its baselines) with the paper's ranking loss on the image-search log.
+
+    python -m training.train --out runs/amc --epochs 20 --corpus.max_images 300
+
+Each epoch ends with validation NDCG@10; training stops early when it has not improved for ``patience``
+epochs, and the best epoch's weights are saved as a checkpoint that export can use on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.config import add_dataclass_args, config_from_args
+from training.corpus import Corpus, CorpusConfig, Query, load_corpus
+from training.data import CorpusTensors, corpus_tensors, fit_region_pca, padded_candidates
+from training.metrics import mean_ndcg
+from training.model import AMC, AMCConfig, ranking_loss
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str = "runs/amc"  # directory for checkpoint.pt and history.json
+    seed: int = 0  # weights init, batch order and negative sampling
+    mode: str = "amc"  # amc, or a baseline: visual_only, keywords_only, equal_fusion
+    epochs: int = 30  # upper bound; early stopping usually ends sooner
+    patience: int = 4  # epochs without validation improvement before stopping
+    batch_size: int = 64  # queries per step
+    negatives: int = 8  # t: unclicked candidates per clicked one in the loss
+    margin: float = 0.2  # alpha in max(0, alpha - s+ + s-)
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    query_dim: int = 128
+    hidden: int = 128
+    pca_dim: int = 256
+    resume: str = ""  # checkpoint to continue from; refused if its model configuration differs
+    progress: bool = True  # show a progress bar
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+
+    def model_config(self, vocab_size: int) -> AMCConfig:
+        return AMCConfig(vocab_size=vocab_size, query_dim=self.query_dim, hidden=self.hidden,
+                         pca_dim=self.pca_dim, mode=self.mode)
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    fingerprint: str
+    best_epoch: int
+    val: dict[str, float]
+    history: list[dict]
+    seconds: float
+
+
+@torch.no_grad()
+def score_queries(model: AMC, data: CorpusTensors, queries: list[Query], batch: int = 64) -> list[dict]:
+    """Scores each query's candidate list; per query a dict of numpy arrays (scores, weights, attention)."""
+    model.eval()
+    results = []
+    for start in range(0, len(queries), batch):
+        chunk = queries[start:start + batch]
+        index = padded_candidates(chunk)
+        reduced, region_mask, keyword_tokens = data.candidates(index)
+        out = model(data.query_tokens(chunk), reduced, region_mask, keyword_tokens, reduced=True)
+        for b, q in enumerate(chunk):
+            n = len(q.candidates)
+            results.append({"scores": out.scores[b, :n].numpy(), "modality_weights": out.modality_weights[b, :n].numpy(),
+                            "region_attention": out.region_attention[b, :n].numpy(),
+                            "keyword_attention": out.keyword_attention[b, :n].numpy()})
+    return results
+
+
+def evaluate_split(model: AMC, data: CorpusTensors, queries: list[Query]) -> dict[str, float]:
+    scored = score_queries(model, data, queries)
+    return mean_ndcg([s["scores"] for s in scored], [q.relevance for q in queries])
+
+
+def _training_pairs(queries: list[Query]) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(query index, clicked candidates, unclicked candidates) for queries with at least one of each."""
+    pairs = []
+    for i, q in enumerate(queries):
+        clicks = np.asarray(q.clicks, dtype=bool)
+        cands = np.asarray(q.candidates)
+        if clicks.any() and (~clicks).any():
+            pairs.append((i, cands[clicks], cands[~clicks]))
+    return pairs
+
+
+def _batch_indices(pairs, rng: np.random.Generator, negatives: int) -> tuple[list[int], torch.Tensor]:
+    rows, qids = [], []
+    for qid, clicked, unclicked in pairs:
+        positive = rng.choice(clicked)
+        negs = rng.choice(unclicked, size=negatives, replace=unclicked.size < negatives)
+        rows.append(np.concatenate([[positive], negs]))
+        qids.append(qid)
+    return qids, torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def train(cfg: TrainConfig, corpus: Corpus | None = None) -> TrainResult:
+    started = time.perf_counter()
+    corpus = corpus or load_corpus(cfg.corpus, progress=cfg.progress)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model_config = cfg.model_config(len(corpus.vocab))
+    model = AMC(model_config)
+    model.set_word_vectors(torch.from_numpy(corpus.word_vectors))
+    model.set_region_pca(*fit_region_pca(corpus.regions, cfg.pca_dim, seed=cfg.corpus.seed))
+    if cfg.resume:
+        model.load_state_dict(load_checkpoint(cfg.resume, expect=model_config).state_dict)
+    data = corpus_tensors(corpus, model)
+    train_queries, val_queries = corpus.queries["train"], corpus.queries["val"]
+    pairs = _training_pairs(train_queries)
+    if not pairs:
+        raise ValueError("the training split has no query with both a clicked and an unclicked candidate")
+    query_tokens = data.query_tokens(train_queries)
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
+    best, best_state, best_epoch, stale, history = -1.0, None, 0, 0, []
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"train {cfg.mode}", unit="step",
+               disable=not cfg.progress, file=sys.stderr)
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = rng.permutation(len(pairs))
+        losses = []
+        for step in range(steps_per_epoch):
+            chosen = [pairs[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
+            qids, index = _batch_indices(chosen, rng, cfg.negatives)
+            reduced, region_mask, keyword_tokens = data.candidates(index)
+            out = model(query_tokens[qids], reduced, region_mask, keyword_tokens, reduced=True)
+            loss = ranking_loss(out.scores, cfg.margin)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.4f}", best_val=f"{best:.4f}")
+        val = evaluate_split(model, data, val_queries)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), **{f"val_{k}": v for k, v in val.items()}})
+        if val["ndcg@10"] > best:
+            best, best_epoch, stale = val["ndcg@10"], epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    bar.close()
+    model.load_state_dict(best_state)
+    val = evaluate_split(model, data, val_queries)
+    out_dir = Path(cfg.out)
+    ckpt = save_checkpoint(out_dir / "checkpoint.pt", model, corpus.vocab, train_config=asdict(cfg),
+                           metrics={"best_epoch": best_epoch, **{f"val_{k}": v for k, v in val.items()}})
+    (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+    return TrainResult(out_dir / "checkpoint.pt", ckpt.fingerprint, best_epoch, val, history,
+                       time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_args(parser, TrainConfig)
+    try:
+        cfg = config_from_args(TrainConfig, parser.parse_args(argv))
+        result = train(cfg)
+    except (ValueError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"checkpoint {result.checkpoint} (fingerprint {result.fingerprint}), best epoch {result.best_epoch}, "
+          f"val NDCG@10 {result.val['ndcg@10']:.4f}, {result.seconds:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
