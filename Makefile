@@ -44,7 +44,7 @@ train: setup ## Train the default AMC model into runs/amc/checkpoint.pt
 	$(PY) -m training.train --out $(RUN) $(TRAIN_ARGS)
 
 eval: setup ## Train AMC and the baselines on 3 seeds; write reports/eval.{json,md} and plots
-	$(PY) -m training.evaluate --out reports
+	$(PY) -m training.evaluate --out-dir reports
 
 export: setup $(CHECKPOINT) ## Export the checkpoint to ONNX, validate it and publish a new version into model_repository
 	$(PY) -m export.publish --checkpoint $(CHECKPOINT) --repository $(REPOSITORY)

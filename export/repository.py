@@ -21,16 +21,18 @@ ensemble it was sent to.
 
 from __future__ import annotations
 
+import compileall
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from amc_client import Routing
 from amc_client import signatures as sig
+from amc_client._routing import parse as parse_routing
 
 FLAVOURS = ("python", "onnxruntime")
 STEPS: tuple[sig.StepSignature, ...] = (sig.TOKENIZER, *sig.NETWORKS)
@@ -42,24 +44,11 @@ TEMPLATE_ROOT = Path(__file__).resolve().parent.parent / "model_repository"
 BATCH_DELAY_US = 200
 
 
-@dataclass(frozen=True)
-class Routing:
-    """Which version ``amc`` serves and which version, if any, takes a share of client traffic as canary."""
-
-    serving_version: int
-    canary_version: int | None = None
-    canary_share: float = 0.0
-
-    def as_parameters(self) -> dict[str, str]:
-        return {"serving_version": str(self.serving_version),
-                "canary_version": "" if self.canary_version is None else str(self.canary_version),
-                "canary_share": f"{self.canary_share:g}"}
-
-    @classmethod
-    def from_parameters(cls, params: dict[str, str]) -> Routing:
-        canary = params.get("canary_version", "")
-        return cls(int(params["serving_version"]), int(canary) if canary else None,
-                   float(params.get("canary_share", "0") or 0))
+def routing_parameters(routing: Routing) -> dict[str, str]:
+    """``amc``'s config parameters for ``routing`` (the client parses them back with the same names)."""
+    return {sig.ROUTING_SERVING_VERSION: str(routing.serving_version),
+            sig.ROUTING_CANARY_VERSION: "" if routing.canary_version is None else str(routing.canary_version),
+            sig.ROUTING_CANARY_SHARE: f"{routing.canary_share:g}"}
 
 
 def _tensor(spec: sig.TensorSpec, cls):
@@ -106,7 +95,7 @@ def ensemble_config(name: str, version: int, routing: Routing | None = None) -> 
         config.ensemble_scheduling.step.add(
             model_name=step.model_name, model_version=version,
             input_map={n: n for n in step.input_names}, output_map={n: n for n in step.output_names})
-    for key, value in (routing.as_parameters() if routing else {}).items():
+    for key, value in (routing_parameters(routing) if routing else {}).items():
         config.parameters[key].string_value = value
     return config
 
@@ -169,6 +158,10 @@ def stage_version(stage: Path, *, version: int, flavour: str, onnx_dir: Path, vo
         shutil.copy(onnx_dir / f"{short}.onnx", version_dir / ONNX_FILE)
         if flavour == "python":
             shutil.copy(BACKENDS_DIR / "onnx_runner.py", version_dir / "model.py")
+    # The Python backend stub writes __pycache__ into the version directory on first import, which Triton
+    # then sees as a modified version and reloads on the next load_model; compiling now avoids that.
+    for step in STEPS:
+        compileall.compile_dir(stage / step.model_name / str(version), quiet=1)
     ensemble_dir = stage / sig.versioned_ensemble_name(version)
     (ensemble_dir / "1").mkdir(parents=True)
     write_atomic(ensemble_dir / "config.pbtxt", to_text(ensemble_config(ensemble_dir.name, version)))
@@ -184,7 +177,7 @@ def set_routing(repository: Path, routing: Routing) -> str:
 
 def read_routing(repository: Path) -> Routing:
     config = parse_config((repository / sig.ENSEMBLE_NAME / "config.pbtxt").read_text())
-    return Routing.from_parameters({k: v.string_value for k, v in config.parameters.items()})
+    return parse_routing({"parameters": {k: {"string_value": v.string_value} for k, v in config.parameters.items()}})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ from training.metrics import BM25, dcg, ndcg_at_k
 from training.model import AMC, AMCConfig, masked_softmax, ranking_loss
 from training.train import TrainConfig
 
-
 VOCAB = 40
 
 

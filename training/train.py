@@ -58,6 +58,7 @@ class TrainResult:
     fingerprint: str
     best_epoch: int
     val: dict[str, float]
+    test: dict[str, float]
     history: list[dict]
     seconds: float
 
@@ -158,11 +159,13 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> TrainResult:
     bar.close()
     model.load_state_dict(best_state)
     val = evaluate_split(model, data, val_queries)
+    test = evaluate_split(model, data, corpus.queries["test"])
     out_dir = Path(cfg.out)
-    ckpt = save_checkpoint(out_dir / "checkpoint.pt", model, corpus.vocab, train_config=asdict(cfg),
-                           metrics={"best_epoch": best_epoch, **{f"val_{k}": v for k, v in val.items()}})
+    metrics = {"best_epoch": best_epoch, **{f"val_{k}": v for k, v in val.items()},
+               **{f"test_{k}": v for k, v in test.items()}}
+    ckpt = save_checkpoint(out_dir / "checkpoint.pt", model, corpus.vocab, train_config=asdict(cfg), metrics=metrics)
     (out_dir / "history.json").write_text(json.dumps(history, indent=2))
-    return TrainResult(out_dir / "checkpoint.pt", ckpt.fingerprint, best_epoch, val, history,
+    return TrainResult(out_dir / "checkpoint.pt", ckpt.fingerprint, best_epoch, val, test, history,
                        time.perf_counter() - started)
 
 
@@ -177,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"checkpoint {result.checkpoint} (fingerprint {result.fingerprint}), best epoch {result.best_epoch}, "
-          f"val NDCG@10 {result.val['ndcg@10']:.4f}, {result.seconds:.0f} s")
+          f"val NDCG@10 {result.val['ndcg@10']:.4f}, test NDCG@10 {result.test['ndcg@10']:.4f}, "
+          f"{result.seconds:.0f} s")
     return 0
 
 

@@ -157,3 +157,18 @@ def versioned_ensemble_name(version: int) -> str:
 MAX_CANDIDATES = 1000
 # Largest number of queries in one request (Triton's max_batch_size for every step).
 MAX_BATCH = 8
+
+# `model_version` value when the steps of one request reported different versions.
+MIXED_VERSION = -1
+
+# Canary routing lives in the `amc` ensemble's config parameters under these names (string values).
+ROUTING_SERVING_VERSION = "serving_version"
+ROUTING_CANARY_VERSION = "canary_version"
+ROUTING_CANARY_SHARE = "canary_share"
+
+
+def parse_versioned_ensemble_name(name: str) -> int | None:
+    """``amc_v3`` -> 3; any other name -> None."""
+    prefix = f"{ENSEMBLE_NAME}_v"
+    rest = name[len(prefix):] if name.startswith(prefix) else ""
+    return int(rest) if rest.isdigit() else None

@@ -1,0 +1,85 @@
+"""What to do with a failed call: translate tritonclient's exception, decide whether to retry, and when."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from tritonclient.utils import InferenceServerException
+
+from ._routing import version_of
+from .errors import (
+    AMCError,
+    DeadlineExceededError,
+    InvalidInputError,
+    ModelVersionError,
+    ServerUnavailableError,
+)
+
+RETRYABLE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
+_REJECTED = frozenset(
+    {"INVALID_ARGUMENT", "INTERNAL", "UNKNOWN", "FAILED_PRECONDITION", "OUT_OF_RANGE", "NOT_FOUND"}
+)
+
+
+def status(e: InferenceServerException) -> str:
+    """tritonclient's ``e.status()`` ("StatusCode.UNAVAILABLE") -> "UNAVAILABLE"; "" when it has none."""
+    return str(e.status() or "").removeprefix("StatusCode.")
+
+
+def message(e: InferenceServerException) -> str:
+    return " ".join(str(e.message() or e).split())
+
+
+def unknown_model(e: InferenceServerException) -> bool:
+    """Triton answers a call to a model it has not loaded with "Request for unknown model: ..."
+    (INVALID_ARGUMENT in recent releases, UNAVAILABLE in older ones): not worth retrying."""
+    return "unknown model" in message(e).lower()
+
+
+def _too_large(e: InferenceServerException) -> bool:
+    return status(e) == "RESOURCE_EXHAUSTED" and "larger than max" in message(e).lower()
+
+
+def retryable(e: InferenceServerException) -> bool:
+    return status(e) in RETRYABLE and not unknown_model(e) and not _too_large(e)
+
+
+def backoff(base_s: float, attempt: int, rng: random.Random) -> float:
+    """Exponential backoff with jitter: base * 2**attempt, scaled by a uniform factor in [0.5, 1.5)."""
+    return base_s * (2**attempt) * (0.5 + rng.random())
+
+
+def translate(e: InferenceServerException, *, url: str, model: str, timeout_s: float) -> AMCError:
+    """tritonclient's exception -> the client's exception (the caller raises it ``from e``)."""
+    code, text = status(e), message(e)
+    if unknown_model(e):
+        version = version_of(model)
+        what = f"model version {version}" if version is not None else f"model {model!r}"
+        return ModelVersionError(f"{what} is not loaded on the server at {url}: {text}", version=version)
+    if _too_large(e):
+        return InvalidInputError(
+            f"request is larger than the gRPC message limit; send fewer candidates: {text}"
+        )
+    if code == "UNAVAILABLE":
+        return ServerUnavailableError(f"server at {url} is not reachable (UNAVAILABLE): {text}")
+    if code == "RESOURCE_EXHAUSTED":
+        return ServerUnavailableError(f"server at {url} is overloaded (RESOURCE_EXHAUSTED): {text}")
+    if code == "DEADLINE_EXCEEDED":
+        return DeadlineExceededError(
+            f"no answer from {model!r} at {url} within {timeout_s:g} s (DEADLINE_EXCEEDED)"
+        )
+    if code in _REJECTED:
+        return InvalidInputError(f"server rejected the request to {model!r} ({code}): {text}")
+    return AMCError(f"call to {model!r} at {url} failed ({code or 'no status'}): {text}")
+
+
+class Deadline:
+    """One request's time budget: every attempt and every backoff sleep comes out of it."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._end = time.monotonic() + timeout_s
+
+    def remaining(self) -> float:
+        return self._end - time.monotonic()

@@ -1,0 +1,198 @@
+"""Request packing and response unpacking: candidates <-> the `amc` ensemble's padded tensors."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import signatures as sig
+from ._types import Candidate, CandidateArrays, RankedResult
+from .errors import InvalidInputError
+from .text import words
+
+CandidateSet = Sequence[Candidate] | CandidateArrays
+
+# Cap on one request's padded region tensor: rank_many splits a group of queries before it grows past this
+# (gRPC's own limit is 2 GiB; 1000 candidates x 49 x 1280 float32 is 250 MB per query).
+MAX_REQUEST_BYTES = 1 << 30
+
+
+@dataclass(frozen=True, eq=False)
+class _Set:
+    """One query's candidates, normalised: (N, R, D) regions, (N, R) mask, (N, K) keywords, (N,) region counts."""
+
+    ids: tuple[str, ...]
+    regions: np.ndarray
+    region_mask: np.ndarray
+    keywords: np.ndarray
+    n_regions: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def normalize(candidates: CandidateSet) -> _Set:
+    """A list of :class:`Candidate` or a :class:`CandidateArrays` -> one padded candidate set."""
+    if isinstance(candidates, CandidateArrays):
+        n, r = candidates.regions.shape[:2]
+        mask = candidates.region_mask if candidates.region_mask is not None else np.ones((n, r), dtype=bool)
+        return _Set(candidates.ids, candidates.regions, mask, candidates.keywords, np.full(n, r))
+    if isinstance(candidates, Candidate) or not isinstance(candidates, Sequence):
+        raise InvalidInputError(
+            f"candidates must be a list of Candidate or a CandidateArrays, got {type(candidates).__name__}"
+        )
+    for i, c in enumerate(candidates):
+        if not isinstance(c, Candidate):
+            raise InvalidInputError(f"candidate {i} is a {type(c).__name__}, not a Candidate")
+    n = len(candidates)
+    r = max((len(c.regions) for c in candidates), default=1)
+    k = max((len(c.keywords) for c in candidates), default=0)
+    regions = np.zeros((n, r, sig.REGION_FEATURE_DIM), dtype=np.float32)
+    mask = np.zeros((n, r), dtype=bool)
+    keywords = np.full((n, k), "", dtype=object)
+    for i, c in enumerate(candidates):
+        rc = len(c.regions)
+        regions[i, :rc] = c.regions
+        mask[i, :rc] = True if c.region_mask is None else c.region_mask
+        keywords[i, : len(c.keywords)] = c.keywords
+    return _Set(
+        tuple(c.id for c in candidates),
+        regions,
+        mask,
+        keywords,
+        np.array([len(c.regions) for c in candidates]),
+    )
+
+
+def check_query(query: object) -> str:
+    if not isinstance(query, str):
+        raise InvalidInputError(f"query must be a string, got {type(query).__name__}")
+    return query
+
+
+def check_request(query: str, cands: _Set) -> None:
+    """The client-side checks that the server also makes (skipped with ``validate=False``)."""
+    if not query.strip():
+        raise InvalidInputError("query is empty")
+    if not words(query):
+        raise InvalidInputError(f"query {query!r} has no words (letters or digits) to search with")
+    if len(cands) == 0:
+        raise InvalidInputError(f"query {query!r}: the candidate set is empty")
+    if len(cands) > sig.MAX_CANDIDATES:
+        raise InvalidInputError(
+            f"query {query!r}: {len(cands)} candidates, more than the server's limit of {sig.MAX_CANDIDATES}; "
+            "split the set into several requests"
+        )
+    dup = next((i for i, count in Counter(cands.ids).items() if count > 1), None)
+    if dup is not None:
+        raise InvalidInputError(f"query {query!r}: candidate id {dup!r} appears more than once")
+
+
+def pack(queries: Sequence[str], sets: Sequence[_Set]) -> dict[str, np.ndarray]:
+    """B queries with their candidate sets -> the ensemble's inputs, padded to the largest N, R and K.
+
+    Padding: zero regions with ``region_mask`` False, ``""`` keywords; padded candidates are dropped by
+    :func:`unpack`. A lone query whose set needs no padding is sent without copying its regions.
+    """
+    b = len(queries)
+    n = max([1, *(len(s) for s in sets)])
+    r = max([1, *(s.regions.shape[1] for s in sets)])
+    k = max([1, *(s.keywords.shape[1] for s in sets)])
+    query = np.array([[q.encode("utf-8")] for q in queries], dtype=object).reshape(b, 1)
+    if b == 1 and sets[0].regions.shape[:2] == (n, r):
+        regions = sets[0].regions[None]
+    else:
+        regions = np.zeros((b, n, r, sig.REGION_FEATURE_DIM), dtype=np.float32)
+        for i, s in enumerate(sets):
+            regions[i, : len(s), : s.regions.shape[1]] = s.regions
+    mask = np.zeros((b, n, r), dtype=bool)
+    keywords = np.full((b, n, k), b"", dtype=object)
+    for i, s in enumerate(sets):
+        mask[i, : len(s), : s.region_mask.shape[1]] = s.region_mask
+        keywords[i, : len(s), : s.keywords.shape[1]] = _utf8(s.keywords)
+    return {
+        sig.QUERY.name: query,
+        sig.REGIONS.name: regions,
+        sig.REGION_MASK.name: mask,
+        sig.KEYWORDS.name: keywords,
+    }
+
+
+def _utf8(strings: np.ndarray) -> np.ndarray:
+    flat = [k.encode("utf-8") for k in strings.reshape(-1)]
+    out = np.empty(len(flat), dtype=object)
+    out[:] = flat
+    return out.reshape(strings.shape)
+
+
+def groups(sets: Sequence[_Set]) -> list[range]:
+    """Split queries into requests of at most MAX_BATCH queries and about MAX_REQUEST_BYTES of regions."""
+    out: list[range] = []
+    start, n, r = 0, 0, 0
+    for i, s in enumerate(sets):
+        n2, r2 = max(n, len(s)), max(r, s.regions.shape[1])
+        size = (i - start + 1) * n2 * r2 * sig.REGION_FEATURE_DIM * 4
+        if i > start and (i - start >= sig.MAX_BATCH or size > MAX_REQUEST_BYTES):
+            out.append(range(start, i))
+            start, n2, r2 = i, len(s), s.regions.shape[1]
+        n, r = n2, r2
+    if start < len(sets):
+        out.append(range(start, len(sets)))
+    return out
+
+
+def unpack(
+    outputs: Mapping[str, np.ndarray], sets: Sequence[_Set], versions: Sequence[int], top_k: int | None = None
+) -> list[list[RankedResult]]:
+    """The ensemble's outputs -> per query, its real candidates ranked by score (highest first)."""
+    scores = outputs[sig.SCORES.name]  # (B, N)
+    weights = outputs[sig.MODALITY_WEIGHTS.name]  # (B, N, 2)
+    region_att = outputs[sig.REGION_ATTENTION.name]  # (B, N, R)
+    keyword_att = outputs[sig.KEYWORD_ATTENTION.name]  # (B, N, K)
+    side = sig.FEATURE_MAP_SIDE
+    ranked: list[list[RankedResult]] = []
+    for b, s in enumerate(sets):
+        order = np.argsort(-scores[b, : len(s)], kind="stable")[:top_k]
+        results = []
+        for rank, i in enumerate(order.tolist(), start=1):
+            kws = [(kw, float(keyword_att[b, i, j])) for j, kw in enumerate(s.keywords[i]) if kw]
+            kws.sort(key=lambda kv: -kv[1])
+            att = np.array(region_att[b, i, : s.n_regions[i]], dtype=np.float32)
+            if att.size == side * side:
+                att = att.reshape(side, side)
+            results.append(
+                RankedResult(
+                    candidate_id=s.ids[i],
+                    score=float(scores[b, i]),
+                    rank=rank,
+                    visual_weight=float(weights[b, i, 0]),
+                    language_weight=float(weights[b, i, 1]),
+                    top_keywords=kws,
+                    region_attention=att,
+                    model_version=int(versions[b]),
+                )
+            )
+        ranked.append(results)
+    return ranked
+
+
+def pack_request(
+    queries: Sequence[str], candidate_sets: Sequence[CandidateSet], *, validate: bool = True
+) -> dict[str, np.ndarray]:
+    """The `amc` ensemble's input arrays (by tensor name) for B queries and their candidate sets.
+
+    Useful with a raw ``tritonclient``; :class:`AMCClient` packs for you.
+    """
+    if len(queries) != len(candidate_sets):
+        raise InvalidInputError(f"{len(queries)} queries but {len(candidate_sets)} candidate sets")
+    if not queries:
+        raise InvalidInputError("no queries")
+    qs = [check_query(q) for q in queries]
+    sets = [normalize(c) for c in candidate_sets]
+    if validate:
+        for q, s in zip(qs, sets, strict=True):
+            check_request(q, s)
+    return pack(qs, sets)

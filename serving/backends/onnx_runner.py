@@ -1,0 +1,169 @@
+"""Triton Python-backend model that runs one exported AMC network (QEN, VAN, LAN or MTN) with onnxruntime.
+
+The config generator copies this file as ``<model>/<version>/model.py`` beside ``model.onnx`` (the ``python``
+repository flavour). Everything model-specific comes from the model's ``config.pbtxt``:
+
+- input and output names and dtypes: ``input`` / ``output`` (generated from ``amc_client.signatures``);
+- ``parameters``: ``onnx_file`` (default ``model.onnx``), ``intra_op_num_threads`` (default: onnxruntime's),
+  ``execution_provider`` (``auto`` (default): CUDA when onnxruntime offers it, else CPU; or ``cpu``/``cuda``).
+
+Batching: with ``dynamic_batching`` Triton may hand :meth:`execute` several requests at once. Requests whose
+inputs agree on every non-batch dim are concatenated along the batch axis and run in one session call; the
+outputs are split back. A request that fails validation, or a group whose run fails, gets an error response
+``"<model>: <reason>"`` (a failed group is retried one request at a time so only the bad request fails); the
+instance itself never raises out of :meth:`execute`.
+
+This file must stay importable by the stub without the project installed: it imports only numpy,
+onnxruntime and ``triton_python_backend_utils``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+# onnxruntime's element types for the config dtypes this project uses.
+_ORT_TYPES = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)",
+              np.dtype(np.int64): "tensor(int64)", np.dtype(np.int32): "tensor(int32)",
+              np.dtype(np.bool_): "tensor(bool)"}
+
+
+class RequestError(ValueError):
+    """A problem with one request's inputs; becomes that request's error response."""
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        import onnxruntime as ort
+
+        config = json.loads(args["model_config"])
+        self.model_name = args["model_name"]
+        self.version = args["model_version"]
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        # max_batch_size > 0: the first dim of every tensor is Triton's batch dim (not in config dims).
+        self.batched = int(config.get("max_batch_size", 0)) > 0
+        self.inputs = [(t["name"], np.dtype(pb_utils.triton_string_to_numpy(t["data_type"])))
+                       for t in config["input"]]
+        self.outputs = [(t["name"], np.dtype(pb_utils.triton_string_to_numpy(t["data_type"])))
+                        for t in config["output"]]
+        self.logger = pb_utils.Logger
+
+        path = Path(args["model_repository"]) / self.version / (params.get("onnx_file") or "model.onnx")
+        options = ort.SessionOptions()
+        if params.get("intra_op_num_threads"):
+            options.intra_op_num_threads = int(params["intra_op_num_threads"])
+        self.session = ort.InferenceSession(str(path), sess_options=options,
+                                            providers=self._providers(ort, params, args))
+        self._check_signature()
+        self.logger.log_info(f"{self.model_name} v{self.version}: {path.name} on {self.session.get_providers()}")
+
+    def _providers(self, ort: Any, params: dict[str, str], args: dict[str, str]) -> list[Any]:
+        choice = (params.get("execution_provider") or "auto").lower()
+        available = ort.get_available_providers()
+        if choice not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"{self.model_name}: execution_provider must be auto, cpu or cuda, not {choice!r}")
+        if choice == "cuda" and "CUDAExecutionProvider" not in available:
+            raise RuntimeError(f"{self.model_name}: execution_provider 'cuda' asked for, but onnxruntime offers "
+                               f"only {available} (is onnxruntime-gpu installed?)")
+        if choice != "cpu" and "CUDAExecutionProvider" in available:
+            # A KIND_GPU instance names its device; a KIND_CPU instance (the python flavour) uses device 0.
+            device = int(args.get("model_instance_device_id") or 0) if args.get("model_instance_kind") == "GPU" else 0
+            return [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    def _check_signature(self) -> None:
+        """Fail the load, not the first request, if model.onnx and config.pbtxt disagree."""
+        graph_in = {i.name: i.type for i in self.session.get_inputs()}
+        graph_out = {o.name: o.type for o in self.session.get_outputs()}
+        for kind, declared, graph in (("input", self.inputs, graph_in), ("output", self.outputs, graph_out)):
+            names = [n for n, _ in declared]
+            if sorted(names) != sorted(graph):
+                raise ValueError(f"{self.model_name}: config {kind}s {names} differ from the ONNX graph's "
+                                 f"{sorted(graph)}")
+            for name, dtype in declared:
+                if _ORT_TYPES.get(dtype, graph[name]) != graph[name]:
+                    raise ValueError(f"{self.model_name}: config declares {kind} {name} as {dtype}, the ONNX "
+                                     f"graph as {graph[name]}")
+
+    # ---- serving ---------------------------------------------------------------------------------------
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses: list[Any] = [None] * len(requests)
+        groups: dict[tuple, list[tuple[int, dict[str, np.ndarray]]]] = {}
+        for i, request in enumerate(requests):
+            try:
+                feeds = self._inputs(request)
+            except Exception as e:  # noqa: BLE001 - any problem is this request's error, never the instance's
+                responses[i] = self._error(e)
+                continue
+            # Requests can share one session call only when every non-batch dim agrees.
+            key = tuple(feeds[n].shape[1:] for n, _ in self.inputs) if self.batched else (i,)
+            groups.setdefault(key, []).append((i, feeds))
+        for members in groups.values():
+            try:
+                for (i, _), outputs in zip(members, self._run_group([f for _, f in members]), strict=True):
+                    responses[i] = self._response(outputs)
+            except Exception as e:  # noqa: BLE001
+                if len(members) == 1:
+                    responses[members[0][0]] = self._error(e)
+                    continue
+                # Isolate the request that breaks the group: rerun each one alone.
+                for i, feeds in members:
+                    try:
+                        responses[i] = self._response(self._run_group([feeds])[0])
+                    except Exception as single:  # noqa: BLE001
+                        responses[i] = self._error(single)
+        return responses
+
+    def _inputs(self, request: Any) -> dict[str, np.ndarray]:
+        feeds: dict[str, np.ndarray] = {}
+        for name, dtype in self.inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise RequestError(f"input {name} is missing")
+            array = tensor.as_numpy()
+            if array.dtype != dtype:
+                raise RequestError(f"input {name} has dtype {array.dtype}, expected {dtype}")
+            if dtype.kind == "f" and not np.isfinite(array).all():
+                raise RequestError(f"{name} contains NaN or infinite values")
+            feeds[name] = array
+        if self.batched:
+            sizes = {name: a.shape[0] if a.ndim else 0 for name, a in feeds.items()}
+            if len(set(sizes.values())) > 1:
+                raise RequestError(f"inputs disagree on the batch size: {sizes}")
+        return feeds
+
+    def _run_group(self, members: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """One session call for requests with equal non-batch shapes; outputs split back per request."""
+        names = [n for n, _ in self.outputs]
+        if len(members) == 1:
+            return [self._run(members[0], names)]
+        sizes = [next(iter(m.values())).shape[0] for m in members]
+        feeds = {n: np.concatenate([m[n] for m in members], axis=0) for n, _ in self.inputs}
+        merged = self._run(feeds, names)
+        bounds = np.cumsum(sizes)[:-1]
+        split = {n: np.split(a, bounds, axis=0) for n, a in merged.items()}
+        return [{n: split[n][j] for n in names} for j in range(len(members))]
+
+    def _run(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        results = self.session.run(names, feeds)
+        batch = next(iter(feeds.values())).shape[0] if self.batched else None
+        out = {}
+        for (name, dtype), value in zip(self.outputs, results, strict=True):
+            if batch is not None and (value.ndim == 0 or value.shape[0] != batch):
+                raise RuntimeError(f"output {name} has shape {list(value.shape)}, expected batch {batch} first")
+            out[name] = np.ascontiguousarray(value.astype(dtype, copy=False))
+        return out
+
+    def _response(self, outputs: dict[str, np.ndarray]) -> Any:
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, a) for n, a in outputs.items()])
+
+    def _error(self, error: BaseException) -> Any:
+        message = str(error) if isinstance(error, RequestError) else f"{type(error).__name__}: {error}"
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.model_name}: {message}"))
+
+    def finalize(self) -> None:
+        self.session = None

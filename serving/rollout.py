@@ -1,0 +1,358 @@
+"""Roll model versions out while Triton serves: publish, load, verify, canary, promote, roll back, gc.
+
+    amc-rollout --repository runs/repository --url 127.0.0.1:8001 --admin-key KEY status
+    amc-rollout ... publish runs/amc/checkpoint.pt      # export + validate + load + verify, no traffic yet
+    amc-rollout ... canary 2 --share 0.1               # 10% of client traffic to version 2
+    amc-rollout ... promote                             # the canary (or a given version) serves everything
+    amc-rollout ... rollback                            # back to the version that served before
+    amc-rollout ... gc --keep 3                         # unload and delete all but the newest 3 (and serving)
+
+Why no response mixes versions: every ensemble pins one explicit version on every step
+(:mod:`export.repository`). ``amc_v<N>`` is pinned to N; ``amc`` is pinned to the serving version and is the
+only config a rollout rewrites. Triton reloads an ensemble by loading the new one and swapping it in, so a
+request runs entirely under the old pin or entirely under the new one. The networks also carry their
+version into MTN, which answers ``model_version = -1`` if they ever disagree; the client refuses such
+responses and the load test counts them.
+
+Ordering rules that keep the old version serving whatever fails:
+
+* a new version's step directories are loaded beside the serving ones (Triton loads the added version
+  and leaves loaded versions alone), then its ``amc_v<N>`` ensemble; nothing routes to it yet;
+* it is verified before any traffic: golden requests through Triton must equal the PyTorch outputs saved at
+  publish time, and its test NDCG@10 must not be below the serving version's by more than a margin;
+* ``amc`` is re-pinned only to a version whose ensemble is ready: re-pinning to a version that is not loaded
+  makes Triton unload ``amc``. If the reload fails anyway, the previous config is restored at once;
+* a version that fails to load or verify is unloaded and moved to ``.failed/`` so later loads don't retry it.
+
+The canary split is done by the clients (as gRPC's weighted clusters are): ``amc``'s config parameters
+carry ``canary_version`` and ``canary_share``, and :class:`amc_client.AMCClient` sends that share of its
+queries to ``amc_v<canary>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from amc_client import Routing
+from amc_client import signatures as sig
+from export.publish import GOLDEN, published_versions, read_manifest, repository_lock
+from export.publish import publish as publish_checkpoint
+from export.repository import STEPS, read_routing, set_routing
+
+ADMIN_HEADER = "amc-admin-key"
+HISTORY = ".rollout-history.json"
+GOLDEN_TOLERANCE = 1e-4
+
+
+class RolloutError(RuntimeError):
+    """A rollout step was refused or failed; the serving version is unchanged."""
+
+
+def admin_headers(key: str | None) -> dict[str, str]:
+    """gRPC metadata for Triton's restricted model-repository protocol (gRPC prefixes the header name)."""
+    return {f"triton-grpc-protocol-{ADMIN_HEADER}": key} if key else {}
+
+
+def infer_arrays(client: grpcclient.InferenceServerClient, model: str, arrays: dict[str, np.ndarray],
+                 timeout_s: float = 60.0) -> dict[str, np.ndarray]:
+    """One raw request with the ensemble's inputs taken from ``arrays``; returns every ensemble output."""
+    inputs = []
+    for spec in sig.ENSEMBLE.inputs:
+        value = arrays[spec.name]
+        if spec.dtype == "bytes":
+            value = np.vectorize(lambda s: s.encode("utf-8"), otypes=[object])(value)
+            value = value.reshape(-1, 1) if spec is sig.QUERY else value
+        tensor = grpcclient.InferInput(spec.name, list(value.shape), spec.triton_datatype)
+        tensor.set_data_from_numpy(value.astype(spec.numpy_dtype))
+        inputs.append(tensor)
+    outputs = [grpcclient.InferRequestedOutput(n) for n in sig.ENSEMBLE.output_names]
+    result = client.infer(model, inputs, outputs=outputs, client_timeout=timeout_s)
+    return {n: result.as_numpy(n) for n in sig.ENSEMBLE.output_names}
+
+
+@dataclass
+class VersionStatus:
+    version: int
+    ready: bool
+    manifest: dict
+
+
+class Rollout:
+    """Operations on one serving repository and the tritonserver that serves it."""
+
+    def __init__(self, repository: str | Path, url: str, *, admin_key: str | None = None, timeout_s: float = 120.0,
+                 ndcg_margin: float = 0.02, keep: int = 3, log=print) -> None:
+        self.repository = Path(repository)
+        self.client = grpcclient.InferenceServerClient(url)
+        self.headers = admin_headers(admin_key)
+        self.timeout_s, self.ndcg_margin, self.keep, self.log = timeout_s, ndcg_margin, keep, log
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Rollout:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- reading state -----------------------------------------------------------------------------
+    def routing(self) -> Routing:
+        return read_routing(self.repository)
+
+    def ready(self, version: int) -> bool:
+        try:
+            return self.client.is_model_ready(sig.versioned_ensemble_name(version))
+        except InferenceServerException:
+            return False
+
+    def status(self) -> dict:
+        routing = self.routing()
+        versions = [VersionStatus(v, self.ready(v), read_manifest(self.repository, v))
+                    for v in published_versions(self.repository)]
+        return {"serving_version": routing.serving_version, "canary_version": routing.canary_version,
+                "canary_share": routing.canary_share, "amc_ready": self._amc_ready(),
+                "versions": [{"version": s.version, "ready": s.ready, "fingerprint": s.manifest["fingerprint"],
+                              "created": s.manifest["created"],
+                              "test_ndcg@10": s.manifest["metrics"].get("test_ndcg@10"),
+                              "manifest": s.manifest} for s in versions]}
+
+    def _amc_ready(self) -> bool:
+        try:
+            return self.client.is_model_ready(sig.ENSEMBLE_NAME)
+        except InferenceServerException:
+            return False
+
+    # ---- loading and verifying -----------------------------------------------------------------------
+    def _load(self, model: str, config: str | None = None) -> None:
+        self.client.load_model(model, config=config, headers=self.headers, client_timeout=self.timeout_s)
+
+    def load_version(self, version: int) -> None:
+        """Load version N of every step beside what serves, then its pinned ensemble; undo on failure."""
+        if version not in published_versions(self.repository):
+            raise RolloutError(f"version {version} is not published in {self.repository}")
+        try:
+            with ThreadPoolExecutor(len(STEPS)) as pool:  # independent models: load them concurrently
+                list(pool.map(lambda s: self._load(s.model_name), STEPS))
+            for step in STEPS:
+                if not self.client.is_model_ready(step.model_name, str(version)):
+                    raise RolloutError(f"{step.model_name} version {version} did not become ready")
+            self._load(sig.versioned_ensemble_name(version))
+        except InferenceServerException as e:
+            self._quarantine(version)
+            raise RolloutError(f"version {version} failed to load; serving is unchanged: {e.message()}") from e
+        except RolloutError:
+            self._quarantine(version)
+            raise
+
+    def verify(self, version: int) -> dict:
+        """Golden requests through Triton equal PyTorch; NDCG no worse than serving's minus the margin."""
+        golden = np.load(self.repository / sig.versioned_ensemble_name(version) / GOLDEN)
+        try:
+            served = infer_arrays(self.client, sig.versioned_ensemble_name(version), golden, self.timeout_s)
+        except InferenceServerException as e:
+            raise RolloutError(f"version {version} failed its golden requests: {e.message()}") from e
+        errors = {}
+        for name in ("scores", "modality_weights", "region_attention", "keyword_attention"):
+            want = golden[name].astype(np.float64)
+            errors[name] = float(np.linalg.norm(served[name] - want) / max(np.linalg.norm(want), 1e-12))
+        same_order = all(np.array_equal(np.argsort(-a, kind="stable"), np.argsort(-b, kind="stable"))
+                         for a, b in zip(served["scores"], golden["scores"]))
+        if not np.all(served["model_version"] == version):
+            raise RolloutError(f"version {version} answered with model_version {np.unique(served['model_version'])}")
+        if max(errors.values()) > GOLDEN_TOLERANCE or not same_order:
+            raise RolloutError(f"version {version}: Triton's outputs differ from its checkpoint's "
+                               f"(relative errors {errors}, same ranking: {same_order})")
+        mine = read_manifest(self.repository, version)["metrics"].get("test_ndcg@10")
+        serving = self.routing().serving_version
+        theirs = (read_manifest(self.repository, serving)["metrics"].get("test_ndcg@10")
+                  if serving != version and serving in published_versions(self.repository) else None)
+        if mine is not None and theirs is not None and mine < theirs - self.ndcg_margin:
+            raise RolloutError(f"version {version} test NDCG@10 {mine:.4f} is below serving version {serving}'s "
+                               f"{theirs:.4f} by more than the margin {self.ndcg_margin}")
+        return {"relative_errors": errors, "test_ndcg@10": mine, "serving_test_ndcg@10": theirs}
+
+    def _quarantine(self, version: int) -> None:
+        """Unload a failed version and move its files out of the repository so no later load retries it."""
+        target = self.repository / ".failed" / f"v{version}-{time.time_ns()}"
+        ensemble = sig.versioned_ensemble_name(version)
+        for model in (ensemble, *(s.model_name for s in STEPS)):
+            source = self.repository / model / str(version) if model != ensemble else self.repository / model
+            if source.exists():
+                (target / model).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(source), str(target / model))
+        try:
+            self.client.unload_model(ensemble, headers=self.headers)
+        except InferenceServerException:
+            pass
+        for step in STEPS:  # reload from disk: the removed version is unloaded, the others stay as they are
+            try:
+                self._load(step.model_name)
+            except InferenceServerException as e:
+                self.log(f"warning: reloading {step.model_name} after quarantine: {e.message()}")
+        self.log(f"version {version} unloaded and moved to {target}")
+
+    # ---- changing what serves ------------------------------------------------------------------------
+    def _set_routing(self, routing: Routing) -> None:
+        for v in {routing.serving_version, routing.canary_version} - {None}:
+            if not self.ready(v):
+                raise RolloutError(f"version {v} is not loaded and ready; load and verify it first")
+        previous = self.routing()
+        set_routing(self.repository, routing)
+        try:
+            self._load(sig.ENSEMBLE_NAME)
+        except InferenceServerException as e:
+            set_routing(self.repository, previous)
+            self._load(sig.ENSEMBLE_NAME)
+            raise RolloutError(f"re-pinning amc failed, previous routing restored: {e.message()}") from e
+        if previous.serving_version != routing.serving_version:
+            self._record(previous.serving_version)
+
+    def _record(self, version: int) -> None:
+        path = self.repository / HISTORY
+        history = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps([*history, version]))
+
+    def publish(self, checkpoint: str | Path, *, eval_metrics: dict | None = None) -> int:
+        """Export + validate + publish, then load and verify beside the serving version (no traffic yet)."""
+        version = publish_checkpoint(checkpoint, self.repository, eval_metrics=eval_metrics, log=self.log)
+        self.load_version(version)
+        try:
+            self.verify(version)
+        except RolloutError:
+            self._quarantine(version)
+            raise
+        self.log(f"version {version} loaded and verified; not serving yet")
+        return version
+
+    def canary(self, version: int, share: float) -> None:
+        if not 0 < share < 1:
+            raise RolloutError(f"canary share must be between 0 and 1, got {share}")
+        with repository_lock(self.repository):
+            if not self.ready(version):
+                self.load_version(version)
+            try:
+                self.verify(version)
+            except RolloutError:
+                self._quarantine(version)
+                raise
+            current = self.routing()
+            self._set_routing(Routing(current.serving_version, version, share))
+        self.log(f"canary: version {version} takes {share:.0%} of client traffic")
+
+    def promote(self, version: int | None = None) -> int:
+        with repository_lock(self.repository):
+            current = self.routing()
+            version = version if version is not None else current.canary_version
+            if version is None:
+                raise RolloutError("nothing to promote: no canary and no version given")
+            if not self.ready(version):
+                self.load_version(version)
+                self.verify(version)
+            self._set_routing(Routing(version))
+        self.log(f"promoted: version {version} serves all traffic")
+        return version
+
+    def rollback(self) -> int:
+        """Serve the version that served before the last promote (or just end a canary)."""
+        with repository_lock(self.repository):
+            current = self.routing()
+            if current.canary_version is not None:
+                self._set_routing(Routing(current.serving_version))
+                self.log(f"canary {current.canary_version} ended; version {current.serving_version} serves all")
+                return current.serving_version
+            path = self.repository / HISTORY
+            history = json.loads(path.read_text()) if path.exists() else []
+            while history and history[-1] == current.serving_version:
+                history.pop()
+            if not history:
+                raise RolloutError("no earlier version to roll back to")
+            target = history.pop()
+            if not self.ready(target):
+                self.load_version(target)
+            self._set_routing(Routing(target))
+            path.write_text(json.dumps(history))  # _set_routing recorded the version we left; drop it again
+        self.log(f"rolled back to version {target}")
+        return target
+
+    def gc(self, keep: int | None = None) -> list[int]:
+        """Unload and delete all but the newest ``keep`` versions; the serving and canary ones always stay."""
+        keep = self.keep if keep is None else keep
+        with repository_lock(self.repository):
+            routing = self.routing()
+            versions = published_versions(self.repository)
+            protected = set(versions[-keep:]) | {routing.serving_version, routing.canary_version}
+            removed = [v for v in versions if v not in protected]
+            for v in removed:
+                try:
+                    self.client.unload_model(sig.versioned_ensemble_name(v), headers=self.headers)
+                except InferenceServerException:
+                    pass
+                shutil.rmtree(self.repository / sig.versioned_ensemble_name(v))
+                for step in STEPS:
+                    shutil.rmtree(self.repository / step.model_name / str(v), ignore_errors=True)
+            if removed:
+                for step in STEPS:
+                    self._load(step.model_name)
+        self.log(f"removed versions {removed or 'none'}; kept {sorted(set(versions) - set(removed))}")
+        return removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="amc-rollout", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repository", type=Path, required=True)
+    parser.add_argument("--url", default="127.0.0.1:8001", help="tritonserver gRPC address")
+    parser.add_argument("--admin-key", default=None, help="key for Triton's restricted model-repository API")
+    parser.add_argument("--ndcg-margin", type=float, default=0.02)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", help="what serves, what is canary, each version's manifest")
+    p = sub.add_parser("publish", help="export, validate, load and verify a checkpoint as a new version")
+    p.add_argument("checkpoint", type=Path)
+    p = sub.add_parser("canary", help="send a share of client traffic to a version")
+    p.add_argument("version", type=int)
+    p.add_argument("--share", type=float, default=0.1)
+    p = sub.add_parser("promote", help="serve a version (default: the canary) to all traffic")
+    p.add_argument("version", type=int, nargs="?")
+    sub.add_parser("rollback", help="end the canary, or go back to the previously serving version")
+    p = sub.add_parser("gc", help="unload and delete old versions")
+    p.add_argument("--keep", type=int, default=3)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        with Rollout(args.repository, args.url, admin_key=args.admin_key, ndcg_margin=args.ndcg_margin) as r:
+            if args.command == "status":
+                status = r.status()
+                for v in status["versions"]:
+                    v.pop("manifest")
+                print(json.dumps(status, indent=2))
+            elif args.command == "publish":
+                r.publish(args.checkpoint)
+            elif args.command == "canary":
+                r.canary(args.version, args.share)
+            elif args.command == "promote":
+                r.promote(args.version)
+            elif args.command == "rollback":
+                r.rollback()
+            else:
+                r.gc(args.keep)
+    except (RolloutError, InferenceServerException, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.command != "status":
+        print(f"done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

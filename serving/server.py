@@ -1,0 +1,492 @@
+"""Launch the real ``tritonserver`` that ships inside the ``nvidia-pytriton`` wheel, without Docker.
+
+The wheel carries ``pytriton/tritonserver/bin/tritonserver`` (Triton 2.51), the Python backend
+(``backends/python/libtriton_python.so``) and one ``triton_python_backend_stub`` per Python version
+(``python_backend_stubs/3.X/``), but not a ready-to-use backend directory: the stub must sit beside
+``libtriton_python.so`` in ``<backend-directory>/python/``. :func:`python_backend_directory` assembles that
+tree once per (wheel, Python version) under a cache directory, the way pytriton itself does in its workspace.
+
+How the stub finds its Python environment: the stub embeds ``libpython3.X.so`` and, like any embedded
+interpreter without a program name, computes ``sys.prefix`` from the first ``python3`` on ``PATH``. So the
+server is started with this interpreter's ``bin/`` first on ``PATH``: a stub then sees this venv's
+site-packages, editable installs (``amc``, ``amc_client``) included, and its numpy < 2. ``PYTHONPATH`` is
+not how to extend it: the stub's interpreter runs isolated (``sys.flags.ignore_environment == 1``), so no
+``PYTHON*`` variable reaches it (``PYTHONDONTWRITEBYTECODE`` neither: importing ``model.py`` writes
+``<version>/__pycache__``, which Triton then sees as a changed version; precompile version directories with
+``python -m compileall`` before loading them). The wheel's bundled shared libraries (``nvidia_pytriton.libs``) go on
+``LD_LIBRARY_PATH`` for both the server and the stubs.
+
+Usage::
+
+    with TritonServer("model_repository/python", models=["amc"], admin_key="s3cret") as server:
+        client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
+
+    python -m serving.server --repository model_repository/python [--load amc ...] [--admin-key KEY]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+__all__ = [
+    "ADMIN_KEY_HEADER",
+    "GRPC_ADMIN_KEY_HEADER",
+    "ServerStartError",
+    "TritonNotFoundError",
+    "TritonServer",
+    "find_tritonserver",
+    "main",
+    "python_backend_directory",
+]
+
+# Header a model-repository request (load / unload / index) must carry when the server has an admin key.
+# Triton checks it as given on HTTP but prefixes it with "triton-grpc-protocol-" on gRPC (verified on 2.51:
+# "This protocol is restricted, expecting header 'triton-grpc-protocol-amc-admin-key'"), so gRPC clients
+# send GRPC_ADMIN_KEY_HEADER.
+ADMIN_KEY_HEADER = "amc-admin-key"
+GRPC_ADMIN_KEY_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
+# The Triton release the wheel carries; tests check the server reports it.
+EXPECTED_TRITON_VERSION = "2.51.0"
+LOOPBACK = "127.0.0.1"
+# Files of the wheel's ``backends/python`` that the server loads (the stub is added per Python version).
+_PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+_STUB = "triton_python_backend_stub"
+_DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "triton-backends"
+_LOG_TAIL_LINES = 40
+_START_ATTEMPTS = 3  # fresh free ports after a port clash
+
+
+class TritonNotFoundError(RuntimeError):
+    """The nvidia-pytriton wheel, its tritonserver binary or the stub for this Python is missing."""
+
+
+class ServerStartError(RuntimeError):
+    """tritonserver exited or did not become ready in time; the message ends with the log's last lines."""
+
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        super().__init__(f"{message}\n--- last lines of the tritonserver log ---\n{log_tail}" if log_tail
+                         else message)
+        self.log_tail = log_tail
+
+
+def _pytriton_root() -> Path:
+    # find_spec, not import: importing pytriton pulls in its whole client stack for nothing.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonNotFoundError(
+            "the nvidia-pytriton wheel is not installed in this Python environment "
+            f"({sys.executable}); `pip install nvidia-pytriton==0.7.0` brings tritonserver")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def find_tritonserver() -> Path:
+    """Path of the ``tritonserver`` binary inside the nvidia-pytriton wheel."""
+    binary = _pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+    if not binary.is_file() or not os.access(binary, os.X_OK):
+        raise TritonNotFoundError(f"no executable tritonserver at {binary}; is nvidia-pytriton fully installed?")
+    return binary
+
+
+def _server_libs() -> Path:
+    """The wheel's bundled shared libraries (auditwheel puts them beside the package)."""
+    libs = _pytriton_root().parent / "nvidia_pytriton.libs"
+    if not libs.is_dir():
+        raise TritonNotFoundError(f"the nvidia-pytriton wheel has no bundled libraries at {libs}")
+    return libs
+
+
+def _python_tag() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _wheel_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nvidia-pytriton")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def python_backend_directory(cache_dir: Path | None = None) -> Path:
+    """The ``--backend-directory`` for tritonserver: ``<dir>/python/`` with the backend and this Python's stub.
+
+    Built once per (wheel version, Python major.minor) under ``cache_dir`` (default ``.cache/triton-backends``
+    in the project, or ``$AMC_TRITON_BACKENDS``) and reused; concurrent builders do not collide because the
+    tree is assembled in a temporary directory and renamed into place.
+    """
+    root = _pytriton_root() / "tritonserver"
+    tag = _python_tag()
+    stub = root / "python_backend_stubs" / tag / _STUB
+    if not stub.is_file():
+        have = sorted(p.name for p in (root / "python_backend_stubs").glob("*")) or ["none"]
+        raise TritonNotFoundError(
+            f"nvidia-pytriton has no Python backend stub for Python {tag} at {stub} (it has: {', '.join(have)})")
+    sources = [root / "backends" / "python" / name for name in _PYTHON_BACKEND_FILES]
+    missing = [str(p) for p in sources if not p.is_file()]
+    if missing:
+        raise TritonNotFoundError(f"the nvidia-pytriton wheel lacks the Python backend files {missing}")
+
+    cache = Path(cache_dir or os.environ.get("AMC_TRITON_BACKENDS") or _DEFAULT_CACHE)
+    target = cache / f"pytriton-{_wheel_version()}-py{tag}" / "backends"
+    if (target / "python" / _STUB).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".backends-", dir=target.parent))
+    try:
+        (staging / "python").mkdir()
+        for source in [*sources, stub]:
+            shutil.copy2(source, staging / "python" / source.name)
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another process finished the same build first: its tree is identical, keep it.
+            if not (target / "python" / _STUB).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _free_port() -> int:
+    # Bind port 0 and release it: the kernel's pick is free now; a clash at server start is retried.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(deque(f, maxlen=lines))
+    except OSError:
+        return ""
+
+
+def server_environment() -> dict[str, str]:
+    """Environment for tritonserver: bundled libs on LD_LIBRARY_PATH, this interpreter's bin/ first on PATH."""
+    env = dict(os.environ)
+    libs = str(_server_libs())
+    env["LD_LIBRARY_PATH"] = f"{libs}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else libs
+    # sys.prefix/bin of a venv holds its `python3`; the stub derives its sys.path from the first one on PATH.
+    env["PATH"] = f"{Path(sys.prefix) / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+class TritonServer:
+    """A tritonserver process on loopback ports, in explicit model-control mode.
+
+    ``models`` are loaded at start (``--load-model``; ``"*"`` loads every model in the repository) and
+    :meth:`start` returns once they are ready. With ``admin_key``, the model-repository protocol (load,
+    unload, repository index) is restricted to requests carrying the key: header ``amc-admin-key: <key>``
+    on HTTP, ``triton-grpc-protocol-amc-admin-key: <key>`` on gRPC (Triton adds that prefix; use
+    :attr:`admin_headers`); inference, health and metadata stay open. Requests without it fail with
+    gRPC ``UNAVAILABLE`` / HTTP 403. The key is on the server's command line, so other local users can
+    read it from the process table.
+    """
+
+    def __init__(
+        self,
+        repository: str | os.PathLike[str],
+        *,
+        grpc_port: int | None = None,
+        http_port: int | None = None,
+        metrics_port: int | None = None,
+        models: Sequence[str] | None = None,
+        admin_key: str | None = None,
+        log_file: str | os.PathLike[str] | None = None,
+        extra_args: Sequence[str] = (),
+        backend_directory: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        if not self.repository.is_dir():
+            raise FileNotFoundError(f"model repository {self.repository} does not exist")
+        if admin_key is not None and (not admin_key or any(c in admin_key for c in ",:= \t\n")):
+            # The restriction flag is `<protocols>:<header>=<value>`; these characters would break its parsing.
+            raise ValueError("admin_key must be non-empty and contain no ',', ':', '=' or whitespace")
+        self._fixed_ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+        self._ports: dict[str, int] = {}
+        self.models = list(models or [])
+        self.admin_key = admin_key
+        self._log_file = Path(log_file).resolve() if log_file is not None else None
+        self.extra_args = list(extra_args)  # relative paths in them resolve against the backends' parent dir
+        self._backend_directory = Path(backend_directory) if backend_directory else None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_path: Path | None = None
+        self._log_offset = 0  # where this launch's lines start in the log (a given log_file is appended to)
+
+    # ---- properties ------------------------------------------------------------------------------------
+    def _port(self, kind: str) -> int:
+        if kind not in self._ports:
+            raise RuntimeError("the server has not been started")
+        return self._ports[kind]
+
+    @property
+    def grpc_port(self) -> int:
+        return self._port("grpc")
+
+    @property
+    def http_port(self) -> int:
+        return self._port("http")
+
+    @property
+    def metrics_port(self) -> int:
+        return self._port("metrics")
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{LOOPBACK}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{LOOPBACK}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._log_path
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """gRPC headers for model-repository calls (``client.load_model(name, headers=server.admin_headers)``)."""
+        return {GRPC_ADMIN_KEY_HEADER: self.admin_key} if self.admin_key else {}
+
+    @property
+    def http_admin_headers(self) -> dict[str, str]:
+        """HTTP headers for model-repository calls (``POST /v2/repository/models/<m>/load``)."""
+        return {ADMIN_KEY_HEADER: self.admin_key} if self.admin_key else {}
+
+    def poll(self) -> int | None:
+        """The server's exit code, or None while it runs (or before start)."""
+        return self._proc.poll() if self._proc is not None else None
+
+    # ---- command line ----------------------------------------------------------------------------------
+    @property
+    def backend_directory(self) -> Path:
+        if self._backend_directory is None:
+            self._backend_directory = python_backend_directory()
+        return self._backend_directory
+
+    def command(self) -> list[str]:
+        """The tritonserver command line for the current ports (call after ports are chosen)."""
+        backends = self.backend_directory
+        cmd = [
+            str(find_tritonserver()),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backends}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={m}" for m in self.models),
+            # Loopback only: this launcher is for local serving and tests, never an open port.
+            f"--grpc-address={LOOPBACK}", f"--grpc-port={self._ports['grpc']}",
+            f"--http-address={LOOPBACK}", f"--http-port={self._ports['http']}",
+            f"--metrics-address={LOOPBACK}", f"--metrics-port={self._ports['metrics']}",
+            # In-flight requests get this long to finish after SIGTERM before the server exits anyway.
+            "--exit-timeout-secs=10",
+        ]
+        if self.admin_key:
+            rule = f"model-repository:{ADMIN_KEY_HEADER}={self.admin_key}"
+            cmd += [f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
+        # Last, so that a caller's flag overrides ours (tritonserver keeps the last occurrence).
+        return cmd + self.extra_args
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    def start(self, timeout_s: float = 120) -> TritonServer:
+        """Start tritonserver and wait until it is live, ready and every requested model is ready."""
+        if self._proc is not None and self._proc.poll() is None:
+            raise RuntimeError(f"tritonserver already running (pid {self._proc.pid})")
+        deadline = time.monotonic() + timeout_s
+        for attempt in range(_START_ATTEMPTS):
+            self._ports = {k: p if p is not None else _free_port() for k, p in self._fixed_ports.items()}
+            self._launch()
+            try:
+                self._wait_ready(deadline)
+                return self
+            except ServerStartError as e:
+                self.stop()
+                clash = "already in use" in e.log_tail or "Address in use" in e.log_tail
+                chosen = any(p is None for p in self._fixed_ports.values())
+                if not (clash and chosen and attempt + 1 < _START_ATTEMPTS and time.monotonic() < deadline):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _launch(self) -> None:
+        if self._log_file is not None:
+            self._log_path = self._log_file
+            self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            self._log_path = Path(name)
+        cmd = self.command()
+        self._log_offset = self._log_path.stat().st_size if self._log_path.exists() else 0
+        with open(self._log_path, "ab") as log:
+            log.write(("$ " + " ".join(_redact(cmd)) + "\n").encode())
+            log.flush()
+            # Own session (and so process group): Ctrl-C in the caller's terminal does not reach the server or
+            # its stubs directly; stop() shuts them down in order.
+            # cwd: the stub puts '' (the server's cwd) first on sys.path, so a project checkout as cwd would let
+            # its directories shadow installed packages in every model; the backends' parent holds nothing else.
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                          env=server_environment(), cwd=self.backend_directory.parent,
+                                          start_new_session=True)
+
+    def _wait_ready(self, deadline: float) -> None:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        assert self._proc is not None and self._log_path is not None
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            while True:
+                code = self._proc.poll()
+                if code is not None:
+                    raise ServerStartError(f"tritonserver exited with code {code} during start "
+                                           f"(log: {self._log_path})", _tail(self._log_path))
+                try:
+                    wanted = [m for m in self.models if m != "*"]
+                    # The log check makes sure the server answering on our port is ours, not another one that
+                    # took the port between _free_port() and our bind (ours then exits and is retried).
+                    if (self._endpoints_started() and client.is_server_live(client_timeout=2)
+                            and client.is_server_ready(client_timeout=2)
+                            and all(client.is_model_ready(m, client_timeout=2) for m in wanted)):
+                        return
+                except InferenceServerException:
+                    pass  # not listening yet
+                if time.monotonic() >= deadline:
+                    raise ServerStartError(f"tritonserver not ready with models {self.models} in time "
+                                           f"(log: {self._log_path})", _tail(self._log_path))
+                time.sleep(0.2)
+        finally:
+            client.close()
+
+    def _endpoints_started(self) -> bool:
+        assert self._log_path is not None
+        with open(self._log_path, "rb") as f:
+            f.seek(self._log_offset)
+            text = f.read().decode(errors="replace")
+        return (f"Started GRPCInferenceService at {self.grpc_url}" in text
+                and f"Started HTTPService at {self.http_url}" in text)
+
+    def stop(self, timeout_s: float = 30) -> int | None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout_s``) and any stub left in its group.
+
+        SIGTERM goes to tritonserver alone first: it then unloads its models and ends the Python-backend stubs
+        itself, cleanly. Signalling the whole group at once would kill the stubs under it mid-unload. Whatever
+        is left of the group afterwards is killed. Returns the exit code (None if never started).
+        """
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                _killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        # The group id is the server's pid (own session); no new process can take it while members remain.
+        _killpg(proc.pid, signal.SIGKILL)
+        return proc.returncode
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    # ---- identity --------------------------------------------------------------------------------------
+    def server_metadata(self) -> dict[str, object]:
+        """gRPC server metadata: ``{"name": "triton", "version": "2.51.0", "extensions": [...]}``."""
+        import tritonclient.grpc as grpcclient
+
+        with grpcclient.InferenceServerClient(self.grpc_url) as client:
+            meta = client.get_server_metadata(as_json=True, client_timeout=5)
+        return dict(meta)
+
+    def is_real_tritonserver(self) -> bool:
+        """True if the process answering on ``grpc_url`` is NVIDIA's tritonserver of the wheel's release."""
+        meta = self.server_metadata()
+        return meta.get("name") == "triton" and str(meta.get("version", "")).startswith(
+            EXPECTED_TRITON_VERSION.rsplit(".", 1)[0])
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # group already empty
+        os.killpg(pgid, sig)
+
+
+def _redact(cmd: list[str]) -> list[str]:
+    """The command line for the log, without the admin key."""
+    out = []
+    for arg in cmd:
+        if arg.startswith(("--grpc-restricted-protocol=", "--http-restricted-api=")):
+            arg = arg.rsplit("=", 1)[0] + "=<redacted>"
+        out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a model repository until Ctrl-C or SIGTERM."""
+    parser = argparse.ArgumentParser(prog="python -m serving.server", description=main.__doc__)
+    parser.add_argument("--repository", type=Path, required=True, help="Triton model repository")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port (default 8001)")
+    parser.add_argument("--http-port", type=int, default=8000, help="0 picks a free port (default 8000)")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="0 picks a free port (default 8002)")
+    parser.add_argument("--load", nargs="+", default=["*"], metavar="MODEL",
+                        help="models to load at start (default: every model in the repository)")
+    parser.add_argument("--admin-key", default=os.environ.get("AMC_ADMIN_KEY"),
+                        help=f"restrict model load/unload/index to requests with header {ADMIN_KEY_HEADER} "
+                             f"(HTTP) or {GRPC_ADMIN_KEY_HEADER} (gRPC) (default: $AMC_ADMIN_KEY)")
+    parser.add_argument("--log-file", type=Path, help="server log (default: a temporary file)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness")
+    args = parser.parse_args(argv)
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    server = TritonServer(args.repository, grpc_port=args.grpc_port or None, http_port=args.http_port or None,
+                          metrics_port=args.metrics_port or None, models=args.load, admin_key=args.admin_key,
+                          log_file=args.log_file)
+    try:
+        server.start(timeout_s=args.timeout)
+        print(f"tritonserver pid {server.pid} ready: grpc {server.grpc_url}  http {server.http_url}  "
+              f"metrics {server.metrics_url}  log {server.log_path}", flush=True)
+        while (code := server.poll()) is None:
+            time.sleep(0.5)
+        print(f"tritonserver exited with code {code}; see {server.log_path}", file=sys.stderr)
+        return code or 1
+    except ServerStartError as e:
+        print(e, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping tritonserver", flush=True)
+        return 0
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
