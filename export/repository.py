@@ -135,6 +135,8 @@ def init_repository(repository: Path, flavour: str) -> None:
     """Create a serving repository from the generated template if it has none yet (idempotent)."""
     if not (repository / sig.ENSEMBLE_NAME / "config.pbtxt").exists():
         write_template(repository, flavour)
+    # An ensemble still needs a version directory (empty) before Triton will load it.
+    (repository / sig.ENSEMBLE_NAME / "1").mkdir(exist_ok=True)
 
 
 def repository_flavour(repository: Path) -> str:
@@ -201,3 +203,98 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ---- candidate store and fused graphs (appended; the functions above are unchanged) ---------------------------
+# Store steps: the store tokenizer (Python backend, query only) and the store variants of VAN and LAN, whose
+# ONNX graphs hold the version's candidate store as constants. QEN and MTN are shared with the raw ensemble.
+STORE_STEPS: tuple[sig.StepSignature, ...] = (sig.STORE_TOKENIZER, *sig.STORE_NETWORKS)
+FUSED_STEPS: tuple[sig.StepSignature, ...] = (sig.FUSED, sig.FUSED_STORE)
+STORE_FILE = "store.json"  # in amc_store_tokenizer/<N>/: {"version": N, "size": G, "ids": [...]}
+
+
+def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: int = 1,
+                      max_batch: int = sig.MAX_BATCH,
+                      batch_delay_us: int = BATCH_DELAY_US) -> mc.ModelConfig:
+    """Config of a store step or a fused graph (``STORE_STEPS`` / ``FUSED_STEPS``); version-independent.
+
+    Like :func:`step_config`, with ``instances`` per step and dynamic batching on every step, the store
+    tokenizer included (it is cheap per request, so merging requests is what lets it keep up).
+    """
+    if signature not in (*STORE_STEPS, *FUSED_STEPS):
+        raise ValueError(f"{signature.model_name} is not a store step or fused graph")
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown flavour {flavour!r}; expected one of {FLAVOURS}")
+    config = mc.ModelConfig(name=signature.model_name, max_batch_size=max_batch)
+    config.version_policy.all.SetInParent()
+    _io(config, signature)
+    config.dynamic_batching.max_queue_delay_microseconds = batch_delay_us
+    if signature is sig.STORE_TOKENIZER:
+        config.backend = "python"
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
+        config.parameters["max_candidates"].string_value = str(sig.MAX_CANDIDATES)
+        return config
+    if flavour == "python":
+        config.backend = "python"
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
+        config.parameters["onnx_file"].string_value = ONNX_FILE
+    else:
+        config.platform = "onnxruntime_onnx"
+        config.default_model_filename = ONNX_FILE
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=instances)
+    return config
+
+
+def store_ensemble_config(name: str, version: int, max_batch: int = sig.MAX_BATCH) -> mc.ModelConfig:
+    """store tokenizer -> QEN -> (VAN store, LAN store) -> MTN, every step pinned to ``version``."""
+    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch)
+    _io(config, sig.STORE_ENSEMBLE)
+    for step in (sig.STORE_TOKENIZER, sig.QEN, sig.VAN_STORE, sig.LAN_STORE, sig.MTN):
+        config.ensemble_scheduling.step.add(
+            model_name=step.model_name, model_version=version,
+            input_map={n: n for n in step.input_names}, output_map={n: n for n in step.output_names})
+    return config
+
+
+def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_dir: Path, vocab_json: str,
+                        store_json: str, fused: bool = True) -> list[Path]:
+    """Write version ``version``'s store steps (and fused graphs) into ``repository``; returns what was written.
+
+    ``onnx_dir`` holds ``van_store.onnx``, ``lan_store.onnx`` (and ``fused.onnx``, ``fused_store.onnx``);
+    step configs are written if the step has none yet. The pinned ``amc_store_v<N>`` comes last; ``amc_store``
+    is pinned to ``version`` by :func:`set_store_serving`.
+    """
+    written: list[Path] = []
+    steps = STORE_STEPS + (FUSED_STEPS if fused else ())
+    for step in steps:
+        config_path = repository / step.model_name / "config.pbtxt"
+        if not config_path.exists():
+            write_atomic(config_path, to_text(store_step_config(step, flavour)))
+        version_dir = repository / step.model_name / str(version)
+        version_dir.mkdir(parents=True)
+        written.append(version_dir)
+        if step is sig.STORE_TOKENIZER:
+            shutil.copy(BACKENDS_DIR / "store_tokenizer.py", version_dir / "model.py")
+            shutil.copy(Path(sig.__file__).with_name("text.py"), version_dir / "amc_text.py")
+            (version_dir / "vocab.json").write_text(vocab_json)
+            (version_dir / "version.json").write_text(f'{{"version": {version}}}')
+            (version_dir / STORE_FILE).write_text(store_json)
+        else:
+            short = step.model_name.removeprefix("amc_")
+            shutil.copy(onnx_dir / f"{short}.onnx", version_dir / ONNX_FILE)
+            if flavour == "python":
+                shutil.copy(BACKENDS_DIR / "onnx_runner.py", version_dir / "model.py")
+        compileall.compile_dir(version_dir, quiet=1)
+    ensemble_dir = repository / sig.versioned_store_ensemble_name(version)
+    (ensemble_dir / "1").mkdir(parents=True, exist_ok=True)
+    write_atomic(ensemble_dir / "config.pbtxt", to_text(store_ensemble_config(ensemble_dir.name, version)))
+    written.append(ensemble_dir)
+    return written
+
+
+def set_store_serving(repository: Path, version: int) -> str:
+    """Rewrite ``amc_store`` pinned to ``version``; returns the new config text."""
+    text = to_text(store_ensemble_config(sig.STORE_ENSEMBLE_NAME, version))
+    write_atomic(repository / sig.STORE_ENSEMBLE_NAME / "config.pbtxt", text)
+    (repository / sig.STORE_ENSEMBLE_NAME / "1").mkdir(exist_ok=True)
+    return text

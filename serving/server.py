@@ -228,6 +228,7 @@ class TritonServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_path: Path | None = None
         self._log_offset = 0  # where this launch's lines start in the log (a given log_file is appended to)
+        self._failed = False  # start failed: keep a temporary log for the post-mortem
 
     # ---- properties ------------------------------------------------------------------------------------
     def _port(self, kind: str) -> int:
@@ -328,6 +329,10 @@ class TritonServer:
                 chosen = any(p is None for p in self._fixed_ports.values())
                 if not (clash and chosen and attempt + 1 < _START_ATTEMPTS and time.monotonic() < deadline):
                     raise
+            except BaseException:
+                # Ctrl-C while waiting: __exit__ does not run when __enter__ raises, so no server may outlive us.
+                self.stop()
+                raise
         raise AssertionError("unreachable")
 
     def _launch(self) -> None:
@@ -335,9 +340,11 @@ class TritonServer:
             self._log_path = self._log_file
             self._log_path.parent.mkdir(parents=True, exist_ok=True)
         else:
+            # A temporary log is removed by a clean stop() and kept when the server failed, for the post-mortem.
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
             self._log_path = Path(name)
+        self._failed = False
         cmd = self.command()
         self._log_offset = self._log_path.stat().st_size if self._log_path.exists() else 0
         with open(self._log_path, "ab") as log:
@@ -361,6 +368,7 @@ class TritonServer:
             while True:
                 code = self._proc.poll()
                 if code is not None:
+                    self._failed = True
                     raise ServerStartError(f"tritonserver exited with code {code} during start "
                                            f"(log: {self._log_path})", _tail(self._log_path))
                 try:
@@ -374,6 +382,7 @@ class TritonServer:
                 except InferenceServerException:
                     pass  # not listening yet
                 if time.monotonic() >= deadline:
+                    self._failed = True
                     raise ServerStartError(f"tritonserver not ready with models {self.models} in time "
                                            f"(log: {self._log_path})", _tail(self._log_path))
                 time.sleep(0.2)
@@ -407,6 +416,8 @@ class TritonServer:
                 proc.wait(timeout=10)
         # The group id is the server's pid (own session); no new process can take it while members remain.
         _killpg(proc.pid, signal.SIGKILL)
+        if self._log_file is None and self._log_path is not None and proc.returncode == 0 and not self._failed:
+            self._log_path.unlink(missing_ok=True)
         return proc.returncode
 
     def __enter__(self) -> TritonServer:

@@ -24,3 +24,11 @@ def trained(small_corpus, tmp_path_factory) -> TrainResult:
     out = tmp_path_factory.mktemp("run")
     return train(TrainConfig(out=str(out), epochs=4, patience=10, batch_size=32, progress=False,
                              corpus=SMALL_CORPUS), small_corpus)
+
+
+@pytest.fixture(scope="session")
+def trained_other(small_corpus, tmp_path_factory) -> TrainResult:
+    """A second training run (another seed): a different model version to roll out."""
+    out = tmp_path_factory.mktemp("run_other")
+    return train(TrainConfig(out=str(out), seed=1, epochs=4, patience=10, batch_size=32, progress=False,
+                             corpus=SMALL_CORPUS), small_corpus)

@@ -135,8 +135,10 @@ def _bytes_input(name: str, array: np.ndarray) -> grpcclient.InferInput:
 def _tokenize(client: grpcclient.InferenceServerClient, queries: list[bytes | str],
               keywords: np.ndarray, version: str = "") -> dict[str, np.ndarray]:
     query = np.array([[q.encode() if isinstance(q, str) else q] for q in queries], dtype=object)
-    result = client.infer(TOKENIZER, [_bytes_input(sig.QUERY.name, query), _bytes_input(sig.KEYWORDS.name, keywords)],
-                          model_version=version, client_timeout=30)
+    mask = grpcclient.InferInput(sig.REGION_MASK.name, [*keywords.shape[:2], 1], "BOOL")
+    mask.set_data_from_numpy(np.ones((*keywords.shape[:2], 1), dtype=bool))
+    result = client.infer(TOKENIZER, [_bytes_input(sig.QUERY.name, query), _bytes_input(sig.KEYWORDS.name, keywords),
+                                      mask], model_version=version, client_timeout=30)
     return {name: result.as_numpy(name) for name in sig.TOKENIZER.output_names}
 
 
@@ -325,11 +327,12 @@ def test_admin_key_guards_model_repository(client: grpcclient.InferenceServerCli
 
 
 def test_start_failure_reports_log(repository: Path) -> None:
-    srv = TritonServer(repository, models=["no_such_model"])
+    log = repository.parent / "failed-start.log"
+    srv = TritonServer(repository, models=["no_such_model"], log_file=log)
     with pytest.raises(ServerStartError) as info:
         srv.start(timeout_s=60)
-    assert "no_such_model" in str(info.value)
-    assert srv.poll() is not None
+    assert "no_such_model" in str(info.value) and "failed to load" in info.value.log_tail
+    assert srv.poll() is not None and "no_such_model" in log.read_text()
 
 
 def test_stop_leaves_no_process(repository: Path) -> None:

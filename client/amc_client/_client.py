@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -48,6 +49,7 @@ class _Base:
         backoff_s: float,
         routing_refresh_s: float,
         headers: Mapping[str, str] | None,
+        server_deadline_s: float = 300.0,
     ) -> None:
         if not timeout_s > 0:
             raise InvalidInputError(f"timeout_s must be > 0, got {timeout_s}")
@@ -67,6 +69,10 @@ class _Base:
         self._routing_refresh_s = routing_refresh_s
         self._headers = dict(headers) if headers else None
         self._rng = random.Random()
+        self.server_deadline_s = float(server_deadline_s)
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._pending_tasks: set[Any] = set()
         self._routing: Routing | None = None
         self._routing_at = -math.inf
 
@@ -182,6 +188,7 @@ class AMCClient(_Base):
         backoff_s: float = 0.1,
         routing_refresh_s: float = 1.0,
         headers: Mapping[str, str] | None = None,
+        server_deadline_s: float = 300.0,
         _inner: Any = None,
     ) -> None:
         super().__init__(
@@ -192,6 +199,7 @@ class AMCClient(_Base):
             backoff_s=backoff_s,
             routing_refresh_s=routing_refresh_s,
             headers=headers,
+            server_deadline_s=server_deadline_s,
         )
         self._inner = (
             _inner
@@ -213,7 +221,10 @@ class AMCClient(_Base):
         self.close()
 
     def close(self) -> None:
-        """Close the gRPC channel."""
+        """Close the gRPC channel, after abandoned calls have finished (closing would cancel them)."""
+        end = time.monotonic() + self.server_deadline_s
+        while self._pending > 0 and time.monotonic() < end:
+            time.sleep(0.01)
         self._inner.close()
 
     def rank(
@@ -280,6 +291,8 @@ class AMCClient(_Base):
             if remaining <= 0:
                 raise self._out_of_time(model)
             try:
+                if method == "infer":
+                    return self._infer(remaining, **kwargs)
                 return getattr(self._inner, method)(**kwargs, headers=self._headers, client_timeout=remaining)
             except InferenceServerException as e:
                 delay = self._retry_delay(e, attempt, deadline)
@@ -287,6 +300,35 @@ class AMCClient(_Base):
                     raise self._error(e, model) from e
             time.sleep(delay)
             attempt += 1
+
+    def _infer(self, remaining: float, **kwargs: Any) -> Any:
+        """One inference that the caller stops waiting for after ``remaining`` s but never cancels.
+
+        tritonserver 2.51's gRPC frontend can crash when a cancellation (an expired gRPC deadline, a closed
+        channel) races with the response (triton-inference-server/server#7840, #8034; fixed in later
+        releases). So the deadline the caller asked for is enforced here, and the RPC itself carries only the
+        long ``server_deadline_s`` backstop; an abandoned call finishes on the server and is dropped.
+        """
+        if not hasattr(self._inner, "async_infer"):  # test doubles without the callback API
+            return self._inner.infer(**kwargs, headers=self._headers, client_timeout=remaining)
+        done, box = threading.Event(), {}
+
+        def finished(result: Any, error: Any) -> None:
+            box["result"], box["error"] = result, error
+            with self._pending_lock:
+                self._pending -= 1
+            done.set()
+
+        with self._pending_lock:
+            self._pending += 1
+        self._inner.async_infer(callback=finished, headers=self._headers, client_timeout=self.server_deadline_s,
+                                **kwargs)
+        if not done.wait(remaining):
+            raise InferenceServerException(msg="deadline exceeded (request left to finish on the server)",
+                                           status="StatusCode.DEADLINE_EXCEEDED")
+        if box["error"] is not None:
+            raise box["error"]
+        return box["result"]
 
     def _loaded_or_none(self, deadline: _calls.Deadline) -> list[int] | None:
         try:
@@ -344,6 +386,7 @@ class AsyncAMCClient(_Base):
         backoff_s: float = 0.1,
         routing_refresh_s: float = 1.0,
         headers: Mapping[str, str] | None = None,
+        server_deadline_s: float = 300.0,
         _inner: Any = None,
     ) -> None:
         super().__init__(
@@ -354,6 +397,7 @@ class AsyncAMCClient(_Base):
             backoff_s=backoff_s,
             routing_refresh_s=routing_refresh_s,
             headers=headers,
+            server_deadline_s=server_deadline_s,
         )
         self._tls = dict(
             ssl=ssl,
@@ -379,8 +423,22 @@ class AsyncAMCClient(_Base):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def _infer(self, remaining: float, **kwargs: Any) -> Any:
+        """See :meth:`AMCClient._infer`: wait at most ``remaining`` s, but never cancel the RPC itself."""
+        task = asyncio.ensure_future(
+            self._inner.infer(**kwargs, headers=self._headers, client_timeout=self.server_deadline_s))
+        self._pending_tasks.add(task)
+        task.add_done_callback(self._pending_tasks.discard)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), remaining)
+        except TimeoutError:
+            raise InferenceServerException(msg="deadline exceeded (request left to finish on the server)",
+                                           status="StatusCode.DEADLINE_EXCEEDED") from None
+
     async def close(self) -> None:
-        """Close the gRPC channel (if one was opened)."""
+        """Close the gRPC channel (if one was opened), after abandoned calls have finished."""
+        if self._pending_tasks:
+            await asyncio.wait(set(self._pending_tasks), timeout=self.server_deadline_s)
         if self._inner_client is not None:
             await self._inner_client.close()
             self._inner_client = None
@@ -445,6 +503,8 @@ class AsyncAMCClient(_Base):
             if remaining <= 0:
                 raise self._out_of_time(model)
             try:
+                if method == "infer":
+                    return await self._infer(remaining, **kwargs)
                 return await getattr(self._inner, method)(
                     **kwargs, headers=self._headers, client_timeout=remaining
                 )

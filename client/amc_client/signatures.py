@@ -128,7 +128,9 @@ VAN_VERSION = _t("van_version", "int64", "batch", 1)
 LAN_VERSION = _t("lan_version", "int64", "batch", 1)
 
 # ---- the steps ---------------------------------------------------------------------------------------
-TOKENIZER = StepSignature("amc_tokenizer", (QUERY, KEYWORDS), (QUERY_TOKENS, KEYWORD_TOKENS, TOKENIZER_VERSION))
+# The tokenizer also takes region_mask, only to check that regions and keywords agree on the candidates.
+TOKENIZER = StepSignature("amc_tokenizer", (QUERY, KEYWORDS, REGION_MASK),
+                          (QUERY_TOKENS, KEYWORD_TOKENS, TOKENIZER_VERSION))
 QEN = StepSignature("amc_qen", (QUERY_TOKENS,), (QUERY_EMBEDDING, QEN_VERSION))
 VAN = StepSignature("amc_van", (QUERY_EMBEDDING, REGIONS, REGION_MASK), (VISUAL_VECTOR, REGION_ATTENTION, VAN_VERSION))
 LAN = StepSignature("amc_lan", (QUERY_EMBEDDING, KEYWORD_TOKENS), (KEYWORD_VECTOR, KEYWORD_ATTENTION, LAN_VERSION))
@@ -172,3 +174,40 @@ def parse_versioned_ensemble_name(name: str) -> int | None:
     prefix = f"{ENSEMBLE_NAME}_v"
     rest = name[len(prefix):] if name.startswith(prefix) else ""
     return int(rest) if rest.isdigit() else None
+
+
+# ---- candidate store (appended): candidates sent by id, their features resident with the model version ---------
+# At export time each candidate image of a gallery gets its VAN-projected regions ``W_v(PCA(regions))``
+# (G, R, hidden) and its keyword tokens (G, K, W), stored as constants of the store-variant graphs of that
+# version. A request then carries the query and G-row indices instead of R x D floats per candidate.
+CANDIDATE_IDS = _t("candidate_ids", "int64", "batch", "candidates",
+                   doc="row of each candidate in the version's candidate store (0 <= id < store size)")
+
+# The store tokenizer tokenizes the query only (keyword tokens are in the store); it also takes candidate_ids,
+# only to reject ids outside the store with a clear error before VAN/LAN gather them.
+STORE_TOKENIZER = StepSignature("amc_store_tokenizer", (QUERY, CANDIDATE_IDS), (QUERY_TOKENS, TOKENIZER_VERSION))
+VAN_STORE = StepSignature("amc_van_store", (QUERY_EMBEDDING, CANDIDATE_IDS),
+                          (VISUAL_VECTOR, REGION_ATTENTION, VAN_VERSION))
+LAN_STORE = StepSignature("amc_lan_store", (QUERY_EMBEDDING, CANDIDATE_IDS),
+                          (KEYWORD_VECTOR, KEYWORD_ATTENTION, LAN_VERSION))
+# The store ensemble reuses QEN and MTN of the same version.
+STORE_NETWORKS = (VAN_STORE, LAN_STORE)
+
+STORE_ENSEMBLE_NAME = "amc_store"
+STORE_ENSEMBLE = StepSignature(
+    STORE_ENSEMBLE_NAME,
+    (QUERY, CANDIDATE_IDS),
+    (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION),
+)
+
+
+def versioned_store_ensemble_name(version: int) -> str:
+    """Name of the store ensemble pinned to one model version (``amc_store_v3``)."""
+    return f"{STORE_ENSEMBLE_NAME}_v{version}"
+
+
+# ---- fused graphs (appended): all four networks in one ONNX graph, tokens in; used to price the ensemble ---------
+FUSED = StepSignature("amc_fused", (QUERY_TOKENS, REGIONS, REGION_MASK, KEYWORD_TOKENS),
+                      (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION))
+FUSED_STORE = StepSignature("amc_fused_store", (QUERY_TOKENS, CANDIDATE_IDS),
+                            (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION))

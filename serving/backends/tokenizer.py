@@ -33,7 +33,7 @@ import triton_python_backend_utils as pb_utils
 
 # The step's tensors, in amc_client.signatures.TOKENIZER's order, as (data_type, rank after the batch dim):
 # names are read from config.pbtxt (generated from the signatures), never spelled here.
-_INPUT_KINDS = (("TYPE_STRING", 1), ("TYPE_STRING", 2))  # query, keywords
+_INPUT_KINDS = (("TYPE_STRING", 1), ("TYPE_STRING", 2), ("TYPE_BOOL", 2))  # query, keywords, region_mask
 _OUTPUT_KINDS = (("TYPE_INT64", 1), ("TYPE_INT64", 3), ("TYPE_INT64", 1))  # query/keyword tokens, version
 DEFAULT_MAX_CANDIDATES = 1000  # amc_client.signatures.MAX_CANDIDATES; config parameter max_candidates wins
 _SHOW = 80  # characters of a query quoted in an error message
@@ -68,6 +68,7 @@ def _load_text_module(here: Path) -> Any:
 
 
 def _decode(value: bytes | str, what: str) -> str:
+    """UTF-8 text of one BYTES element; ``what`` names it in the error ("query", "keywords[0, 2, 1]")."""
     if isinstance(value, str):
         return value
     try:
@@ -92,7 +93,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         self.model_name = args["model_name"]
-        self.query_name, self.keywords_name = _names(config, "input", _INPUT_KINDS, self.model_name)
+        self.query_name, self.keywords_name, self.mask_name = _names(config, "input", _INPUT_KINDS, self.model_name)
         self.output_names = _names(config, "output", _OUTPUT_KINDS, self.model_name)
         here = Path(args["model_repository"]) / args["model_version"]
         text = _load_text_module(here)
@@ -127,6 +128,14 @@ class TritonPythonModel:
             raise RequestError(f"{kn} must have shape [batch, candidates, keywords] with the {qn}'s batch "
                                f"size {query.shape[0]}, got {list(keywords.shape)}")
         batch, n, k = keywords.shape
+        # The tokenizer sees region_mask (small) rather than regions (large) only to catch this early: VAN
+        # and LAN would otherwise fail deep in MTN with an opaque shape error.
+        mask = self._input(request, self.mask_name)
+        if mask.shape[:2] != (batch, n):
+            raise RequestError(f"{kn} has {n} candidates per query but {self.mask_name} has "
+                               f"{mask.shape[1] if mask.ndim > 1 else '?'} (shapes {list(keywords.shape)} and "
+                               f"{list(mask.shape)}): every candidate needs regions and a keyword list, "
+                               "padded with '' to equal lengths")
         if n == 0:
             raise RequestError("candidate set is empty")
         if n > self.max_candidates:
@@ -152,13 +161,14 @@ class TritonPythonModel:
         flat = keywords.reshape(-1)
         distinct, inverse = np.unique(flat, return_inverse=True)
         decoded = []
-        for value in distinct:
+        for u, value in enumerate(distinct):
             try:
                 decoded.append(_decode(value, kn))
-            except RequestError:
-                # Name the first place the bad string occurs: [query, candidate, keyword].
-                where = np.unravel_index(int(np.flatnonzero(flat == value)[0]), keywords.shape)
-                _decode(value, f"{kn}[{', '.join(str(int(i)) for i in where)}]")
+            except RequestError as e:
+                # Name the first place the bad string occurs: keywords[query, candidate, keyword].
+                first = np.unravel_index(int(np.argmax(inverse.reshape(-1) == u)), keywords.shape)
+                where = ", ".join(str(int(i)) for i in first)
+                raise RequestError(str(e).replace(kn, f"{kn}[{where}]", 1)) from None
         ids = self.tokenizer.encode_keywords(np.array(decoded, dtype=object))  # (U, W)
         keyword_tokens = ids[inverse.reshape(-1)].reshape(batch, n, k, ids.shape[-1])
 

@@ -1,0 +1,90 @@
+"""perf_analyzer (GPU machine only; it needs glibc 2.38): concurrency sweeps with Triton's per-step statistics."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from amc_client import signatures as sig
+
+from .triton import breakdown, snapshot
+from .workloads import Request
+
+
+def available() -> bool:
+    return shutil.which("perf_analyzer") is not None
+
+
+def _b64(a: np.ndarray) -> dict:
+    return {"b64": base64.b64encode(np.ascontiguousarray(a).tobytes()).decode(), "shape": list(a.shape)}
+
+
+def input_data(requests: list[Request], kind: str, vocab: list[str], path: Path) -> Path:
+    """perf_analyzer's --input-data JSON for ``kind`` in raw / store / fused / fused_store (batch dim omitted)."""
+    from amc_client.text import Tokenizer
+
+    tok = Tokenizer(vocab)
+    rows = []
+    for r in requests:
+        if kind == "raw":
+            row = {sig.QUERY.name: {"content": [r.query], "shape": [1]}, sig.REGIONS.name: _b64(r.regions),
+                   sig.REGION_MASK.name: _b64(r.region_mask),
+                   sig.KEYWORDS.name: {"content": [str(k) for k in r.keywords.reshape(-1)],
+                                       "shape": list(r.keywords.shape)}}
+        elif kind == "store":
+            row = {sig.QUERY.name: {"content": [r.query], "shape": [1]}, sig.CANDIDATE_IDS.name: _b64(r.ids)}
+        else:
+            q = tok.encode_queries([r.query])[0]
+            row = {sig.QUERY_TOKENS.name: _b64(q)}
+            if kind == "fused_store":
+                row[sig.CANDIDATE_IDS.name] = _b64(r.ids)
+            else:
+                row.update({sig.REGIONS.name: _b64(r.regions), sig.REGION_MASK.name: _b64(r.region_mask),
+                            sig.KEYWORD_TOKENS.name: _b64(tok.encode_keywords(r.keywords))})
+        rows.append(row)
+    path.write_text(json.dumps({"data": rows}))
+    return path
+
+
+def sweep(url: str, model: str, data: Path, concurrency: list[int], n: int, workdir: Path, *,
+          interval_ms: int = 1500, log=print, deadline=None) -> list[dict]:
+    """One perf_analyzer run per concurrency level; Triton statistics deltas per level give the step breakdown."""
+    import time
+
+    points = []
+    for c in concurrency:
+        if deadline is not None and time.monotonic() > deadline:
+            log(f"perf {model} n{n}: time budget spent, stopping before concurrency {c}")
+            break
+        out_csv = workdir / f"perf-{model}-{n}-{c}.csv"
+        cmd = ["perf_analyzer", "-m", model, "-i", "grpc", "-u", url, "--input-data", str(data),
+               "--concurrency-range", f"{c}:{c}", "--measurement-interval", str(interval_ms),
+               "--stability-percentage", "30", "--max-trials", "4", "-f", str(out_csv), "--verbose-csv"]
+        before = snapshot(url)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        after = snapshot(url)
+        if proc.returncode != 0 or not out_csv.exists():
+            log(f"perf {model} n{n} c{c} failed: {proc.stdout[-800:]} {proc.stderr[-800:]}")
+            points.append({"concurrency": c, "error": (proc.stdout + proc.stderr)[-400:]})
+            break
+        row = next(csv.DictReader(out_csv.open()))
+        qps = float(row["Inferences/Second"])
+        point = {"concurrency": c, "queries_per_s": qps, "candidates_per_s": qps * n,
+                 "p50_ms": float(row["p50 latency"]) / 1e3, "p95_ms": float(row["p95 latency"]) / 1e3,
+                 "p99_ms": float(row["p99 latency"]) / 1e3, "avg_ms": float(row["Avg latency"]) / 1e3,
+                 "client_send_ms": float(row["Client Send"]) / 1e3, "client_recv_ms": float(row["Client Recv"]) / 1e3,
+                 "network_server_ms": float(row["Network+Server Send/Recv"]) / 1e3,
+                 "server_queue_ms": float(row["Server Queue"]) / 1e3,
+                 "server_compute_input_ms": float(row["Server Compute Input"]) / 1e3,
+                 "server_compute_infer_ms": float(row["Server Compute Infer"]) / 1e3,
+                 "server_compute_output_ms": float(row["Server Compute Output"]) / 1e3,
+                 "steps": breakdown(before, after)}
+        log(f"perf {model} n{n} c{c}: {qps:.0f} q/s, {qps * n:.0f} cand/s, p99 {point['p99_ms']:.2f} ms")
+        points.append(point)
+    return points

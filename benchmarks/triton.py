@@ -1,0 +1,199 @@
+"""Triton side: publish a temp repository (raw + store + fused), start tritonserver, drive it, read its statistics."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from amc_client import signatures as sig
+from amc_client.text import Tokenizer
+
+from .workloads import Gallery, Request
+
+STAT_KEYS = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def build_repository(workdir: Path, checkpoint: Path, gallery: Gallery, *, log=print) -> tuple[Path, int, list[str]]:
+    """Publish ``checkpoint`` as version N of a fresh python-flavour repository, with its candidate store built
+    from ``gallery`` and the fused graphs; returns (repository, N, vocab)."""
+    from export.publish import publish
+    from export.store import publish_store
+    from training.checkpoint import load_checkpoint
+
+    repo = workdir / "repository"
+    version = publish(checkpoint, repo, flavour="python", log=log)
+    ckpt = load_checkpoint(checkpoint)
+    publish_store(repo, version, ckpt.build_model(), ckpt.vocab, gallery.regions, gallery.keywords,
+                  fingerprint=ckpt.fingerprint, log=log)
+    return repo, version, ckpt.vocab
+
+
+def set_instances(repo: Path, model: str, count: int, delay_us: int | None = None) -> None:
+    """Rewrite the instance count (and queue delay) of ``model``'s config in a benchmark repository."""
+    path = repo / model / "config.pbtxt"
+    text = path.read_text()
+    text = re.sub(r"count: \d+", f"count: {count}", text)
+    if delay_us is not None:
+        text = re.sub(r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {delay_us}", text)
+    path.write_text(text)
+
+
+def snapshot(url: str) -> dict[str, dict[str, int]]:
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(as_json=True)
+    out = {}
+    for m in stats.get("model_stats", []):
+        s = m.get("inference_stats", {})
+        row = {"requests": int(s.get("success", {}).get("count", 0)),
+               "executions": int(m.get("execution_count", 0)),
+               "inferences": int(m.get("inference_count", 0))}
+        for k in STAT_KEYS:
+            row[f"{k}_ns"] = int(s.get(k, {}).get("ns", 0))
+        out[f"{m['name']}:{m.get('version', '')}"] = row
+    return out
+
+
+def breakdown(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """Per model: requests, mean batch per execution, and mean ms per request in queue / compute steps."""
+    out = {}
+    for key, a in after.items():
+        b = before.get(key, {})
+        n = a["requests"] - b.get("requests", 0)
+        if n <= 0:
+            continue
+        execs = a["executions"] - b.get("executions", 0)
+        row = {"requests": n, "executions": execs,
+               "mean_batch": (a["inferences"] - b.get("inferences", 0)) / execs if execs else 0.0}
+        for k in STAT_KEYS:
+            row[f"{k}_ms"] = (a[f"{k}_ns"] - b.get(f"{k}_ns", 0)) / n / 1e6
+        out[key.split(":")[0]] = row
+    return out
+
+
+# ---- callers: make_worker(w) -> call(i) ----------------------------------------------------------------
+def amc_client_worker(url: str, requests: list[Request], model_version: int | None = None):
+    """The project's client on the raw ensemble (``amc``, or ``amc_v<N>``), one client per worker."""
+    from amc_client import AMCClient, CandidateArrays
+
+    sets = [CandidateArrays([str(i) for i in r.ids.tolist()] if len(set(r.ids.tolist())) == len(r)
+                            else [f"{j}-{i}" for j, i in enumerate(r.ids.tolist())], r.regions, r.keywords,
+                            r.region_mask) for r in requests]
+
+    def make(w: int):
+        client = AMCClient(url, timeout_s=120, model_version=model_version, routing_refresh_s=3600, retries=0)
+
+        def call(i: int):
+            k = (i + w) % len(requests)
+            return client.rank(requests[k].query, sets[k], validate=False)
+        return call
+    return make
+
+
+def _outputs(signature: sig.StepSignature):
+    import tritonclient.grpc as grpcclient
+
+    return [grpcclient.InferRequestedOutput(n) for n in signature.output_names]
+
+
+def _input(name: str, array: np.ndarray, datatype: str):
+    import tritonclient.grpc as grpcclient
+
+    t = grpcclient.InferInput(name, list(array.shape), datatype)
+    t.set_data_from_numpy(array)
+    return t
+
+
+def store_worker(url: str, requests: list[Request], model: str = sig.STORE_ENSEMBLE_NAME):
+    """tritonclient on the store ensemble: query text + candidate ids."""
+    import tritonclient.grpc as grpcclient
+
+    def make(w: int):
+        client = grpcclient.InferenceServerClient(url)
+        outputs = _outputs(sig.STORE_ENSEMBLE)
+
+        def call(i: int):
+            r = requests[(i + w) % len(requests)]
+            inputs = [_input(sig.QUERY.name, np.array([[r.query.encode()]], dtype=object), "BYTES"),
+                      _input(sig.CANDIDATE_IDS.name, r.ids[None], "INT64")]
+            return client.infer(model, inputs, outputs=outputs, client_timeout=120).as_numpy(sig.SCORES.name)
+        return call
+    return make
+
+
+def fused_worker(url: str, requests: list[Request], vocab: list[str], store: bool):
+    """tritonclient on a fused graph (tokens in; tokenized client-side per request)."""
+    import tritonclient.grpc as grpcclient
+
+    from .inprocess import OrtFused
+
+    tokenizer = Tokenizer(vocab)
+    signature = sig.FUSED_STORE if store else sig.FUSED
+    feeds_of = OrtFused.feeds.__get__(type("F", (), {"tokenizer": tokenizer, "store": store})())
+
+    def make(w: int):
+        client = grpcclient.InferenceServerClient(url, channel_args=[("grpc.max_send_message_length", 2**31 - 1),
+                                                                     ("grpc.max_receive_message_length", 2**31 - 1)])
+        outputs = _outputs(signature)
+
+        def call(i: int):
+            feeds = feeds_of([requests[(i + w) % len(requests)]])
+            inputs = [_input(s.name, feeds[s.name], s.triton_datatype) for s in signature.inputs]
+            return client.infer(signature.model_name, inputs, outputs=outputs, client_timeout=120)
+        return call
+    return make
+
+
+def client_serialization_ms(request: Request, repeats: int = 5) -> dict[str, float]:
+    """Client-side cost of one raw ``amc`` request before it reaches the wire: AMCClient's packing, tritonclient's
+    numpy->bytes copy, and building + serializing the gRPC protobuf (median ms of ``repeats``)."""
+    from tritonclient.grpc._utils import _get_inference_request
+
+    from amc_client import CandidateArrays, pack_request
+
+    cands = CandidateArrays([f"c{i}" for i in range(len(request))], request.regions, request.keywords,
+                            request.region_mask)
+    pack, tensors, proto = [], [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        arrays = pack_request([request.query], [cands], validate=False)
+        t1 = time.perf_counter()
+        inputs = [_input(s.name, arrays[s.name], s.triton_datatype) for s in sig.ENSEMBLE.inputs]
+        t2 = time.perf_counter()
+        req = _get_inference_request(sig.ENSEMBLE_NAME, inputs, "", "", _outputs(sig.ENSEMBLE), 0, False, False,
+                                     0, None, None)
+        data = req.SerializeToString()
+        t3 = time.perf_counter()
+        pack.append(t1 - t0)
+        tensors.append(t2 - t1)
+        proto.append(t3 - t2)
+    return {"pack_ms": float(np.median(pack)) * 1e3, "set_data_from_numpy_ms": float(np.median(tensors)) * 1e3,
+            "protobuf_serialize_ms": float(np.median(proto)) * 1e3, "request_bytes": len(data)}
+
+
+def model_names(version: int) -> list[str]:
+    from export.repository import FUSED_STEPS, STEPS, STORE_STEPS
+
+    return [s.model_name for s in (*STEPS, *STORE_STEPS, *FUSED_STEPS)] + [
+        sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME,
+        sig.versioned_store_ensemble_name(version), sig.STORE_ENSEMBLE_NAME]
+
+
+def wait_models(url: str, names: list[str], timeout_s: float = 120) -> None:
+    import tritonclient.grpc as grpcclient
+
+    deadline = time.monotonic() + timeout_s
+    with grpcclient.InferenceServerClient(url) as client:
+        while not all(client.is_model_ready(n) for n in names):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"models not ready: {names}")
+            time.sleep(0.2)
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=2, default=float)

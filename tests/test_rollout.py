@@ -1,0 +1,116 @@
+"""Integration: version rollouts against a real tritonserver under continuous client load."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from amc_client import signatures as sig
+from export.onnx_export import export_network
+from export.publish import publish, published_versions
+from export.repository import STEPS
+from serving import loadtest
+from serving.rollout import Rollout, RolloutError, admin_headers
+from serving.server import TritonServer
+from training.checkpoint import load_checkpoint
+from training.model import AMC, AMCConfig
+
+pytestmark = pytest.mark.integration
+KEY = "rollout-test-key"
+
+
+def test_rollout_under_load_canary_promote_rollback(trained, trained_other, tmp_path):
+    report = loadtest.run(trained.checkpoint, trained_other.checkpoint, tmp_path, clients=4, share=0.1,
+                          canary_requests=600, log=lambda *_: None)
+    assert report["failed_requests"] == 0, report["errors"]
+    assert report["mixed_version_responses"] == 0
+    # 600+ requests at p=0.1: standard deviation 0.012, so 0.04 is over three of them.
+    assert abs(report["canary_share"] - 0.1) < 0.04, report
+    assert report["after_promote_total"] > 0 and report["after_promote_from_new"] == report["after_promote_total"]
+    assert report["after_rollback_total"] > 0 and report["after_rollback_from_old"] == report["after_rollback_total"]
+
+
+@pytest.fixture
+def serving_v1(trained, tmp_path):
+    repository = tmp_path / "repository"
+    v1 = publish(trained.checkpoint, repository, log=lambda *_: None)
+    models = [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(v1), sig.ENSEMBLE_NAME]
+    with TritonServer(repository, models=models, admin_key=KEY) as server:
+        ckpt = load_checkpoint(trained.checkpoint)
+        vocab = ckpt.vocab
+        load = loadtest.Load(server.grpc_url, clients=4)
+        load.start(vocab)
+        with Rollout(repository, server.grpc_url, admin_key=KEY, log=lambda *_: None) as rollout:
+            yield server, rollout, repository, load
+        load.stop()
+
+
+def _corrupt(repository, version, trained_other):
+    (repository / "amc_van" / str(version) / "model.onnx").write_bytes(b"\x08\x07not an onnx model" * 100)
+
+
+def _wrong_shapes(repository, version, trained_other):
+    torch_model = AMC(AMCConfig(vocab_size=50, region_dim=640, pca_dim=32)).eval()
+    export_network(torch_model, "van", repository / "amc_van" / str(version) / "model.onnx", version=version,
+                   fingerprint="wrong-shapes")
+
+
+def _other_scores(repository, version, trained_other):
+    other = load_checkpoint(trained_other.checkpoint).build_model()
+    export_network(other, "mtn", repository / "amc_mtn" / str(version) / "model.onnx", version=version,
+                   fingerprint="another-checkpoint")
+
+
+@pytest.mark.parametrize("tamper, message", [(_corrupt, "failed to load"), (_wrong_shapes, "golden"),
+                                             (_other_scores, "differ from its checkpoint")])
+def test_failed_rollout_keeps_the_old_version_serving(serving_v1, trained, trained_other, tamper, message):
+    server, rollout, repository, load = serving_v1
+    load.wait_for(50, time.monotonic())
+    v2 = publish(trained.checkpoint, repository, log=lambda *_: None)
+    tamper(repository, v2, trained_other)
+    with pytest.raises(RolloutError, match=message):
+        rollout.canary(v2, 0.5)
+    t_after = time.monotonic()
+    load.wait_for(100, t_after)
+    load.stop()
+    assert [r.error for r in load.records if r.error] == []
+    assert all(r.version == 1 for r in load.records)
+    assert rollout.routing().serving_version == 1 and rollout.routing().canary_version is None
+    assert v2 not in published_versions(repository)  # quarantined, so later loads don't retry it
+    assert not (repository / "amc_van" / str(v2)).exists()
+
+
+def test_admin_key_guards_load_and_unload_but_not_inference(serving_v1):
+    server, rollout, repository, load = serving_v1
+    plain = grpcclient.InferenceServerClient(server.grpc_url)
+    for call in (lambda: plain.load_model("amc"), lambda: plain.unload_model("amc_qen"),
+                 lambda: plain.load_model("amc", headers=admin_headers("wrong-key"))):
+        with pytest.raises(InferenceServerException, match="restricted"):
+            call()
+    assert plain.is_model_ready("amc")
+    plain.load_model("amc", headers=admin_headers(KEY))  # the key holder can
+    t = time.monotonic()
+    load.wait_for(40, t)
+    load.stop()
+    assert [r.error for r in load.records if r.error] == []
+
+
+def test_status_gc_and_rollback_without_history(serving_v1, trained):
+    server, rollout, repository, load = serving_v1
+    with pytest.raises(RolloutError, match="no earlier version"):
+        rollout.rollback()
+    versions = [rollout.publish(trained.checkpoint) for _ in range(2)]
+    status = rollout.status()
+    assert status["serving_version"] == 1 and [v["version"] for v in status["versions"]] == [1, *versions]
+    assert all(v["ready"] and v["fingerprint"] for v in status["versions"])
+    removed = rollout.gc(keep=1)
+    assert removed == [versions[0]] and published_versions(repository) == [1, versions[1]]
+    load.stop()
+    assert [r.error for r in load.records if r.error] == []
+    shutil.rmtree(repository / ".failed", ignore_errors=True)
+    np.testing.assert_equal(rollout.routing().serving_version, 1)

@@ -1,0 +1,262 @@
+"""Integration: a trained checkpoint, published, served by a real tritonserver, queried through the client.
+
+Scores through Triton over gRPC must equal the PyTorch model's (relative error under 1e-4, same ranking),
+and every kind of bad input must get an error naming the problem while the server keeps answering.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from amc_client import (
+    AMCClient,
+    AsyncAMCClient,
+    Candidate,
+    CandidateArrays,
+    DeadlineExceededError,
+    InvalidInputError,
+    ModelVersionError,
+    ServerUnavailableError,
+)
+from amc_client import signatures as sig
+from amc_client.text import Tokenizer
+from export.publish import publish
+from export.repository import STEPS
+from serving.rollout import infer_arrays
+from serving.server import TritonServer
+from training.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.integration
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def served(trained, tmp_path_factory):
+    repository = tmp_path_factory.mktemp("repository")
+    version = publish(trained.checkpoint, repository, log=lambda *_: None)
+    models = [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]
+    with TritonServer(repository, models=models, admin_key="test-key", log_file=os.environ.get("AMC_TEST_SERVER_LOG")) as server:
+        yield server, version
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    server, _ = served
+    with AMCClient(server.grpc_url, timeout_s=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(trained):
+    ckpt = load_checkpoint(trained.checkpoint)
+    return ckpt.build_model(), Tokenizer(ckpt.vocab)
+
+
+def corpus_candidates(corpus, count: int, offset: int = 0) -> list[Candidate]:
+    images = [(offset + i) % len(corpus.chars) for i in range(count)]
+    return [Candidate(id=f"img{i}", regions=corpus.regions[i].astype(np.float32), keywords=corpus.keywords[i])
+            for i in images]
+
+
+def pytorch_scores(reference, query: str, candidates: list[Candidate]) -> np.ndarray:
+    model, tokenizer = reference
+    k = max(1, max(len(c.keywords) for c in candidates))
+    keywords = np.array([[list(c.keywords) + [""] * (k - len(c.keywords)) for c in candidates]], dtype=object)
+    regions = np.stack([c.regions for c in candidates])[None]
+    with torch.no_grad():
+        out = model(torch.from_numpy(tokenizer.encode_queries([query])), torch.from_numpy(regions),
+                    torch.ones(regions.shape[:3], dtype=torch.bool), torch.from_numpy(tokenizer.encode_keywords(keywords)))
+    return out.scores[0].numpy()
+
+
+def test_the_server_is_the_real_tritonserver(served):
+    server, _ = served
+    assert server.is_real_tritonserver()
+    meta = grpcclient.InferenceServerClient(server.grpc_url).get_server_metadata(as_json=True)
+    assert meta["name"] == "triton" and meta["version"].startswith("2.")
+
+
+@pytest.mark.parametrize("count", [1, 7, 100])
+def test_scores_and_ranking_equal_pytorch(client, small_corpus, reference, served, count):
+    query = small_corpus.queries["test"][count % 5].text
+    candidates = corpus_candidates(small_corpus, count, offset=count)
+    results = client.rank(query, candidates)
+    expected = pytorch_scores(reference, query, candidates)
+    by_id = {r.candidate_id: r.score for r in results}
+    served_scores = np.array([by_id[c.id] for c in candidates])
+    error = np.linalg.norm(served_scores - expected) / np.linalg.norm(expected)
+    assert error < TOLERANCE, f"relative error {error:.2e} for {count} candidates"
+    assert [r.candidate_id for r in results] == [candidates[i].id for i in np.argsort(-expected, kind="stable")]
+    assert all(r.model_version == served[1] for r in results)
+    assert all(abs(r.visual_weight + r.language_weight - 1) < 1e-5 for r in results)
+    assert all(abs(float(r.region_attention.sum()) - 1) < 1e-4 for r in results)
+
+
+def test_rank_many_equals_single_queries(client, small_corpus):
+    queries = [q.text for q in small_corpus.queries["test"][:3]]
+    sets = [corpus_candidates(small_corpus, n, offset=n) for n in (3, 9, 5)]
+    batched = client.rank_many(queries, sets)
+    for q, cands, got in zip(queries, sets, batched, strict=True):
+        single = client.rank(q, cands)
+        assert [r.candidate_id for r in got] == [r.candidate_id for r in single]
+        np.testing.assert_allclose([r.score for r in got], [r.score for r in single], rtol=1e-5, atol=1e-6)
+
+
+def test_async_client_matches_sync(client, served, small_corpus):
+    import asyncio
+
+    server, _ = served
+    query, cands = small_corpus.queries["test"][0].text, corpus_candidates(small_corpus, 7)
+
+    async def run():
+        async with AsyncAMCClient(server.grpc_url, timeout_s=60) as c:
+            return await c.rank(query, cands)
+
+    got = asyncio.run(run())
+    assert [r.candidate_id for r in got] == [r.candidate_id for r in client.rank(query, cands)]
+
+
+# ---- bad input: each gets an error naming the problem, and the server still answers correctly ----------
+
+@pytest.fixture
+def still_serving(client, small_corpus, reference):
+    """After the test, a good request still gets correct scores."""
+    yield
+    query, cands = small_corpus.queries["test"][1].text, corpus_candidates(small_corpus, 7)
+    served = {r.candidate_id: r.score for r in client.rank(query, cands)}
+    np.testing.assert_allclose([served[c.id] for c in cands], pytorch_scores(reference, query, cands), rtol=1e-4, atol=1e-5)
+
+
+def raw_request(query=b"cat", n=2, r=3, d=sig.REGION_FEATURE_DIM, dtype=np.float32, keywords=None,
+                region_mask=None) -> dict[str, np.ndarray]:
+    regions = np.abs(np.random.default_rng(0).normal(size=(1, n, r, d))).astype(dtype)
+    if keywords is None:
+        keywords = np.full((1, n, 2), b"", dtype=object)
+        keywords[..., 0] = b"cat"
+    return {"query": np.array([[query]], dtype=object), "regions": regions,
+            "region_mask": np.ones((1, n, r), bool) if region_mask is None else region_mask,
+            "keywords": keywords}
+
+
+def send_raw(server, arrays: dict[str, np.ndarray]):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    inputs = []
+    for name, value in arrays.items():
+        datatype = "BYTES" if value.dtype == object else {"float32": "FP32", "float64": "FP64", "bool": "BOOL",
+                                                          "int64": "INT64"}[value.dtype.name]
+        tensor = grpcclient.InferInput(name, list(value.shape), datatype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return client.infer(sig.ENSEMBLE_NAME, inputs, client_timeout=60)
+
+
+@pytest.mark.usefixtures("still_serving")
+@pytest.mark.parametrize("query, message", [("", "empty"), ("   ", "empty"), ("xyzzyq qwrtzp", "vocabulary")])
+def test_bad_queries_are_rejected_by_the_server(client, small_corpus, query, message):
+    with pytest.raises(InvalidInputError, match=message):
+        client.rank(query, corpus_candidates(small_corpus, 3), validate=False)
+
+
+@pytest.mark.usefixtures("still_serving")
+def test_empty_candidate_set(client, served):
+    with pytest.raises(InvalidInputError, match="empty"):
+        client.rank("cat", [])
+    with pytest.raises(InferenceServerException, match="empty"):
+        send_raw(served[0], raw_request(n=0))
+
+
+@pytest.mark.usefixtures("still_serving")
+def test_too_many_candidates(served):
+    with pytest.raises(InferenceServerException, match=f"maximum of {sig.MAX_CANDIDATES}"):
+        send_raw(served[0], raw_request(n=sig.MAX_CANDIDATES + 1, r=1))
+
+
+@pytest.mark.usefixtures("still_serving")
+def test_wrong_region_shape_and_dtype(client, served):
+    with pytest.raises(InferenceServerException, match="regions"):
+        send_raw(served[0], raw_request(d=1000))
+    with pytest.raises(InferenceServerException, match="regions"):
+        send_raw(served[0], raw_request(dtype=np.float64))
+    with pytest.raises(InvalidInputError, match="regions"):
+        client.rank("cat", [Candidate(id="a", regions=np.zeros((49, 1000), np.float32), keywords=["cat"])])
+
+
+@pytest.mark.usefixtures("still_serving")
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_features(served, bad):
+    arrays = raw_request()
+    arrays["regions"][0, 1, 2, 7] = bad
+    with pytest.raises(InferenceServerException, match="NaN or infinite"):
+        send_raw(served[0], arrays)
+
+
+@pytest.mark.usefixtures("still_serving")
+def test_ragged_keywords_without_mask(client, served):
+    with pytest.raises(InvalidInputError, match="different lengths"):
+        CandidateArrays(ids=["a", "b"], regions=np.zeros((2, 49, 1280), np.float32), keywords=[["cat"], ["dog", "pet"]])
+    # Raw tensors whose candidate counts disagree between regions and keywords.
+    arrays = raw_request(n=3, keywords=np.array([[[b"cat"]] * 2], dtype=object))
+    with pytest.raises(InferenceServerException, match="candidates"):
+        send_raw(served[0], arrays)
+
+
+@pytest.mark.usefixtures("still_serving")
+def test_non_utf8_query(served):
+    with pytest.raises(InferenceServerException, match="UTF-8"):
+        send_raw(served[0], raw_request(query=b"\xff\xfecat"))
+
+
+@pytest.mark.usefixtures("still_serving")
+def test_unknown_model_version(served, small_corpus):
+    server, version = served
+    with AMCClient(server.grpc_url, timeout_s=30, model_version=version + 41) as pinned:
+        with pytest.raises(ModelVersionError, match=str(version + 41)):
+            pinned.rank("cat", corpus_candidates(small_corpus, 2))
+    with AMCClient(server.grpc_url, timeout_s=30, model_version=version) as pinned:
+        assert pinned.rank("cat", corpus_candidates(small_corpus, 2))[0].model_version == version
+
+
+def test_server_down_error_within_deadline():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with AMCClient(f"127.0.0.1:{port}", timeout_s=3) as c, pytest.raises(ServerUnavailableError, match="not reachable"):
+        c.rank("cat", [Candidate(id="a", regions=np.ones((49, 1280), np.float32), keywords=["cat"])])
+    assert time.monotonic() - started < 3 + 1.0
+
+
+def test_golden_requests_of_the_published_version(served, tmp_path):
+    """The golden requests saved at publish replay through Triton to the PyTorch outputs."""
+    server, version = served
+    golden = np.load(server.repository / sig.versioned_ensemble_name(version) / "golden.npz")
+    out = infer_arrays(grpcclient.InferenceServerClient(server.grpc_url), sig.versioned_ensemble_name(version), golden)
+    for name in ("scores", "modality_weights", "region_attention", "keyword_attention"):
+        err = np.linalg.norm(out[name] - golden[name]) / np.linalg.norm(golden[name])
+        assert err < TOLERANCE, name
+    assert np.all(out["model_version"] == version)
+
+
+@pytest.mark.usefixtures("still_serving")
+def test_client_deadlines_do_not_crash_the_server(served, small_corpus):
+    """tritonserver 2.51 can segfault when a gRPC cancellation races a response; the client's deadlines
+    must never reach the server as cancellations of in-flight inferences. Without that, this kills it."""
+    server, _ = served
+    cands = corpus_candidates(small_corpus, 100)
+    expired = 0
+    for i in range(40):
+        with AMCClient(server.grpc_url, timeout_s=0.005 + 0.01 * (i % 10), retries=0) as hasty:
+            try:
+                hasty.rank("cat face", cands)
+            except DeadlineExceededError:
+                expired += 1
+    assert expired > 0
+    assert server.poll() is None, "tritonserver died"
