@@ -98,14 +98,14 @@ class Load:
 
 
 def run(old_checkpoint: Path, new_checkpoint: Path, workdir: Path, *, clients: int = 4, share: float = 0.1,
-        canary_requests: int = 800, log=print) -> dict:
+        canary_requests: int = 800, ndcg_margin: float = 0.02, log=print) -> dict:
     """The scenario; returns the figures (also the shape of reports/rollout.json)."""
     repository = workdir / "repository"
     v1 = publish(old_checkpoint, repository, log=log)
     models = [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(v1), sig.ENSEMBLE_NAME]
     vocab = json.loads((repository / sig.TOKENIZER.model_name / str(v1) / "vocab.json").read_text())
     with TritonServer(repository, models=models, admin_key=ADMIN_KEY) as server, \
-            Rollout(repository, server.grpc_url, admin_key=ADMIN_KEY, log=log) as rollout:
+            Rollout(repository, server.grpc_url, admin_key=ADMIN_KEY, ndcg_margin=ndcg_margin, log=log) as rollout:
         load = Load(server.grpc_url, clients=clients)
         load.start(vocab)
         t_start = time.monotonic()
@@ -168,9 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("reports/rollout.json"))
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--share", type=float, default=0.1)
+    parser.add_argument("--ndcg-margin", type=float, default=0.02, help="rollout verification's NDCG margin")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="amc-loadtest-") as tmp:
-        report = run(args.old, args.new, Path(tmp), clients=args.clients, share=args.share)
+        report = run(args.old, args.new, Path(tmp), clients=args.clients, share=args.share,
+                     ndcg_margin=args.ndcg_margin)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
@@ -18,15 +19,15 @@ from serving import loadtest
 from serving.rollout import Rollout, RolloutError, admin_headers
 from serving.server import TritonServer
 from training.checkpoint import load_checkpoint
-from training.model import AMC, AMCConfig
 
 pytestmark = pytest.mark.integration
 KEY = "rollout-test-key"
 
 
 def test_rollout_under_load_canary_promote_rollback(trained, trained_other, tmp_path):
+    # The test models are tiny and of unequal quality; the NDCG gate has its own test below.
     report = loadtest.run(trained.checkpoint, trained_other.checkpoint, tmp_path, clients=4, share=0.1,
-                          canary_requests=600, log=lambda *_: None)
+                          canary_requests=600, ndcg_margin=1.0, log=lambda *_: None)
     assert report["failed_requests"] == 0, report["errors"]
     assert report["mixed_version_responses"] == 0
     # 600+ requests at p=0.1: standard deviation 0.012, so 0.04 is over three of them.
@@ -54,10 +55,26 @@ def _corrupt(repository, version, trained_other):
     (repository / "amc_van" / str(version) / "model.onnx").write_bytes(b"\x08\x07not an onnx model" * 100)
 
 
+class _VANFor640Channels(torch.nn.Module):
+    """VAN's tensor names and outputs, but expecting 640-channel region features instead of 1280."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__()
+        self.project, self.version = torch.nn.Linear(640, 128), version
+
+    def forward(self, query_embedding, regions, region_mask):
+        u = self.project(regions)  # (B, N, R, H)
+        attention = region_mask.float() / region_mask.float().sum(-1, keepdim=True)
+        version = torch.zeros_like(query_embedding[:, :1], dtype=torch.int64) + self.version
+        return (attention.unsqueeze(-1) * u).sum(2), attention, version
+
+
 def _wrong_shapes(repository, version, trained_other):
-    torch_model = AMC(AMCConfig(vocab_size=50, region_dim=640, pca_dim=32)).eval()
-    export_network(torch_model, "van", repository / "amc_van" / str(version) / "model.onnx", version=version,
-                   fingerprint="wrong-shapes")
+    args = (torch.randn(2, 128), torch.randn(2, 3, 49, 640), torch.ones(2, 3, 49, dtype=torch.bool))
+    axes = {t.name: t.onnx_dynamic_axes for t in (*sig.VAN.inputs, *sig.VAN.outputs)}
+    torch.onnx.export(_VANFor640Channels(version), args, str(repository / "amc_van" / str(version) / "model.onnx"),
+                      input_names=sig.VAN.input_names, output_names=sig.VAN.output_names, dynamic_axes=axes,
+                      dynamo=False)
 
 
 def _other_scores(repository, version, trained_other):
@@ -83,6 +100,20 @@ def test_failed_rollout_keeps_the_old_version_serving(serving_v1, trained, train
     assert rollout.routing().serving_version == 1 and rollout.routing().canary_version is None
     assert v2 not in published_versions(repository)  # quarantined, so later loads don't retry it
     assert not (repository / "amc_van" / str(v2)).exists()
+
+
+def test_ndcg_gate_refuses_a_worse_version(serving_v1, trained, trained_other):
+    server, rollout, repository, load = serving_v1
+    ours = load_checkpoint(trained.checkpoint).metrics["test_ndcg@10"]
+    theirs = load_checkpoint(trained_other.checkpoint).metrics["test_ndcg@10"]
+    rollout.ndcg_margin = 0.0
+    if theirs >= ours:  # make "other" the serving one instead, so the candidate is the worse of the two
+        pytest.skip("the second test model happens to be at least as good")
+    with pytest.raises(RolloutError, match="below serving version 1"):
+        rollout.publish(trained_other.checkpoint)
+    load.stop()
+    assert [r.error for r in load.records if r.error] == [] and all(r.version == 1 for r in load.records)
+    assert published_versions(repository) == [1]
 
 
 def test_admin_key_guards_load_and_unload_but_not_inference(serving_v1):
