@@ -13,7 +13,7 @@ REPOSITORY ?= model_repository
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps data train eval export serve demo test test-fast bench lint format clean
+.PHONY: help setup system-deps data train eval export serve demo test test-fast rollout-report bench lint format clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -60,6 +60,11 @@ test: setup ## Run all tests, integration tests against a real tritonserver incl
 
 test-fast: setup ## Unit tests only (no tritonserver)
 	$(PY) -m pytest -q -ra -m "not integration" $(PYTEST_ARGS)
+
+rollout-report: setup ## Rollout load test (4 clients; publish, 10% canary, promote, roll back) -> reports/rollout.json
+	test -f $(CHECKPOINT) || $(PY) -m training.train --out $(RUN)
+	test -f runs/amc-seed1/checkpoint.pt || $(PY) -m training.train --out runs/amc-seed1 --seed 1
+	$(PY) -m serving.loadtest --old $(CHECKPOINT) --new runs/amc-seed1/checkpoint.pt --out reports/rollout.json
 
 bench: setup ## CPU serving benchmark: writes reports/serving_cpu.json
 	$(PY) -m benchmarks.run --device cpu

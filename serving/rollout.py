@@ -32,6 +32,7 @@ queries to ``amc_v<canary>``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -183,6 +184,13 @@ class Rollout:
                                f"{theirs:.4f} by more than the margin {self.ndcg_margin}")
         return {"relative_errors": errors, "test_ndcg@10": mine, "serving_test_ndcg@10": theirs}
 
+    def _verify_or_quarantine(self, version: int) -> dict:
+        try:
+            return self.verify(version)
+        except RolloutError:
+            self._quarantine(version)
+            raise
+
     def _quarantine(self, version: int) -> None:
         """Unload a failed version and move its files out of the repository so no later load retries it."""
         target = self.repository / ".failed" / f"v{version}-{time.time_ns()}"
@@ -192,10 +200,8 @@ class Rollout:
             if source.exists():
                 (target / model).parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(source), str(target / model))
-        try:
+        with contextlib.suppress(InferenceServerException):  # not loaded is fine
             self.client.unload_model(ensemble, headers=self.headers)
-        except InferenceServerException:
-            pass
         for step in STEPS:  # reload from disk: the removed version is unloaded, the others stay as they are
             try:
                 self._load(step.model_name)
@@ -228,11 +234,7 @@ class Rollout:
         """Export + validate + publish, then load and verify beside the serving version (no traffic yet)."""
         version = publish_checkpoint(checkpoint, self.repository, eval_metrics=eval_metrics, log=self.log)
         self.load_version(version)
-        try:
-            self.verify(version)
-        except RolloutError:
-            self._quarantine(version)
-            raise
+        self._verify_or_quarantine(version)
         self.log(f"version {version} loaded and verified; not serving yet")
         return version
 
@@ -242,11 +244,7 @@ class Rollout:
         with repository_lock(self.repository):
             if not self.ready(version):
                 self.load_version(version)
-            try:
-                self.verify(version)
-            except RolloutError:
-                self._quarantine(version)
-                raise
+            self._verify_or_quarantine(version)
             current = self.routing()
             self._set_routing(Routing(current.serving_version, version, share))
         self.log(f"canary: version {version} takes {share:.0%} of client traffic")
@@ -259,7 +257,7 @@ class Rollout:
                 raise RolloutError("nothing to promote: no canary and no version given")
             if not self.ready(version):
                 self.load_version(version)
-                self.verify(version)
+                self._verify_or_quarantine(version)
             self._set_routing(Routing(version))
         self.log(f"promoted: version {version} serves all traffic")
         return version
@@ -295,10 +293,8 @@ class Rollout:
             protected = set(versions[-keep:]) | {routing.serving_version, routing.canary_version}
             removed = [v for v in versions if v not in protected]
             for v in removed:
-                try:
+                with contextlib.suppress(InferenceServerException):
                     self.client.unload_model(sig.versioned_ensemble_name(v), headers=self.headers)
-                except InferenceServerException:
-                    pass
                 shutil.rmtree(self.repository / sig.versioned_ensemble_name(v))
                 for step in STEPS:
                     shutil.rmtree(self.repository / step.model_name / str(v), ignore_errors=True)

@@ -217,9 +217,9 @@ def test_non_utf8_query(served):
 @pytest.mark.usefixtures("still_serving")
 def test_unknown_model_version(served, small_corpus):
     server, version = served
-    with AMCClient(server.grpc_url, timeout_s=30, model_version=version + 41) as pinned:
-        with pytest.raises(ModelVersionError, match=str(version + 41)):
-            pinned.rank("cat", corpus_candidates(small_corpus, 2))
+    with AMCClient(server.grpc_url, timeout_s=30, model_version=version + 41) as pinned, \
+            pytest.raises(ModelVersionError, match=str(version + 41)):
+        pinned.rank("cat", corpus_candidates(small_corpus, 2))
     with AMCClient(server.grpc_url, timeout_s=30, model_version=version) as pinned:
         assert pinned.rank("cat", corpus_candidates(small_corpus, 2))[0].model_version == version
 
