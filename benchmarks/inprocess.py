@@ -16,6 +16,10 @@ from amc_client.text import Tokenizer
 
 from .workloads import Request
 
+# The CUDA provider's TF32 switch, as the served steps use it (onnx_runner.py's ``use_tf32`` parameter,
+# "0" in the generated store configs): float32 MatMuls stay float32, as on the CPU path.
+USE_TF32 = "0"
+
 
 def ort_providers(device: str) -> list:
     import onnxruntime as ort
@@ -23,7 +27,7 @@ def ort_providers(device: str) -> list:
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise RuntimeError(f"onnxruntime has no CUDA provider: {ort.get_available_providers()}")
-        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", {"device_id": 0, "use_tf32": USE_TF32}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 

@@ -41,6 +41,8 @@ def input_data(requests: list[Request], kind: str, vocab: list[str], path: Path)
             row = {sig.QUERY.name: {"content": [r.query], "shape": [1]}, sig.CANDIDATE_IDS.name: _b64(r.ids)}
         else:
             q = tok.encode_queries([r.query])[0]
+            if kind == "fused_store":  # padded as the store tokenizer pads, so that requests can be merged
+                q = np.pad(q, (0, max(0, sig.STORE_QUERY_LEN - q.shape[0])))
             row = {sig.QUERY_TOKENS.name: _b64(q)}
             if kind == "fused_store":
                 row[sig.CANDIDATE_IDS.name] = _b64(r.ids)
@@ -53,7 +55,7 @@ def input_data(requests: list[Request], kind: str, vocab: list[str], path: Path)
 
 
 def sweep(url: str, model: str, data: Path, concurrency: list[int], n: int, workdir: Path, *,
-          interval_ms: int = 1500, log=print, deadline=None) -> list[dict]:
+          interval_ms: int = 1000, log=print, deadline=None) -> list[dict]:
     """One perf_analyzer run per concurrency level; Triton statistics deltas per level give the step breakdown."""
     import time
 
@@ -67,7 +69,11 @@ def sweep(url: str, model: str, data: Path, concurrency: list[int], n: int, work
                "--concurrency-range", f"{c}:{c}", "--measurement-interval", str(interval_ms),
                "--stability-percentage", "30", "--max-trials", "4", "-f", str(out_csv), "--verbose-csv"]
         before = snapshot(url)
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired as e:
+            points.append({"concurrency": c, "error": f"perf_analyzer timed out: {e}"})
+            break
         after = snapshot(url)
         if proc.returncode != 0 or not out_csv.exists():
             log(f"perf {model} n{n} c{c} failed: {proc.stdout[-800:]} {proc.stderr[-800:]}")

@@ -14,12 +14,15 @@ def throughput_vs_p99(series: dict[str, list[dict]], path: Path, title: str) -> 
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, points in series.items():
+    fig, ax = plt.subplots(figsize=(10, 6))
+    colours = plt.get_cmap("tab20").colors
+    for i, (name, points) in enumerate(series.items()):
         pts = sorted((p for p in points if p.get("p99_ms")), key=lambda p: p["candidates_per_s"])
         if not pts:
             continue
-        ax.plot([p["candidates_per_s"] for p in pts], [p["p99_ms"] for p in pts], marker="o", label=name)
+        # 20 colours x 3 line styles: no two series look alike
+        ax.plot([p["candidates_per_s"] for p in pts], [p["p99_ms"] for p in pts], marker="os^"[i // 20 % 3],
+                linestyle=("-", "--", ":")[i // 20 % 3], color=colours[i % 20], label=name)
         for p in pts:
             if "label" in p:
                 ax.annotate(str(p["label"]), (p["candidates_per_s"], p["p99_ms"]), fontsize=7)

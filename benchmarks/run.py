@@ -17,7 +17,6 @@ fused graphs). Writes ``serving_cpu.json`` + ``serving.md`` (cpu) or ``gpu.json`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import floor, harness, inprocess, perf, plots, triton
+from . import floor, harness, inprocess, perf, triton
 from .workloads import Gallery, Request, corpus_gallery, make_requests, synthetic_gallery
 
 DEFAULT_CHECKPOINT = Path("runs/amc/checkpoint.pt")
@@ -95,12 +94,12 @@ def gpu_memory_mib() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-def run(args) -> dict:
+def run(args, results: dict) -> dict:
     device = args.device
     budget = Budget(args.budget_s)
-    results: dict = {"device": device, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(),
+    results.update({"device": device, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(),
                      "cpus": os.cpu_count(), "python": platform.python_version(), "sizes": args.sizes,
-                     "concurrency": args.concurrency, "duration_s": args.duration_s, "measurements": {}}
+                     "concurrency": args.concurrency, "duration_s": args.duration_s, "measurements": {}})
     m = results["measurements"]
     if device == "cuda":
         results["gpu"] = gpu_memory_mib().get("name", "unknown")
@@ -120,7 +119,6 @@ def run(args) -> dict:
     results["gallery"] = {"source": gallery.source, "images": len(gallery)}
     pools = {n: make_requests(gallery, n) for n in args.sizes}
     workdir = Path(tempfile.mkdtemp(prefix="amc-bench-"))
-    threads = None if device == "cuda" else None
 
     log(f"publishing {args.checkpoint} into {workdir} (raw + store of {len(gallery)} + fused)")
     repo, version, vocab = triton.build_repository(workdir, args.checkpoint, gallery, log=log)
@@ -145,7 +143,7 @@ def run(args) -> dict:
     log(f"score checks: {checks}")
 
     # ---- in-process ----------------------------------------------------------------------------------
-    batches = [1, 4, 8] if device == "cuda" else [1]
+    batches = [1, 8] if device == "cuda" else [1]
     for n in args.sizes:
         pool = pools[n]
         for name, runner in built.items():
@@ -154,7 +152,7 @@ def run(args) -> dict:
                 if b > len(pool) or (n >= 1000 and b > 2 and kind != "ort_store"):
                     continue
                 for c in args.concurrency if b == 1 else [1]:
-                    measure(f"{kind} n{n} b{b} c{c}", lambda: inprocess_loop(runner, pool, b, c, args.duration_s),
+                    measure(f"{kind} n{n} b{b} c{c}", lambda runner=runner, pool=pool, b=b, c=c: inprocess_loop(runner, pool, b, c, args.duration_s),
                             results=m, key=f"{kind}|{n}|b{b}|c{c}", budget=budget)
         if device == "cuda":
             fused = {"ort_fused": False, "ort_fused_store": True}
@@ -166,7 +164,7 @@ def run(args) -> dict:
                     m[f"{kind}|{n}|b1|c1"] = {"error": str(e)}
                     continue
                 for b in (1, 8) if n < 1000 else (1,):
-                    measure(f"{kind} n{n} b{b}", lambda: inprocess_loop(r, pool, b, 1, args.duration_s),
+                    measure(f"{kind} n{n} b{b}", lambda r=r, pool=pool, b=b: inprocess_loop(r, pool, b, 1, args.duration_s),
                             results=m, key=f"{kind}|{n}|b{b}|c1", budget=budget)
     if device == "cuda":
         import torch
@@ -176,7 +174,8 @@ def run(args) -> dict:
     # ---- Triton ----------------------------------------------------------------------------------------
     from serving.server import TritonServer
 
-    models = triton.model_names(version)
+    models = triton.model_names(version, repo)
+    args.models = models
     log("starting tritonserver")
     t0 = time.monotonic()
     with TritonServer(repo, models=models, log_file=workdir / "tritonserver.log") as server:
@@ -193,6 +192,9 @@ def run(args) -> dict:
                 checks[f"triton_amc n{n}"] = rel_err([by_id[str(i)] if str(i) in by_id else by_id[f"{j}-{i}"]
                                                       for j, i in enumerate(r.ids.tolist())], s[0])
                 checks[f"triton_store n{n}"] = rel_err(triton.store_worker(url, [r])(0)(0)[0], s[0])
+                if triton.STORE_FUSED in models:
+                    checks[f"triton_store_fused n{n}"] = rel_err(
+                        triton.store_worker(url, [r], model=triton.STORE_FUSED)(0)(0)[0], s[0])
             except Exception as e:  # noqa: BLE001
                 checks[f"n{n}"] = f"error: {e}"
         results["triton_score_relative_error_vs_ort_cpu_raw"] = checks
@@ -201,12 +203,15 @@ def run(args) -> dict:
                                            if n <= 100 or device == "cuda"}
         callers = {"triton_amc": lambda pool: triton.amc_client_worker(url, pool),
                    "triton_store": lambda pool: triton.store_worker(url, pool),
+                   "triton_store_fused": lambda pool: triton.store_worker(url, pool, model=triton.STORE_FUSED),
                    "triton_fused": lambda pool: triton.fused_worker(url, pool, vocab, False),
                    "triton_fused_store": lambda pool: triton.fused_worker(url, pool, vocab, True)}
         for n in args.sizes:
             for kind, make in callers.items():
                 for c in args.concurrency:
                     if n >= 1000 and c > 1 and kind in ("triton_amc", "triton_fused"):
+                        continue
+                    if kind == "triton_store_fused" and triton.STORE_FUSED not in models:
                         continue
                     def go(make=make, n=n, c=c):
                         before = triton.snapshot(url)
@@ -217,32 +222,48 @@ def run(args) -> dict:
                     measure(f"{kind} n{n} c{c}", go, results=m, key=f"{kind}|{n}|c{c}", budget=budget, need_s=10)
         if device == "cuda" and perf.available():
             results["perf_analyzer"] = perf_sweeps(url, pools, vocab, workdir, args, budget)
-    # Tuned: more instances of the store steps, measured the same way (fresh server).
-    if device == "cuda" and 100 in pools and budget.ok(90) and perf.available():
-        for model in ("amc_store_tokenizer", "amc_qen", "amc_van_store", "amc_lan_store", "amc_mtn", "amc_fused_store"):
-            triton.set_instances(repo, model, args.tuned_instances)
-        with TritonServer(repo, models=models, log_file=workdir / "tritonserver-tuned.log") as server:
-            triton.wait_models(server.grpc_url, models)
-            tuned = {}
-            for kind, model in (("store", "amc_store"), ("fused_store", "amc_fused_store")):
-                data = perf.input_data(pools[100], kind, vocab, workdir / f"data-{kind}-100.json")
-                tuned[f"{model}|100"] = perf.sweep(server.grpc_url, model, data, args.perf_concurrency, 100,
-                                                   workdir, log=log, deadline=budget.deadline - 10)
-            results["perf_analyzer_tuned"] = {"instances": args.tuned_instances, **tuned}
+    # Instance sweep: k instances of every step of the two store ensembles, each k on a fresh server, both
+    # store ensembles swept with perf_analyzer at 100 candidates.
+    if device == "cuda" and 100 in pools and perf.available():
+        sweeps: dict = {}
+        results["perf_analyzer_instances"] = sweeps
+        for k in args.tuned_instances:
+            if not budget.ok(60):
+                log(f"instances {k}: skipped (budget)")
+                break
+            for model in (*triton.STORE_STEP_MODELS, "amc_fused_store"):
+                triton.set_instances(repo, model, k)
+            with TritonServer(repo, models=models, log_file=workdir / f"tritonserver-x{k}.log") as server:
+                triton.wait_models(server.grpc_url, models)
+                tuned = {}
+                for model in ("amc_store_fused", "amc_store"):
+                    if model not in models or not budget.ok(30):
+                        continue
+                    data = perf.input_data(pools[100], "store", vocab, workdir / "data-store-100.json")
+                    tuned[f"{model}|100"] = perf.sweep(server.grpc_url, model, data, args.tuned_concurrency, 100,
+                                                       workdir, log=log, deadline=budget.deadline - 10)
+                sweeps[str(k)] = tuned
     results["total_s"] = round(args.budget_s - budget.left(), 1)
     return results
 
 
 def perf_sweeps(url, pools, vocab, workdir, args, budget) -> dict:
     out = {}
-    plan = [("raw", "amc", 100), ("fused", "amc_fused", 100)]
-    plan += [("store", "amc_store", n) for n in args.sizes] + [("fused_store", "amc_fused_store", n) for n in args.sizes]
-    for kind, model, n in plan:
+    # The full sweep where the targets are (store, 100 candidates); three levels elsewhere (device time).
+    short = [c for c in (1, 8, 64) if c in args.perf_concurrency] or args.perf_concurrency
+    plan = [("store", "amc_store", 100, args.perf_concurrency)]
+    plan += [("store", triton.STORE_FUSED, 100, args.perf_concurrency)] if triton.STORE_FUSED in args.models else []
+    plan += [] if args.no_raw_perf else [("raw", "amc", 100, short)]
+    plan += [("fused_store", "amc_fused_store", 100, short)]
+    plan += [("store", "amc_store", n, short) for n in args.sizes if n != 100]
+    for kind, model, n, levels in plan:
         if n not in pools or not budget.ok(60):
             continue
         try:
-            data = perf.input_data(pools[n], kind, vocab, workdir / f"data-{kind}-{n}.json")
-            out[f"{model}|{n}"] = perf.sweep(url, model, data, args.perf_concurrency, n, workdir, log=log,
+            # raw requests are 25 MB each (33 MB as base64 JSON): two distinct ones are enough for perf_analyzer
+            data = perf.input_data(pools[n][:2] if kind == "raw" else pools[n], kind, vocab,
+                                   workdir / f"data-{kind}-{n}.json")
+            out[f"{model}|{n}"] = perf.sweep(url, model, data, levels, n, workdir, log=log,
                                              deadline=budget.deadline - 100)
         except Exception as e:  # noqa: BLE001
             out[f"{model}|{n}"] = [{"error": str(e)[:300]}]
@@ -273,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--gallery", choices=("corpus", "synthetic"), default=None)
     parser.add_argument("--gallery-size", type=int, default=2000)
-    parser.add_argument("--tuned-instances", type=int, default=2)
+    parser.add_argument("--tuned-instances", type=int, nargs="*", default=[2],
+                        help="instance counts of the store steps to sweep, one fresh server each")
+    parser.add_argument("--tuned-concurrency", type=int, nargs="+", default=[8, 32, 64, 128, 256])
+    parser.add_argument("--no-raw-perf", action="store_true", help="skip perf_analyzer on the raw ensemble")
     parser.add_argument("--out", type=Path, default=Path("reports"))
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
@@ -281,9 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     args.duration_s = args.duration_s or (2.0 if cuda else 8.0)
     args.budget_s = args.budget_s or (480.0 if cuda else 240.0)
     args.gallery = args.gallery or ("synthetic" if cuda else "corpus")
-    results = run(args)
     from . import report
-    report.write(results, args.out)
+
+    results: dict = {}
+    try:
+        run(args, results)
+    finally:
+        if results.get("measurements") is not None:
+            report.write(results, args.out)  # partial results too, if a step failed or time ran out
     return 0
 
 

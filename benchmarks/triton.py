@@ -143,6 +143,9 @@ def fused_worker(url: str, requests: list[Request], vocab: list[str], store: boo
 
         def call(i: int):
             feeds = feeds_of([requests[(i + w) % len(requests)]])
+            if store:  # as the store tokenizer does: one token shape, so that Triton can merge any requests
+                q = feeds[sig.QUERY_TOKENS.name]
+                feeds[sig.QUERY_TOKENS.name] = np.pad(q, ((0, 0), (0, max(0, sig.STORE_QUERY_LEN - q.shape[1]))))
             inputs = [_input(s.name, feeds[s.name], s.triton_datatype) for s in signature.inputs]
             return client.infer(signature.model_name, inputs, outputs=outputs, client_timeout=120)
         return call
@@ -176,12 +179,20 @@ def client_serialization_ms(request: Request, repeats: int = 5) -> dict[str, flo
             "protobuf_serialize_ms": float(np.median(proto)) * 1e3, "request_bytes": len(data)}
 
 
-def model_names(version: int) -> list[str]:
+STORE_FUSED = sig.STORE_FUSED_ENSEMBLE_NAME
+# Every step of the two store ensembles (amc_store: 5 steps; amc_store_fused: tokenizer + amc_fused_store).
+STORE_STEP_MODELS = ("amc_store_tokenizer", "amc_qen", "amc_van_store", "amc_lan_store", "amc_mtn")
+
+
+def model_names(version: int, repo: Path | None = None) -> list[str]:
     from export.repository import FUSED_STEPS, STEPS, STORE_STEPS
 
-    return [s.model_name for s in (*STEPS, *STORE_STEPS, *FUSED_STEPS)] + [
+    names = [s.model_name for s in (*STEPS, *STORE_STEPS, *FUSED_STEPS)] + [
         sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME,
         sig.versioned_store_ensemble_name(version), sig.STORE_ENSEMBLE_NAME]
+    if repo is not None and (repo / STORE_FUSED / "config.pbtxt").exists():
+        names.append(STORE_FUSED)
+    return names
 
 
 def wait_models(url: str, names: list[str], timeout_s: float = 120) -> None:

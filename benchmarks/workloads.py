@@ -64,7 +64,7 @@ def pool_size(n: int) -> int:
 def make_requests(gallery: Gallery, n: int, count: int | None = None, seed: int = 0) -> list[Request]:
     rng = np.random.default_rng(seed + n)
     out = []
-    for i in range(count or pool_size(n)):
+    for _ in range(count or pool_size(n)):
         ids = rng.choice(len(gallery), size=n, replace=n > len(gallery)).astype(np.int64)
         k = max(1, max(len(gallery.keywords[j]) for j in ids))
         kw = np.full((n, k), "", dtype=object)

@@ -213,18 +213,26 @@ FUSED_STEPS: tuple[sig.StepSignature, ...] = (sig.FUSED, sig.FUSED_STORE)
 STORE_FILE = "store.json"  # in amc_store_tokenizer/<N>/: {"version": N, "size": G, "ids": [...]}
 
 
+STORE_BATCH_DELAY_US = 100  # store steps: requests are cheap to merge, so wait less for company at low load
+
+
 def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: int = 1,
-                      max_batch: int = sig.MAX_BATCH,
-                      batch_delay_us: int = BATCH_DELAY_US) -> mc.ModelConfig:
+                      max_batch: int | None = None,
+                      batch_delay_us: int = STORE_BATCH_DELAY_US) -> mc.ModelConfig:
     """Config of a store step or a fused graph (``STORE_STEPS`` / ``FUSED_STEPS``); version-independent.
 
     Like :func:`step_config`, with ``instances`` per step and dynamic batching on every step, the store
-    tokenizer included (it is cheap per request, so merging requests is what lets it keep up).
+    tokenizer included (it is cheap per request, so merging requests is what lets it keep up). ``max_batch``
+    defaults to ``sig.STORE_MAX_BATCH`` (ids and tokens only), ``sig.MAX_BATCH`` for ``amc_fused`` (raw
+    features). The store tokenizer pads query tokens to ``sig.STORE_QUERY_LEN`` so that any requests can be
+    merged; onnxruntime's CUDA provider runs without TF32 (``use_tf32: 0``), as fp32 as the CPU path.
     """
     if signature not in (*STORE_STEPS, *FUSED_STEPS):
         raise ValueError(f"{signature.model_name} is not a store step or fused graph")
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown flavour {flavour!r}; expected one of {FLAVOURS}")
+    if max_batch is None:
+        max_batch = sig.MAX_BATCH if signature is sig.FUSED else sig.STORE_MAX_BATCH
     config = mc.ModelConfig(name=signature.model_name, max_batch_size=max_batch)
     config.version_policy.all.SetInParent()
     _io(config, signature)
@@ -233,11 +241,13 @@ def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: 
         config.backend = "python"
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
         config.parameters["max_candidates"].string_value = str(sig.MAX_CANDIDATES)
+        config.parameters["query_len"].string_value = str(sig.STORE_QUERY_LEN)
         return config
     if flavour == "python":
         config.backend = "python"
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
         config.parameters["onnx_file"].string_value = ONNX_FILE
+        config.parameters["use_tf32"].string_value = "0"
     else:
         config.platform = "onnxruntime_onnx"
         config.default_model_filename = ONNX_FILE
@@ -292,9 +302,31 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
     return written
 
 
+def store_fused_ensemble_config(name: str, version: int,
+                                max_batch: int = sig.STORE_MAX_BATCH) -> mc.ModelConfig:
+    """store tokenizer -> ``amc_fused_store`` (2 steps), pinned to ``version``: ``amc_store``'s request and
+    response, with one network step instead of four (the tokenizer's version output is not used)."""
+    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch)
+    _io(config, sig.STORE_FUSED_ENSEMBLE)
+    config.ensemble_scheduling.step.add(
+        model_name=sig.STORE_TOKENIZER.model_name, model_version=version,
+        input_map={n: n for n in sig.STORE_TOKENIZER.input_names},
+        output_map={sig.QUERY_TOKENS.name: sig.QUERY_TOKENS.name})
+    config.ensemble_scheduling.step.add(
+        model_name=sig.FUSED_STORE.model_name, model_version=version,
+        input_map={n: n for n in sig.FUSED_STORE.input_names},
+        output_map={n: n for n in sig.FUSED_STORE.output_names})
+    return config
+
+
 def set_store_serving(repository: Path, version: int) -> str:
-    """Rewrite ``amc_store`` pinned to ``version``; returns the new config text."""
+    """Rewrite ``amc_store`` pinned to ``version`` (and ``amc_store_fused`` where version ``version`` has the
+    fused store graph); returns ``amc_store``'s new config text."""
     text = to_text(store_ensemble_config(sig.STORE_ENSEMBLE_NAME, version))
     write_atomic(repository / sig.STORE_ENSEMBLE_NAME / "config.pbtxt", text)
     (repository / sig.STORE_ENSEMBLE_NAME / "1").mkdir(exist_ok=True)
+    if (repository / sig.FUSED_STORE.model_name / str(version)).is_dir():
+        write_atomic(repository / sig.STORE_FUSED_ENSEMBLE_NAME / "config.pbtxt",
+                     to_text(store_fused_ensemble_config(sig.STORE_FUSED_ENSEMBLE_NAME, version)))
+        (repository / sig.STORE_FUSED_ENSEMBLE_NAME / "1").mkdir(exist_ok=True)
     return text

@@ -211,3 +211,17 @@ FUSED = StepSignature("amc_fused", (QUERY_TOKENS, REGIONS, REGION_MASK, KEYWORD_
                       (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION))
 FUSED_STORE = StepSignature("amc_fused_store", (QUERY_TOKENS, CANDIDATE_IDS),
                             (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION))
+
+
+# ---- store-path batching (appended) ------------------------------------------------------------------------------
+# The store steps carry query tokens and candidate ids, not region features, so merging many requests into one
+# execution is cheap: their max_batch_size (and that of the 2-step store ensemble) is STORE_MAX_BATCH, while
+# MAX_BATCH stays the raw path's (and QEN's and MTN's, which the 5-step store ensemble shares with it).
+STORE_MAX_BATCH = 64
+# The store tokenizer pads query_tokens to this many words (MAX_QUERY_WORDS of amc_client.text), so that every
+# request has the same shape and Triton's dynamic batcher can merge any of them (QEN ignores 0 padding).
+STORE_QUERY_LEN = 32
+
+# store tokenizer -> amc_fused_store: the same request and response as amc_store, in 2 steps instead of 5.
+STORE_FUSED_ENSEMBLE_NAME = "amc_store_fused"
+STORE_FUSED_ENSEMBLE = StepSignature(STORE_FUSED_ENSEMBLE_NAME, STORE_ENSEMBLE.inputs, STORE_ENSEMBLE.outputs)

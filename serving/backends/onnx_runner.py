@@ -5,7 +5,9 @@ repository flavour). Everything model-specific comes from the model's ``config.p
 
 - input and output names and dtypes: ``input`` / ``output`` (generated from ``amc_client.signatures``);
 - ``parameters``: ``onnx_file`` (default ``model.onnx``), ``intra_op_num_threads`` (default: onnxruntime's),
-  ``execution_provider`` (``auto`` (default): CUDA when onnxruntime offers it, else CPU; or ``cpu``/``cuda``).
+  ``execution_provider`` (``auto`` (default): CUDA when onnxruntime offers it, else CPU; or ``cpu``/``cuda``),
+  ``use_tf32`` (``0`` (default) or ``1``: the CUDA provider's ``use_tf32`` option; with 0 its float32 MatMuls
+  stay float32, as on the CPU path; onnxruntime's own default is TF32 on, about 1e-3 relative off fp32).
 
 Batching: with ``dynamic_batching`` Triton may hand :meth:`execute` several requests at once. Requests whose
 inputs agree on every non-batch dim are concatenated along the batch axis and run in one session call; the
@@ -72,7 +74,10 @@ class TritonPythonModel:
         if choice != "cpu" and "CUDAExecutionProvider" in available:
             # A KIND_GPU instance names its device; a KIND_CPU instance (the python flavour) uses device 0.
             device = int(args.get("model_instance_device_id") or 0) if args.get("model_instance_kind") == "GPU" else 0
-            return [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
+            tf32 = (params.get("use_tf32") or "0").strip()
+            if tf32 not in ("0", "1"):
+                raise ValueError(f"{self.model_name}: use_tf32 must be 0 or 1, not {tf32!r}")
+            return [("CUDAExecutionProvider", {"device_id": device, "use_tf32": tf32}), "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
     def _check_signature(self) -> None:

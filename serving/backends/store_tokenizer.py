@@ -10,7 +10,7 @@ Tensors (names read from config.pbtxt, generated from ``amc_client.signatures.ST
 
     query             BYTES [B, 1]   UTF-8 query text
     candidate_ids     INT64 [B, N]   rows of the candidate store
-    query_tokens      INT64 [B, L]   ids, 0 pads (L >= 1)
+    query_tokens      INT64 [B, L]   ids, 0 pads (L >= 1; L = parameter query_len when that is set)
     tokenizer_version INT64 [B, 1]
 
 With dynamic batching Triton hands several requests to one :meth:`execute`; each is validated and answered on
@@ -68,6 +68,9 @@ class TritonPythonModel:
                              f"{args['model_version']}")
         self.store_size = int(json.loads((here / "store.json").read_text())["size"])
         self.max_candidates = int(params.get("max_candidates") or 1000)
+        # query_len > 0: pad query_tokens with 0 to this many words, so that every request has the same shape
+        # and Triton's dynamic batcher can merge any requests in the next step (QEN ignores the 0 padding).
+        self.query_len = int(params.get("query_len") or 0)
         pb_utils.Logger.log_info(f"{self.model_name} v{self.version}: store of {self.store_size} candidates")
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -109,6 +112,8 @@ class TritonPythonModel:
                 raise RequestError(f"{self.query_name} {b} is empty")
             texts.append(text)
         tokens = self.tokenizer.encode_queries(texts)
+        if tokens.shape[1] < self.query_len:
+            tokens = np.pad(tokens, ((0, 0), (0, self.query_len - tokens.shape[1])))
         for b, text in enumerate(texts):
             if not tokens[b].any():
                 shown = text if len(text) <= _SHOW else text[:_SHOW] + "..."

@@ -1,0 +1,77 @@
+"""The benchmark suite's code on tiny sizes (no timed assertions), and the candidate store's correctness:
+store-path scores equal raw-path scores for the same candidates, in-process and through a real tritonserver."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks import floor, harness, inprocess, report, triton
+from benchmarks.workloads import Gallery, make_requests
+from export.repository import STORE_STEPS, parse_config, store_step_config, to_text
+
+
+@pytest.fixture(scope="module")
+def bench_repo(trained, small_corpus, tmp_path_factory):
+    gallery = Gallery(small_corpus.regions[:60], small_corpus.keywords[:60],
+                      [q.text for q in small_corpus.queries["test"]][:20], small_corpus.vocab, "corpus")
+    repo, version, vocab = triton.build_repository(tmp_path_factory.mktemp("bench"), trained.checkpoint, gallery,
+                                                   log=lambda *_: None)
+    return repo, version, vocab, gallery
+
+
+def _flat(repo, version, tmp_path, store):
+    from benchmarks.run import _flat as flat
+
+    return flat(repo, str(version), tmp_path, store=store)
+
+
+def test_store_scores_equal_raw_scores_in_process(bench_repo, tmp_path):
+    repo, version, vocab, gallery = bench_repo
+    raw = inprocess.OrtPipeline(_flat(repo, version, tmp_path, False), vocab, "cpu")
+    store = inprocess.OrtStorePipeline(_flat(repo, version, tmp_path, True), vocab, "cpu")
+    fused = inprocess.OrtFused(repo / "amc_fused" / str(version) / "model.onnx", vocab, "cpu", store=False)
+    fused_store = inprocess.OrtFused(repo / "amc_fused_store" / str(version) / "model.onnx", vocab, "cpu", store=True)
+    for requests in (make_requests(gallery, 7, count=3), make_requests(gallery, 100, count=2)):
+        expected = raw(requests)
+        for runner in (store, fused, fused_store):
+            got = runner(requests)
+            assert got.shape == expected.shape
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_harness_and_report_on_tiny_runs(tmp_path):
+    out = harness.closed_loop(lambda w: (lambda i: sum(range(100))), concurrency=2, duration_s=0.05,
+                              items_per_call=10)
+    assert out["calls"] > 0 and out["errors"] == 0 and out["p99_ms"] >= out["p50_ms"]
+    floors = floor.floors(100, floor.measure_cpu(), "cpu")
+    assert floors["raw"]["bytes"] == 100 * 49 * 1280 * 4 and floors["store"]["flops"] < floors["raw"]["flops"]
+    results = {"device": "cpu", "date": "d", "host": "h", "cpus": 2, "sizes": [100], "duration_s": 0.05,
+               "gallery": {}, "onnxruntime": "x", "rates": {}, "floors": {}, "measurements": {
+                   "triton_amc|100|c1": {**out, "steps": {}}, "ort|100|b1|c1": out}}
+    report.write(results, tmp_path)
+    assert (tmp_path / "serving_cpu.json").exists() and "triton_amc" in (tmp_path / "serving.md").read_text()
+
+
+def test_store_configs_round_trip():
+    for step in STORE_STEPS:
+        config = store_step_config(step, "python", instances=3)
+        assert parse_config(to_text(config)) == config
+        assert config.instance_group[0].count == 3 and config.dynamic_batching.max_queue_delay_microseconds > 0
+
+
+@pytest.mark.integration
+def test_store_ensemble_equals_raw_ensemble_through_tritonserver(bench_repo):
+    from serving.server import TritonServer
+
+    repo, version, vocab, gallery = bench_repo
+    requests = make_requests(gallery, 9, count=2)
+    with TritonServer(repo, models=triton.model_names(version)) as server:
+        triton.wait_models(server.grpc_url, triton.model_names(version))
+        for r in requests:
+            ranked = triton.amc_client_worker(server.grpc_url, [r])(0)(0)
+            by_id = {x.candidate_id: x.score for x in ranked}
+            raw = np.array([by_id[str(i)] if str(i) in by_id else by_id[f"{j}-{i}"]
+                            for j, i in enumerate(r.ids.tolist())])
+            store = triton.store_worker(server.grpc_url, [r])(0)(0)[0]
+            np.testing.assert_allclose(store, raw, rtol=1e-4, atol=1e-5)
