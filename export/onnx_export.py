@@ -65,8 +65,8 @@ class LANGraph(nn.Module):
         super().__init__()
         self.lan, self.version = model.lan, version
 
-    def forward(self, query_embedding, keyword_tokens):
-        keyword, attention = self.lan(query_embedding, keyword_tokens)
+    def forward(self, query_embedding, query_tokens, keyword_tokens):
+        keyword, attention = self.lan(query_embedding, query_tokens, keyword_tokens)
         return keyword, attention, _version_column(query_embedding, self.version)
 
 
@@ -128,6 +128,11 @@ def random_inputs(signature: sig.StepSignature, model: AMC, shape: Shape, versio
             out[spec.name] = np.abs(rng.normal(0, 1.5, size=dims)).astype(np.float32)  # post-activation features
         else:
             out[spec.name] = rng.normal(0, 1, size=dims).astype(np.float32)
+    if sig.QUERY_TOKENS.name in out and sig.KEYWORD_TOKENS.name in out:
+        # Let some keyword words be query words, so LAN's exact-match branch is exercised too.
+        q, k = out[sig.QUERY_TOKENS.name], out[sig.KEYWORD_TOKENS.name]
+        picks = q[np.arange(q.shape[0])[:, None, None, None], rng.integers(0, q.shape[1], size=k.shape)]
+        k[:] = np.where((rng.random(k.shape) < 0.3) & (k > 0), picks, k)
     return out
 
 

@@ -112,8 +112,8 @@ class LANStoreGraph(_StoreBuffers):
         super().__init__(store, with_visual=False)
         self.model, self.version = model, version
 
-    def forward(self, query_embedding, candidate_ids):
-        keyword, attention = self.model.lan(query_embedding, self.keyword_tokens[candidate_ids])
+    def forward(self, query_embedding, query_tokens, candidate_ids):
+        keyword, attention = self.model.lan(query_embedding, query_tokens, self.keyword_tokens[candidate_ids])
         return keyword, attention, _version_column(query_embedding, self.version)
 
 
@@ -141,7 +141,7 @@ class FusedStoreGraph(_StoreBuffers):
         q = self.model.qen(query_tokens)
         visual, region_attention = _visual_from_projected(self.model, q, self.projected[candidate_ids],
                                                           self.region_mask[candidate_ids])
-        keyword, keyword_attention = self.model.lan(q, self.keyword_tokens[candidate_ids])
+        keyword, keyword_attention = self.model.lan(q, query_tokens, self.keyword_tokens[candidate_ids])
         scores, weights = self.model.mtn(q, visual, keyword)
         return scores, weights, region_attention, keyword_attention, _version_column(query_tokens, self.version)
 
@@ -166,13 +166,13 @@ def _raw_reference(model: AMC, store: Store, inputs: dict[str, np.ndarray], regi
     mask = torch.from_numpy(store.region_mask[ids])
     kw = torch.from_numpy(store.keyword_tokens[ids])
     with torch.no_grad():
-        if sig.QUERY_TOKENS.name in inputs:
+        if sig.QUERY_EMBEDDING.name not in inputs:
             out = model(torch.from_numpy(inputs[sig.QUERY_TOKENS.name]), reg, mask, kw)
             return {sig.SCORES.name: out.scores, sig.MODALITY_WEIGHTS.name: out.modality_weights,
                     sig.REGION_ATTENTION.name: out.region_attention, sig.KEYWORD_ATTENTION.name: out.keyword_attention}
         q = torch.from_numpy(inputs[sig.QUERY_EMBEDDING.name])
         visual, ra = model.van(q, reg, mask)
-        keyword, ka = model.lan(q, kw)
+        keyword, ka = model.lan(q, torch.from_numpy(inputs[sig.QUERY_TOKENS.name]), kw)
         return {sig.VISUAL_VECTOR.name: visual, sig.REGION_ATTENTION.name: ra,
                 sig.KEYWORD_VECTOR.name: keyword, sig.KEYWORD_ATTENTION.name: ka}
 

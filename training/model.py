@@ -11,7 +11,11 @@ Where the paper leaves a detail open, the choice made here:
   kernel: ``logit_r = s_q . tanh(W_v v_r)``, i.e. a convolution with a kernel derived from the query, which
   also works for any number of (masked) regions.
 * LAN: a keyword's embedding is the mean of its words' GloVe vectors (keywords are often several words),
-  ``p_i = softmax_i((q W_ql) . (k_i W_kl) / sqrt(hidden))``, ``k^q = sum_i p_i k_i W_kl``.
+  ``p_i = softmax_i((q W_ql) . (k_i W_kl) / sqrt(hidden) + a m_i)``, ``k^q = sum_i p_i (k_i W_kl + m_i u)``,
+  where ``m_i`` is the share of keyword i's words that occur in the query and ``a``, ``u`` are learned.
+  Why the exact-match term: frozen 50-d GloVe vectors blur word identity ("cat" is close to "dog"), and
+  search queries are often the very tags an image carries; without it, BM25 over the keywords beat the
+  learned models (reports/eval.md).
 * MTN: ``q' = relu(W' q)``, ``q_m = relu(W_m q)``, ``(w_v, w_k) = softmax(tau * [cos(q', v^q), cos(q', k^q)])``
   with a learned temperature ``tau``; ``x^q = w_v v^q + w_k k^q``; score ``cos(q_m, x^q)``.
 
@@ -140,17 +144,24 @@ class LanguageAttention(nn.Module):
         self.embed = WordEmbedding(cfg.vocab_size, cfg.word_dim)
         self.key = nn.Linear(cfg.word_dim, cfg.hidden)  # W_kl
         self.query = nn.Linear(cfg.query_dim, cfg.hidden)  # W_ql
+        self.match_direction = nn.Parameter(torch.randn(cfg.hidden) / cfg.hidden**0.5)  # u
+        self.match_weight = nn.Parameter(torch.tensor(1.0))  # a
         self.scale = cfg.hidden**-0.5
 
-    def forward(self, query_embedding: torch.Tensor,
+    def forward(self, query_embedding: torch.Tensor, query_tokens: torch.Tensor,
                 keyword_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         word_mask = (keyword_tokens > 0).unsqueeze(-1)  # (B, N, K, W, 1)
         words = self.embed(keyword_tokens) * word_mask  # (B, N, K, W, E)
         keyword_mask = word_mask.squeeze(-1).any(-1)  # (B, N, K): keywords with >= 1 known word
-        k = words.sum(3) / word_mask.sum(3).clamp_min(1)  # (B, N, K, E)
-        k = self.key(k)  # (B, N, K, H)
+        count = word_mask.sum(3).clamp_min(1)  # (B, N, K, 1)
+        k = words.sum(3) / count  # (B, N, K, E)
+        # Exact match: share of each keyword's words found among the query's words (padding never matches).
+        in_query = (keyword_tokens.unsqueeze(-1) == query_tokens[:, None, None, None, :]).any(-1)  # (B, N, K, W)
+        match = (in_query & word_mask.squeeze(-1)).sum(-1, keepdim=True) / count  # (B, N, K, 1)
+        k = self.key(k) + match * self.match_direction  # (B, N, K, H)
         q = self.query(query_embedding)[:, None, None, :]  # (B, 1, 1, H)
-        attention = masked_softmax((k * q).sum(-1) * self.scale, keyword_mask)  # (B, N, K)
+        logits = (k * q).sum(-1) * self.scale + self.match_weight * match.squeeze(-1)  # (B, N, K)
+        attention = masked_softmax(logits, keyword_mask)  # (B, N, K)
         keyword_vector = (attention.unsqueeze(-1) * k).sum(2)  # (B, N, H)
         return keyword_vector, attention
 
@@ -214,7 +225,7 @@ class AMC(nn.Module):
         q = self.qen(query_tokens)
         van = self.van.forward_reduced if reduced else self.van
         visual, region_attention = van(q, regions, region_mask)
-        keyword, keyword_attention = self.lan(q, keyword_tokens)
+        keyword, keyword_attention = self.lan(q, query_tokens, keyword_tokens)
         scores, weights = self.mtn(q, visual, keyword)
         return AMCOutput(scores, weights, region_attention, keyword_attention)
 

@@ -133,7 +133,9 @@ TOKENIZER = StepSignature("amc_tokenizer", (QUERY, KEYWORDS, REGION_MASK),
                           (QUERY_TOKENS, KEYWORD_TOKENS, TOKENIZER_VERSION))
 QEN = StepSignature("amc_qen", (QUERY_TOKENS,), (QUERY_EMBEDDING, QEN_VERSION))
 VAN = StepSignature("amc_van", (QUERY_EMBEDDING, REGIONS, REGION_MASK), (VISUAL_VECTOR, REGION_ATTENTION, VAN_VERSION))
-LAN = StepSignature("amc_lan", (QUERY_EMBEDDING, KEYWORD_TOKENS), (KEYWORD_VECTOR, KEYWORD_ATTENTION, LAN_VERSION))
+# LAN also reads the query's word ids: exact keyword matches are one of its signals (training/model.py).
+LAN = StepSignature("amc_lan", (QUERY_EMBEDDING, QUERY_TOKENS, KEYWORD_TOKENS),
+                    (KEYWORD_VECTOR, KEYWORD_ATTENTION, LAN_VERSION))
 MTN = StepSignature(
     "amc_mtn",
     (QUERY_EMBEDDING, VISUAL_VECTOR, KEYWORD_VECTOR, TOKENIZER_VERSION, QEN_VERSION, VAN_VERSION, LAN_VERSION),
@@ -188,7 +190,7 @@ CANDIDATE_IDS = _t("candidate_ids", "int64", "batch", "candidates",
 STORE_TOKENIZER = StepSignature("amc_store_tokenizer", (QUERY, CANDIDATE_IDS), (QUERY_TOKENS, TOKENIZER_VERSION))
 VAN_STORE = StepSignature("amc_van_store", (QUERY_EMBEDDING, CANDIDATE_IDS),
                           (VISUAL_VECTOR, REGION_ATTENTION, VAN_VERSION))
-LAN_STORE = StepSignature("amc_lan_store", (QUERY_EMBEDDING, CANDIDATE_IDS),
+LAN_STORE = StepSignature("amc_lan_store", (QUERY_EMBEDDING, QUERY_TOKENS, CANDIDATE_IDS),
                           (KEYWORD_VECTOR, KEYWORD_ATTENTION, LAN_VERSION))
 # The store ensemble reuses QEN and MTN of the same version.
 STORE_NETWORKS = (VAN_STORE, LAN_STORE)
