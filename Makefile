@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 SYSTEM_PACKAGES := fonts-noto-color-emoji unicode-cldr-core
 RUN ?= runs/amc
 CHECKPOINT := $(RUN)/checkpoint.pt
-REPOSITORY ?= model_repository
+# The serving repository publish writes into (model_repository/ holds only the generated templates).
+REPOSITORY ?= runs/repository
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
@@ -53,7 +54,7 @@ serve: setup ## Start tritonserver on the model repository (Ctrl-C stops it)
 	$(PY) -m serving.server --repository $(REPOSITORY)
 
 demo: setup ## The main job: data, train a small model, export, serve with Triton, rank queries through the client
-	$(PY) -m serving.demo --repository $(REPOSITORY) --run $(RUN)
+	$(PY) -m serving.demo --run $(RUN)
 
 test: setup ## Run all tests, integration tests against a real tritonserver included
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

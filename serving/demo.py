@@ -28,6 +28,8 @@ from training.corpus import CorpusConfig, load_corpus
 from training.metrics import ndcg_at_k
 from training.train import TrainConfig, train
 
+DEMO_MARKER = ".amc-demo-repository"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving.demo", description=__doc__.split("\n\n")[0])
@@ -52,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
               f"test NDCG@10 {result.test['ndcg@10']:.4f}")
 
     print("== 3/4 export and publish")
+    if args.repository.exists() and not (args.repository / DEMO_MARKER).exists():
+        parser.error(f"{args.repository} exists and was not made by the demo; refusing to delete it")
     shutil.rmtree(args.repository, ignore_errors=True)
+    args.repository.mkdir(parents=True)
+    (args.repository / DEMO_MARKER).write_text("made by python -m serving.demo; deleted and remade by each run\n")
     version = publish(checkpoint, args.repository)
 
     print("== 4/4 serve with tritonserver and query through the client")

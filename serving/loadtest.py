@@ -88,8 +88,12 @@ class Load:
             return sum(r.sent >= t for r in self.records)
 
     def wait_for(self, count: int, since: float, timeout_s: float = 120) -> None:
+        """Block until ``count`` requests were sent after ``since``; a stalled server is an error, not a pass."""
         deadline = time.monotonic() + timeout_s
-        while self.count_since(since) < count and time.monotonic() < deadline:
+        while self.count_since(since) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {self.count_since(since)} of {count} requests in {timeout_s} s: "
+                                   "the server stalled")
             time.sleep(0.05)
 
     def between(self, start: float, end: float) -> list[Record]:

@@ -47,13 +47,16 @@ from tritonclient.utils import InferenceServerException
 
 from amc_client import Routing
 from amc_client import signatures as sig
+from export.onnx_export import relative_error
 from export.publish import GOLDEN, published_versions, read_manifest, repository_lock
 from export.publish import publish as publish_checkpoint
-from export.repository import STEPS, read_routing, set_routing
+from export.repository import STEPS, read_routing, set_routing, write_atomic
+from serving.server import GRPC_ADMIN_KEY_HEADER
 
-ADMIN_HEADER = "amc-admin-key"
 HISTORY = ".rollout-history.json"
 GOLDEN_TOLERANCE = 1e-4
+# Load failures that say nothing about the version itself: retry later rather than quarantine it.
+TRANSIENT = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
 
 
 class RolloutError(RuntimeError):
@@ -62,7 +65,7 @@ class RolloutError(RuntimeError):
 
 def admin_headers(key: str | None) -> dict[str, str]:
     """gRPC metadata for Triton's restricted model-repository protocol (gRPC prefixes the header name)."""
-    return {f"triton-grpc-protocol-{ADMIN_HEADER}": key} if key else {}
+    return {GRPC_ADMIN_KEY_HEADER: key} if key else {}
 
 
 def infer_arrays(client: grpcclient.InferenceServerClient, model: str, arrays: dict[str, np.ndarray],
@@ -112,28 +115,25 @@ class Rollout:
     def routing(self) -> Routing:
         return read_routing(self.repository)
 
-    def ready(self, version: int) -> bool:
+    def _model_ready(self, model: str) -> bool:
         try:
-            return self.client.is_model_ready(sig.versioned_ensemble_name(version))
+            return self.client.is_model_ready(model)
         except InferenceServerException:
             return False
+
+    def ready(self, version: int) -> bool:
+        return self._model_ready(sig.versioned_ensemble_name(version))
 
     def status(self) -> dict:
         routing = self.routing()
         versions = [VersionStatus(v, self.ready(v), read_manifest(self.repository, v))
                     for v in published_versions(self.repository)]
         return {"serving_version": routing.serving_version, "canary_version": routing.canary_version,
-                "canary_share": routing.canary_share, "amc_ready": self._amc_ready(),
+                "canary_share": routing.canary_share, "amc_ready": self._model_ready(sig.ENSEMBLE_NAME),
                 "versions": [{"version": s.version, "ready": s.ready, "fingerprint": s.manifest["fingerprint"],
                               "created": s.manifest["created"],
                               "test_ndcg@10": s.manifest["metrics"].get("test_ndcg@10"),
                               "manifest": s.manifest} for s in versions]}
-
-    def _amc_ready(self) -> bool:
-        try:
-            return self.client.is_model_ready(sig.ENSEMBLE_NAME)
-        except InferenceServerException:
-            return False
 
     # ---- loading and verifying -----------------------------------------------------------------------
     def _load(self, model: str, config: str | None = None) -> None:
@@ -151,6 +151,9 @@ class Rollout:
                     raise RolloutError(f"{step.model_name} version {version} did not become ready")
             self._load(sig.versioned_ensemble_name(version))
         except InferenceServerException as e:
+            if e.status() in TRANSIENT:
+                raise RolloutError(f"loading version {version} did not finish ({e.status()}); nothing changed, "
+                                   f"try again: {e.message()}") from e
             self._quarantine(version)
             raise RolloutError(f"version {version} failed to load; serving is unchanged: {e.message()}") from e
         except RolloutError:
@@ -159,15 +162,15 @@ class Rollout:
 
     def verify(self, version: int) -> dict:
         """Golden requests through Triton equal PyTorch; NDCG no worse than serving's minus the margin."""
-        golden = np.load(self.repository / sig.versioned_ensemble_name(version) / GOLDEN)
+        with np.load(self.repository / sig.versioned_ensemble_name(version) / GOLDEN) as archive:
+            golden = dict(archive)
         try:
             served = infer_arrays(self.client, sig.versioned_ensemble_name(version), golden, self.timeout_s)
         except InferenceServerException as e:
             raise RolloutError(f"version {version} failed its golden requests: {e.message()}") from e
-        errors = {}
-        for name in ("scores", "modality_weights", "region_attention", "keyword_attention"):
-            want = golden[name].astype(np.float64)
-            errors[name] = float(np.linalg.norm(served[name] - want) / max(np.linalg.norm(want), 1e-12))
+        # relative_error is inf for NaN or infinite outputs, so those can never pass.
+        errors = {name: relative_error(served[name], golden[name])
+                  for name in ("scores", "modality_weights", "region_attention", "keyword_attention")}
         same_order = all(np.array_equal(np.argsort(-a, kind="stable"), np.argsort(-b, kind="stable"))
                          for a, b in zip(served["scores"], golden["scores"]))
         if not np.all(served["model_version"] == version):
@@ -192,7 +195,14 @@ class Rollout:
             raise
 
     def _quarantine(self, version: int) -> None:
-        """Unload a failed version and move its files out of the repository so no later load retries it."""
+        """Unload a failed version and move its files out of the repository so no later load retries it.
+
+        Never a version that serves, is canary, or is a rollback target: those stay, and the error is raised.
+        """
+        routing = self.routing()
+        if version in (routing.serving_version, routing.canary_version) or version in self._history():
+            self.log(f"version {version} failed a check but is in use or a rollback target; left in place")
+            return
         target = self.repository / ".failed" / f"v{version}-{time.time_ns()}"
         ensemble = sig.versioned_ensemble_name(version)
         for model in (ensemble, *(s.model_name for s in STEPS)):
@@ -220,27 +230,41 @@ class Rollout:
             self._load(sig.ENSEMBLE_NAME)
         except InferenceServerException as e:
             set_routing(self.repository, previous)
-            self._load(sig.ENSEMBLE_NAME)
+            try:
+                self._load(sig.ENSEMBLE_NAME)
+            except InferenceServerException as again:
+                raise RolloutError(f"re-pinning amc failed ({e.message()}) and restoring the previous routing "
+                                   f"failed too ({again.message()}): amc may be unloaded; its config on disk is "
+                                   f"the previous one, load it with the admin key") from e
             raise RolloutError(f"re-pinning amc failed, previous routing restored: {e.message()}") from e
         if previous.serving_version != routing.serving_version:
             self._record(previous.serving_version)
 
-    def _record(self, version: int) -> None:
+    def _history(self) -> list[int]:
+        """Versions that served before, oldest first: what ``rollback`` walks back through."""
         path = self.repository / HISTORY
-        history = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps([*history, version]))
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def _write_history(self, history: list[int]) -> None:
+        write_atomic(self.repository / HISTORY, json.dumps(history))
+
+    def _record(self, version: int) -> None:
+        self._write_history([*self._history(), version])
 
     def publish(self, checkpoint: str | Path, *, eval_metrics: dict | None = None) -> int:
         """Export + validate + publish, then load and verify beside the serving version (no traffic yet)."""
         version = publish_checkpoint(checkpoint, self.repository, eval_metrics=eval_metrics, log=self.log)
-        self.load_version(version)
-        self._verify_or_quarantine(version)
+        with repository_lock(self.repository):  # publish released it; hold it while the version is checked
+            self.load_version(version)
+            self._verify_or_quarantine(version)
         self.log(f"version {version} loaded and verified; not serving yet")
         return version
 
     def canary(self, version: int, share: float) -> None:
         if not 0 < share < 1:
             raise RolloutError(f"canary share must be between 0 and 1, got {share}")
+        if version == self.routing().serving_version:
+            raise RolloutError(f"version {version} already serves; a canary must be another version")
         with repository_lock(self.repository):
             if not self.ready(version):
                 self.load_version(version)
@@ -270,9 +294,9 @@ class Rollout:
                 self._set_routing(Routing(current.serving_version))
                 self.log(f"canary {current.canary_version} ended; version {current.serving_version} serves all")
                 return current.serving_version
-            path = self.repository / HISTORY
-            history = json.loads(path.read_text()) if path.exists() else []
-            while history and history[-1] == current.serving_version:
+            published = set(published_versions(self.repository))
+            history = self._history()
+            while history and (history[-1] == current.serving_version or history[-1] not in published):
                 history.pop()
             if not history:
                 raise RolloutError("no earlier version to roll back to")
@@ -280,27 +304,36 @@ class Rollout:
             if not self.ready(target):
                 self.load_version(target)
             self._set_routing(Routing(target))
-            path.write_text(json.dumps(history))  # _set_routing recorded the version we left; drop it again
+            self._write_history(history)  # _set_routing recorded the version we left; drop it again
         self.log(f"rolled back to version {target}")
         return target
 
     def gc(self, keep: int | None = None) -> list[int]:
         """Unload and delete all but the newest ``keep`` versions; the serving and canary ones always stay."""
         keep = self.keep if keep is None else keep
+        if keep < 1:
+            raise RolloutError(f"gc must keep at least 1 version, got {keep}")
         with repository_lock(self.repository):
             routing = self.routing()
             versions = published_versions(self.repository)
-            protected = set(versions[-keep:]) | {routing.serving_version, routing.canary_version}
+            protected = set(versions[len(versions) - keep:]) | {routing.serving_version, routing.canary_version}
             removed = [v for v in versions if v not in protected]
+            # Step folders without a pinned ensemble are left by an interrupted publish: never published.
+            orphans = {int(p.name) for s in STEPS for p in (self.repository / s.model_name).glob("[0-9]*")
+                       if p.name.isdigit() and int(p.name) not in versions}
             for v in removed:
                 with contextlib.suppress(InferenceServerException):
                     self.client.unload_model(sig.versioned_ensemble_name(v), headers=self.headers)
                 shutil.rmtree(self.repository / sig.versioned_ensemble_name(v))
                 for step in STEPS:
                     shutil.rmtree(self.repository / step.model_name / str(v), ignore_errors=True)
-            if removed:
+            for v in orphans:
+                for step in STEPS:
+                    shutil.rmtree(self.repository / step.model_name / str(v), ignore_errors=True)
+            if removed or orphans:
                 for step in STEPS:
                     self._load(step.model_name)
+                self._write_history([v for v in self._history() if v not in removed])
         self.log(f"removed versions {removed or 'none'}; kept {sorted(set(versions) - set(removed))}")
         return removed
 
@@ -342,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                 r.rollback()
             else:
                 r.gc(args.keep)
-    except (RolloutError, InferenceServerException, OSError) as e:
+    except (RolloutError, InferenceServerException, OSError, RuntimeError, ValueError) as e:
+        # RuntimeError covers CheckpointError and ExportError from publish.
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.command != "status":

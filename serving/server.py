@@ -226,6 +226,7 @@ class TritonServer:
         self.extra_args = list(extra_args)  # relative paths in them resolve against the backends' parent dir
         self._backend_directory = Path(backend_directory) if backend_directory else None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._stopped = False
         self._log_path: Path | None = None
         self._log_offset = 0  # where this launch's lines start in the log (a given log_file is appended to)
         self._failed = False  # start failed: keep a temporary log for the post-mortem
@@ -407,6 +408,9 @@ class TritonServer:
         proc = self._proc
         if proc is None:
             return None
+        if self._stopped:
+            # Already reaped: its pid (and group id) may belong to another process by now.
+            return proc.returncode
         if proc.poll() is None:
             try:
                 proc.send_signal(signal.SIGTERM)
@@ -416,6 +420,7 @@ class TritonServer:
                 proc.wait(timeout=10)
         # The group id is the server's pid (own session); no new process can take it while members remain.
         _killpg(proc.pid, signal.SIGKILL)
+        self._stopped = True
         if self._log_file is None and self._log_path is not None and proc.returncode == 0 and not self._failed:
             self._log_path.unlink(missing_ok=True)
         return proc.returncode

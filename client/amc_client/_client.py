@@ -321,8 +321,13 @@ class AMCClient(_Base):
 
         with self._pending_lock:
             self._pending += 1
-        self._inner.async_infer(callback=finished, headers=self._headers, client_timeout=self.server_deadline_s,
-                                **kwargs)
+        try:
+            self._inner.async_infer(callback=finished, headers=self._headers,
+                                    client_timeout=self.server_deadline_s, **kwargs)
+        except BaseException:  # the call never started: it will not call back
+            with self._pending_lock:
+                self._pending -= 1
+            raise
         if not done.wait(remaining):
             raise InferenceServerException(msg="deadline exceeded (request left to finish on the server)",
                                            status="StatusCode.DEADLINE_EXCEEDED")
