@@ -64,15 +64,21 @@ class OrtPipeline:
         q_tokens = self.tokenizer.encode_queries([r.query for r in requests])
         kw_tokens = self.tokenizer.encode_keywords(keywords)
         q, qv = self.s["amc_qen"].run(None, {sig.QUERY_TOKENS.name: q_tokens})
-        visual, _, vv = self.s["amc_van"].run(None, {sig.QUERY_EMBEDDING.name: q, sig.REGIONS.name: regions,
-                                                     sig.REGION_MASK.name: mask})
-        keyword, _, lv = self.s["amc_lan"].run(None, {sig.QUERY_EMBEDDING.name: q, sig.KEYWORD_TOKENS.name: kw_tokens})
+        have = {sig.QUERY_EMBEDDING.name: q, sig.QUERY_TOKENS.name: q_tokens, sig.REGIONS.name: regions,
+                sig.REGION_MASK.name: mask, sig.KEYWORD_TOKENS.name: kw_tokens}
+        visual, _, vv = self.s["amc_van"].run(None, _feeds(sig.VAN, have))
+        keyword, _, lv = self.s["amc_lan"].run(None, _feeds(sig.LAN, have))
         tv = np.full_like(qv, qv[0, 0])
         scores, _, _ = self.s["amc_mtn"].run(None, {
             sig.QUERY_EMBEDDING.name: q, sig.VISUAL_VECTOR.name: visual, sig.KEYWORD_VECTOR.name: keyword,
             sig.TOKENIZER_VERSION.name: tv, sig.QEN_VERSION.name: qv, sig.VAN_VERSION.name: vv,
             sig.LAN_VERSION.name: lv})
         return scores
+
+
+def _feeds(signature: sig.StepSignature, available: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inputs ``signature`` declares, taken from ``available`` (names from the signatures, never spelled)."""
+    return {name: available[name] for name in signature.input_names}
 
 
 class OrtStorePipeline:
@@ -87,9 +93,9 @@ class OrtStorePipeline:
         ids = np.stack([r.ids for r in requests])
         q_tokens = self.tokenizer.encode_queries([r.query for r in requests])
         q, qv = self.s["amc_qen"].run(None, {sig.QUERY_TOKENS.name: q_tokens})
-        feeds = {sig.QUERY_EMBEDDING.name: q, sig.CANDIDATE_IDS.name: ids}
-        visual, _, vv = self.s["amc_van_store"].run(None, feeds)
-        keyword, _, lv = self.s["amc_lan_store"].run(None, feeds)
+        have = {sig.QUERY_EMBEDDING.name: q, sig.QUERY_TOKENS.name: q_tokens, sig.CANDIDATE_IDS.name: ids}
+        visual, _, vv = self.s["amc_van_store"].run(None, _feeds(sig.VAN_STORE, have))
+        keyword, _, lv = self.s["amc_lan_store"].run(None, _feeds(sig.LAN_STORE, have))
         scores, _, _ = self.s["amc_mtn"].run(None, {
             sig.QUERY_EMBEDDING.name: q, sig.VISUAL_VECTOR.name: visual, sig.KEYWORD_VECTOR.name: keyword,
             sig.TOKENIZER_VERSION.name: qv, sig.QEN_VERSION.name: qv, sig.VAN_VERSION.name: vv,

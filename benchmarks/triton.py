@@ -95,10 +95,11 @@ def amc_client_worker(url: str, requests: list[Request], model_version: int | No
     return make
 
 
-def _outputs(signature: sig.StepSignature):
+def _outputs(signature: sig.StepSignature, names: tuple[str, ...] | None = None):
+    """Requested outputs: every output of ``signature``, or only ``names``."""
     import tritonclient.grpc as grpcclient
 
-    return [grpcclient.InferRequestedOutput(n) for n in signature.output_names]
+    return [grpcclient.InferRequestedOutput(n) for n in (names or signature.output_names)]
 
 
 def _input(name: str, array: np.ndarray, datatype: str):
@@ -109,13 +110,16 @@ def _input(name: str, array: np.ndarray, datatype: str):
     return t
 
 
-def store_worker(url: str, requests: list[Request], model: str = sig.STORE_ENSEMBLE_NAME):
-    """tritonclient on the store ensemble: query text + candidate ids."""
+def store_worker(url: str, requests: list[Request], model: str = sig.STORE_ENSEMBLE_NAME,
+                 outputs: tuple[str, ...] | None = None):
+    """tritonclient on the store ensemble: query text + candidate ids (all outputs, or only ``outputs``)."""
     import tritonclient.grpc as grpcclient
+
+    names = outputs
 
     def make(w: int):
         client = grpcclient.InferenceServerClient(url)
-        outputs = _outputs(sig.STORE_ENSEMBLE)
+        outputs = _outputs(sig.STORE_ENSEMBLE, names)
 
         def call(i: int):
             r = requests[(i + w) % len(requests)]
@@ -126,20 +130,22 @@ def store_worker(url: str, requests: list[Request], model: str = sig.STORE_ENSEM
     return make
 
 
-def fused_worker(url: str, requests: list[Request], vocab: list[str], store: bool):
-    """tritonclient on a fused graph (tokens in; tokenized client-side per request)."""
+def fused_worker(url: str, requests: list[Request], vocab: list[str], store: bool,
+                 outputs: tuple[str, ...] | None = None):
+    """tritonclient on a fused graph (tokens in; tokenized client-side per request; all outputs or ``outputs``)."""
     import tritonclient.grpc as grpcclient
 
     from .inprocess import OrtFused
 
     tokenizer = Tokenizer(vocab)
     signature = sig.FUSED_STORE if store else sig.FUSED
+    names = outputs
     feeds_of = OrtFused.feeds.__get__(type("F", (), {"tokenizer": tokenizer, "store": store})())
 
     def make(w: int):
         client = grpcclient.InferenceServerClient(url, channel_args=[("grpc.max_send_message_length", 2**31 - 1),
                                                                      ("grpc.max_receive_message_length", 2**31 - 1)])
-        outputs = _outputs(signature)
+        requested = _outputs(signature, names)
 
         def call(i: int):
             feeds = feeds_of([requests[(i + w) % len(requests)]])
@@ -147,7 +153,7 @@ def fused_worker(url: str, requests: list[Request], vocab: list[str], store: boo
                 q = feeds[sig.QUERY_TOKENS.name]
                 feeds[sig.QUERY_TOKENS.name] = np.pad(q, ((0, 0), (0, max(0, sig.STORE_QUERY_LEN - q.shape[1]))))
             inputs = [_input(s.name, feeds[s.name], s.triton_datatype) for s in signature.inputs]
-            return client.infer(signature.model_name, inputs, outputs=outputs, client_timeout=120)
+            return client.infer(signature.model_name, inputs, outputs=requested, client_timeout=120)
         return call
     return make
 

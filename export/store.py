@@ -171,10 +171,11 @@ def _raw_reference(model: AMC, store: Store, inputs: dict[str, np.ndarray], regi
             return {sig.SCORES.name: out.scores, sig.MODALITY_WEIGHTS.name: out.modality_weights,
                     sig.REGION_ATTENTION.name: out.region_attention, sig.KEYWORD_ATTENTION.name: out.keyword_attention}
         q = torch.from_numpy(inputs[sig.QUERY_EMBEDDING.name])
-        visual, ra = model.van(q, reg, mask)
+        if sig.QUERY_TOKENS.name not in inputs:  # the VAN store step: no keywords involved
+            visual, ra = model.van(q, reg, mask)
+            return {sig.VISUAL_VECTOR.name: visual, sig.REGION_ATTENTION.name: ra}
         keyword, ka = model.lan(q, torch.from_numpy(inputs[sig.QUERY_TOKENS.name]), kw)
-        return {sig.VISUAL_VECTOR.name: visual, sig.REGION_ATTENTION.name: ra,
-                sig.KEYWORD_VECTOR.name: keyword, sig.KEYWORD_ATTENTION.name: ka}
+        return {sig.KEYWORD_VECTOR.name: keyword, sig.KEYWORD_ATTENTION.name: ka}
 
 
 def _export(graph: nn.Module, signature: sig.StepSignature, example: dict[str, np.ndarray], path: Path,

@@ -260,3 +260,13 @@ def test_client_deadlines_do_not_crash_the_server(served, small_corpus):
                 expired += 1
     assert expired > 0
     assert server.poll() is None, "tritonserver died"
+
+
+def test_cli_status_against_a_server_with_an_admin_key(served, capsys):
+    """The repository index is restricted there; status still reports the serving version as loaded."""
+    from amc_client import cli
+
+    server, version = served
+    assert cli.main(["status", "--url", server.grpc_url]) == 0
+    out = capsys.readouterr().out
+    assert f"versions {version} loaded" in out and f"serving  version {version}" in out

@@ -41,8 +41,14 @@ def _too_large(e: InferenceServerException) -> bool:
     return status(e) == "RESOURCE_EXHAUSTED" and "larger than max" in message(e).lower()
 
 
+def restricted(e: InferenceServerException) -> bool:
+    """Triton answers calls to a restricted protocol (a server started with an admin key) with UNAVAILABLE
+    "This protocol is restricted, expecting header ...": the server is up, and retrying cannot help."""
+    return "is restricted" in message(e).lower()
+
+
 def retryable(e: InferenceServerException) -> bool:
-    return status(e) in RETRYABLE and not unknown_model(e) and not _too_large(e)
+    return status(e) in RETRYABLE and not unknown_model(e) and not _too_large(e) and not restricted(e)
 
 
 def backoff(base_s: float, attempt: int, rng: random.Random) -> float:
@@ -61,6 +67,9 @@ def translate(e: InferenceServerException, *, url: str, model: str, timeout_s: f
         return InvalidInputError(
             f"request is larger than the gRPC message limit; send fewer candidates: {text}"
         )
+    if restricted(e):
+        return AMCError(f"{model} is restricted on the server at {url} (its model-repository API needs the "
+                        f"admin key; pass headers=...): {text}")
     if code == "UNAVAILABLE":
         return ServerUnavailableError(f"server at {url} is not reachable (UNAVAILABLE): {text}")
     if code == "RESOURCE_EXHAUSTED":

@@ -116,11 +116,17 @@ def _rank(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     with AMCClient(args.url, timeout_s=args.timeout) as client:
         if not client.server_ready():
-            client.model_versions()  # raises the precise error when the server cannot be reached
+            client.routing()  # raises the precise error when the server cannot be reached
             raise ServerUnavailableError(f"server at {args.url} is up but not ready")
         ready = client.model_ready()
-        versions = client.model_versions()
         routing = client.routing() if ready else Routing(None)
+        try:
+            versions = client.model_versions()
+        except AMCError:
+            # The repository index is restricted when the server runs with an admin key: ask the versions
+            # the routing names instead.
+            named = {routing.serving_version, routing.canary_version} - {None}
+            versions = sorted(v for v in named if client.model_ready(v))
     if args.json:
         doc = {"url": args.url, "server_ready": True, "model_ready": ready, "versions": versions}
         print(json.dumps({**doc, **dataclasses.asdict(routing)}, indent=2))

@@ -52,6 +52,8 @@ class TritonPythonModel:
                        for t in config["input"]]
         self.outputs = [(t["name"], np.dtype(pb_utils.triton_string_to_numpy(t["data_type"])))
                         for t in config["output"]]
+        self.output_names = tuple(n for n, _ in self.outputs)
+        self.output_dtypes = dict(self.outputs)
         self.logger = pb_utils.Logger
 
         path = Path(args["model_repository"]) / self.version / (params.get("onnx_file") or "model.onnx")
@@ -97,31 +99,54 @@ class TritonPythonModel:
     # ---- serving ---------------------------------------------------------------------------------------
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
-        groups: dict[tuple, list[tuple[int, dict[str, np.ndarray]]]] = {}
+        groups: dict[tuple, list[tuple[int, dict[str, np.ndarray], tuple[str, ...]]]] = {}
         for i, request in enumerate(requests):
             try:
                 feeds = self._inputs(request)
+                wanted = self._requested(request)
             except Exception as e:  # noqa: BLE001 - any problem is this request's error, never the instance's
                 responses[i] = self._error(e)
                 continue
             # Requests can share one session call only when every non-batch dim agrees.
             key = tuple(feeds[n].shape[1:] for n, _ in self.inputs) if self.batched else (i,)
-            groups.setdefault(key, []).append((i, feeds))
+            groups.setdefault(key, []).append((i, feeds, wanted))
         for members in groups.values():
             try:
-                for (i, _), outputs in zip(members, self._run_group([f for _, f in members]), strict=True):
-                    responses[i] = self._response(outputs)
+                outputs = self._run_group([f for _, f, _ in members], self._union([w for _, _, w in members]))
+                for (i, _, wanted), out in zip(members, outputs, strict=True):
+                    responses[i] = self._response(out, wanted)
             except Exception as e:  # noqa: BLE001
                 if len(members) == 1:
                     responses[members[0][0]] = self._error(e)
                     continue
                 # Isolate the request that breaks the group: rerun each one alone.
-                for i, feeds in members:
+                for i, feeds, wanted in members:
                     try:
-                        responses[i] = self._response(self._run_group([feeds])[0])
+                        responses[i] = self._response(self._run_group([feeds], wanted)[0], wanted)
                     except Exception as single:  # noqa: BLE001
                         responses[i] = self._error(single)
         return responses
+
+    def _requested(self, request: Any) -> tuple[str, ...]:
+        """The outputs this request asked for, in config order (all of them when it names none).
+
+        Inside an ensemble the step is asked for every output its ``output_map`` names, whatever the client
+        asked of the ensemble (Triton's ensemble scheduler adds each mapped output as requested), so this
+        saves work only for direct requests that name a subset."""
+        names = getattr(request, "requested_output_names", None)
+        asked = set(names()) if names is not None else set()
+        if not asked:
+            return self.output_names
+        unknown = asked - set(self.output_names)
+        if unknown:
+            raise RequestError(f"unknown output(s) requested: {sorted(unknown)}")
+        return tuple(n for n in self.output_names if n in asked)
+
+    def _union(self, wanted: list[tuple[str, ...]]) -> tuple[str, ...]:
+        if all(w is self.output_names for w in wanted):
+            return self.output_names
+        asked = set().union(*wanted)
+        return tuple(n for n in self.output_names if n in asked)
 
     def _inputs(self, request: Any) -> dict[str, np.ndarray]:
         feeds: dict[str, np.ndarray] = {}
@@ -141,30 +166,40 @@ class TritonPythonModel:
                 raise RequestError(f"inputs disagree on the batch size: {sizes}")
         return feeds
 
-    def _run_group(self, members: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        """One session call for requests with equal non-batch shapes; outputs split back per request."""
-        names = [n for n, _ in self.outputs]
+    def _run_group(self, members: list[dict[str, np.ndarray]],
+                   names: tuple[str, ...] | None = None) -> list[dict[str, np.ndarray]]:
+        """One session call for requests with equal non-batch shapes; outputs split back per request.
+
+        Only ``names`` (default: every output) are fetched from the session. Each request's outputs are
+        slices of the batch's along axis 0, so of a C-contiguous result they are contiguous views: no copy
+        here; the one copy is the backend's into shared memory when the response is built."""
+        names = self.output_names if names is None else names
         if len(members) == 1:
             return [self._run(members[0], names)]
-        sizes = [next(iter(m.values())).shape[0] for m in members]
+        first = self.inputs[0][0]
         feeds = {n: np.concatenate([m[n] for m in members], axis=0) for n, _ in self.inputs}
         merged = self._run(feeds, names)
-        bounds = np.cumsum(sizes)[:-1]
-        split = {n: np.split(a, bounds, axis=0) for n, a in merged.items()}
-        return [{n: split[n][j] for n in names} for j in range(len(members))]
-
-    def _run(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
-        results = self.session.run(names, feeds)
-        batch = next(iter(feeds.values())).shape[0] if self.batched else None
-        out = {}
-        for (name, dtype), value in zip(self.outputs, results, strict=True):
-            if batch is not None and (value.ndim == 0 or value.shape[0] != batch):
-                raise RuntimeError(f"output {name} has shape {list(value.shape)}, expected batch {batch} first")
-            out[name] = np.ascontiguousarray(value.astype(dtype, copy=False))
+        out, start = [], 0
+        for m in members:
+            stop = start + m[first].shape[0]
+            out.append({n: a[start:stop] for n, a in merged.items()})
+            start = stop
         return out
 
-    def _response(self, outputs: dict[str, np.ndarray]) -> Any:
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, a) for n, a in outputs.items()])
+    def _run(self, feeds: dict[str, np.ndarray], names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        results = self.session.run(list(names), feeds)
+        batch = next(iter(feeds.values())).shape[0] if self.batched else None
+        out = {}
+        for name, value in zip(names, results, strict=True):
+            if batch is not None and (value.ndim == 0 or value.shape[0] != batch):
+                raise RuntimeError(f"output {name} has shape {list(value.shape)}, expected batch {batch} first")
+            # astype/ascontiguousarray copy only when ORT returned another dtype or a strided array.
+            out[name] = np.ascontiguousarray(value.astype(self.output_dtypes[name], copy=False))
+        return out
+
+    def _response(self, outputs: dict[str, np.ndarray], wanted: tuple[str, ...] | None = None) -> Any:
+        names = outputs if wanted is None else wanted
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, outputs[n]) for n in names])
 
     def _error(self, error: BaseException) -> Any:
         message = str(error) if isinstance(error, RequestError) else f"{type(error).__name__}: {error}"
