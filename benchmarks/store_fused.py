@@ -19,7 +19,6 @@ Writes ``store_fused.json`` + ``store_fused.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
