@@ -16,6 +16,7 @@ checkpoint, which the rollout tool replays through Triton before the version tak
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import re
@@ -132,6 +133,8 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            with contextlib.suppress(OSError):  # an empty .staging left in the repository is noise
+                staging.parent.rmdir()
     log(f"published version {version} (fingerprint {ckpt.fingerprint}) into {repository}")
     return version
 

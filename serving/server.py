@@ -220,7 +220,11 @@ class TritonServer:
             raise ValueError("admin_key must be non-empty and contain no ',', ':', '=' or whitespace")
         self._fixed_ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
         self._ports: dict[str, int] = {}
-        self.models = list(models or [])
+        # "*" means every model folder (one with a config.pbtxt); Triton's own "*" would also try hidden
+        # folders such as publish's .staging and the rollout tool's .failed, and refuse to start.
+        self.models = (sorted(p.parent.name for p in self.repository.glob("*/config.pbtxt")
+                              if not p.parent.name.startswith("."))
+                       if list(models or []) == ["*"] else list(models or []))
         self.admin_key = admin_key
         self._log_file = Path(log_file).resolve() if log_file is not None else None
         self.extra_args = list(extra_args)  # relative paths in them resolve against the backends' parent dir
