@@ -118,6 +118,39 @@ def _steps(m: dict, key: str) -> list[str]:
     return lines + [""]
 
 
+def _where_the_time_goes(results: dict, n: int) -> list[str]:
+    """The (a)/(b) overhead explained from this run's own numbers: client serialization and Triton's steps."""
+    m = results["measurements"]
+    a, b = m.get(f"triton_amc|{n}|c1"), m.get(f"ort|{n}|b1|c1")
+    ser = (results.get("client_serialization") or {}).get(str(n))
+    if not (a and b and ser and a.get("steps")):
+        return []
+    steps = a["steps"]
+    ens = steps.get("amc", {})
+    networks = {k: v["compute_infer_ms"] for k, v in steps.items() if k != "amc"}
+    van = networks.get("amc_van", 0.0)
+    client_side = ser["set_data_from_numpy_ms"] + ser["protobuf_serialize_ms"] + ser["pack_ms"]
+    queue = sum(v["queue_ms"] for k, v in steps.items() if k != "amc")
+    moves = ens.get("compute_input_ms", 0) + ens.get("compute_output_ms", 0) + sum(
+        v["compute_input_ms"] + v["compute_output_ms"] for k, v in steps.items() if k != "amc")
+    other = a["p50_ms"] - client_side - sum(networks.values()) - queue - moves
+    return ["## Where the time goes ((a) Triton vs (b) in-process onnxruntime, concurrency 1)", "",
+            f"(a) takes {a['p50_ms']:.0f} ms at p50 against {b['p50_ms']:.0f} ms for (b): "
+            f"{a['p50_ms'] / b['p50_ms']:.2f}x. Per request, from this run's figures:", "",
+            f"- the networks themselves: {sum(networks.values()):.1f} ms of compute in the steps, "
+            f"{van:.1f} ms of it in VAN (the projection of {n} x 49 x 1280 region features), as in (b);",
+            f"- the client turning {ser['request_bytes'] / 1e6:.0f} MB of float32 region features into a gRPC "
+            f"message: {client_side:.1f} ms (protobuf serialization {ser['protobuf_serialize_ms']:.1f} ms), and "
+            "the server parsing it again;",
+            f"- Triton moving tensors into and out of the ensemble and its Python-backend steps (shared memory): "
+            f"{moves:.1f} ms, and queueing between steps: {queue:.1f} ms;",
+            f"- the rest ({other:.1f} ms): gRPC transport of the request, the server-side parse, response "
+            "handling, and the client and server sharing the same 2 cores.", "",
+            "So the overhead is mostly the candidate payload, not Triton's scheduling: the store path "
+            "(candidates by id, `triton_store`) removes it, which is the GPU work's main remedy (reports/gpu.md).",
+            ""]
+
+
 def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     m = results["measurements"]
@@ -147,6 +180,7 @@ def write(results: dict, out: Path) -> None:
               f"Score checks (relative error against ORT-CPU raw path): "
               f"{json.dumps(results.get('score_relative_error_vs_ort_cpu_raw'))} "
               f"{json.dumps(results.get('triton_score_relative_error_vs_ort_cpu_raw'))}", ""]
+        md += _where_the_time_goes(results, n)
         for key in (f"triton_amc|{n}|c1", f"triton_amc|{n}|c4", f"triton_store|{n}|c1"):
             md += _steps(m, key)
         (out / "serving.md").write_text("\n".join(md) + "\n")
