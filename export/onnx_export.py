@@ -139,8 +139,15 @@ def random_inputs(signature: sig.StepSignature, model: AMC, shape: Shape, versio
 def export_network(model: AMC, name: str, path: Path, *, version: int, fingerprint: str) -> None:
     """Write one network as ONNX with names/axes from the signatures and version metadata, then check it."""
     signature, wrapper = GRAPHS[name]
-    graph = wrapper(model, version).eval()
     example = random_inputs(signature, model, Shape(2, 3), version, np.random.default_rng(0))
+    write_onnx(wrapper(model, version), signature, example, path, version=version, fingerprint=fingerprint,
+               name=name)
+
+
+def write_onnx(graph: nn.Module, signature: sig.StepSignature, example: dict[str, np.ndarray], path: Path, *,
+               version: int, fingerprint: str, name: str) -> None:
+    """Export ``graph`` traced on ``example`` with the signature's names and axes, stamp it, check it."""
+    graph = graph.eval()
     args = tuple(torch.from_numpy(example[n]) for n in signature.input_names)
     dynamic_axes = {t.name: t.onnx_dynamic_axes for t in (*signature.inputs, *signature.outputs) if t.onnx_dynamic_axes}
     with warnings.catch_warnings(), torch.no_grad():

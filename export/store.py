@@ -21,19 +21,17 @@ candidates (the gallery rows gathered by id): relative error < :data:`export.onn
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
 
 from amc_client import signatures as sig
 from amc_client.text import Tokenizer
-from export.onnx_export import OPSET, TOLERANCE, ExportError, _version_column, relative_error
+from export.onnx_export import TOLERANCE, ExportError, _version_column, relative_error, write_onnx
 from export.repository import set_store_serving, stage_store_version
 from training.model import AMC, masked_softmax
 
@@ -178,21 +176,6 @@ def _raw_reference(model: AMC, store: Store, inputs: dict[str, np.ndarray], regi
         return {sig.KEYWORD_VECTOR.name: keyword, sig.KEYWORD_ATTENTION.name: ka}
 
 
-def _export(graph: nn.Module, signature: sig.StepSignature, example: dict[str, np.ndarray], path: Path,
-            *, version: int, fingerprint: str, name: str) -> None:
-    dynamic_axes = {t.name: t.onnx_dynamic_axes for t in (*signature.inputs, *signature.outputs) if t.onnx_dynamic_axes}
-    args = tuple(torch.from_numpy(example[n]) for n in signature.input_names)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(graph.eval(), args, str(path), input_names=signature.input_names,
-                          output_names=signature.output_names, dynamic_axes=dynamic_axes, opset_version=OPSET,
-                          dynamo=False, do_constant_folding=True)
-    proto = onnx.load(str(path))
-    for key, value in {"amc_fingerprint": fingerprint, "amc_version": str(version), "amc_network": name}.items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.save(proto, str(path))
-
-
 STORE_GRAPHS = {"van_store": (sig.VAN_STORE, VANStoreGraph), "lan_store": (sig.LAN_STORE, LANStoreGraph),
                 "fused_store": (sig.FUSED_STORE, FusedStoreGraph)}
 
@@ -206,7 +189,7 @@ def export_store_graphs(model: AMC, store: Store, tokenizer: Tokenizer, out_dir:
         if name == "fused_store" and not fused:
             continue
         example = _example(signature, model, store, tokenizer, batch=2, candidates=3, rng=rng)
-        _export(cls(model, store, version), signature, example, out_dir / f"{name}.onnx", version=version,
+        write_onnx(cls(model, store, version), signature, example, out_dir / f"{name}.onnx", version=version,
                 fingerprint=fingerprint, name=name)
     if fused:
         example = {sig.QUERY_TOKENS.name: np.array([[1, 2], [3, 0]], dtype=np.int64),
@@ -214,7 +197,7 @@ def export_store_graphs(model: AMC, store: Store, tokenizer: Tokenizer, out_dir:
                    .astype(np.float32),
                    sig.REGION_MASK.name: np.ones((2, 3, sig.REGIONS_PER_IMAGE), dtype=bool),
                    sig.KEYWORD_TOKENS.name: rng.integers(1, 50, size=(2, 3, 4, 2)).astype(np.int64)}
-        _export(FusedGraph(model, version), sig.FUSED, example, out_dir / "fused.onnx", version=version,
+        write_onnx(FusedGraph(model, version), sig.FUSED, example, out_dir / "fused.onnx", version=version,
                 fingerprint=fingerprint, name="fused")
 
 
