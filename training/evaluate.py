@@ -1,11 +1,14 @@
-"""Evaluate AMC against its baselines on the test split, over several seeds.
+"""Evaluate AMC against its baselines over several seeds and three protocols.
 
     python -m training.evaluate --out-dir reports --seeds 0 1 2
 
 For each seed: trains AMC and the learned baselines (keywords only = LAN alone, visual only = VAN alone,
-equal-weight fusion = no MTN) with the same data and settings, scores the test queries, and adds BM25 over
-the auto-tagger keywords. Writes ``eval.json`` (means over seeds, their standard deviations, and MTN's mean
-visual weight on relevant candidates with clean vs. noisy keywords), ``eval.md``, ``ndcg.png`` and
+equal-weight fusion = no MTN) with the same data and settings, and scores the test queries under every
+protocol of :mod:`training.protocols` (the log's test lists, the target among 99 random images, regional
+English names). Text baselines: BM25 over the auto-tagger keywords, dense retrieval (cosine of the MiniLM
+embeddings of the query and of the image's keywords joined), and their reciprocal-rank-fusion hybrid.
+Writes ``eval.json`` (means over seeds, standard deviations, results split by clean vs noisy-keyword
+targets, MTN's mean visual weight), ``eval_details.json`` (per seed), ``eval.md``, ``ndcg.png`` and
 ``attention.png`` (a few test queries with region heat maps, top keywords and modality weights).
 """
 
@@ -21,68 +24,135 @@ from pathlib import Path
 import numpy as np
 
 from amc_client.text import words
+from training import protocols
 from training.checkpoint import load_checkpoint
 from training.corpus import Corpus, load_corpus
-from training.data import corpus_tensors
-from training.metrics import BM25, NDCG_KS, mean_ndcg
-from training.train import TrainConfig, score_queries, train
+from training.data import CorpusTensors, corpus_tensors, term_weights
+from training.metrics import BM25, NDCG_KS, TARGET_METRICS, mean_ndcg, reciprocal_rank_fusion, target_metrics
+from training.train import TrainConfig, score_lists, train
 
-LEARNED = {"amc": "amc", "keywords_only": "keywords_only", "visual_only": "visual_only",
-           "equal_fusion": "equal_fusion"}
-METHODS = (*LEARNED, "bm25")
+LEARNED = ("amc", "keywords_only", "visual_only", "equal_fusion")
+TEXT_BASELINES = ("bm25", "dense", "hybrid")
+METHODS = (*LEARNED, *TEXT_BASELINES)
+NDCG_KEYS = tuple(f"ndcg@{k}" for k in NDCG_KS)
+GROUPS = ("all", "noisy", "clean")
 
 
-def bm25_scores(corpus: Corpus, queries) -> list[np.ndarray]:
+def text_baselines(corpus: Corpus, data: CorpusTensors, lists: list[protocols.RankingList]) -> dict[str, list]:
+    """Scores of BM25, dense and hybrid for each list."""
     bm25 = BM25([words(" ".join(k)) for k in corpus.keywords])
-    return [np.array([bm25.score(words(q.text), int(c)) for c in q.candidates]) for q in queries]
+    documents = data.text.get([", ".join(k) for k in corpus.keywords], "query")  # (images, E), unit norm
+    queries = data.text.get([rl.text for rl in lists], "query")
+    out: dict[str, list] = {m: [] for m in TEXT_BASELINES}
+    for rl, q in zip(lists, queries, strict=True):
+        lexical = np.array([bm25.score(words(rl.text), int(c)) for c in rl.candidates])
+        dense = documents[rl.candidates] @ q
+        out["bm25"].append(lexical)
+        out["dense"].append(dense)
+        out["hybrid"].append(reciprocal_rank_fusion([lexical, dense]))
+    return out
 
 
-def mtn_visual_weight(corpus: Corpus, queries, scored: list[dict]) -> dict[str, float]:
+def list_metrics(name: str, lists: list[protocols.RankingList], scores: list[np.ndarray]) -> dict[str, dict]:
+    """{group: {metric: value}} for one method on one protocol; groups split by the target's keywords."""
+    out = {}
+    for group in GROUPS:
+        keep = [i for i, rl in enumerate(lists) if group == "all" or (rl.noisy is not None and rl.noisy == (group == "noisy"))]
+        chosen = [lists[i] for i in keep]
+        s = [scores[i] for i in keep]
+        if name == "test_lists":
+            metrics = mean_ndcg(s, [rl.relevance for rl in chosen]) if chosen else {k: float("nan") for k in NDCG_KEYS}
+        else:
+            metrics = target_metrics(s, [rl.relevance for rl in chosen], [rl.target for rl in chosen])
+        out[group] = metrics
+    return out
+
+
+def mtn_visual_weight(corpus: Corpus, lists: list[protocols.RankingList], scored: list[dict]) -> dict[str, float]:
     clean, noisy = [], []
-    for q, s in zip(queries, scored):
-        for j, image in enumerate(q.candidates):
-            if q.relevance[j] > 0:
+    for rl, s in zip(lists, scored):
+        for j, image in enumerate(rl.candidates):
+            if rl.relevance[j] > 0:
                 (noisy if corpus.noisy[image] else clean).append(float(s["modality_weights"][j, 0]))
     return {"clean_keywords": float(np.mean(clean)) if clean else float("nan"),
             "noisy_keywords": float(np.mean(noisy)) if noisy else float("nan")}
 
 
-def run(base: TrainConfig, seeds: list[int], out: Path, *, log=print) -> dict:
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values))
+
+
+def run(base: TrainConfig, seeds: list[int], out: Path, *, methods=LEARNED, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    per_seed: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
-    weights, timings, examples = [], {}, None
+    # per_seed[protocol][group][metric][method] -> one value per seed
+    per_seed: dict = {}
+    weights, timings, examples, sizes = [], {}, None, {}
+
+    def record(protocol: str, method: str, metrics: dict[str, dict]) -> None:
+        for group, values in metrics.items():
+            for metric, value in values.items():
+                per_seed.setdefault(protocol, {}).setdefault(group, {}).setdefault(metric, {}) \
+                    .setdefault(method, []).append(value)
+
     for seed in seeds:
         corpus = load_corpus(dataclasses.replace(base.corpus, seed=seed), progress=base.progress)
-        test = corpus.queries["test"]
-        per_seed["bm25"].append(mean_ndcg(bm25_scores(corpus, test), [q.relevance for q in test]))
-        for method, mode in LEARNED.items():
-            cfg = dataclasses.replace(base, seed=seed, mode=mode, out=str(out / "runs" / f"{method}-seed{seed}"))
+        evaluation = protocols.build(corpus)
+        sizes[seed] = {p: len(v) for p, v in evaluation.items()}
+        data = None
+        for method in methods:
+            cfg = dataclasses.replace(base, seed=seed, mode=method, out=str(out / "runs" / f"{method}-seed{seed}"))
             result = train(cfg, corpus)
             timings.setdefault(method, []).append(result.seconds)
             model = load_checkpoint(result.checkpoint).build_model()
-            scored = score_queries(model, corpus_tensors(corpus, model), test)
-            per_seed[method].append(mean_ndcg([s["scores"] for s in scored], [q.relevance for q in test]))
-            log(f"seed {seed} {method:14s} test NDCG@10 {per_seed[method][-1]['ndcg@10']:.4f} "
+            data = corpus_tensors(corpus, model, term_weights(corpus))
+            for name, lists in evaluation.items():
+                scored = score_lists(model, data, [rl.text for rl in lists], [rl.candidates for rl in lists])
+                record(name, method, list_metrics(name, lists, [s["scores"] for s in scored]))
+                if method == "amc" and name == "test_lists":
+                    weights.append(mtn_visual_weight(corpus, lists, scored))
+                    if examples is None:
+                        examples = (corpus, lists, scored)
+            summary = per_seed["random100"]["all"]
+            log(f"seed {seed} {method:14s} test_lists NDCG@10 {per_seed['test_lists']['all']['ndcg@10'][method][-1]:.4f} "
+                f"random100 R@1 {summary['r@1'][method][-1]:.3f} R@10 {summary['r@10'][method][-1]:.3f} "
+                f"noisy R@10 {per_seed['random100']['noisy']['r@10'][method][-1]:.3f} "
+                f"regional R@1 {per_seed['regional_names']['all']['r@1'][method][-1]:.3f} "
                 f"({result.seconds:.0f} s, best epoch {result.best_epoch})")
-            if method == "amc":
-                weights.append(mtn_visual_weight(corpus, test, scored))
-                if examples is None:
-                    examples = (corpus, test, scored)
-    report: dict = {}
-    for k in NDCG_KS:
-        report[f"ndcg@{k}"] = {m: float(np.mean([r[f"ndcg@{k}"] for r in per_seed[m]])) for m in METHODS}
-    report = {key: report[key] for key in ("ndcg@10", "ndcg@1", "ndcg@5", "ndcg@20")}
-    report["std"] = {key: {m: float(np.std([r[key] for r in per_seed[m]])) for m in METHODS}
-                     for key in ("ndcg@10", "ndcg@1", "ndcg@5", "ndcg@20")}
-    report["mtn_visual_weight"] = {k: float(np.mean([w[k] for w in weights])) for k in ("clean_keywords", "noisy_keywords")}
+        for name, lists in evaluation.items():
+            for method, scores in text_baselines(corpus, data, lists).items():
+                record(name, method, list_metrics(name, lists, scores))
+    report = summarize(per_seed, weights)
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    details = {"seeds": seeds, "per_seed": per_seed, "train_seconds": timings,
+    details = {"seeds": seeds, "per_seed": per_seed, "list_counts": sizes, "train_seconds": timings,
                "config": dataclasses.asdict(base), "summary": examples[0].summary() if examples else ""}
     (out / "eval_details.json").write_text(json.dumps(details, indent=2) + "\n")
     plot_ndcg(report, out / "ndcg.png")
     if examples:
         plot_attention(*examples, out / "attention.png")
     (out / "eval.md").write_text(markdown(report, details))
+    return report
+
+
+def summarize(per_seed: dict, weights: list[dict]) -> dict:
+    """Means over seeds in the shape issue 2 and issue 8 name (see reports/eval.json)."""
+    report: dict = {}
+    test = per_seed["test_lists"]["all"]
+    for key in ("ndcg@10", "ndcg@1", "ndcg@5", "ndcg@20"):
+        report[key] = {m: _mean_std(v)[0] for m, v in test[key].items()}
+    report["std"] = {key: {m: _mean_std(v)[1] for m, v in test[key].items()}
+                     for key in ("ndcg@10", "ndcg@1", "ndcg@5", "ndcg@20")}
+    report["mtn_visual_weight"] = {k: float(np.mean([w[k] for w in weights])) if weights else float("nan")
+                                   for k in ("clean_keywords", "noisy_keywords")}
+    report["protocols"] = {}
+    for name in protocols.PROTOCOLS:
+        groups = per_seed[name]
+        entry = {metric: {m: _mean_std(v)[0] for m, v in by_method.items()} for metric, by_method in groups["all"].items()}
+        entry["std"] = {metric: {m: _mean_std(v)[1] for m, v in by_method.items()}
+                        for metric, by_method in groups["all"].items()}
+        for group in ("noisy", "clean"):
+            entry[group] = {metric: {m: _mean_std(v)[0] for m, v in by_method.items()}
+                            for metric, by_method in groups[group].items()}
+        report["protocols"][name] = entry
     return report
 
 
@@ -93,7 +163,7 @@ def plot_ndcg(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHODS:
+    for method in report["ndcg@10"]:
         means = [report[f"ndcg@{k}"][method] for k in NDCG_KS]
         stds = [report["std"][f"ndcg@{k}"][method] for k in NDCG_KS]
         ax.errorbar(NDCG_KS, means, yerr=stds, marker="o", capsize=3, label=method)
@@ -114,8 +184,10 @@ def plot_attention(corpus: Corpus, queries, scored: list[dict], path: Path, coun
 
     from training.corpus import render_emoji
 
-    picks = [i for i, q in enumerate(queries) if q.kind == "name"][: count // 2]
-    picks += [i for i, q in enumerate(queries) if q.kind == "keyword"][: count - len(picks)]
+    # Half name queries (one target), half keyword queries (no single target); noisy targets first.
+    names = sorted((i for i, q in enumerate(queries) if q.target is not None), key=lambda i: not queries[i].noisy)
+    picks = names[: count // 2]
+    picks += [i for i, q in enumerate(queries) if q.target is None][: count - len(picks)]
     fig, axes = plt.subplots(len(picks), 2, figsize=(8, 2.6 * len(picks)), squeeze=False)
     for row, i in zip(axes, picks):
         q, s = queries[i], scored[i]
@@ -141,41 +213,46 @@ def plot_attention(corpus: Corpus, queries, scored: list[dict], path: Path, coun
     plt.close(fig)
 
 
-HISTORY = """## What was tried
-
-1. First configuration (commit "Foundation ...", LAN attending over mean GloVe vectors of each keyword, no
-   lexical signal). `make eval` on 2026-11-23 gave test NDCG@10: AMC 0.5916 ± 0.0040, equal fusion
-   0.5712 ± 0.0111, keywords only 0.5330 ± 0.0026, visual only 0.5250 ± 0.0099, **BM25 0.6198 ± 0.0052**
-   (NDCG@1: AMC 0.372, BM25 0.601). AMC beat the learned baselines but not BM25.
-2. Why: queries here are CLDR names and keywords, and graded relevance comes from the true CLDR keywords,
-   which the simulated auto-tagger keeps 70% of the time; exact word identity is therefore a strong signal.
-   Frozen 50-d GloVe vectors blur it (nearby words look alike), so LAN could not tell an exact tag match
-   from a related tag, which is what NDCG@1 showed most.
-3. Change: LAN gets the share of each keyword's words found in the query, `m_i`, in its attention logit
-   (`+ a m_i`) and in the keyword vector (`+ m_i u`), with `a` and `u` learned (`training/model.py`). On seed
-   0 alone test NDCG@10 went from 0.591 to 0.639; the table above is the full 3-seed run with it. The
-   learned baselines share the networks, so keywords-only and equal fusion gained from it too.
-"""
+def _table(entry: dict, metrics: tuple[str, ...], std: dict | None) -> list[str]:
+    methods = list(entry[metrics[0]])
+    rows = ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for m in methods:
+        cells = [f"{entry[k][m]:.4f}" + (f" ± {std[k][m]:.4f}" if std else "") for k in metrics]
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def markdown(report: dict, details: dict) -> str:
-    rows = ["| method | " + " | ".join(f"NDCG@{k}" for k in NDCG_KS) + " |", "|---" * (len(NDCG_KS) + 1) + "|"]
-    for m in METHODS:
-        rows.append(f"| {m} | " + " | ".join(f"{report[f'ndcg@{k}'][m]:.4f} ± {report['std'][f'ndcg@{k}'][m]:.4f}"
-                                            for k in NDCG_KS) + " |")
     w = report["mtn_visual_weight"]
     seconds = {m: f"{np.mean(v):.0f}" for m, v in details["train_seconds"].items()}
-    return "\n".join([
+    counts = details["list_counts"]
+    lines = [
         "# AMC evaluation", "",
-        f"Test split, mean ± standard deviation over seeds {details['seeds']} (corpus and weights seeded "
-        "together). Reproduce: `make eval` (`python -m training.evaluate --out-dir reports`).", "",
-        *rows, "",
-        f"MTN's mean visual weight on relevant candidates: clean keywords {w['clean_keywords']:.3f}, "
-        f"noisy keywords {w['noisy_keywords']:.3f}.", "",
+        f"Mean ± standard deviation over seeds {details['seeds']} (corpus, split and weights seeded together). "
+        "Reproduce: `make eval` (`python -m training.evaluate --out-dir reports`). Protocols "
+        "(`training/protocols.py`): **test_lists**, the log's 30-candidate test lists; **random100**, each test "
+        "query's target among 99 random images; **regional_names**, the same with CLDR's regional English names "
+        "of test-split emoji (text never seen in training). *noisy* / *clean*: lists whose target's auto-tagger "
+        "keywords are noise / not. Lists per seed: "
+        + ", ".join(f"seed {s}: " + ", ".join(f"{p} {n}" for p, n in c.items()) for s, c in counts.items()) + ".",
+        "", "## test_lists", "", *_table(report, tuple(f"ndcg@{k}" for k in NDCG_KS), report["std"]), ""]
+    test = report["protocols"]["test_lists"]
+    for group in ("noisy", "clean"):
+        lines += [f"{group} targets (name queries):", "", *_table(test[group], ("ndcg@1", "ndcg@10"), None), ""]
+    for name in ("random100", "regional_names"):
+        entry = report["protocols"][name]
+        lines += [f"## {name}", "", *_table(entry, TARGET_METRICS, entry["std"]), ""]
+        for group in ("noisy", "clean"):
+            lines += [f"{group} targets:", "", *_table(entry[group], TARGET_METRICS, None), ""]
+    lines += [
+        f"MTN's mean visual weight on relevant candidates of the test lists: clean keywords "
+        f"{w['clean_keywords']:.3f}, noisy keywords {w['noisy_keywords']:.3f} "
+        f"(ratio {w['noisy_keywords'] / w['clean_keywords']:.2f}).", "",
         f"Mean training time per model in seconds: {seconds}.", "",
         "![NDCG@k per method](ndcg.png)", "", "![Attention on test queries](attention.png)", "",
-        HISTORY,
-        "## Corpus", "", "```", details["summary"], "```", ""])
+        "What was tried to get here, step by step with figures: [eval_history.md](eval_history.md).", "",
+        "## Corpus", "", "```", details["summary"], "```", ""]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,3 +48,34 @@ class BM25:
             if tf:
                 total += self.idf[w] * tf * (self.k1 + 1) / (tf + norm)
         return total
+
+
+def target_rank(scores: np.ndarray, target: int) -> int:
+    """1-based rank of candidate ``target`` when ranking by ``scores`` (descending; ties keep the given order)."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return int(np.flatnonzero(order == target)[0]) + 1
+
+
+def target_metrics(score_lists: list[np.ndarray], relevance_lists: list[np.ndarray],
+                   targets: list[int]) -> dict[str, float]:
+    """R@1, R@10, MRR of the one target per list, and NDCG@10 of the graded relevance; means over lists."""
+    ranks = np.array([target_rank(s, t) for s, t in zip(score_lists, targets, strict=True)])
+    ndcg = [ndcg_at_k(s, r, 10) for s, r in zip(score_lists, relevance_lists, strict=True)]
+    if not len(ranks):
+        return {k: float("nan") for k in TARGET_METRICS}
+    return {"r@1": float(np.mean(ranks <= 1)), "r@10": float(np.mean(ranks <= 10)),
+            "mrr": float(np.mean(1.0 / ranks)), "ndcg@10": float(np.mean(ndcg))}
+
+
+TARGET_METRICS = ("r@1", "r@10", "mrr", "ndcg@10")
+
+
+def reciprocal_rank_fusion(score_lists: list[np.ndarray], k: float = 60.0) -> np.ndarray:
+    """RRF of several rankings of the same candidates: sum over rankers of 1 / (k + rank)."""
+    fused = np.zeros(len(score_lists[0]))
+    for scores in score_lists:
+        order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+        ranks = np.empty(len(order))
+        ranks[order] = np.arange(1, len(order) + 1)
+        fused += 1.0 / (k + ranks)
+    return fused

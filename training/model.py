@@ -3,26 +3,30 @@
 Follows Chen et al., "AMC: Attention guided Multi-modal Correlation Learning for Image Search" (CVPR 2017).
 Where the paper leaves a detail open, the choice made here:
 
-* QEN: frozen GloVe word vectors, masked mean- and max-pooling, then a two-layer MLP to ``query_dim``.
-  Pooling (not a recurrent net) because queries are short tag-like phrases and it exports to plain ONNX.
+* QEN: the query's sentence embedding from the frozen, pretrained all-MiniLM-L6-v2 (``training.text_encoder``:
+  WordPiece subwords, so any English query has an embedding, paraphrases included), then a trainable two-layer
+  MLP to ``query_dim``. The transformer runs in the serving text step; QEN's ONNX graph is the head.
 * VAN: region features (EfficientNet-Lite0, 1280 channels) are first reduced by a fixed PCA basis estimated
   on the training images (a non-trainable buffer, so the served graph still takes raw features) and then
   projected to ``hidden`` by a learned ``W_v``. The paper's query-guided kernel ``s_q`` is applied as a 1x1
   kernel: ``logit_r = s_q . tanh(W_v v_r)``, i.e. a convolution with a kernel derived from the query, which
   also works for any number of (masked) regions.
-* LAN: a keyword's embedding is the mean of its words' GloVe vectors (keywords are often several words),
-  ``p_i = softmax_i((q W_ql) . (k_i W_kl) / sqrt(hidden) + a m_i)``, ``k^q = sum_i p_i (k_i W_kl + m_i u)``,
-  where ``m_i`` is the share of keyword i's words that occur in the query and ``a``, ``u`` are learned.
-  Why the exact-match term: frozen 50-d GloVe vectors blur word identity ("cat" is close to "dog"), and
-  search queries are often the very tags an image carries; without it, BM25 over the keywords beat the
-  learned models (reports/eval.md).
+* LAN: a keyword's embedding ``k_i`` is its MiniLM sentence embedding (keywords are often several words);
+  ``f_i`` are its term-weighted lexical matches with the query (``amc_client.text.LEXICAL_FEATURES``: IDF
+  share of the keyword found in the query, of the query found in the keyword, of the query found anywhere in
+  the candidate's keywords). ``p_i = softmax_i((q W_ql) . (k_i W_kl) / sqrt(hidden) + a . f_i)``,
+  ``k^q = sum_i p_i (k_i W_kl + U f_i)``, with ``a`` and ``U`` learned.
+  Why the lexical term: embeddings blur word identity, and search queries are often the very tags an image
+  carries; IDF weighting is what lets a rare word ("kiwi") count more than a frequent one ("face"), as
+  BM25 does (reports/eval.md).
 * MTN: ``q' = relu(W' q)``, ``q_m = relu(W_m q)``, ``(w_v, w_k) = softmax(tau * [cos(q', v^q), cos(q', k^q)])``
   with a learned temperature ``tau``; ``x^q = w_v v^q + w_k k^q``; score ``cos(q_m, x^q)``.
 
 Masks: every softmax is over unmasked items only; padding gets exactly 0 weight. A candidate with nothing
 unmasked (padding) gets zero vectors and a score of 0.
 
-Shapes: B queries, N candidates, R regions, D region channels, K keywords, W words per keyword, L query words.
+Shapes: B queries, N candidates, R regions, D region channels, K keywords, E text-embedding size (384),
+F lexical features (3).
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 MODES = ("amc", "visual_only", "keywords_only", "equal_fusion")
@@ -38,13 +41,22 @@ _NEG = -1e9  # masked logit: exp(-1e9 - max) is exactly 0 in float32, so padding
 _EPS = 1e-8
 
 
+ENCODER = "all-MiniLM-L6-v2"  # the only text encoder this code serves (checkpoints record theirs)
+TEXT_DIM = 384
+LEXICAL_DIM = 3  # len(amc_client.text.LEXICAL_FEATURES)
+
+
 @dataclass(frozen=True)
 class AMCConfig:
     """Architecture of one AMC model; stored in checkpoints so export rebuilds the model from them alone."""
 
-    vocab_size: int  # rows of the word-vector tables (index 0 pads)
-    word_dim: int = 50  # GloVe 6B 50d
-    query_dim: int = 128  # size of the query embedding q
+    encoder: str = ENCODER  # pretrained sentence encoder whose embeddings QEN and LAN read
+    text_dim: int = TEXT_DIM  # its embedding size
+    lexical_dim: int = LEXICAL_DIM  # lexical match features per keyword
+    query_dim: int = 128  # size of QEN's learned part of the query embedding q
+    # Append the sentence embedding itself to q (q = [MLP(t), t]): the later linear maps (W_ql, W', W_m) then see
+    # the encoder's full 384-d semantics, not only what a head trained on a few thousand queries kept.
+    query_skip: bool = False
     hidden: int = 128  # size of the AMC space where v^q, k^q and q_m live
     region_dim: int = 1280  # EfficientNet-Lite0 channels per region
     pca_dim: int = 256  # fixed PCA reduction of region features before W_v
@@ -66,6 +78,11 @@ class AMCConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def query_embedding_dim(self) -> int:
+        """Size of q, QEN's output (the ``query_dim`` axis of the served tensors)."""
+        return self.query_dim + (self.text_dim if self.query_skip else 0)
+
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis restricted to ``mask``; all-masked rows give all zeros (not NaN)."""
@@ -78,34 +95,18 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(_EPS)
 
 
-class WordEmbedding(nn.Module):
-    """Frozen pretrained word vectors (a buffer, so it exports as a constant and never trains)."""
-
-    def __init__(self, vocab_size: int, word_dim: int) -> None:
-        super().__init__()
-        self.register_buffer("vectors", torch.zeros(vocab_size, word_dim))
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.embedding(tokens, self.vectors)
-
-
 class QueryEncoder(nn.Module):
-    """QEN: query word ids (B, L) -> query embedding q (B, query_dim)."""
+    """QEN head: the query's sentence embedding (B, E) -> query embedding q (B, query_dim)."""
 
     def __init__(self, cfg: AMCConfig) -> None:
         super().__init__()
-        self.embed = WordEmbedding(cfg.vocab_size, cfg.word_dim)
-        self.mlp = nn.Sequential(nn.Linear(2 * cfg.word_dim, 2 * cfg.query_dim), nn.ReLU(),
+        self.skip = cfg.query_skip
+        self.mlp = nn.Sequential(nn.Linear(cfg.text_dim, 2 * cfg.query_dim), nn.ReLU(),
                                  nn.Linear(2 * cfg.query_dim, cfg.query_dim))
 
-    def forward(self, query_tokens: torch.Tensor) -> torch.Tensor:
-        mask = (query_tokens > 0).unsqueeze(-1)  # (B, L, 1)
-        e = self.embed(query_tokens)  # (B, L, E)
-        count = mask.sum(1).clamp_min(1)  # (B, 1)
-        mean = (e * mask).sum(1) / count  # (B, E)
-        peak = e.masked_fill(~mask, _NEG).amax(1)  # (B, E)
-        peak = torch.where(mask.any(1), peak, torch.zeros_like(peak))
-        return self.mlp(torch.cat([mean, peak], dim=-1))  # (B, Q)
+    def forward(self, query_text: torch.Tensor) -> torch.Tensor:
+        q = self.mlp(query_text)  # (B, query_dim)
+        return torch.cat([q, query_text], dim=-1) if self.skip else q  # (B, Q)
 
 
 class VisualAttention(nn.Module):
@@ -116,7 +117,7 @@ class VisualAttention(nn.Module):
         self.register_buffer("region_mean", torch.zeros(cfg.region_dim))
         self.register_buffer("region_basis", torch.eye(cfg.region_dim, cfg.pca_dim))
         self.project = nn.Linear(cfg.pca_dim, cfg.hidden)  # W_v
-        self.kernel = nn.Linear(cfg.query_dim, cfg.hidden)  # q -> s_q
+        self.kernel = nn.Linear(cfg.query_embedding_dim, cfg.hidden)  # q -> s_q
 
     def reduce(self, regions: torch.Tensor) -> torch.Tensor:
         """Fixed PCA: (..., D) -> (..., P). Training applies it once to the cached features."""
@@ -141,26 +142,27 @@ class LanguageAttention(nn.Module):
 
     def __init__(self, cfg: AMCConfig) -> None:
         super().__init__()
-        self.embed = WordEmbedding(cfg.vocab_size, cfg.word_dim)
-        self.key = nn.Linear(cfg.word_dim, cfg.hidden)  # W_kl
-        self.query = nn.Linear(cfg.query_dim, cfg.hidden)  # W_ql
-        self.match_direction = nn.Parameter(torch.randn(cfg.hidden) / cfg.hidden**0.5)  # u
-        self.match_weight = nn.Parameter(torch.tensor(1.0))  # a
+        self.key = nn.Linear(cfg.text_dim, cfg.hidden)  # W_kl
+        self.query = nn.Linear(cfg.query_embedding_dim, cfg.hidden)  # W_ql
+        self.lexical_vector = nn.Linear(cfg.lexical_dim, cfg.hidden, bias=False)  # U
+        self.lexical_logit = nn.Linear(cfg.lexical_dim, 1, bias=False)  # a
         self.scale = cfg.hidden**-0.5
 
-    def forward(self, query_embedding: torch.Tensor, query_tokens: torch.Tensor,
-                keyword_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        word_mask = (keyword_tokens > 0).unsqueeze(-1)  # (B, N, K, W, 1)
-        words = self.embed(keyword_tokens) * word_mask  # (B, N, K, W, E)
-        keyword_mask = word_mask.squeeze(-1).any(-1)  # (B, N, K): keywords with >= 1 known word
-        count = word_mask.sum(3).clamp_min(1)  # (B, N, K, 1)
-        k = words.sum(3) / count  # (B, N, K, E)
-        # Exact match: share of each keyword's words found among the query's words (padding never matches).
-        in_query = (keyword_tokens.unsqueeze(-1) == query_tokens[:, None, None, None, :]).any(-1)  # (B, N, K, W)
-        match = (in_query & word_mask.squeeze(-1)).sum(-1, keepdim=True) / count  # (B, N, K, 1)
-        k = self.key(k) + match * self.match_direction  # (B, N, K, H)
+    def project(self, keyword_embeddings: torch.Tensor) -> torch.Tensor:
+        """``k_i W_kl``: depends on the keywords alone, so the candidate store precomputes it."""
+        return self.key(keyword_embeddings)
+
+    def forward(self, query_embedding: torch.Tensor, keyword_embeddings: torch.Tensor,
+                keyword_lexical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keyword_mask = (keyword_embeddings != 0).any(-1)  # (B, N, K): padding is the zero vector
+        return self.forward_projected(query_embedding, self.project(keyword_embeddings), keyword_mask,
+                                      keyword_lexical)
+
+    def forward_projected(self, query_embedding: torch.Tensor, projected: torch.Tensor, keyword_mask: torch.Tensor,
+                          keyword_lexical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = projected + self.lexical_vector(keyword_lexical)  # (B, N, K, H)
         q = self.query(query_embedding)[:, None, None, :]  # (B, 1, 1, H)
-        logits = (k * q).sum(-1) * self.scale + self.match_weight * match.squeeze(-1)  # (B, N, K)
+        logits = (k * q).sum(-1) * self.scale + self.lexical_logit(keyword_lexical).squeeze(-1)  # (B, N, K)
         attention = masked_softmax(logits, keyword_mask)  # (B, N, K)
         keyword_vector = (attention.unsqueeze(-1) * k).sum(2)  # (B, N, H)
         return keyword_vector, attention
@@ -172,8 +174,8 @@ class ModalityFusion(nn.Module):
     def __init__(self, cfg: AMCConfig) -> None:
         super().__init__()
         self.mode = cfg.mode
-        self.guide = nn.Linear(cfg.query_dim, cfg.hidden)  # W': q' = relu(W' q)
-        self.match = nn.Linear(cfg.query_dim, cfg.hidden)  # W_m: q_m = relu(W_m q)
+        self.guide = nn.Linear(cfg.query_embedding_dim, cfg.hidden)  # W': q' = relu(W' q)
+        self.match = nn.Linear(cfg.query_embedding_dim, cfg.hidden)  # W_m: q_m = relu(W_m q)
         self.log_temperature = nn.Parameter(torch.tensor(float(cfg.init_temperature)).log())
 
     def forward(self, query_embedding: torch.Tensor, visual_vector: torch.Tensor,
@@ -183,6 +185,10 @@ class ModalityFusion(nn.Module):
         weights = self._weights(q_guide, visual_vector, keyword_vector)  # (B, N, 2)
         fused = weights[..., :1] * visual_vector + weights[..., 1:] * keyword_vector  # (B, N, H)
         return cosine(q_match, fused), weights  # (B, N), (B, N, 2)
+
+    def match_vector(self, query_embedding: torch.Tensor) -> torch.Tensor:
+        """``q_m`` (B, H): what the fused vector is scored against (also the visual-only auxiliary loss's)."""
+        return torch.relu(self.match(query_embedding))
 
     def _weights(self, q_guide: torch.Tensor, visual: torch.Tensor, keyword: torch.Tensor) -> torch.Tensor:
         if self.mode == "amc":
@@ -198,6 +204,8 @@ class AMCOutput:
     modality_weights: torch.Tensor  # (B, N, 2): visual, language
     region_attention: torch.Tensor  # (B, N, R)
     keyword_attention: torch.Tensor  # (B, N, K)
+    visual_vector: torch.Tensor | None = None  # (B, N, H): v^q, for training's visual-only auxiliary loss
+    query_embedding: torch.Tensor | None = None  # (B, Q)
 
 
 class AMC(nn.Module):
@@ -211,23 +219,24 @@ class AMC(nn.Module):
         self.lan = LanguageAttention(cfg)
         self.mtn = ModalityFusion(cfg)
 
-    def set_word_vectors(self, vectors: torch.Tensor) -> None:
-        self.qen.embed.vectors.copy_(vectors)
-        self.lan.embed.vectors.copy_(vectors)
-
     def set_region_pca(self, mean: torch.Tensor, basis: torch.Tensor) -> None:
         self.van.region_mean.copy_(mean)
         self.van.region_basis.copy_(basis)
 
-    def forward(self, query_tokens: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor,
-                keyword_tokens: torch.Tensor, *, reduced: bool = False) -> AMCOutput:
-        """Scores candidates. ``reduced=True`` takes PCA-reduced regions (B, N, R, P), as training caches them."""
-        q = self.qen(query_tokens)
+    def forward(self, query_text: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor,
+                keyword_embeddings: torch.Tensor, keyword_lexical: torch.Tensor, *,
+                reduced: bool = False) -> AMCOutput:
+        """Scores candidates. ``reduced=True`` takes PCA-reduced regions (B, N, R, P), as training caches them.
+
+        query_text (B, E): the query's sentence embedding; keyword_embeddings (B, N, K, E), zero vectors pad;
+        keyword_lexical (B, N, K, F).
+        """
+        q = self.qen(query_text)
         van = self.van.forward_reduced if reduced else self.van
         visual, region_attention = van(q, regions, region_mask)
-        keyword, keyword_attention = self.lan(q, query_tokens, keyword_tokens)
+        keyword, keyword_attention = self.lan(q, keyword_embeddings, keyword_lexical)
         scores, weights = self.mtn(q, visual, keyword)
-        return AMCOutput(scores, weights, region_attention, keyword_attention)
+        return AMCOutput(scores, weights, region_attention, keyword_attention, visual, q)
 
 
 def ranking_loss(scores: torch.Tensor, margin: float) -> torch.Tensor:

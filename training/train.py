@@ -23,9 +23,9 @@ from tqdm import tqdm
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import add_dataclass_args, config_from_args
 from training.corpus import Corpus, CorpusConfig, Query, load_corpus
-from training.data import CorpusTensors, corpus_tensors, fit_region_pca, padded_candidates
+from training.data import CorpusTensors, corpus_tensors, fit_region_pca, padded_candidates, term_weights
 from training.metrics import mean_ndcg
-from training.model import AMC, AMCConfig, ranking_loss
+from training.model import AMC, AMCConfig, cosine, masked_softmax, ranking_loss
 
 
 @dataclass(frozen=True)
@@ -41,15 +41,28 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-5
     query_dim: int = 128
+    query_skip: bool = False  # AMCConfig.query_skip
+    init_temperature: float = 5.0  # AMCConfig.init_temperature: MTN's softmax temperature at the start (learned)
     hidden: int = 128
     pca_dim: int = 256
+    # Visual-only auxiliary losses (issue 8: VAN was weak where keywords are noise, because the fused loss lets
+    # LAN do the work on clean images and VAN gets little gradient). Both score cos(q_m, v^q), VAN's vector alone:
+    visual_rank_weight: float = 1.0  # the ranking loss on the same clicked/unclicked candidates
+    visual_contrastive_weight: float = 1.0  # in-batch softmax: each query against every other query's positive
+    contrastive_temperature: float = 0.1
+    # Softmax over (clicked, t unclicked) as well as the paper's hinge: keeps pushing the clicked image to the
+    # top after the margin is met, which is what NDCG@1 rewards.
+    listwise_weight: float = 0.0
+    listwise_temperature: float = 0.05
+    # Validation figure that picks the best epoch: NDCG@10, or "ndcg@1+10" (their mean).
+    select_by: str = "ndcg@10"
     resume: str = ""  # checkpoint to continue from; refused if its model configuration differs
     progress: bool = True  # show a progress bar
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
 
-    def model_config(self, vocab_size: int) -> AMCConfig:
-        return AMCConfig(vocab_size=vocab_size, query_dim=self.query_dim, hidden=self.hidden,
-                         pca_dim=self.pca_dim, mode=self.mode)
+    def model_config(self) -> AMCConfig:
+        return AMCConfig(query_dim=self.query_dim, query_skip=self.query_skip, hidden=self.hidden,
+                         pca_dim=self.pca_dim, mode=self.mode, init_temperature=self.init_temperature)
 
 
 @dataclass
@@ -64,21 +77,27 @@ class TrainResult:
 
 
 @torch.no_grad()
-def score_queries(model: AMC, data: CorpusTensors, queries: list[Query], batch: int = 64) -> list[dict]:
-    """Scores each query's candidate list; per query a dict of numpy arrays (scores, weights, attention)."""
+def score_lists(model: AMC, data: CorpusTensors, texts: list[str], candidate_lists: list[np.ndarray],
+                batch: int = 64) -> list[dict]:
+    """Scores each query text's candidate list; per query a dict of numpy arrays (scores, weights, attention)."""
     model.eval()
     results = []
-    for start in range(0, len(queries), batch):
-        chunk = queries[start:start + batch]
-        index = padded_candidates(chunk)
-        reduced, region_mask, keyword_tokens = data.candidates(index)
-        out = model(data.query_tokens(chunk), reduced, region_mask, keyword_tokens, reduced=True)
-        for b, q in enumerate(chunk):
-            n = len(q.candidates)
+    for start in range(0, len(texts), batch):
+        chunk = list(texts[start:start + batch])
+        lists = candidate_lists[start:start + batch]
+        index = padded_candidates(lists)
+        out = model(data.query_text(chunk), *data.candidates(chunk, index), reduced=True)
+        for b, cands in enumerate(lists):
+            n = len(cands)
             results.append({"scores": out.scores[b, :n].numpy(), "modality_weights": out.modality_weights[b, :n].numpy(),
                             "region_attention": out.region_attention[b, :n].numpy(),
                             "keyword_attention": out.keyword_attention[b, :n].numpy()})
     return results
+
+
+def score_queries(model: AMC, data: CorpusTensors, queries: list[Query], batch: int = 64) -> list[dict]:
+    """:func:`score_lists` over the log's own candidate lists."""
+    return score_lists(model, data, [q.text for q in queries], [q.candidates for q in queries], batch)
 
 
 def evaluate_split(model: AMC, data: CorpusTensors, queries: list[Query]) -> dict[str, float]:
@@ -107,23 +126,48 @@ def _batch_indices(pairs, rng: np.random.Generator, negatives: int) -> tuple[lis
     return qids, torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
+def visual_losses(model: AMC, data: CorpusTensors, out, index: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The visual-only auxiliary losses for one batch (column 0 of ``index`` holds the clicked images)."""
+    q_match = model.mtn.match_vector(out.query_embedding)  # (B, H)
+    loss = out.scores.new_zeros(())
+    if cfg.visual_rank_weight:
+        visual_scores = cosine(q_match.unsqueeze(1), out.visual_vector)  # (B, 1 + t)
+        loss = loss + cfg.visual_rank_weight * ranking_loss(visual_scores, cfg.margin)
+    if cfg.visual_contrastive_weight:
+        positives = index[:, 0]
+        u = model.van.project(data.reduced[positives])  # (B images, R, H)
+        s_q = model.van.kernel(out.query_embedding)  # (B queries, H)
+        logits = torch.einsum("irh,qh->qir", torch.tanh(u), s_q)  # (B queries, B images, R)
+        attention = masked_softmax(logits, torch.ones_like(logits, dtype=torch.bool))
+        visual = torch.einsum("qir,irh->qih", attention, u)  # (B, B, H)
+        similarity = cosine(q_match.unsqueeze(1), visual) / cfg.contrastive_temperature  # (B, B)
+        # The same image can be two queries' positive: it is not a negative for either.
+        same = positives[:, None] == positives[None, :]
+        similarity = similarity.masked_fill(same & ~torch.eye(len(positives), dtype=torch.bool), -1e4)
+        target = torch.arange(len(positives))
+        loss = loss + cfg.visual_contrastive_weight * torch.nn.functional.cross_entropy(similarity, target)
+    return loss
+
+
 def train(cfg: TrainConfig, corpus: Corpus | None = None) -> TrainResult:
     started = time.perf_counter()
     corpus = corpus or load_corpus(cfg.corpus, progress=cfg.progress)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model_config = cfg.model_config(len(corpus.vocab))
+    model_config = cfg.model_config()
     model = AMC(model_config)
-    model.set_word_vectors(torch.from_numpy(corpus.word_vectors))
     model.set_region_pca(*fit_region_pca(corpus.regions, cfg.pca_dim, seed=cfg.corpus.seed))
     if cfg.resume:
         model.load_state_dict(load_checkpoint(cfg.resume, expect=model_config).state_dict)
-    data = corpus_tensors(corpus, model)
+    weights = term_weights(corpus)
+    data = corpus_tensors(corpus, model, weights, progress=cfg.progress)
     train_queries, val_queries = corpus.queries["train"], corpus.queries["val"]
     pairs = _training_pairs(train_queries)
     if not pairs:
         raise ValueError("the training split has no query with both a clicked and an unclicked candidate")
-    query_tokens = data.query_tokens(train_queries)
+    train_texts = [q.text for q in train_queries]
+    data.query_text(train_texts)  # embeds (and caches) every training query once, before the progress bar
+    use_visual = cfg.mode in ("amc", "equal_fusion", "visual_only")
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
@@ -138,9 +182,14 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> TrainResult:
         for step in range(steps_per_epoch):
             chosen = [pairs[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
             qids, index = _batch_indices(chosen, rng, cfg.negatives)
-            reduced, region_mask, keyword_tokens = data.candidates(index)
-            out = model(query_tokens[qids], reduced, region_mask, keyword_tokens, reduced=True)
+            texts = [train_texts[i] for i in qids]
+            out = model(data.query_text(texts), *data.candidates(texts, index), reduced=True)
             loss = ranking_loss(out.scores, cfg.margin)
+            if cfg.listwise_weight:
+                loss = loss + cfg.listwise_weight * torch.nn.functional.cross_entropy(
+                    out.scores / cfg.listwise_temperature, torch.zeros(len(qids), dtype=torch.long))
+            if use_visual:
+                loss = loss + visual_losses(model, data, out, index, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -149,8 +198,9 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> TrainResult:
             bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.4f}", best_val=f"{best:.4f}")
         val = evaluate_split(model, data, val_queries)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), **{f"val_{k}": v for k, v in val.items()}})
-        if val["ndcg@10"] > best:
-            best, best_epoch, stale = val["ndcg@10"], epoch, 0
+        score = (val["ndcg@1"] + val["ndcg@10"]) / 2 if cfg.select_by == "ndcg@1+10" else val[cfg.select_by]
+        if score > best:
+            best, best_epoch, stale = score, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
@@ -163,7 +213,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> TrainResult:
     out_dir = Path(cfg.out)
     metrics = {"best_epoch": best_epoch, **{f"val_{k}": v for k, v in val.items()},
                **{f"test_{k}": v for k, v in test.items()}}
-    ckpt = save_checkpoint(out_dir / "checkpoint.pt", model, corpus.vocab, train_config=asdict(cfg), metrics=metrics)
+    ckpt = save_checkpoint(out_dir / "checkpoint.pt", model, weights.to_json(), train_config=asdict(cfg), metrics=metrics)
     (out_dir / "history.json").write_text(json.dumps(history, indent=2))
     return TrainResult(out_dir / "checkpoint.pt", ckpt.fingerprint, best_epoch, val, test, history,
                        time.perf_counter() - started)

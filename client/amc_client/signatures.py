@@ -10,7 +10,8 @@ is fixed by the trained model's configuration and is written as ``-1`` in Triton
 size there. The first dim of every tensor is ``batch`` (queries in one request): Triton's batch dimension.
 
 Axes: B queries, N candidates per query, R regions per image, D region-feature channels, K keywords per
-candidate, W words per keyword, L words per query.
+candidate, E text-embedding size (384, all-MiniLM-L6-v2), F lexical features per keyword
+(``amc_client.text.LEXICAL_FEATURES``), L WordPiece tokens of a text.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ REGION_FEATURE_DIM = 1280
 REGIONS_PER_IMAGE = 49
 FEATURE_MAP_SIDE = 7
 
-DYNAMIC_AXES = ("batch", "candidates", "regions", "keywords", "words", "query_len")
+DYNAMIC_AXES = ("batch", "candidates", "regions", "keywords", "tokens")
+# The sentence encoder's embedding size and the lexical features per keyword (fixed by the model).
+TEXT_EMBEDDING_DIM = 384
+LEXICAL_DIM = 3
 
 Dim = int | str
 
@@ -116,9 +120,14 @@ MODEL_VERSION = _t("model_version", "int64", "batch", 1,
                    doc="version that scored the response; -1 if the steps' versions disagreed")
 
 # ---- internal tensors between steps ------------------------------------------------------------------
-QUERY_TOKENS = _t("query_tokens", "int64", "batch", "query_len", doc="vocabulary ids, 0 pads")
-KEYWORD_TOKENS = _t("keyword_tokens", "int64", "batch", "candidates", "keywords", "words",
-                    doc="vocabulary ids of each keyword's words, 0 pads")
+# The text step (Python backend: WordPiece + the all-MiniLM-L6-v2 encoder + term-weighted lexical matching)
+# turns the request's strings into these; no string reaches the ONNX networks.
+QUERY_TEXT = _t("query_text", "float32", "batch", TEXT_EMBEDDING_DIM,
+                doc="the query's sentence embedding (all-MiniLM-L6-v2, unit norm)")
+KEYWORD_EMBEDDINGS = _t("keyword_embeddings", "float32", "batch", "candidates", "keywords", TEXT_EMBEDDING_DIM,
+                        doc="each keyword's sentence embedding; the zero vector pads")
+KEYWORD_LEXICAL = _t("keyword_lexical", "float32", "batch", "candidates", "keywords", LEXICAL_DIM,
+                     doc="term-weighted lexical matches of each keyword with the query (amc_client.text)")
 QUERY_EMBEDDING = _t("query_embedding", "float32", "batch", "query_dim")
 VISUAL_VECTOR = _t("visual_vector", "float32", "batch", "candidates", "hidden")
 KEYWORD_VECTOR = _t("keyword_vector", "float32", "batch", "candidates", "hidden")
@@ -127,21 +136,25 @@ QEN_VERSION = _t("qen_version", "int64", "batch", 1)
 VAN_VERSION = _t("van_version", "int64", "batch", 1)
 LAN_VERSION = _t("lan_version", "int64", "batch", 1)
 
+# The sentence encoder alone, as the text step runs it (exported to ONNX with every model version).
+TEXT_TOKENS = _t("text_tokens", "int64", "batch", "tokens", doc="WordPiece ids with [CLS] and [SEP], 0 pads")
+TEXT_EMBEDDING = _t("text_embedding", "float32", "batch", TEXT_EMBEDDING_DIM)
+TEXT_ENCODER = StepSignature("amc_text_encoder", (TEXT_TOKENS,), (TEXT_EMBEDDING,))
+
 # ---- the steps ---------------------------------------------------------------------------------------
 # The tokenizer also takes region_mask, only to check that regions and keywords agree on the candidates.
 TOKENIZER = StepSignature("amc_tokenizer", (QUERY, KEYWORDS, REGION_MASK),
-                          (QUERY_TOKENS, KEYWORD_TOKENS, TOKENIZER_VERSION))
-QEN = StepSignature("amc_qen", (QUERY_TOKENS,), (QUERY_EMBEDDING, QEN_VERSION))
+                          (QUERY_TEXT, KEYWORD_EMBEDDINGS, KEYWORD_LEXICAL, TOKENIZER_VERSION))
+QEN = StepSignature("amc_qen", (QUERY_TEXT,), (QUERY_EMBEDDING, QEN_VERSION))
 VAN = StepSignature("amc_van", (QUERY_EMBEDDING, REGIONS, REGION_MASK), (VISUAL_VECTOR, REGION_ATTENTION, VAN_VERSION))
-# LAN also reads the query's word ids: exact keyword matches are one of its signals (training/model.py).
-LAN = StepSignature("amc_lan", (QUERY_EMBEDDING, QUERY_TOKENS, KEYWORD_TOKENS),
+LAN = StepSignature("amc_lan", (QUERY_EMBEDDING, KEYWORD_EMBEDDINGS, KEYWORD_LEXICAL),
                     (KEYWORD_VECTOR, KEYWORD_ATTENTION, LAN_VERSION))
 MTN = StepSignature(
     "amc_mtn",
     (QUERY_EMBEDDING, VISUAL_VECTOR, KEYWORD_VECTOR, TOKENIZER_VERSION, QEN_VERSION, VAN_VERSION, LAN_VERSION),
     (SCORES, MODALITY_WEIGHTS, MODEL_VERSION),
 )
-# The networks exported to ONNX (the tokenizer is plain Python).
+# The networks exported to ONNX (the text step is Python around TEXT_ENCODER's graph).
 NETWORKS = (QEN, VAN, LAN, MTN)
 
 ENSEMBLE_NAME = "amc"
@@ -180,17 +193,18 @@ def parse_versioned_ensemble_name(name: str) -> int | None:
 
 # ---- candidate store (appended): candidates sent by id, their features resident with the model version ---------
 # At export time each candidate image of a gallery gets its VAN-projected regions ``W_v(PCA(regions))``
-# (G, R, hidden) and its keyword tokens (G, K, W), stored as constants of the store-variant graphs of that
-# version. A request then carries the query and G-row indices instead of R x D floats per candidate.
+# (G, R, hidden) and its keywords' LAN projections ``W_kl k`` (G, K, hidden), stored as constants of the
+# store-variant graphs of that version; the store text step holds the keyword strings for the lexical features. A request then carries the query and G-row indices instead of R x D floats per candidate.
 CANDIDATE_IDS = _t("candidate_ids", "int64", "batch", "candidates",
                    doc="row of each candidate in the version's candidate store (0 <= id < store size)")
 
-# The store tokenizer tokenizes the query only (keyword tokens are in the store); it also takes candidate_ids,
-# only to reject ids outside the store with a clear error before VAN/LAN gather them.
-STORE_TOKENIZER = StepSignature("amc_store_tokenizer", (QUERY, CANDIDATE_IDS), (QUERY_TOKENS, TOKENIZER_VERSION))
+# The store text step encodes the query and computes the lexical features of the stored candidates' keywords;
+# it rejects ids outside the store with a clear error before VAN/LAN gather them.
+STORE_TOKENIZER = StepSignature("amc_store_tokenizer", (QUERY, CANDIDATE_IDS),
+                                (QUERY_TEXT, KEYWORD_LEXICAL, TOKENIZER_VERSION))
 VAN_STORE = StepSignature("amc_van_store", (QUERY_EMBEDDING, CANDIDATE_IDS),
                           (VISUAL_VECTOR, REGION_ATTENTION, VAN_VERSION))
-LAN_STORE = StepSignature("amc_lan_store", (QUERY_EMBEDDING, QUERY_TOKENS, CANDIDATE_IDS),
+LAN_STORE = StepSignature("amc_lan_store", (QUERY_EMBEDDING, KEYWORD_LEXICAL, CANDIDATE_IDS),
                           (KEYWORD_VECTOR, KEYWORD_ATTENTION, LAN_VERSION))
 # The store ensemble reuses QEN and MTN of the same version.
 STORE_NETWORKS = (VAN_STORE, LAN_STORE)
@@ -208,10 +222,10 @@ def versioned_store_ensemble_name(version: int) -> str:
     return f"{STORE_ENSEMBLE_NAME}_v{version}"
 
 
-# ---- fused graphs (appended): all four networks in one ONNX graph, tokens in; used to price the ensemble ---------
-FUSED = StepSignature("amc_fused", (QUERY_TOKENS, REGIONS, REGION_MASK, KEYWORD_TOKENS),
+# ---- fused graphs (appended): all four networks in one ONNX graph, text features in; used to price the ensemble ---------
+FUSED = StepSignature("amc_fused", (QUERY_TEXT, REGIONS, REGION_MASK, KEYWORD_EMBEDDINGS, KEYWORD_LEXICAL),
                       (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION))
-FUSED_STORE = StepSignature("amc_fused_store", (QUERY_TOKENS, CANDIDATE_IDS),
+FUSED_STORE = StepSignature("amc_fused_store", (QUERY_TEXT, KEYWORD_LEXICAL, CANDIDATE_IDS),
                             (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION))
 
 
@@ -220,9 +234,6 @@ FUSED_STORE = StepSignature("amc_fused_store", (QUERY_TOKENS, CANDIDATE_IDS),
 # execution is cheap: their max_batch_size (and that of the 2-step store ensemble) is STORE_MAX_BATCH, while
 # MAX_BATCH stays the raw path's (and QEN's and MTN's, which the 5-step store ensemble shares with it).
 STORE_MAX_BATCH = 64
-# The store tokenizer pads query_tokens to this many words (MAX_QUERY_WORDS of amc_client.text), so that every
-# request has the same shape and Triton's dynamic batcher can merge any of them (QEN ignores 0 padding).
-STORE_QUERY_LEN = 32
 
 # store tokenizer -> amc_fused_store: the same request and response as amc_store, in 2 steps instead of 5.
 STORE_FUSED_ENSEMBLE_NAME = "amc_store_fused"

@@ -1,16 +1,48 @@
-"""Text normalisation shared by training and the serving tokenizer.
+"""Text rules shared by training and the serving text step: WordPiece ids, words, and term-weighted matches.
 
-Training builds its vocabulary with :func:`words`, and the Triton tokenizer step uses the same function,
-so a query is split identically offline and online. Pure Python on purpose: the client and the Python
-backend import it without torch.
+Training and the Triton text step (``serving/backends/text_step.py``, which is published beside a copy of this
+file) call the same functions, so a query is tokenized and matched identically offline and online. No torch:
+numpy, and the ``tokenizers`` package for WordPiece (imported only by :func:`load_wordpiece`).
+
+Two views of text:
+
+* **WordPiece ids** (:func:`wordpiece_ids`) feed the pretrained sentence encoder (all-MiniLM-L6-v2). Subwords
+  mean no query is ever out of vocabulary.
+* **Words** (:func:`words`) feed the lexical signal: how much of the query a candidate's keywords contain,
+  each word weighted by its inverse document frequency over the candidate collection
+  (:class:`TermWeights`, stored with the model version). This is what BM25 does well and embeddings blur:
+  "face" occurs on hundreds of images and counts little, "kiwi" on two and counts a lot.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+import numpy as np
 
 _WORD = re.compile(r"[a-z0-9]+")
+
+# Token budgets of the sentence encoder, [CLS] and [SEP] included; longer texts are truncated, not rejected.
+QUERY_MAX_TOKENS = 48
+KEYWORD_MAX_TOKENS = 16
+
+# Function words that carry no search intent and never count as a lexical match. Deliberately short: "face",
+# "hand", "man" are content words (they distinguish images); IDF weighs those.
+STOPWORDS = frozenset(
+    {"a", "an", "the", "of", "with", "and", "or", "in", "on", "at", "to", "for", "by", "from", "as", "is"}
+    | {"it", "its", "s"}
+)
+
+# Per keyword of a candidate, the lexical features LAN reads (the last axis of ``keyword_lexical``):
+LEXICAL_FEATURES = ("keyword_in_query", "query_in_keyword", "query_in_candidate")
+# keyword_in_query:   IDF share of the keyword's words that occur in the query (1.0: an exact tag match)
+# query_in_keyword:   IDF share of the query's words that occur in this keyword
+# query_in_candidate: IDF share of the query's words that occur in any keyword of the candidate (BM25's view)
 
 
 def words(text: str) -> list[str]:
@@ -18,41 +50,116 @@ def words(text: str) -> list[str]:
     return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
 
 
-# Caps that keep one request's tensors bounded; longer queries/keywords are truncated, not rejected.
-MAX_QUERY_WORDS = 32
-MAX_KEYWORD_WORDS = 8
+def content_words(text: str) -> list[str]:
+    """:func:`words` without ``STOPWORDS``, in order, deduplicated."""
+    return list(dict.fromkeys(w for w in words(text) if w not in STOPWORDS))
 
 
-class Tokenizer:
-    """Maps text to vocabulary ids (0 pads; words outside the vocabulary are dropped)."""
+def load_wordpiece(definition: str):
+    """A ``tokenizers.Tokenizer`` from the text of a ``tokenizer.json`` (padding and truncation are ours)."""
+    from tokenizers import Tokenizer
 
-    def __init__(self, vocab: list[str]) -> None:
-        if not vocab or vocab[0] != "<pad>":
-            raise ValueError("vocabulary must start with the padding token '<pad>'")
-        self.vocab = list(vocab)
-        self.index = {word: i for i, word in enumerate(self.vocab)}
+    tokenizer = Tokenizer.from_str(definition)
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
 
-    def ids(self, text: str, limit: int) -> list[int]:
-        found = (self.index.get(w, 0) for w in words(text))
-        return [i for i in found if i > 0][:limit]
 
-    def encode_queries(self, texts: list[str]):
-        """(B,) texts -> (B, L) int64 ids, L >= 1."""
-        import numpy as np
+def wordpiece_ids(tokenizer, texts: Sequence[str], max_tokens: int) -> np.ndarray:
+    """(n,) texts -> (n, L) int64 WordPiece ids with [CLS] ... [SEP], 0 pads, at most ``max_tokens`` each.
 
-        rows = [self.ids(t, MAX_QUERY_WORDS) for t in texts]
-        out = np.zeros((len(rows), max([1, *map(len, rows)])), dtype=np.int64)
-        for b, row in enumerate(rows):
-            out[b, : len(row)] = row
-        return out
+    A longer text keeps its first ``max_tokens - 1`` tokens and its [SEP].
+    """
+    rows = []
+    for encoding in tokenizer.encode_batch(list(texts)):
+        ids = encoding.ids
+        rows.append(ids if len(ids) <= max_tokens else ids[: max_tokens - 1] + ids[-1:])
+    out = np.zeros((len(rows), max([1, *map(len, rows)])), dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
 
-    def encode_keywords(self, keywords):
-        """(..., K) array of keyword strings ('' pads) -> (..., K, W) int64 ids, W >= 1."""
-        import numpy as np
 
+class TermWeights:
+    """Inverse document frequencies of words over a candidate collection (an image's keywords = a document).
+
+    BM25's IDF, ``log(1 + (n - df + 0.5) / (df + 0.5))``; a word the collection never saw gets the IDF of
+    df = 0 (it matches nothing, but still counts in the query's total, so a query of unknown words scores no
+    lexical match anywhere).
+    """
+
+    def __init__(self, document_frequency: dict[str, int], documents: int) -> None:
+        self.df = dict(document_frequency)
+        self.n = int(documents)
+        self.unseen = self._idf(0)
+
+    def _idf(self, df: int) -> float:
+        return math.log(1.0 + (self.n - df + 0.5) / (df + 0.5))
+
+    def idf(self, word: str) -> float:
+        df = self.df.get(word)
+        return self.unseen if df is None else self._idf(df)
+
+    @classmethod
+    def from_documents(cls, documents: Iterable[Iterable[str]]) -> TermWeights:
+        """``documents``: per candidate image, its keyword strings."""
+        df: Counter[str] = Counter()
+        n = 0
+        for keywords in documents:
+            n += 1
+            df.update({w for k in keywords for w in content_words(k)})
+        return cls(dict(df), n)
+
+    def to_json(self) -> str:
+        return json.dumps({"documents": self.n, "document_frequency": dict(sorted(self.df.items()))})
+
+    @classmethod
+    def from_json(cls, text: str) -> TermWeights:
+        data = json.loads(text)
+        return cls(data["document_frequency"], data["documents"])
+
+
+class LexicalMatcher:
+    """The ``keyword_lexical`` features of candidates for one query (see :data:`LEXICAL_FEATURES`).
+
+    Keeps each keyword's weighted words, so that candidate sets that repeat tags cost one lookup per tag.
+    """
+
+    def __init__(self, weights: TermWeights) -> None:
+        self.weights = weights
+        self._keyword_cache: dict[str, dict[str, float]] = {}
+
+    def _weighted(self, text: str) -> dict[str, float]:
+        found = self._keyword_cache.get(text)
+        if found is None:
+            found = {w: self.weights.idf(w) for w in content_words(text)}
+            if len(self._keyword_cache) < 200_000:  # bounded: a server sees unbounded distinct keywords
+                self._keyword_cache[text] = found
+        return found
+
+    def features(self, query: str, keywords: np.ndarray) -> np.ndarray:
+        """``keywords`` (N, K) strings, '' pads -> (N, K, 3) float32; padding and word-less keywords get 0."""
         keywords = np.asarray(keywords, dtype=object)
-        flat = [self.ids(k, MAX_KEYWORD_WORDS) if k else [] for k in keywords.reshape(-1)]
-        out = np.zeros((len(flat), max([1, *map(len, flat)])), dtype=np.int64)
-        for i, row in enumerate(flat):
-            out[i, : len(row)] = row
-        return out.reshape(*keywords.shape, out.shape[-1])
+        out = np.zeros((*keywords.shape, len(LEXICAL_FEATURES)), dtype=np.float32)
+        q = {w: self.weights.idf(w) for w in content_words(query)}
+        q_total = sum(q.values())
+        if q_total <= 0:
+            return out
+        for c in range(keywords.shape[0]):
+            covered: set[str] = set()
+            real = []
+            for k, text in enumerate(keywords[c]):
+                if not text:
+                    continue
+                real.append(k)
+                kw = self._weighted(text)
+                shared = [w for w in kw if w in q]
+                if not shared:
+                    continue
+                covered.update(shared)
+                matched = sum(kw[w] for w in shared)
+                out[c, k, 0] = matched / sum(kw.values())
+                out[c, k, 1] = matched / q_total
+            if covered:
+                out[c, real, 2] = sum(q[w] for w in covered) / q_total
+        return out

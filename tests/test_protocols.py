@@ -1,0 +1,47 @@
+"""Evaluation protocols and metrics: lists hold their target, are seeded, and regional names stay out of training."""
+
+import numpy as np
+import pytest
+
+from amc_client.text import words
+from training import protocols
+from training.metrics import reciprocal_rank_fusion, target_metrics, target_rank
+
+
+def test_target_metrics_by_hand():
+    scores = [np.array([0.1, 0.9, 0.5]), np.array([0.3, 0.2, 0.1])]
+    relevance = [np.array([2, 0, 1]), np.array([2, 0, 0])]
+    assert target_rank(scores[0], 0) == 3 and target_rank(scores[1], 0) == 1
+    m = target_metrics(scores, relevance, [0, 0])
+    assert m["r@1"] == 0.5 and m["r@10"] == 1.0 and m["mrr"] == pytest.approx((1 / 3 + 1) / 2)
+
+
+def test_reciprocal_rank_fusion_rewards_agreement():
+    fused = reciprocal_rank_fusion([np.array([3.0, 2.0, 1.0]), np.array([1.0, 3.0, 2.0])])
+    assert fused.argmax() == 1 and fused[0] > fused[2]  # ranks (1,3) and (2,1) beat (3,2)
+
+
+def test_random100_lists_hold_their_target_once_and_are_seeded(small_corpus):
+    lists = protocols.random100(small_corpus)
+    assert len(lists) == len(small_corpus.queries["test"])
+    size = min(protocols.LIST_SIZE, len(small_corpus.chars))
+    for rl in lists:
+        assert len(rl.candidates) == len(set(rl.candidates.tolist())) == size
+        assert rl.relevance[rl.target] == 2 and (rl.relevance == 2).sum() == 1
+        assert rl.noisy == bool(small_corpus.noisy[rl.candidates[rl.target]])
+    again = protocols.random100(small_corpus)
+    assert all(np.array_equal(a.candidates, b.candidates) for a, b in zip(lists, again, strict=True))
+
+
+def test_regional_names_are_test_targets_named_otherwise(small_corpus):
+    char = next(q.target for q in small_corpus.queries["test"] if q.kind == "name")
+    i = small_corpus.chars.index(char)
+    en = small_corpus.names[i]
+    train_char = next(q.target for q in small_corpus.queries["train"] if q.kind == "name")
+    table = {char: [en.upper(), "a wholly different name"], train_char: ["another name"]}
+    lists = protocols.regional_names(small_corpus, table)
+    # The same words as the en name do not count; a training target's names never enter the test set.
+    assert [rl.text for rl in lists] == ["a wholly different name"]
+    assert lists[0].candidates[lists[0].target] == i
+    real = protocols.regional_name_table()
+    assert real and all(words(n) for names in real.values() for n in names)
