@@ -1,4 +1,4 @@
-"""Tests of the emoji image-search corpus (training/corpus.py) on small seeded subsets."""
+"""Tests of the emoji image-search corpus (training/corpus/) on small seeded subsets."""
 
 from __future__ import annotations
 
@@ -46,11 +46,11 @@ def no_extraction(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> np.ndarray:
         raise AssertionError("region features were re-extracted")
 
-    monkeypatch.setattr(corpus, "extract_region_features", fail)
+    monkeypatch.setattr(corpus.render, "extract_region_features", fail)
 
 
 def _log_of(c: Corpus) -> tuple:
-    return (c.chars, c.keywords, c.noisy.tolist(), c.vocab, c.queries)
+    return (c.chars, c.keywords, c.noisy.tolist(), c.queries)
 
 
 # --- determinism ----------------------------------------------------------------------------------
@@ -59,7 +59,6 @@ def _log_of(c: Corpus) -> tuple:
 def test_same_config_builds_identical_corpus(base: Corpus, tmp_path: Path) -> None:
     again = load_corpus(_config(tmp_path / "fresh"), progress=False)
     assert _log_of(again) == _log_of(base)
-    np.testing.assert_array_equal(again.word_vectors, base.word_vectors)
     np.testing.assert_allclose(again.regions.astype(np.float32), base.regions.astype(np.float32), atol=1e-2)
 
 
@@ -68,9 +67,9 @@ def test_different_seed_gives_different_noise(base: Corpus, base_dir: Path, cach
     assert other.keywords != base.keywords
     # The noise itself, on the same images, depends on the seed too (distractors come from the
     # whole catalog's tag pool, not just the subset's).
-    pool = sorted({k for ks in corpus._load_catalog(base_dir).keywords for k in ks})
-    tags0, _ = corpus._auto_tag(base.true_keywords, pool, base.config)
-    tags1, _ = corpus._auto_tag(base.true_keywords, pool, dataclasses.replace(base.config, seed=1))
+    pool = sorted({k for ks in corpus.catalog.load_catalog(base_dir).keywords for k in ks})
+    tags0, _ = corpus.autotag.auto_tag(base.true_keywords, pool, base.config)
+    tags1, _ = corpus.autotag.auto_tag(base.true_keywords, pool, dataclasses.replace(base.config, seed=1))
     assert tags0 == base.keywords
     assert tags1 != tags0
 
@@ -78,21 +77,12 @@ def test_different_seed_gives_different_noise(base: Corpus, base_dir: Path, cach
 # --- shape of the corpus --------------------------------------------------------------------------
 
 
-def test_arrays_and_vocabulary(base: Corpus) -> None:
+def test_arrays(base: Corpus) -> None:
     n = len(base.chars)
     assert n == N_IMAGES == len(base.names) == len(base.true_keywords) == len(base.keywords)
     assert len(set(base.chars)) == n
     assert base.regions.shape == (n, 49, 1280) and base.regions.dtype == np.float16
     assert np.isfinite(base.regions.astype(np.float32)).all() and base.regions.any()
-    assert base.vocab[0] == "<pad>" and len(set(base.vocab)) == len(base.vocab)
-    assert base.word_vectors.shape == (len(base.vocab), 50) and base.word_vectors.dtype == np.float32
-    assert not base.word_vectors[0].any() and (np.abs(base.word_vectors[1:]).sum(axis=1) > 0).all()
-    assert len(base.vocab) > base.config.glove_extra_words
-    # the vocabulary holds every corpus word GloVe knows, and only GloVe words
-    glove = set(corpus._glove_words())
-    texts = base.names + [k for ks in base.true_keywords + base.keywords for k in ks]
-    assert {w for t in texts for w in corpus.words(t)} & glove <= set(base.vocab)
-    assert set(base.vocab[1:]) <= glove
     assert f"{N_IMAGES} images" in base.summary()
 
 
@@ -240,7 +230,7 @@ def test_damaged_features_are_rebuilt(
         calls.append(len(images))
         return base.regions.copy()
 
-    monkeypatch.setattr(corpus, "extract_region_features", fake)
+    monkeypatch.setattr(corpus.render, "extract_region_features", fake)
     again = load_corpus(_config(cache_copy), progress=False)
     assert calls == [N_IMAGES]
     np.testing.assert_array_equal(again.regions, base.regions)
@@ -253,7 +243,7 @@ def test_subset_features_are_sliced_from_a_superset_cache(
     base: Corpus, cache_copy: Path, no_extraction: None
 ) -> None:
     chars = base.chars[5:25][::-1]
-    regions, _ = corpus._load_features(cache_copy, chars, progress=False)
+    regions, _ = corpus.features.load_features(cache_copy, chars, progress=False)
     np.testing.assert_array_equal(regions, base.regions[5:25][::-1])
 
 
@@ -261,7 +251,7 @@ def test_subset_features_are_sliced_from_a_superset_cache(
 
 
 def test_missing_font_names_the_debian_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(corpus, "FONT_PATH", str(tmp_path / "NotoColorEmoji.ttf"))
+    monkeypatch.setattr(corpus.render, "FONT_PATH", str(tmp_path / "NotoColorEmoji.ttf"))
     with pytest.raises(MissingDataError, match="fonts-noto-color-emoji"):
         load_corpus(_config(tmp_path / "cache"), progress=False)
     with pytest.raises(MissingDataError, match="apt-get install fonts-noto-color-emoji"):
@@ -269,7 +259,7 @@ def test_missing_font_names_the_debian_package(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_missing_cldr_names_the_debian_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(corpus, "CLDR_DERIVED_ANNOTATIONS", str(tmp_path / "en.xml"))
+    monkeypatch.setattr(corpus.catalog, "CLDR_DERIVED_ANNOTATIONS", str(tmp_path / "en.xml"))
     with pytest.raises(MissingDataError, match="unicode-cldr-core"):
         load_corpus(_config(tmp_path / "cache"), progress=False)
     assert issubclass(MissingDataError, RuntimeError)
@@ -278,3 +268,13 @@ def test_missing_cldr_names_the_debian_package(monkeypatch: pytest.MonkeyPatch, 
 def test_config_is_validated(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="val_share"):
         load_corpus(_config(tmp_path, val_share=0.5, test_share=0.5), progress=False)
+
+
+def test_long_dwell_clicks_are_clicks_and_favour_the_wanted_image(base: Corpus) -> None:
+    qs = [q for split in base.queries.values() for q in split]
+    assert all(not (q.satisfied & ~q.clicks).any() for q in qs)  # a long click is a click
+    clicks = np.concatenate([q.clicks for q in qs])
+    satisfied = np.concatenate([q.satisfied for q in qs])
+    rel = np.concatenate([q.relevance for q in qs])
+    share = {r: satisfied[clicks & (rel == r)].mean() for r in (1, 2)}
+    assert share[2] > share[1]  # DWELL = {2: 0.8, 1: 0.3, 0: 0.1}, seeded

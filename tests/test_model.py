@@ -15,9 +15,9 @@ from training.model import AMC, AMCConfig, masked_softmax, ranking_loss
 from training.train import TrainConfig
 
 
-def _model(mode="amc", seed=0) -> AMC:
+def _model(mode="amc", seed=0, **options) -> AMC:
     torch.manual_seed(seed)
-    model = AMC(AMCConfig(region_dim=32, pca_dim=16, query_dim=24, hidden=20, mode=mode))
+    model = AMC(AMCConfig(region_dim=32, pca_dim=16, query_dim=24, hidden=20, mode=mode, **options))
     model.set_region_pca(torch.randn(32), torch.randn(32, 16) / 4)
     return model.eval()
 
@@ -46,8 +46,12 @@ def test_masked_softmax_sums_to_one_and_zeroes_padding():
     assert torch.equal(w[1], torch.zeros(3))  # nothing unmasked: zeros, not NaN
 
 
-def test_region_and_keyword_attention_respect_masks():
-    model = _model()
+VARIANTS = [{}, {"query_skip": True, "lexical_axis": True}]
+
+
+@pytest.mark.parametrize("options", VARIANTS)
+def test_region_and_keyword_attention_respect_masks(options):
+    model = _model(**options)
     query, regions, region_mask, keywords, lexical = _inputs()
     out = model(query, regions, region_mask, keywords, lexical)
     ra, ka = out.region_attention, out.keyword_attention
@@ -61,8 +65,9 @@ def test_region_and_keyword_attention_respect_masks():
     assert torch.all(out.scores.abs() <= 1 + 1e-6)
 
 
-def test_padding_does_not_change_real_outputs():
-    model = _model()
+@pytest.mark.parametrize("options", VARIANTS)
+def test_padding_does_not_change_real_outputs(options):
+    model = _model(**options)
     query, regions, region_mask, keywords, lexical = _inputs(b=1, n=3)
     base = model(query, regions, region_mask, keywords, lexical)
     # Add padding: more regions (masked), more keywords (zeros), more candidates (all masked).
@@ -159,3 +164,18 @@ def test_checkpoint_of_the_old_glove_encoder_is_refused_naming_the_mismatch(tmp_
     torch.save(payload, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="encoder mismatch.*some-other-encoder"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_lexical_axis_raises_the_score_of_an_exact_informative_match():
+    model = _model(query_skip=True, lexical_axis=True)
+    with torch.no_grad():
+        model.lan.lexical_score.weight.fill_(1.0)
+    query, regions, region_mask, keywords, lexical = _inputs(b=1, n=2)
+    lexical[:, 0] = 0.0
+    lexical[:, 1] = 1.0 * (keywords[:, 1] != 0).any(-1, keepdim=True)
+    keywords[:, 1] = keywords[:, 0]
+    regions[:, 1] = regions[:, 0]
+    region_mask[:, 1] = region_mask[:, 0]
+    out = model(query, regions, region_mask, keywords, lexical)
+    assert out.keyword_attention.shape == (1, 2, 4)
+    assert out.scores[0, 1] > out.scores[0, 0]  # same image and keywords; only the lexical evidence differs

@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MODES = ("amc", "visual_only", "keywords_only", "equal_fusion")
@@ -56,7 +57,13 @@ class AMCConfig:
     query_dim: int = 128  # size of QEN's learned part of the query embedding q
     # Append the sentence embedding itself to q (q = [MLP(t), t]): the later linear maps (W_ql, W', W_m) then see
     # the encoder's full 384-d semantics, not only what a head trained on a few thousand queries kept.
-    query_skip: bool = False
+    query_skip: bool = True
+    # A dedicated lexical axis in the AMC space: LAN's keyword vector gets one more coordinate, the attention-
+    # weighted lexical evidence of the keywords, and q_m / q' a query-dependent non-negative weight for it
+    # (the visual vector is 0 there). Without it, the lexical evidence is added into the same dimensions as the
+    # keywords' semantics and has to compete with them; with it, an exact, informative tag match raises the
+    # score and the language weight directly: the hybrid of learned and lexical evidence issue 8 asks for.
+    lexical_axis: bool = True
     hidden: int = 128  # size of the AMC space where v^q, k^q and q_m live
     region_dim: int = 1280  # EfficientNet-Lite0 channels per region
     pca_dim: int = 256  # fixed PCA reduction of region features before W_v
@@ -82,6 +89,11 @@ class AMCConfig:
     def query_embedding_dim(self) -> int:
         """Size of q, QEN's output (the ``query_dim`` axis of the served tensors)."""
         return self.query_dim + (self.text_dim if self.query_skip else 0)
+
+    @property
+    def keyword_vector_dim(self) -> int:
+        """Size of LAN's k^q (the ``keyword_hidden`` axis): ``hidden``, plus the lexical axis if there is one."""
+        return self.hidden + (1 if self.lexical_axis else 0)
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -146,6 +158,7 @@ class LanguageAttention(nn.Module):
         self.query = nn.Linear(cfg.query_embedding_dim, cfg.hidden)  # W_ql
         self.lexical_vector = nn.Linear(cfg.lexical_dim, cfg.hidden, bias=False)  # U
         self.lexical_logit = nn.Linear(cfg.lexical_dim, 1, bias=False)  # a
+        self.lexical_score = nn.Linear(cfg.lexical_dim, 1, bias=False) if cfg.lexical_axis else None
         self.scale = cfg.hidden**-0.5
 
     def project(self, keyword_embeddings: torch.Tensor) -> torch.Tensor:
@@ -165,6 +178,9 @@ class LanguageAttention(nn.Module):
         logits = (k * q).sum(-1) * self.scale + self.lexical_logit(keyword_lexical).squeeze(-1)  # (B, N, K)
         attention = masked_softmax(logits, keyword_mask)  # (B, N, K)
         keyword_vector = (attention.unsqueeze(-1) * k).sum(2)  # (B, N, H)
+        if self.lexical_score is not None:
+            evidence = (attention * self.lexical_score(keyword_lexical).squeeze(-1)).sum(-1, keepdim=True)  # (B, N, 1)
+            keyword_vector = torch.cat([keyword_vector, evidence], dim=-1)  # (B, N, H + 1)
         return keyword_vector, attention
 
 
@@ -177,17 +193,31 @@ class ModalityFusion(nn.Module):
         self.guide = nn.Linear(cfg.query_embedding_dim, cfg.hidden)  # W': q' = relu(W' q)
         self.match = nn.Linear(cfg.query_embedding_dim, cfg.hidden)  # W_m: q_m = relu(W_m q)
         self.log_temperature = nn.Parameter(torch.tensor(float(cfg.init_temperature)).log())
+        # The lexical axis's weight in q' and q_m (softplus: >= 0), one per query.
+        self.lexical = nn.Linear(cfg.query_embedding_dim, 2) if cfg.lexical_axis else None
 
     def forward(self, query_embedding: torch.Tensor, visual_vector: torch.Tensor,
                 keyword_vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q_guide = torch.relu(self.guide(query_embedding)).unsqueeze(1)  # (B, 1, H)
-        q_match = torch.relu(self.match(query_embedding)).unsqueeze(1)  # (B, 1, H)
+        q_guide, q_match = self.query_vectors(query_embedding)  # (B, H [+ 1]) each
+        if self.lexical is not None:
+            visual_vector = F.pad(visual_vector, (0, 1))  # (B, N, H + 1): images have no lexical evidence
+        q_guide, q_match = q_guide.unsqueeze(1), q_match.unsqueeze(1)  # (B, 1, H [+ 1])
         weights = self._weights(q_guide, visual_vector, keyword_vector)  # (B, N, 2)
         fused = weights[..., :1] * visual_vector + weights[..., 1:] * keyword_vector  # (B, N, H)
         return cosine(q_match, fused), weights  # (B, N), (B, N, 2)
 
+    def query_vectors(self, query_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q'`` and ``q_m`` (B, H), each with the lexical axis's weight appended when the model has one."""
+        q_guide = torch.relu(self.guide(query_embedding))  # (B, H)
+        q_match = torch.relu(self.match(query_embedding))  # (B, H)
+        if self.lexical is not None:
+            axis = F.softplus(self.lexical(query_embedding))  # (B, 2)
+            q_guide = torch.cat([q_guide, axis[:, :1]], dim=-1)  # (B, H + 1)
+            q_match = torch.cat([q_match, axis[:, 1:]], dim=-1)
+        return q_guide, q_match
+
     def match_vector(self, query_embedding: torch.Tensor) -> torch.Tensor:
-        """``q_m`` (B, H): what the fused vector is scored against (also the visual-only auxiliary loss's)."""
+        """``q_m`` (B, H) without the lexical axis: what the visual-only auxiliary losses score against."""
         return torch.relu(self.match(query_embedding))
 
     def _weights(self, q_guide: torch.Tensor, visual: torch.Tensor, keyword: torch.Tensor) -> torch.Tensor:
@@ -204,7 +234,8 @@ class AMCOutput:
     modality_weights: torch.Tensor  # (B, N, 2): visual, language
     region_attention: torch.Tensor  # (B, N, R)
     keyword_attention: torch.Tensor  # (B, N, K)
-    visual_vector: torch.Tensor | None = None  # (B, N, H): v^q, for training's visual-only auxiliary loss
+    visual_vector: torch.Tensor | None = None  # (B, N, H): v^q, for training's single-modality auxiliary losses
+    keyword_vector: torch.Tensor | None = None  # (B, N, H [+ 1]): k^q
     query_embedding: torch.Tensor | None = None  # (B, Q)
 
 
@@ -236,7 +267,7 @@ class AMC(nn.Module):
         visual, region_attention = van(q, regions, region_mask)
         keyword, keyword_attention = self.lan(q, keyword_embeddings, keyword_lexical)
         scores, weights = self.mtn(q, visual, keyword)
-        return AMCOutput(scores, weights, region_attention, keyword_attention, visual, q)
+        return AMCOutput(scores, weights, region_attention, keyword_attention, visual, keyword, q)
 
 
 def ranking_loss(scores: torch.Tensor, margin: float) -> torch.Tensor:

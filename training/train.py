@@ -41,19 +41,25 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-5
     query_dim: int = 128
-    query_skip: bool = False  # AMCConfig.query_skip
+    query_skip: bool = True  # AMCConfig.query_skip
+    lexical_axis: bool = True  # AMCConfig.lexical_axis
     init_temperature: float = 5.0  # AMCConfig.init_temperature: MTN's softmax temperature at the start (learned)
     hidden: int = 128
     pca_dim: int = 256
     # Visual-only auxiliary losses (issue 8: VAN was weak where keywords are noise, because the fused loss lets
     # LAN do the work on clean images and VAN gets little gradient). Both score cos(q_m, v^q), VAN's vector alone:
-    visual_rank_weight: float = 1.0  # the ranking loss on the same clicked/unclicked candidates
+    visual_rank_weight: float = 0.0  # the ranking loss on the same clicked/unclicked candidates
     visual_contrastive_weight: float = 1.0  # in-batch softmax: each query against every other query's positive
     contrastive_temperature: float = 0.1
+    # The ranking loss on LAN's vector alone, cos(q_m, k^q): trains the language half on its own too, so that
+    # cos(q', k^q) tells MTN whether a candidate's keywords can be trusted.
+    language_rank_weight: float = 0.0
     # Softmax over (clicked, t unclicked) as well as the paper's hinge: keeps pushing the clicked image to the
     # top after the margin is met, which is what NDCG@1 rewards.
     listwise_weight: float = 0.0
     listwise_temperature: float = 0.05
+    # Train on long-dwell clicks as positives, short clicks as negatives (see _training_pairs).
+    dwell: bool = True
     # Validation figure that picks the best epoch: NDCG@10, or "ndcg@1+10" (their mean).
     select_by: str = "ndcg@10"
     resume: str = ""  # checkpoint to continue from; refused if its model configuration differs
@@ -62,7 +68,8 @@ class TrainConfig:
 
     def model_config(self) -> AMCConfig:
         return AMCConfig(query_dim=self.query_dim, query_skip=self.query_skip, hidden=self.hidden,
-                         pca_dim=self.pca_dim, mode=self.mode, init_temperature=self.init_temperature)
+                         pca_dim=self.pca_dim, mode=self.mode, init_temperature=self.init_temperature,
+                         lexical_axis=self.lexical_axis)
 
 
 @dataclass
@@ -105,14 +112,20 @@ def evaluate_split(model: AMC, data: CorpusTensors, queries: list[Query]) -> dic
     return mean_ndcg([s["scores"] for s in scored], [q.relevance for q in queries])
 
 
-def _training_pairs(queries: list[Query]) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """(query index, clicked candidates, unclicked candidates) for queries with at least one of each."""
+def _training_pairs(queries: list[Query], dwell: bool) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(query index, positive candidates, negative candidates) for queries with at least one of each.
+
+    Positives are the clicked candidates; with ``dwell``, the long-dwell (satisfied) clicks where a query has
+    any, and its short clicks join the unclicked candidates as negatives (corpus.searchlog.DWELL says why).
+    """
     pairs = []
     for i, q in enumerate(queries):
         clicks = np.asarray(q.clicks, dtype=bool)
+        positive = np.asarray(q.satisfied, dtype=bool) if dwell and q.satisfied.any() else clicks
+        negative = ~positive if dwell and q.satisfied.any() else ~clicks
         cands = np.asarray(q.candidates)
-        if clicks.any() and (~clicks).any():
-            pairs.append((i, cands[clicks], cands[~clicks]))
+        if positive.any() and negative.any():
+            pairs.append((i, cands[positive], cands[negative]))
     return pairs
 
 
@@ -126,13 +139,16 @@ def _batch_indices(pairs, rng: np.random.Generator, negatives: int) -> tuple[lis
     return qids, torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
-def visual_losses(model: AMC, data: CorpusTensors, out, index: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """The visual-only auxiliary losses for one batch (column 0 of ``index`` holds the clicked images)."""
+def auxiliary_losses(model: AMC, data: CorpusTensors, out, index: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The single-modality auxiliary losses for one batch (column 0 of ``index`` holds the clicked images)."""
     q_match = model.mtn.match_vector(out.query_embedding)  # (B, H)
     loss = out.scores.new_zeros(())
     if cfg.visual_rank_weight:
         visual_scores = cosine(q_match.unsqueeze(1), out.visual_vector)  # (B, 1 + t)
         loss = loss + cfg.visual_rank_weight * ranking_loss(visual_scores, cfg.margin)
+    if cfg.language_rank_weight:
+        language_scores = cosine(model.mtn.query_vectors(out.query_embedding)[1].unsqueeze(1), out.keyword_vector)
+        loss = loss + cfg.language_rank_weight * ranking_loss(language_scores, cfg.margin)
     if cfg.visual_contrastive_weight:
         positives = index[:, 0]
         u = model.van.project(data.reduced[positives])  # (B images, R, H)
@@ -162,7 +178,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> TrainResult:
     weights = term_weights(corpus)
     data = corpus_tensors(corpus, model, weights, progress=cfg.progress)
     train_queries, val_queries = corpus.queries["train"], corpus.queries["val"]
-    pairs = _training_pairs(train_queries)
+    pairs = _training_pairs(train_queries, cfg.dwell)
     if not pairs:
         raise ValueError("the training split has no query with both a clicked and an unclicked candidate")
     train_texts = [q.text for q in train_queries]
@@ -189,7 +205,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> TrainResult:
                 loss = loss + cfg.listwise_weight * torch.nn.functional.cross_entropy(
                     out.scores / cfg.listwise_temperature, torch.zeros(len(qids), dtype=torch.long))
             if use_visual:
-                loss = loss + visual_losses(model, data, out, index, cfg)
+                loss = loss + auxiliary_losses(model, data, out, index, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
