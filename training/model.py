@@ -5,7 +5,9 @@ Where the paper leaves a detail open, the choice made here:
 
 * QEN: the query's sentence embedding from the frozen, pretrained all-MiniLM-L6-v2 (``training.text_encoder``:
   WordPiece subwords, so any English query has an embedding, paraphrases included), then a trainable two-layer
-  MLP to ``query_dim``. The transformer runs in the serving text step; QEN's ONNX graph is the head.
+  MLP to ``query_dim``, with the sentence embedding itself appended (``query_skip``: q = [MLP(t), t]), so the
+  later linear maps read the encoder's full semantics. The transformer runs in the serving text step; QEN's
+  ONNX graph is the head.
 * VAN: region features (EfficientNet-Lite0, 1280 channels) are first reduced by a fixed PCA basis estimated
   on the training images (a non-trainable buffer, so the served graph still takes raw features) and then
   projected to ``hidden`` by a learned ``W_v``. The paper's query-guided kernel ``s_q`` is applied as a 1x1
@@ -15,7 +17,9 @@ Where the paper leaves a detail open, the choice made here:
   ``f_i`` are its term-weighted lexical matches with the query (``amc_client.text.LEXICAL_FEATURES``: IDF
   share of the keyword found in the query, of the query found in the keyword, of the query found anywhere in
   the candidate's keywords). ``p_i = softmax_i((q W_ql) . (k_i W_kl) / sqrt(hidden) + a . f_i)``,
-  ``k^q = sum_i p_i (k_i W_kl + U f_i)``, with ``a`` and ``U`` learned.
+  ``k^q = sum_i p_i (k_i W_kl + U f_i)``, with ``a`` and ``U`` learned; with ``lexical_axis``, ``k^q`` gets one
+  more coordinate, ``sum_i p_i (c . f_i)``, which the visual vector has as 0 and ``q'`` / ``q_m`` weigh with a
+  query-dependent softplus: the lexical evidence's own axis of the AMC space (reports/eval_history.md).
   Why the lexical term: embeddings blur word identity, and search queries are often the very tags an image
   carries; IDF weighting is what lets a rare word ("kiwi") count more than a frequent one ("face"), as
   BM25 does (reports/eval.md).
@@ -64,6 +68,7 @@ class AMCConfig:
     # keywords' semantics and has to compete with them; with it, an exact, informative tag match raises the
     # score and the language weight directly: the hybrid of learned and lexical evidence issue 8 asks for.
     lexical_axis: bool = True
+    projection_bias: bool = False  # a bias in W_kl and W_v (see LanguageAttention)
     hidden: int = 128  # size of the AMC space where v^q, k^q and q_m live
     region_dim: int = 1280  # EfficientNet-Lite0 channels per region
     pca_dim: int = 256  # fixed PCA reduction of region features before W_v
@@ -128,7 +133,7 @@ class VisualAttention(nn.Module):
         super().__init__()
         self.register_buffer("region_mean", torch.zeros(cfg.region_dim))
         self.register_buffer("region_basis", torch.eye(cfg.region_dim, cfg.pca_dim))
-        self.project = nn.Linear(cfg.pca_dim, cfg.hidden)  # W_v
+        self.project = nn.Linear(cfg.pca_dim, cfg.hidden, bias=cfg.projection_bias)  # W_v
         self.kernel = nn.Linear(cfg.query_embedding_dim, cfg.hidden)  # q -> s_q
 
     def reduce(self, regions: torch.Tensor) -> torch.Tensor:
@@ -154,7 +159,9 @@ class LanguageAttention(nn.Module):
 
     def __init__(self, cfg: AMCConfig) -> None:
         super().__init__()
-        self.key = nn.Linear(cfg.text_dim, cfg.hidden)  # W_kl
+        # W_kl (and VAN's W_v) without a bias: a bias puts a constant component in every k^q (v^q), whatever the
+        # keywords (image), so that cos(q', k^q) could not tell MTN whether a candidate's keywords agree with it.
+        self.key = nn.Linear(cfg.text_dim, cfg.hidden, bias=cfg.projection_bias)  # W_kl
         self.query = nn.Linear(cfg.query_embedding_dim, cfg.hidden)  # W_ql
         self.lexical_vector = nn.Linear(cfg.lexical_dim, cfg.hidden, bias=False)  # U
         self.lexical_logit = nn.Linear(cfg.lexical_dim, 1, bias=False)  # a

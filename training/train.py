@@ -43,6 +43,7 @@ class TrainConfig:
     query_dim: int = 128
     query_skip: bool = True  # AMCConfig.query_skip
     lexical_axis: bool = True  # AMCConfig.lexical_axis
+    projection_bias: bool = False  # AMCConfig.projection_bias
     init_temperature: float = 5.0  # AMCConfig.init_temperature: MTN's softmax temperature at the start (learned)
     hidden: int = 128
     pca_dim: int = 256
@@ -69,7 +70,7 @@ class TrainConfig:
     def model_config(self) -> AMCConfig:
         return AMCConfig(query_dim=self.query_dim, query_skip=self.query_skip, hidden=self.hidden,
                          pca_dim=self.pca_dim, mode=self.mode, init_temperature=self.init_temperature,
-                         lexical_axis=self.lexical_axis)
+                         lexical_axis=self.lexical_axis, projection_bias=self.projection_bias)
 
 
 @dataclass
