@@ -121,16 +121,22 @@ def run(base: TrainConfig, seeds: list[int], out: Path, *, methods=LEARNED, log=
         for name, lists in evaluation.items():
             for method, scores in text_baselines(corpus, data, lists).items():
                 record(name, method, list_metrics(name, lists, scores))
-    report = summarize(per_seed, weights)
+        # Written after every seed, so a long run leaves a report of the seeds done so far (eval.md says which).
+        report = summarize(per_seed, weights)
+        write_reports(out, report, {"seeds": seeds[: seeds.index(seed) + 1], "seeds_requested": seeds,
+                                    "per_seed": per_seed, "list_counts": sizes, "train_seconds": timings,
+                                    "config": dataclasses.asdict(base),
+                                    "summary": examples[0].summary() if examples else ""}, examples)
+    return report
+
+
+def write_reports(out: Path, report: dict, details: dict, examples) -> None:
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    details = {"seeds": seeds, "per_seed": per_seed, "list_counts": sizes, "train_seconds": timings,
-               "config": dataclasses.asdict(base), "summary": examples[0].summary() if examples else ""}
     (out / "eval_details.json").write_text(json.dumps(details, indent=2) + "\n")
     plot_ndcg(report, out / "ndcg.png")
     if examples:
         plot_attention(*examples, out / "attention.png")
     (out / "eval.md").write_text(markdown(report, details))
-    return report
 
 
 def summarize(per_seed: dict, weights: list[dict]) -> dict:
@@ -228,7 +234,10 @@ def markdown(report: dict, details: dict) -> str:
     counts = details["list_counts"]
     lines = [
         "# AMC evaluation", "",
-        f"Mean ± standard deviation over seeds {details['seeds']} (corpus, split and weights seeded together). "
+        f"Mean ± standard deviation over seeds {details['seeds']} (corpus, split and weights seeded together)"
+        + ("" if details["seeds"] == details.get("seeds_requested", details["seeds"]) else
+           f" (**partial**: the run asked for seeds {details['seeds_requested']}; this report holds the seeds done)")
+        + ". "
         "Reproduce: `make eval` (`python -m training.evaluate --out-dir reports`). Protocols "
         "(`training/protocols.py`): **test_lists**, the log's 30-candidate test lists; **random100**, each test "
         "query's target among 99 random images; **regional_names**, the same with CLDR's regional English names "
