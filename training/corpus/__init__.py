@@ -202,7 +202,7 @@ class Corpus:
 
 # The submodules import the types above from this package, so they are imported after them.
 from training.corpus.autotag import auto_tag  # noqa: E402
-from training.corpus.cache import atomic_write, check_fingerprint, key, read_cache, sha, version  # noqa: E402
+from training.corpus.cache import atomic_write, check_fingerprint, key, read_cache, sha  # noqa: E402
 from training.corpus.catalog import (  # noqa: E402
     CLDR_ANNOTATIONS,
     CLDR_DERIVED_ANNOTATIONS,
@@ -210,9 +210,9 @@ from training.corpus.catalog import (  # noqa: E402
     load_catalog,
     select_subset,
 )
+from training.corpus.catalog import split_of as _split_of  # noqa: E402
 from training.corpus.features import load_features  # noqa: E402
 from training.corpus.render import extract_region_features, render_emoji  # noqa: E402
-from training.corpus.catalog import split_of as _split_of  # noqa: E402
 from training.corpus.searchlog import LOG_FORMAT, build_queries, content_words, relevance_of_all  # noqa: E402
 
 __all__ = [
