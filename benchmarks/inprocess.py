@@ -1,8 +1,10 @@
-"""In-process runners: the exported ONNX graphs under onnxruntime, and the PyTorch model, with the same tokenizer.
+"""In-process runners: the exported ONNX graphs under onnxruntime, and the PyTorch model, with the same text step.
 
 Each runner's ``__call__(requests)`` scores a list of same-size requests in one pass (the batch is the
-number of requests) and returns scores (B, N) as numpy; tokenization and host<->device copies are inside,
-as a serving process would pay them.
+number of requests) and returns scores (B, N) as numpy. The text features come from :class:`TextFeeds`: the
+serving text step's own code (``serving/backends/text_step.py``'s :class:`TextFeatures`) on the published
+version's files, its sentence encoder under onnxruntime on the runner's device; so text encoding, lexical
+matching and host<->device copies are inside, as a serving process would pay them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from amc_client import signatures as sig
-from amc_client.text import Tokenizer
+from serving.backends.text_step import TextFeatures
 
 from .workloads import Request
 
@@ -51,29 +53,34 @@ def _stack(requests: list[Request]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return np.stack([r.regions for r in requests]), np.stack([r.region_mask for r in requests]), kw
 
 
-class OrtPipeline:
-    """QEN -> (VAN, LAN) -> MTN, the four exported graphs, as the raw ``amc`` ensemble runs them."""
+class TextFeeds:
+    """What the text step hands the networks for ``requests``, computed in-process by the text step's code.
 
-    def __init__(self, onnx_dir: Path, vocab: list[str], device: str, threads: int | None = None) -> None:
-        self.tokenizer = Tokenizer(vocab)
-        self.s = {n: _session(onnx_dir / n / "model.onnx", device, threads)
-                  for n in ("amc_qen", "amc_van", "amc_lan", "amc_mtn")}
+    ``store=False``: the raw step's outputs (query_text, keyword_embeddings, keyword_lexical) with the requests'
+    regions, i.e. every input of ``amc_fused``; ``store=True``: the store step's (query_text, keyword_lexical of
+    the stored rows) with the candidate ids, every input of ``amc_fused_store``.
+    """
 
-    def __call__(self, requests: list[Request]) -> np.ndarray:
+    def __init__(self, repo: Path, version: int | str, device: str, *, store: bool = False,
+                 threads: int | None = None) -> None:
+        step = sig.STORE_TOKENIZER if store else sig.TOKENIZER
+        self.store = store
+        self.text = TextFeatures(repo / step.model_name / str(version), providers=ort_providers(device),
+                                 threads=threads or 0)
+
+    def __call__(self, requests: list[Request]) -> dict[str, np.ndarray]:
+        queries = [r.query for r in requests]
+        out = {sig.QUERY_TEXT.name: self.text.query_text(queries)}
+        if self.store:
+            ids = np.stack([r.ids for r in requests])
+            out[sig.KEYWORD_LEXICAL.name] = self.text.lexical(queries, self.text.store_rows(ids))
+            out[sig.CANDIDATE_IDS.name] = ids
+            return out
         regions, mask, keywords = _stack(requests)
-        q_tokens = self.tokenizer.encode_queries([r.query for r in requests])
-        kw_tokens = self.tokenizer.encode_keywords(keywords)
-        q, qv = self.s["amc_qen"].run(None, {sig.QUERY_TOKENS.name: q_tokens})
-        have = {sig.QUERY_EMBEDDING.name: q, sig.QUERY_TOKENS.name: q_tokens, sig.REGIONS.name: regions,
-                sig.REGION_MASK.name: mask, sig.KEYWORD_TOKENS.name: kw_tokens}
-        visual, _, vv = self.s["amc_van"].run(None, _feeds(sig.VAN, have))
-        keyword, _, lv = self.s["amc_lan"].run(None, _feeds(sig.LAN, have))
-        tv = np.full_like(qv, qv[0, 0])
-        scores, _, _ = self.s["amc_mtn"].run(None, {
-            sig.QUERY_EMBEDDING.name: q, sig.VISUAL_VECTOR.name: visual, sig.KEYWORD_VECTOR.name: keyword,
-            sig.TOKENIZER_VERSION.name: tv, sig.QEN_VERSION.name: qv, sig.VAN_VERSION.name: vv,
-            sig.LAN_VERSION.name: lv})
-        return scores
+        out.update({sig.REGIONS.name: regions, sig.REGION_MASK.name: mask,
+                    sig.KEYWORD_EMBEDDINGS.name: self.text.keyword_embeddings(keywords),
+                    sig.KEYWORD_LEXICAL.name: self.text.lexical(queries, keywords)})
+        return out
 
 
 def _feeds(signature: sig.StepSignature, available: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -81,66 +88,61 @@ def _feeds(signature: sig.StepSignature, available: dict[str, np.ndarray]) -> di
     return {name: available[name] for name in signature.input_names}
 
 
-class OrtStorePipeline:
-    """QEN -> (VAN store, LAN store) -> MTN: the store graphs, candidates by id."""
+def _score(sessions: dict, have: dict[str, np.ndarray], van: sig.StepSignature, lan: sig.StepSignature) -> np.ndarray:
+    """QEN -> (VAN, LAN) -> MTN over ``have`` (the text step's outputs and the candidates)."""
+    q, qv = sessions[sig.QEN.model_name].run(None, _feeds(sig.QEN, have))
+    have = {**have, sig.QUERY_EMBEDDING.name: q}
+    visual, _, vv = sessions[van.model_name].run(None, _feeds(van, have))
+    keyword, _, lv = sessions[lan.model_name].run(None, _feeds(lan, have))
+    scores, _, _ = sessions[sig.MTN.model_name].run(None, {
+        sig.QUERY_EMBEDDING.name: q, sig.VISUAL_VECTOR.name: visual, sig.KEYWORD_VECTOR.name: keyword,
+        sig.TOKENIZER_VERSION.name: qv, sig.QEN_VERSION.name: qv, sig.VAN_VERSION.name: vv,
+        sig.LAN_VERSION.name: lv})
+    return scores
 
-    def __init__(self, repo: Path, vocab: list[str], device: str, threads: int | None = None) -> None:
-        self.tokenizer = Tokenizer(vocab)
-        self.s = {n: _session(repo / n / "model.onnx", device, threads)
-                  for n in ("amc_qen", "amc_van_store", "amc_lan_store", "amc_mtn")}
+
+class OrtPipeline:
+    """QEN -> (VAN, LAN) -> MTN, the four exported graphs, as the raw ``amc`` ensemble runs them; with store
+    ``feeds``, QEN -> (VAN store, LAN store) -> MTN over the candidate store, as ``amc_store`` runs them.
+    ``onnx_dir`` holds ``<model>/model.onnx`` for each of them."""
+
+    def __init__(self, onnx_dir: Path, feeds: TextFeeds, device: str, threads: int | None = None) -> None:
+        self.feeds = feeds
+        self.van, self.lan = (sig.VAN_STORE, sig.LAN_STORE) if feeds.store else (sig.VAN, sig.LAN)
+        self.s = {s.model_name: _session(onnx_dir / s.model_name / "model.onnx", device, threads)
+                  for s in (sig.QEN, self.van, self.lan, sig.MTN)}
 
     def __call__(self, requests: list[Request]) -> np.ndarray:
-        ids = np.stack([r.ids for r in requests])
-        q_tokens = self.tokenizer.encode_queries([r.query for r in requests])
-        q, qv = self.s["amc_qen"].run(None, {sig.QUERY_TOKENS.name: q_tokens})
-        have = {sig.QUERY_EMBEDDING.name: q, sig.QUERY_TOKENS.name: q_tokens, sig.CANDIDATE_IDS.name: ids}
-        visual, _, vv = self.s["amc_van_store"].run(None, _feeds(sig.VAN_STORE, have))
-        keyword, _, lv = self.s["amc_lan_store"].run(None, _feeds(sig.LAN_STORE, have))
-        scores, _, _ = self.s["amc_mtn"].run(None, {
-            sig.QUERY_EMBEDDING.name: q, sig.VISUAL_VECTOR.name: visual, sig.KEYWORD_VECTOR.name: keyword,
-            sig.TOKENIZER_VERSION.name: qv, sig.QEN_VERSION.name: qv, sig.VAN_VERSION.name: vv,
-            sig.LAN_VERSION.name: lv})
-        return scores
+        return _score(self.s, self.feeds(requests), self.van, self.lan)
 
 
 class OrtFused:
     """One graph of all four networks: ``fused.onnx`` (raw features) or ``fused_store.onnx`` (ids)."""
 
-    def __init__(self, path: Path, vocab: list[str], device: str, store: bool, threads: int | None = None) -> None:
-        self.tokenizer, self.store = Tokenizer(vocab), store
+    def __init__(self, path: Path, feeds: TextFeeds, device: str, threads: int | None = None) -> None:
+        self.feeds, self.store = feeds, feeds.store
+        self.signature = sig.FUSED_STORE if feeds.store else sig.FUSED
         self.session = _session(path, device, threads)
 
-    def feeds(self, requests: list[Request]) -> dict[str, np.ndarray]:
-        q_tokens = self.tokenizer.encode_queries([r.query for r in requests])
-        if self.store:
-            return {sig.QUERY_TOKENS.name: q_tokens, sig.CANDIDATE_IDS.name: np.stack([r.ids for r in requests])}
-        regions, mask, keywords = _stack(requests)
-        return {sig.QUERY_TOKENS.name: q_tokens, sig.REGIONS.name: regions, sig.REGION_MASK.name: mask,
-                sig.KEYWORD_TOKENS.name: self.tokenizer.encode_keywords(keywords)}
-
     def __call__(self, requests: list[Request]) -> np.ndarray:
-        return self.session.run([sig.SCORES.name], self.feeds(requests))[0]
+        return self.session.run([sig.SCORES.name], _feeds(self.signature, self.feeds(requests)))[0]
 
 
 class TorchRunner:
-    """``training.model.AMC`` from the checkpoint, in-process on ``device`` (inputs copied from the host)."""
+    """``training.model.AMC`` from the checkpoint, in-process on ``device`` (text features from ``feeds``,
+    inputs copied from the host)."""
 
-    def __init__(self, checkpoint: Path, device: str) -> None:
+    def __init__(self, checkpoint: Path, feeds: TextFeeds, device: str) -> None:
         import torch
 
         from training.checkpoint import load_checkpoint
 
-        ckpt = load_checkpoint(checkpoint)
-        self.torch, self.device = torch, torch.device(device)
-        self.model = ckpt.build_model().to(self.device)
-        self.tokenizer = Tokenizer(ckpt.vocab)
+        self.torch, self.device, self.feeds = torch, torch.device(device), feeds
+        self.model = load_checkpoint(checkpoint).build_model().to(self.device)
 
     def __call__(self, requests: list[Request]) -> np.ndarray:
         torch = self.torch
-        regions, mask, keywords = _stack(requests)
-        q_tokens = self.tokenizer.encode_queries([r.query for r in requests])
-        kw_tokens = self.tokenizer.encode_keywords(keywords)
+        have = self.feeds(requests)
         with torch.inference_mode():
-            args = [torch.from_numpy(a).to(self.device, non_blocking=False)
-                    for a in (q_tokens, regions, mask, kw_tokens)]
+            args = [torch.from_numpy(have[n]).to(self.device) for n in sig.FUSED.input_names]
             return self.model(*args).scores.cpu().numpy()

@@ -25,11 +25,11 @@ def _b64(a: np.ndarray) -> dict:
     return {"b64": base64.b64encode(np.ascontiguousarray(a).tobytes()).decode(), "shape": list(a.shape)}
 
 
-def input_data(requests: list[Request], kind: str, vocab: list[str], path: Path) -> Path:
-    """perf_analyzer's --input-data JSON for ``kind`` in raw / store / fused / fused_store (batch dim omitted)."""
-    from amc_client.text import Tokenizer
+def input_data(requests: list[Request], kind: str, path: Path, feeds=None) -> Path:
+    """perf_analyzer's --input-data JSON for ``kind`` in raw / store / fused / fused_store (batch dim omitted).
 
-    tok = Tokenizer(vocab)
+    The fused kinds take the text step's outputs, computed by ``feeds`` (an ``inprocess.TextFeeds``, raw for
+    ``fused``, store for ``fused_store``)."""
     rows = []
     for r in requests:
         if kind == "raw":
@@ -40,15 +40,12 @@ def input_data(requests: list[Request], kind: str, vocab: list[str], path: Path)
         elif kind == "store":
             row = {sig.QUERY.name: {"content": [r.query], "shape": [1]}, sig.CANDIDATE_IDS.name: _b64(r.ids)}
         else:
-            q = tok.encode_queries([r.query])[0]
-            if kind == "fused_store":  # padded as the store tokenizer pads, so that requests can be merged
-                q = np.pad(q, (0, max(0, sig.STORE_QUERY_LEN - q.shape[0])))
-            row = {sig.QUERY_TOKENS.name: _b64(q)}
-            if kind == "fused_store":
-                row[sig.CANDIDATE_IDS.name] = _b64(r.ids)
-            else:
-                row.update({sig.REGIONS.name: _b64(r.regions), sig.REGION_MASK.name: _b64(r.region_mask),
-                            sig.KEYWORD_TOKENS.name: _b64(tok.encode_keywords(r.keywords))})
+            signature = sig.FUSED_STORE if kind == "fused_store" else sig.FUSED
+            if feeds is None or feeds.store != (kind == "fused_store"):
+                raise ValueError(f"input data of {kind} needs the {'store' if kind == 'fused_store' else 'raw'} "
+                                 "text step's features (feeds)")
+            have = feeds([r])
+            row = {name: _b64(have[name][0]) for name in signature.input_names}
         rows.append(row)
     path.write_text(json.dumps({"data": rows}))
     return path

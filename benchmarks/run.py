@@ -6,10 +6,10 @@
 Methods, all on the same requests (N candidates per query, batch 1 per request unless said):
   triton_amc      the raw ensemble ``amc`` in a real tritonserver, through amc_client.AMCClient
   triton_store    the store ensemble ``amc_store`` (query + candidate ids), through tritonclient
-  triton_fused    ``amc_fused`` (one graph, tokens in) / ``amc_fused_store`` served by Triton
-  ort             the same exported graphs in-process (QEN -> VAN, LAN -> MTN) + the same tokenizer
+  triton_fused    ``amc_fused`` (one graph, text features in) / ``amc_fused_store`` served by Triton
+  ort             the same exported graphs in-process (QEN -> VAN, LAN -> MTN) + the same text step code
   ort_store       the store graphs in-process
-  torch           training.model.AMC from the checkpoint, in-process
+  torch           training.model.AMC from the checkpoint, in-process (text features by the text step code)
 The server is started here on a freshly published temp repository (raw + store built from the gallery +
 fused graphs). Writes ``serving_cpu.json`` + ``serving.md`` (cpu) or ``gpu.json`` + ``gpu.md`` + plots (cuda).
 """
@@ -17,6 +17,7 @@ fused graphs). Writes ``serving_cpu.json`` + ``serving.md`` (cpu) or ``gpu.json`
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import subprocess
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import floor, harness, inprocess, perf, triton
-from .workloads import Gallery, Request, corpus_gallery, make_requests, synthetic_gallery
+from .workloads import Gallery, Request, collection_words, corpus_gallery, make_requests, synthetic_gallery
 
 DEFAULT_CHECKPOINT = Path("runs/amc/checkpoint.pt")
 
@@ -112,26 +113,30 @@ def run(args, results: dict) -> dict:
     results["rates"] = rates
     results["floors"] = {str(n): floor.floors(n, rates, device) for n in args.sizes}
 
-    from training.checkpoint import load_checkpoint
-    vocab = load_checkpoint(args.checkpoint).vocab
     gallery: Gallery = (corpus_gallery() if args.gallery == "corpus"
-                        else synthetic_gallery(vocab, size=args.gallery_size))
+                        else synthetic_gallery(collection_words(args.checkpoint), size=args.gallery_size))
     results["gallery"] = {"source": gallery.source, "images": len(gallery)}
     pools = {n: make_requests(gallery, n) for n in args.sizes}
     workdir = Path(tempfile.mkdtemp(prefix="amc-bench-"))
 
     log(f"publishing {args.checkpoint} into {workdir} (raw + store of {len(gallery)} + fused)")
-    repo, version, vocab = triton.build_repository(workdir, args.checkpoint, gallery, log=log)
+    repo, version = triton.build_repository(workdir, args.checkpoint, gallery, log=log)
     v = str(version)
 
+    @functools.cache
+    def feeds(dev: str, store: bool) -> inprocess.TextFeeds:
+        """The text step's code in-process (encoder on ``dev``), one per (device, raw/store)."""
+        return inprocess.TextFeeds(repo, v, dev, store=store)
+
     # ---- correctness: the same candidates through every path, against ORT-CPU raw (the CPU serving path) ----
-    ref = inprocess.OrtPipeline(_flat(repo, v, workdir), vocab, "cpu")
+    ref = inprocess.OrtPipeline(_flat(repo, v, workdir), feeds("cpu", False), "cpu")
     checks = {}
     sample = [pools[n][0] for n in args.sizes]
     ref_scores = [ref([r]) for r in sample]
-    runners = {"ort_store_" + device: lambda: inprocess.OrtStorePipeline(_flat(repo, v, workdir, store=True), vocab, device),
-               "ort_" + device: lambda: inprocess.OrtPipeline(_flat(repo, v, workdir), vocab, device),
-               "torch_" + device: lambda: inprocess.TorchRunner(args.checkpoint, device)}
+    runners = {"ort_store_" + device: lambda: inprocess.OrtPipeline(_flat(repo, v, workdir, store=True),
+                                                                         feeds(device, True), device),
+               "ort_" + device: lambda: inprocess.OrtPipeline(_flat(repo, v, workdir), feeds(device, False), device),
+               "torch_" + device: lambda: inprocess.TorchRunner(args.checkpoint, feeds(device, False), device)}
     built = {}
     for name, make in runners.items():
         try:
@@ -159,7 +164,7 @@ def run(args, results: dict) -> dict:
             for kind, store in fused.items():
                 try:
                     r = inprocess.OrtFused(repo / ("amc_fused_store" if store else "amc_fused") / v / "model.onnx",
-                                           vocab, device, store)
+                                           feeds(device, store), device)
                 except Exception as e:  # noqa: BLE001
                     m[f"{kind}|{n}|b1|c1"] = {"error": str(e)}
                     continue
@@ -204,8 +209,8 @@ def run(args, results: dict) -> dict:
         callers = {"triton_amc": lambda pool: triton.amc_client_worker(url, pool),
                    "triton_store": lambda pool: triton.store_worker(url, pool),
                    "triton_store_fused": lambda pool: triton.store_worker(url, pool, model=triton.STORE_FUSED),
-                   "triton_fused": lambda pool: triton.fused_worker(url, pool, vocab, False),
-                   "triton_fused_store": lambda pool: triton.fused_worker(url, pool, vocab, True)}
+                   "triton_fused": lambda pool: triton.fused_worker(url, pool, feeds("cpu", False)),
+                   "triton_fused_store": lambda pool: triton.fused_worker(url, pool, feeds("cpu", True))}
         for n in args.sizes:
             for kind, make in callers.items():
                 for c in args.concurrency:
@@ -221,7 +226,7 @@ def run(args, results: dict) -> dict:
                         return out
                     measure(f"{kind} n{n} c{c}", go, results=m, key=f"{kind}|{n}|c{c}", budget=budget, need_s=10)
         if device == "cuda" and perf.available():
-            results["perf_analyzer"] = perf_sweeps(url, pools, vocab, workdir, args, budget)
+            results["perf_analyzer"] = perf_sweeps(url, pools, feeds, workdir, args, budget)
     # Instance sweep: k instances of every step of the two store ensembles, each k on a fresh server, both
     # store ensembles swept with perf_analyzer at 100 candidates.
     if device == "cuda" and 100 in pools and perf.available():
@@ -239,7 +244,7 @@ def run(args, results: dict) -> dict:
                 for model in ("amc_store_fused", "amc_store"):
                     if model not in models or not budget.ok(30):
                         continue
-                    data = perf.input_data(pools[100], "store", vocab, workdir / "data-store-100.json")
+                    data = perf.input_data(pools[100], "store", workdir / "data-store-100.json")
                     tuned[f"{model}|100"] = perf.sweep(server.grpc_url, model, data, args.tuned_concurrency, 100,
                                                        workdir, log=log, deadline=budget.deadline - 10)
                 sweeps[str(k)] = tuned
@@ -247,7 +252,7 @@ def run(args, results: dict) -> dict:
     return results
 
 
-def perf_sweeps(url, pools, vocab, workdir, args, budget) -> dict:
+def perf_sweeps(url, pools, feeds, workdir, args, budget) -> dict:
     out = {}
     # The full sweep where the targets are (store, 100 candidates); three levels elsewhere (device time).
     short = [c for c in (1, 8, 64) if c in args.perf_concurrency] or args.perf_concurrency
@@ -261,8 +266,8 @@ def perf_sweeps(url, pools, vocab, workdir, args, budget) -> dict:
             continue
         try:
             # raw requests are 25 MB each (33 MB as base64 JSON): two distinct ones are enough for perf_analyzer
-            data = perf.input_data(pools[n][:2] if kind == "raw" else pools[n], kind, vocab,
-                                   workdir / f"data-{kind}-{n}.json")
+            data = perf.input_data(pools[n][:2] if kind == "raw" else pools[n], kind,
+                                   workdir / f"data-{kind}-{n}.json", feeds("cpu", kind == "fused_store"))
             out[f"{model}|{n}"] = perf.sweep(url, model, data, levels, n, workdir, log=log,
                                              deadline=budget.deadline - 100)
         except Exception as e:  # noqa: BLE001

@@ -28,13 +28,13 @@ from amc_client import signatures as sig
 
 from . import harness, perf, triton
 from .run import DEFAULT_CHECKPOINT, gpu_memory_mib, log, rel_err
-from .workloads import make_requests, synthetic_gallery
+from .workloads import collection_words, make_requests, synthetic_gallery
 
 SUBSET = (sig.SCORES.name, sig.MODEL_VERSION.name)
 STEP_MODELS = ("amc_store_tokenizer", "amc_fused_store", triton.STORE_FUSED)
 
 
-def measure_config(repo: Path, workdir: Path, pool, vocab, tok: int, fused: int, args, ref) -> dict:
+def measure_config(repo: Path, workdir: Path, pool, feeds, tok: int, fused: int, args, ref) -> dict:
     from serving.server import TritonServer
 
     triton.set_instances(repo, "amc_store_tokenizer", tok)
@@ -58,7 +58,7 @@ def measure_config(repo: Path, workdir: Path, pool, vocab, tok: int, fused: int,
                                  duration_s=args.duration_s, items_per_call=100)
         out["closed_loop_c1"] = c1
         log(f"x{tok}:{fused} closed loop c1: p50 {c1['p50_ms']:.2f} p99 {c1['p99_ms']:.2f} ms")
-        data = perf.input_data(pool, "store", vocab, workdir / "data-store-100.json")
+        data = perf.input_data(pool, "store", workdir / "data-store-100.json")
         out["perf"] = (perf.sweep(url, triton.STORE_FUSED, data, args.concurrency, 100, workdir, log=log)
                        if perf.available() else [{"error": "perf_analyzer not on PATH"}])
         if args.ab_concurrency:
@@ -68,8 +68,8 @@ def measure_config(repo: Path, workdir: Path, pool, vocab, tok: int, fused: int,
                     ("ensemble_all", lambda: triton.store_worker(url, pool, model=triton.STORE_FUSED)),
                     ("ensemble_scores_version", lambda: triton.store_worker(url, pool, model=triton.STORE_FUSED,
                                                                             outputs=SUBSET)),
-                    ("fused_store_all", lambda: triton.fused_worker(url, pool, vocab, True)),
-                    ("fused_store_scores_version", lambda: triton.fused_worker(url, pool, vocab, True,
+                    ("fused_store_all", lambda: triton.fused_worker(url, pool, feeds)),
+                    ("fused_store_scores_version", lambda: triton.fused_worker(url, pool, feeds,
                                                                                outputs=SUBSET))):
                 before = triton.snapshot(url)
                 r = harness.closed_loop(make(), concurrency=c, duration_s=args.duration_s, items_per_call=100)
@@ -129,12 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from training.checkpoint import load_checkpoint
+    from .inprocess import OrtFused, TextFeeds
 
-    from .inprocess import OrtFused
-
-    vocab = load_checkpoint(args.checkpoint).vocab
-    gallery = synthetic_gallery(vocab, size=2000)
+    gallery = synthetic_gallery(collection_words(args.checkpoint), size=2000)
     pool = make_requests(gallery, 100)
     workdir = Path(tempfile.mkdtemp(prefix="amc-sf-"))
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "gpu": gpu_memory_mib().get("name"),
@@ -142,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
                      "configs": {}}
     t0 = time.monotonic()
     try:
-        repo, version, vocab = triton.build_repository(workdir, args.checkpoint, gallery, log=log)
-        cpu = OrtFused(repo / "amc_fused_store" / str(version) / "model.onnx", vocab, "cpu", True)
+        repo, version = triton.build_repository(workdir, args.checkpoint, gallery, log=log)
+        feeds = TextFeeds(repo, version, "cpu", store=True)
+        cpu = OrtFused(repo / "amc_fused_store" / str(version) / "model.onnx", feeds, "cpu")
         ref = [cpu([r]) for r in pool[:3]]
         for spec in args.configs:
             tok, fused = (int(x) for x in spec.split(":"))
             try:
-                results["configs"][spec] = measure_config(repo, workdir, pool, vocab, tok, fused, args, ref)
+                results["configs"][spec] = measure_config(repo, workdir, pool, feeds, tok, fused, args, ref)
             except Exception as e:  # noqa: BLE001
                 results["configs"][spec] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
                 log(f"{spec}: FAILED {results['configs'][spec]['error']}")

@@ -10,26 +10,27 @@ from pathlib import Path
 import numpy as np
 
 from amc_client import signatures as sig
-from amc_client.text import Tokenizer
 
 from .workloads import Gallery, Request
 
 STAT_KEYS = ("queue", "compute_input", "compute_infer", "compute_output")
 
 
-def build_repository(workdir: Path, checkpoint: Path, gallery: Gallery, *, log=print) -> tuple[Path, int, list[str]]:
+def build_repository(workdir: Path, checkpoint: Path, gallery: Gallery, *, log=print) -> tuple[Path, int]:
     """Publish ``checkpoint`` as version N of a fresh python-flavour repository, with its candidate store built
-    from ``gallery`` and the fused graphs; returns (repository, N, vocab)."""
+    from ``gallery`` and the fused graphs; returns (repository, N). The raw text step's keyword table holds the
+    gallery's keywords, as a deployment's would hold its collection's."""
     from export.publish import publish
     from export.store import publish_store
     from training.checkpoint import load_checkpoint
 
     repo = workdir / "repository"
-    version = publish(checkpoint, repo, flavour="python", log=log)
+    keywords = sorted({k for kws in gallery.keywords for k in kws if k})
+    version = publish(checkpoint, repo, flavour="python", keywords=keywords, log=log)
     ckpt = load_checkpoint(checkpoint)
-    publish_store(repo, version, ckpt.build_model(), ckpt.vocab, gallery.regions, gallery.keywords,
+    publish_store(repo, version, ckpt.build_model(), ckpt.term_weights, gallery.regions, gallery.keywords,
                   fingerprint=ckpt.fingerprint, log=log)
-    return repo, version, ckpt.vocab
+    return repo, version
 
 
 def set_instances(repo: Path, model: str, count: int, delay_us: int | None = None) -> None:
@@ -130,17 +131,14 @@ def store_worker(url: str, requests: list[Request], model: str = sig.STORE_ENSEM
     return make
 
 
-def fused_worker(url: str, requests: list[Request], vocab: list[str], store: bool,
-                 outputs: tuple[str, ...] | None = None):
-    """tritonclient on a fused graph (tokens in; tokenized client-side per request; all outputs or ``outputs``)."""
+def fused_worker(url: str, requests: list[Request], feeds, outputs: tuple[str, ...] | None = None):
+    """tritonclient on a fused graph (text features computed client-side per request by ``feeds``, an
+    ``inprocess.TextFeeds``: ``amc_fused_store`` if it is the store's, else ``amc_fused``; all outputs or
+    ``outputs``)."""
     import tritonclient.grpc as grpcclient
 
-    from .inprocess import OrtFused
-
-    tokenizer = Tokenizer(vocab)
-    signature = sig.FUSED_STORE if store else sig.FUSED
+    signature = sig.FUSED_STORE if feeds.store else sig.FUSED
     names = outputs
-    feeds_of = OrtFused.feeds.__get__(type("F", (), {"tokenizer": tokenizer, "store": store})())
 
     def make(w: int):
         client = grpcclient.InferenceServerClient(url, channel_args=[("grpc.max_send_message_length", 2**31 - 1),
@@ -148,11 +146,8 @@ def fused_worker(url: str, requests: list[Request], vocab: list[str], store: boo
         requested = _outputs(signature, names)
 
         def call(i: int):
-            feeds = feeds_of([requests[(i + w) % len(requests)]])
-            if store:  # as the store tokenizer does: one token shape, so that Triton can merge any requests
-                q = feeds[sig.QUERY_TOKENS.name]
-                feeds[sig.QUERY_TOKENS.name] = np.pad(q, ((0, 0), (0, max(0, sig.STORE_QUERY_LEN - q.shape[1]))))
-            inputs = [_input(s.name, feeds[s.name], s.triton_datatype) for s in signature.inputs]
+            have = feeds([requests[(i + w) % len(requests)]])
+            inputs = [_input(s.name, have[s.name], s.triton_datatype) for s in signature.inputs]
             return client.infer(signature.model_name, inputs, outputs=requested, client_timeout=120)
         return call
     return make
@@ -186,7 +181,7 @@ def client_serialization_ms(request: Request, repeats: int = 5) -> dict[str, flo
 
 
 STORE_FUSED = sig.STORE_FUSED_ENSEMBLE_NAME
-# Every step of the two store ensembles (amc_store: 5 steps; amc_store_fused: tokenizer + amc_fused_store).
+# Every step of the two store ensembles (amc_store: 5 steps; amc_store_fused: text step + amc_fused_store).
 STORE_STEP_MODELS = ("amc_store_tokenizer", "amc_qen", "amc_van_store", "amc_lan_store", "amc_mtn")
 
 

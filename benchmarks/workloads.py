@@ -2,7 +2,8 @@
 
 CPU benchmarks use the real corpus (region features as float32, the auto-tagger keywords, test-query texts).
 The GPU machine does not get the corpus (456 MB): it generates a synthetic gallery of the same shapes and
-statistics range (non-negative post-activation features, 1-6 vocabulary words as keywords) with a seed.
+statistics range (non-negative post-activation features, 1-6 keywords of one or two words of the model's
+collection vocabulary, i.e. its term weights' words) with a seed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ class Gallery:
     regions: np.ndarray  # float16 (G, R, D)
     keywords: list[list[str]]  # per image
     queries: list[str]  # query texts to draw from
-    vocab: list[str]
     source: str  # "corpus" or "synthetic"
 
     def __len__(self) -> int:
@@ -30,16 +30,29 @@ def corpus_gallery() -> Gallery:
     from training.corpus import CorpusConfig, load_corpus
 
     c = load_corpus(CorpusConfig(), progress=False)
-    return Gallery(c.regions, c.keywords, [q.text for q in c.queries["test"]], c.vocab, "corpus")
+    return Gallery(c.regions, c.keywords, [q.text for q in c.queries["test"]], "corpus")
 
 
-def synthetic_gallery(vocab: list[str], size: int = 2000, seed: int = 0, queries: int = 500) -> Gallery:
+def synthetic_gallery(words: list[str], size: int = 2000, seed: int = 0, queries: int = 500) -> Gallery:
+    """``words``: what keywords and queries are made of (e.g. :func:`collection_words` of the checkpoint)."""
     rng = np.random.default_rng(seed)
     regions = np.abs(rng.normal(0, 1.5, size=(size, sig.REGIONS_PER_IMAGE, sig.REGION_FEATURE_DIM))).astype(np.float16)
-    words = np.array(vocab[1:], dtype=object)
-    keywords = [list(rng.choice(words, size=int(rng.integers(1, 7)))) for _ in range(size)]
-    texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 4)))) for _ in range(queries)]
-    return Gallery(regions, keywords, texts, vocab, "synthetic")
+    pool = np.array(words, dtype=object)
+
+    def phrase(most: int) -> str:
+        return " ".join(rng.choice(pool, size=int(rng.integers(1, most + 1))))
+
+    keywords = [list(dict.fromkeys(phrase(2) for _ in range(int(rng.integers(1, 7))))) for _ in range(size)]
+    texts = [phrase(3) for _ in range(queries)]
+    return Gallery(regions, keywords, texts, "synthetic")
+
+
+def collection_words(checkpoint) -> list[str]:
+    """The words of the candidate collection the checkpoint's term weights were counted over."""
+    from amc_client.text import TermWeights
+    from training.checkpoint import load_checkpoint
+
+    return sorted(TermWeights.from_json(load_checkpoint(checkpoint).term_weights).df) or ["cat", "face"]
 
 
 @dataclass

@@ -2,15 +2,21 @@
 
     python -m export.publish --checkpoint runs/amc/checkpoint.pt --repository runs/repository
 
-Exports QEN, VAN, LAN and MTN to ONNX, validates them against PyTorch, and lays the version out in a
-staging folder inside the repository; only when everything passed is it renamed into place, step models
+Exports the text encoder (all-MiniLM-L6-v2), QEN, VAN, LAN and MTN to ONNX, validates them against PyTorch,
+precomputes the keyword table of the text step (the sentence embedding of every keyword of the training
+corpus's images, so that common tags cost a lookup when served), and lays the version out in a staging
+folder inside the repository; only when everything passed is it renamed into place, step models
 first and the pinned ensemble ``amc_v<N>`` last. ``amc_v<N>`` existing is what makes version N published,
 so a failure at any point leaves the repository as it was (an interrupted rename leaves only unreferenced
 step directories, which ``amc-rollout gc`` removes). An existing version is never overwritten.
 
 Each version gets ``amc_v<N>/manifest.json`` (fingerprint, training config, evaluation figures, parity
 errors, creation time) and ``amc_v<N>/golden.npz``: a few requests with the PyTorch outputs of the same
-checkpoint, which the rollout tool replays through Triton before the version takes traffic.
+checkpoint, which the rollout tool replays through Triton before the version takes traffic (their text
+features computed by :class:`export.reference.Reference`, the text step's rules with the PyTorch encoder).
+
+A checkpoint trained with another text encoder (format 1: GloVe) is refused with the checkpoint loader's
+"encoder mismatch" message, before anything is written.
 """
 
 from __future__ import annotations
@@ -25,19 +31,28 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from amc_client import signatures as sig
-from amc_client.text import Tokenizer
-from export.onnx_export import ExportError, export_all
-from export.repository import FLAVOURS, STEPS, init_repository, repository_flavour, stage_version
+from amc_client.text import TermWeights
+from export.onnx_export import TEXT_ENCODER_FILE, ExportError, export_all
+from export.reference import Reference
+from export.repository import (
+    FLAVOURS,
+    STEPS,
+    TextStepFiles,
+    init_repository,
+    repository_flavour,
+    stage_version,
+)
 from training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 
 MANIFEST = "manifest.json"
 GOLDEN = "golden.npz"
+KEYWORD_TABLE = "keyword_table.npz"
 _VERSION_DIR = re.compile(r"^\d+$")
 
 
@@ -68,32 +83,81 @@ def repository_lock(repository: Path):
 
 
 
-def golden_requests(ckpt: Checkpoint, *, seed: int = 1234, queries: int = 3, candidates: int = 7) -> dict[str, np.ndarray]:
-    """Deterministic requests built from the checkpoint's own vocabulary, with PyTorch's outputs."""
+def training_keywords(ckpt: Checkpoint, log=print) -> list[str]:
+    """Every keyword of the training corpus's images (the corpus described by the checkpoint's training config);
+    empty, with a log line, where that corpus cannot be loaded (e.g. a machine without the data)."""
+    values = dict(ckpt.train_config.get("corpus") or {})
+    if not values:
+        log("keyword table: the checkpoint names no training corpus; every keyword will be encoded when first served")
+        return []
+    try:
+        from dataclasses import fields
+
+        from training.corpus import CorpusConfig, load_corpus
+
+        known = {f.name for f in fields(CorpusConfig)}
+        corpus = load_corpus(CorpusConfig(**{k: v for k, v in values.items() if k in known}), progress=False)
+    except Exception as e:  # noqa: BLE001 - the table is an optimisation: unknown keywords are encoded when served
+        log(f"keyword table: the training corpus is not available here ({type(e).__name__}: {e}); every keyword "
+            "will be encoded when first served")
+        return []
+    return sorted({k for keywords in corpus.keywords for k in keywords if k})
+
+
+def write_keyword_table(path: Path, ckpt: Checkpoint, reference: Reference, keywords: list[str]) -> int:
+    """``keyword_table.npz`` of the text step: texts (U,) and their PyTorch sentence embeddings (U, E).
+
+    The embeddings come from the training run's text-embedding cache where the checkpoint names one (the very
+    vectors the model was trained with), else from the encoder. Returns U."""
+    distinct = sorted({k for k in keywords if k})
+    cache_dir = (ckpt.train_config.get("corpus") or {}).get("cache_dir")
+    if not distinct:
+        vectors = np.zeros((0, sig.TEXT_EMBEDDING_DIM), dtype=np.float32)
+    elif cache_dir:
+        from training.data import TextEmbeddings
+
+        vectors = TextEmbeddings(cache_dir).get(distinct, "keyword")
+    else:
+        vectors = reference.encoder.encode_keywords(distinct)
+    np.savez(path, texts=np.array(distinct, dtype=str), vectors=np.asarray(vectors, dtype=np.float32))
+    return len(distinct)
+
+
+def golden_requests(ckpt: Checkpoint, reference: Reference, keywords: list[str], *, seed: int = 1234,
+                    queries: int = 3, candidates: int = 7) -> dict[str, np.ndarray]:
+    """Deterministic requests with PyTorch's outputs: queries of the collection's words (one also in another
+    script and with an emoji), keywords from ``keywords`` (the keyword table) and new phrases."""
     rng = np.random.default_rng(seed)
-    words = ckpt.vocab[1:]
-    texts = np.array([" ".join(rng.choice(words, size=rng.integers(1, 4))) for _ in range(queries)])
-    keywords = np.array([[[" ".join(rng.choice(words, size=rng.integers(1, 3))) if rng.random() < 0.8 else ""
-                           for _ in range(5)] for _ in range(candidates)] for _ in range(queries)])
-    keywords[:, :, 0] = rng.choice(words, size=(queries, candidates))  # every candidate has a keyword
+    vocabulary = sorted(TermWeights.from_json(ckpt.term_weights).df) or ["cat", "face", "heart"]
+
+    def phrase(most: int) -> str:
+        return " ".join(rng.choice(vocabulary, size=int(rng.integers(1, most + 1))))
+
+    texts = [phrase(3) for _ in range(queries)]
+    texts[-1] = f"{phrase(1)} кошка 🐱"
+    table = keywords or vocabulary
+    kw = np.array([[[(str(rng.choice(table)) if rng.random() < 0.5 else phrase(2)) if rng.random() < 0.8 or j == 0
+                     else "" for j in range(5)] for _ in range(candidates)] for _ in range(queries)], dtype=object)
     regions = np.abs(rng.normal(0, 1.5, size=(queries, candidates, sig.REGIONS_PER_IMAGE,
                                               sig.REGION_FEATURE_DIM))).astype(np.float32)
     region_mask = np.ones(regions.shape[:3], dtype=bool)
-    tokenizer = Tokenizer(ckpt.vocab)
-    model = ckpt.build_model()
-    with torch.no_grad():
-        out = model(torch.from_numpy(tokenizer.encode_queries(list(texts))), torch.from_numpy(regions),
-                    torch.from_numpy(region_mask), torch.from_numpy(tokenizer.encode_keywords(keywords)))
-    return {"query": texts, "regions": regions, "region_mask": region_mask, "keywords": keywords,
-            "scores": out.scores.numpy(), "modality_weights": out.modality_weights.numpy(),
+    out = reference(texts, regions, region_mask, kw)
+    # Strings as numpy unicode arrays: golden.npz loads without pickle.
+    return {"query": np.array(texts, dtype=str), "regions": regions, "region_mask": region_mask,
+            "keywords": kw.astype(str), "scores": out.scores.numpy(), "modality_weights": out.modality_weights.numpy(),
             "region_attention": out.region_attention.numpy(), "keyword_attention": out.keyword_attention.numpy()}
 
 
 def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | None = None,
-            eval_metrics: dict | None = None, log=print) -> int:
-    """Export, validate and publish ``checkpoint`` as the next version of ``repository``; returns it."""
+            eval_metrics: dict | None = None, keywords: list[str] | None = None, log=print) -> int:
+    """Export, validate and publish ``checkpoint`` as the next version of ``repository``; returns it.
+
+    ``keywords``: what the text step's keyword table holds; default every keyword of the training corpus.
+    """
+    from training.text_encoder import ENCODER_NAME, PACKAGE, tokenizer_json
+
     repository = Path(repository)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint)  # refuses other encoders' checkpoints: "encoder mismatch"
     with repository_lock(repository):
         if flavour is None:
             flavour = repository_flavour(repository) if (repository / sig.QEN.model_name).exists() else "python"
@@ -104,18 +168,25 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
         moved: list[Path] = []
         try:
             started = time.perf_counter()
-            parity = export_all(ckpt.build_model(), staging / "onnx", version=version, fingerprint=ckpt.fingerprint)
-            log(f"exported and validated 4 networks in {time.perf_counter() - started:.1f} s "
+            reference = Reference(ckpt)
+            parity = export_all(reference.model, staging / "onnx", version=version, fingerprint=ckpt.fingerprint,
+                                encoder=reference.encoder.model)
+            log(f"exported and validated the text encoder and 4 networks in {time.perf_counter() - started:.1f} s "
                 f"(worst relative error {max(r.max_relative_error for rs in parity.values() for r in rs):.1e})")
+            if keywords is None:
+                keywords = training_keywords(ckpt, log)
+            table = write_keyword_table(staging / KEYWORD_TABLE, ckpt, reference, keywords)
             tree = staging / "tree"
-            stage_version(tree, version=version, flavour=flavour, onnx_dir=staging / "onnx",
-                          vocab_json=json.dumps(ckpt.vocab))
+            stage_version(tree, version=version, flavour=flavour, onnx_dir=staging / "onnx", text=TextStepFiles(
+                tokenizer_json(), ckpt.term_weights, staging / "onnx" / TEXT_ENCODER_FILE, staging / KEYWORD_TABLE))
             ensemble = tree / sig.versioned_ensemble_name(version)
-            np.savez(ensemble / GOLDEN, **golden_requests(ckpt))
+            np.savez(ensemble / GOLDEN, **golden_requests(ckpt, reference, keywords))
             manifest = {
                 "version": version, "fingerprint": ckpt.fingerprint, "flavour": flavour,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "checkpoint": str(Path(checkpoint).resolve()), "model_config": ckpt.model_config.to_dict(),
+                "text_encoder": {"name": ENCODER_NAME, "package": f"{PACKAGE}=={metadata.version(PACKAGE)}",
+                                 "keyword_table": table},
                 "train_config": ckpt.train_config, "metrics": {**ckpt.metrics, **(eval_metrics or {})},
                 "parity": {n: {"max_relative_error": max(r.max_relative_error for r in rs),
                                "shapes": [asdict(r.shape) for r in rs]} for n, rs in parity.items()},

@@ -3,7 +3,9 @@
 Configs are built as Triton's ``ModelConfig`` protobuf (so an invalid field cannot be written) and printed
 with ``text_format``. Layout of a serving repository::
 
-    amc_tokenizer/config.pbtxt   amc_tokenizer/<N>/{model.py, vocab.json, version.json, amc_text.py}
+    amc_tokenizer/config.pbtxt   amc_tokenizer/<N>/{model.py, amc_text.py, amc_onnx_runner.py, tokenizer.json,
+                                                    text_encoder.onnx, term_weights.json, keyword_table.npz,
+                                                    version.json}        (the text step, mode raw)
     amc_qen/config.pbtxt         amc_qen/<N>/{model.onnx [, model.py]}      (and amc_van, amc_lan, amc_mtn)
     amc_v<N>/config.pbtxt        ensemble pinned to version N of every step; amc_v<N>/manifest.json
     amc/config.pbtxt             ensemble pinned to the serving version; routing in its parameters
@@ -11,7 +13,10 @@ with ``text_format``. Layout of a serving repository::
 Two flavours come from the same code: ``python`` (each network is a Python-backend model running
 onnxruntime, with the CUDA execution provider when a GPU is present; runs on the tritonserver from the
 nvidia-pytriton wheel) and ``onnxruntime`` (``platform: onnxruntime_onnx`` on ``KIND_GPU``, for NVIDIA's
-Triton container). The tokenizer is a Python-backend model in both.
+Triton container). The text step (``serving/backends/text_step.py``: WordPiece, the sentence encoder
+``text_encoder.onnx`` under onnxruntime, the lexical features) is a Python-backend model in both; one module
+serves the raw ensemble (``amc_tokenizer``, parameter ``mode: raw``) and the store ensembles
+(``amc_store_tokenizer``, ``mode: store``).
 
 Why pinned ensembles: an ensemble step with ``model_version: -1`` resolves to the latest loaded version at
 request time, so during a rollout one request could run VAN of one version and MTN of another. Every
@@ -25,6 +30,7 @@ import compileall
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -42,6 +48,10 @@ TEMPLATE_ROOT = Path(__file__).resolve().parent.parent / "model_repository"
 # Networks that gain from merging requests: VAN does most of the work; the others are cheap but batching
 # them costs nothing when requests arrive together.
 BATCH_DELAY_US = 200
+# Keywords the text step encodes on the fly (not in the version's keyword table) and keeps: 1.5 KB each.
+KEYWORD_CACHE_SIZE = 20_000
+TEXT_STEP_FILE = "text_step.py"
+STORE_FILE = "store.json"  # in amc_store_tokenizer/<N>/: {"version": N, "size": G, "ids": [...], "keywords": [...]}
 
 
 def routing_parameters(routing: Routing) -> dict[str, str]:
@@ -69,9 +79,7 @@ def step_config(signature: sig.StepSignature, flavour: str) -> mc.ModelConfig:
     config.version_policy.all.SetInParent()
     _io(config, signature)
     if signature is sig.TOKENIZER:
-        config.backend = "python"
-        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
-        config.parameters["max_candidates"].string_value = str(sig.MAX_CANDIDATES)
+        _text_step(config, "raw", instances=1)
         return config
     config.dynamic_batching.max_queue_delay_microseconds = BATCH_DELAY_US
     if flavour == "python":
@@ -86,8 +94,18 @@ def step_config(signature: sig.StepSignature, flavour: str) -> mc.ModelConfig:
     return config
 
 
+def _text_step(config: mc.ModelConfig, mode: str, *, instances: int) -> None:
+    """The text step's backend, instances and parameters (``serving/backends/text_step.py`` reads them)."""
+    config.backend = "python"
+    # KIND_CPU: the instance is a Python process; onnxruntime inside it picks the CUDA provider itself.
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
+    config.parameters["mode"].string_value = mode
+    config.parameters["max_candidates"].string_value = str(sig.MAX_CANDIDATES)
+    config.parameters["keyword_cache_size"].string_value = str(KEYWORD_CACHE_SIZE)
+
+
 def ensemble_config(name: str, version: int, routing: Routing | None = None) -> mc.ModelConfig:
-    """The tokenizer -> QEN -> (VAN, LAN) -> MTN ensemble with every step pinned to ``version``."""
+    """The text step -> QEN -> (VAN, LAN) -> MTN ensemble with every step pinned to ``version``."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=sig.MAX_BATCH)
     _io(config, sig.ENSEMBLE)
     for step in STEPS:
@@ -144,15 +162,43 @@ def repository_flavour(repository: Path) -> str:
     return "onnxruntime" if "onnxruntime_onnx" in text else "python"
 
 
-def stage_version(stage: Path, *, version: int, flavour: str, onnx_dir: Path, vocab_json: str) -> None:
+@dataclass(frozen=True)
+class TextStepFiles:
+    """What a text-step version directory holds besides the code (see ``serving/backends/text_step.py``)."""
+
+    tokenizer_json: str  # the sentence encoder's WordPiece tokenizer.json
+    term_weights_json: str  # the checkpoint's amc_client.text.TermWeights
+    text_encoder: Path  # text_encoder.onnx, exported and validated
+    keyword_table: Path | None = None  # keyword_table.npz (raw mode)
+
+    @classmethod
+    def of_version(cls, version_dir: Path) -> TextStepFiles:
+        """The files of a published text-step version directory (the store step reuses the raw step's)."""
+        return cls((version_dir / "tokenizer.json").read_text(encoding="utf-8"),
+                   (version_dir / "term_weights.json").read_text(encoding="utf-8"), version_dir / "text_encoder.onnx")
+
+
+def write_text_step(version_dir: Path, *, version: int, files: TextStepFiles, store_json: str | None = None) -> None:
+    """Lay out one text-step version directory: the module as ``model.py`` and the files it reads."""
+    version_dir.mkdir(parents=True)
+    shutil.copy(BACKENDS_DIR / TEXT_STEP_FILE, version_dir / "model.py")
+    # The Python backend stub only sees site-packages, so the step gets the shared text rules and the
+    # provider choice beside it, frozen with the model version.
+    shutil.copy(Path(sig.__file__).with_name("text.py"), version_dir / "amc_text.py")
+    shutil.copy(BACKENDS_DIR / "onnx_runner.py", version_dir / "amc_onnx_runner.py")
+    shutil.copy(files.text_encoder, version_dir / "text_encoder.onnx")
+    if files.keyword_table is not None:
+        shutil.copy(files.keyword_table, version_dir / "keyword_table.npz")
+    (version_dir / "tokenizer.json").write_text(files.tokenizer_json, encoding="utf-8")
+    (version_dir / "term_weights.json").write_text(files.term_weights_json, encoding="utf-8")
+    (version_dir / "version.json").write_text(f'{{"version": {version}}}')
+    if store_json is not None:
+        (version_dir / STORE_FILE).write_text(store_json, encoding="utf-8")
+
+
+def stage_version(stage: Path, *, version: int, flavour: str, onnx_dir: Path, text: TextStepFiles) -> None:
     """Lay out one version's step directories and its pinned ensemble under ``stage`` (not yet live)."""
-    tokenizer_dir = stage / sig.TOKENIZER.model_name / str(version)
-    tokenizer_dir.mkdir(parents=True)
-    shutil.copy(BACKENDS_DIR / "tokenizer.py", tokenizer_dir / "model.py")
-    # The Python backend stub only sees site-packages, so the tokenizer gets the shared text rules beside it.
-    shutil.copy(Path(sig.__file__).with_name("text.py"), tokenizer_dir / "amc_text.py")
-    (tokenizer_dir / "vocab.json").write_text(vocab_json)
-    (tokenizer_dir / "version.json").write_text(f'{{"version": {version}}}')
+    write_text_step(stage / sig.TOKENIZER.model_name / str(version), version=version, files=text)
     for network in sig.NETWORKS:
         version_dir = stage / network.model_name / str(version)
         version_dir.mkdir(parents=True)
@@ -205,12 +251,12 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-# ---- candidate store and fused graphs (appended; the functions above are unchanged) ---------------------------
-# Store steps: the store tokenizer (Python backend, query only) and the store variants of VAN and LAN, whose
-# ONNX graphs hold the version's candidate store as constants. QEN and MTN are shared with the raw ensemble.
+# ---- candidate store and fused graphs -------------------------------------------------------------------------
+# Store steps: the store text step (text_step.py in mode store: the query's embedding and the lexical features
+# of the stored rows' keywords) and the store variants of VAN and LAN, whose ONNX graphs hold the version's
+# candidate store as constants. QEN and MTN are shared with the raw ensemble.
 STORE_STEPS: tuple[sig.StepSignature, ...] = (sig.STORE_TOKENIZER, *sig.STORE_NETWORKS)
 FUSED_STEPS: tuple[sig.StepSignature, ...] = (sig.FUSED, sig.FUSED_STORE)
-STORE_FILE = "store.json"  # in amc_store_tokenizer/<N>/: {"version": N, "size": G, "ids": [...]}
 
 
 STORE_BATCH_DELAY_US = 100  # store steps: requests are cheap to merge, so wait less for company at low load
@@ -222,10 +268,10 @@ def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: 
     """Config of a store step or a fused graph (``STORE_STEPS`` / ``FUSED_STEPS``); version-independent.
 
     Like :func:`step_config`, with ``instances`` per step and dynamic batching on every step, the store
-    tokenizer included (it is cheap per request, so merging requests is what lets it keep up). ``max_batch``
-    defaults to ``sig.STORE_MAX_BATCH`` (ids and tokens only), ``sig.MAX_BATCH`` for ``amc_fused`` (raw
-    features). The store tokenizer pads query tokens to ``sig.STORE_QUERY_LEN`` so that any requests can be
-    merged; onnxruntime's CUDA provider runs without TF32 (``use_tf32: 0``), as fp32 as the CPU path.
+    text step included (it encodes the queries of all the requests Triton hands it in one encoder call, so
+    merging requests is what lets it keep up). ``max_batch`` defaults to ``sig.STORE_MAX_BATCH`` (ids and
+    fixed-size text features only), ``sig.MAX_BATCH`` for ``amc_fused`` (raw features). onnxruntime's CUDA
+    provider runs without TF32 (``use_tf32: 0``), as fp32 as the CPU path.
     """
     if signature not in (*STORE_STEPS, *FUSED_STEPS):
         raise ValueError(f"{signature.model_name} is not a store step or fused graph")
@@ -238,10 +284,8 @@ def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: 
     _io(config, signature)
     config.dynamic_batching.max_queue_delay_microseconds = batch_delay_us
     if signature is sig.STORE_TOKENIZER:
-        config.backend = "python"
-        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
-        config.parameters["max_candidates"].string_value = str(sig.MAX_CANDIDATES)
-        config.parameters["query_len"].string_value = str(sig.STORE_QUERY_LEN)
+        _text_step(config, "store", instances=instances)
+        config.parameters["use_tf32"].string_value = "0"
         return config
     if flavour == "python":
         config.backend = "python"
@@ -256,7 +300,7 @@ def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: 
 
 
 def store_ensemble_config(name: str, version: int, max_batch: int = sig.MAX_BATCH) -> mc.ModelConfig:
-    """store tokenizer -> QEN -> (VAN store, LAN store) -> MTN, every step pinned to ``version``."""
+    """store text step -> QEN -> (VAN store, LAN store) -> MTN, every step pinned to ``version``."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch)
     _io(config, sig.STORE_ENSEMBLE)
     for step in (sig.STORE_TOKENIZER, sig.QEN, sig.VAN_STORE, sig.LAN_STORE, sig.MTN):
@@ -266,13 +310,14 @@ def store_ensemble_config(name: str, version: int, max_batch: int = sig.MAX_BATC
     return config
 
 
-def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_dir: Path, vocab_json: str,
+def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_dir: Path, text: TextStepFiles,
                         store_json: str, fused: bool = True) -> list[Path]:
     """Write version ``version``'s store steps (and fused graphs) into ``repository``; returns what was written.
 
     ``onnx_dir`` holds ``van_store.onnx``, ``lan_store.onnx`` (and ``fused.onnx``, ``fused_store.onnx``);
-    step configs are written if the step has none yet. The pinned ``amc_store_v<N>`` comes last; ``amc_store``
-    is pinned to ``version`` by :func:`set_store_serving`.
+    ``text`` the store text step's files (those of the version's raw text step); step configs are written if
+    the step has none yet. The pinned ``amc_store_v<N>`` comes last; ``amc_store`` is pinned to ``version``
+    by :func:`set_store_serving`.
     """
     written: list[Path] = []
     steps = STORE_STEPS + (FUSED_STEPS if fused else ())
@@ -281,19 +326,15 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
         if not config_path.exists():
             write_atomic(config_path, to_text(store_step_config(step, flavour)))
         version_dir = repository / step.model_name / str(version)
-        version_dir.mkdir(parents=True)
-        written.append(version_dir)
         if step is sig.STORE_TOKENIZER:
-            shutil.copy(BACKENDS_DIR / "store_tokenizer.py", version_dir / "model.py")
-            shutil.copy(Path(sig.__file__).with_name("text.py"), version_dir / "amc_text.py")
-            (version_dir / "vocab.json").write_text(vocab_json)
-            (version_dir / "version.json").write_text(f'{{"version": {version}}}')
-            (version_dir / STORE_FILE).write_text(store_json)
+            write_text_step(version_dir, version=version, files=text, store_json=store_json)
         else:
+            version_dir.mkdir(parents=True)
             short = step.model_name.removeprefix("amc_")
             shutil.copy(onnx_dir / f"{short}.onnx", version_dir / ONNX_FILE)
             if flavour == "python":
                 shutil.copy(BACKENDS_DIR / "onnx_runner.py", version_dir / "model.py")
+        written.append(version_dir)
         compileall.compile_dir(version_dir, quiet=1)
     ensemble_dir = repository / sig.versioned_store_ensemble_name(version)
     (ensemble_dir / "1").mkdir(parents=True, exist_ok=True)
@@ -304,14 +345,14 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
 
 def store_fused_ensemble_config(name: str, version: int,
                                 max_batch: int = sig.STORE_MAX_BATCH) -> mc.ModelConfig:
-    """store tokenizer -> ``amc_fused_store`` (2 steps), pinned to ``version``: ``amc_store``'s request and
-    response, with one network step instead of four (the tokenizer's version output is not used)."""
+    """store text step -> ``amc_fused_store`` (2 steps), pinned to ``version``: ``amc_store``'s request and
+    response, with one network step instead of four (the text step's version output is not used)."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch)
     _io(config, sig.STORE_FUSED_ENSEMBLE)
+    text_features = [n for n in sig.STORE_TOKENIZER.output_names if n in sig.FUSED_STORE.input_names]
     config.ensemble_scheduling.step.add(
         model_name=sig.STORE_TOKENIZER.model_name, model_version=version,
-        input_map={n: n for n in sig.STORE_TOKENIZER.input_names},
-        output_map={sig.QUERY_TOKENS.name: sig.QUERY_TOKENS.name})
+        input_map={n: n for n in sig.STORE_TOKENIZER.input_names}, output_map={n: n for n in text_features})
     config.ensemble_scheduling.step.add(
         model_name=sig.FUSED_STORE.model_name, model_version=version,
         input_map={n: n for n in sig.FUSED_STORE.input_names},

@@ -2,25 +2,32 @@
 
 Why: the raw ``amc`` ensemble takes each candidate's 49 x 1280 float32 region features with every query
 (25 MB for 100 candidates), so serving time goes into moving and copying those bytes, not into the model.
-A search engine's candidates come from its gallery, which is known at export time, so the part of VAN that
-depends on the image alone, ``u = W_v PCA(regions)`` (G, R, hidden), and the gallery's keyword tokens can
-be computed once per model version. The store-variant graphs hold them as constants (ORT keeps them on the
-GPU with the CUDA execution provider) and take ``candidate_ids`` (rows of the store) instead:
+A search engine's candidates come from its gallery, which is known at export time, so the parts of VAN and
+LAN that depend on the candidate alone can be computed once per model version: ``u = W_v PCA(regions)``
+(G, R, hidden) and ``W_kl k`` of every keyword's sentence embedding (G, K, hidden), with the region and
+keyword masks. The store-variant graphs hold them as constants (ORT keeps them on the GPU with the CUDA
+execution provider) and take ``candidate_ids`` (rows of the store) instead:
 
     van_store.onnx    (query_embedding, candidate_ids) -> (visual_vector, region_attention, van_version)
-    lan_store.onnx    (query_embedding, candidate_ids) -> (keyword_vector, keyword_attention, lan_version)
+    lan_store.onnx    (query_embedding, keyword_lexical, candidate_ids) -> (keyword_vector, keyword_attention,
+                                                                           lan_version)
 
-and the ensemble ``amc_store`` (store tokenizer -> QEN -> VAN store, LAN store -> MTN) serves
-``(query, candidate_ids)``. The raw path stays as it was. Also here: ``fused.onnx`` (all four networks in one
-graph, tokens in) and ``fused_store.onnx`` (the same over the store), which price the ensemble's steps.
+The lexical features depend on the query, so the store text step (``serving/backends/text_step.py``, mode
+store) computes them per request from the stored rows' keyword strings (``store.json``), with the same
+:class:`amc_client.text.LexicalMatcher` as training. The ensemble ``amc_store`` (store text step -> QEN -> VAN
+store, LAN store -> MTN) serves ``(query, candidate_ids)``. The raw path stays as it was. Also here:
+``fused.onnx`` (all four networks in one graph, text features in) and ``fused_store.onnx`` (the same over the
+store), which price the ensemble's steps.
 
 Correctness: :func:`validate_store` compares every store graph with the PyTorch raw path on the same
-candidates (the gallery rows gathered by id): relative error < :data:`export.onnx_export.TOLERANCE`.
+candidates (the gallery rows gathered by id, keywords as sentence embeddings): relative error <
+:data:`export.onnx_export.TOLERANCE`; ``fused.onnx`` is checked against PyTorch like the networks.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +37,22 @@ import torch
 from torch import nn
 
 from amc_client import signatures as sig
-from amc_client.text import Tokenizer
-from export.onnx_export import TOLERANCE, ExportError, _version_column, relative_error, write_onnx
-from export.repository import set_store_serving, stage_store_version
+from amc_client.text import LexicalMatcher, TermWeights, words
+from export.onnx_export import (
+    TOLERANCE,
+    ExportError,
+    Shape,
+    _version_column,
+    check_parity,
+    random_inputs,
+    read_metadata,
+    relative_error,
+    unit_rows,
+    validate_graph,
+    write_onnx,
+)
+from export.reference import keyword_embeddings
+from export.repository import TextStepFiles, set_store_serving, stage_store_version
 from training.model import AMC, masked_softmax
 
 CHUNK = 256  # gallery images projected per torch call at export time
@@ -45,34 +65,56 @@ class Store:
     ids: list[str]
     projected: np.ndarray  # float32 (G, R, hidden): W_v PCA(regions), i.e. VAN's u
     region_mask: np.ndarray  # bool (G, R)
-    keyword_tokens: np.ndarray  # int64 (G, K, W)
+    keywords: np.ndarray  # object (G, K): keyword strings, "" pads
+    keyword_embeddings: np.ndarray  # float32 (G, K, E): their sentence embeddings, the zero vector on padding
+    keyword_projected: np.ndarray  # float32 (G, K, hidden): LAN's W_kl k
+    keyword_mask: np.ndarray  # bool (G, K): real keywords
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def manifest(self, version: int) -> str:
-        return json.dumps({"version": version, "size": len(self), "ids": self.ids})
+        """``store.json`` of the store text step: ids and each row's keyword strings."""
+        rows = [[k for k in row if k] for row in self.keywords.tolist()]
+        return json.dumps({"version": version, "size": len(self), "ids": self.ids, "keywords": rows})
 
 
-def build_store(model: AMC, tokenizer: Tokenizer, regions: np.ndarray, keywords: list[list[str]] | np.ndarray,
-                ids: list[str] | None = None, region_mask: np.ndarray | None = None) -> Store:
-    """Project a gallery: ``regions`` (G, R, D) float16/32 and per-image keyword lists -> a :class:`Store`."""
+def padded(keywords: Sequence[Sequence[str]] | np.ndarray) -> np.ndarray:
+    """Per-image keyword lists (or an (G, K) array) -> (G, K) object array, "" pads."""
+    if isinstance(keywords, np.ndarray) and keywords.ndim == 2:
+        return keywords.astype(object)
+    from training.data import padded_keywords
+
+    return padded_keywords([list(k) for k in keywords])
+
+
+def pytorch_keywords() -> Callable[[list[str]], np.ndarray]:
+    """The reference keyword embedding: the PyTorch encoder, tokenized as the text step tokenizes."""
+    from training.text_encoder import TextEncoder
+
+    return TextEncoder().encode_keywords
+
+
+def build_store(model: AMC, regions: np.ndarray, keywords: Sequence[Sequence[str]] | np.ndarray,
+                ids: list[str] | None = None, region_mask: np.ndarray | None = None, *,
+                embed: Callable[[list[str]], np.ndarray] | None = None) -> Store:
+    """Project a gallery: ``regions`` (G, R, D) float16/32 and per-image keyword lists -> a :class:`Store`.
+
+    ``embed``: keyword strings -> (n, E) sentence embeddings; default the PyTorch encoder.
+    """
     g, r = regions.shape[:2]
     projected = np.empty((g, r, model.config.hidden), dtype=np.float32)
     with torch.no_grad():
         for start in range(0, g, CHUNK):
             chunk = torch.from_numpy(np.asarray(regions[start:start + CHUNK], dtype=np.float32))
             projected[start:start + CHUNK] = model.van.project(model.van.reduce(chunk)).numpy()
-    if isinstance(keywords, np.ndarray) and keywords.ndim == 2:
-        padded = keywords
-    else:
-        k = max([1, *(len(kw) for kw in keywords)])
-        padded = np.full((g, k), "", dtype=object)
-        for i, kw in enumerate(keywords):
-            padded[i, :len(kw)] = list(kw)
+    strings = padded(keywords)
+    embeddings = keyword_embeddings(strings, embed or pytorch_keywords())
+    with torch.no_grad():
+        keyword_projected = model.lan.project(torch.from_numpy(embeddings)).numpy()
     mask = np.ones((g, r), dtype=bool) if region_mask is None else region_mask.astype(bool)
-    return Store(list(ids) if ids is not None else [str(i) for i in range(g)], projected, mask,
-                 tokenizer.encode_keywords(padded))
+    return Store(list(ids) if ids is not None else [str(i) for i in range(g)], projected, mask, strings,
+                 embeddings, keyword_projected, strings != "")
 
 
 def _visual_from_projected(model: AMC, query_embedding: torch.Tensor, u: torch.Tensor,
@@ -91,7 +133,8 @@ class _StoreBuffers(nn.Module):
             self.register_buffer("projected", torch.from_numpy(store.projected))
             self.register_buffer("region_mask", torch.from_numpy(store.region_mask))
         if with_keywords:
-            self.register_buffer("keyword_tokens", torch.from_numpy(store.keyword_tokens))
+            self.register_buffer("keyword_projected", torch.from_numpy(store.keyword_projected))
+            self.register_buffer("keyword_mask", torch.from_numpy(store.keyword_mask))
 
 
 class VANStoreGraph(_StoreBuffers):
@@ -110,77 +153,85 @@ class LANStoreGraph(_StoreBuffers):
         super().__init__(store, with_visual=False)
         self.model, self.version = model, version
 
-    def forward(self, query_embedding, query_tokens, candidate_ids):
-        keyword, attention = self.model.lan(query_embedding, query_tokens, self.keyword_tokens[candidate_ids])
+    def forward(self, query_embedding, keyword_lexical, candidate_ids):
+        keyword, attention = self.model.lan.forward_projected(
+            query_embedding, self.keyword_projected[candidate_ids], self.keyword_mask[candidate_ids], keyword_lexical)
         return keyword, attention, _version_column(query_embedding, self.version)
 
 
 class FusedGraph(nn.Module):
-    """QEN + VAN + LAN + MTN in one graph over raw features (tokens in)."""
+    """QEN + VAN + LAN + MTN in one graph over raw features (text features in)."""
 
     def __init__(self, model: AMC, version: int) -> None:
         super().__init__()
         self.model, self.version = model, version
 
-    def forward(self, query_tokens, regions, region_mask, keyword_tokens):
-        out = self.model(query_tokens, regions, region_mask, keyword_tokens)
+    def forward(self, query_text, regions, region_mask, keyword_embeddings, keyword_lexical):
+        out = self.model(query_text, regions, region_mask, keyword_embeddings, keyword_lexical)
         return (out.scores, out.modality_weights, out.region_attention, out.keyword_attention,
-                _version_column(query_tokens, self.version))
+                _version_column(query_text, self.version))
 
 
 class FusedStoreGraph(_StoreBuffers):
-    """QEN + VAN + LAN + MTN in one graph over the candidate store (tokens and candidate ids in)."""
+    """QEN + VAN + LAN + MTN in one graph over the candidate store (query embedding, lexical features, ids in)."""
 
     def __init__(self, model: AMC, store: Store, version: int) -> None:
         super().__init__(store)
         self.model, self.version = model, version
 
-    def forward(self, query_tokens, candidate_ids):
-        q = self.model.qen(query_tokens)
+    def forward(self, query_text, keyword_lexical, candidate_ids):
+        q = self.model.qen(query_text)
         visual, region_attention = _visual_from_projected(self.model, q, self.projected[candidate_ids],
                                                           self.region_mask[candidate_ids])
-        keyword, keyword_attention = self.model.lan(q, query_tokens, self.keyword_tokens[candidate_ids])
+        keyword, keyword_attention = self.model.lan.forward_projected(
+            q, self.keyword_projected[candidate_ids], self.keyword_mask[candidate_ids], keyword_lexical)
         scores, weights = self.model.mtn(q, visual, keyword)
-        return scores, weights, region_attention, keyword_attention, _version_column(query_tokens, self.version)
+        return scores, weights, region_attention, keyword_attention, _version_column(query_text, self.version)
 
 
-def _example(signature: sig.StepSignature, model: AMC, store: Store, tokenizer: Tokenizer, *, batch: int,
+def _example(signature: sig.StepSignature, model: AMC, store: Store, matcher: LexicalMatcher, *, batch: int,
              candidates: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Inputs for ``signature``: real gallery rows as candidates, queries of vocabulary words."""
+    """Inputs for ``signature``: real gallery rows as candidates; queries of words from the store's keywords
+    (so that lexical features are not all 0), with unit-norm sentence embeddings."""
     ids = rng.integers(0, len(store), size=(batch, candidates)).astype(np.int64)
-    words = tokenizer.vocab[1:]
-    texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 4)))) for _ in range(batch)]
-    q_tokens = tokenizer.encode_queries(texts)
+    vocabulary = sorted({w for k in store.keywords.reshape(-1).tolist() for w in words(k)}) or ["cat"]
+    texts = [" ".join(rng.choice(vocabulary, size=int(rng.integers(1, 4)))) for _ in range(batch)]
+    query_text = unit_rows(rng, (batch, sig.TEXT_EMBEDDING_DIM))
+    lexical = np.stack([matcher.features(t, store.keywords[row]) for t, row in zip(texts, ids, strict=True)])
     with torch.no_grad():
-        q = model.qen(torch.from_numpy(q_tokens)).numpy()
-    values = {sig.CANDIDATE_IDS.name: ids, sig.QUERY_TOKENS.name: q_tokens, sig.QUERY_EMBEDDING.name: q}
+        q = model.qen(torch.from_numpy(query_text)).numpy()
+    values = {sig.CANDIDATE_IDS.name: ids, sig.QUERY_TEXT.name: query_text, sig.QUERY_EMBEDDING.name: q,
+              sig.KEYWORD_LEXICAL.name: lexical.astype(np.float32)}
     return {n: values[n] for n in signature.input_names}
 
 
 def _raw_reference(model: AMC, store: Store, inputs: dict[str, np.ndarray], regions: np.ndarray) -> dict:
-    """PyTorch raw path on the same candidates (gallery regions gathered by id): the store graphs' reference."""
+    """PyTorch raw path on the same candidates (gallery regions and keyword embeddings gathered by id): the store
+    graphs' reference."""
     ids = inputs[sig.CANDIDATE_IDS.name]
     reg = torch.from_numpy(np.asarray(regions[ids], dtype=np.float32))  # (B, N, R, D)
     mask = torch.from_numpy(store.region_mask[ids])
-    kw = torch.from_numpy(store.keyword_tokens[ids])
+    kw = torch.from_numpy(store.keyword_embeddings[ids])  # (B, N, K, E)
+    lexical = inputs.get(sig.KEYWORD_LEXICAL.name)
     with torch.no_grad():
-        if sig.QUERY_EMBEDDING.name not in inputs:
-            out = model(torch.from_numpy(inputs[sig.QUERY_TOKENS.name]), reg, mask, kw)
+        if sig.QUERY_TEXT.name in inputs:
+            out = model(torch.from_numpy(inputs[sig.QUERY_TEXT.name]), reg, mask, kw, torch.from_numpy(lexical))
             return {sig.SCORES.name: out.scores, sig.MODALITY_WEIGHTS.name: out.modality_weights,
                     sig.REGION_ATTENTION.name: out.region_attention, sig.KEYWORD_ATTENTION.name: out.keyword_attention}
         q = torch.from_numpy(inputs[sig.QUERY_EMBEDDING.name])
-        if sig.QUERY_TOKENS.name not in inputs:  # the VAN store step: no keywords involved
+        if lexical is None:  # the VAN store step: no keywords involved
             visual, ra = model.van(q, reg, mask)
             return {sig.VISUAL_VECTOR.name: visual, sig.REGION_ATTENTION.name: ra}
-        keyword, ka = model.lan(q, torch.from_numpy(inputs[sig.QUERY_TOKENS.name]), kw)
+        keyword, ka = model.lan(q, kw, torch.from_numpy(lexical))
         return {sig.KEYWORD_VECTOR.name: keyword, sig.KEYWORD_ATTENTION.name: ka}
 
 
 STORE_GRAPHS = {"van_store": (sig.VAN_STORE, VANStoreGraph), "lan_store": (sig.LAN_STORE, LANStoreGraph),
                 "fused_store": (sig.FUSED_STORE, FusedStoreGraph)}
+FUSED_SHAPES = [Shape(1, 1), Shape(3, 7, 10, 12), Shape(2, 100, 49, 1)]
 
 
-def export_store_graphs(model: AMC, store: Store, tokenizer: Tokenizer, out_dir: Path, *, version: int,
+def export_store_graphs(model: AMC, store: Store, matcher: LexicalMatcher, out_dir: Path, *, version: int,
                         fingerprint: str, fused: bool = True) -> None:
     """Write ``van_store.onnx``, ``lan_store.onnx`` (and ``fused.onnx``, ``fused_store.onnx``) into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,22 +239,19 @@ def export_store_graphs(model: AMC, store: Store, tokenizer: Tokenizer, out_dir:
     for name, (signature, cls) in STORE_GRAPHS.items():
         if name == "fused_store" and not fused:
             continue
-        example = _example(signature, model, store, tokenizer, batch=2, candidates=3, rng=rng)
+        example = _example(signature, model, store, matcher, batch=2, candidates=3, rng=rng)
         write_onnx(cls(model, store, version), signature, example, out_dir / f"{name}.onnx", version=version,
-                fingerprint=fingerprint, name=name)
+                   fingerprint=fingerprint, name=name)
     if fused:
-        example = {sig.QUERY_TOKENS.name: np.array([[1, 2], [3, 0]], dtype=np.int64),
-                   sig.REGIONS.name: np.abs(rng.normal(size=(2, 3, sig.REGIONS_PER_IMAGE, sig.REGION_FEATURE_DIM)))
-                   .astype(np.float32),
-                   sig.REGION_MASK.name: np.ones((2, 3, sig.REGIONS_PER_IMAGE), dtype=bool),
-                   sig.KEYWORD_TOKENS.name: rng.integers(1, 50, size=(2, 3, 4, 2)).astype(np.int64)}
+        example = random_inputs(sig.FUSED, model, Shape(2, 3), version, rng)
         write_onnx(FusedGraph(model, version), sig.FUSED, example, out_dir / "fused.onnx", version=version,
-                fingerprint=fingerprint, name="fused")
+                   fingerprint=fingerprint, name="fused")
 
 
-def validate_store(model: AMC, store: Store, tokenizer: Tokenizer, regions: np.ndarray, onnx_dir: Path, *,
+def validate_store(model: AMC, store: Store, matcher: LexicalMatcher, regions: np.ndarray, onnx_dir: Path, *,
                    seed: int = 0, shapes: tuple[tuple[int, int], ...] = ((1, 1), (3, 7), (2, 100))) -> float:
-    """Store graphs (ORT CPU) against the PyTorch raw path on the same gallery candidates; returns the worst error.
+    """Store graphs (ORT CPU) against the PyTorch raw path on the same gallery candidates, and ``fused.onnx``
+    against PyTorch on random inputs; returns the worst relative error.
 
     Raises :class:`ExportError` when any output differs by more than ``TOLERANCE`` (relative).
     """
@@ -215,7 +263,7 @@ def validate_store(model: AMC, store: Store, tokenizer: Tokenizer, regions: np.n
             continue
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         for batch, n in shapes:
-            inputs = _example(signature, model, store, tokenizer, batch=batch, candidates=n, rng=rng)
+            inputs = _example(signature, model, store, matcher, batch=batch, candidates=n, rng=rng)
             expected = _raw_reference(model, store, inputs, regions)
             got = dict(zip(signature.output_names, session.run(None, inputs)))
             for out_name, want in expected.items():
@@ -226,26 +274,39 @@ def validate_store(model: AMC, store: Store, tokenizer: Tokenizer, regions: np.n
                 if not err < TOLERANCE:
                     raise ExportError(f"{name}.{out_name} at batch {batch}, {n} candidates: relative error "
                                       f"{err:.2e} against the raw path (tolerance {TOLERANCE:g})")
+    fused = onnx_dir / "fused.onnx"
+    if fused.exists():
+        version = int(read_metadata(fused)["amc_version"])
+        results = validate_graph(FusedGraph(model, version), sig.FUSED, "fused", fused,
+                                 lambda shape, r: random_inputs(sig.FUSED, model, shape, version, r),
+                                 shapes=FUSED_SHAPES, seed=seed)
+        check_parity("fused", results)
+        worst = max([worst, *(r.max_relative_error for r in results)])
     return worst
 
 
-def publish_store(repository: Path, version: int, model: AMC, vocab: list[str], regions: np.ndarray,
+def publish_store(repository: Path, version: int, model: AMC, term_weights: str, regions: np.ndarray,
                   keywords, *, fingerprint: str, ids: list[str] | None = None, flavour: str = "python",
-                  fused: bool = True, serve: bool = True, log=print) -> Store:
-    """Add the store variant (built from the gallery ``regions``/``keywords``) to published version ``version``."""
+                  fused: bool = True, serve: bool = True, embed: Callable[[list[str]], np.ndarray] | None = None,
+                  log=print) -> Store:
+    """Add the store variant (built from the gallery ``regions``/``keywords``) to published version ``version``.
+
+    ``term_weights``: the checkpoint's :class:`amc_client.text.TermWeights` JSON; the store text step reuses
+    the version's text encoder and tokenizer (``amc_tokenizer/<version>/``).
+    """
     import tempfile
 
-    tokenizer = Tokenizer(vocab)
-    store = build_store(model, tokenizer, regions, keywords, ids)
+    matcher = LexicalMatcher(TermWeights.from_json(term_weights))
+    store = build_store(model, regions, keywords, ids, embed=embed)
+    text = TextStepFiles.of_version(repository / sig.TOKENIZER.model_name / str(version))
     with tempfile.TemporaryDirectory(prefix="amc-store-") as tmp:
         onnx_dir = Path(tmp)
-        export_store_graphs(model, store, tokenizer, onnx_dir, version=version, fingerprint=fingerprint,
-                            fused=fused)
-        worst = validate_store(model, store, tokenizer, regions, onnx_dir)
+        export_store_graphs(model, store, matcher, onnx_dir, version=version, fingerprint=fingerprint, fused=fused)
+        worst = validate_store(model, store, matcher, regions, onnx_dir)
         log(f"store of {len(store)} candidates exported for version {version} "
             f"(worst relative error against the raw path {worst:.1e})")
-        stage_store_version(repository, version=version, flavour=flavour, onnx_dir=onnx_dir,
-                            vocab_json=json.dumps(vocab), store_json=store.manifest(version), fused=fused)
+        stage_store_version(repository, version=version, flavour=flavour, onnx_dir=onnx_dir, text=text,
+                            store_json=store.manifest(version), fused=fused)
     if serve:
         set_store_serving(repository, version)
     return store

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.repository, ignore_errors=True)
     args.repository.mkdir(parents=True)
     (args.repository / DEMO_MARKER).write_text("made by python -m serving.demo; deleted and remade by each run\n")
-    version = publish(checkpoint, args.repository)
+    # The text step's keyword table: every keyword of the corpus the model was trained on (already loaded here).
+    version = publish(checkpoint, args.repository, keywords=sorted({k for kw in corpus.keywords for k in kw if k}))
 
     print("== 4/4 serve with tritonserver and query through the client")
     models = [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]

@@ -25,6 +25,7 @@ import numpy as np
 
 from amc_client import AMCClient, AMCError, Candidate, MixedVersionError
 from amc_client import signatures as sig
+from amc_client.text import TermWeights
 from export.publish import publish
 from export.repository import STEPS
 from serving.rollout import Rollout
@@ -53,20 +54,21 @@ class Load:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list[threading.Thread] = field(default_factory=list)
 
-    def start(self, vocab: list[str]) -> None:
+    def start(self, words: list[str]) -> None:
+        """Start the clients; queries and keywords are drawn from ``words``."""
         for i in range(self.clients):
-            t = threading.Thread(target=self._run, args=(i, vocab), daemon=True)
+            t = threading.Thread(target=self._run, args=(i, words), daemon=True)
             t.start()
             self._threads.append(t)
 
-    def _run(self, seed: int, vocab: list[str]) -> None:
+    def _run(self, seed: int, words: list[str]) -> None:
         rng = np.random.default_rng(seed)
         cands = [Candidate(id=str(j), regions=np.abs(rng.normal(size=(sig.REGIONS_PER_IMAGE, sig.REGION_FEATURE_DIM)))
-                           .astype(np.float32), keywords=list(rng.choice(vocab[1:], size=3)))
+                           .astype(np.float32), keywords=list(rng.choice(words, size=3)))
                  for j in range(self.candidates)]
         with AMCClient(self.url, timeout_s=30, routing_refresh_s=self.routing_refresh_s) as client:
             while not self._stop.is_set():
-                query = " ".join(rng.choice(vocab[1:], size=2))
+                query = " ".join(rng.choice(words, size=2))
                 sent = time.monotonic()
                 try:
                     version = client.rank(query, cands)[0].model_version
@@ -101,17 +103,23 @@ class Load:
             return [r for r in self.records if start <= r.sent < end]
 
 
+def collection_words(repository: Path, version: int) -> list[str]:
+    """The words of the candidate collection a published version's term weights were counted over."""
+    path = repository / sig.TOKENIZER.model_name / str(version) / "term_weights.json"
+    return sorted(TermWeights.from_json(path.read_text(encoding="utf-8")).df) or ["cat", "face"]
+
+
 def run(old_checkpoint: Path, new_checkpoint: Path, workdir: Path, *, clients: int = 4, share: float = 0.1,
         canary_requests: int = 800, ndcg_margin: float = 0.02, log=print) -> dict:
     """The scenario; returns the figures (also the shape of reports/rollout.json)."""
     repository = workdir / "repository"
     v1 = publish(old_checkpoint, repository, log=log)
     models = [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(v1), sig.ENSEMBLE_NAME]
-    vocab = json.loads((repository / sig.TOKENIZER.model_name / str(v1) / "vocab.json").read_text())
+    words = collection_words(repository, v1)
     with TritonServer(repository, models=models, admin_key=ADMIN_KEY) as server, \
             Rollout(repository, server.grpc_url, admin_key=ADMIN_KEY, ndcg_margin=ndcg_margin, log=log) as rollout:
         load = Load(server.grpc_url, clients=clients)
-        load.start(vocab)
+        load.start(words)
         t_start = time.monotonic()
         load.wait_for(100, t_start)
 

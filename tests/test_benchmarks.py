@@ -14,10 +14,10 @@ from export.repository import STORE_STEPS, parse_config, store_step_config, to_t
 @pytest.fixture(scope="module")
 def bench_repo(trained, small_corpus, tmp_path_factory):
     gallery = Gallery(small_corpus.regions[:60], small_corpus.keywords[:60],
-                      [q.text for q in small_corpus.queries["test"]][:20], small_corpus.vocab, "corpus")
-    repo, version, vocab = triton.build_repository(tmp_path_factory.mktemp("bench"), trained.checkpoint, gallery,
-                                                   log=lambda *_: None)
-    return repo, version, vocab, gallery
+                      [q.text for q in small_corpus.queries["test"]][:20], "corpus")
+    repo, version = triton.build_repository(tmp_path_factory.mktemp("bench"), trained.checkpoint, gallery,
+                                            log=lambda *_: None)
+    return repo, version, gallery
 
 
 def _flat(repo, version, tmp_path, store):
@@ -26,18 +26,43 @@ def _flat(repo, version, tmp_path, store):
     return flat(repo, str(version), tmp_path, store=store)
 
 
-def test_store_scores_equal_raw_scores_in_process(bench_repo, tmp_path):
-    repo, version, vocab, gallery = bench_repo
-    raw = inprocess.OrtPipeline(_flat(repo, version, tmp_path, False), vocab, "cpu")
-    store = inprocess.OrtStorePipeline(_flat(repo, version, tmp_path, True), vocab, "cpu")
-    fused = inprocess.OrtFused(repo / "amc_fused" / str(version) / "model.onnx", vocab, "cpu", store=False)
-    fused_store = inprocess.OrtFused(repo / "amc_fused_store" / str(version) / "model.onnx", vocab, "cpu", store=True)
+def test_store_scores_equal_raw_scores_in_process(bench_repo, trained, tmp_path):
+    repo, version, gallery = bench_repo
+    raw_feeds = inprocess.TextFeeds(repo, version, "cpu")
+    store_feeds = inprocess.TextFeeds(repo, version, "cpu", store=True)
+    raw = inprocess.OrtPipeline(_flat(repo, version, tmp_path, False), raw_feeds, "cpu")
+    store = inprocess.OrtPipeline(_flat(repo, version, tmp_path, True), store_feeds, "cpu")
+    fused = inprocess.OrtFused(repo / "amc_fused" / str(version) / "model.onnx", raw_feeds, "cpu")
+    fused_store = inprocess.OrtFused(repo / "amc_fused_store" / str(version) / "model.onnx", store_feeds, "cpu")
+    torch_runner = inprocess.TorchRunner(trained.checkpoint, raw_feeds, "cpu")
     for requests in (make_requests(gallery, 7, count=3), make_requests(gallery, 100, count=2)):
         expected = raw(requests)
-        for runner in (store, fused, fused_store):
+        for runner in (store, fused, fused_store, torch_runner):
             got = runner(requests)
             assert got.shape == expected.shape
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_workloads_and_perf_input_data(bench_repo, trained, tmp_path):
+    import json
+
+    from benchmarks import perf
+    from benchmarks.workloads import collection_words, synthetic_gallery
+
+    words = collection_words(trained.checkpoint)
+    gallery = synthetic_gallery(words, size=20, queries=5)
+    assert len(gallery) == 20 and all(1 <= len(k) <= 6 and all(k) for k in gallery.keywords)
+    assert all(w in words for q in gallery.queries for w in q.split())
+    repo, version, corpus_gallery = bench_repo
+    requests = make_requests(corpus_gallery, 5, count=2)
+    for kind, feeds in (("raw", None), ("store", None), ("fused", inprocess.TextFeeds(repo, version, "cpu")),
+                        ("fused_store", inprocess.TextFeeds(repo, version, "cpu", store=True))):
+        rows = json.loads(perf.input_data(requests, kind, tmp_path / f"{kind}.json", feeds).read_text())["data"]
+        signature = {"raw": triton.sig.ENSEMBLE, "store": triton.sig.STORE_ENSEMBLE, "fused": triton.sig.FUSED,
+                     "fused_store": triton.sig.FUSED_STORE}[kind]
+        assert len(rows) == 2 and set(rows[0]) == set(signature.input_names), kind
+    with pytest.raises(ValueError, match="text step"):
+        perf.input_data(requests, "fused", tmp_path / "x.json")
 
 
 def test_harness_and_report_on_tiny_runs(tmp_path):
@@ -64,14 +89,20 @@ def test_store_configs_round_trip():
 def test_store_ensemble_equals_raw_ensemble_through_tritonserver(bench_repo):
     from serving.server import TritonServer
 
-    repo, version, vocab, gallery = bench_repo
+    repo, version, gallery = bench_repo
     requests = make_requests(gallery, 9, count=2)
-    with TritonServer(repo, models=triton.model_names(version)) as server:
-        triton.wait_models(server.grpc_url, triton.model_names(version))
+    models = triton.model_names(version, repo)
+    assert triton.STORE_FUSED in models
+    with TritonServer(repo, models=models) as server:
+        triton.wait_models(server.grpc_url, models)
+        feeds = inprocess.TextFeeds(repo, version, "cpu", store=True)
         for r in requests:
             ranked = triton.amc_client_worker(server.grpc_url, [r])(0)(0)
             by_id = {x.candidate_id: x.score for x in ranked}
             raw = np.array([by_id[str(i)] if str(i) in by_id else by_id[f"{j}-{i}"]
                             for j, i in enumerate(r.ids.tolist())])
-            store = triton.store_worker(server.grpc_url, [r])(0)(0)[0]
-            np.testing.assert_allclose(store, raw, rtol=1e-4, atol=1e-5)
+            for model in (triton.sig.STORE_ENSEMBLE_NAME, triton.STORE_FUSED):
+                store = triton.store_worker(server.grpc_url, [r], model=model)(0)(0)[0]
+                np.testing.assert_allclose(store, raw, rtol=1e-4, atol=1e-5)
+            fused = triton.fused_worker(server.grpc_url, [r], feeds)(0)(0).as_numpy(triton.sig.SCORES.name)[0]
+            np.testing.assert_allclose(fused, raw, rtol=1e-4, atol=1e-5)

@@ -41,10 +41,8 @@ def serving_v1(trained, tmp_path):
     v1 = publish(trained.checkpoint, repository, log=lambda *_: None)
     models = [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(v1), sig.ENSEMBLE_NAME]
     with TritonServer(repository, models=models, admin_key=KEY) as server:
-        ckpt = load_checkpoint(trained.checkpoint)
-        vocab = ckpt.vocab
         load = loadtest.Load(server.grpc_url, clients=4)
-        load.start(vocab)
+        load.start(loadtest.collection_words(repository, v1))
         with Rollout(repository, server.grpc_url, admin_key=KEY, log=lambda *_: None) as rollout:
             yield server, rollout, repository, load
         load.stop()

@@ -2,11 +2,16 @@
 
 One server serves a tiny repository built in a temporary directory:
 
-- ``amc_tokenizer`` (config from the generator, ``serving/backends/tokenizer.py``, a 9-word vocabulary);
-  version 1 carries ``amc_text.py`` beside model.py, version 2 does not and so imports the installed
-  ``amc_client.text`` (checks that the stub sees the venv's editable installs);
+- ``amc_tokenizer``: the text step (``serving/backends/text_step.py``, mode raw) with the exported MiniLM
+  encoder, a small keyword table and term weights; version 1 carries ``amc_text.py`` beside model.py, version 2
+  does not and so imports the installed ``amc_client.text`` (checks that the stub sees the venv's editable
+  installs);
+- ``amc_store_tokenizer``: the same module in mode store, over a 4-row store, with dynamic batching;
 - ``toy_net``: a three-node ONNX graph run by ``serving/backends/onnx_runner.py`` with dynamic batching;
 - ``toy_late``: the same, not loaded at start, for the admin-key checks.
+
+The text step's outputs are compared with the PyTorch encoder and ``amc_client.text.LexicalMatcher`` (what
+training computes), and every bad request must be INVALID_ARGUMENT with a message naming the problem.
 """
 
 from __future__ import annotations
@@ -33,18 +38,36 @@ from tritonclient.utils import InferenceServerException
 
 from amc_client import signatures as sig
 from amc_client import text as amc_text
-from export.repository import step_config
+from export.reference import keyword_embeddings
+from export.repository import TextStepFiles, step_config, store_step_config, write_text_step
 from serving.server import ADMIN_KEY_HEADER, GRPC_ADMIN_KEY_HEADER, ServerStartError, TritonServer
 
 pytestmark = pytest.mark.integration
 
 BACKENDS = Path(__file__).resolve().parent.parent / "serving" / "backends"
-VOCAB = ["<pad>", "cat", "face", "smiling", "grinning", "eyes", "dog", "red", "heart"]
+DOCUMENTS = [["cat", "face", "grinning face with smiling eyes"], ["dog", "red heart"], ["smiling", "eyes"],
+             ["heart", "love"], ["kiwi fruit", "food"]]
+TABLE = ["cat", "face", "dog", "red heart", "heart"]  # precomputed; every other keyword is encoded when served
+STORE_KEYWORDS = [["cat", "face"], ["dog"], ["red heart", "love", "heart"], ["kiwi fruit"]]
 ADMIN_KEY = "test-admin-key"
-TOY, TOY_LATE, TOKENIZER = "toy_net", "toy_late", sig.TOKENIZER.model_name
+TOY, TOY_LATE = "toy_net", "toy_late"
+TOKENIZER, STORE_TOKENIZER = sig.TOKENIZER.model_name, sig.STORE_TOKENIZER.model_name
 # The toy reuses real tensor names, so its error messages read like the served networks'.
 REGIONS, MASK, SCORES = sig.REGIONS.name, sig.REGION_MASK.name, sig.SCORES.name
 TOTAL = "total"
+TOLERANCE = 1e-4
+
+
+@functools.cache
+def encoder():
+    from training.text_encoder import TextEncoder
+
+    return TextEncoder()
+
+
+@functools.cache
+def matcher() -> amc_text.LexicalMatcher:
+    return amc_text.LexicalMatcher(amc_text.TermWeights.from_documents(DOCUMENTS))
 
 
 # ---- repository ----------------------------------------------------------------------------------------
@@ -84,17 +107,25 @@ def _toy_config(name: str) -> str:
 
 
 def _build_repository(root: Path) -> Path:
+    from export.onnx_export import export_text_encoder
+    from training.text_encoder import tokenizer_json
+
     repo = root / "repo"
-    tok = repo / TOKENIZER
-    tok.mkdir(parents=True)
-    (tok / "config.pbtxt").write_text(text_format.MessageToString(step_config(sig.TOKENIZER, "python")))
+    export_text_encoder(encoder().model, root / "text_encoder.onnx", version=1, fingerprint="test")
+    np.savez(root / "keyword_table.npz", texts=np.array(TABLE), vectors=encoder().encode_keywords(TABLE))
+    files = TextStepFiles(tokenizer_json(), matcher().weights.to_json(), root / "text_encoder.onnx",
+                          root / "keyword_table.npz")
+    (repo / TOKENIZER).mkdir(parents=True)
+    (repo / TOKENIZER / "config.pbtxt").write_text(text_format.MessageToString(step_config(sig.TOKENIZER, "python")))
     for version in (1, 2):
-        vdir = tok / str(version)
-        vdir.mkdir()
-        shutil.copy(BACKENDS / "tokenizer.py", vdir / "model.py")
-        (vdir / "vocab.json").write_text(json.dumps(VOCAB))
-        (vdir / "version.json").write_text(json.dumps({"version": version}))
-    shutil.copy(amc_text.__file__, tok / "1" / "amc_text.py")  # version 2 must find amc_client instead
+        write_text_step(repo / TOKENIZER / str(version), version=version, files=files)
+    (repo / TOKENIZER / "2" / "amc_text.py").unlink()  # version 2 must find amc_client instead
+    config = store_step_config(sig.STORE_TOKENIZER, "python")
+    config.dynamic_batching.max_queue_delay_microseconds = 100_000  # so that concurrent requests meet
+    (repo / STORE_TOKENIZER).mkdir()
+    (repo / STORE_TOKENIZER / "config.pbtxt").write_text(text_format.MessageToString(config))
+    store = {"version": 1, "size": len(STORE_KEYWORDS), "ids": list("abcd"), "keywords": STORE_KEYWORDS}
+    write_text_step(repo / STORE_TOKENIZER / "1", version=1, files=files, store_json=json.dumps(store))
     for name in (TOY, TOY_LATE):
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text(_toy_config(name))
@@ -110,9 +141,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repository: Path) -> Iterator[TritonServer]:
-    srv = TritonServer(repository, models=[TOKENIZER, TOY], admin_key=ADMIN_KEY,
+    srv = TritonServer(repository, models=[TOKENIZER, STORE_TOKENIZER, TOY], admin_key=ADMIN_KEY,
                        log_file=repository.parent / "tritonserver.log")
-    srv.start(timeout_s=90)
+    srv.start(timeout_s=120)
     try:
         yield srv
     finally:
@@ -132,18 +163,61 @@ def _bytes_input(name: str, array: np.ndarray) -> grpcclient.InferInput:
     return tensor
 
 
-def _tokenize(client: grpcclient.InferenceServerClient, queries: list[bytes | str],
-              keywords: np.ndarray, version: str = "") -> dict[str, np.ndarray]:
-    query = np.array([[q.encode() if isinstance(q, str) else q] for q in queries], dtype=object)
+def _queries(queries: list[bytes | str]) -> np.ndarray:
+    return np.array([[q.encode() if isinstance(q, str) else q] for q in queries], dtype=object)
+
+
+def _text_step(client: grpcclient.InferenceServerClient, queries: list[bytes | str],
+               keywords: np.ndarray, version: str = "") -> dict[str, np.ndarray]:
     mask = grpcclient.InferInput(sig.REGION_MASK.name, [*keywords.shape[:2], 1], "BOOL")
     mask.set_data_from_numpy(np.ones((*keywords.shape[:2], 1), dtype=bool))
-    result = client.infer(TOKENIZER, [_bytes_input(sig.QUERY.name, query), _bytes_input(sig.KEYWORDS.name, keywords),
-                                      mask], model_version=version, client_timeout=30)
+    result = client.infer(TOKENIZER, [_bytes_input(sig.QUERY.name, _queries(queries)),
+                                      _bytes_input(sig.KEYWORDS.name, keywords), mask],
+                          model_version=version, client_timeout=60)
     return {name: result.as_numpy(name) for name in sig.TOKENIZER.output_names}
+
+
+def _store_inputs(queries: list[bytes | str], ids: np.ndarray) -> list[grpcclient.InferInput]:
+    tensor = grpcclient.InferInput(sig.CANDIDATE_IDS.name, list(ids.shape), "INT64")
+    tensor.set_data_from_numpy(ids.astype(np.int64))
+    return [_bytes_input(sig.QUERY.name, _queries(queries)), tensor]
+
+
+def _store_step(client: grpcclient.InferenceServerClient, queries: list[bytes | str],
+                ids: np.ndarray) -> dict[str, np.ndarray]:
+    result = client.infer(STORE_TOKENIZER, _store_inputs(queries, ids), client_timeout=60)
+    return {name: result.as_numpy(name) for name in sig.STORE_TOKENIZER.output_names}
 
 
 def _keywords(rows: list[list[list[str]]]) -> np.ndarray:
     return np.array([[[k.encode() for k in cand] for cand in row] for row in rows], dtype=object)
+
+
+def _strings(rows: list[list[list[str]]]) -> np.ndarray:
+    return np.array(rows, dtype=object)
+
+
+def _relative(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def _expected(queries: list[str], keywords: np.ndarray) -> dict[str, np.ndarray]:
+    """What training computes for these strings: the PyTorch encoder and the lexical matcher."""
+    return {sig.QUERY_TEXT.name: encoder().encode(queries),
+            sig.KEYWORD_EMBEDDINGS.name: keyword_embeddings(keywords, encoder().encode_keywords),
+            sig.KEYWORD_LEXICAL.name: np.stack([matcher().features(q, k) for q, k in zip(queries, keywords)])}
+
+
+def _assert_features_match(out: dict[str, np.ndarray], queries: list[str], keywords: np.ndarray) -> None:
+    want = _expected(queries, keywords)
+    for name, expected in want.items():
+        if name not in out:
+            continue
+        assert out[name].shape == expected.shape and out[name].dtype == np.float32, name
+        if name == sig.KEYWORD_LEXICAL.name:
+            np.testing.assert_allclose(out[name], expected, rtol=1e-6, atol=1e-7)
+        else:
+            assert _relative(out[name], expected) < TOLERANCE, name
 
 
 def _toy_inputs(regions: np.ndarray, mask: np.ndarray) -> list[grpcclient.InferInput]:
@@ -165,19 +239,19 @@ def _toy(client: grpcclient.InferenceServerClient, regions: np.ndarray, mask: np
     return result.as_numpy(SCORES), result.as_numpy(TOTAL)
 
 
-def _assert_tokenizer_works(client: grpcclient.InferenceServerClient) -> None:
-    keywords = _keywords([[["cat", "face"], ["red heart", ""]]])
-    out = _tokenize(client, ["Grinning cat"], keywords)
-    tokenizer = amc_text.Tokenizer(VOCAB)
-    np.testing.assert_array_equal(out[sig.QUERY_TOKENS.name], tokenizer.encode_queries(["Grinning cat"]))
-    np.testing.assert_array_equal(out[sig.KEYWORD_TOKENS.name], tokenizer.encode_keywords(
-        np.array([[["cat", "face"], ["red heart", ""]]], dtype=object)))
+def _assert_text_step_works(client: grpcclient.InferenceServerClient) -> None:
+    rows = [[["cat", "face"], ["red heart", ""]]]
+    _assert_features_match(_text_step(client, ["Grinning cat"], _keywords(rows)), ["Grinning cat"], _strings(rows))
+
+
+def _error(call) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as info:
+        call()
+    return info.value
 
 
 def _error_message(call) -> str:
-    with pytest.raises(InferenceServerException) as info:
-        call()
-    return info.value.message()
+    return _error(call).message()
 
 
 # ---- tests ---------------------------------------------------------------------------------------------
@@ -189,56 +263,107 @@ def test_is_the_real_tritonserver(server: TritonServer) -> None:
     assert Path(f"/proc/{server.pid}/exe").resolve().name == "tritonserver"
 
 
-def test_tokenizer_matches_training_code(client: grpcclient.InferenceServerClient, repository: Path) -> None:
+def test_text_step_matches_training_code(client: grpcclient.InferenceServerClient, repository: Path) -> None:
+    """Embeddings (from the table, and encoded on the fly for keywords it lacks) and lexical features equal
+    what training computes for the same strings."""
     rows = [[["cat", "face", ""], ["grinning face with smiling eyes", "dog", "Red"]],
             [["heart", "", ""], ["", "", ""]]]
-    out = _tokenize(client, ["Grinning CAT face!", "red heart"], _keywords(rows), version="1")
-    tokenizer = amc_text.Tokenizer(VOCAB)
-    np.testing.assert_array_equal(out[sig.QUERY_TOKENS.name],
-                                  tokenizer.encode_queries(["Grinning CAT face!", "red heart"]))
-    keyword_strings = np.array([[list(c) for c in row] for row in rows], dtype=object)
-    np.testing.assert_array_equal(out[sig.KEYWORD_TOKENS.name], tokenizer.encode_keywords(keyword_strings))
-    assert out[sig.KEYWORD_TOKENS.name].shape == (2, 2, 3, 4)  # "with" is not in VOCAB
+    queries = ["Grinning CAT face!", "red heart"]
+    out = _text_step(client, queries, _keywords(rows), version="1")
+    _assert_features_match(out, queries, _strings(rows))
+    assert out[sig.KEYWORD_EMBEDDINGS.name].shape == (2, 2, 3, sig.TEXT_EMBEDDING_DIM)
+    assert not out[sig.KEYWORD_EMBEDDINGS.name][1, 1].any()  # a candidate of padding: zero vectors
+    assert out[sig.KEYWORD_LEXICAL.name][0, 0, 0, 0] == 1.0  # "cat" is all in the query
     np.testing.assert_array_equal(out[sig.TOKENIZER_VERSION.name], [[1], [1]])
     # Loading amc_text.py wrote no bytecode into the version directory (Triton would see a changed version).
     assert not list((repository / TOKENIZER / "1").rglob("amc_text*.pyc"))
 
 
-def test_tokenizer_without_published_text_module_uses_installed_client(
+@pytest.mark.parametrize("query", ["kiwifruit", "guardsman", "猫", "кошка", "😺", "grinning cat 😺", "?!"])
+def test_any_query_gets_features(client: grpcclient.InferenceServerClient, query: str) -> None:
+    """Words outside any vocabulary, other scripts and emoji are encoded (WordPiece covers them), not refused."""
+    rows = [[["kiwi fruit", "guardsman"], ["cat", ""]]]
+    out = _text_step(client, [query], _keywords(rows))
+    _assert_features_match(out, [query], _strings(rows))
+    assert abs(float(np.linalg.norm(out[sig.QUERY_TEXT.name])) - 1) < 1e-5
+
+
+def test_text_step_without_published_text_module_uses_installed_client(
         client: grpcclient.InferenceServerClient, server: TritonServer) -> None:
     log = server.log_path.read_text() if server.log_path else ""
     assert "amc_client/text.py" in log and "amc_text.py" in log  # what each version's initialize() logged
     # Version 2 has no amc_text.py: it must import amc_client (an editable install) from the project venv.
     # The version policy is `all`, so both versions were loaded at start; the unversioned name gets the latest.
     assert client.is_model_ready(TOKENIZER, "1") and client.is_model_ready(TOKENIZER, "2")
-    out = _tokenize(client, ["smiling dog"], _keywords([[["dog"]]]))
+    rows = [[["dog"]]]
+    out = _text_step(client, ["smiling dog"], _keywords(rows))
     np.testing.assert_array_equal(out[sig.TOKENIZER_VERSION.name], [[2]])
-    np.testing.assert_array_equal(out[sig.QUERY_TOKENS.name], [[VOCAB.index("smiling"), VOCAB.index("dog")]])
+    _assert_features_match(out, ["smiling dog"], _strings(rows))
 
 
 @pytest.mark.parametrize(("query", "keywords", "expected"), [
     ("", [[["cat"]]], "amc_tokenizer: query is empty"),
     ("   \t", [[["cat"]]], "amc_tokenizer: query is empty"),
     (b"cat\xff", [[["cat"]]], "amc_tokenizer: query is not valid UTF-8 (byte 0xff at position 3)"),
-    ("xyzzy qwrt", [[["cat"]]], "amc_tokenizer: query 'xyzzy qwrt' has no word in the model's vocabulary"),
     ("cat", [[]], "amc_tokenizer: candidate set is empty"),
 ])
-def test_tokenizer_rejects_bad_requests(client: grpcclient.InferenceServerClient, query: bytes | str,
+def test_text_step_rejects_bad_requests(client: grpcclient.InferenceServerClient, query: bytes | str,
                                         keywords: list, expected: str) -> None:
     array = _keywords(keywords) if keywords != [[]] else np.empty((1, 0, 1), dtype=object)
-    message = _error_message(lambda: _tokenize(client, [query], array))
-    assert expected in message, message
-    _assert_tokenizer_works(client)  # the instance survived
+    error = _error(lambda: _text_step(client, [query], array))
+    assert expected in error.message(), error.message()
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    _assert_text_step_works(client)  # the instance survived
 
 
-def test_tokenizer_rejects_bad_keywords_and_too_many_candidates(client: grpcclient.InferenceServerClient) -> None:
+def test_text_step_rejects_bad_keywords_and_too_many_candidates(client: grpcclient.InferenceServerClient) -> None:
     keywords = np.array([[[b"cat"], [b"\xc3\x28 bad"]]], dtype=object)
-    message = _error_message(lambda: _tokenize(client, ["cat"], keywords))
+    message = _error_message(lambda: _text_step(client, ["cat"], keywords))
     assert "keywords[0, 1, 0] is not valid UTF-8 (byte 0xc3 at position 0)" in message, message
     too_many = np.full((1, sig.MAX_CANDIDATES + 1, 1), b"cat", dtype=object)
-    message = _error_message(lambda: _tokenize(client, ["cat"], too_many))
-    assert f"{sig.MAX_CANDIDATES + 1} candidates exceed the maximum of {sig.MAX_CANDIDATES}" in message
-    _assert_tokenizer_works(client)
+    error = _error(lambda: _text_step(client, ["cat"], too_many))
+    assert f"{sig.MAX_CANDIDATES + 1} candidates exceed the maximum of {sig.MAX_CANDIDATES}" in error.message()
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    _assert_text_step_works(client)
+
+
+def test_store_text_step_matches_training_code(client: grpcclient.InferenceServerClient) -> None:
+    ids = np.array([[2, 0, 3, 2], [1, 1, 0, 3]])
+    queries = ["red heart", "кошка cat"]
+    out = _store_step(client, queries, ids)
+    width = max(map(len, STORE_KEYWORDS))
+    store = np.array([row + [""] * (width - len(row)) for row in STORE_KEYWORDS], dtype=object)
+    _assert_features_match(out, queries, store[ids])
+    assert out[sig.KEYWORD_LEXICAL.name].shape == (2, 4, width, sig.LEXICAL_DIM)
+    np.testing.assert_array_equal(out[sig.TOKENIZER_VERSION.name], [[1], [1]])
+
+
+def test_store_text_step_merges_requests_and_isolates_bad_ones(client: grpcclient.InferenceServerClient) -> None:
+    cases = [(["cat face"], [[0, 1]]), (["dog"], [[1, 2, 3]]), (["heart"], [[0, 9]]), ([""], [[0]]),
+             (["kiwi"], [[3]]), (["love"], [[]])]
+    answers: queue.Queue[tuple[int, object]] = queue.Queue()
+
+    def callback(i: int, result, error) -> None:
+        answers.put((i, error if error is not None else result))
+
+    for i, (queries, ids) in enumerate(cases):  # within the 100 ms batching window: one execute() call
+        client.async_infer(STORE_TOKENIZER, _store_inputs(queries, np.array(ids, dtype=np.int64).reshape(1, -1)),
+                           callback=functools.partial(callback, i), client_timeout=60)
+    results: dict[int, object] = dict(answers.get(timeout=60) for _ in cases)
+    errors = {2: "candidate_ids[0, 1] = 9 is outside the candidate store of version 1 (0 .. 3)",
+              3: "query is empty", 5: "candidate set is empty"}
+    for i, (queries, _) in enumerate(cases):
+        if i in errors:
+            assert isinstance(results[i], InferenceServerException), i
+            assert f"{STORE_TOKENIZER}: {errors[i]}" in results[i].message()
+            assert results[i].status() == "StatusCode.INVALID_ARGUMENT"
+            continue
+        assert not isinstance(results[i], Exception), results[i]
+        got = results[i].as_numpy(sig.QUERY_TEXT.name)
+        assert _relative(got, encoder().encode(queries)) < TOLERANCE
+    stats = client.get_inference_statistics(STORE_TOKENIZER, as_json=True)["model_stats"][0]
+    requests = sum(int(stats["inference_stats"][k].get("count", 0)) for k in ("success", "fail"))
+    assert int(stats["execution_count"]) < requests, stats
 
 
 def test_onnx_runner_batches_and_isolates_bad_requests(client: grpcclient.InferenceServerClient) -> None:
@@ -277,8 +402,9 @@ def test_onnx_runner_error_then_recovers(client: grpcclient.InferenceServerClien
     regions = np.ones((1, 2, 3), dtype=np.float32)
     regions[0, 0, 0] = np.inf
     mask = np.ones((1, 2), dtype=bool)
-    message = _error_message(lambda: _toy(client, regions, mask))
-    assert message.endswith("toy_net: regions contains NaN or infinite values"), message
+    error = _error(lambda: _toy(client, regions, mask))
+    assert error.message().endswith("toy_net: regions contains NaN or infinite values"), error.message()
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
     scores, total = _toy(client, np.ones((1, 2, 3), dtype=np.float32), mask)
     np.testing.assert_allclose(scores, [[3.0, 3.0]])
     np.testing.assert_allclose(total, [[6.0]])
@@ -322,7 +448,7 @@ def test_admin_key_guards_model_repository(client: grpcclient.InferenceServerCli
     scores, _ = _toy(client, np.ones((1, 2, 2), dtype=np.float32), np.array([[True, False]]), model=TOY_LATE)
     np.testing.assert_allclose(scores, [[2.0, 0.0]])
     index = client.get_model_repository_index(headers=server.admin_headers, as_json=True)
-    assert {m["name"] for m in index["models"]} >= {TOY, TOY_LATE, TOKENIZER}
+    assert {m["name"] for m in index["models"]} >= {TOY, TOY_LATE, TOKENIZER, STORE_TOKENIZER}
     client.unload_model(TOY_LATE, headers=server.admin_headers)
 
 

@@ -1,7 +1,10 @@
 """Integration: a trained checkpoint, published, served by a real tritonserver, queried through the client.
 
 Scores through Triton over gRPC must equal the PyTorch model's (relative error under 1e-4, same ranking),
-and every kind of bad input must get an error naming the problem while the server keeps answering.
+with the text features computed as training computes them (``export.reference``: the PyTorch sentence encoder,
+the same WordPiece ids and lexical matcher). Any non-empty query is ranked, whatever its words or script; every
+kind of bad input gets an error naming the problem (INVALID_ARGUMENT for the caller's mistakes) while the
+server keeps answering.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
@@ -27,8 +29,8 @@ from amc_client import (
     ServerUnavailableError,
 )
 from amc_client import signatures as sig
-from amc_client.text import Tokenizer
 from export.publish import publish
+from export.reference import Reference
 from export.repository import STEPS
 from serving.rollout import infer_arrays
 from serving.server import TritonServer
@@ -56,8 +58,7 @@ def client(served):
 
 @pytest.fixture(scope="module")
 def reference(trained):
-    ckpt = load_checkpoint(trained.checkpoint)
-    return ckpt.build_model(), Tokenizer(ckpt.vocab)
+    return Reference(load_checkpoint(trained.checkpoint))
 
 
 def corpus_candidates(corpus, count: int, offset: int = 0) -> list[Candidate]:
@@ -67,14 +68,21 @@ def corpus_candidates(corpus, count: int, offset: int = 0) -> list[Candidate]:
 
 
 def pytorch_scores(reference, query: str, candidates: list[Candidate]) -> np.ndarray:
-    model, tokenizer = reference
     k = max(1, max(len(c.keywords) for c in candidates))
     keywords = np.array([[list(c.keywords) + [""] * (k - len(c.keywords)) for c in candidates]], dtype=object)
     regions = np.stack([c.regions for c in candidates])[None]
-    with torch.no_grad():
-        out = model(torch.from_numpy(tokenizer.encode_queries([query])), torch.from_numpy(regions),
-                    torch.ones(regions.shape[:3], dtype=torch.bool), torch.from_numpy(tokenizer.encode_keywords(keywords)))
-    return out.scores[0].numpy()
+    return reference([query], regions, np.ones(regions.shape[:3], dtype=bool), keywords).scores[0].numpy()
+
+
+def assert_served_equals_pytorch(client, reference, query: str, candidates: list[Candidate]) -> list:
+    results = client.rank(query, candidates)
+    expected = pytorch_scores(reference, query, candidates)
+    by_id = {r.candidate_id: r.score for r in results}
+    served_scores = np.array([by_id[c.id] for c in candidates])
+    error = np.linalg.norm(served_scores - expected) / np.linalg.norm(expected)
+    assert error < TOLERANCE, f"relative error {error:.2e} for {query!r}, {len(candidates)} candidates"
+    assert [r.candidate_id for r in results] == [candidates[i].id for i in np.argsort(-expected, kind="stable")]
+    return results
 
 
 def test_the_server_is_the_real_tritonserver(served):
@@ -87,17 +95,33 @@ def test_the_server_is_the_real_tritonserver(served):
 @pytest.mark.parametrize("count", [1, 7, 100])
 def test_scores_and_ranking_equal_pytorch(client, small_corpus, reference, served, count):
     query = small_corpus.queries["test"][count % 5].text
-    candidates = corpus_candidates(small_corpus, count, offset=count)
-    results = client.rank(query, candidates)
-    expected = pytorch_scores(reference, query, candidates)
-    by_id = {r.candidate_id: r.score for r in results}
-    served_scores = np.array([by_id[c.id] for c in candidates])
-    error = np.linalg.norm(served_scores - expected) / np.linalg.norm(expected)
-    assert error < TOLERANCE, f"relative error {error:.2e} for {count} candidates"
-    assert [r.candidate_id for r in results] == [candidates[i].id for i in np.argsort(-expected, kind="stable")]
+    results = assert_served_equals_pytorch(client, reference, query, corpus_candidates(small_corpus, count,
+                                                                                        offset=count))
     assert all(r.model_version == served[1] for r in results)
     assert all(abs(r.visual_weight + r.language_weight - 1) < 1e-5 for r in results)
     assert all(abs(float(r.region_attention.sum()) - 1) < 1e-4 for r in results)
+
+
+@pytest.mark.parametrize("query", ["kiwifruit", "guardsman", "kiwifruit guardsman", "猫", "кошка",
+                                   "grinning cat 😺", "😺", "?!"])
+def test_any_query_is_ranked(client, small_corpus, reference, query):
+    """Words no fixed vocabulary had, other scripts and emoji: ranked, with PyTorch's scores."""
+    results = assert_served_equals_pytorch(client, reference, query, corpus_candidates(small_corpus, 20))
+    assert len(results) == 20
+
+
+def test_keywords_unseen_at_export_are_embedded_on_the_fly(client, small_corpus, reference, served):
+    """Keywords that are not in the version's keyword table (not in the training corpus) are encoded by the
+    text step's encoder when served, and score as PyTorch scores them."""
+    server, version = served
+    with np.load(server.repository / sig.TOKENIZER.model_name / str(version) / "keyword_table.npz") as table:
+        known = set(table["texts"].tolist())
+    assert known  # the table holds the training corpus's keywords
+    unseen = ["kiwifruit salad", "guardsman bearskin", "猫耳", "🐱 sticker", "face"]
+    candidates = [Candidate(id=c.id, regions=c.regions, keywords=[*c.keywords[:2], unseen[i % len(unseen)]])
+                  for i, c in enumerate(corpus_candidates(small_corpus, 9))]
+    assert not known & set(unseen[:4])
+    assert_served_equals_pytorch(client, reference, "kiwifruit face", candidates)
 
 
 def test_rank_many_equals_single_queries(client, small_corpus):
@@ -131,8 +155,7 @@ def still_serving(client, small_corpus, reference):
     """After the test, a good request still gets correct scores."""
     yield
     query, cands = small_corpus.queries["test"][1].text, corpus_candidates(small_corpus, 7)
-    served = {r.candidate_id: r.score for r in client.rank(query, cands)}
-    np.testing.assert_allclose([served[c.id] for c in cands], pytorch_scores(reference, query, cands), rtol=1e-4, atol=1e-5)
+    assert_served_equals_pytorch(client, reference, query, cands)
 
 
 def raw_request(query=b"cat", n=2, r=3, d=sig.REGION_FEATURE_DIM, dtype=np.float32, keywords=None,
@@ -159,24 +182,29 @@ def send_raw(server, arrays: dict[str, np.ndarray]):
 
 
 @pytest.mark.usefixtures("still_serving")
-@pytest.mark.parametrize("query, message", [("", "empty"), ("   ", "empty"), ("xyzzyq qwrtzp", "vocabulary")])
-def test_bad_queries_are_rejected_by_the_server(client, small_corpus, query, message):
-    with pytest.raises(InvalidInputError, match=message):
+@pytest.mark.parametrize("query", ["", "   ", "\t\n"])
+def test_empty_queries_are_invalid_arguments(client, served, small_corpus, query):
+    with pytest.raises(InvalidInputError, match="INVALID_ARGUMENT.*query is empty"):
         client.rank(query, corpus_candidates(small_corpus, 3), validate=False)
+    with pytest.raises(InferenceServerException, match="query is empty") as info:
+        send_raw(served[0], raw_request(query=query.encode()))
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
 @pytest.mark.usefixtures("still_serving")
 def test_empty_candidate_set(client, served):
     with pytest.raises(InvalidInputError, match="empty"):
         client.rank("cat", [])
-    with pytest.raises(InferenceServerException, match="empty"):
+    with pytest.raises(InferenceServerException, match="candidate set is empty") as info:
         send_raw(served[0], raw_request(n=0))
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
 @pytest.mark.usefixtures("still_serving")
 def test_too_many_candidates(served):
-    with pytest.raises(InferenceServerException, match=f"maximum of {sig.MAX_CANDIDATES}"):
+    with pytest.raises(InferenceServerException, match=f"maximum of {sig.MAX_CANDIDATES}") as info:
         send_raw(served[0], raw_request(n=sig.MAX_CANDIDATES + 1, r=1))
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
 @pytest.mark.usefixtures("still_serving")
@@ -210,8 +238,9 @@ def test_ragged_keywords_without_mask(client, served):
 
 @pytest.mark.usefixtures("still_serving")
 def test_non_utf8_query(served):
-    with pytest.raises(InferenceServerException, match="UTF-8"):
+    with pytest.raises(InferenceServerException, match="query is not valid UTF-8") as info:
         send_raw(served[0], raw_request(query=b"\xff\xfecat"))
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
 @pytest.mark.usefixtures("still_serving")

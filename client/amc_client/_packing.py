@@ -11,7 +11,6 @@ import numpy as np
 from . import signatures as sig
 from ._types import Candidate, CandidateArrays, RankedResult
 from .errors import InvalidInputError
-from .text import words
 
 CandidateSet = Sequence[Candidate] | CandidateArrays
 
@@ -77,8 +76,7 @@ def check_request(query: str, cands: _Set) -> None:
     """The client-side checks that the server also makes (skipped with ``validate=False``)."""
     if not query.strip():
         raise InvalidInputError("query is empty")
-    if not words(query):
-        raise InvalidInputError(f"query {query!r} has no words (letters or digits) to search with")
+    # Any other text is searchable: the server's sentence encoder reads every script, emoji included.
     if len(cands) == 0:
         raise InvalidInputError(f"query {query!r}: the candidate set is empty")
     if len(cands) > sig.MAX_CANDIDATES:

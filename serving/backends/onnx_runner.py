@@ -12,8 +12,8 @@ repository flavour). Everything model-specific comes from the model's ``config.p
 Batching: with ``dynamic_batching`` Triton may hand :meth:`execute` several requests at once. Requests whose
 inputs agree on every non-batch dim are concatenated along the batch axis and run in one session call; the
 outputs are split back. A request that fails validation, or a group whose run fails, gets an error response
-``"<model>: <reason>"`` (a failed group is retried one request at a time so only the bad request fails); the
-instance itself never raises out of :meth:`execute`.
+``"<model>: <reason>"``: INVALID_ARGUMENT for a bad input, INTERNAL otherwise (a failed group is retried one
+request at a time so only the bad request fails); the instance itself never raises out of :meth:`execute`.
 
 This file must stay importable by the stub without the project installed: it imports only numpy,
 onnxruntime and ``triton_python_backend_utils``.
@@ -36,6 +36,42 @@ _ORT_TYPES = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tens
 
 class RequestError(ValueError):
     """A problem with one request's inputs; becomes that request's error response."""
+
+
+def execution_providers(params: dict[str, str], args: dict[str, str], model_name: str) -> list[Any]:
+    """onnxruntime providers from the config parameters ``execution_provider`` and ``use_tf32`` (see above).
+
+    Also used by the text step (``text_step.py``, which gets this file beside it as ``amc_onnx_runner.py``).
+    """
+    import onnxruntime as ort
+
+    choice = (params.get("execution_provider") or "auto").lower()
+    available = ort.get_available_providers()
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"{model_name}: execution_provider must be auto, cpu or cuda, not {choice!r}")
+    if choice == "cuda" and "CUDAExecutionProvider" not in available:
+        raise RuntimeError(f"{model_name}: execution_provider 'cuda' asked for, but onnxruntime offers "
+                           f"only {available} (is onnxruntime-gpu installed?)")
+    if choice != "cpu" and "CUDAExecutionProvider" in available:
+        # A KIND_GPU instance names its device; a KIND_CPU instance (the python flavour) uses device 0.
+        device = int(args.get("model_instance_device_id") or 0) if args.get("model_instance_kind") == "GPU" else 0
+        tf32 = (params.get("use_tf32") or "0").strip()
+        if tf32 not in ("0", "1"):
+            raise ValueError(f"{model_name}: use_tf32 must be 0 or 1, not {tf32!r}")
+        return [("CUDAExecutionProvider", {"device_id": device, "use_tf32": tf32}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def error_response(model_name: str, error: BaseException, *, invalid_argument: bool) -> Any:
+    """An error response ``"<model>: <reason>"``. ``invalid_argument``: the caller's mistake, answered with
+    INVALID_ARGUMENT (the 2.51 stub's ``TritonError.INVALID_ARG``; its ensembles pass the code on to the gRPC
+    status); anything else is INTERNAL, its message prefixed with the exception's type."""
+    if not invalid_argument:
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{model_name}: {type(error).__name__}: {error}"))
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    message = f"{model_name}: {error}"
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message) if code is None
+                                      else pb_utils.TritonError(message, code))
 
 
 class TritonPythonModel:
@@ -61,26 +97,9 @@ class TritonPythonModel:
         if params.get("intra_op_num_threads"):
             options.intra_op_num_threads = int(params["intra_op_num_threads"])
         self.session = ort.InferenceSession(str(path), sess_options=options,
-                                            providers=self._providers(ort, params, args))
+                                            providers=execution_providers(params, args, self.model_name))
         self._check_signature()
         self.logger.log_info(f"{self.model_name} v{self.version}: {path.name} on {self.session.get_providers()}")
-
-    def _providers(self, ort: Any, params: dict[str, str], args: dict[str, str]) -> list[Any]:
-        choice = (params.get("execution_provider") or "auto").lower()
-        available = ort.get_available_providers()
-        if choice not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"{self.model_name}: execution_provider must be auto, cpu or cuda, not {choice!r}")
-        if choice == "cuda" and "CUDAExecutionProvider" not in available:
-            raise RuntimeError(f"{self.model_name}: execution_provider 'cuda' asked for, but onnxruntime offers "
-                               f"only {available} (is onnxruntime-gpu installed?)")
-        if choice != "cpu" and "CUDAExecutionProvider" in available:
-            # A KIND_GPU instance names its device; a KIND_CPU instance (the python flavour) uses device 0.
-            device = int(args.get("model_instance_device_id") or 0) if args.get("model_instance_kind") == "GPU" else 0
-            tf32 = (params.get("use_tf32") or "0").strip()
-            if tf32 not in ("0", "1"):
-                raise ValueError(f"{self.model_name}: use_tf32 must be 0 or 1, not {tf32!r}")
-            return [("CUDAExecutionProvider", {"device_id": device, "use_tf32": tf32}), "CPUExecutionProvider"]
-        return ["CPUExecutionProvider"]
 
     def _check_signature(self) -> None:
         """Fail the load, not the first request, if model.onnx and config.pbtxt disagree."""
@@ -202,8 +221,7 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, outputs[n]) for n in names])
 
     def _error(self, error: BaseException) -> Any:
-        message = str(error) if isinstance(error, RequestError) else f"{type(error).__name__}: {error}"
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.model_name}: {message}"))
+        return error_response(self.model_name, error, invalid_argument=isinstance(error, RequestError))
 
     def finalize(self) -> None:
         self.session = None

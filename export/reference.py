@@ -1,0 +1,62 @@
+"""The PyTorch reference of a served request: what the served ensemble must answer, computed without Triton.
+
+The text features are computed as the serving text step (``serving/backends/text_step.py``) computes them:
+WordPiece ids by ``amc_client.text.wordpiece_ids`` (inside :class:`training.text_encoder.TextEncoder`), the
+zero vector for padded ("") keywords, lexical features by ``amc_client.text.LexicalMatcher`` with the
+checkpoint's term weights. Only the engine differs: the sentence encoder and the networks run in PyTorch here,
+in onnxruntime there. Golden requests (``export.publish``), the integration tests and the export of the
+candidate store use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from amc_client import signatures as sig
+from amc_client.text import LexicalMatcher, TermWeights
+from training.checkpoint import Checkpoint
+from training.model import AMCOutput
+
+
+def keyword_embeddings(keywords: np.ndarray, embed: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    """(..., K) keyword strings -> (..., K, E) float32: ``embed`` of each distinct string, 0 for ""."""
+    distinct = sorted({k for k in keywords.reshape(-1).tolist() if k})
+    vectors = embed(distinct) if distinct else np.zeros((0, sig.TEXT_EMBEDDING_DIM), np.float32)
+    table = dict(zip(distinct, np.asarray(vectors, dtype=np.float32), strict=True))
+    out = np.zeros((*keywords.shape, sig.TEXT_EMBEDDING_DIM), dtype=np.float32)
+    for index, k in np.ndenumerate(keywords):
+        if k:
+            out[index] = table[k]
+    return out
+
+
+class Reference:
+    """A checkpoint's model with the PyTorch sentence encoder and the checkpoint's term weights."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        from training.text_encoder import TextEncoder
+
+        self.model = ckpt.build_model()
+        self.encoder = TextEncoder()
+        self.matcher = LexicalMatcher(TermWeights.from_json(ckpt.term_weights))
+
+    def text_features(self, queries: Sequence[str], keywords: np.ndarray) -> dict[str, np.ndarray]:
+        """B queries and their candidates' keywords (B, N, K) ("" pads) -> query_text (B, E), keyword_embeddings
+        (B, N, K, E), keyword_lexical (B, N, K, 3), keyed by the signatures' names."""
+        keywords = np.asarray(keywords, dtype=object)
+        lexical = np.stack([self.matcher.features(q, kw) for q, kw in zip(queries, keywords, strict=True)])
+        return {sig.QUERY_TEXT.name: self.encoder.encode(list(queries)),
+                sig.KEYWORD_EMBEDDINGS.name: keyword_embeddings(keywords, self.encoder.encode_keywords),
+                sig.KEYWORD_LEXICAL.name: lexical}
+
+    @torch.no_grad()
+    def __call__(self, queries: Sequence[str], regions: np.ndarray, region_mask: np.ndarray,
+                 keywords: np.ndarray) -> AMCOutput:
+        """The model's outputs for a raw ``amc`` request (regions (B, N, R, D), region_mask (B, N, R))."""
+        text = self.text_features(queries, keywords)
+        return self.model(torch.from_numpy(text[sig.QUERY_TEXT.name]), torch.from_numpy(regions),
+                          torch.from_numpy(region_mask), torch.from_numpy(text[sig.KEYWORD_EMBEDDINGS.name]),
+                          torch.from_numpy(text[sig.KEYWORD_LEXICAL.name]))

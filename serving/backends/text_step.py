@@ -1,0 +1,374 @@
+"""The text step of both ensembles: query and keyword strings to the sentence-encoder features AMC reads.
+
+One module, two Triton models: the config generator copies it as ``model.py`` into ``amc_tokenizer/<N>/``
+(config parameter ``mode: raw``) and into ``amc_store_tokenizer/<N>/`` (``mode: store``). Files beside it
+(written by ``export.repository``):
+
+    amc_text.py          copy of amc_client/text.py: WordPiece ids, words, IDF term weights, lexical matches
+    amc_onnx_runner.py   copy of onnx_runner.py, for its execution-provider choice and error responses
+    tokenizer.json       the sentence encoder's WordPiece tokenizer
+    text_encoder.onnx    all-MiniLM-L6-v2 (signature TEXT_ENCODER): WordPiece ids -> unit-norm embedding
+    term_weights.json    the checkpoint's IDF over the candidate collection (amc_client.text.TermWeights)
+    keyword_table.npz    raw mode: keyword strings and their embeddings, precomputed at export for the
+                         training corpus's keywords (texts (U,), vectors (U, E)); may be absent or empty
+    store.json           store mode: {"version", "size", "ids", "keywords": one list of strings per row}
+    version.json         {"version": N}
+
+Tensors (names and order from config.pbtxt, generated from ``amc_client.signatures``)::
+
+    raw    in:  query BYTES [B, 1], keywords BYTES [B, N, K] ("" pads), region_mask BOOL [B, N, R]
+           out: query_text FP32 [B, E], keyword_embeddings FP32 [B, N, K, E] (zero vector on padding),
+                keyword_lexical FP32 [B, N, K, 3], tokenizer_version INT64 [B, 1]
+    store  in:  query BYTES [B, 1], candidate_ids INT64 [B, N]
+           out: query_text FP32 [B, E], keyword_lexical FP32 [B, N, K_store, 3] (for the stored rows' keywords),
+                tokenizer_version INT64 [B, 1]
+
+Queries are encoded by ``text_encoder.onnx`` (onnxruntime, CUDA provider when available, chosen as
+``onnx_runner.py`` chooses). Keywords are looked up in the keyword table; a keyword missing there is encoded
+on the fly and kept in a bounded cache (config parameter ``keyword_cache_size``). No query is refused for its
+words: WordPiece covers any text, in any script, emoji included. Refused, with Triton's INVALID_ARGUMENT and a
+message naming the problem: an empty or whitespace-only query, an empty candidate set, more candidates than
+``max_candidates``, text that is not UTF-8, candidate ids outside the store, tensors of inconsistent shapes.
+
+With dynamic batching Triton hands several requests to one :meth:`TritonPythonModel.execute`: their queries
+are encoded in one encoder call; each request is validated and answered on its own, and the instance never
+raises out of ``execute``. :class:`TextFeatures` is the step without Triton: the benchmarks' in-process
+pipelines run it on a published version directory, so they pay the same text cost.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported outside Triton (benchmarks, tests): TextFeatures only
+    pb_utils = None
+
+MODES = ("raw", "store")
+# (data_type, rank after the batch dim) of the step's tensors, in the signatures' order; names come from config.
+_KINDS = {
+    "raw": ((("TYPE_STRING", 1), ("TYPE_STRING", 2), ("TYPE_BOOL", 2)),
+            (("TYPE_FP32", 1), ("TYPE_FP32", 3), ("TYPE_FP32", 3), ("TYPE_INT64", 1))),
+    "store": ((("TYPE_STRING", 1), ("TYPE_INT64", 1)),
+              (("TYPE_FP32", 1), ("TYPE_FP32", 3), ("TYPE_INT64", 1))),
+}
+DEFAULT_MAX_CANDIDATES = 1000  # amc_client.signatures.MAX_CANDIDATES; config parameter max_candidates wins
+DEFAULT_KEYWORD_CACHE = 20_000  # keywords encoded on the fly that are kept (384 floats each: 1.5 KB)
+ENCODER_CHUNK = 256  # texts per encoder call, sorted by length so that a chunk pads little
+
+
+class RequestError(ValueError):
+    """A problem with one request's inputs; becomes that request's INVALID_ARGUMENT error response."""
+
+
+def _load_module(here: Path, filename: str, fallback: str | None = None) -> Any:
+    """``filename`` beside this file, loaded by path; else the installed module ``fallback``."""
+    local = here / filename
+    if local.is_file():
+        # A private name: independent of sys.path and of other models' copies in the same stub.
+        spec = importlib.util.spec_from_file_location(f"_{local.stem}_{abs(hash(str(local)))}", local)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        # No __pycache__ in the version directory: Triton would count a new file there as a changed version
+        # and re-initialize it on the next load_model.
+        before, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.dont_write_bytecode = before
+        return module
+    if fallback is None:
+        raise FileNotFoundError(f"{local} is missing")
+    try:
+        return importlib.import_module(fallback)
+    except ImportError as e:
+        raise ImportError(f"no {filename} in {here} and {fallback} is not importable by the Python backend stub "
+                          "(start the server with serving.server so the stub uses the project venv)") from e
+
+
+def _decode(value: bytes | str, what: str) -> str:
+    """UTF-8 text of one BYTES element; ``what`` names it in the error ("query", "keywords[0, 2, 1]")."""
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"{what} is not valid UTF-8 (byte 0x{e.object[e.start]:02x} at position {e.start})") \
+            from None
+
+
+class TextFeatures:
+    """The step's computation on one published version directory, without Triton.
+
+    ``providers``: onnxruntime execution providers for the encoder (default CPU).
+    """
+
+    def __init__(self, folder: str | Path, *, providers: Sequence[Any] | None = None, threads: int = 0,
+                 cache_size: int = DEFAULT_KEYWORD_CACHE) -> None:
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        self.text = _load_module(folder, "amc_text.py", "amc_client.text")
+        self.wordpiece = self.text.load_wordpiece((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        self.matcher = self.text.LexicalMatcher(
+            self.text.TermWeights.from_json((folder / "term_weights.json").read_text(encoding="utf-8")))
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(folder / "text_encoder.onnx"), sess_options=options,
+                                            providers=list(providers or ["CPUExecutionProvider"]))
+        self.tokens_name = self.session.get_inputs()[0].name
+        self.dim = int(self.session.get_outputs()[0].shape[-1])
+        self.table: dict[str, np.ndarray] = {}
+        if (folder / "keyword_table.npz").is_file():
+            with np.load(folder / "keyword_table.npz", allow_pickle=False) as data:
+                vectors = data["vectors"].astype(np.float32)
+                self.table = dict(zip(data["texts"].tolist(), vectors, strict=True))
+        self.cache: dict[str, np.ndarray] = {}
+        self.cache_size = cache_size
+        self.encoded_keywords = 0  # keywords encoded on the fly since start (table and cache misses)
+        self.store_keywords: np.ndarray | None = None  # (G, K_store) strings of the store rows, "" pads
+        if (folder / "store.json").is_file():
+            rows = json.loads((folder / "store.json").read_text(encoding="utf-8"))["keywords"]
+            self.store_keywords = np.full((len(rows), max([1, *map(len, rows)])), "", dtype=object)
+            for g, row in enumerate(rows):
+                self.store_keywords[g, : len(row)] = row
+
+    def encode(self, texts: Sequence[str], max_tokens: int) -> np.ndarray:
+        """(n,) texts -> (n, E) float32 sentence embeddings, tokenized by ``amc_text.wordpiece_ids``."""
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not len(texts):
+            return out
+        ids = self.text.wordpiece_ids(self.wordpiece, texts, max_tokens)  # (n, L), 0 pads
+        lengths = (ids > 0).sum(1)
+        order = np.argsort(lengths, kind="stable")
+        for start in range(0, len(texts), ENCODER_CHUNK):
+            rows = order[start:start + ENCODER_CHUNK]
+            out[rows] = self.session.run(None, {self.tokens_name: ids[rows, : lengths[rows].max()]})[0]
+        return out
+
+    def query_text(self, queries: Sequence[str]) -> np.ndarray:
+        """(B,) query strings -> (B, E)."""
+        return self.encode(queries, self.text.QUERY_MAX_TOKENS)
+
+    def keyword_vectors(self, keywords: Sequence[str]) -> np.ndarray:
+        """(U,) keyword strings -> (U, E): the zero vector for "", else the table's, the cache's or a new one."""
+        out = np.zeros((len(keywords), self.dim), dtype=np.float32)
+        missing: dict[str, list[int]] = {}
+        for i, keyword in enumerate(keywords):
+            if not keyword:
+                continue
+            found = self.table.get(keyword)
+            if found is None:
+                found = self.cache.get(keyword)
+            if found is None:
+                missing.setdefault(keyword, []).append(i)
+            else:
+                out[i] = found
+        if missing:
+            texts = list(missing)
+            vectors = self.encode(texts, self.text.KEYWORD_MAX_TOKENS)
+            self.encoded_keywords += len(texts)
+            for text, vector in zip(texts, vectors, strict=True):
+                out[missing[text]] = vector
+                if self.cache_size > 0:
+                    if len(self.cache) >= self.cache_size:  # bounded: drop the oldest entry
+                        self.cache.pop(next(iter(self.cache)))
+                    self.cache[text] = vector
+        return out
+
+    def keyword_embeddings(self, keywords: np.ndarray) -> np.ndarray:
+        """(..., K) keyword strings ("" pads) -> (..., K, E), each distinct string looked up or encoded once."""
+        distinct, inverse = np.unique(np.asarray(keywords, dtype=object).reshape(-1), return_inverse=True)
+        vectors = self.keyword_vectors(distinct.tolist())
+        return vectors[inverse.reshape(-1)].reshape(*np.shape(keywords), self.dim)
+
+    def lexical(self, queries: Sequence[str], keywords: np.ndarray) -> np.ndarray:
+        """(B,) queries against their candidates' keywords (B, N, K) ("" pads) -> (B, N, K, 3) float32."""
+        return np.stack([self.matcher.features(q, k) for q, k in zip(queries, keywords, strict=True)])
+
+    def store_rows(self, ids: np.ndarray) -> np.ndarray:
+        """(B, N) store rows -> their keyword strings (B, N, K_store), "" pads (needs ``store.json``)."""
+        if self.store_keywords is None:
+            raise ValueError("this text step has no candidate store (store.json)")
+        return self.store_keywords[ids]
+
+
+@dataclass
+class _Parsed:
+    """One request after validation: its query texts and its candidates."""
+
+    texts: list[str]
+    keywords: np.ndarray | None = None  # raw: (B, N, K) decoded keyword strings
+    ids: np.ndarray | None = None  # store: (B, N) candidate ids
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        self.model_name = args["model_name"]
+        self.mode = params.get("mode", "")
+        if self.mode not in MODES:
+            raise ValueError(f"{self.model_name}: config parameter mode must be one of {MODES}, got {self.mode!r}")
+        kinds_in, kinds_out = _KINDS[self.mode]
+        self.input_names = self._names(config, "input", kinds_in)
+        self.output_names = self._names(config, "output", kinds_out)
+        here = Path(args["model_repository"]) / args["model_version"]
+        self.version = int(json.loads((here / "version.json").read_text())["version"])
+        if str(self.version) != args["model_version"]:
+            # The version a response reports must be the directory Triton loaded, or MTN's check means nothing.
+            raise ValueError(f"{self.model_name}: version.json says {self.version} but the directory is "
+                             f"{args['model_version']}")
+        self.max_candidates = int(params.get("max_candidates") or DEFAULT_MAX_CANDIDATES)
+        # onnx_runner.py's provider choice and error responses (INVALID_ARGUMENT for the caller's mistakes).
+        self.runner = _load_module(here, "amc_onnx_runner.py")
+        self.features = TextFeatures(
+            here, providers=self.runner.execution_providers(params, args, self.model_name),
+            threads=int(params.get("intra_op_num_threads") or 0),
+            cache_size=int(params.get("keyword_cache_size") or DEFAULT_KEYWORD_CACHE))
+        if self.features.dim != config["output"][0]["dims"][0]:
+            raise ValueError(f"{self.model_name}: text_encoder.onnx gives {self.features.dim}-d embeddings, the "
+                             f"config declares {config['output'][0]['dims'][0]}")
+        detail = f"{len(self.features.table)} keywords precomputed"
+        if self.mode == "store":
+            store = self.features.store_keywords
+            if store is None:
+                raise ValueError(f"{self.model_name}: mode store needs store.json in {here}")
+            detail = f"store of {len(store)} candidates, {store.shape[1]} keyword slots each"
+        pb_utils.Logger.log_info(f"{self.model_name} v{self.version} ({self.mode}): {detail}, encoder on "
+                                 f"{self.features.session.get_providers()}, text rules from "
+                                 f"{self.features.text.__file__}")
+
+    def _names(self, config: dict[str, Any], kind: str, expected: tuple[tuple[str, int], ...]) -> list[str]:
+        """Tensor names of ``config[kind]`` after checking their count, dtypes and ranks match the mode."""
+        tensors = config.get(kind, [])
+        found = tuple((t["data_type"], len(t.get("dims", []))) for t in tensors)
+        if found != expected:
+            raise ValueError(f"{self.model_name}: config {kind}s {[t['name'] for t in tensors]} have (dtype, rank) "
+                             f"{found}; the {self.mode} text step needs {expected}")
+        return [t["name"] for t in tensors]
+
+    # ---- serving ---------------------------------------------------------------------------------------
+    def execute(self, requests: list[Any]) -> list[Any]:
+        parsed: list[_Parsed | Exception] = []
+        for request in requests:
+            try:
+                parsed.append(self._parse(request))
+            except Exception as e:  # noqa: BLE001 - any problem is this request's error, never the instance's
+                parsed.append(e)
+        texts = [t for p in parsed if isinstance(p, _Parsed) for t in p.texts]
+        try:
+            query_text = self.features.query_text(texts)  # one encoder call for every request's queries
+        except Exception as e:  # noqa: BLE001
+            parsed = [p if isinstance(p, Exception) else e for p in parsed]
+        responses, start = [], 0
+        for p in parsed:
+            if isinstance(p, Exception):
+                responses.append(self._error(p))
+                continue
+            try:
+                responses.append(self._respond(p, query_text[start:start + len(p.texts)]))
+            except Exception as e:  # noqa: BLE001
+                responses.append(self._error(e))
+            start += len(p.texts)
+        return responses
+
+    def _parse(self, request: Any) -> _Parsed:
+        query = self._input(request, self.input_names[0])
+        qn = self.input_names[0]
+        if query.ndim != 2 or query.shape[1] != 1:
+            raise RequestError(f"{qn} must have shape [batch, 1], got {list(query.shape)}")
+        parsed = self._parse_store(request, query) if self.mode == "store" else self._parse_raw(request, query)
+        for b in range(query.shape[0]):
+            where = qn if query.shape[0] == 1 else f"{qn} {b} of the batch"
+            text = _decode(query[b, 0], where)
+            if not text.strip():
+                raise RequestError(f"{where} is empty")
+            parsed.texts.append(text)
+        return parsed
+
+    def _check_candidates(self, n: int) -> None:
+        if n == 0:
+            raise RequestError("candidate set is empty")
+        if n > self.max_candidates:
+            raise RequestError(f"{n} candidates exceed the maximum of {self.max_candidates}")
+
+    def _parse_raw(self, request: Any, query: np.ndarray) -> _Parsed:
+        qn, kn, mn = self.input_names
+        keywords = self._input(request, kn)
+        if keywords.ndim != 3 or keywords.shape[0] != query.shape[0]:
+            raise RequestError(f"{kn} must have shape [batch, candidates, keywords] with the {qn}'s batch "
+                               f"size {query.shape[0]}, got {list(keywords.shape)}")
+        batch, n, k = keywords.shape
+        # This step sees region_mask (small) rather than regions (large) only to catch this early: VAN and
+        # LAN would otherwise fail deep in MTN with an opaque shape error.
+        mask = self._input(request, mn)
+        if mask.shape[:2] != (batch, n):
+            raise RequestError(f"{kn} has {n} candidates per query but {mn} has "
+                               f"{mask.shape[1] if mask.ndim > 1 else '?'} (shapes {list(keywords.shape)} and "
+                               f"{list(mask.shape)}): every candidate needs regions and a keyword list, "
+                               "padded with '' to equal lengths")
+        self._check_candidates(n)
+        if k == 0:
+            raise RequestError(f"{kn} has no keyword slot per candidate; pad with '' to at least 1")
+        # Candidate sets repeat the same tags many times: decode, look up and match each distinct string once.
+        distinct, inverse = np.unique(keywords.reshape(-1), return_inverse=True)
+        decoded = []
+        for u, value in enumerate(distinct):
+            try:
+                decoded.append(_decode(value, kn))
+            except RequestError as e:
+                # Name the first place the bad string occurs: keywords[query, candidate, keyword].
+                first = np.unravel_index(int(np.argmax(inverse.reshape(-1) == u)), keywords.shape)
+                where = ", ".join(str(int(i)) for i in first)
+                raise RequestError(str(e).replace(kn, f"{kn}[{where}]", 1)) from None
+        return _Parsed([], keywords=np.array(decoded, dtype=object)[inverse.reshape(-1)].reshape(keywords.shape))
+
+    def _parse_store(self, request: Any, query: np.ndarray) -> _Parsed:
+        qn, idn = self.input_names
+        ids = self._input(request, idn)
+        if ids.ndim != 2 or ids.shape[0] != query.shape[0]:
+            raise RequestError(f"{idn} must have shape [batch, candidates] with the {qn}'s batch size "
+                               f"{query.shape[0]}, got {list(ids.shape)}")
+        self._check_candidates(ids.shape[1])
+        size = len(self.features.store_keywords)
+        bad = (ids < 0) | (ids >= size)
+        if bad.any():
+            where = np.argwhere(bad)[0]
+            raise RequestError(f"{idn}[{where[0]}, {where[1]}] = {int(ids[tuple(where)])} is outside the candidate "
+                               f"store of version {self.version} (0 .. {size - 1})")
+        return _Parsed([], ids=ids)
+
+    def _respond(self, p: _Parsed, query_text: np.ndarray) -> Any:
+        if self.mode == "raw":
+            arrays = (query_text, self.features.keyword_embeddings(p.keywords),  # (B, N, K, E)
+                      self.features.lexical(p.texts, p.keywords))  # (B, N, K, 3)
+        else:  # the lexical features of the stored rows' keywords: (B, N, K_store, 3)
+            arrays = (query_text, self.features.lexical(p.texts, self.features.store_rows(p.ids)))
+        version = np.full((len(p.texts), 1), self.version, dtype=np.int64)
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(name, np.ascontiguousarray(a))
+            for name, a in zip(self.output_names, (*arrays, version), strict=True)])
+
+    @staticmethod
+    def _input(request: Any, name: str) -> np.ndarray:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            raise RequestError(f"input {name} is missing")
+        return tensor.as_numpy()
+
+    def _error(self, error: BaseException) -> Any:
+        return self.runner.error_response(self.model_name, error, invalid_argument=isinstance(error, RequestError))
+
+    def finalize(self) -> None:
+        self.features = None
