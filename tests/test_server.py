@@ -338,7 +338,7 @@ def test_store_text_step_matches_training_code(client: grpcclient.InferenceServe
     np.testing.assert_array_equal(out[sig.TOKENIZER_VERSION.name], [[1], [1]])
 
 
-def test_store_text_step_merges_requests_and_isolates_bad_ones(client: grpcclient.InferenceServerClient) -> None:
+def test_store_text_step_answers_concurrent_requests_and_isolates_bad_ones(client: grpcclient.InferenceServerClient) -> None:
     cases = [(["cat face"], [[0, 1]]), (["dog"], [[1, 2, 3]]), (["heart"], [[0, 9]]), ([""], [[0]]),
              (["kiwi"], [[3]]), (["love"], [[]])]
     answers: queue.Queue[tuple[int, object]] = queue.Queue()
@@ -361,9 +361,8 @@ def test_store_text_step_merges_requests_and_isolates_bad_ones(client: grpcclien
         assert not isinstance(results[i], Exception), results[i]
         got = results[i].as_numpy(sig.QUERY_TEXT.name)
         assert _relative(got, encoder().encode(queries)) < TOLERANCE
-    stats = client.get_inference_statistics(STORE_TOKENIZER, as_json=True)["model_stats"][0]
-    requests = sum(int(stats["inference_stats"][k].get("count", 0)) for k in ("success", "fail"))
-    assert int(stats["execution_count"]) < requests, stats
+    # Whether Triton merged these requests into fewer execute() calls depends on timing (a loaded CI machine
+    # may not), so it is not asserted here: what must hold either way is that each is answered on its own.
 
 
 def test_onnx_runner_batches_and_isolates_bad_requests(client: grpcclient.InferenceServerClient) -> None:
