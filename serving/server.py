@@ -62,6 +62,15 @@ GRPC_ADMIN_KEY_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
 # The Triton release the wheel carries; tests check the server reports it.
 EXPECTED_TRITON_VERSION = "2.51.0"
 LOOPBACK = "127.0.0.1"
+# Triton's default ports, what `make serve` uses and what the Kubernetes manifests (deploy/k8s) expose.
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+# The KServe v2 health endpoints on the HTTP port (Kubernetes probes) and the Prometheus endpoint on the metrics port.
+HEALTH_LIVE_PATH = "/v2/health/live"
+HEALTH_READY_PATH = "/v2/health/ready"
+METRICS_PATH = "/metrics"
+# Latency summaries (p50/p90/p95/p99/p99.9 per model and version: nv_inference_*_summary_us) besides the default
+# counters; the Grafana dashboard (monitoring/) reads them. Every launch passes these, the manifests too.
+METRICS_ARGS = ("--metrics-config=summary_latencies=true",)
 # Files of the wheel's ``backends/python`` that the server loads (the stub is added per Python version).
 _PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 _STUB = "triton_python_backend_stub"
@@ -263,7 +272,7 @@ class TritonServer:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
+        return f"http://{LOOPBACK}:{self.metrics_port}{METRICS_PATH}"
 
     @property
     def pid(self) -> int | None:
@@ -309,6 +318,7 @@ class TritonServer:
             f"--metrics-address={LOOPBACK}", f"--metrics-port={self._ports['metrics']}",
             # In-flight requests get this long to finish after SIGTERM before the server exits anyway.
             "--exit-timeout-secs=10",
+            *METRICS_ARGS,
         ]
         if self.admin_key:
             rule = f"model-repository:{ADMIN_KEY_HEADER}={self.admin_key}"
@@ -471,9 +481,12 @@ def main(argv: list[str] | None = None) -> int:
     """Serve a model repository until Ctrl-C or SIGTERM."""
     parser = argparse.ArgumentParser(prog="python -m serving.server", description=main.__doc__)
     parser.add_argument("--repository", type=Path, required=True, help="Triton model repository")
-    parser.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port (default 8001)")
-    parser.add_argument("--http-port", type=int, default=8000, help="0 picks a free port (default 8000)")
-    parser.add_argument("--metrics-port", type=int, default=8002, help="0 picks a free port (default 8002)")
+    parser.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"],
+                        help=f"0 picks a free port (default {DEFAULT_PORTS['grpc']})")
+    parser.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"],
+                        help=f"0 picks a free port (default {DEFAULT_PORTS['http']})")
+    parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"],
+                        help=f"0 picks a free port (default {DEFAULT_PORTS['metrics']})")
     parser.add_argument("--load", nargs="+", default=["*"], metavar="MODEL",
                         help="models to load at start (default: every model in the repository)")
     parser.add_argument("--admin-key", default=os.environ.get("AMC_ADMIN_KEY"),
