@@ -100,8 +100,16 @@ def _text_step(config: mc.ModelConfig, mode: str, *, instances: int) -> None:
     # KIND_CPU: the instance is a Python process; onnxruntime inside it picks the CUDA provider itself.
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
     config.parameters["mode"].string_value = mode
-    config.parameters["max_candidates"].string_value = str(sig.MAX_CANDIDATES)
+    for key, value in request_bounds().items():
+        config.parameters[key].string_value = str(value)
     config.parameters["keyword_cache_size"].string_value = str(KEYWORD_CACHE_SIZE)
+
+
+def request_bounds() -> dict[str, int]:
+    """The bounds of :mod:`amc_client.signatures` as the text step's config parameters (``text_step.py``)."""
+    return {"max_candidates": sig.MAX_CANDIDATES, "max_query_bytes": sig.MAX_QUERY_BYTES,
+            "max_keywords": sig.MAX_KEYWORDS, "max_keyword_words": sig.MAX_KEYWORD_WORDS,
+            "max_keyword_bytes": sig.MAX_KEYWORD_BYTES}
 
 
 def ensemble_config(name: str, version: int, routing: Routing | None = None) -> mc.ModelConfig:

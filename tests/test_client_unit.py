@@ -399,7 +399,7 @@ def test_canary_gone_rereads_routing_once():
 # ---- retries and errors --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", ["UNAVAILABLE", "RESOURCE_EXHAUSTED"])
+@pytest.mark.parametrize("code", ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL", "UNKNOWN"])
 def test_retryable_failures_are_retried(code):
     fake = FakeTriton(errors=[err(code), err(code)])
     assert client(fake, retries=3).rank("cat", [cand("a")])[0].candidate_id == "a"
@@ -422,7 +422,7 @@ def test_retries_give_up_with_server_unavailable():
     "code, exc",
     [
         ("INVALID_ARGUMENT", InvalidInputError),
-        ("INTERNAL", InvalidInputError),
+        ("OUT_OF_RANGE", InvalidInputError),
         ("DEADLINE_EXCEEDED", DeadlineExceededError),
         ("PERMISSION_DENIED", amc_client.AMCError),
     ],
@@ -434,6 +434,26 @@ def test_other_failures_are_not_retried(code, exc):
     assert sum(name == "infer" for name, _ in fake.calls) == 1
     if exc is InvalidInputError:
         assert "tokenizer: bad keywords" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "code, text, says",
+    [
+        ("INTERNAL", "in ensemble 'amc', Stub process 'amc_tokenizer_0_0' is not healthy.", "failed to serve"),
+        ("UNKNOWN", "Socket closed", "failed to serve"),
+        ("UNAVAILABLE", "in ensemble 'amc', Exceeds maximum queue size", "is overloaded"),
+        ("UNAVAILABLE", "in ensemble 'amc', Request timeout expired", "is overloaded"),
+        ("UNAVAILABLE", "failed to connect to all addresses", "is not reachable"),
+    ],
+)
+def test_server_faults_are_server_unavailable_never_invalid_input(code, text, says):
+    """A dead Python-backend step answers INTERNAL: the server's fault, retryable, never the caller's."""
+    fake = FakeTriton(errors=[err(code, text)] * 3)
+    with pytest.raises(ServerUnavailableError, match=says) as info:
+        client(fake, retries=2, backoff_s=0.001).rank("cat", [cand("a")])
+    assert not isinstance(info.value, InvalidInputError)
+    assert info.value.retryable and info.value.status == code
+    assert sum(name == "infer" for name, _ in fake.calls) == 3
 
 
 def test_backoff_is_exponential_with_jitter_and_bounded_by_deadline():

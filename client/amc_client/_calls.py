@@ -16,10 +16,14 @@ from .errors import (
     ServerUnavailableError,
 )
 
-RETRYABLE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
-_REJECTED = frozenset(
-    {"INVALID_ARGUMENT", "INTERNAL", "UNKNOWN", "FAILED_PRECONDITION", "OUT_OF_RANGE", "NOT_FOUND"}
-)
+# The caller's mistakes: the server looked at the request and refused it. Never retried.
+REJECTED = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE"})
+# Faults of the server, not of the request: it could not be reached, was overloaded (a full queue or a queue
+# timeout is UNAVAILABLE in Triton), or failed while serving (INTERNAL: e.g. "Stub process 'amc_tokenizer_0_0'
+# is not healthy" after a Python-backend step died; UNKNOWN: an error without a status). All are worth
+# another attempt (after a backoff, or on another replica) and all are ServerUnavailableError.
+SERVER_FAULTS = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL", "UNKNOWN"})
+RETRYABLE = SERVER_FAULTS
 
 
 def status(e: InferenceServerException) -> str:
@@ -47,6 +51,13 @@ def restricted(e: InferenceServerException) -> bool:
     return "is restricted" in message(e).lower()
 
 
+def overloaded(e: InferenceServerException) -> bool:
+    """Triton's answers when a model's queue is full ("Exceeds maximum queue size") or a request waited in it
+    longer than the queue policy's timeout ("Request timeout expired"); both are UNAVAILABLE."""
+    text = message(e).lower()
+    return "queue size" in text or "timeout expired" in text
+
+
 def retryable(e: InferenceServerException) -> bool:
     return status(e) in RETRYABLE and not unknown_model(e) and not _too_large(e) and not restricted(e)
 
@@ -71,14 +82,17 @@ def translate(e: InferenceServerException, *, url: str, model: str, timeout_s: f
         return AMCError(f"{model} is restricted on the server at {url} (its model-repository API needs the "
                         f"admin key; pass headers=...): {text}")
     if code == "UNAVAILABLE":
-        return ServerUnavailableError(f"server at {url} is not reachable (UNAVAILABLE): {text}")
+        what = "is overloaded" if overloaded(e) else "is not reachable"
+        return ServerUnavailableError(f"server at {url} {what} (UNAVAILABLE): {text}", status=code)
     if code == "RESOURCE_EXHAUSTED":
-        return ServerUnavailableError(f"server at {url} is overloaded (RESOURCE_EXHAUSTED): {text}")
+        return ServerUnavailableError(f"server at {url} is overloaded (RESOURCE_EXHAUSTED): {text}", status=code)
+    if code in SERVER_FAULTS:
+        return ServerUnavailableError(f"server at {url} failed to serve {model!r} ({code}): {text}", status=code)
     if code == "DEADLINE_EXCEEDED":
         return DeadlineExceededError(
             f"no answer from {model!r} at {url} within {timeout_s:g} s (DEADLINE_EXCEEDED)"
         )
-    if code in _REJECTED:
+    if code in REJECTED:
         return InvalidInputError(f"server rejected the request to {model!r} ({code}): {text}")
     return AMCError(f"call to {model!r} at {url} failed ({code or 'no status'}): {text}")
 

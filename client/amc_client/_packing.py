@@ -38,7 +38,7 @@ def normalize(candidates: CandidateSet) -> _Set:
     if isinstance(candidates, CandidateArrays):
         n, r = candidates.regions.shape[:2]
         mask = candidates.region_mask if candidates.region_mask is not None else np.ones((n, r), dtype=bool)
-        return _Set(candidates.ids, candidates.regions, mask, candidates.keywords, np.full(n, r))
+        return _Set(candidates.ids, candidates.regions, mask, _compact(candidates.keywords), np.full(n, r))
     if isinstance(candidates, Candidate) or not isinstance(candidates, Sequence):
         raise InvalidInputError(
             f"candidates must be a list of Candidate or a CandidateArrays, got {type(candidates).__name__}"
@@ -66,6 +66,18 @@ def normalize(candidates: CandidateSet) -> _Set:
     )
 
 
+def _compact(keywords: np.ndarray) -> np.ndarray:
+    """(N, K) keywords with more slots than the server takes: each row's real keywords moved to the front
+    and the all-padding columns dropped (the server counts slots, padding included, against MAX_KEYWORDS)."""
+    if keywords.shape[1] <= sig.MAX_KEYWORDS:
+        return keywords
+    rows = [[k for k in row if k] for row in keywords.tolist()]
+    out = np.full((len(rows), max([0, *map(len, rows)])), "", dtype=object)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
 def check_query(query: object) -> str:
     if not isinstance(query, str):
         raise InvalidInputError(f"query must be a string, got {type(query).__name__}")
@@ -76,6 +88,11 @@ def check_request(query: str, cands: _Set) -> None:
     """The client-side checks that the server also makes (skipped with ``validate=False``)."""
     if not query.strip():
         raise InvalidInputError("query is empty")
+    size = len(query.encode("utf-8", errors="surrogatepass"))
+    if size > sig.MAX_QUERY_BYTES:
+        raise InvalidInputError(
+            f"query {query[:40]!r}... is {size} bytes of UTF-8, more than the limit of {sig.MAX_QUERY_BYTES}"
+        )
     # Any other text is searchable: the server's sentence encoder reads every script, emoji included.
     if len(cands) == 0:
         raise InvalidInputError(f"query {query!r}: the candidate set is empty")
@@ -84,9 +101,31 @@ def check_request(query: str, cands: _Set) -> None:
             f"query {query!r}: {len(cands)} candidates, more than the server's limit of {sig.MAX_CANDIDATES}; "
             "split the set into several requests"
         )
+    check_keywords(cands)
     dup = next((i for i, count in Counter(cands.ids).items() if count > 1), None)
     if dup is not None:
         raise InvalidInputError(f"query {query!r}: candidate id {dup!r} appears more than once")
+
+
+def check_keywords(cands: _Set) -> None:
+    """The keyword bounds of :mod:`.signatures`: slots per candidate, words and bytes per keyword."""
+    if cands.keywords.shape[1] > sig.MAX_KEYWORDS:  # normalize() dropped the padding columns: real keywords
+        counts = (cands.keywords != "").sum(axis=1)
+        i = int(np.argmax(counts))
+        raise InvalidInputError(
+            f"candidate {cands.ids[i]!r} has {int(counts[i])} keywords, more than the limit of {sig.MAX_KEYWORDS}"
+        )
+    for k in dict.fromkeys(cands.keywords.reshape(-1).tolist()):
+        size = len(k.encode("utf-8", errors="surrogatepass"))
+        if size > sig.MAX_KEYWORD_BYTES:
+            raise InvalidInputError(
+                f"keyword {k[:40]!r}... is {size} bytes of UTF-8, more than the limit of {sig.MAX_KEYWORD_BYTES}"
+            )
+        words = len(k.split())
+        if words > sig.MAX_KEYWORD_WORDS:
+            raise InvalidInputError(
+                f"keyword {k[:40]!r}... has {words} words, more than the limit of {sig.MAX_KEYWORD_WORDS}"
+            )
 
 
 def pack(queries: Sequence[str], sets: Sequence[_Set]) -> dict[str, np.ndarray]:

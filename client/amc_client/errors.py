@@ -1,11 +1,29 @@
 """The client's exceptions. Every error the client raises is an :class:`AMCError`, chained ``from`` its cause.
 
 ``AMCError``
- ├─ ``InvalidInputError``       bad query/candidates (client-side check, or the server/model rejected them)
- ├─ ``ServerUnavailableError``  server not reachable or overloaded (after the retries)
+ ├─ ``InvalidInputError``       the caller's mistake: a client-side check, or the server answered
+ │                              INVALID_ARGUMENT / OUT_OF_RANGE. Fix the request; retrying cannot help.
+ ├─ ``ServerUnavailableError``  the server's fault: not reachable or overloaded (UNAVAILABLE,
+ │                              RESOURCE_EXHAUSTED), or it failed while serving (INTERNAL, UNKNOWN, e.g. a
+ │                              dead Python-backend step). Retried with backoff; raised after the retries.
+ │                              Retryable: on another replica, or later on this one.
  ├─ ``DeadlineExceededError``   no answer within ``timeout_s``
  ├─ ``ModelVersionError``       the requested model version is not loaded
  └─ ``MixedVersionError``       the ensemble's steps disagreed on the model version (``model_version == -1``)
+
+gRPC status -> exception (``_calls.translate``):
+
+=====================================  =========================  =========
+status                                 exception                  retried
+=====================================  =========================  =========
+INVALID_ARGUMENT, OUT_OF_RANGE         InvalidInputError          no
+UNAVAILABLE, RESOURCE_EXHAUSTED        ServerUnavailableError     yes
+INTERNAL, UNKNOWN                      ServerUnavailableError     yes
+DEADLINE_EXCEEDED                      DeadlineExceededError      no
+"Request for unknown model" (any)      ModelVersionError          no
+message larger than the gRPC limit     InvalidInputError          no
+anything else                          AMCError                   no
+=====================================  =========================  =========
 """
 
 from __future__ import annotations
@@ -22,7 +40,17 @@ class InvalidInputError(AMCError, ValueError):
 
 
 class ServerUnavailableError(AMCError, ConnectionError):
-    """The server could not be reached (gRPC UNAVAILABLE) or stayed overloaded (RESOURCE_EXHAUSTED)."""
+    """The server could not serve the request, through no fault of the request: not reachable or overloaded
+    (gRPC UNAVAILABLE, RESOURCE_EXHAUSTED) or failed while serving it (INTERNAL, UNKNOWN). Retryable.
+
+    ``status``: the gRPC status name of the last attempt ("" for a client-side condition).
+    """
+
+    retryable = True
+
+    def __init__(self, message: str, *, status: str = "") -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class DeadlineExceededError(AMCError, TimeoutError):

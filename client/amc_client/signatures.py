@@ -171,8 +171,22 @@ def versioned_ensemble_name(version: int) -> str:
     return f"{ENSEMBLE_NAME}_v{version}"
 
 
-# Largest candidate set one query may carry; the tokenizer rejects larger ones with a clear error.
+# ---- request bounds ------------------------------------------------------------------------------------
+# What one query of a request may carry. The client checks them before sending (``_packing.check_request``)
+# and the text step checks them again on the server (the config generator passes them to it as config
+# parameters), each with the limit in its message; a request over a bound is INVALID_ARGUMENT, never scored.
+# Largest candidate set one query may carry.
 MAX_CANDIDATES = 1000
+# Longest query, in bytes of UTF-8. The sentence encoder reads its first QUERY_MAX_TOKENS (48) WordPiece
+# tokens anyway; the bound keeps the lexical matcher and the decoder from chewing on megabytes.
+MAX_QUERY_BYTES = 1024
+# Most keyword slots per candidate (the K axis of ``keywords``, "" padding included): LAN attends over all of
+# them, so K sets its cost. Auto-taggers give tens of tags per image; the training corpus about 4-10.
+MAX_KEYWORDS = 64
+# Longest keyword: whitespace-separated words, and bytes of UTF-8 (a keyword is a tag or a short phrase; the
+# encoder reads its first KEYWORD_MAX_TOKENS (16) tokens).
+MAX_KEYWORD_WORDS = 16
+MAX_KEYWORD_BYTES = 256
 # Largest number of queries in one request (Triton's max_batch_size for every step).
 MAX_BATCH = 8
 

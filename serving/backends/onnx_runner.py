@@ -99,6 +99,11 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(str(path), sess_options=options,
                                             providers=execution_providers(params, args, self.model_name))
         self._check_signature()
+        # Each input's dims as the graph declares them: an int (fixed) or a name (symbolic: "batch", "candidates",
+        # "regions", ... from amc_client.signatures). Inputs that share a name must agree on its size; a request
+        # where they do not (regions for 3 candidates, region_mask for 2) is the caller's mistake, refused here
+        # with INVALID_ARGUMENT before onnxruntime fails on it with an opaque INTERNAL error.
+        self.graph_dims = {i.name: list(i.shape) for i in self.session.get_inputs()}
         self.logger.log_info(f"{self.model_name} v{self.version}: {path.name} on {self.session.get_providers()}")
 
     def _check_signature(self) -> None:
@@ -183,7 +188,26 @@ class TritonPythonModel:
             sizes = {name: a.shape[0] if a.ndim else 0 for name, a in feeds.items()}
             if len(set(sizes.values())) > 1:
                 raise RequestError(f"inputs disagree on the batch size: {sizes}")
+        self._check_dims(feeds)
         return feeds
+
+    def _check_dims(self, feeds: dict[str, np.ndarray]) -> None:
+        """Ranks, fixed dims and shared symbolic dims of the request against the graph's declaration."""
+        seen: dict[str, tuple[str, int]] = {}  # symbolic dim -> (first input that set it, its size)
+        for name, array in feeds.items():
+            dims = getattr(self, "graph_dims", {}).get(name)
+            if dims is None:
+                continue
+            if array.ndim != len(dims):
+                raise RequestError(f"{name} has shape {list(array.shape)}, expected {len(dims)} dims {dims}")
+            for axis, (want, got) in enumerate(zip(dims, array.shape, strict=True)):
+                if isinstance(want, int) and want >= 0 and got != want:
+                    raise RequestError(f"{name} has {got} at axis {axis}, expected {want} (shape {list(array.shape)})")
+                if isinstance(want, str) and want:
+                    first = seen.setdefault(want, (name, got))
+                    if first[1] != got:
+                        raise RequestError(f"{name} has {got} {want} (axis {axis}) but {first[0]} has {first[1]}: "
+                                           f"every input must agree on the number of {want}")
 
     def _run_group(self, members: list[dict[str, np.ndarray]],
                    names: tuple[str, ...] | None = None) -> list[dict[str, np.ndarray]]:

@@ -27,8 +27,11 @@ Queries are encoded by ``text_encoder.onnx`` (onnxruntime, CUDA provider when av
 ``onnx_runner.py`` chooses). Keywords are looked up in the keyword table; a keyword missing there is encoded
 on the fly and kept in a bounded cache (config parameter ``keyword_cache_size``). No query is refused for its
 words: WordPiece covers any text, in any script, emoji included. Refused, with Triton's INVALID_ARGUMENT and a
-message naming the problem: an empty or whitespace-only query, an empty candidate set, more candidates than
-``max_candidates``, text that is not UTF-8, candidate ids outside the store, tensors of inconsistent shapes.
+message naming the problem: an empty or whitespace-only query, an empty candidate set, text that is not UTF-8,
+candidate ids outside the store, tensors of inconsistent shapes, and a request over one of the bounds of
+``amc_client.signatures`` (given to this step as config parameters, the limit named in the message):
+``max_candidates`` per query, ``max_query_bytes``, ``max_keywords`` slots per candidate, ``max_keyword_words``
+and ``max_keyword_bytes`` per keyword.
 
 With dynamic batching Triton hands several requests to one :meth:`TritonPythonModel.execute`: their queries
 are encoded in one encoder call; each request is validated and answered on its own, and the instance never
@@ -61,7 +64,10 @@ _KINDS = {
     "store": ((("TYPE_STRING", 1), ("TYPE_INT64", 1)),
               (("TYPE_FP32", 1), ("TYPE_FP32", 3), ("TYPE_INT64", 1))),
 }
-DEFAULT_MAX_CANDIDATES = 1000  # amc_client.signatures.MAX_CANDIDATES; config parameter max_candidates wins
+# The request bounds of amc_client.signatures (this file cannot import it inside the stub); the config
+# parameters of the same names, which the generator writes from the signatures, win.
+DEFAULT_BOUNDS = {"max_candidates": 1000, "max_query_bytes": 1024, "max_keywords": 64, "max_keyword_words": 16,
+                  "max_keyword_bytes": 256}
 DEFAULT_KEYWORD_CACHE = 20_000  # keywords encoded on the fly that are kept (384 floats each: 1.5 KB)
 ENCODER_CHUNK = 256  # texts per encoder call, sorted by length so that a chunk pads little
 
@@ -229,7 +235,12 @@ class TritonPythonModel:
             # The version a response reports must be the directory Triton loaded, or MTN's check means nothing.
             raise ValueError(f"{self.model_name}: version.json says {self.version} but the directory is "
                              f"{args['model_version']}")
-        self.max_candidates = int(params.get("max_candidates") or DEFAULT_MAX_CANDIDATES)
+        bounds = {k: int(params.get(k) or v) for k, v in DEFAULT_BOUNDS.items()}
+        self.max_candidates = bounds["max_candidates"]
+        self.max_query_bytes = bounds["max_query_bytes"]
+        self.max_keywords = bounds["max_keywords"]
+        self.max_keyword_words = bounds["max_keyword_words"]
+        self.max_keyword_bytes = bounds["max_keyword_bytes"]
         # onnx_runner.py's provider choice and error responses (INVALID_ARGUMENT for the caller's mistakes).
         self.runner = _load_module(here, "amc_onnx_runner.py")
         self.features = TextFeatures(
@@ -291,6 +302,10 @@ class TritonPythonModel:
         parsed = self._parse_store(request, query) if self.mode == "store" else self._parse_raw(request, query)
         for b in range(query.shape[0]):
             where = qn if query.shape[0] == 1 else f"{qn} {b} of the batch"
+            size = len(query[b, 0])
+            if size > self.max_query_bytes:
+                raise RequestError(f"{where} is {size} bytes long, more than the maximum of {self.max_query_bytes} "
+                                   "bytes of UTF-8")
             text = _decode(query[b, 0], where)
             if not text.strip():
                 raise RequestError(f"{where} is empty")
@@ -319,14 +334,27 @@ class TritonPythonModel:
                                f"{list(mask.shape)}): every candidate needs regions and a keyword list, "
                                "padded with '' to equal lengths")
         self._check_candidates(n)
+        if mask.ndim != 3 or mask.shape[2] == 0:
+            raise RequestError(f"{mn} has no region per candidate (shape {list(mask.shape)}); every candidate "
+                               "needs at least one region")
         if k == 0:
             raise RequestError(f"{kn} has no keyword slot per candidate; pad with '' to at least 1")
+        if k > self.max_keywords:
+            raise RequestError(f"{kn} has {k} keyword slots per candidate, more than the maximum of "
+                               f"{self.max_keywords}")
         # Candidate sets repeat the same tags many times: decode, look up and match each distinct string once.
         distinct, inverse = np.unique(keywords.reshape(-1), return_inverse=True)
         decoded = []
         for u, value in enumerate(distinct):
             try:
-                decoded.append(_decode(value, kn))
+                if len(value) > self.max_keyword_bytes:
+                    raise RequestError(f"{kn} is {len(value)} bytes long, more than the maximum of "
+                                       f"{self.max_keyword_bytes} bytes of UTF-8 per keyword")
+                text = _decode(value, kn)
+                if len(text.split()) > self.max_keyword_words:
+                    raise RequestError(f"{kn} has {len(text.split())} words, more than the maximum of "
+                                       f"{self.max_keyword_words} words per keyword")
+                decoded.append(text)
             except RequestError as e:
                 # Name the first place the bad string occurs: keywords[query, candidate, keyword].
                 first = np.unravel_index(int(np.argmax(inverse.reshape(-1) == u)), keywords.shape)
