@@ -14,10 +14,10 @@ REPOSITORY ?= runs/repository
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps data train eval export serve demo test test-fast rollout-report bench lint format clean
+.PHONY: help setup system-deps data train eval export serve demo test test-fast rollout-report bench k8s lint format clean
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
 system-deps: ## Install the Debian packages with the emoji font and CLDR keywords (apt-get, only if missing)
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -70,6 +70,11 @@ rollout-report: setup ## Rollout load test (4 clients; publish, 10% canary, prom
 
 bench: setup ## CPU serving benchmark: writes reports/serving_cpu.json
 	$(PY) -m benchmarks.run --device cpu
+
+k8s: setup ## Render deploy/k8s/rendered and monitoring/ from deploy/k8s/values.yaml and validate them offline
+	$(PY) -m deploy.k8s.render
+	$(PY) -m monitoring.render
+	$(PY) -m pytest -q -m "not integration" tests/test_k8s.py tests/test_metrics.py
 
 lint: setup ## ruff lint and format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -155,7 +155,7 @@ def test_models_flags_and_resources(variant):
         config = parse_config(configs[f"{step.model_name}/config.pbtxt"])
         if step in sig.NETWORKS:
             assert config.platform == "onnxruntime_onnx"
-            assert [g.kind for g in config.instance_group] == [config.instance_group[0].KIND_GPU]
+            assert config.instance_group and all(g.kind == g.KIND_GPU for g in config.instance_group)
     assert f"{sig.ENSEMBLE_NAME}/config.pbtxt" in configs
     assert "--model-control-mode=explicit" in args
     assert f"--model-repository={VALUES['model_repository']['mount_path']}" in args
