@@ -46,7 +46,7 @@ def test_masked_softmax_sums_to_one_and_zeroes_padding():
     assert torch.equal(w[1], torch.zeros(3))  # nothing unmasked: zeros, not NaN
 
 
-VARIANTS = [{}, {"query_skip": True, "lexical_axis": True}]
+VARIANTS = [{}, {"query_skip": False, "lexical_axis": False, "mtn_guide": "separate"}]
 
 
 @pytest.mark.parametrize("options", VARIANTS)
@@ -179,3 +179,31 @@ def test_lexical_axis_raises_the_score_of_an_exact_informative_match():
     out = model(query, regions, region_mask, keywords, lexical)
     assert out.keyword_attention.shape == (1, 2, 4)
     assert out.scores[0, 1] > out.scores[0, 0]  # same image and keywords; only the lexical evidence differs
+
+
+def test_checkpoint_from_before_the_mtn_guide_option_loads_with_the_papers_separate_guide(tmp_path):
+    model = _model(mtn_guide="separate")
+    weights = TermWeights.from_documents([["cat"]]).to_json()
+    save_checkpoint(tmp_path / "c.pt", model, weights, train_config={})
+    payload = torch.load(tmp_path / "c.pt", weights_only=True)
+    del payload["model_config"]["mtn_guide"]  # what a checkpoint written before the option holds
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    assert loaded.model_config.mtn_guide == "separate"
+    inputs = _inputs()
+    assert torch.equal(loaded.build_model()(*inputs).scores, model(*inputs).scores)
+
+
+def test_shared_mtn_guide_weighs_the_modality_that_matches_the_query():
+    model = _model(mtn_guide="match")
+    assert model.mtn.guide is None
+    q = model.qen(_inputs()[0][:1])
+    q_match = model.mtn.match_vector(q)  # (1, H)
+    pad = 1 if model.config.lexical_axis else 0
+    aligned = torch.nn.functional.pad(q_match, (0, pad))[:, None, :]  # a vector along q_m
+    orthogonal = torch.nn.functional.pad(torch.where(q_match > 0, 0.0, 1.0), (0, pad))[:, None, :]
+    with torch.no_grad():
+        visual_first = model.mtn(q, aligned[..., :model.config.hidden], orthogonal)[1]
+        keyword_first = model.mtn(q, orthogonal[..., :model.config.hidden], aligned)[1]
+    # (w_v, w_k): the modality along q_m gets the larger weight, whichever it is.
+    assert visual_first[0, 0, 0] > 0.6 and keyword_first[0, 0, 1] > 0.6

@@ -93,7 +93,8 @@ def load_checkpoint(path: str | Path, *, expect: AMCConfig | None = None) -> Che
         raise CheckpointError(f"{path}: encoder mismatch: trained with text encoder {encoder!r}, but this release "
                               f"serves {ENCODER!r}; retrain it (make train)")
     try:
-        config = AMCConfig.from_dict(payload["model_config"])
+        # Checkpoints written before MTN's guide became an option used the paper's separate W'.
+        config = AMCConfig.from_dict({"mtn_guide": "separate", **payload["model_config"]})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid model configuration: {e}") from e
     if expect is not None and expect != config:

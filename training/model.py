@@ -23,8 +23,10 @@ Where the paper leaves a detail open, the choice made here:
   Why the lexical term: embeddings blur word identity, and search queries are often the very tags an image
   carries; IDF weighting is what lets a rare word ("kiwi") count more than a frequent one ("face"), as
   BM25 does (reports/eval.md).
-* MTN: ``q' = relu(W' q)``, ``q_m = relu(W_m q)``, ``(w_v, w_k) = softmax(tau * [cos(q', v^q), cos(q', k^q)])``
-  with a learned temperature ``tau``; ``x^q = w_v v^q + w_k k^q``; score ``cos(q_m, x^q)``.
+* MTN: ``q_m = relu(W_m q)``, ``(w_v, w_k) = softmax(tau * [cos(q', v^q), cos(q', k^q)])`` with a learned
+  temperature ``tau``; ``x^q = w_v v^q + w_k k^q``; score ``cos(q_m, x^q)``. The guide ``q'`` is ``q_m`` itself
+  (``mtn_guide="match"``: a modality weighs more where it alone matches the query better, which is what lets a
+  candidate with noise for keywords be judged by its image) or the paper's separate ``relu(W' q)``.
 
 Masks: every softmax is over unmasked items only; padding gets exactly 0 weight. A candidate with nothing
 unmasked (padding) gets zero vectors and a score of 0.
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MODES = ("amc", "visual_only", "keywords_only", "equal_fusion")
+MTN_GUIDES = ("separate", "match")
 _NEG = -1e9  # masked logit: exp(-1e9 - max) is exactly 0 in float32, so padding gets no weight
 _EPS = 1e-8
 
@@ -74,10 +77,17 @@ class AMCConfig:
     pca_dim: int = 256  # fixed PCA reduction of region features before W_v
     mode: str = "amc"  # "amc" (MTN weights), or a baseline: visual_only, keywords_only, equal_fusion
     init_temperature: float = 5.0  # MTN softmax temperature at initialisation (learned)
+    # MTN's guide vector q': "match" shares q_m (each modality is weighed by how well it alone matches the query in
+    # the space where the score is taken), "separate" is the paper's own q' = relu(W' q). Sharing it lifted
+    # random100 R@1 from 0.688 to 0.738 over 3 seeds (reports/eval_history.md, row 15); checkpoints that predate
+    # the option were trained with "separate" (training.checkpoint fills it in).
+    mtn_guide: str = "match"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; expected one of {MODES}")
+        if self.mtn_guide not in MTN_GUIDES:
+            raise ValueError(f"unknown mtn_guide {self.mtn_guide!r}; expected one of {MTN_GUIDES}")
 
     @classmethod
     def from_dict(cls, values: dict) -> AMCConfig:
@@ -197,7 +207,7 @@ class ModalityFusion(nn.Module):
     def __init__(self, cfg: AMCConfig) -> None:
         super().__init__()
         self.mode = cfg.mode
-        self.guide = nn.Linear(cfg.query_embedding_dim, cfg.hidden)  # W': q' = relu(W' q)
+        self.guide = None if cfg.mtn_guide == "match" else nn.Linear(cfg.query_embedding_dim, cfg.hidden)  # W'
         self.match = nn.Linear(cfg.query_embedding_dim, cfg.hidden)  # W_m: q_m = relu(W_m q)
         self.log_temperature = nn.Parameter(torch.tensor(float(cfg.init_temperature)).log())
         # The lexical axis's weight in q' and q_m (softplus: >= 0), one per query.
@@ -215,8 +225,8 @@ class ModalityFusion(nn.Module):
 
     def query_vectors(self, query_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``q'`` and ``q_m`` (B, H), each with the lexical axis's weight appended when the model has one."""
-        q_guide = torch.relu(self.guide(query_embedding))  # (B, H)
         q_match = torch.relu(self.match(query_embedding))  # (B, H)
+        q_guide = q_match if self.guide is None else torch.relu(self.guide(query_embedding))  # (B, H)
         if self.lexical is not None:
             axis = F.softplus(self.lexical(query_embedding))  # (B, 2)
             q_guide = torch.cat([q_guide, axis[:, :1]], dim=-1)  # (B, H + 1)
