@@ -48,6 +48,22 @@ TEMPLATE_ROOT = Path(__file__).resolve().parent.parent / "model_repository"
 # Networks that gain from merging requests: VAN does most of the work; the others are cheap but batching
 # them costs nothing when requests arrive together.
 BATCH_DELAY_US = 200
+# Overload: the text step, where every request enters an ensemble, has a bounded queue, so that a replica under
+# more load than it can serve answers the excess at once (Triton: UNAVAILABLE "Exceeds maximum queue size")
+# instead of queueing it and letting latency grow without bound; the client backs off and retries (another
+# replica, where there is one). Requests, not batch elements: with MAX_BATCH 8, a full queue is two batches
+# waiting behind the one running.
+#
+# Only the entrance, and no queue timeout, because of what Triton 2.51 does with queue policies (seen here, 24
+# client threads against the CPU server, 10 candidates a request): with a bounded queue on every step, amc_qen
+# stopped executing for good within seconds (execution count frozen, its queue full, every later request,
+# a lone one too, rejected until the model is reloaded); with a queue timeout (default_timeout_microseconds)
+# the same, expiring instead: the batcher then gates dispatch on a waiting-consumer count that drifts when it
+# merges payloads (triton-inference-server/server#8870, fixed by core#509 in 2026-07, after 2.51). With the
+# bound on the text step alone: no stall, 996 requests in 25 s, none failed. The steps behind it keep Triton's
+# unbounded queues: what waits there is what the text step let in, a few batches at most for closed-loop
+# clients; the supervisor's golden requests would catch a stalled step (serving/supervisor.py).
+MAX_QUEUE_SIZE = 16
 # Keywords the text step encodes on the fly (not in the version's keyword table) and keeps: 1.5 KB each.
 KEYWORD_CACHE_SIZE = 20_000
 TEXT_STEP_FILE = "text_step.py"
@@ -79,6 +95,10 @@ def step_config(signature: sig.StepSignature, flavour: str) -> mc.ModelConfig:
     config.version_policy.all.SetInParent()
     _io(config, signature)
     if signature is sig.TOKENIZER:
+        # Dynamic batching without delay: the step takes whatever requests are waiting (its execute() encodes
+        # their queries in one call) and its queue gets the bounds of queue_policy().
+        config.dynamic_batching.SetInParent()
+        queue_policy(config)
         _text_step(config, "raw", instances=1)
         return config
     config.dynamic_batching.max_queue_delay_microseconds = BATCH_DELAY_US
@@ -92,6 +112,16 @@ def step_config(signature: sig.StepSignature, flavour: str) -> mc.ModelConfig:
         config.default_model_filename = ONNX_FILE
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
     return config
+
+
+def queue_policy(config: mc.ModelConfig, *, max_queue_size: int = MAX_QUEUE_SIZE) -> None:
+    """Bound ``config``'s dynamic-batching queue to ``max_queue_size`` waiting requests; more are rejected at
+    once. No queue timeout. Only for an ensemble's first step (see MAX_QUEUE_SIZE for why)."""
+    policy = config.dynamic_batching.default_queue_policy
+    policy.max_queue_size = max_queue_size
+    policy.default_timeout_microseconds = 0
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.allow_timeout_override = False
 
 
 def _text_step(config: mc.ModelConfig, mode: str, *, instances: int) -> None:
@@ -292,6 +322,7 @@ def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: 
     _io(config, signature)
     config.dynamic_batching.max_queue_delay_microseconds = batch_delay_us
     if signature is sig.STORE_TOKENIZER:
+        queue_policy(config, max_queue_size=max(MAX_QUEUE_SIZE, 2 * max_batch))
         _text_step(config, "store", instances=instances)
         config.parameters["use_tf32"].string_value = "0"
         return config

@@ -104,3 +104,80 @@ def test_bounds_are_enforced_by_the_client_and_the_server_alike(server: TritonSe
         at = [_candidate(0, [" ".join(["w"] * sig.MAX_KEYWORD_WORDS), "x" * sig.MAX_KEYWORD_BYTES]),
               _candidate(1, [f"k{j}" for j in range(sig.MAX_KEYWORDS)])]
         assert len(client.rank("y" * sig.MAX_QUERY_BYTES, at)) == 2
+
+
+# ---- overload -------------------------------------------------------------------------------------------
+def test_every_step_queue_is_bounded_in_the_generated_configs() -> None:
+    from export.repository import MAX_QUEUE_SIZE, step_config
+
+    for flavour in ("python", "onnxruntime"):
+        # The entrance of the ensemble is bounded, without a queue timeout; the steps behind it are not (a
+        # bounded queue or a queue timeout there stalls Triton 2.51's batcher for good: export/repository.py).
+        policy = step_config(sig.TOKENIZER, flavour).dynamic_batching.default_queue_policy
+        assert policy.max_queue_size == MAX_QUEUE_SIZE
+        assert policy.default_timeout_microseconds == 0 and not policy.allow_timeout_override
+        for step in sig.NETWORKS:
+            assert not step_config(step, flavour).dynamic_batching.HasField("default_queue_policy")
+
+
+def _inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    inputs = []
+    for name, value in arrays.items():
+        datatype = "BYTES" if value.dtype == object else {"float32": "FP32", "bool": "BOOL"}[value.dtype.name]
+        tensor = grpcclient.InferInput(name, list(value.shape), datatype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
+
+
+def test_overload_is_rejected_quickly_with_unavailable(server: TritonServer) -> None:
+    """64 closed-loop client threads without retries for 10 s: the text step's bounded queue answers the excess
+    UNAVAILABLE at once instead of queueing it; every answer is a result or that rejection, and the server
+    keeps serving."""
+    import threading
+    import time
+
+    inputs = _inputs(faults.request(n=10, r=sig.REGIONS_PER_IMAGE))
+    answers: list[tuple[float, InferenceServerException | None]] = []
+    stop = time.monotonic() + 10
+
+    def loop() -> None:
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            while time.monotonic() < stop:
+                started = time.perf_counter()
+                try:
+                    client.infer(sig.ENSEMBLE_NAME, inputs, client_timeout=120)
+                    error = None
+                except InferenceServerException as e:
+                    error = e
+                answers.append((time.perf_counter() - started, error))
+
+    threads = [threading.Thread(target=loop) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [e for _, e in answers if e is not None]
+    ok = sorted(s for s, e in answers if e is None)
+    assert errors and ok
+    for e in errors:
+        assert e.status() == "StatusCode.UNAVAILABLE", e.message()
+        assert "Exceeds maximum queue size" in e.message(), e.message()
+    rejected = sorted(s for s, e in answers if e is not None)
+    assert rejected[len(rejected) // 2] < ok[len(ok) // 2]  # rejected at once, not after queueing
+    assert server.poll() is None
+    assert_serves(server)
+
+
+def test_client_backs_off_and_gets_through_an_overload(server: TritonServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    candidates = [Candidate(f"c{i}", np.ones((sig.REGIONS_PER_IMAGE, sig.REGION_FEATURE_DIM), np.float32), ["cat"])
+                  for i in range(10)]
+
+    def worker(_: int) -> int:
+        with AMCClient(server.grpc_url, timeout_s=120, retries=30, backoff_s=0.05) as client:
+            return sum(len(client.rank("cat face", candidates)) for _ in range(3))
+
+    with ThreadPoolExecutor(48) as pool:
+        assert list(pool.map(worker, range(48))) == [30] * 48

@@ -52,8 +52,8 @@ def restricted(e: InferenceServerException) -> bool:
 
 
 def overloaded(e: InferenceServerException) -> bool:
-    """Triton's answers when a model's queue is full ("Exceeds maximum queue size") or a request waited in it
-    longer than the queue policy's timeout ("Request timeout expired"); both are UNAVAILABLE."""
+    """Triton's answers when a model's queue is full ("Exceeds maximum queue size") or, with a queue timeout
+    (the generated configs set none), a request waited too long ("Request timeout expired"): UNAVAILABLE."""
     text = message(e).lower()
     return "queue size" in text or "timeout expired" in text
 
@@ -62,9 +62,15 @@ def retryable(e: InferenceServerException) -> bool:
     return status(e) in RETRYABLE and not unknown_model(e) and not _too_large(e) and not restricted(e)
 
 
+# Longest wait between two attempts: an overloaded server answers the excess at once and drains its bounded
+# queues within a second or two, so waiting much longer only wastes the caller's deadline.
+MAX_BACKOFF_S = 2.0
+
+
 def backoff(base_s: float, attempt: int, rng: random.Random) -> float:
-    """Exponential backoff with jitter: base * 2**attempt, scaled by a uniform factor in [0.5, 1.5)."""
-    return base_s * (2**attempt) * (0.5 + rng.random())
+    """Exponential backoff with jitter: base * 2**attempt (at most MAX_BACKOFF_S), scaled by a uniform factor
+    in [0.5, 1.5)."""
+    return min(base_s * (2**attempt), MAX_BACKOFF_S) * (0.5 + rng.random())
 
 
 def translate(e: InferenceServerException, *, url: str, model: str, timeout_s: float) -> AMCError:
