@@ -181,3 +181,27 @@ def test_client_backs_off_and_gets_through_an_overload(server: TritonServer) -> 
 
     with ThreadPoolExecutor(48) as pool:
         assert list(pool.map(worker, range(48))) == [30] * 48
+
+
+# ---- the two client faces over one core ------------------------------------------------------------------
+def test_sync_and_async_clients_agree_against_the_server(server: TritonServer, repository: tuple[Path, int]) -> None:
+    import asyncio
+
+    from amc_client import AsyncAMCClient
+
+    _, version = repository
+    candidates = [_candidate(i, ["cat", "face"][: i % 2 + 1]) for i in range(5)]
+
+    async def run() -> tuple:
+        async with AsyncAMCClient(server.grpc_url, timeout_s=60) as c:
+            return (await c.rank("cat face", candidates), await c.server_ready(), await c.model_ready(),
+                    await c.model_ready(version + 7), await c.routing(), await c.model_versions())
+
+    with AMCClient(server.grpc_url, timeout_s=60) as c:
+        sync = (c.rank("cat face", candidates), c.server_ready(), c.model_ready(), c.model_ready(version + 7),
+                c.routing(), c.model_versions())
+    got = asyncio.run(run())
+    assert [r.candidate_id for r in got[0]] == [r.candidate_id for r in sync[0]]
+    np.testing.assert_allclose([r.score for r in got[0]], [r.score for r in sync[0]], rtol=1e-6)
+    assert got[1:] == sync[1:] == (True, True, False, sync[4], [version])
+    assert sync[4].serving_version == version

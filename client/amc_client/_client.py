@@ -1,4 +1,13 @@
-"""AMCClient and AsyncAMCClient: rank candidates with the `amc` ensemble over Triton's gRPC API."""
+"""AMCClient and AsyncAMCClient: rank candidates with the `amc` ensemble over Triton's gRPC API.
+
+One core, two thin faces. :class:`_Core` holds everything a request does: options, validation, packing,
+canary routing, retries with backoff inside one deadline, the translation of errors, the result checks. Its
+request paths are generators that *yield* what they need done (:class:`_Call`: one call of tritonclient's
+API; :class:`_Sleep`: a backoff) and are sent the result, or thrown the tritonclient exception. The blocking
+:class:`AMCClient` runs them with :meth:`AMCClient._drive` (plain calls, ``time.sleep``), the asyncio
+:class:`AsyncAMCClient` with :meth:`AsyncAMCClient._drive` (awaited calls, ``asyncio.sleep``); each face adds
+only how it talks to the channel and its public methods, one line each.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,8 @@ import math
 import random
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,20 +46,46 @@ def _channel_args() -> list[tuple[str, Any]]:
     ]
 
 
-class _Base:
-    """What the sync and async clients share: options, request preparation, routing cache, result checks."""
+@dataclass(frozen=True)
+class _Call:
+    """One call of tritonclient's API: ``method`` with ``kwargs``, at most ``remaining`` seconds.
+
+    ``method == "infer"`` is an inference (never cancelled: see :meth:`AMCClient._infer`)."""
+
+    method: str
+    remaining: float
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Sleep:
+    seconds: float
+
+
+# What the core's request paths yield, and what they are sent back.
+_Steps = Generator["_Call | _Sleep", Any, Any]
+
+
+class _Core:
+    """What the sync and async clients share: options, request preparation, the request paths, routing cache,
+    retries, error translation and result checks. See the module docstring."""
 
     def __init__(
         self,
-        url: str,
+        url: str = "127.0.0.1:8001",
         *,
-        timeout_s: float,
-        model_version: int | None,
-        retries: int,
-        backoff_s: float,
-        routing_refresh_s: float,
-        headers: Mapping[str, str] | None,
+        timeout_s: float = 10.0,
+        model_version: int | None = None,
+        ssl: bool = False,
+        root_certificates: str | None = None,
+        private_key: str | None = None,
+        certificate_chain: str | None = None,
+        retries: int = 3,
+        backoff_s: float = 0.1,
+        routing_refresh_s: float = 1.0,
+        headers: Mapping[str, str] | None = None,
         server_deadline_s: float = 300.0,
+        _inner: Any = None,
     ) -> None:
         if not timeout_s > 0:
             raise InvalidInputError(f"timeout_s must be > 0, got {timeout_s}")
@@ -70,12 +106,26 @@ class _Base:
         self._headers = dict(headers) if headers else None
         self._rng = random.Random()
         self.server_deadline_s = float(server_deadline_s)
+        # tritonclient's channel options; each face opens its channel with them (``_open``).
+        self._channel = dict(
+            ssl=ssl,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            channel_args=_channel_args(),
+        )
+        self._inner_client = _inner
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._pending_tasks: set[Any] = set()
         self._routing: Routing | None = None
         self._routing_at = -math.inf
+        self._open()
 
+    def _open(self) -> None:
+        """Open the gRPC channel now (the blocking face) or on first use (the asyncio face)."""
+
+    # ---- request preparation and results (no I/O) --------------------------------------------------------
     def _prepare(
         self,
         queries: Sequence[str],
@@ -163,143 +213,141 @@ class _Base:
             )
         return _packing.unpack(outputs, sets, versions.tolist(), top_k)
 
-
-class AMCClient(_Base):
-    """Blocking client of the AMC ranker. One gRPC channel, reused; use it as a context manager or ``close()`` it.
-
-    ``timeout_s`` is the deadline of one request to the server, retries and the routing lookup included.
-    ``model_version`` pins every query to ``amc_v{N}``; None follows the server's canary routing (re-read at most
-    every ``routing_refresh_s``). Only UNAVAILABLE and RESOURCE_EXHAUSTED are retried (``retries`` times,
-    exponential backoff from ``backoff_s`` with jitter). ``ssl``/``root_certificates``/``private_key``/
-    ``certificate_chain`` (file paths) as in tritonclient; ``headers`` are sent with every call.
-    """
-
-    def __init__(
-        self,
-        url: str = "127.0.0.1:8001",
-        *,
-        timeout_s: float = 10.0,
-        model_version: int | None = None,
-        ssl: bool = False,
-        root_certificates: str | None = None,
-        private_key: str | None = None,
-        certificate_chain: str | None = None,
-        retries: int = 3,
-        backoff_s: float = 0.1,
-        routing_refresh_s: float = 1.0,
-        headers: Mapping[str, str] | None = None,
-        server_deadline_s: float = 300.0,
-        _inner: Any = None,
-    ) -> None:
-        super().__init__(
-            url,
-            timeout_s=timeout_s,
-            model_version=model_version,
-            retries=retries,
-            backoff_s=backoff_s,
-            routing_refresh_s=routing_refresh_s,
-            headers=headers,
-            server_deadline_s=server_deadline_s,
-        )
-        self._inner = (
-            _inner
-            if _inner is not None
-            else grpcclient.InferenceServerClient(
-                url,
-                ssl=ssl,
-                root_certificates=root_certificates,
-                private_key=private_key,
-                certificate_chain=certificate_chain,
-                channel_args=_channel_args(),
-            )
-        )
-
-    def __enter__(self) -> AMCClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the gRPC channel, after abandoned calls have finished (closing would cancel them)."""
-        end = time.monotonic() + self.server_deadline_s
-        while self._pending > 0 and time.monotonic() < end:
-            time.sleep(0.01)
-        self._inner.close()
-
-    def rank(
-        self, query: str, candidates: CandidateSet, top_k: int | None = None, *, validate: bool = True
-    ) -> list[RankedResult]:
-        """Rank one query's candidates, best first (``top_k`` of them, or all)."""
-        return self.rank_many([query], [candidates], top_k, validate=validate)[0]
-
-    def rank_many(
+    # ---- the request paths: generators of _Call / _Sleep, run by a face's _drive ---------------------------
+    def _rank_many(
         self,
         queries: Sequence[str],
         candidate_sets: Sequence[CandidateSet],
-        top_k: int | None = None,
-        *,
-        validate: bool = True,
-    ) -> list[list[RankedResult]]:
-        """Rank several queries, each with its own candidates; one request per group of up to MAX_BATCH queries.
-
-        ``validate=False`` skips the client-side checks (empty query or set, too many candidates) and lets the
-        server reject them.
-        """
+        top_k: int | None,
+        validate: bool,
+    ) -> _Steps:
         qs, sets = self._prepare(queries, candidate_sets, top_k, validate)
         ranked: list[list[RankedResult]] = []
         for group in _packing.groups(sets):
-            ranked += self._request([qs[i] for i in group], [sets[i] for i in group], top_k)
+            ranked += yield from self._request([qs[i] for i in group], [sets[i] for i in group], top_k)
         return ranked
 
-    def _request(
-        self, queries: list[str], sets: list[_packing._Set], top_k: int | None
-    ) -> list[list[RankedResult]]:
+    def _request(self, queries: list[str], sets: list[_packing._Set], top_k: int | None) -> _Steps:
         deadline = _calls.Deadline(self.timeout_s)
         inputs, outputs = self._inputs(_packing.pack(queries, sets)), self._outputs()
         for reread in (False, True):
-            model, expected = self._choose(deadline, reread)
+            model, expected = yield from self._choose(deadline, reread)
             try:
-                result = self._call(
+                result = yield from self._call(
                     "infer", model, deadline, model_name=model, inputs=inputs, outputs=outputs
                 )
                 return self._results(result, model, expected, sets, top_k)
             except ModelVersionError as e:
                 if not reread and self.model_version is None and expected is not None:
                     continue  # the canary went away since routing was read: read it again
-                raise self._not_loaded(e, self._loaded_or_none(deadline)) from e.__cause__
+                loaded = yield from self._loaded_or_none(deadline)
+                raise self._not_loaded(e, loaded) from e.__cause__
         raise AssertionError("unreachable")
 
-    def _choose(self, deadline: _calls.Deadline, reread: bool) -> tuple[str, int | None]:
+    def _choose(self, deadline: _calls.Deadline, reread: bool) -> _Steps:
         if self.model_version is not None:
             return sig.versioned_ensemble_name(self.model_version), self.model_version
         if reread or not self._routing_fresh():
-            self._fetch_routing(deadline)
+            yield from self._fetch_routing(deadline)
         assert self._routing is not None
         return _routing.pick(self._routing, self._rng)
 
-    def _fetch_routing(self, deadline: _calls.Deadline) -> Routing:
+    def _fetch_routing(self, deadline: _calls.Deadline) -> _Steps:
         name = sig.ENSEMBLE_NAME
-        return self._set_routing(
-            self._call("get_model_config", name, deadline, model_name=name, as_json=True)
-        )
+        config = yield from self._call("get_model_config", name, deadline, model_name=name, as_json=True)
+        return self._set_routing(config)
 
-    def _call(self, method: str, model: str, deadline: _calls.Deadline, **kwargs: Any) -> Any:
+    def _call(self, method: str, model: str, deadline: _calls.Deadline, **kwargs: Any) -> _Steps:
+        """One call with retries (UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL, UNKNOWN) and backoff, all within
+        ``deadline``; a failure that is not retried, or the last one, is raised translated (``_calls``)."""
         attempt = 0
         while True:
             remaining = deadline.remaining()
             if remaining <= 0:
                 raise self._out_of_time(model)
             try:
-                if method == "infer":
-                    return self._infer(remaining, **kwargs)
-                return getattr(self._inner, method)(**kwargs, headers=self._headers, client_timeout=remaining)
+                return (yield _Call(method, remaining, kwargs))
             except InferenceServerException as e:
                 delay = self._retry_delay(e, attempt, deadline)
                 if delay is None:
                     raise self._error(e, model) from e
-            time.sleep(delay)
+            yield _Sleep(delay)
             attempt += 1
+
+    def _loaded_or_none(self, deadline: _calls.Deadline) -> _Steps:
+        try:
+            index = yield from self._call("get_model_repository_index", "repository index", deadline, as_json=True)
+        except AMCError:
+            return None
+        return _routing.loaded_versions(index)
+
+    def _model_versions(self) -> _Steps:
+        deadline = _calls.Deadline(self.timeout_s)
+        index = yield from self._call("get_model_repository_index", "repository index", deadline, as_json=True)
+        return _routing.loaded_versions(index)
+
+    def _routing_now(self) -> _Steps:
+        return (yield from self._fetch_routing(_calls.Deadline(self.timeout_s)))
+
+    def _probe(self, method: str, *args: Any) -> _Steps:
+        """A health call (``is_server_ready``, ``is_model_ready``): its answer, False if unreachable."""
+        try:
+            return bool((yield _Call(method, self.timeout_s, {"args": args})))
+        except InferenceServerException:
+            return False
+
+    def _ready(self, version: int | None) -> _Steps:
+        name = sig.ENSEMBLE_NAME if version is None else sig.versioned_ensemble_name(version)
+        return (yield from self._probe("is_model_ready", name))
+
+    # ---- running a path (the faces' part) ------------------------------------------------------------------
+    def _kwargs(self, call: _Call, timeout: float) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        kwargs = dict(call.kwargs)
+        args = kwargs.pop("args", ())
+        return args, {**kwargs, "headers": self._headers, "client_timeout": timeout}
+
+
+class AMCClient(_Core):
+    """Blocking client of the AMC ranker. One gRPC channel, reused; use it as a context manager or ``close()`` it.
+
+    ``timeout_s`` is the deadline of one request to the server, retries and the routing lookup included.
+    ``model_version`` pins every query to ``amc_v{N}``; None follows the server's canary routing (re-read at most
+    every ``routing_refresh_s``). Server faults (UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL, UNKNOWN) are retried
+    ``retries`` times with exponential backoff from ``backoff_s`` (jitter, at most 2 s apart); the caller's
+    mistakes never are. ``ssl``/``root_certificates``/``private_key``/``certificate_chain`` (file paths) as in
+    tritonclient: ``ssl=True`` with ``root_certificates`` (the CA that signed the server's certificate) for TLS,
+    plus ``private_key`` and ``certificate_chain`` for mutual TLS. ``headers`` are sent with every call.
+    """
+
+    def _open(self) -> None:
+        if self._inner_client is None:
+            self._inner_client = grpcclient.InferenceServerClient(self.url, **self._channel)
+
+    @property
+    def _inner(self) -> Any:
+        return self._inner_client
+
+    def _drive(self, steps: _Steps) -> Any:
+        """Run a core request path: perform each call it yields (blocking), sleep each backoff."""
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op = steps.throw(error) if error is not None else steps.send(value)
+            except StopIteration as done:
+                return done.value
+            value, error = None, None
+            if isinstance(op, _Sleep):
+                time.sleep(op.seconds)
+                continue
+            try:
+                if op.method == "infer":
+                    value = self._infer(op.remaining, **op.kwargs)
+                else:
+                    args, kwargs = self._kwargs(op, op.remaining)
+                    value = getattr(self._inner, op.method)(*args, **kwargs)
+            except InferenceServerException as e:
+                error = e
 
     def _infer(self, remaining: float, **kwargs: Any) -> Any:
         """One inference that the caller stops waiting for after ``remaining`` s but never cancels.
@@ -335,98 +383,92 @@ class AMCClient(_Base):
             raise box["error"]
         return box["result"]
 
-    def _loaded_or_none(self, deadline: _calls.Deadline) -> list[int] | None:
-        try:
-            index = self._call("get_model_repository_index", "repository index", deadline, as_json=True)
-        except AMCError:
-            return None
-        return _routing.loaded_versions(index)
+    def __enter__(self) -> AMCClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the gRPC channel, after abandoned calls have finished (closing would cancel them)."""
+        end = time.monotonic() + self.server_deadline_s
+        while self._pending > 0 and time.monotonic() < end:
+            time.sleep(0.01)
+        self._inner.close()
+
+    def rank(
+        self, query: str, candidates: CandidateSet, top_k: int | None = None, *, validate: bool = True
+    ) -> list[RankedResult]:
+        """Rank one query's candidates, best first (``top_k`` of them, or all)."""
+        return self.rank_many([query], [candidates], top_k, validate=validate)[0]
+
+    def rank_many(
+        self,
+        queries: Sequence[str],
+        candidate_sets: Sequence[CandidateSet],
+        top_k: int | None = None,
+        *,
+        validate: bool = True,
+    ) -> list[list[RankedResult]]:
+        """Rank several queries, each with its own candidates; one request per group of up to MAX_BATCH queries.
+
+        ``validate=False`` skips the client-side checks (empty query or set, bounds) and lets the server
+        reject them.
+        """
+        return self._drive(self._rank_many(queries, candidate_sets, top_k, validate))
 
     def server_ready(self) -> bool:
         """True if the server answers that it is ready; False if it is not, or cannot be reached."""
-        try:
-            return bool(self._inner.is_server_ready(headers=self._headers, client_timeout=self.timeout_s))
-        except InferenceServerException:
-            return False
+        return self._drive(self._probe("is_server_ready"))
 
     def model_ready(self, version: int | None = None) -> bool:
         """True if ``amc`` (or ``amc_v{version}``) is loaded and ready; False otherwise or if unreachable."""
-        name = sig.ENSEMBLE_NAME if version is None else sig.versioned_ensemble_name(version)
-        try:
-            return bool(
-                self._inner.is_model_ready(name, headers=self._headers, client_timeout=self.timeout_s)
-            )
-        except InferenceServerException:
-            return False
+        return self._drive(self._ready(version))
 
     def model_versions(self) -> list[int]:
         """The model versions whose ``amc_v{N}`` ensemble is loaded and ready, ascending."""
-        index = self._call(
-            "get_model_repository_index", "repository index", _calls.Deadline(self.timeout_s), as_json=True
-        )
-        return _routing.loaded_versions(index)
+        return self._drive(self._model_versions())
 
     def routing(self) -> Routing:
         """The server's current canary routing (read now, and cached for ``rank``)."""
-        return self._fetch_routing(_calls.Deadline(self.timeout_s))
+        return self._drive(self._routing_now())
 
 
-class AsyncAMCClient(_Base):
+class AsyncAMCClient(_Core):
     """The asyncio twin of :class:`AMCClient` (same options and methods, awaited), on ``tritonclient.grpc.aio``.
 
     The channel is opened on first use, inside the running event loop; use ``async with`` or ``await close()``.
     """
-
-    def __init__(
-        self,
-        url: str = "127.0.0.1:8001",
-        *,
-        timeout_s: float = 10.0,
-        model_version: int | None = None,
-        ssl: bool = False,
-        root_certificates: str | None = None,
-        private_key: str | None = None,
-        certificate_chain: str | None = None,
-        retries: int = 3,
-        backoff_s: float = 0.1,
-        routing_refresh_s: float = 1.0,
-        headers: Mapping[str, str] | None = None,
-        server_deadline_s: float = 300.0,
-        _inner: Any = None,
-    ) -> None:
-        super().__init__(
-            url,
-            timeout_s=timeout_s,
-            model_version=model_version,
-            retries=retries,
-            backoff_s=backoff_s,
-            routing_refresh_s=routing_refresh_s,
-            headers=headers,
-            server_deadline_s=server_deadline_s,
-        )
-        self._tls = dict(
-            ssl=ssl,
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
-        )
-        self._inner_client = _inner
 
     @property
     def _inner(self) -> Any:
         if self._inner_client is None:
             import tritonclient.grpc.aio as aio
 
-            self._inner_client = aio.InferenceServerClient(
-                self.url, **self._tls, channel_args=_channel_args()
-            )
+            self._inner_client = aio.InferenceServerClient(self.url, **self._channel)
         return self._inner_client
 
-    async def __aenter__(self) -> AsyncAMCClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def _drive(self, steps: _Steps) -> Any:
+        """See :meth:`AMCClient._drive`: the same paths, with awaited calls and sleeps."""
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op = steps.throw(error) if error is not None else steps.send(value)
+            except StopIteration as done:
+                return done.value
+            value, error = None, None
+            if isinstance(op, _Sleep):
+                await asyncio.sleep(op.seconds)
+                continue
+            try:
+                if op.method == "infer":
+                    value = await self._infer(op.remaining, **op.kwargs)
+                else:
+                    args, kwargs = self._kwargs(op, op.remaining)
+                    value = await getattr(self._inner, op.method)(*args, **kwargs)
+            except InferenceServerException as e:
+                error = e
 
     async def _infer(self, remaining: float, **kwargs: Any) -> Any:
         """See :meth:`AMCClient._infer`: wait at most ``remaining`` s, but never cancel the RPC itself."""
@@ -439,6 +481,12 @@ class AsyncAMCClient(_Base):
         except TimeoutError:
             raise InferenceServerException(msg="deadline exceeded (request left to finish on the server)",
                                            status="StatusCode.DEADLINE_EXCEEDED") from None
+
+    async def __aenter__(self) -> AsyncAMCClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def close(self) -> None:
         """Close the gRPC channel (if one was opened), after abandoned calls have finished."""
@@ -463,96 +511,20 @@ class AsyncAMCClient(_Base):
         validate: bool = True,
     ) -> list[list[RankedResult]]:
         """See :meth:`AMCClient.rank_many`."""
-        qs, sets = self._prepare(queries, candidate_sets, top_k, validate)
-        ranked: list[list[RankedResult]] = []
-        for group in _packing.groups(sets):
-            ranked += await self._request([qs[i] for i in group], [sets[i] for i in group], top_k)
-        return ranked
-
-    async def _request(
-        self, queries: list[str], sets: list[_packing._Set], top_k: int | None
-    ) -> list[list[RankedResult]]:
-        deadline = _calls.Deadline(self.timeout_s)
-        inputs, outputs = self._inputs(_packing.pack(queries, sets)), self._outputs()
-        for reread in (False, True):
-            model, expected = await self._choose(deadline, reread)
-            try:
-                result = await self._call(
-                    "infer", model, deadline, model_name=model, inputs=inputs, outputs=outputs
-                )
-                return self._results(result, model, expected, sets, top_k)
-            except ModelVersionError as e:
-                if not reread and self.model_version is None and expected is not None:
-                    continue
-                raise self._not_loaded(e, await self._loaded_or_none(deadline)) from e.__cause__
-        raise AssertionError("unreachable")
-
-    async def _choose(self, deadline: _calls.Deadline, reread: bool) -> tuple[str, int | None]:
-        if self.model_version is not None:
-            return sig.versioned_ensemble_name(self.model_version), self.model_version
-        if reread or not self._routing_fresh():
-            await self._fetch_routing(deadline)
-        assert self._routing is not None
-        return _routing.pick(self._routing, self._rng)
-
-    async def _fetch_routing(self, deadline: _calls.Deadline) -> Routing:
-        name = sig.ENSEMBLE_NAME
-        return self._set_routing(
-            await self._call("get_model_config", name, deadline, model_name=name, as_json=True)
-        )
-
-    async def _call(self, method: str, model: str, deadline: _calls.Deadline, **kwargs: Any) -> Any:
-        attempt = 0
-        while True:
-            remaining = deadline.remaining()
-            if remaining <= 0:
-                raise self._out_of_time(model)
-            try:
-                if method == "infer":
-                    return await self._infer(remaining, **kwargs)
-                return await getattr(self._inner, method)(
-                    **kwargs, headers=self._headers, client_timeout=remaining
-                )
-            except InferenceServerException as e:
-                delay = self._retry_delay(e, attempt, deadline)
-                if delay is None:
-                    raise self._error(e, model) from e
-            await asyncio.sleep(delay)
-            attempt += 1
-
-    async def _loaded_or_none(self, deadline: _calls.Deadline) -> list[int] | None:
-        try:
-            index = await self._call("get_model_repository_index", "repository index", deadline, as_json=True)
-        except AMCError:
-            return None
-        return _routing.loaded_versions(index)
+        return await self._drive(self._rank_many(queries, candidate_sets, top_k, validate))
 
     async def server_ready(self) -> bool:
         """See :meth:`AMCClient.server_ready`."""
-        try:
-            return bool(
-                await self._inner.is_server_ready(headers=self._headers, client_timeout=self.timeout_s)
-            )
-        except InferenceServerException:
-            return False
+        return await self._drive(self._probe("is_server_ready"))
 
     async def model_ready(self, version: int | None = None) -> bool:
         """See :meth:`AMCClient.model_ready`."""
-        name = sig.ENSEMBLE_NAME if version is None else sig.versioned_ensemble_name(version)
-        try:
-            return bool(
-                await self._inner.is_model_ready(name, headers=self._headers, client_timeout=self.timeout_s)
-            )
-        except InferenceServerException:
-            return False
+        return await self._drive(self._ready(version))
 
     async def model_versions(self) -> list[int]:
         """See :meth:`AMCClient.model_versions`."""
-        index = await self._call(
-            "get_model_repository_index", "repository index", _calls.Deadline(self.timeout_s), as_json=True
-        )
-        return _routing.loaded_versions(index)
+        return await self._drive(self._model_versions())
 
     async def routing(self) -> Routing:
         """See :meth:`AMCClient.routing`."""
-        return await self._fetch_routing(_calls.Deadline(self.timeout_s))
+        return await self._drive(self._routing_now())
