@@ -22,6 +22,12 @@ Usage::
         client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
 
     python -m serving.server --repository model_repository/python [--load amc ...] [--admin-key KEY]
+        [--tls-cert server.crt --tls-key server.key [--tls-ca clients-ca.crt]]
+
+TLS: with ``tls=TLSFiles(cert, key, ca)`` (``--tls-cert/--tls-key/--tls-ca``) the gRPC endpoint speaks only TLS
+(Triton's ``--grpc-use-ssl``); with a CA it also demands a client certificate signed by it (mutual TLS,
+``--grpc-use-ssl-mutual``). A plaintext client is refused (UNAVAILABLE). Triton's HTTP endpoint has no TLS: it
+stays on loopback, and this launcher reads readiness there, so it needs no client certificate of its own.
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 __all__ = [
     "ADMIN_KEY_HEADER",
+    "TLSFiles",
     "GRPC_ADMIN_KEY_HEADER",
     "ServerStartError",
     "TritonNotFoundError",
@@ -77,6 +85,33 @@ _STUB = "triton_python_backend_stub"
 _DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "triton-backends"
 _LOG_TAIL_LINES = 40
 _START_ATTEMPTS = 3  # fresh free ports after a port clash
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for gRPC over TLS: the server's certificate chain and key, and optionally the CA whose
+    client certificates are accepted (mutual TLS: clients without one are refused)."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("cert", "key", "ca"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            path = Path(value).resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"TLS {name} file {path} does not exist")
+            object.__setattr__(self, name, path)
+
+    def args(self) -> list[str]:
+        """tritonserver's flags for these files."""
+        out = ["--grpc-use-ssl=true", f"--grpc-server-cert={self.cert}", f"--grpc-server-key={self.key}"]
+        if self.ca is not None:
+            out += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.ca}"]
+        return out
 
 
 class TritonNotFoundError(RuntimeError):
@@ -220,8 +255,10 @@ class TritonServer:
         log_file: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
         backend_directory: str | os.PathLike[str] | None = None,
+        tls: TLSFiles | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
+        self.tls = tls
         if not self.repository.is_dir():
             raise FileNotFoundError(f"model repository {self.repository} does not exist")
         if admin_key is not None and (not admin_key or any(c in admin_key for c in ",:= \t\n")):
@@ -320,6 +357,8 @@ class TritonServer:
             "--exit-timeout-secs=10",
             *METRICS_ARGS,
         ]
+        if self.tls is not None:
+            cmd += self.tls.args()
         if self.admin_key:
             rule = f"model-repository:{ADMIN_KEY_HEADER}={self.admin_key}"
             cmd += [f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
@@ -374,35 +413,36 @@ class TritonServer:
                                           start_new_session=True)
 
     def _wait_ready(self, deadline: float) -> None:
-        import tritonclient.grpc as grpcclient
-        from tritonclient.utils import InferenceServerException
-
         assert self._proc is not None and self._log_path is not None
-        client = grpcclient.InferenceServerClient(self.grpc_url)
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                self._failed = True
+                raise ServerStartError(f"tritonserver exited with code {code} during start "
+                                       f"(log: {self._log_path})", _tail(self._log_path))
+            wanted = [m for m in self.models if m != "*"]
+            # The log check makes sure the server answering on our port is ours, not another one that took the
+            # port between _free_port() and our bind (ours then exits and is retried). Readiness is read over
+            # HTTP (loopback, no TLS), so a gRPC endpoint that demands client certificates needs none from us.
+            if (self._endpoints_started() and self.http_ok(HEALTH_LIVE_PATH) and self.http_ok(HEALTH_READY_PATH)
+                    and all(self.http_ok(f"/v2/models/{m}/ready") for m in wanted)):
+                return
+            if time.monotonic() >= deadline:
+                self._failed = True
+                raise ServerStartError(f"tritonserver not ready with models {self.models} in time "
+                                       f"(log: {self._log_path})", _tail(self._log_path))
+            time.sleep(0.2)
+
+    def http_ok(self, path: str, timeout_s: float = 2.0) -> bool:
+        """True if ``GET http://<http_url><path>`` answers 200 (Triton's health and readiness endpoints)."""
+        import urllib.error
+        import urllib.request
+
         try:
-            while True:
-                code = self._proc.poll()
-                if code is not None:
-                    self._failed = True
-                    raise ServerStartError(f"tritonserver exited with code {code} during start "
-                                           f"(log: {self._log_path})", _tail(self._log_path))
-                try:
-                    wanted = [m for m in self.models if m != "*"]
-                    # The log check makes sure the server answering on our port is ours, not another one that
-                    # took the port between _free_port() and our bind (ours then exits and is retried).
-                    if (self._endpoints_started() and client.is_server_live(client_timeout=2)
-                            and client.is_server_ready(client_timeout=2)
-                            and all(client.is_model_ready(m, client_timeout=2) for m in wanted)):
-                        return
-                except InferenceServerException:
-                    pass  # not listening yet
-                if time.monotonic() >= deadline:
-                    self._failed = True
-                    raise ServerStartError(f"tritonserver not ready with models {self.models} in time "
-                                           f"(log: {self._log_path})", _tail(self._log_path))
-                time.sleep(0.2)
-        finally:
-            client.close()
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=timeout_s) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
 
     def _endpoints_started(self) -> bool:
         assert self._log_path is not None
@@ -448,12 +488,13 @@ class TritonServer:
 
     # ---- identity --------------------------------------------------------------------------------------
     def server_metadata(self) -> dict[str, object]:
-        """gRPC server metadata: ``{"name": "triton", "version": "2.51.0", "extensions": [...]}``."""
-        import tritonclient.grpc as grpcclient
+        """Server metadata: ``{"name": "triton", "version": "2.51.0", "extensions": [...]}`` (over HTTP, which
+        carries the same as gRPC's and needs no client certificate when gRPC is mutual TLS)."""
+        import json
+        import urllib.request
 
-        with grpcclient.InferenceServerClient(self.grpc_url) as client:
-            meta = client.get_server_metadata(as_json=True, client_timeout=5)
-        return dict(meta)
+        with urllib.request.urlopen(f"http://{self.http_url}/v2", timeout=5) as response:
+            return dict(json.loads(response.read()))
 
     def is_real_tritonserver(self) -> bool:
         """True if the process answering on ``grpc_url`` is NVIDIA's tritonserver of the wheel's release."""
@@ -492,9 +533,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--admin-key", default=os.environ.get("AMC_ADMIN_KEY"),
                         help=f"restrict model load/unload/index to requests with header {ADMIN_KEY_HEADER} "
                              f"(HTTP) or {GRPC_ADMIN_KEY_HEADER} (gRPC) (default: $AMC_ADMIN_KEY)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain of the server: gRPC speaks only TLS")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-ca", type=Path,
+                        help="PEM CA of the clients: mutual TLS, clients without a certificate it signed are refused")
     parser.add_argument("--log-file", type=Path, help="server log (default: a temporary file)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness")
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_ca is not None and args.tls_cert is None):
+        parser.error("--tls-cert and --tls-key go together; --tls-ca needs them")
+    try:
+        tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert is not None else None
+    except FileNotFoundError as e:
+        parser.error(str(e))
 
     def on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -502,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     server = TritonServer(args.repository, grpc_port=args.grpc_port or None, http_port=args.http_port or None,
                           metrics_port=args.metrics_port or None, models=args.load, admin_key=args.admin_key,
-                          log_file=args.log_file)
+                          log_file=args.log_file, tls=tls)
     try:
         server.start(timeout_s=args.timeout)
         print(f"tritonserver pid {server.pid} ready: grpc {server.grpc_url}  http {server.http_url}  "

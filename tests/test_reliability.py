@@ -205,3 +205,52 @@ def test_sync_and_async_clients_agree_against_the_server(server: TritonServer, r
     np.testing.assert_allclose([r.score for r in got[0]], [r.score for r in sync[0]], rtol=1e-6)
     assert got[1:] == sync[1:] == (True, True, False, sync[4], [version])
     assert sync[4].serving_version == version
+
+
+# ---- TLS -----------------------------------------------------------------------------------------------------
+def _openssl(*args: str, cwd: Path) -> None:
+    import subprocess
+
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA (openssl CLI)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=amc test CA",
+             cwd=folder)
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+                      ("client", "extendedKeyUsage=clientAuth")):
+        (folder / f"{name}.ext").write_text(ext + "\n")
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=amc {name}", cwd=folder)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.crt", "-days", "1", "-extfile", f"{name}.ext", cwd=folder)
+    return {p.stem + p.suffix.replace(".", "_"): p for p in folder.glob("*.*")}
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
+def test_grpc_over_tls_and_plaintext_is_refused(repository: tuple[Path, int], tmp_path: Path, mutual: bool) -> None:
+    from amc_client import ServerUnavailableError
+    from serving.server import TLSFiles
+
+    repo, version = repository
+    pem = _certificates(tmp_path / "pki")
+    tls = TLSFiles(pem["server_crt"], pem["server_key"], pem["ca_crt"] if mutual else None)
+    candidates = [_candidate(i, ["cat"]) for i in range(3)]
+    client_cert = {"private_key": str(pem["client_key"]), "certificate_chain": str(pem["client_crt"])}
+    with TritonServer(repo, models=_models(version), tls=tls, log_file=tmp_path / "tls.log") as server:
+        assert server.is_real_tritonserver()
+        with AMCClient(server.grpc_url, timeout_s=60, ssl=True, root_certificates=str(pem["ca_crt"]),
+                       **(client_cert if mutual else {})) as client:
+            assert client.server_ready() and len(client.rank("cat", candidates)) == 3
+        refused = [AMCClient(server.grpc_url, timeout_s=5, retries=0)]  # plaintext
+        if mutual:  # TLS, but no client certificate
+            refused.append(AMCClient(server.grpc_url, timeout_s=5, retries=0, ssl=True,
+                                     root_certificates=str(pem["ca_crt"])))
+        for client in refused:
+            with client:
+                with pytest.raises(ServerUnavailableError, match="UNAVAILABLE"):
+                    client.rank("cat", candidates)
+                assert not client.server_ready()
+        assert server.poll() is None
