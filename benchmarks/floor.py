@@ -103,3 +103,60 @@ def floors(n: int, rates: dict[str, float], device: str) -> dict[str, float]:
                      "floor_ms": t * 1e3, "floor_candidates_per_s": n / t, "bound": "bytes" if t_bytes >= t_flops
                      else "flops"}
     return out
+
+
+# ---- the store path per candidate (issue 10): what one candidate of a query costs at least ---------------
+def store_candidate_cost(*, hidden: int, keywords: int, regions: int = R, store_bytes: int = 4) -> dict[str, float]:
+    """Bytes and FLOPs of one candidate on the store path (``fused_store.onnx``), each tensor touched once.
+
+    device bytes: the stored rows read (projected regions R x hidden and keywords K x hidden at ``store_bytes``
+    each, their bool masks), the per-candidate inputs read (id, K x 3 lexical features) and the outputs written
+    (score, 2 weights, R region and K keyword attention weights, fp32). host bytes: what crosses the host link
+    per candidate (the inputs in, the outputs out). FLOPs: VAN after its projection (tanh, kernel product,
+    softmax, weighted sum: ~5 R hidden), LAN over the projected keywords (lexical vector, logits, softmax, weighted
+    sum: ~11 K hidden) and MTN (three cosines and the fusion: ~15 hidden).
+    """
+    inputs = 8 + keywords * 3 * 4
+    outputs = 4 + 2 * 4 + regions * 4 + keywords * 4
+    stored = (regions + keywords) * (hidden * store_bytes + 1)
+    flops = 5 * regions * hidden + 4 * regions + 11 * keywords * hidden + 18 * keywords + 15 * hidden + 4
+    return {"device_bytes": float(stored + inputs + outputs), "host_bytes": float(inputs + outputs),
+            "stored_bytes": float(stored), "flops": float(flops)}
+
+
+def matmul_flops_per_row(onnx_path) -> float:
+    """FLOPs per input row (token) of an ONNX graph's MatMul/Gemm nodes with a 2-D constant weight: 2 x its size
+    (what a transformer encoder does per token, attention scores aside)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    constants = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            for name in node.input[:2]:
+                dims = constants.get(name)
+                if dims is not None and len(dims) == 2:
+                    total += 2 * dims[0] * dims[1]
+    return float(total)
+
+
+def store_floor(n: int, rates: dict[str, float], device: str, *, hidden: int, keywords: int, query_flops: float,
+                store_bytes: int = 4) -> dict[str, float | str]:
+    """Candidates/s no implementation of the store path can beat on this machine, with ``n`` candidates per
+    query sharing the query's own FLOPs (``query_flops``: the sentence encoder). Rates as :func:`measure_cuda`
+    measures them: device bytes over the device copy rate (bytes read + written), host bytes over the pinned
+    host->device rate, FLOPs over the fp32 matmul rate (the elementwise work runs below it, so this is generous)."""
+    cost = store_candidate_cost(hidden=hidden, keywords=keywords, store_bytes=store_bytes)
+    flops = cost["flops"] + query_flops / n
+    if device == "cuda":
+        terms = {"device_bytes": cost["device_bytes"] / (rates["device_copy_gb_s"] * 1e9),
+                 "host_link": cost["host_bytes"] / (rates["h2d_pinned_gb_s"] * 1e9),
+                 "flops": flops / (rates["matmul_fp32_tflop_s"] * 1e12)}
+    else:
+        terms = {"device_bytes": cost["device_bytes"] / (rates["memory_copy_gb_s"] * 1e9),
+                 "flops": flops / (rates["matmul_fp32_tflop_s"] * 1e12)}
+    bound = max(terms, key=terms.get)
+    return {**cost, "flops_with_query_share": flops, "store_bytes_per_value": store_bytes,
+            **{f"{k}_ns": v * 1e9 for k, v in terms.items()}, "bound": bound,
+            "floor_candidates_per_s": 1.0 / terms[bound]}

@@ -106,3 +106,26 @@ def test_store_ensemble_equals_raw_ensemble_through_tritonserver(bench_repo):
                 np.testing.assert_allclose(store, raw, rtol=1e-4, atol=1e-5)
             fused = triton.fused_worker(server.grpc_url, [r], feeds)(0)(0).as_numpy(triton.sig.SCORES.name)[0]
             np.testing.assert_allclose(fused, raw, rtol=1e-4, atol=1e-5)
+
+
+def test_ort_ceiling_on_cpu_at_a_tiny_size(trained, tmp_path):
+    """benchmarks.ort_ceiling end to end on the CPU (no Triton, fp32 only): parity, sweep, floor and summary keys."""
+    import json
+
+    from benchmarks import ort_ceiling
+
+    out = tmp_path / "out"
+    assert ort_ceiling.main(["--device", "cpu", "--checkpoint", str(trained.checkpoint), "--out", str(out),
+                             "--sizes", "5", "--threads", "1", "2", "--batches", "1", "2", "--precisions", "fp32",
+                             "--duration-s", "0.05", "--gallery-size", "20", "--pool", "4", "--check-requests", "2",
+                             "--e2e-configs", "1x1", "--e2e-top", "0", "--cuda-graph-batches", "1",
+                             "--cuda-graph-threads", "1", "--triton-config", "none", "--budget-s", "300"]) == 0
+    results = json.loads((out / "ort_ceiling.json").read_text())
+    assert results["parity"]["fp32"]["holds"]
+    assert {p["threads"] for p in results["ort_graph"]} >= {1, 2} and all("error" not in p for p in results["ort_graph"])
+    row = results["summary"]["n5"]
+    assert row["ort_ceiling_candidates_per_s"] > 0 and row["floor_candidates_per_s"] > 0
+    assert row["ensemble_best_candidates_per_s"] is None  # no Triton in this test
+    assert results["ort_e2e"] and (out / "ort_ceiling.md").exists()
+    cost = floor.store_candidate_cost(hidden=128, keywords=6)
+    assert cost["device_bytes"] > cost["stored_bytes"] > 49 * 128 * 4
