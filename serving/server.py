@@ -76,6 +76,9 @@ DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 HEALTH_LIVE_PATH = "/v2/health/live"
 HEALTH_READY_PATH = "/v2/health/ready"
 METRICS_PATH = "/metrics"
+# The supervisor's readiness endpoint (GET /ready on this port): unlike Triton's /v2/health/ready, it turns false
+# when a step cannot serve (serving/supervisor.py).
+DEFAULT_HEALTH_PORT = 8003
 # Latency summaries (p50/p90/p95/p99/p99.9 per model and version: nv_inference_*_summary_us) besides the default
 # counters; the Grafana dashboard (monitoring/) reads them. Every launch passes these, the manifests too.
 METRICS_ARGS = ("--metrics-config=summary_latencies=true",)
@@ -389,7 +392,17 @@ class TritonServer:
                 raise
         raise AssertionError("unreachable")
 
+    def restart(self, timeout_s: float = 120) -> TritonServer:
+        """Stop the server (whatever state it is in) and start it again on the same ports, so that clients
+        reconnect to the address they know. Used by the supervisor (``serving/supervisor.py``)."""
+        ports = dict(self._ports)
+        self.stop()
+        if ports:
+            self._fixed_ports = ports
+        return self.start(timeout_s=timeout_s)
+
     def _launch(self) -> None:
+        self._stopped = False
         if self._log_file is not None:
             self._log_path = self._log_file
             self._log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -539,6 +552,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="PEM CA of the clients: mutual TLS, clients without a certificate it signed are refused")
     parser.add_argument("--log-file", type=Path, help="server log (default: a temporary file)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness")
+    parser.add_argument("--no-supervise", dest="supervise", action="store_false",
+                        help="do not run the self-healing supervisor (serving/supervisor.py)")
+    parser.add_argument("--health-port", type=int, default=DEFAULT_HEALTH_PORT,
+                        help=f"the supervisor's GET /ready, /live, /repairs (default {DEFAULT_HEALTH_PORT}; 0: free)")
+    parser.add_argument("--health-host", default=LOOPBACK, help=f"address of those endpoints (default {LOOPBACK})")
+    parser.add_argument("--probe-interval", type=float, default=2.0,
+                        help="seconds between the supervisor's rounds of golden requests (default 2)")
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_ca is not None and args.tls_cert is None):
         parser.error("--tls-cert and --tls-key go together; --tls-ca needs them")
@@ -554,14 +574,27 @@ def main(argv: list[str] | None = None) -> int:
     server = TritonServer(args.repository, grpc_port=args.grpc_port or None, http_port=args.http_port or None,
                           metrics_port=args.metrics_port or None, models=args.load, admin_key=args.admin_key,
                           log_file=args.log_file, tls=tls)
+    supervisor = health = None
     try:
         server.start(timeout_s=args.timeout)
         print(f"tritonserver pid {server.pid} ready: grpc {server.grpc_url}  http {server.http_url}  "
               f"metrics {server.metrics_url}  log {server.log_path}", flush=True)
-        while (code := server.poll()) is None:
+        if not args.supervise:
+            while (code := server.poll()) is None:
+                time.sleep(0.5)
+            print(f"tritonserver exited with code {code}; see {server.log_path}", file=sys.stderr)
+            return code or 1
+        import logging
+
+        from .supervisor import HealthServer, Supervisor
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        supervisor = Supervisor(server, interval_s=args.probe_interval).start()
+        health = HealthServer(supervisor, host=args.health_host, port=args.health_port).start()
+        print(f"supervisor: golden requests every {args.probe_interval:g} s; readiness {health.url}/ready, "
+              f"repairs {health.url}/repairs", flush=True)
+        while True:  # the supervisor restarts the server if it dies
             time.sleep(0.5)
-        print(f"tritonserver exited with code {code}; see {server.log_path}", file=sys.stderr)
-        return code or 1
     except ServerStartError as e:
         print(e, file=sys.stderr)
         return 1
@@ -569,6 +602,10 @@ def main(argv: list[str] | None = None) -> int:
         print("stopping tritonserver", flush=True)
         return 0
     finally:
+        if supervisor is not None:
+            supervisor.stop()
+        if health is not None:
+            health.stop()
         server.stop()
 
 
