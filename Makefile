@@ -76,6 +76,9 @@ k8s: setup ## Render deploy/k8s/rendered and monitoring/ from deploy/k8s/values.
 	$(PY) -m monitoring.render
 	$(PY) -m pytest -q -m "not integration" tests/test_k8s.py tests/test_metrics.py
 
+reliability-report: setup ## Bad inputs, stub/server kill, 64-thread overload, 10-min soak, TLS -> reports/reliability.json
+	$(PY) -m benchmarks.reliability --out reports/reliability.json
+
 lint: setup ## ruff lint and format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 

@@ -257,86 +257,10 @@ def test_grpc_over_tls_and_plaintext_is_refused(repository: tuple[Path, int], tm
 
 
 # ---- self-healing ----------------------------------------------------------------------------------------------
-def _under_load(server: TritonServer, fault, *, threads: int = 4, settle_s: float = 60.0) -> dict:
-    """Run ``threads`` AMCClients (no retries) and a readiness poller, call ``fault()``, and measure until
-    requests have succeeded again for 2 s. Returns the timeline's figures."""
-    import threading
-    import time
-    import urllib.error
-    import urllib.request
+def _under_load(server: TritonServer, fault, **kwargs) -> dict:
+    from benchmarks.reliability import under_load
 
-    from amc_client import AMCError
-    from serving.supervisor import HealthServer, Supervisor
-
-    supervisor = Supervisor(server, interval_s=1.0).start()
-    health = HealthServer(supervisor).start()
-    events: list[tuple[float, str]] = []  # (time, "ok" | error class name)
-    messages: list[tuple[float, str]] = []
-    failed_starts: list[float] = []  # when each failed request was sent
-    ready: list[tuple[float, bool]] = []
-    stop = threading.Event()
-    candidates = [_candidate(i, ["cat"]) for i in range(3)]
-
-    def client_loop() -> None:
-        with AMCClient(server.grpc_url, timeout_s=30, retries=0) as client:
-            while not stop.is_set():
-                started = time.monotonic()
-                try:
-                    client.rank("cat face", candidates)
-                    events.append((time.monotonic(), "ok"))
-                except AMCError as e:
-                    events.append((time.monotonic(), type(e).__name__))
-                    messages.append((time.monotonic(), str(e)[-90:]))
-                    failed_starts.append(started)
-                    time.sleep(0.05)
-
-    def ready_loop() -> None:
-        while not stop.is_set():
-            try:
-                with urllib.request.urlopen(f"{health.url}/ready", timeout=5) as r:
-                    ready.append((time.monotonic(), r.status == 200))
-            except urllib.error.HTTPError:
-                ready.append((time.monotonic(), False))
-            time.sleep(0.1)
-
-    try:
-        end = time.monotonic() + 120
-        while not supervisor.ready:
-            assert time.monotonic() < end, supervisor.reason
-            time.sleep(0.2)
-        workers = [threading.Thread(target=client_loop) for _ in range(threads)] + [threading.Thread(target=ready_loop)]
-        for w in workers:
-            w.start()
-        time.sleep(2)
-        faulted = time.monotonic()
-        fault()
-        end = faulted + settle_s
-        while time.monotonic() < end:
-            time.sleep(0.5)
-            failures = [t for t, what in events if t > faulted and what != "ok"]
-            last = failures[-1] if failures else faulted
-            if supervisor.ready and any(t > last + 2 for t, what in events if what == "ok"):
-                break
-        stop.set()
-        for w in workers:
-            w.join(timeout=60)
-    finally:
-        stop.set()
-        supervisor.stop()
-        health.stop()
-    failures = [t for t, what in events if t > faulted and what != "ok"]
-    last_failure = failures[-1] if failures else faulted
-    back = min((t for t, what in events if what == "ok" and t > last_failure), default=None)
-    # Readiness said "send traffic here" while a request sent then would still fail: the samples (every 0.1 s)
-    # that were ready between the fault and the sending of the last request that failed.
-    last_sent = max((t for t in failed_starts if t >= faulted - 1), default=faulted)
-    ready_while_broken = sum(0.1 for t, ok in ready if ok and faulted <= t <= last_sent)
-    return {"recovered_s": None if back is None else back - faulted, "failures": len(failures),
-            "errors": {what for t, what in events if t > faulted and what != "ok"},
-            "ready_while_broken_s": ready_while_broken, "repairs": list(supervisor.repairs),
-            "ready_after": supervisor.ready,
-            "timeline": [(round(t - faulted, 2), m) for t, m in messages if t > faulted][-6:]
-            + [(round(t - faulted, 2), ok) for t, ok in ready if t > faulted][::10]}
+    return under_load(server, fault, candidates=[_candidate(i, ["cat"]) for i in range(3)], **kwargs)
 
 
 def test_supervisor_repairs_a_killed_stub_under_load(repository: tuple[Path, int], tmp_path: Path) -> None:

@@ -1,0 +1,310 @@
+"""Reliability benchmark (issue 9): bad inputs, a killed stub, a killed server, overload, a soak, TLS.
+
+    python -m benchmarks.reliability [--soak-minutes 10] [--overload-seconds 60] [--out reports/reliability.json]
+
+Serves an untrained AMC (``serving.faults.publish_untrained``: error handling, overload and recovery do not
+depend on the weights) from a real tritonserver on the CPU, with the supervisor of ``amc-serve``, and writes
+``reports/reliability.json`` in the shape issue 9 asks for; what stands behind each figure goes to
+``reports/reliability_details.json``:
+
+- ``bad_inputs``: every malformed request of ``serving.faults.bad_requests()`` sent raw (no client checks):
+  how many came back INVALID_ARGUMENT, INTERNAL, and how often the server died (``crashes``).
+- ``stub_kill``: ``kill -9`` of the text step's stub under 4 client threads without retries: seconds from the
+  kill until requests succeed again for good, and seconds the supervisor's ``/ready`` said ready while a
+  request sent then failed.
+- ``server_kill``: ``kill -9`` of tritonserver under the same load: seconds until the clients are served again
+  (the supervisor restarts it on the same ports).
+- ``overload``: 64 closed-loop client threads without retries for ``--overload-seconds``, 20 candidates a
+  request: answered, rejected (UNAVAILABLE, queue full), p99 of the answered ones, RSS growth of server and
+  stubs over the run.
+- ``soak``: 4 client threads for ``--soak-minutes``; the slope of the server's and stubs' RSS (least squares).
+- ``tls``: a mutual-TLS server (certificates from the openssl CLI): a client with a certificate is served, a
+  plaintext one is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from amc_client import AMCClient, Candidate, ServerUnavailableError
+from amc_client import signatures as sig
+from serving import faults
+from serving.server import TritonServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def under_load(server: TritonServer, fault: Callable[[], object], *, candidates: list[Candidate], threads: int = 4,
+               settle_s: float = 60.0) -> dict:
+    """Run ``threads`` AMCClients (no retries) and a readiness poller, call ``fault()``, and measure until
+    requests have succeeded again for 2 s. Returns the timeline's figures."""
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    from amc_client import AMCError
+    from serving.supervisor import HealthServer, Supervisor
+
+    supervisor = Supervisor(server, interval_s=1.0).start()
+    health = HealthServer(supervisor).start()
+    events: list[tuple[float, str]] = []  # (time, "ok" | error class name)
+    messages: list[tuple[float, str]] = []
+    failed_starts: list[float] = []  # when each failed request was sent
+    ready: list[tuple[float, bool]] = []
+    stop = threading.Event()
+
+    def client_loop() -> None:
+        with AMCClient(server.grpc_url, timeout_s=30, retries=0) as client:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    client.rank("cat face", candidates)
+                    events.append((time.monotonic(), "ok"))
+                except AMCError as e:
+                    events.append((time.monotonic(), type(e).__name__))
+                    messages.append((time.monotonic(), str(e)[-90:]))
+                    failed_starts.append(started)
+                    time.sleep(0.05)
+
+    def ready_loop() -> None:
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(f"{health.url}/ready", timeout=5) as r:
+                    ready.append((time.monotonic(), r.status == 200))
+            except urllib.error.HTTPError:
+                ready.append((time.monotonic(), False))
+            time.sleep(0.1)
+
+    try:
+        end = time.monotonic() + 120
+        while not supervisor.ready:
+            assert time.monotonic() < end, supervisor.reason
+            time.sleep(0.2)
+        workers = [threading.Thread(target=client_loop) for _ in range(threads)] + [threading.Thread(target=ready_loop)]
+        for w in workers:
+            w.start()
+        time.sleep(2)
+        faulted = time.monotonic()
+        fault()
+        end = faulted + settle_s
+        while time.monotonic() < end:
+            time.sleep(0.5)
+            failures = [t for t, what in events if t > faulted and what != "ok"]
+            last = failures[-1] if failures else faulted
+            if supervisor.ready and any(t > last + 2 for t, what in events if what == "ok"):
+                break
+        stop.set()
+        for w in workers:
+            w.join(timeout=60)
+    finally:
+        stop.set()
+        supervisor.stop()
+        health.stop()
+    failures = [t for t, what in events if t > faulted and what != "ok"]
+    last_failure = failures[-1] if failures else faulted
+    back = min((t for t, what in events if what == "ok" and t > last_failure), default=None)
+    # Readiness said "send traffic here" while a request sent then would still fail: the samples (every 0.1 s)
+    # that were ready between the fault and the sending of the last request that failed.
+    last_sent = max((t for t in failed_starts if t >= faulted - 1), default=faulted)
+    ready_while_broken = sum(0.1 for t, ok in ready if ok and faulted <= t <= last_sent)
+    return {"recovered_s": None if back is None else back - faulted, "failures": len(failures),
+            "errors": {what for t, what in events if t > faulted and what != "ok"},
+            "ready_while_broken_s": ready_while_broken, "repairs": list(supervisor.repairs),
+            "ready_after": supervisor.ready,
+            "timeline": [(round(t - faulted, 2), m) for t, m in messages if t > faulted][-6:]
+            + [(round(t - faulted, 2), ok) for t, ok in ready if t > faulted][::10]}
+
+
+def _candidates(n: int, keywords: tuple[str, ...] = ("cat", "face")) -> list[Candidate]:
+    rng = np.random.default_rng(0)
+    return [Candidate(f"c{i}", np.abs(rng.normal(size=(sig.REGIONS_PER_IMAGE, sig.REGION_FEATURE_DIM)))
+                      .astype(np.float32), list(keywords[: i % len(keywords) + 1])) for i in range(n)]
+
+
+def bad_inputs(server: TritonServer) -> dict:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    counts = {"tried": 0, "invalid_argument": 0, "internal": 0, "crashes": 0}
+    details = {}
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        for name, (arrays, _) in faults.bad_requests().items():
+            inputs = []
+            for tensor, value in arrays.items():
+                datatype = "BYTES" if value.dtype == object else {"float32": "FP32", "float64": "FP64",
+                                                                  "bool": "BOOL"}[value.dtype.name]
+                t = grpcclient.InferInput(tensor, list(value.shape), datatype)
+                t.set_data_from_numpy(value)
+                inputs.append(t)
+            counts["tried"] += 1
+            try:
+                client.infer(sig.ENSEMBLE_NAME, inputs, client_timeout=120)
+                status = "OK"
+            except InferenceServerException as e:
+                status = str(e.status()).removeprefix("StatusCode.")
+            counts["invalid_argument"] += status == "INVALID_ARGUMENT"
+            counts["internal"] += status == "INTERNAL"
+            if server.poll() is not None:
+                counts["crashes"] += 1
+                server.restart()
+            details[name] = status
+    return {**counts, "_details": details}
+
+
+def _rss_series(server: TritonServer, stop: threading.Event, every_s: float, out: list[tuple[float, float]]) -> None:
+    while not stop.wait(every_s):
+        if server.pid is not None:
+            out.append((time.monotonic(), faults.server_rss_mb(server.pid)))
+
+
+def closed_loop(server: TritonServer, *, threads: int, seconds: float, candidates: list[Candidate],
+                rss_every_s: float = 5.0) -> dict:
+    """``threads`` AMCClients without retries, each sending the next request when the last is answered."""
+    ok: list[float] = []
+    rejected: list[float] = []
+    other: list[str] = []
+    stop = threading.Event()
+    rss: list[tuple[float, float]] = [(time.monotonic(), faults.server_rss_mb(server.pid))]
+
+    def loop() -> None:
+        with AMCClient(server.grpc_url, timeout_s=120, retries=0) as client:
+            while not stop.is_set():
+                started = time.perf_counter()
+                try:
+                    client.rank("cat face", candidates)
+                    ok.append(time.perf_counter() - started)
+                except ServerUnavailableError:
+                    rejected.append(time.perf_counter() - started)
+                except Exception as e:  # noqa: BLE001 - counted
+                    other.append(f"{type(e).__name__}: {str(e)[:120]}")
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    sampler = threading.Thread(target=_rss_series, args=(server, stop, rss_every_s, rss))
+    for w in [*workers, sampler]:
+        w.start()
+    time.sleep(seconds)
+    stop.set()
+    for w in [*workers, sampler]:
+        w.join(timeout=300)
+    rss.append((time.monotonic(), faults.server_rss_mb(server.pid)))
+    lat = np.array(ok) * 1e3
+    rej = np.array(rejected) * 1e3
+    return {"ok": len(ok), "rejected": len(rejected), "other_errors": other[:5], "other_count": len(other),
+            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else 0.0,
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else 0.0,
+            "rejected_p50_ms": float(np.percentile(rej, 50)) if len(rej) else 0.0,
+            "rejected_p99_ms": float(np.percentile(rej, 99)) if len(rej) else 0.0,
+            "rss_mb": rss}
+
+
+def _slope_mb_per_min(rss: list[tuple[float, float]]) -> float:
+    t = np.array([x for x, _ in rss])
+    y = np.array([v for _, v in rss])
+    return float(np.polyfit((t - t[0]) / 60, y, 1)[0]) if len(rss) >= 2 else 0.0
+
+
+def tls_check(repository: Path, models: list[str], folder: Path) -> dict:
+    from serving.server import TLSFiles
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=amc bench CA")
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+                      ("client", "extendedKeyUsage=clientAuth")):
+        (folder / f"{name}.ext").write_text(ext + "\n")
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=amc {name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.crt", "-days", "1", "-extfile", f"{name}.ext")
+    tls = TLSFiles(folder / "server.crt", folder / "server.key", folder / "ca.crt")
+    with TritonServer(repository, models=models, tls=tls) as server:
+        with AMCClient(server.grpc_url, timeout_s=60, ssl=True, root_certificates=str(folder / "ca.crt"),
+                       private_key=str(folder / "client.key"), certificate_chain=str(folder / "client.crt")) as c:
+            ok = len(c.rank("cat", _candidates(3))) == 3
+        with AMCClient(server.grpc_url, timeout_s=5, retries=0) as plain:
+            try:
+                plain.rank("cat", _candidates(3))
+                refused = False
+            except ServerUnavailableError:
+                refused = True
+    return {"ok": ok, "plaintext_refused": refused}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.reliability", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--soak-minutes", type=float, default=10)
+    parser.add_argument("--overload-seconds", type=float, default=60)
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "reliability.json")
+    args = parser.parse_args(argv)
+    from export.repository import STEPS
+
+    work = Path(tempfile.mkdtemp(prefix="amc-reliability-"))
+    repository = work / "repository"
+    version = faults.publish_untrained(repository)
+    models = [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]
+    details: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "machine": "2-core CPU; tritonserver 2.51 (nvidia-pytriton wheel), python flavour",
+                     "command": "python -m benchmarks.reliability " + " ".join(argv or sys.argv[1:])}
+
+    def step(name: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
+
+    with TritonServer(repository, models=models, log_file=work / "tritonserver.log") as server:
+        step("bad inputs")
+        bad = bad_inputs(server)
+        details["bad_inputs"] = bad.pop("_details")
+        step("warm-up: 64 threads for 10 s (the server's and stubs' memory pools grow to their working size)")
+        closed_loop(server, threads=64, seconds=10, candidates=_candidates(20))
+        step(f"overload: 64 threads for {args.overload_seconds:g} s")
+        over = closed_loop(server, threads=64, seconds=args.overload_seconds, candidates=_candidates(20))
+        details["overload"] = {k: v for k, v in over.items() if k != "rss_mb"} | {
+            "rss_mb_start_end": [over["rss_mb"][0][1], over["rss_mb"][-1][1]], "candidates": 20}
+        step(f"soak: 4 threads for {args.soak_minutes:g} min")
+        soak = closed_loop(server, threads=4, seconds=args.soak_minutes * 60, candidates=_candidates(20),
+                           rss_every_s=10)
+        details["soak"] = {k: v for k, v in soak.items() if k != "rss_mb"} | {
+            "rss_mb": [round(v, 1) for _, v in soak["rss_mb"]]}
+        step("stub kill")
+        stub = next(s for s in faults.stubs(server.pid) if s.model == sig.TOKENIZER.model_name)
+        killed_stub = under_load(server, lambda: faults.kill(stub.pid), candidates=_candidates(3))
+        step("server kill")
+        pid = server.pid
+        killed_server = under_load(server, lambda: faults.kill(pid), candidates=_candidates(3), settle_s=180)
+        for name, result in (("stub_kill", killed_stub), ("server_kill", killed_server)):
+            details[name] = {k: (str(v) if k in ("repairs", "errors") else v) for k, v in result.items()}
+    step("tls")
+    tls = tls_check(repository, models, work / "pki")
+    start, end = over["rss_mb"][0][1], over["rss_mb"][-1][1]
+    report = {
+        "bad_inputs": bad,
+        "stub_kill": {"recovered_s": round(killed_stub["recovered_s"] or -1.0, 2),
+                      "ready_while_broken_s": round(killed_stub["ready_while_broken_s"], 2)},
+        "server_kill": {"client_recovered_s": round(killed_server["recovered_s"] or -1.0, 2)},
+        "overload": {"threads": 64, "ok": over["ok"], "rejected": over["rejected"],
+                     "p99_ms": round(over["p99_ms"], 1), "rss_growth": round((end - start) / start, 4)},
+        "soak": {"minutes": args.soak_minutes, "rss_slope_mb_per_min": round(_slope_mb_per_min(soak["rss_mb"]), 3)},
+        "tls": tls,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_name(args.out.stem + "_details.json").write_text(json.dumps(details, indent=2, default=str) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
