@@ -289,3 +289,55 @@ def test_supervisor_restarts_a_killed_server_on_the_same_port(repository: tuple[
     assert result["recovered_s"] is not None, result
     assert result["errors"] <= {"ServerUnavailableError", "DeadlineExceededError"}, result
     assert any(r.ok and r.action.startswith("restart") and "exited" in r.cause for r in result["repairs"])
+
+
+# ---- fuzz ----------------------------------------------------------------------------------------------------
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+_DTYPES = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "bool": "BOOL"}
+
+
+@st.composite
+def _random_requests(draw) -> dict[str, np.ndarray]:
+    """Random shapes, dtypes and bytes for the ensemble's four inputs: mostly wrong, sometimes right."""
+    b = draw(st.integers(1, 2))
+    n = draw(st.integers(0, 4))
+    r = draw(st.integers(0, 3))
+    k = draw(st.integers(0, 3))
+    d = draw(st.sampled_from([sig.REGION_FEATURE_DIM, sig.REGION_FEATURE_DIM, 3]))
+    text = st.one_of(st.binary(max_size=24), st.text(max_size=12).map(str.encode))
+
+    def strings(shape: tuple[int, ...]) -> np.ndarray:
+        flat = [draw(text) for _ in range(int(np.prod(shape)))]
+        out = np.empty(len(flat), dtype=object)
+        out[:] = flat
+        return out.reshape(shape)
+
+    dtype = draw(st.sampled_from(["float32", "float32", "float64", "int64"]))
+    regions = np.full((b, n + draw(st.integers(0, 1)), r, d), draw(st.sampled_from([0.5, -1.0, np.nan, np.inf])))
+    mask = np.full((b, n, r + draw(st.integers(0, 1))), draw(st.booleans()))
+    with np.errstate(invalid="ignore"):  # NaN/inf cast to int64: any value will do
+        regions = regions.astype(dtype)
+    return {sig.QUERY.name: strings((draw(st.sampled_from([b, b, b + 1])), 1)),
+            sig.REGIONS.name: regions, sig.REGION_MASK.name: mask,
+            sig.KEYWORDS.name: strings((b, n, k))}
+
+
+@hypothesis.settings(max_examples=40, deadline=None, derandomize=True,
+                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(arrays=_random_requests())
+def test_fuzz_random_requests_get_ok_or_invalid_argument(server: TritonServer, arrays: dict) -> None:
+    """Never a crash, never INTERNAL: only a result or INVALID_ARGUMENT, whatever the shapes, dtypes and bytes."""
+    inputs = []
+    for name, value in arrays.items():
+        datatype = "BYTES" if value.dtype == object else _DTYPES[value.dtype.name]
+        tensor = grpcclient.InferInput(name, list(value.shape), datatype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        try:
+            client.infer(sig.ENSEMBLE_NAME, inputs, client_timeout=120)
+        except InferenceServerException as e:
+            assert e.status() == "StatusCode.INVALID_ARGUMENT", (e.status(), e.message())
+    assert server.poll() is None
