@@ -140,13 +140,7 @@ def bad_inputs(server: TritonServer) -> dict:
     details = {}
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         for name, (arrays, _) in faults.bad_requests().items():
-            inputs = []
-            for tensor, value in arrays.items():
-                datatype = "BYTES" if value.dtype == object else {"float32": "FP32", "float64": "FP64",
-                                                                  "bool": "BOOL"}[value.dtype.name]
-                t = grpcclient.InferInput(tensor, list(value.shape), datatype)
-                t.set_data_from_numpy(value)
-                inputs.append(t)
+            inputs = faults.raw_inputs(arrays)
             counts["tried"] += 1
             try:
                 client.infer(sig.ENSEMBLE_NAME, inputs, client_timeout=120)

@@ -116,6 +116,20 @@ def request(query: bytes = b"cat face", n: int = 2, r: int = 3, d: int = sig.REG
             sig.KEYWORDS.name: keywords}
 
 
+def raw_inputs(arrays: dict[str, np.ndarray]) -> list:
+    """``tritonclient`` inputs for arrays of any dtype and shape, unchecked: how a request reaches a replica from a
+    caller that does not use ``amc_client`` (whose own packing validates first)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, value in arrays.items():
+        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
+
+
 def _with(arrays: dict[str, np.ndarray], **changes: np.ndarray) -> dict[str, np.ndarray]:
     return {**arrays, **changes}
 

@@ -32,6 +32,7 @@ from amc_client import signatures as sig
 from export.publish import publish
 from export.reference import Reference
 from export.repository import STEPS
+from serving.faults import raw_inputs
 from serving.rollout import infer_arrays
 from serving.server import TritonServer
 from training.checkpoint import load_checkpoint
@@ -171,14 +172,7 @@ def raw_request(query=b"cat", n=2, r=3, d=sig.REGION_FEATURE_DIM, dtype=np.float
 
 def send_raw(server, arrays: dict[str, np.ndarray]):
     client = grpcclient.InferenceServerClient(server.grpc_url)
-    inputs = []
-    for name, value in arrays.items():
-        datatype = "BYTES" if value.dtype == object else {"float32": "FP32", "float64": "FP64", "bool": "BOOL",
-                                                          "int64": "INT64"}[value.dtype.name]
-        tensor = grpcclient.InferInput(name, list(value.shape), datatype)
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
-    return client.infer(sig.ENSEMBLE_NAME, inputs, client_timeout=60)
+    return client.infer(sig.ENSEMBLE_NAME, raw_inputs(arrays), client_timeout=60)
 
 
 @pytest.mark.usefixtures("still_serving")
