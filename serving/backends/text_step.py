@@ -351,8 +351,9 @@ class TritonPythonModel:
                     raise RequestError(f"{kn} is {len(value)} bytes long, more than the maximum of "
                                        f"{self.max_keyword_bytes} bytes of UTF-8 per keyword")
                 text = _decode(value, kn)
-                if len(text.split()) > self.max_keyword_words:
-                    raise RequestError(f"{kn} has {len(text.split())} words, more than the maximum of "
+                word_count = len(text.split())
+                if word_count > self.max_keyword_words:
+                    raise RequestError(f"{kn} has {word_count} words, more than the maximum of "
                                        f"{self.max_keyword_words} words per keyword")
                 decoded.append(text)
             except RequestError as e:
