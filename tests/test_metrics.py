@@ -234,9 +234,10 @@ def test_canary_panels_see_both_versions_and_the_failure(scraped):
     ensembles = {labels["model"]: value for name, labels, value in series
                  if name == "nv_inference_request_success" and re.fullmatch(render.ENSEMBLES, labels["model"])}
     assert ensembles[sig.ENSEMBLE_NAME] > 0 and ensembles[sig.versioned_ensemble_name(CANARY)] > 0
+    # The refused request followed the canary routing too, so it failed on `amc` or on the canary's `amc_v2`.
     failures = sum(value for name, labels, value in series
-                   if name == "nv_inference_request_failure" and labels["model"] == sig.ENSEMBLE_NAME)
-    assert failures >= 1
+                   if name == "nv_inference_request_failure" and re.fullmatch(render.ENSEMBLES, labels["model"]))
+    assert failures >= 1  # Triton 2.51 counts an ensemble's refused request twice (seen: 2.0 for one request)
 
 
 @pytest.mark.integration
