@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 import types
@@ -149,6 +150,33 @@ def unpack(path: Path):
     return corpus, Prepared(region_pca, weights, data)
 
 
+def cpu_breakdown(corpus: Corpus, prepared, cfg, repeats: int = 10) -> dict[str, float]:
+    """Milliseconds of the CPU work of one step on this machine: drawing the global batch (every rank does
+    it), and the lexical features of the whole batch and of half of it (each rank does its share)."""
+    from training.train import BatchSampler, _batch_indices, _training_pairs
+
+    pairs = _training_pairs(corpus.queries["train"], cfg.dwell)
+    texts = [q.text for q in corpus.queries["train"]]
+    rng = np.random.default_rng(123)
+    batch = rng.permutation(len(pairs))[:cfg.batch_size]
+    sampler = BatchSampler(pairs, cfg.negatives)
+
+    def ms(f) -> float:
+        f()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            f()
+        return (time.perf_counter() - t) / repeats * 1e3
+
+    qids, index = _batch_indices([pairs[i] for i in batch], rng, cfg.negatives)
+    chosen = [texts[i] for i in qids]
+    half = len(chosen) // 2
+    return {"draw_sequential": ms(lambda: _batch_indices([pairs[i] for i in batch], rng, cfg.negatives)),
+            "draw_vectorized": ms(lambda: sampler(batch, rng)),
+            "lexical_batch": ms(lambda: prepared.data.lexical(chosen, index)),
+            "lexical_half": ms(lambda: prepared.data.lexical(chosen[:half], index[:half]))}
+
+
 def run_train(args: argparse.Namespace) -> None:
     from training.train import TrainConfig, train
 
@@ -156,9 +184,10 @@ def run_train(args: argparse.Namespace) -> None:
     corpus, prepared = unpack(Path(args.pack))
     loaded = time.perf_counter() - started
     cfg = TrainConfig(out=args.out, seed=args.seed, epochs=args.epochs, patience=args.epochs + 1,
-                      batch_size=args.batch_size, device=args.device, progress=False)
+                      batch_size=args.batch_size, device=args.device, progress=False, sampling=args.sampling)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu_ms = cpu_breakdown(corpus, prepared, cfg) if world == 1 else None
     result = train(cfg, corpus, prepared=prepared)
-    import os
 
     if int(os.environ.get("RANK", "0")) == 0:
         timed = result.history[1:] or result.history
@@ -172,10 +201,11 @@ def run_train(args: argparse.Namespace) -> None:
                    "best_epoch": result.best_epoch, "loss": [h["loss"] for h in result.history],
                    "val_ndcg@10_by_epoch": [h["val_ndcg@10"] for h in result.history],
                    "pack_load_s": loaded, "total_s": time.perf_counter() - started,
+                   "sampling": args.sampling, "cpu_ms_per_step": cpu_ms,
                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
         Path(args.out, "summary.json").write_text(json.dumps(summary, indent=2))
-        print(json.dumps({k: summary[k] for k in ("world", "seed", "batch_size", "samples_per_s",
-                                                   "val_ndcg@10", "best_epoch")}), flush=True)
+        print(json.dumps({k: summary[k] for k in ("world", "seed", "batch_size", "sampling", "samples_per_s",
+                                                   "val_ndcg@10", "best_epoch", "cpu_ms_per_step")}), flush=True)
 
 
 def report(args: argparse.Namespace) -> None:
@@ -240,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--epochs", type=int, default=6)
     t.add_argument("--batch_size", type=int, default=512)
     t.add_argument("--device", default="cuda")
+    t.add_argument("--sampling", default="sequential", choices=["sequential", "vectorized"])
     r = sub.add_parser("report", help="ddp.json details from the runs' summary.json files")
     r.add_argument("runs", nargs="+")
     r.add_argument("--batch_size", type=int, default=512)

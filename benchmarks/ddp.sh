@@ -8,6 +8,9 @@ PY=${PY:-python3}
 PACK=${PACK:-.cache/ddp/pack.npz}
 BATCH=${BATCH:-512}
 EPOCHS=${EPOCHS:-6}
+SEEDS=${SEEDS:-0 1}
+SMALL=${SMALL:-1}  # 0: skip the batch-64 pair
+SAMPLING=${SAMPLING:-sequential}
 # NVLink multicast stays off (the lent machines' rule; see the device notes).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -18,12 +21,14 @@ runs=()
 train() {  # seed gpus batch epochs
   local dir=/tmp/ddp/s$1-g$2-b$3
   $PY -m torch.distributed.run --standalone --nproc-per-node "$2" -m benchmarks.ddp train --pack "$PACK" \
-    --out "$dir" --seed "$1" --batch_size "$3" --epochs "$4" --device cuda 2>&1 | tee -a "$OUT/log.txt"
+    --out "$dir" --seed "$1" --batch_size "$3" --epochs "$4" --device cuda --sampling "$SAMPLING" 2>&1 | tee -a "$OUT/log.txt"
   runs+=("$dir")
 }
-for seed in 0 1; do
+for seed in $SEEDS; do
   for gpus in 1 2; do train "$seed" "$gpus" "$BATCH" "$EPOCHS"; done
 done
 $PY -m benchmarks.ddp report "${runs[@]}" --batch_size "$BATCH" --out "$OUT"  # again below, with batch 64
-for gpus in 1 2; do train 0 "$gpus" 64 2; done
-$PY -m benchmarks.ddp report "${runs[@]}" --batch_size "$BATCH" --out "$OUT"
+if [ "$SMALL" = 1 ]; then
+  for gpus in 1 2; do train 0 "$gpus" 64 2; done
+  $PY -m benchmarks.ddp report "${runs[@]}" --batch_size "$BATCH" --out "$OUT"
+fi

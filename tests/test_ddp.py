@@ -73,3 +73,25 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         assert (mine - ref).norm() <= WEIGHT_RTOL * ref.norm() + 1e-6, (name, (mine - ref).norm() / ref.norm())
     assert b.metrics["val_ndcg@10"] == pytest.approx(a.metrics["val_ndcg@10"], abs=1e-6)
     assert not torch.isnan(torch.tensor(history[-1]["loss"]))
+
+
+def test_vectorized_sampling_draws_valid_distinct_candidates():
+    import numpy as np
+
+    from training.train import BatchSampler
+
+    pairs = [(0, np.array([5]), np.arange(10, 40)), (1, np.array([6, 7]), np.arange(40, 44)),
+             (2, np.array([8, 9, 3]), np.arange(50, 70))]
+    sampler = BatchSampler(pairs, negatives=8)
+    rng = np.random.default_rng(0)
+    seen = {i: set() for i in range(3)}
+    for _ in range(200):
+        qids, index = sampler(np.array([2, 0, 1]), rng)
+        assert qids == [2, 0, 1] and index.shape == (3, 9)
+        for row, p in zip(index.numpy(), [2, 0, 1]):
+            _, clicked, unclicked = pairs[p]
+            assert row[0] in clicked and set(row[1:]) <= set(unclicked)
+            if len(unclicked) >= 8:
+                assert len(set(row[1:])) == 8  # distinct when there are enough
+            seen[p].add(int(row[0]))
+    assert seen[2] == {8, 9, 3} and seen[1] == {6, 7}  # every positive gets drawn
