@@ -73,6 +73,16 @@ class Store:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def tiled(self, size: int, *, projected_dtype: str = "float32") -> Store:
+        """A store of ``size`` rows repeating this one's (row g is row g mod len(self), id ``"<id>#<copy>"``), its
+        projected features (region and keyword) stored as ``projected_dtype``: a benchmark's large store built
+        from a small projected gallery (the cost per row is the same); float16 halves what the graphs hold."""
+        rows = np.arange(size) % len(self)
+        ids = [f"{self.ids[g]}#{i // len(self)}" for i, g in enumerate(rows.tolist())]
+        return Store(ids, self.projected[rows].astype(projected_dtype), self.region_mask[rows], self.keywords[rows],
+                     self.keyword_embeddings[rows], self.keyword_projected[rows].astype(projected_dtype),
+                     self.keyword_mask[rows])
+
     def manifest(self, version: int) -> str:
         """``store.json`` of the store text step: ids and each row's keyword strings."""
         rows = [[k for k in row if k] for row in self.keywords.tolist()]
@@ -93,6 +103,21 @@ def pytorch_keywords() -> Callable[[list[str]], np.ndarray]:
     from training.text_encoder import TextEncoder
 
     return TextEncoder().encode_keywords
+
+
+def keyword_table_embed(table: Path) -> Callable[[list[str]], np.ndarray]:
+    """Keyword embeddings from a published text step's ``keyword_table.npz`` (the PyTorch encoder's, computed at
+    publish), the PyTorch encoder for keywords missing there: the store of a gallery whose keywords the version's
+    table holds is built without encoding them again."""
+    with np.load(table, allow_pickle=False) as data:
+        known = dict(zip(data["texts"].tolist(), data["vectors"].astype(np.float32), strict=True))
+
+    def embed(texts: list[str]) -> np.ndarray:
+        missing = [t for t in texts if t not in known]
+        if missing:
+            known.update(zip(missing, pytorch_keywords()(missing), strict=True))
+        return np.stack([known[t] for t in texts]) if texts else np.zeros((0, sig.TEXT_EMBEDDING_DIM), np.float32)
+    return embed
 
 
 def build_store(model: AMC, regions: np.ndarray, keywords: Sequence[Sequence[str]] | np.ndarray,
@@ -172,6 +197,11 @@ class FusedGraph(nn.Module):
                 _version_column(query_text, self.version))
 
 
+def _fp32(gathered: torch.Tensor) -> torch.Tensor:
+    """Rows of a store held in float16 (``Store.tiled``) computed on in float32; a float32 store traces no cast."""
+    return gathered if gathered.dtype == torch.float32 else gathered.float()
+
+
 class FusedStoreGraph(_StoreBuffers):
     """QEN + VAN + LAN + MTN in one graph over the candidate store (query embedding, lexical features, ids in)."""
 
@@ -181,10 +211,10 @@ class FusedStoreGraph(_StoreBuffers):
 
     def forward(self, query_text, keyword_lexical, candidate_ids):
         q = self.model.qen(query_text)
-        visual, region_attention = _visual_from_projected(self.model, q, self.projected[candidate_ids],
+        visual, region_attention = _visual_from_projected(self.model, q, _fp32(self.projected[candidate_ids]),
                                                           self.region_mask[candidate_ids])
         keyword, keyword_attention = self.model.lan.forward_projected(
-            q, self.keyword_projected[candidate_ids], self.keyword_mask[candidate_ids], keyword_lexical)
+            q, _fp32(self.keyword_projected[candidate_ids]), self.keyword_mask[candidate_ids], keyword_lexical)
         scores, weights = self.model.mtn(q, visual, keyword)
         return scores, weights, region_attention, keyword_attention, _version_column(query_text, self.version)
 
