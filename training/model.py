@@ -18,7 +18,9 @@ Where the paper leaves a detail open, the choice made here:
   share of the keyword found in the query, of the query found in the keyword, of the query found anywhere in
   the candidate's keywords). ``p_i = softmax_i((q W_ql) . (k_i W_kl) / sqrt(hidden) + a . f_i)``,
   ``k^q = sum_i p_i (k_i W_kl + U f_i)``, with ``a`` and ``U`` learned; with ``lexical_axis``, ``k^q`` gets one
-  more coordinate, ``sum_i p_i (c . f_i)``, which the visual vector has as 0 and ``q'`` / ``q_m`` weigh with a
+  more coordinate, ``max_i c . f_i`` (``lexical_pool="max"``: the strongest keyword's evidence, so an exact tag
+  counts in full however many other tags an image has; ``"attention"`` pools it as ``sum_i p_i (c . f_i)``),
+  which the visual vector has as 0 and ``q'`` / ``q_m`` weigh with a
   query-dependent softplus: the lexical evidence's own axis of the AMC space (reports/eval_history.md).
   Why the lexical term: embeddings blur word identity, and search queries are often the very tags an image
   carries; IDF weighting is what lets a rare word ("kiwi") count more than a frequent one ("face"), as
