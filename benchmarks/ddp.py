@@ -78,10 +78,16 @@ def pack(out: Path, sessions: int, cache_dir: str) -> None:
 
     queries = {s: list(corpus.queries[s]) for s in SPLITS}
     for seed in range(1, sessions):
-        more = build_queries(corpus.names, corpus.true_keywords, corpus.chars, corpus.regions,
-                             replace(corpus.config, seed=seed))
-        queries["train"] += [q for qs in more.values() for q in qs
-                             if split_of(q.target, corpus.config) == "train"]
+        more = build_queries(
+            corpus.names,
+            corpus.true_keywords,
+            corpus.chars,
+            corpus.regions,
+            replace(corpus.config, seed=seed),
+        )
+        queries["train"] += [
+            q for qs in more.values() for q in qs if split_of(q.target, corpus.config) == "train"
+        ]
     print("[pack] queries: " + ", ".join(f"{s} {len(queries[s])}" for s in SPLITS), flush=True)
 
     keywords = padded_keywords(corpus.keywords)
@@ -89,16 +95,26 @@ def pack(out: Path, sessions: int, cache_dir: str) -> None:
     slot = {k: i + 1 for i, k in enumerate(table)}  # 0: padding
     texts = sorted({q.text for qs in queries.values() for q in qs})
     arrays = {
-        "reduced": quantized, "scale": scale.astype(np.float32),
-        "region_mean": mean.numpy(), "region_basis": basis.numpy(),
+        "reduced": quantized,
+        "scale": scale.astype(np.float32),
+        "region_mean": mean.numpy(),
+        "region_basis": basis.numpy(),
         "keyword_table": np.array(table, dtype=str),
         "keyword_vectors": data.text.get(table, "keyword").astype(np.float16),
         "keywords": np.array([[slot.get(k, 0) for k in row] for row in keywords], dtype=np.int16),
         "texts": np.array(texts, dtype=str),
         "text_vectors": data.text.get(texts, "query").astype(np.float16),
-        "meta": np.array(json.dumps({"term_weights": weights.to_json(), "chars": corpus.chars,
-                                     "names": corpus.names, "sessions": sessions,
-                                     "corpus": {"seed": corpus.config.seed}})),
+        "meta": np.array(
+            json.dumps(
+                {
+                    "term_weights": weights.to_json(),
+                    "chars": corpus.chars,
+                    "names": corpus.names,
+                    "sessions": sessions,
+                    "corpus": {"seed": corpus.config.seed},
+                }
+            )
+        ),
     }
     row = {t: i for i, t in enumerate(texts)}
     for split, qs in queries.items():
@@ -125,26 +141,51 @@ def unpack(path: Path):
     queries = {}
     for split in SPLITS:
         queries[split] = [
-            Query(texts[t], "name" if name else "keyword", str(target), cands.astype(np.int64),
-                  rel.astype(np.int64), clicks, satisfied)
+            Query(
+                texts[t],
+                "name" if name else "keyword",
+                str(target),
+                cands.astype(np.int64),
+                rel.astype(np.int64),
+                clicks,
+                satisfied,
+            )
             for t, name, target, cands, rel, clicks, satisfied in zip(
-                z[f"{split}_text"], z[f"{split}_kind"], z[f"{split}_target"], z[f"{split}_candidates"],
-                z[f"{split}_relevance"], z[f"{split}_clicks"], z[f"{split}_satisfied"], strict=True)]
+                z[f"{split}_text"],
+                z[f"{split}_kind"],
+                z[f"{split}_target"],
+                z[f"{split}_candidates"],
+                z[f"{split}_relevance"],
+                z[f"{split}_clicks"],
+                z[f"{split}_satisfied"],
+                strict=True,
+            )
+        ]
     table = ["", *z["keyword_table"].tolist()]
     keywords = np.array(table, dtype=object)[z["keywords"]]  # (images, K), '' pads
-    vectors = np.concatenate([np.zeros((1, z["keyword_vectors"].shape[1]), np.float32),
-                              z["keyword_vectors"].astype(np.float32)])
+    vectors = np.concatenate(
+        [np.zeros((1, z["keyword_vectors"].shape[1]), np.float32), z["keyword_vectors"].astype(np.float32)]
+    )
     keyword_embeddings = torch.from_numpy(vectors[z["keywords"]])  # (images, K, E), zero pads
     reduced = torch.from_numpy(z["reduced"].astype(np.float32) * z["scale"])  # (images, R, P)
     # Every text this run embeds is in the pack: the table is filled, the encoder is never loaded.
     text = TextEmbeddings(ROOT / ".cache" / "ddp-unused")
-    text._tables = {"query": dict(zip(texts, z["text_vectors"].astype(np.float32), strict=True)),
-                    "keyword": dict(zip(table[1:], vectors[1:], strict=True))}
+    text._tables = {
+        "query": dict(zip(texts, z["text_vectors"].astype(np.float32), strict=True)),
+        "keyword": dict(zip(table[1:], vectors[1:], strict=True)),
+    }
     weights = TermWeights.from_json(meta["term_weights"])
     n = len(meta["chars"])
-    corpus = Corpus(config=CorpusConfig(seed=meta["corpus"]["seed"]), chars=meta["chars"], names=meta["names"],
-                    true_keywords=[[] for _ in range(n)], keywords=[[k for k in row if k] for row in keywords],
-                    noisy=np.zeros(n, dtype=bool), regions=np.zeros((n, 0, 0), np.float16), queries=queries)
+    corpus = Corpus(
+        config=CorpusConfig(seed=meta["corpus"]["seed"]),
+        chars=meta["chars"],
+        names=meta["names"],
+        true_keywords=[[] for _ in range(n)],
+        keywords=[[k for k in row if k] for row in keywords],
+        noisy=np.zeros(n, dtype=bool),
+        regions=np.zeros((n, 0, 0), np.float16),
+        queries=queries,
+    )
     data = CorpusTensors(reduced, keyword_embeddings, keywords, LexicalMatcher(weights), text)
     region_pca = (torch.from_numpy(z["region_mean"]), torch.from_numpy(z["region_basis"]))
     return corpus, Prepared(region_pca, weights, data)
@@ -158,7 +199,7 @@ def cpu_breakdown(corpus: Corpus, prepared, cfg, repeats: int = 10) -> dict[str,
     pairs = _training_pairs(corpus.queries["train"], cfg.dwell)
     texts = [q.text for q in corpus.queries["train"]]
     rng = np.random.default_rng(123)
-    batch = rng.permutation(len(pairs))[:cfg.batch_size]
+    batch = rng.permutation(len(pairs))[: cfg.batch_size]
     sampler = BatchSampler(pairs, cfg.negatives)
 
     def ms(f) -> float:
@@ -171,10 +212,12 @@ def cpu_breakdown(corpus: Corpus, prepared, cfg, repeats: int = 10) -> dict[str,
     qids, index = _batch_indices([pairs[i] for i in batch], rng, cfg.negatives)
     chosen = [texts[i] for i in qids]
     half = len(chosen) // 2
-    return {"draw_sequential": ms(lambda: _batch_indices([pairs[i] for i in batch], rng, cfg.negatives)),
-            "draw_vectorized": ms(lambda: sampler(batch, rng)),
-            "lexical_batch": ms(lambda: prepared.data.lexical(chosen, index)),
-            "lexical_half": ms(lambda: prepared.data.lexical(chosen[:half], index[:half]))}
+    return {
+        "draw_sequential": ms(lambda: _batch_indices([pairs[i] for i in batch], rng, cfg.negatives)),
+        "draw_vectorized": ms(lambda: sampler(batch, rng)),
+        "lexical_batch": ms(lambda: prepared.data.lexical(chosen, index)),
+        "lexical_half": ms(lambda: prepared.data.lexical(chosen[:half], index[:half])),
+    }
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -183,8 +226,16 @@ def run_train(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     corpus, prepared = unpack(Path(args.pack))
     loaded = time.perf_counter() - started
-    cfg = TrainConfig(out=args.out, seed=args.seed, epochs=args.epochs, patience=args.epochs + 1,
-                      batch_size=args.batch_size, device=args.device, progress=False, sampling=args.sampling)
+    cfg = TrainConfig(
+        out=args.out,
+        seed=args.seed,
+        epochs=args.epochs,
+        patience=args.epochs + 1,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=False,
+        sampling=args.sampling,
+    )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu_ms = cpu_breakdown(corpus, prepared, cfg) if world == 1 else None
     result = train(cfg, corpus, prepared=prepared)
@@ -193,19 +244,44 @@ def run_train(args: argparse.Namespace) -> None:
         timed = result.history[1:] or result.history
         samples = sum(h["samples"] for h in timed)
         seconds = sum(h["train_s"] for h in timed)
-        summary = {"world": int(os.environ.get("WORLD_SIZE", "1")), "seed": args.seed,
-                   "batch_size": args.batch_size, "epochs": len(result.history),
-                   "train_queries": result.history[0]["samples"], "samples_per_s": samples / seconds,
-                   "epoch_train_s": [h["train_s"] for h in result.history],
-                   "val_ndcg@10": result.val["ndcg@10"], "test_ndcg@10": result.test["ndcg@10"],
-                   "best_epoch": result.best_epoch, "loss": [h["loss"] for h in result.history],
-                   "val_ndcg@10_by_epoch": [h["val_ndcg@10"] for h in result.history],
-                   "pack_load_s": loaded, "total_s": time.perf_counter() - started,
-                   "sampling": args.sampling, "cpu_ms_per_step": cpu_ms,
-                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+        summary = {
+            "world": int(os.environ.get("WORLD_SIZE", "1")),
+            "seed": args.seed,
+            "batch_size": args.batch_size,
+            "epochs": len(result.history),
+            "train_queries": result.history[0]["samples"],
+            "samples_per_s": samples / seconds,
+            "epoch_train_s": [h["train_s"] for h in result.history],
+            "val_ndcg@10": result.val["ndcg@10"],
+            "test_ndcg@10": result.test["ndcg@10"],
+            "best_epoch": result.best_epoch,
+            "loss": [h["loss"] for h in result.history],
+            "val_ndcg@10_by_epoch": [h["val_ndcg@10"] for h in result.history],
+            "pack_load_s": loaded,
+            "total_s": time.perf_counter() - started,
+            "sampling": args.sampling,
+            "cpu_ms_per_step": cpu_ms,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        }
         Path(args.out, "summary.json").write_text(json.dumps(summary, indent=2))
-        print(json.dumps({k: summary[k] for k in ("world", "seed", "batch_size", "sampling", "samples_per_s",
-                                                   "val_ndcg@10", "best_epoch", "cpu_ms_per_step")}), flush=True)
+        print(
+            json.dumps(
+                {
+                    k: summary[k]
+                    for k in (
+                        "world",
+                        "seed",
+                        "batch_size",
+                        "sampling",
+                        "samples_per_s",
+                        "val_ndcg@10",
+                        "best_epoch",
+                        "cpu_ms_per_step",
+                    )
+                }
+            ),
+            flush=True,
+        )
 
 
 def report(args: argparse.Namespace) -> None:
@@ -222,37 +298,53 @@ def report(args: argparse.Namespace) -> None:
     pairs = {}
     for seed in sorted({r["seed"] for r in runs if r["batch_size"] == args.batch_size}):
         one, two = pick(seed, 1, args.batch_size), pick(seed, 2, args.batch_size)
-        pairs[f"seed{seed}"] = {"samples_per_s": [one["samples_per_s"], two["samples_per_s"]],
-                                "scaling": two["samples_per_s"] / (2 * one["samples_per_s"]),
-                                "val_ndcg@10": [one["val_ndcg@10"], two["val_ndcg@10"]]}
+        pairs[f"seed{seed}"] = {
+            "samples_per_s": [one["samples_per_s"], two["samples_per_s"]],
+            "scaling": two["samples_per_s"] / (2 * one["samples_per_s"]),
+            "val_ndcg@10": [one["val_ndcg@10"], two["val_ndcg@10"]],
+        }
     mean = np.mean([p["samples_per_s"] for p in pairs.values()], axis=0).tolist()
     ndcg = np.array([p["val_ndcg@10"] for p in pairs.values()])  # (runs, gpus)
     gpus = Path(args.out, "gpus.csv")
     names = [line.split(",")[0].strip() for line in gpus.read_text().splitlines()] if gpus.exists() else []
     machine = (f"{len(names)}x {names[0]}, " if names else "") + f"torch {torch.__version__}"
-    headline = {"gpus": [1, 2], "samples_per_s": [round(x, 1) for x in mean],
-                "scaling": round(mean[1] / (2 * mean[0]), 4),
-                "val_ndcg@10": [round(float(x), 4) for x in ndcg.mean(0)],
-                "machine": machine, "date": time.strftime("%Y-%m-%d")}
-    details = {"headline": "means of the runs below (one per seed), each 1 GPU then 2 GPUs",
-               "batch_size": args.batch_size, "by_seed": pairs,
-               "seed_spread_val_ndcg@10_1gpu": float(np.ptp(ndcg[:, 0])),
-               "gpu_difference_val_ndcg@10": (ndcg[:, 1] - ndcg[:, 0]).tolist(), "runs": runs}
+    headline = {
+        "gpus": [1, 2],
+        "samples_per_s": [round(x, 1) for x in mean],
+        "scaling": round(mean[1] / (2 * mean[0]), 4),
+        "val_ndcg@10": [round(float(x), 4) for x in ndcg.mean(0)],
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    details = {
+        "headline": "means of the runs below (one per seed), each 1 GPU then 2 GPUs",
+        "batch_size": args.batch_size,
+        "by_seed": pairs,
+        "seed_spread_val_ndcg@10_1gpu": float(np.ptp(ndcg[:, 0])),
+        "gpu_difference_val_ndcg@10": (ndcg[:, 1] - ndcg[:, 0]).tolist(),
+        "runs": runs,
+    }
     small = [r for r in runs if r["batch_size"] != args.batch_size]
     if small:
         one, two = (next(r for r in small if r["world"] == w) for w in (1, 2))
-        details["small_batch"] = {"batch_size": one["batch_size"],
-                                  "samples_per_s": [one["samples_per_s"], two["samples_per_s"]],
-                                  "scaling": two["samples_per_s"] / (2 * one["samples_per_s"])}
+        details["small_batch"] = {
+            "batch_size": one["batch_size"],
+            "samples_per_s": [one["samples_per_s"], two["samples_per_s"]],
+            "scaling": two["samples_per_s"] / (2 * one["samples_per_s"]),
+        }
     Path(args.out, "ddp.json").write_text(json.dumps(headline, indent=2) + "\n")
     Path(args.out, "ddp_details.json").write_text(json.dumps(details, indent=2) + "\n")
     for name, r in pairs.items():
-        print(f"{name}: samples/s {r['samples_per_s'][0]:.0f} / {r['samples_per_s'][1]:.0f} "
-              f"scaling {r['scaling']:.3f} val NDCG@10 {r['val_ndcg@10'][0]:.4f} / {r['val_ndcg@10'][1]:.4f}")
+        print(
+            f"{name}: samples/s {r['samples_per_s'][0]:.0f} / {r['samples_per_s'][1]:.0f} "
+            f"scaling {r['scaling']:.3f} val NDCG@10 {r['val_ndcg@10'][0]:.4f} / {r['val_ndcg@10'][1]:.4f}"
+        )
     if small:
         s = details["small_batch"]
-        print(f"batch {s['batch_size']}: samples/s {s['samples_per_s'][0]:.0f} / {s['samples_per_s'][1]:.0f} "
-              f"scaling {s['scaling']:.3f}")
+        print(
+            f"batch {s['batch_size']}: samples/s {s['samples_per_s'][0]:.0f} / {s['samples_per_s'][1]:.0f} "
+            f"scaling {s['scaling']:.3f}"
+        )
     print(json.dumps(headline))
 
 

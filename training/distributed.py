@@ -96,7 +96,11 @@ def no_buffer_sync() -> dict:
     """DistributedDataParallel's argument that stops it broadcasting buffers before every forward (the model's
     only buffers are the fixed region PCA): ``forward_sync_buffers`` where torch has it, else the older name."""
     parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
-    return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
+    return (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in parameters
+        else {"broadcast_buffers": False}
+    )
 
 
 def teardown(d: Dist) -> None:
