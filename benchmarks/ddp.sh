@@ -10,7 +10,7 @@ BATCH=${BATCH:-512}
 EPOCHS=${EPOCHS:-6}
 SEEDS=${SEEDS:-0 1}
 SMALL=${SMALL:-1}  # 0: skip the batch-64 pair
-SAMPLING=${SAMPLING:-sequential}
+SAMPLING=${SAMPLING:-vectorized}  # sequential: the default --sampling of training.train
 # NVLink multicast stays off (the lent machines' rule; see the device notes).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
