@@ -215,15 +215,18 @@ class KeywordIndex:
             if us is not None:
                 matched[us] += idf  # postings hold each keyword once per word
                 bits[us] |= np.int64(1) << j
-        hit = matched > 0
-        f0 = np.zeros(len(self.total))
-        f0[hit] = matched[hit] / self.total[hit]
-        out[..., 0] = f0[index]
-        out[..., 1] = (matched / q_total)[index]
-        covered = np.bitwise_or.reduce(bits[index], axis=1)  # (N,) query words any keyword of the candidate has
-        share = np.zeros(len(covered))
+        # Only keywords that share a word with the query get non-zero features: find their slots and fill those
+        # (a whole-store search touches every slot once, in the gather below, and the matches alone after it).
+        flat = np.flatnonzero((matched > 0)[index].ravel())  # slots (candidate, keyword) of matching keywords
+        cand, slot = np.divmod(flat, index.shape[1])
+        u = index[cand, slot]
+        out[cand, slot, 0] = matched[u] / self.total[u]
+        out[cand, slot, 1] = matched[u] / q_total
+        covered = np.zeros(index.shape[0], dtype=np.int64)  # query words any keyword of the candidate has
+        np.bitwise_or.at(covered, cand, bits[u])
+        hit = np.flatnonzero(covered)
+        share = np.zeros(len(hit))
         for j, idf in enumerate(weights):
-            share += ((covered >> j) & 1) * idf
-        share /= q_total
-        out[..., 2] = np.where(real & (covered != 0)[:, None], share[:, None], 0.0)
+            share += ((covered[hit] >> j) & 1) * idf
+        out[hit, :, 2] = np.where(real[hit], (share / q_total)[:, None], 0.0)
         return out

@@ -209,12 +209,14 @@ class TextFeatures:
         """(B,) queries against their candidates' keywords (B, N, K) ("" pads) -> (B, N, K, 3) float32."""
         return np.stack([self.matcher.features(q, k) for q, k in zip(queries, keywords, strict=True)])
 
-    def store_lexical(self, queries: Sequence[str], ids: np.ndarray) -> np.ndarray:
-        """(B,) queries against the stored rows ``ids`` (B, N) -> (B, N, K_store, 3) float32 (needs ``store.json``);
-        equal to ``lexical(queries, store_rows(ids))``, through the store's keyword index."""
+    def store_lexical(self, queries: Sequence[str], ids: np.ndarray | None) -> np.ndarray:
+        """(B,) queries against the stored rows ``ids`` (B, N), None for every row -> (B, N, K_store, 3) float32
+        (needs ``store.json``); equal to ``lexical(queries, store_rows(ids))``, through the store's keyword index."""
         if self.store_index is None:
             raise ValueError("this text step has no candidate store (store.json)")
-        return np.stack([self.store_index.features(q, row) for q, row in zip(queries, ids, strict=True)])
+        rows = [None] * len(queries) if ids is None else ids
+        features = [self.store_index.features(q, row) for q, row in zip(queries, rows, strict=True)]
+        return features[0][None] if len(features) == 1 else np.stack(features)  # one query: no copy
 
     def store_rows(self, ids: np.ndarray) -> np.ndarray:
         """(B, N) store rows -> their keyword strings (B, N, K_store), "" pads (needs ``store.json``)."""
@@ -230,6 +232,7 @@ class _Parsed:
     texts: list[str]
     keywords: np.ndarray | None = None  # raw: (B, N, K) decoded keyword strings
     ids: np.ndarray | None = None  # store: (B, N) candidate ids
+    whole_store: bool = False  # store: no ids were sent, ``ids`` is every row
 
 
 class TritonPythonModel:
@@ -270,6 +273,7 @@ class TritonPythonModel:
             if store is None:
                 raise ValueError(f"{self.model_name}: mode store needs store.json in {here}")
             detail = f"store of {len(store)} candidates, {store.shape[1]} keyword slots each"
+            self.all_rows = np.arange(len(store), dtype=np.int64)[None]  # (1, G): the rows of a whole-store search
         pb_utils.Logger.log_info(f"{self.model_name} v{self.version} ({self.mode}): {detail}, encoder on "
                                  f"{self.features.session.get_providers()}, text rules from "
                                  f"{self.features.text.__file__}")
@@ -382,7 +386,7 @@ class TritonPythonModel:
         size = len(self.features.store_keywords)
         tensor = pb_utils.get_input_tensor_by_name(request, idn)
         if tensor is None:  # no candidate list: search the whole store
-            return _Parsed([], ids=np.broadcast_to(np.arange(size, dtype=np.int64), (query.shape[0], size)))
+            return _Parsed([], ids=np.broadcast_to(self.all_rows, (query.shape[0], size)), whole_store=True)
         ids = tensor.as_numpy()
         if ids.ndim != 2 or ids.shape[0] != query.shape[0]:
             raise RequestError(f"{idn} must have shape [batch, candidates] with the {qn}'s batch size "
@@ -409,7 +413,7 @@ class TritonPythonModel:
             arrays = (query_text, self.features.keyword_embeddings(p.keywords),  # (B, N, K, E)
                       self.features.lexical(p.texts, p.keywords))  # (B, N, K, 3)
         else:  # the lexical features of the stored rows' keywords: (B, N, K_store, 3)
-            arrays = (query_text, self.features.store_lexical(p.texts, p.ids))
+            arrays = (query_text, self.features.store_lexical(p.texts, None if p.whole_store else p.ids))
         version = np.full((len(p.texts), 1), self.version, dtype=np.int64)
         arrays = (*arrays, version) if self.mode == "raw" else (*arrays, version, p.ids)
         return pb_utils.InferenceResponse(output_tensors=[
