@@ -4,7 +4,7 @@
     python -m benchmarks.search --device cuda --store-size 100000 --projected-dtype float16 --out $OUT/search.json
 
 Publishes the checkpoint into a temp repository with a candidate store and only the search path (store text step,
-``amc_fused_store``, store top-k step; ``export.repository.search_ensemble_config``), starts tritonserver, checks
+``amc_search_store``, store top-k step; ``export.repository.search_ensemble_config``), starts tritonserver, checks
 the served top-k scores against PyTorch's scores of every stored image, then times sequential searches (one
 client, top_k 10, queries drawn from the gallery's) and reads Triton's per-step statistics over the timed ones.
 
@@ -32,7 +32,7 @@ from amc_client import signatures as sig
 from . import triton
 from .workloads import Gallery, collection_words, corpus_gallery, synthetic_gallery
 
-SEARCH_MODELS = [sig.STORE_TOKENIZER.model_name, sig.FUSED_STORE.model_name, sig.STORE_TOPK.model_name,
+SEARCH_MODELS = [sig.STORE_TOKENIZER.model_name, sig.SEARCH_STORE.model_name, sig.STORE_TOPK.model_name,
                  sig.SEARCH_ENSEMBLE_NAME]
 
 
@@ -56,7 +56,7 @@ def build(workdir: Path, checkpoint: Path, gallery: Gallery, size: int, dtype: s
         write_text_step,
         write_top_k_step,
     )
-    from export.store import FusedStoreGraph, _example, build_store, keyword_table_embed
+    from export.store import SearchStoreGraph, _example, build_store, keyword_table_embed
     from training.checkpoint import load_checkpoint
 
     repo = workdir / "repository"
@@ -72,20 +72,20 @@ def build(workdir: Path, checkpoint: Path, gallery: Gallery, size: int, dtype: s
     log(f"store of {len(store)} rows ({len(gallery)} distinct images, projections {dtype}) in "
         f"{time.perf_counter() - t0:.0f} s")
     matcher = LexicalMatcher(TermWeights.from_json(ckpt.term_weights))
-    example = _example(sig.FUSED_STORE, model, store, matcher, batch=2, candidates=3, rng=np.random.default_rng(0))
-    fused_dir = repo / sig.FUSED_STORE.model_name / str(version)
+    example = _example(sig.SEARCH_STORE, model, store, matcher, batch=2, candidates=3, rng=np.random.default_rng(0))
+    fused_dir = repo / sig.SEARCH_STORE.model_name / str(version)
     fused_dir.mkdir(parents=True)
     t0 = time.perf_counter()
-    write_onnx(FusedStoreGraph(model, store, version), sig.FUSED_STORE, example, fused_dir / ONNX_FILE,
-               version=version, fingerprint=ckpt.fingerprint, name="fused_store")
-    log(f"fused_store.onnx exported in {time.perf_counter() - t0:.0f} s "
+    write_onnx(SearchStoreGraph(model, store, version), sig.SEARCH_STORE, example, fused_dir / ONNX_FILE,
+               version=version, fingerprint=ckpt.fingerprint, name="search_store")
+    log(f"search_store.onnx exported in {time.perf_counter() - t0:.0f} s "
         f"({(fused_dir / ONNX_FILE).stat().st_size / 2**20:.0f} MiB)")
     shutil.copy(BACKENDS_DIR / "onnx_runner.py", fused_dir / "model.py")
     manifest = store.manifest(version)
     write_text_step(repo / sig.STORE_TOKENIZER.model_name / str(version), version=version,
                     files=TextStepFiles.of_version(text_dir), store_json=manifest)
     write_top_k_step(repo / sig.STORE_TOPK.model_name / str(version), store_json=manifest)
-    for step in (sig.STORE_TOKENIZER, sig.FUSED_STORE, sig.STORE_TOPK):
+    for step in (sig.STORE_TOKENIZER, sig.SEARCH_STORE, sig.STORE_TOPK):
         write_atomic(repo / step.model_name / "config.pbtxt", to_text(store_step_config(step, "python")))
     write_atomic(repo / sig.SEARCH_ENSEMBLE_NAME / "config.pbtxt",
                  to_text(search_ensemble_config(sig.SEARCH_ENSEMBLE_NAME, version)))

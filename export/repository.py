@@ -153,13 +153,16 @@ def _top_k_step(config: mc.ModelConfig, mode: str) -> None:
 
 
 def _add_step(config: mc.ModelConfig, step: sig.StepSignature, version: int,
-              outputs: dict[str, str] | None = None, inputs: dict[str, str] | None = None) -> None:
+              outputs: dict[str, str] | None = None, inputs: dict[str, str | None] | None = None) -> None:
     """One pinned step of an ensemble. Tensor names are unique across the pipeline, so a map is the identity,
     except where ``inputs``/``outputs`` rename (step tensor -> ensemble tensor): the networks' per-candidate
-    outputs feed the top-k step under the names of ``sig.TOP_K_FEEDS``. ``outputs`` may also list a subset."""
+    outputs feed the top-k step under the names of ``sig.TOP_K_FEEDS``. ``outputs`` may also list a subset;
+    ``inputs`` may map an optional input to None, leaving it unfed (the store text step's top_k in the ensembles
+    that have no top-k)."""
+    fed = {n: (inputs or {}).get(n, n) for n in step.input_names}
     config.ensemble_scheduling.step.add(
         model_name=step.model_name, model_version=version,
-        input_map={n: (inputs or {}).get(n, n) for n in step.input_names},
+        input_map={n: tensor for n, tensor in fed.items() if tensor is not None},  # None: an optional input unfed
         output_map=outputs if outputs is not None else {n: n for n in step.output_names})
 
 
@@ -256,6 +259,7 @@ def write_text_step(version_dir: Path, *, version: int, files: TextStepFiles, st
     # provider choice beside it, frozen with the model version.
     shutil.copy(Path(sig.__file__).with_name("text.py"), version_dir / "amc_text.py")
     shutil.copy(BACKENDS_DIR / "onnx_runner.py", version_dir / "amc_onnx_runner.py")
+    shutil.copy(BACKENDS_DIR / TOP_K_FILE, version_dir / "amc_top_k.py")
     shutil.copy(files.text_encoder, version_dir / "text_encoder.onnx")
     if files.keyword_table is not None:
         shutil.copy(files.keyword_table, version_dir / "keyword_table.npz")
@@ -337,6 +341,8 @@ if __name__ == "__main__":
 # candidate store as constants. QEN and MTN are shared with the raw ensemble.
 STORE_STEPS: tuple[sig.StepSignature, ...] = (sig.STORE_TOKENIZER, *sig.STORE_NETWORKS)
 FUSED_STEPS: tuple[sig.StepSignature, ...] = (sig.FUSED, sig.FUSED_STORE)
+# Whole-store search (written with the fused graphs): the search graph and the store top-k step.
+SEARCH_STEPS: tuple[sig.StepSignature, ...] = (sig.SEARCH_STORE, sig.STORE_TOPK)
 
 
 STORE_BATCH_DELAY_US = 100  # store steps: requests are cheap to merge, so wait less for company at low load
@@ -353,7 +359,7 @@ def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: 
     fixed-size text features only), ``sig.MAX_BATCH`` for ``amc_fused`` (raw features). onnxruntime's CUDA
     provider runs without TF32 (``use_tf32: 0``), as fp32 as the CPU path.
     """
-    if signature not in (*STORE_STEPS, *FUSED_STEPS, sig.STORE_TOPK):
+    if signature not in (*STORE_STEPS, *FUSED_STEPS, *SEARCH_STEPS):
         raise ValueError(f"{signature.model_name} is not a store step or fused graph")
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown flavour {flavour!r}; expected one of {FLAVOURS}")
@@ -365,7 +371,8 @@ def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: 
     if signature is sig.STORE_TOPK:
         _top_k_step(config, "store")
         return config
-    config.dynamic_batching.max_queue_delay_microseconds = batch_delay_us
+    if signature is not sig.SEARCH_STORE:  # the search graph takes one k per execution: requests run alone
+        config.dynamic_batching.max_queue_delay_microseconds = batch_delay_us
     if signature is sig.STORE_TOKENIZER:
         queue_policy(config, max_queue_size=max(MAX_QUEUE_SIZE, 2 * max_batch))
         _text_step(config, "store", instances=instances)
@@ -388,9 +395,9 @@ def store_ensemble_config(name: str, version: int, max_batch: int = sig.MAX_BATC
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch)
     _io(config, sig.STORE_ENSEMBLE)
     for step in (sig.STORE_TOKENIZER, sig.QEN, sig.VAN_STORE, sig.LAN_STORE, sig.MTN):
-        # The text step's candidate_rows (the ids it was sent) is not needed here.
-        used = {n: n for n in step.output_names if n != sig.CANDIDATE_ROWS.name}
-        _add_step(config, step, version, used)
+        # The text step's candidate_rows (the ids it was sent) and search_k are not needed here, nor its top_k.
+        used = {n: n for n in step.output_names if n not in (sig.CANDIDATE_ROWS.name, sig.SEARCH_K.name)}
+        _add_step(config, step, version, used, inputs={sig.TOP_K.name: None})
     return config
 
 
@@ -404,7 +411,7 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
     by :func:`set_store_serving`.
     """
     written: list[Path] = []
-    steps = STORE_STEPS + (FUSED_STEPS + (sig.STORE_TOPK,) if fused else ())
+    steps = STORE_STEPS + (FUSED_STEPS + SEARCH_STEPS if fused else ())
     for step in steps:
         config_path = repository / step.model_name / "config.pbtxt"
         if not config_path.exists():
@@ -436,18 +443,22 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
 
 def search_ensemble_config(name: str, version: int) -> mc.ModelConfig:
     """Whole-store search, pinned to ``version``: store text step (every row of the store, or the rows of the
-    optional ``candidate_ids`` filter) -> ``amc_fused_store`` over those rows -> the store top-k step, which
-    answers the top ``top_k`` with their ids, keywords and explanations (see ``serving/backends/top_k.py``).
+    optional ``candidate_ids`` filter; it checks ``top_k``) -> ``amc_search_store`` over those rows, which keeps
+    the top ``search_k`` -> the store top-k step, which adds the kept rows' store ids and keywords (see
+    ``serving/backends/top_k.py``).
 
-    Why the fused graph: one network step instead of four, so the per-candidate tensors of a whole store (a
-    search of 100,000 images) cross the Python backend's shared memory once, not between every step."""
+    Why one graph with the selection inside: the four networks run in one step, and only the k rows kept leave
+    it, so the per-row tensors of a whole store (a search of 100,000 images: 20 MB of region attention) never
+    cross the Python backend's shared memory."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=sig.MAX_BATCH)
     _io(config, sig.SEARCH_ENSEMBLE)
-    used = [n for n in sig.STORE_TOKENIZER.output_names if n in {*sig.FUSED_STORE.input_names, sig.CANDIDATE_ROWS.name}]
+    used = [n for n in sig.STORE_TOKENIZER.output_names if n in sig.SEARCH_STORE.input_names or
+            n == sig.CANDIDATE_ROWS.name]
     _add_step(config, sig.STORE_TOKENIZER, version, {n: n for n in used})
-    _add_step(config, sig.FUSED_STORE, version, _renamed(sig.FUSED_STORE),
+    _add_step(config, sig.SEARCH_STORE, version,
+              {**_renamed(sig.SEARCH_STORE), sig.CANDIDATE_INDEX.name: sig.RANKED_ROWS.name},
               inputs={sig.CANDIDATE_IDS.name: sig.CANDIDATE_ROWS.name})
-    _add_step(config, sig.STORE_TOPK, version)
+    _add_step(config, sig.STORE_TOPK, version, inputs={sig.CANDIDATE_ROWS.name: sig.RANKED_ROWS.name})
     return config
 
 
@@ -460,7 +471,8 @@ def store_fused_ensemble_config(name: str, version: int,
     text_features = [n for n in sig.STORE_TOKENIZER.output_names if n in sig.FUSED_STORE.input_names]
     config.ensemble_scheduling.step.add(
         model_name=sig.STORE_TOKENIZER.model_name, model_version=version,
-        input_map={n: n for n in sig.STORE_TOKENIZER.input_names}, output_map={n: n for n in text_features})
+        input_map={n: n for n in sig.STORE_TOKENIZER.input_names if n != sig.TOP_K.name},
+        output_map={n: n for n in text_features})
     config.ensemble_scheduling.step.add(
         model_name=sig.FUSED_STORE.model_name, model_version=version,
         input_map={n: n for n in sig.FUSED_STORE.input_names},

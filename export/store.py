@@ -219,6 +219,24 @@ class FusedStoreGraph(_StoreBuffers):
         return scores, weights, region_attention, keyword_attention, _version_column(query_text, self.version)
 
 
+class SearchStoreGraph(FusedStoreGraph):
+    """:class:`FusedStoreGraph` plus the top-k selection: the ``search_k`` best rows of each query, best first
+    (ONNX TopK: equal scores in row order), with their explanations and store rows (``candidate_index``). One k
+    per execution (``search_k[0, 0]``): the text step makes a request's k one value, and the search graph's Triton
+    model runs each request alone (``export.repository.store_step_config``)."""
+
+    def forward(self, query_text, keyword_lexical, candidate_ids, search_k):
+        scores, weights, region_attention, keyword_attention, version = super().forward(
+            query_text, keyword_lexical, candidate_ids)
+        best, order = torch.topk(scores, search_k[0, 0], dim=1)  # (B, k), best first
+
+        def rows(x: torch.Tensor) -> torch.Tensor:  # (B, N, ...) -> (B, k, ...)
+            return torch.gather(x, 1, order.view(*order.shape, 1).expand(-1, -1, x.shape[2]))
+
+        return (best, rows(weights), rows(region_attention), rows(keyword_attention), version,
+                torch.gather(candidate_ids, 1, order))
+
+
 def _example(signature: sig.StepSignature, model: AMC, store: Store, matcher: LexicalMatcher, *, batch: int,
              candidates: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Inputs for ``signature``: real gallery rows as candidates; queries of words from the store's keywords
@@ -231,7 +249,8 @@ def _example(signature: sig.StepSignature, model: AMC, store: Store, matcher: Le
     with torch.no_grad():
         q = model.qen(torch.from_numpy(query_text)).numpy()
     values = {sig.CANDIDATE_IDS.name: ids, sig.QUERY_TEXT.name: query_text, sig.QUERY_EMBEDDING.name: q,
-              sig.KEYWORD_LEXICAL.name: lexical.astype(np.float32)}
+              sig.KEYWORD_LEXICAL.name: lexical.astype(np.float32),
+              sig.SEARCH_K.name: np.full((batch, 1), candidates, dtype=np.int64)}  # every row: all comparable
     return {n: values[n] for n in signature.input_names}
 
 
@@ -257,7 +276,8 @@ def _raw_reference(model: AMC, store: Store, inputs: dict[str, np.ndarray], regi
 
 
 STORE_GRAPHS = {"van_store": (sig.VAN_STORE, VANStoreGraph), "lan_store": (sig.LAN_STORE, LANStoreGraph),
-                "fused_store": (sig.FUSED_STORE, FusedStoreGraph)}
+                "fused_store": (sig.FUSED_STORE, FusedStoreGraph), "search_store": (sig.SEARCH_STORE, SearchStoreGraph)}
+FUSED_ONLY = ("fused_store", "search_store")  # written with fused=True
 FUSED_SHAPES = [Shape(1, 1), Shape(3, 7, 10, 12), Shape(2, 100, 49, 1)]
 
 
@@ -267,7 +287,7 @@ def export_store_graphs(model: AMC, store: Store, matcher: LexicalMatcher, out_d
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for name, (signature, cls) in STORE_GRAPHS.items():
-        if name == "fused_store" and not fused:
+        if name in FUSED_ONLY and not fused:
             continue
         example = _example(signature, model, store, matcher, batch=2, candidates=3, rng=rng)
         write_onnx(cls(model, store, version), signature, example, out_dir / f"{name}.onnx", version=version,
@@ -296,6 +316,17 @@ def validate_store(model: AMC, store: Store, matcher: LexicalMatcher, regions: n
             inputs = _example(signature, model, store, matcher, batch=batch, candidates=n, rng=rng)
             expected = _raw_reference(model, store, inputs, regions)
             got = dict(zip(signature.output_names, session.run(None, inputs)))
+            if sig.SEARCH_K.name in inputs:  # every row kept, best first: the reference in the graph's order
+                ids, kept = inputs[sig.CANDIDATE_IDS.name], got[sig.CANDIDATE_INDEX.name]
+                if any(sorted(a.tolist()) != sorted(b.tolist()) for a, b in zip(ids, kept, strict=True)):
+                    raise ExportError(f"{name} at batch {batch}, {n} candidates: the rows kept are not the rows sent")
+                where = [{r: j for j, r in enumerate(row.tolist())} for row in ids]  # a repeated row: any copy
+                pos = np.array([[where[b][r] for r in kept[b].tolist()] for b in range(batch)])
+                expected = {k: torch.from_numpy(np.ascontiguousarray(v.numpy()[np.arange(batch)[:, None], pos]))
+                            for k, v in expected.items()}
+                ranked = expected[sig.SCORES.name].numpy()  # the reference's scores in the graph's order
+                if (np.diff(ranked, axis=1) > TOLERANCE * max(1e-6, float(np.abs(ranked).max()))).any():
+                    raise ExportError(f"{name} at batch {batch}, {n} candidates: its ranking differs from the raw path's")
             for out_name, want in expected.items():
                 if out_name not in got:
                     continue

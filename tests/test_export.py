@@ -212,7 +212,7 @@ def test_store_graphs_equal_the_raw_path(tmp_path, checkpoint):
     assert np.array_equal(store.keyword_mask, store.keywords != "")
     manifest = json.loads((repo / sig.STORE_TOKENIZER.model_name / str(version) / STORE_FILE).read_text())
     assert manifest["size"] == 12 and manifest["keywords"] == keywords
-    for name in ("van_store", "lan_store", "fused_store", "fused"):
+    for name in ("van_store", "lan_store", "fused_store", "search_store", "fused"):
         assert (repo / f"amc_{name}" / str(version) / "model.onnx").is_file()
     # The validation fails loudly when the store's keyword projections are off.
     from amc_client.text import LexicalMatcher

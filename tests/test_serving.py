@@ -44,7 +44,7 @@ TOLERANCE = 1e-4
 
 
 # Whole-store search: the version also gets a candidate store of the small corpus's images, ids "s<row>".
-SEARCH_MODELS = [sig.STORE_TOKENIZER.model_name, sig.FUSED_STORE.model_name, sig.STORE_TOPK.model_name]
+SEARCH_MODELS = [sig.STORE_TOKENIZER.model_name, sig.SEARCH_STORE.model_name, sig.STORE_TOPK.model_name]
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,16 @@ every row in one pass of each step:
 
     store text step    the query's embedding once; the lexical features of every stored keyword through the
                        store's word index (``amc_text.KeywordIndex``: postings of the query's words, numpy gathers)
-    amc_fused_store    QEN, VAN, LAN and MTN in one ONNX graph over all the rows (batched gathers of the stored
-                       projections); one network step, so the per-row tensors cross the Python backend once
-    amc_store_topk     argpartition of the scores, the top k's weights and attention, and the store's id and
-                       keyword strings of those rows: what the client needs to explain a result without a copy of
-                       the store
+    amc_search_store   QEN, VAN, LAN and MTN in one ONNX graph over all the rows (batched gathers of the stored
+                       projections) and the top-k selection (ONNX TopK) in the same graph: only the k rows kept
+                       leave it, so the per-row tensors of the store never cross the Python backend
+    amc_store_topk     the store's id and keyword strings of the k rows: what the client needs to explain a
+                       result without a copy of the store
 
 The response is k rows, whatever the store size. The client sends a few bytes and validates what it can
 (query, ``top_k`` >= 1, the filter's rows distinct and non-negative, ``top_k`` within the filter); the store's
-size is the server's to check (``top_k`` above it, rows outside it: INVALID_ARGUMENT naming the problem).
+size is the server's to check (the store text step, before any row is scored: ``top_k`` above the rows searched,
+rows outside the store or repeated: INVALID_ARGUMENT naming the problem).
 Canary routing does not apply: ``search`` goes to ``amc_search`` (the version :func:`export.repository.set_store_serving`
 pinned), or to ``amc_search_v<N>`` with ``model_version``.
 """

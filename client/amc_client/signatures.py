@@ -246,8 +246,11 @@ CANDIDATE_ROWS = _t("candidate_rows", "int64", "batch", "candidates",
                     doc="the store rows a request scores: its candidate_ids, or every row when it sent none")
 SEARCH_IDS = TensorSpec(CANDIDATE_IDS.name, CANDIDATE_IDS.dtype, CANDIDATE_IDS.dims, optional=True,
                         doc="optional filter: the store rows to search (distinct); absent: the whole store")
-STORE_TOKENIZER = StepSignature("amc_store_tokenizer", (QUERY, SEARCH_IDS),
-                                (QUERY_TEXT, KEYWORD_LEXICAL, TOKENIZER_VERSION, CANDIDATE_ROWS))
+# How many rows the search graph keeps per query: the request's top_k (checked by the store text step: 1 <= top_k
+# <= rows searched, one value per request), or every row searched when the request gave none.
+SEARCH_K = _t("search_k", "int64", "batch", 1)
+STORE_TOKENIZER = StepSignature("amc_store_tokenizer", (QUERY, SEARCH_IDS, TOP_K),
+                                (QUERY_TEXT, KEYWORD_LEXICAL, TOKENIZER_VERSION, CANDIDATE_ROWS, SEARCH_K))
 VAN_STORE = StepSignature("amc_van_store", (QUERY_EMBEDDING, CANDIDATE_IDS),
                           (VISUAL_VECTOR, REGION_ATTENTION, VAN_VERSION))
 LAN_STORE = StepSignature("amc_lan_store", (QUERY_EMBEDDING, KEYWORD_LEXICAL, CANDIDATE_IDS),
@@ -287,7 +290,7 @@ STORE_FUSED_ENSEMBLE = StepSignature(STORE_FUSED_ENSEMBLE_NAME, STORE_ENSEMBLE.i
 
 
 # ---- whole-store search (appended): a query, an optional filter of store rows, top_k -> the top k with explanations ----
-# amc_search: store text step -> amc_fused_store (over candidate_rows) -> the store top-k step, which also answers
+# amc_search: store text step -> amc_search_store (over candidate_rows) -> the store top-k step, which also answers
 # the store's id and keyword strings of the returned rows (the client holds no copy of the store). See
 # serving/backends/top_k.py for the design and its costs.
 STORED_IDS = _t("stored_ids", "bytes", "batch", "results", doc="the candidate store's id of each returned row")
@@ -295,6 +298,13 @@ STORED_KEYWORDS = _t("stored_keywords", "bytes", "batch", "results", "keywords",
                      doc="the stored keywords of each returned row, '' pads (keyword_attention's order)")
 STORE_TOPK = StepSignature("amc_store_topk", (*TOPK.inputs[:4], CANDIDATE_ROWS, TOP_K),
                            (*TOPK.outputs, STORED_IDS, STORED_KEYWORDS))
+# The search graph: amc_fused_store's networks plus the top-k selection (ONNX TopK, k = search_k), so that only k
+# rows leave the GPU; candidate_index holds the store rows kept, best first. In amc_search its outputs feed the
+# store top-k step (renamed by TOP_K_FEEDS; candidate_index under RANKED_ROWS), which adds the store's strings.
+SEARCH_STORE = StepSignature("amc_search_store", (QUERY_TEXT, KEYWORD_LEXICAL, CANDIDATE_IDS, SEARCH_K),
+                             (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION,
+                              CANDIDATE_INDEX))
+RANKED_ROWS = _t("ranked_rows", "int64", "batch", "results", doc="the search graph's candidate_index, in amc_search")
 SEARCH_ENSEMBLE_NAME = "amc_search"
 SEARCH_ENSEMBLE = StepSignature(SEARCH_ENSEMBLE_NAME, (QUERY, TOP_K, SEARCH_IDS),
                                 (*ENSEMBLE.outputs, STORED_IDS, STORED_KEYWORDS))

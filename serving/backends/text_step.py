@@ -6,6 +6,7 @@ One module, two Triton models: the config generator copies it as ``model.py`` in
 
     amc_text.py          copy of amc_client/text.py: WordPiece ids, words, IDF term weights, lexical matches
     amc_onnx_runner.py   copy of onnx_runner.py, for its execution-provider choice and error responses
+    amc_top_k.py         copy of top_k.py: store mode checks top_k with its rule before any row is scored
     tokenizer.json       the sentence encoder's WordPiece tokenizer
     text_encoder.onnx    all-MiniLM-L6-v2 (signature TEXT_ENCODER): WordPiece ids -> unit-norm embedding
     term_weights.json    the checkpoint's IDF over the candidate collection (amc_client.text.TermWeights)
@@ -19,9 +20,11 @@ Tensors (names and order from config.pbtxt, generated from ``amc_client.signatur
     raw    in:  query BYTES [B, 1], keywords BYTES [B, N, K] ("" pads), region_mask BOOL [B, N, R]
            out: query_text FP32 [B, E], keyword_embeddings FP32 [B, N, K, E] (zero vector on padding),
                 keyword_lexical FP32 [B, N, K, 3], tokenizer_version INT64 [B, 1]
-    store  in:  query BYTES [B, 1], candidate_ids INT64 [B, N] (optional: absent, every row of the store)
+    store  in:  query BYTES [B, 1], candidate_ids INT64 [B, N] (optional: absent, every row of the store),
+                top_k INT64 [B, 1] (optional)
            out: query_text FP32 [B, E], keyword_lexical FP32 [B, N, K_store, 3] (for the stored rows' keywords),
-                tokenizer_version INT64 [B, 1], candidate_rows INT64 [B, N] (the rows scored)
+                tokenizer_version INT64 [B, 1], candidate_rows INT64 [B, N] (the rows scored),
+                search_k INT64 [B, 1] (top_k, checked: 1 <= top_k <= N and one value per request; else N)
 
 Store mode computes the lexical features with ``amc_text.KeywordIndex`` (the store's keywords indexed by word
 at load): one pass over the postings of the query's words and numpy gathers, so scoring the whole store (a
@@ -66,8 +69,8 @@ MODES = ("raw", "store")
 _KINDS = {
     "raw": ((("TYPE_STRING", 1), ("TYPE_STRING", 2), ("TYPE_BOOL", 2)),
             (("TYPE_FP32", 1), ("TYPE_FP32", 3), ("TYPE_FP32", 3), ("TYPE_INT64", 1))),
-    "store": ((("TYPE_STRING", 1), ("TYPE_INT64", 1)),
-              (("TYPE_FP32", 1), ("TYPE_FP32", 3), ("TYPE_INT64", 1), ("TYPE_INT64", 1))),
+    "store": ((("TYPE_STRING", 1), ("TYPE_INT64", 1), ("TYPE_INT64", 1)),
+              (("TYPE_FP32", 1), ("TYPE_FP32", 3), ("TYPE_INT64", 1), ("TYPE_INT64", 1), ("TYPE_INT64", 1))),
 }
 # The request bounds of amc_client.signatures (this file cannot import it inside the stub); the config
 # parameters of the same names, which the generator writes from the signatures, win.
@@ -233,6 +236,7 @@ class _Parsed:
     keywords: np.ndarray | None = None  # raw: (B, N, K) decoded keyword strings
     ids: np.ndarray | None = None  # store: (B, N) candidate ids
     whole_store: bool = False  # store: no ids were sent, ``ids`` is every row
+    top_k: int | None = None  # store: the request's top_k, checked against N
 
 
 class TritonPythonModel:
@@ -274,6 +278,8 @@ class TritonPythonModel:
                 raise ValueError(f"{self.model_name}: mode store needs store.json in {here}")
             detail = f"store of {len(store)} candidates, {store.shape[1]} keyword slots each"
             self.all_rows = np.arange(len(store), dtype=np.int64)[None]  # (1, G): the rows of a whole-store search
+            # top_k's checks, as the top-k step makes them (amc_top_k.py beside this file): INVALID_ARGUMENT here.
+            self.top_k_rule = _load_module(here, "amc_top_k.py")
         pb_utils.Logger.log_info(f"{self.model_name} v{self.version} ({self.mode}): {detail}, encoder on "
                                  f"{self.features.session.get_providers()}, text rules from "
                                  f"{self.features.text.__file__}")
@@ -382,7 +388,17 @@ class TritonPythonModel:
         return _Parsed([], keywords=np.array(decoded, dtype=object)[inverse.reshape(-1)].reshape(keywords.shape))
 
     def _parse_store(self, request: Any, query: np.ndarray) -> _Parsed:
-        qn, idn = self.input_names
+        parsed = self._parse_store_ids(request, query)
+        top_k = pb_utils.get_input_tensor_by_name(request, self.input_names[2])
+        if top_k is not None:  # the top-k step's rule, here before any row is scored
+            try:
+                parsed.top_k = self.top_k_rule.check_top_k(top_k.as_numpy(), query.shape[0], parsed.ids.shape[1])
+            except self.top_k_rule.RequestError as e:
+                raise RequestError(str(e)) from None
+        return parsed
+
+    def _parse_store_ids(self, request: Any, query: np.ndarray) -> _Parsed:
+        qn, idn, _ = self.input_names
         size = len(self.features.store_keywords)
         tensor = pb_utils.get_input_tensor_by_name(request, idn)
         if tensor is None:  # no candidate list: search the whole store
@@ -415,7 +431,11 @@ class TritonPythonModel:
         else:  # the lexical features of the stored rows' keywords: (B, N, K_store, 3)
             arrays = (query_text, self.features.store_lexical(p.texts, None if p.whole_store else p.ids))
         version = np.full((len(p.texts), 1), self.version, dtype=np.int64)
-        arrays = (*arrays, version) if self.mode == "raw" else (*arrays, version, p.ids)
+        if self.mode == "raw":
+            arrays = (*arrays, version)
+        else:
+            k = np.full((len(p.texts), 1), p.ids.shape[1] if p.top_k is None else p.top_k, dtype=np.int64)
+            arrays = (*arrays, version, p.ids, k)
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(name, np.ascontiguousarray(a))
             for name, a in zip(self.output_names, arrays, strict=True)])
