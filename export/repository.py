@@ -405,7 +405,8 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
                         store_json: str, fused: bool = True) -> list[Path]:
     """Write version ``version``'s store steps (and fused graphs) into ``repository``; returns what was written.
 
-    ``onnx_dir`` holds ``van_store.onnx``, ``lan_store.onnx`` (and ``fused.onnx``, ``fused_store.onnx``);
+    ``onnx_dir`` holds ``van_store.onnx``, ``lan_store.onnx`` (and ``fused.onnx``, ``fused_store.onnx``,
+    ``search_store.onnx``: with them come the search steps and ``amc_search_v<N>``);
     ``text`` the store text step's files (those of the version's raw text step); step configs are written if
     the step has none yet. The pinned ``amc_store_v<N>`` comes last; ``amc_store`` is pinned to ``version``
     by :func:`set_store_serving`.

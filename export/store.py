@@ -17,7 +17,8 @@ store) computes them per request from the stored rows' keyword strings (``store.
 :class:`amc_client.text.LexicalMatcher` as training. The ensemble ``amc_store`` (store text step -> QEN -> VAN
 store, LAN store -> MTN) serves ``(query, candidate_ids)``. The raw path stays as it was. Also here:
 ``fused.onnx`` (all four networks in one graph, text features in) and ``fused_store.onnx`` (the same over the
-store), which price the ensemble's steps.
+store), which price the ensemble's steps; ``search_store.onnx`` (the fused store graph and the top-k selection,
+ONNX TopK: whole-store search, ``amc_search``).
 
 Correctness: :func:`validate_store` compares every store graph with the PyTorch raw path on the same
 candidates (the gallery rows gathered by id, keywords as sentence embeddings): relative error <

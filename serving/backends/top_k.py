@@ -5,17 +5,18 @@ query (scores descending, ties by position, as the client's own ordering) and an
 weights, region and keyword attention and ``candidate_index`` (which candidate each row is). Without ``top_k``
 (an optional input) it answers every candidate in request order, ``candidate_index`` = 0 .. N-1, so a request
 that does not ask for top-k gets what the ensembles answered before this step existed. What it saves: the
-response carries k rows instead of N (for a whole-store search of 100,000 images, k x 49 attention values
-instead of 19.6 MB), and the client sorts nothing.
+response carries k rows instead of N, and the client sorts nothing.
 
 One module, two Triton models (the config generator copies it as ``model.py``, with ``onnx_runner.py`` beside
 it as ``amc_onnx_runner.py`` for its error responses):
 
     amc_topk        (mode raw)   end of ``amc`` / ``amc_v<N>``; ``candidate_index`` is the position in the request
-    amc_store_topk  (mode store) end of ``amc_search`` / ``amc_search_v<N>``; takes ``candidate_rows`` (the store
-                                 rows the request scored) and answers ``candidate_index`` as store rows, plus the
-                                 store's id and keyword strings of each returned row (``store.json`` beside it),
-                                 so that a client that holds no copy of the store can show the explanation.
+    amc_store_topk  (mode store) end of ``amc_search`` / ``amc_search_v<N>``; takes ``candidate_rows`` (store rows)
+                                 and answers ``candidate_index`` as store rows, plus the store's id and keyword
+                                 strings of each returned row (``store.json`` beside it), so that a client that holds
+                                 no copy of the store can show the explanation. In ``amc_search`` the search graph
+                                 has already kept the top k (ONNX TopK, so that the per-row tensors of a whole store
+                                 never leave it): this step gets those k rows, best first, and keeps them as they are.
 
 Tensors (names and order from config.pbtxt, generated from ``amc_client.signatures`` TOPK / STORE_TOPK)::
 
@@ -27,7 +28,9 @@ Tensors (names and order from config.pbtxt, generated from ``amc_client.signatur
          (store: stored_ids BYTES [B, k], stored_keywords BYTES [B, k, K])
 
 Refused with INVALID_ARGUMENT, the problem named: ``top_k`` below 1, above the request's N candidates, or
-different between the queries of one request (the response is one [B, k] tensor). Each request is answered on
+different between the queries of one request (the response is one [B, k] tensor). :func:`check_top_k` is also the
+store text step's rule (a copy of this file is ``amc_top_k.py`` beside it), so ``amc_search`` refuses a bad
+``top_k`` before any row is scored. Each request is answered on
 its own; the instance never raises out of :meth:`TritonPythonModel.execute`. Selection is ``argpartition`` and a
 sort of the k chosen: O(N + k log k) per query.
 """
