@@ -4,6 +4,7 @@ integration tests on 2 real tritonservers (a replica killed mid-stream; rollouts
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import socket
@@ -12,6 +13,7 @@ import time
 import pytest
 from test_client_unit import FakeTriton, cand, err
 
+import amc_client
 from amc_client import (
     AMCClient,
     AsyncAMCClient,
@@ -247,3 +249,119 @@ def test_async_client_fleet_fails_over():
     results, statuses = asyncio.run(main())
     assert len(results) == 10 and replicas["a:1"].infers() == 1 and replicas["b:1"].infers() == 10
     assert [s.healthy for s in statuses] == [False, True]
+
+
+# ---- integration: 2 real tritonservers on one repository -----------------------------------------------------
+
+KEY = "fleet-test-key"
+
+
+@pytest.fixture(scope="module")
+def fleet(trained, tmp_path_factory):
+    from export.publish import publish
+    from serving.loadtest import serving_models
+    from serving.server import TritonServer
+
+    repository = tmp_path_factory.mktemp("fleet") / "repository"
+    v1 = publish(trained.checkpoint, repository, log=lambda *_: None)
+    servers = [TritonServer(repository, models=serving_models(v1), admin_key=KEY) for _ in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        yield repository, servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def _load(servers, repository):
+    from serving.loadtest import Load, collection_words
+
+    urls = [s.grpc_url for s in servers]
+    client = AMCClient(urls, timeout_s=30, routing_refresh_s=0.2)
+    load = Load(urls, clients=3, client=client)
+    load.start(collection_words(repository, 1))
+    return client, load
+
+
+def _served_version(url) -> int:
+    with AMCClient(url, timeout_s=30) as one:
+        return one.rank("cat face", [cand("x", 0.1, keywords=("cat",))])[0].model_version
+
+
+@pytest.mark.integration
+def test_a_killed_replica_costs_no_request_and_is_back_in_rotation_once_ready(fleet):
+    from serving.fleetload import kill, restart_and_time_recovery
+
+    repository, servers = fleet
+    for server in servers:
+        if server.poll() is not None:  # stopped by another test
+            server.restart()
+    client, load = _load(servers, repository)
+    try:
+        load.wait_for(30, time.monotonic())
+        victim = servers[1]
+        kill(victim)
+        t_killed = time.monotonic()
+        load.wait_for(60, t_killed)
+        assert not status(client, victim.grpc_url).healthy
+        recovery = restart_and_time_recovery(victim, client)
+        assert recovery["recovered_s"] < 5.0, recovery
+        t_back = time.monotonic()
+        load.wait_for(40, t_back)
+    finally:
+        load.stop()
+        client.close()
+    assert [r.error for r in load.records if r.error] == []
+    assert len(load.between(t_killed, t_back)) >= 60 and all(r.version == 1 for r in load.records)
+    assert status(client, victim.grpc_url).healthy
+
+
+@pytest.mark.integration
+def test_rollout_across_the_fleet_canary_promote_and_a_failure_undone_on_every_replica(fleet, trained_other):
+    from serving.rollout import Rollout, RolloutError, admin_headers
+
+    repository, servers = fleet
+    urls = [s.grpc_url for s in servers]
+    manifest = repository / "amc_v1" / "manifest.json"
+    original = manifest.read_text()
+    client, load = _load(servers, repository)
+    try:
+        with Rollout(repository, urls, admin_key=KEY, ndcg_margin=1.0, log=lambda *_: None) as rollout:
+            # A version that fails its check is loaded on both replicas first, then unloaded on both.
+            serving = json.loads(original)
+            serving["metrics"]["test_ndcg@10"] = 2.0
+            manifest.write_text(json.dumps(serving))
+            rollout.ndcg_margin = 0.02
+            with pytest.raises(RolloutError, match="below serving version 1"):
+                rollout.publish(trained_other.checkpoint)
+            manifest.write_text(original)
+            rollout.ndcg_margin = 1.0
+            failed = max(int(p.name.split("-")[0][1:]) for p in (repository / ".failed").iterdir())
+            for server in servers:
+                with AMCClient(server.grpc_url, headers=admin_headers(KEY)) as one:
+                    assert one.model_versions() == [1] and not one.model_ready(failed)
+            assert all(_served_version(u) == 1 for u in urls)
+
+            v = rollout.publish(trained_other.checkpoint)
+            assert rollout.ready(v)
+            rollout.canary(v, 0.5)
+            for url in urls:  # every replica's amc carries the canary routing
+                with AMCClient(url) as one:
+                    assert one.routing() == amc_client.Routing(1, v, 0.5)
+            load.wait_for(60, time.monotonic() + 0.2)
+            rollout.promote()
+            t_promoted = time.monotonic()
+            assert all(_served_version(u) == v for u in urls)
+            load.wait_for(40, t_promoted)
+            # Not every replica ready: no routing change anywhere, the replica named.
+            servers[1].stop()
+            with pytest.raises(RolloutError, match=f"not loaded and ready on replica {urls[1]}"):
+                rollout.rollback()
+            assert _served_version(urls[0]) == v and rollout.routing().serving_version == v
+    finally:
+        load.stop()
+        client.close()
+    assert [r.error for r in load.records if r.error] == []
+    assert {r.version for r in load.records} <= {1, v}
+    assert all(r.version == v for r in load.between(t_promoted, time.monotonic()))
