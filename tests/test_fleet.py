@@ -9,6 +9,7 @@ import logging
 import random
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from test_client_unit import FakeTriton, cand, err
@@ -266,8 +267,8 @@ def fleet(trained, tmp_path_factory):
     v1 = publish(trained.checkpoint, repository, log=lambda *_: None)
     servers = [TritonServer(repository, models=serving_models(v1), admin_key=KEY) for _ in range(2)]
     try:
-        for server in servers:
-            server.start()
+        with ThreadPoolExecutor(2) as pool:  # the two start at once
+            list(pool.map(lambda s: s.start(), servers))
         yield repository, servers
     finally:
         for server in servers:
@@ -292,11 +293,9 @@ def _served_version(url) -> int:
 @pytest.mark.integration
 def test_a_killed_replica_costs_no_request_and_is_back_in_rotation_once_ready(fleet):
     from serving.fleetload import kill, restart_and_time_recovery
+    from serving.rollout import Rollout, RolloutError
 
     repository, servers = fleet
-    for server in servers:
-        if server.poll() is not None:  # stopped by another test
-            server.restart()
     client, load = _load(servers, repository)
     try:
         load.wait_for(30, time.monotonic())
@@ -305,6 +304,11 @@ def test_a_killed_replica_costs_no_request_and_is_back_in_rotation_once_ready(fl
         t_killed = time.monotonic()
         load.wait_for(60, t_killed)
         assert not status(client, victim.grpc_url).healthy
+        # A routing change needs every replica ready: refused, the dead one named, nothing changed.
+        with Rollout(repository, [s.grpc_url for s in servers], admin_key=KEY, log=lambda *_: None) as rollout:
+            with pytest.raises(RolloutError, match=f"replica {victim.grpc_url}: failed to connect"):
+                rollout.promote(1)
+            assert rollout.routing() == amc_client.Routing(1)
         recovery = restart_and_time_recovery(victim, client)
         assert recovery["recovered_s"] < 5.0, recovery
         t_back = time.monotonic()
@@ -318,32 +322,16 @@ def test_a_killed_replica_costs_no_request_and_is_back_in_rotation_once_ready(fl
 
 
 @pytest.mark.integration
-def test_rollout_across_the_fleet_canary_promote_and_a_failure_undone_on_every_replica(fleet, trained_other):
+def test_rollout_across_the_fleet_canary_promote_rollback_and_a_failure_undone_on_every_replica(
+        fleet, trained_other):
     from serving.rollout import Rollout, RolloutError, admin_headers
 
     repository, servers = fleet
     urls = [s.grpc_url for s in servers]
-    manifest = repository / "amc_v1" / "manifest.json"
-    original = manifest.read_text()
     client, load = _load(servers, repository)
     try:
         with Rollout(repository, urls, admin_key=KEY, ndcg_margin=1.0, log=lambda *_: None) as rollout:
-            # A version that fails its check is loaded on both replicas first, then unloaded on both.
-            serving = json.loads(original)
-            serving["metrics"]["test_ndcg@10"] = 2.0
-            manifest.write_text(json.dumps(serving))
-            rollout.ndcg_margin = 0.02
-            with pytest.raises(RolloutError, match="below serving version 1"):
-                rollout.publish(trained_other.checkpoint)
-            manifest.write_text(original)
-            rollout.ndcg_margin = 1.0
-            failed = max(int(p.name.split("-")[0][1:]) for p in (repository / ".failed").iterdir())
-            for server in servers:
-                with AMCClient(server.grpc_url, headers=admin_headers(KEY)) as one:
-                    assert one.model_versions() == [1] and not one.model_ready(failed)
-            assert all(_served_version(u) == 1 for u in urls)
-
-            v = rollout.publish(trained_other.checkpoint)
+            v = rollout.publish(trained_other.checkpoint)  # once, then loaded and verified on both
             assert rollout.ready(v)
             rollout.canary(v, 0.5)
             for url in urls:  # every replica's amc carries the canary routing
@@ -352,16 +340,28 @@ def test_rollout_across_the_fleet_canary_promote_and_a_failure_undone_on_every_r
             load.wait_for(60, time.monotonic() + 0.2)
             rollout.promote()
             t_promoted = time.monotonic()
-            assert all(_served_version(u) == v for u in urls)
+            assert [_served_version(u) for u in urls] == [v, v]
             load.wait_for(40, t_promoted)
-            # Not every replica ready: no routing change anywhere, the replica named.
-            servers[1].stop()
-            with pytest.raises(RolloutError, match=f"not loaded and ready on replica {urls[1]}"):
-                rollout.rollback()
-            assert _served_version(urls[0]) == v and rollout.routing().serving_version == v
+            t_rollback = time.monotonic()
+            rollout.rollback()
+            t_rolled_back = time.monotonic()
+            assert [_served_version(u) for u in urls] == [1, 1]
+            # A version that fails its checks (here the NDCG gate) is unloaded from every replica.
+            manifest = repository / "amc_v1" / "manifest.json"
+            serving = json.loads(manifest.read_text())
+            serving["metrics"]["test_ndcg@10"] = 2.0
+            manifest.write_text(json.dumps(serving))
+            rollout.ndcg_margin = 0.02
+            with pytest.raises(RolloutError, match="below serving version 1"):
+                rollout.canary(v, 0.5)
+            for url in urls:
+                with AMCClient(url, headers=admin_headers(KEY)) as one:
+                    assert one.model_versions() == [1] and one.routing() == amc_client.Routing(1)
+            load.wait_for(40, time.monotonic())
     finally:
         load.stop()
         client.close()
     assert [r.error for r in load.records if r.error] == []
-    assert {r.version for r in load.records} <= {1, v}
-    assert all(r.version == v for r in load.between(t_promoted, time.monotonic()))
+    assert {r.version for r in load.records} == {1, v}
+    assert all(r.version == v for r in load.between(t_promoted, t_rollback))
+    assert all(r.version == 1 for r in load.between(t_rolled_back, time.monotonic()))
