@@ -21,7 +21,6 @@ Writes ``{"replicas", "requests", "failed_requests", "mixed_version_responses", 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -39,7 +38,7 @@ from tritonclient.utils import InferenceServerException
 from amc_client import AMCClient
 from amc_client import signatures as sig
 from export.publish import publish
-from serving.loadtest import ADMIN_KEY, Load, collection_words, roll_out, serving_models
+from serving.loadtest import ADMIN_KEY, Load, argument_parser, collection_words, roll_out, serving_models
 from serving.rollout import Rollout
 from serving.server import TritonServer
 
@@ -164,15 +163,11 @@ def run(old_checkpoint: Path, new_checkpoint: Path, workdir: Path, *, replicas: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.fleetload", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--old", type=Path, required=True, help="checkpoint serving at the start")
-    parser.add_argument("--new", type=Path, required=True, help="checkpoint rolled out across the fleet")
-    parser.add_argument("--out", type=Path, default=Path("reports/fleet.json"))
-    parser.add_argument("--replicas", type=int, default=3)
-    parser.add_argument("--clients", type=int, default=4, help="threads sharing one fleet client")
-    parser.add_argument("--share", type=float, default=0.1, help="canary share during the rollout")
-    parser.add_argument("--ndcg-margin", type=float, default=0.02, help="rollout verification's NDCG margin")
+    parser = argument_parser("python -m serving.fleetload", __doc__, "reports/fleet.json")
+    parser.add_argument("--replicas", type=int, default=3, help="tritonservers on the one repository (>= 2)")
     args = parser.parse_args(argv)
+    if args.replicas < 2:
+        parser.error(f"--replicas must be at least 2 (a fleet), got {args.replicas}")
     for path in (args.old, args.new):
         if not path.is_file():
             parser.error(f"checkpoint {path} does not exist (make train, or see make fleet-report)")

@@ -206,17 +206,22 @@ def run(old_checkpoint: Path, new_checkpoint: Path, workdir: Path, *, clients: i
     return report
 
 
+def argument_parser(prog: str, doc: str, out: str) -> argparse.ArgumentParser:
+    """The options a rollout load test takes (this one's and ``serving.fleetload``'s)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--old", type=Path, required=True, help="checkpoint serving at the start")
+    parser.add_argument("--new", type=Path, required=True, help="checkpoint rolled out")
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--clients", type=int, default=4, help="client threads")
+    parser.add_argument("--share", type=float, default=0.1, help="canary share during the rollout")
+    parser.add_argument("--ndcg-margin", type=float, default=0.02, help="rollout verification's NDCG margin")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    parser = argparse.ArgumentParser(prog="python -m serving.loadtest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--old", type=Path, required=True, help="checkpoint serving at the start")
-    parser.add_argument("--new", type=Path, required=True, help="checkpoint rolled out")
-    parser.add_argument("--out", type=Path, default=Path("reports/rollout.json"))
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--share", type=float, default=0.1)
-    parser.add_argument("--ndcg-margin", type=float, default=0.02, help="rollout verification's NDCG margin")
-    args = parser.parse_args(argv)
+    args = argument_parser("python -m serving.loadtest", __doc__, "reports/rollout.json").parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="amc-loadtest-") as tmp:
         report = run(args.old, args.new, Path(tmp), clients=args.clients, share=args.share,
                      ndcg_margin=args.ndcg_margin)
