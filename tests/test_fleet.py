@@ -181,7 +181,7 @@ def test_caller_mistakes_are_never_retried_on_another_replica(code, text):
     with pytest.raises(InvalidInputError if "empty" in text else Exception, match=text.split(":")[0]):
         c.rank("cat", [cand("x")])
     assert sum(r.infers() for r in replicas.values()) == 1
-    assert all(s.healthy for s in c.replicas())
+    assert all(s.healthy and s.failures == 0 for s in c.replicas())
 
 
 def test_overloaded_replica_is_not_ejected_but_the_retry_goes_elsewhere():

@@ -265,7 +265,7 @@ class _Core:
             replica = yield from self._fleet.choose(deadline, avoid=replica)
             try:
                 timeout = self._fleet.attempt_s(deadline.remaining(), replica)
-                with self._fleet.sending(replica):
+                with self._fleet.sending(replica, inference=method == "infer"):
                     return (yield _Call(method, timeout, kwargs, replica))
             except InferenceServerException as e:
                 self._fleet.failed(replica, e)

@@ -17,7 +17,8 @@ client is made, to every address it has. Several replicas make a fleet:
   at most 2 s while it keeps failing) first asks it whether ``amc`` is ready (a 1 s readiness call); ready, it
   is back in rotation and takes that call; not, it stays out for a longer backoff. Channels of a fleet
   reconnect at most ``MAX_RECONNECT_BACKOFF_MS`` apart (gRPC's default grows to 120 s), so a restarted replica
-  is reached as soon as it answers.
+  is reached as soon as it answers. (The call that probes a replica which accepts connections but never
+  answers waits for its probe: at most 1 s, at most once per backoff.)
 * **When every replica is out** the client still tries the one due soonest, with the retry backoff between
   attempts: a fleet never refuses a call without trying.
 
@@ -111,9 +112,9 @@ def _resolve(url: str, resolve: Callable[..., Any]) -> list[str]:
 class ReplicaStatus:
     """One replica as the client sees it (no I/O: what its calls so far have shown).
 
-    ``healthy``: in rotation. ``outstanding``: this client's calls in flight on it. ``requests``: calls sent to it
-    (probes not counted). ``failures``: calls it failed (server faults, missed deadlines). ``last_error``: the
-    last failure's message ("" if none).
+    ``healthy``: in rotation. ``outstanding``: this client's calls in flight on it. ``requests``: inferences sent
+    to it. ``failures``: calls it failed (server faults, missed deadlines; not the caller's mistakes).
+    ``last_error``: the last failure ("" if none).
     """
 
     url: str
@@ -204,11 +205,11 @@ class Fleet:
 
     # ---- outcomes --------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def sending(self, replica: Replica) -> Iterator[None]:
-        """Count one call in flight on ``replica`` while the block runs."""
+    def sending(self, replica: Replica, inference: bool = True) -> Iterator[None]:
+        """Count one call (an inference or not) in flight on ``replica`` while the block runs."""
         with self._lock:
             replica.outstanding += 1
-            replica.requests += 1
+            replica.requests += inference
         try:
             yield
         finally:
@@ -217,10 +218,11 @@ class Fleet:
 
     def failed(self, replica: Replica, e: InferenceServerException) -> None:
         """Record a failed call; eject the replica if the failure is its fault (see the module docstring)."""
-        code = _calls.status(e)
+        if not retry_elsewhere(e):
+            return  # the caller's mistake, not the replica's
         with self._lock:
             replica.failures += 1
-            replica.last_error = f"{code}: {_calls.message(e)}"
+            replica.last_error = f"{_calls.status(e)}: {_calls.message(e)}"
         if len(self.replicas) > 1 and ejects(e):
             self._eject(replica, replica.last_error)
 
@@ -252,12 +254,13 @@ class Fleet:
             if not probe:
                 return replica
             timeout = min(PROBE_TIMEOUT_S, max(deadline.remaining(), 0.0))
-            why = "not ready"
+            ready, why = False, "not ready"
             try:
                 ready = bool((yield Call("is_model_ready", timeout, {"args": (sig.ENSEMBLE_NAME,)}, replica)))
             except InferenceServerException as e:
-                ready, why = False, f"{_calls.status(e)}: {_calls.message(e)}"
-            self.probed(replica, ready, why)
+                why = f"{_calls.status(e)}: {_calls.message(e)}"
+            finally:  # also when the caller gives up mid-probe: the replica is never left marked as probing
+                self.probed(replica, ready, why)
             if ready:
                 return replica
 
