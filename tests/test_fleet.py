@@ -280,7 +280,7 @@ def _load(servers, repository):
 
     urls = [s.grpc_url for s in servers]
     client = AMCClient(urls, timeout_s=30, routing_refresh_s=0.2)
-    load = Load(urls, clients=3, client=client)
+    load = Load(urls, clients=2, client=client)
     load.start(collection_words(repository, 1))
     return client, load
 
@@ -298,11 +298,11 @@ def test_a_killed_replica_costs_no_request_and_is_back_in_rotation_once_ready(fl
     repository, servers = fleet
     client, load = _load(servers, repository)
     try:
-        load.wait_for(30, time.monotonic())
+        load.wait_for(20, time.monotonic())
         victim = servers[1]
         kill(victim)
         t_killed = time.monotonic()
-        load.wait_for(60, t_killed)
+        load.wait_for(40, t_killed)
         assert not status(client, victim.grpc_url).healthy
         # A routing change needs every replica ready: refused, the dead one named, nothing changed.
         with Rollout(repository, [s.grpc_url for s in servers], admin_key=KEY, log=lambda *_: None) as rollout:
@@ -312,12 +312,12 @@ def test_a_killed_replica_costs_no_request_and_is_back_in_rotation_once_ready(fl
         recovery = restart_and_time_recovery(victim, client)
         assert recovery["recovered_s"] < 5.0, recovery
         t_back = time.monotonic()
-        load.wait_for(40, t_back)
+        load.wait_for(20, t_back)
     finally:
         load.stop()
         client.close()
     assert [r.error for r in load.records if r.error] == []
-    assert len(load.between(t_killed, t_back)) >= 60 and all(r.version == 1 for r in load.records)
+    assert len(load.between(t_killed, t_back)) >= 40 and all(r.version == 1 for r in load.records)
     assert status(client, victim.grpc_url).healthy
 
 
@@ -337,11 +337,11 @@ def test_rollout_across_the_fleet_canary_promote_rollback_and_a_failure_undone_o
             for url in urls:  # every replica's amc carries the canary routing
                 with AMCClient(url) as one:
                     assert one.routing() == amc_client.Routing(1, v, 0.5)
-            load.wait_for(60, time.monotonic() + 0.2)
+            load.wait_for(40, time.monotonic() + 0.2)
             rollout.promote()
             t_promoted = time.monotonic()
             assert [_served_version(u) for u in urls] == [v, v]
-            load.wait_for(40, t_promoted)
+            load.wait_for(20, t_promoted)
             t_rollback = time.monotonic()
             rollout.rollback()
             t_rolled_back = time.monotonic()
@@ -357,7 +357,7 @@ def test_rollout_across_the_fleet_canary_promote_rollback_and_a_failure_undone_o
             for url in urls:
                 with AMCClient(url, headers=admin_headers(KEY)) as one:
                     assert one.model_versions() == [1] and one.routing() == amc_client.Routing(1)
-            load.wait_for(40, time.monotonic())
+            load.wait_for(20, time.monotonic())
     finally:
         load.stop()
         client.close()
