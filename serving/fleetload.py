@@ -10,7 +10,8 @@ replicas and rank queries for the whole test (the load of :mod:`serving.loadtest
 1. the last replica is killed with SIGKILL (its whole process group: the server and its Python-backend
    stubs, as when a machine dies); the others must keep answering every request;
 2. it is restarted on the same ports; ``killed_replica_recovered_s`` is the time from the moment it answers
-   ``amc`` ready again (polled over gRPC every 5 ms) to the moment the client has sent it a request again
+   ``amc`` ready again (Triton's ``/v2/models/amc/ready``, a fresh HTTP connection every 5 ms: a gRPC channel
+   would see it late, after its reconnect backoff) to the moment the client has sent it an inference again
    (its request count in ``client.replicas()``, polled in the same loop);
 3. ``amc-rollout`` rolls ``--new`` out across the fleet: publish once, load and verify on every replica,
    ``--share`` canary, promote (``rollout_s``: publish to promoted, as in ``reports/rollout.json``).
@@ -31,9 +32,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
 
 from amc_client import AMCClient
 from amc_client import signatures as sig
@@ -58,8 +56,9 @@ def kill(server: TritonServer) -> None:
 def restart_and_time_recovery(server: TritonServer, client: AMCClient, timeout_s: float = 300) -> dict:
     """Restart ``server`` (on its ports) and time how soon ``client`` sends it a request after it answers ready.
 
-    The restart runs in a thread; this one polls the replica's readiness (``amc`` over gRPC, what the client's
-    probe asks) and the client's request count for it, each every ``POLL_S``."""
+    The restart runs in a thread; this one polls the replica's readiness (``amc``'s, what the client's probe
+    asks, over HTTP: a new connection each time, so no reconnect backoff delays it) and the client's
+    inference count for it, each every ``POLL_S``."""
     url = server.grpc_url
     sent_before = _requests(client, url)
     failed: list[BaseException] = []
@@ -73,26 +72,19 @@ def restart_and_time_recovery(server: TritonServer, client: AMCClient, timeout_s
     thread = threading.Thread(target=restart, daemon=True)
     t_restart = time.monotonic()
     thread.start()
-    probe = grpcclient.InferenceServerClient(url)
     t_ready = t_back = None
     deadline = time.monotonic() + timeout_s
-    try:
-        while t_back is None:
-            if failed:
-                raise RuntimeError(f"restarting replica {url} failed: {failed[0]}") from failed[0]
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"replica {url}: ready at {t_ready}, no request from the client in {timeout_s} s")
-            now = time.monotonic()
-            if t_ready is None:
-                with contextlib.suppress(InferenceServerException):
-                    if probe.is_model_ready(sig.ENSEMBLE_NAME, client_timeout=1.0):
-                        t_ready = now
-            if _requests(client, url) > sent_before:
-                t_back = time.monotonic()
-                t_ready = t_ready if t_ready is not None else t_back  # both within one poll
-            time.sleep(POLL_S)
-    finally:
-        probe.close()
+    while t_back is None:
+        if failed:
+            raise RuntimeError(f"restarting replica {url} failed: {failed[0]}") from failed[0]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"replica {url}: ready at {t_ready}, no request from the client in {timeout_s} s")
+        if t_ready is None and server.http_ok(f"/v2/models/{sig.ENSEMBLE_NAME}/ready", timeout_s=1.0):
+            t_ready = time.monotonic()
+        if _requests(client, url) > sent_before:
+            t_back = time.monotonic()
+            t_ready = t_ready if t_ready is not None else t_back  # both within one poll
+        time.sleep(POLL_S)
     thread.join(timeout=timeout_s)
     return {"restart_to_ready_s": round(t_ready - t_restart, 2), "recovered_s": round(max(0.0, t_back - t_ready), 3)}
 

@@ -168,7 +168,9 @@ def test_probe_backoff_doubles_up_to_the_max():
         now[0] = a.down_until
         assert fleet.pick() == (a, True)  # due: handed to one caller for its probe
         assert fleet.pick()[0].url == "b"  # ... and to no other meanwhile
-    assert all(0.75 * min(0.25 * 2**i, 2.0) <= w <= 1.25 * min(0.25 * 2**i, 2.0) for i, w in enumerate(waits))
+    base = [min(_fleet.PROBE_BACKOFF_S * 2**i, _fleet.MAX_PROBE_BACKOFF_S) for i in range(6)]
+    assert base[0] == 0.25 and base[-1] == _fleet.MAX_PROBE_BACKOFF_S
+    assert all(0.75 * b <= w <= 1.25 * b for b, w in zip(base, waits, strict=True))
     fleet.probed(a, True)
     assert a.down_until is None and a.ejections == 0
 

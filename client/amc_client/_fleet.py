@@ -14,7 +14,7 @@ client is made, to every address it has. Several replicas make a fleet:
   to another replica but does not eject: the replica is up, only busy. The caller's mistakes
   (INVALID_ARGUMENT, an unknown model, a request over the message limit) are never retried, anywhere.
 * **Probe back in.** An ejected replica is probed on use: the first call after its backoff (0.25 s, doubling to
-  at most 2 s while it keeps failing) first asks it whether ``amc`` is ready (a 1 s readiness call); ready, it
+  at most 1 s while it keeps failing) first asks it whether ``amc`` is ready (a 1 s readiness call); ready, it
   is back in rotation and takes that call; not, it stays out for a longer backoff. Channels of a fleet
   reconnect at most ``MAX_RECONNECT_BACKOFF_MS`` apart (gRPC's default grows to 120 s), so a restarted replica
   is reached as soon as it answers. (The call that probes a replica which accepts connections but never
@@ -53,15 +53,16 @@ log = logging.getLogger("amc_client")
 DNS_SCHEME = "dns:///"
 # Backoff of an ejected replica before its next readiness probe: doubles per failed probe, up to the max.
 PROBE_BACKOFF_S = 0.25
-MAX_PROBE_BACKOFF_S = 2.0
+MAX_PROBE_BACKOFF_S = 1.0
 # A readiness probe waits at most this long (a replica that accepts connections but never answers).
 PROBE_TIMEOUT_S = 1.0
 # With another replica to go to, one attempt waits at most this share of the time left, so that a replica
 # that stops answering leaves time for the retry elsewhere.
 ATTEMPT_SHARE = 0.5
 # gRPC reconnects a failed channel with exponential backoff up to 120 s by default: a replica restarted after
-# a minute would then be unreachable for up to two more. Fleet channels retry the connection at most 1 s apart.
-MAX_RECONNECT_BACKOFF_MS = 1000
+# a minute would then be unreachable for up to two more. Fleet channels retry the connection at most 0.5 s
+# apart. Together with the probe backoff this bounds how late a restarted replica is seen: about 1.5 s.
+MAX_RECONNECT_BACKOFF_MS = 500
 RECONNECT_ARGS = [
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
