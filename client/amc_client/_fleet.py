@@ -237,6 +237,8 @@ class Fleet:
 
     def _eject(self, replica: Replica, why: str) -> None:
         with self._lock:
+            if replica.down_until is not None and not replica.probing and replica.down_until > self._clock():
+                return  # already out: a late failure of a call sent before does not lengthen its backoff
             backoff = min(PROBE_BACKOFF_S * 2**replica.ejections, MAX_PROBE_BACKOFF_S)
             backoff *= 0.75 + 0.5 * self._rng.random()  # jitter: clients don't probe in step
             first = replica.down_until is None
