@@ -73,6 +73,10 @@ fleet-report: setup ## Fleet load test (3 tritonservers, 4 threads on one client
 	test -f runs/amc-seed1/checkpoint.pt || $(PY) -m training.train --out runs/amc-seed1 --seed 1
 	$(PY) -m serving.fleetload --old $(CHECKPOINT) --new runs/amc-seed1/checkpoint.pt --out reports/fleet.json
 
+.PHONY: ddp-pack
+ddp-pack: setup ## Pack the DDP benchmark's training set for the GPU machine (then: bash benchmarks/ddp.sh there)
+	$(PY) -m benchmarks.ddp pack --sessions 8 --out .cache/ddp/pack.npz
+
 bench: setup ## CPU serving benchmark: writes reports/serving_cpu.json
 	$(PY) -m benchmarks.run --device cpu
 

@@ -7,6 +7,7 @@ with ``text_format``. Layout of a serving repository::
                                                     text_encoder.onnx, term_weights.json, keyword_table.npz,
                                                     version.json}        (the text step, mode raw)
     amc_qen/config.pbtxt         amc_qen/<N>/{model.onnx [, model.py]}      (and amc_van, amc_lan, amc_mtn)
+    amc_topk/config.pbtxt        amc_topk/<N>/{model.py, amc_onnx_runner.py} (server-side top-k, mode raw)
     amc_v<N>/config.pbtxt        ensemble pinned to version N of every step; amc_v<N>/manifest.json
     amc/config.pbtxt             ensemble pinned to the serving version; routing in its parameters
 
@@ -41,7 +42,7 @@ from amc_client import signatures as sig
 from amc_client._routing import parse as parse_routing
 
 FLAVOURS = ("python", "onnxruntime")
-STEPS: tuple[sig.StepSignature, ...] = (sig.TOKENIZER, *sig.NETWORKS)
+STEPS: tuple[sig.StepSignature, ...] = (sig.TOKENIZER, *sig.NETWORKS, sig.TOPK)
 ONNX_FILE = "model.onnx"
 BACKENDS_DIR = Path(__file__).resolve().parent.parent / "serving" / "backends"
 TEMPLATE_ROOT = Path(__file__).resolve().parent.parent / "model_repository"
@@ -67,6 +68,7 @@ MAX_QUEUE_SIZE = 16
 # Keywords the text step encodes on the fly (not in the version's keyword table) and keeps: 1.5 KB each.
 KEYWORD_CACHE_SIZE = 20_000
 TEXT_STEP_FILE = "text_step.py"
+TOP_K_FILE = "top_k.py"
 STORE_FILE = "store.json"  # in amc_store_tokenizer/<N>/: {"version": N, "size": G, "ids": [...], "keywords": [...]}
 
 
@@ -78,7 +80,10 @@ def routing_parameters(routing: Routing) -> dict[str, str]:
 
 
 def _tensor(spec: sig.TensorSpec, cls):
-    return cls(name=spec.name, data_type=mc.DataType.Value(spec.triton_dtype), dims=spec.triton_dims)
+    tensor = cls(name=spec.name, data_type=mc.DataType.Value(spec.triton_dtype), dims=spec.triton_dims)
+    if spec.optional:
+        tensor.optional = True
+    return tensor
 
 
 def _io(config: mc.ModelConfig, signature: sig.StepSignature) -> None:
@@ -100,6 +105,9 @@ def step_config(signature: sig.StepSignature, flavour: str) -> mc.ModelConfig:
         config.dynamic_batching.SetInParent()
         queue_policy(config)
         _text_step(config, "raw", instances=1)
+        return config
+    if signature is sig.TOPK:
+        _top_k_step(config, "raw")
         return config
     config.dynamic_batching.max_queue_delay_microseconds = BATCH_DELAY_US
     if flavour == "python":
@@ -135,6 +143,33 @@ def _text_step(config: mc.ModelConfig, mode: str, *, instances: int) -> None:
     config.parameters["keyword_cache_size"].string_value = str(KEYWORD_CACHE_SIZE)
 
 
+def _top_k_step(config: mc.ModelConfig, mode: str) -> None:
+    """The top-k step (``serving/backends/top_k.py``): Python, one CPU instance, requests taken as they come
+    (dynamic batching without delay: it answers each request on its own, in one execute() call)."""
+    config.backend = "python"
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    config.dynamic_batching.SetInParent()
+    config.parameters["mode"].string_value = mode
+
+
+def _add_step(config: mc.ModelConfig, step: sig.StepSignature, version: int,
+              outputs: dict[str, str] | None = None, inputs: dict[str, str | None] | None = None) -> None:
+    """One pinned step of an ensemble. Tensor names are unique across the pipeline, so a map is the identity,
+    except where ``inputs``/``outputs`` rename (step tensor -> ensemble tensor): the networks' per-candidate
+    outputs feed the top-k step under the names of ``sig.TOP_K_FEEDS``. ``outputs`` may also list a subset;
+    ``inputs`` may map an optional input to None, leaving it unfed (the store text step's top_k in the ensembles
+    that have no top-k)."""
+    fed = {n: (inputs or {}).get(n, n) for n in step.input_names}
+    config.ensemble_scheduling.step.add(
+        model_name=step.model_name, model_version=version,
+        input_map={n: tensor for n, tensor in fed.items() if tensor is not None},  # None: an optional input unfed
+        output_map=outputs if outputs is not None else {n: n for n in step.output_names})
+
+
+def _renamed(step: sig.StepSignature) -> dict[str, str]:
+    return {n: sig.TOP_K_FEEDS.get(n, n) for n in step.output_names}
+
+
 def request_bounds() -> dict[str, int]:
     """The bounds of :mod:`amc_client.signatures` as the text step's config parameters (``text_step.py``)."""
     return {"max_candidates": sig.MAX_CANDIDATES, "max_query_bytes": sig.MAX_QUERY_BYTES,
@@ -147,10 +182,7 @@ def ensemble_config(name: str, version: int, routing: Routing | None = None) -> 
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=sig.MAX_BATCH)
     _io(config, sig.ENSEMBLE)
     for step in STEPS:
-        # Tensor names are unique across the whole pipeline, so every map is the identity.
-        config.ensemble_scheduling.step.add(
-            model_name=step.model_name, model_version=version,
-            input_map={n: n for n in step.input_names}, output_map={n: n for n in step.output_names})
+        _add_step(config, step, version, None if step is sig.TOPK else _renamed(step))
     for key, value in (routing_parameters(routing) if routing else {}).items():
         config.parameters[key].string_value = value
     return config
@@ -189,8 +221,11 @@ def write_template(repository: Path, flavour: str) -> None:
 
 def init_repository(repository: Path, flavour: str) -> None:
     """Create a serving repository from the generated template if it has none yet (idempotent)."""
-    if not (repository / sig.ENSEMBLE_NAME / "config.pbtxt").exists():
-        write_template(repository, flavour)
+    # Missing configs only: a repository made before a step existed gets that step's config; ``amc``'s (which
+    # holds the routing) is never overwritten.
+    for rel, text in template_files(flavour).items():
+        if not (repository / rel).exists():
+            write_atomic(repository / rel, text)
     # An ensemble still needs a version directory (empty) before Triton will load it.
     (repository / sig.ENSEMBLE_NAME / "1").mkdir(exist_ok=True)
 
@@ -224,6 +259,7 @@ def write_text_step(version_dir: Path, *, version: int, files: TextStepFiles, st
     # provider choice beside it, frozen with the model version.
     shutil.copy(Path(sig.__file__).with_name("text.py"), version_dir / "amc_text.py")
     shutil.copy(BACKENDS_DIR / "onnx_runner.py", version_dir / "amc_onnx_runner.py")
+    shutil.copy(BACKENDS_DIR / TOP_K_FILE, version_dir / "amc_top_k.py")
     shutil.copy(files.text_encoder, version_dir / "text_encoder.onnx")
     if files.keyword_table is not None:
         shutil.copy(files.keyword_table, version_dir / "keyword_table.npz")
@@ -234,9 +270,19 @@ def write_text_step(version_dir: Path, *, version: int, files: TextStepFiles, st
         (version_dir / STORE_FILE).write_text(store_json, encoding="utf-8")
 
 
+def write_top_k_step(version_dir: Path, *, store_json: str | None = None) -> None:
+    """Lay out one top-k step version directory (``serving/backends/top_k.py``; store mode: with ``store.json``)."""
+    version_dir.mkdir(parents=True)
+    shutil.copy(BACKENDS_DIR / TOP_K_FILE, version_dir / "model.py")
+    shutil.copy(BACKENDS_DIR / "onnx_runner.py", version_dir / "amc_onnx_runner.py")
+    if store_json is not None:
+        (version_dir / STORE_FILE).write_text(store_json, encoding="utf-8")
+
+
 def stage_version(stage: Path, *, version: int, flavour: str, onnx_dir: Path, text: TextStepFiles) -> None:
     """Lay out one version's step directories and its pinned ensemble under ``stage`` (not yet live)."""
     write_text_step(stage / sig.TOKENIZER.model_name / str(version), version=version, files=text)
+    write_top_k_step(stage / sig.TOPK.model_name / str(version))
     for network in sig.NETWORKS:
         version_dir = stage / network.model_name / str(version)
         version_dir.mkdir(parents=True)
@@ -295,6 +341,8 @@ if __name__ == "__main__":
 # candidate store as constants. QEN and MTN are shared with the raw ensemble.
 STORE_STEPS: tuple[sig.StepSignature, ...] = (sig.STORE_TOKENIZER, *sig.STORE_NETWORKS)
 FUSED_STEPS: tuple[sig.StepSignature, ...] = (sig.FUSED, sig.FUSED_STORE)
+# Whole-store search (written with the fused graphs): the search graph and the store top-k step.
+SEARCH_STEPS: tuple[sig.StepSignature, ...] = (sig.SEARCH_STORE, sig.STORE_TOPK)
 
 
 STORE_BATCH_DELAY_US = 100  # store steps: requests are cheap to merge, so wait less for company at low load
@@ -311,7 +359,7 @@ def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: 
     fixed-size text features only), ``sig.MAX_BATCH`` for ``amc_fused`` (raw features). onnxruntime's CUDA
     provider runs without TF32 (``use_tf32: 0``), as fp32 as the CPU path.
     """
-    if signature not in (*STORE_STEPS, *FUSED_STEPS):
+    if signature not in (*STORE_STEPS, *FUSED_STEPS, *SEARCH_STEPS):
         raise ValueError(f"{signature.model_name} is not a store step or fused graph")
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown flavour {flavour!r}; expected one of {FLAVOURS}")
@@ -320,7 +368,11 @@ def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: 
     config = mc.ModelConfig(name=signature.model_name, max_batch_size=max_batch)
     config.version_policy.all.SetInParent()
     _io(config, signature)
-    config.dynamic_batching.max_queue_delay_microseconds = batch_delay_us
+    if signature is sig.STORE_TOPK:
+        _top_k_step(config, "store")
+        return config
+    if signature is not sig.SEARCH_STORE:  # the search graph takes one k per execution: requests run alone
+        config.dynamic_batching.max_queue_delay_microseconds = batch_delay_us
     if signature is sig.STORE_TOKENIZER:
         queue_policy(config, max_queue_size=max(MAX_QUEUE_SIZE, 2 * max_batch))
         _text_step(config, "store", instances=instances)
@@ -343,9 +395,9 @@ def store_ensemble_config(name: str, version: int, max_batch: int = sig.MAX_BATC
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch)
     _io(config, sig.STORE_ENSEMBLE)
     for step in (sig.STORE_TOKENIZER, sig.QEN, sig.VAN_STORE, sig.LAN_STORE, sig.MTN):
-        config.ensemble_scheduling.step.add(
-            model_name=step.model_name, model_version=version,
-            input_map={n: n for n in step.input_names}, output_map={n: n for n in step.output_names})
+        # The text step's candidate_rows (the ids it was sent) and search_k are not needed here, nor its top_k.
+        used = {n: n for n in step.output_names if n not in (sig.CANDIDATE_ROWS.name, sig.SEARCH_K.name)}
+        _add_step(config, step, version, used, inputs={sig.TOP_K.name: None})
     return config
 
 
@@ -359,7 +411,7 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
     by :func:`set_store_serving`.
     """
     written: list[Path] = []
-    steps = STORE_STEPS + (FUSED_STEPS if fused else ())
+    steps = STORE_STEPS + (FUSED_STEPS + SEARCH_STEPS if fused else ())
     for step in steps:
         config_path = repository / step.model_name / "config.pbtxt"
         if not config_path.exists():
@@ -367,6 +419,8 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
         version_dir = repository / step.model_name / str(version)
         if step is sig.STORE_TOKENIZER:
             write_text_step(version_dir, version=version, files=text, store_json=store_json)
+        elif step is sig.STORE_TOPK:
+            write_top_k_step(version_dir, store_json=store_json)
         else:
             version_dir.mkdir(parents=True)
             short = step.model_name.removeprefix("amc_")
@@ -379,7 +433,33 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
     (ensemble_dir / "1").mkdir(parents=True, exist_ok=True)
     write_atomic(ensemble_dir / "config.pbtxt", to_text(store_ensemble_config(ensemble_dir.name, version)))
     written.append(ensemble_dir)
+    if fused:
+        search_dir = repository / sig.versioned_search_ensemble_name(version)
+        (search_dir / "1").mkdir(parents=True, exist_ok=True)
+        write_atomic(search_dir / "config.pbtxt", to_text(search_ensemble_config(search_dir.name, version)))
+        written.append(search_dir)
     return written
+
+
+def search_ensemble_config(name: str, version: int) -> mc.ModelConfig:
+    """Whole-store search, pinned to ``version``: store text step (every row of the store, or the rows of the
+    optional ``candidate_ids`` filter; it checks ``top_k``) -> ``amc_search_store`` over those rows, which keeps
+    the top ``search_k`` -> the store top-k step, which adds the kept rows' store ids and keywords (see
+    ``serving/backends/top_k.py``).
+
+    Why one graph with the selection inside: the four networks run in one step, and only the k rows kept leave
+    it, so the per-row tensors of a whole store (a search of 100,000 images: 20 MB of region attention) never
+    cross the Python backend's shared memory."""
+    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=sig.MAX_BATCH)
+    _io(config, sig.SEARCH_ENSEMBLE)
+    used = [n for n in sig.STORE_TOKENIZER.output_names if n in sig.SEARCH_STORE.input_names or
+            n == sig.CANDIDATE_ROWS.name]
+    _add_step(config, sig.STORE_TOKENIZER, version, {n: n for n in used})
+    _add_step(config, sig.SEARCH_STORE, version,
+              {**_renamed(sig.SEARCH_STORE), sig.CANDIDATE_INDEX.name: sig.RANKED_ROWS.name},
+              inputs={sig.CANDIDATE_IDS.name: sig.CANDIDATE_ROWS.name})
+    _add_step(config, sig.STORE_TOPK, version, inputs={sig.CANDIDATE_ROWS.name: sig.RANKED_ROWS.name})
+    return config
 
 
 def store_fused_ensemble_config(name: str, version: int,
@@ -391,7 +471,8 @@ def store_fused_ensemble_config(name: str, version: int,
     text_features = [n for n in sig.STORE_TOKENIZER.output_names if n in sig.FUSED_STORE.input_names]
     config.ensemble_scheduling.step.add(
         model_name=sig.STORE_TOKENIZER.model_name, model_version=version,
-        input_map={n: n for n in sig.STORE_TOKENIZER.input_names}, output_map={n: n for n in text_features})
+        input_map={n: n for n in sig.STORE_TOKENIZER.input_names if n != sig.TOP_K.name},
+        output_map={n: n for n in text_features})
     config.ensemble_scheduling.step.add(
         model_name=sig.FUSED_STORE.model_name, model_version=version,
         input_map={n: n for n in sig.FUSED_STORE.input_names},
@@ -409,4 +490,8 @@ def set_store_serving(repository: Path, version: int) -> str:
         write_atomic(repository / sig.STORE_FUSED_ENSEMBLE_NAME / "config.pbtxt",
                      to_text(store_fused_ensemble_config(sig.STORE_FUSED_ENSEMBLE_NAME, version)))
         (repository / sig.STORE_FUSED_ENSEMBLE_NAME / "1").mkdir(exist_ok=True)
+    if (repository / sig.STORE_TOPK.model_name / str(version)).is_dir():
+        write_atomic(repository / sig.SEARCH_ENSEMBLE_NAME / "config.pbtxt",
+                     to_text(search_ensemble_config(sig.SEARCH_ENSEMBLE_NAME, version)))
+        (repository / sig.SEARCH_ENSEMBLE_NAME / "1").mkdir(exist_ok=True)
     return text

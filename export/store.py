@@ -73,6 +73,16 @@ class Store:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def tiled(self, size: int, *, projected_dtype: str = "float32") -> Store:
+        """A store of ``size`` rows repeating this one's (row g is row g mod len(self), id ``"<id>#<copy>"``), its
+        projected features (region and keyword) stored as ``projected_dtype``: a benchmark's large store built
+        from a small projected gallery (the cost per row is the same); float16 halves what the graphs hold."""
+        rows = np.arange(size) % len(self)
+        ids = [f"{self.ids[g]}#{i // len(self)}" for i, g in enumerate(rows.tolist())]
+        return Store(ids, self.projected[rows].astype(projected_dtype), self.region_mask[rows], self.keywords[rows],
+                     self.keyword_embeddings[rows], self.keyword_projected[rows].astype(projected_dtype),
+                     self.keyword_mask[rows])
+
     def manifest(self, version: int) -> str:
         """``store.json`` of the store text step: ids and each row's keyword strings."""
         rows = [[k for k in row if k] for row in self.keywords.tolist()]
@@ -93,6 +103,21 @@ def pytorch_keywords() -> Callable[[list[str]], np.ndarray]:
     from training.text_encoder import TextEncoder
 
     return TextEncoder().encode_keywords
+
+
+def keyword_table_embed(table: Path) -> Callable[[list[str]], np.ndarray]:
+    """Keyword embeddings from a published text step's ``keyword_table.npz`` (the PyTorch encoder's, computed at
+    publish), the PyTorch encoder for keywords missing there: the store of a gallery whose keywords the version's
+    table holds is built without encoding them again."""
+    with np.load(table, allow_pickle=False) as data:
+        known = dict(zip(data["texts"].tolist(), data["vectors"].astype(np.float32), strict=True))
+
+    def embed(texts: list[str]) -> np.ndarray:
+        missing = [t for t in texts if t not in known]
+        if missing:
+            known.update(zip(missing, pytorch_keywords()(missing), strict=True))
+        return np.stack([known[t] for t in texts]) if texts else np.zeros((0, sig.TEXT_EMBEDDING_DIM), np.float32)
+    return embed
 
 
 def build_store(model: AMC, regions: np.ndarray, keywords: Sequence[Sequence[str]] | np.ndarray,
@@ -172,6 +197,11 @@ class FusedGraph(nn.Module):
                 _version_column(query_text, self.version))
 
 
+def _fp32(gathered: torch.Tensor) -> torch.Tensor:
+    """Rows of a store held in float16 (``Store.tiled``) computed on in float32; a float32 store traces no cast."""
+    return gathered if gathered.dtype == torch.float32 else gathered.float()
+
+
 class FusedStoreGraph(_StoreBuffers):
     """QEN + VAN + LAN + MTN in one graph over the candidate store (query embedding, lexical features, ids in)."""
 
@@ -181,12 +211,30 @@ class FusedStoreGraph(_StoreBuffers):
 
     def forward(self, query_text, keyword_lexical, candidate_ids):
         q = self.model.qen(query_text)
-        visual, region_attention = _visual_from_projected(self.model, q, self.projected[candidate_ids],
+        visual, region_attention = _visual_from_projected(self.model, q, _fp32(self.projected[candidate_ids]),
                                                           self.region_mask[candidate_ids])
         keyword, keyword_attention = self.model.lan.forward_projected(
-            q, self.keyword_projected[candidate_ids], self.keyword_mask[candidate_ids], keyword_lexical)
+            q, _fp32(self.keyword_projected[candidate_ids]), self.keyword_mask[candidate_ids], keyword_lexical)
         scores, weights = self.model.mtn(q, visual, keyword)
         return scores, weights, region_attention, keyword_attention, _version_column(query_text, self.version)
+
+
+class SearchStoreGraph(FusedStoreGraph):
+    """:class:`FusedStoreGraph` plus the top-k selection: the ``search_k`` best rows of each query, best first
+    (ONNX TopK: equal scores in row order), with their explanations and store rows (``candidate_index``). One k
+    per execution (``search_k[0, 0]``): the text step makes a request's k one value, and the search graph's Triton
+    model runs each request alone (``export.repository.store_step_config``)."""
+
+    def forward(self, query_text, keyword_lexical, candidate_ids, search_k):
+        scores, weights, region_attention, keyword_attention, version = super().forward(
+            query_text, keyword_lexical, candidate_ids)
+        best, order = torch.topk(scores, search_k[0, 0], dim=1)  # (B, k), best first
+
+        def rows(x: torch.Tensor) -> torch.Tensor:  # (B, N, ...) -> (B, k, ...)
+            return torch.gather(x, 1, order.view(*order.shape, 1).expand(-1, -1, x.shape[2]))
+
+        return (best, rows(weights), rows(region_attention), rows(keyword_attention), version,
+                torch.gather(candidate_ids, 1, order))
 
 
 def _example(signature: sig.StepSignature, model: AMC, store: Store, matcher: LexicalMatcher, *, batch: int,
@@ -201,7 +249,8 @@ def _example(signature: sig.StepSignature, model: AMC, store: Store, matcher: Le
     with torch.no_grad():
         q = model.qen(torch.from_numpy(query_text)).numpy()
     values = {sig.CANDIDATE_IDS.name: ids, sig.QUERY_TEXT.name: query_text, sig.QUERY_EMBEDDING.name: q,
-              sig.KEYWORD_LEXICAL.name: lexical.astype(np.float32)}
+              sig.KEYWORD_LEXICAL.name: lexical.astype(np.float32),
+              sig.SEARCH_K.name: np.full((batch, 1), candidates, dtype=np.int64)}  # every row: all comparable
     return {n: values[n] for n in signature.input_names}
 
 
@@ -227,7 +276,8 @@ def _raw_reference(model: AMC, store: Store, inputs: dict[str, np.ndarray], regi
 
 
 STORE_GRAPHS = {"van_store": (sig.VAN_STORE, VANStoreGraph), "lan_store": (sig.LAN_STORE, LANStoreGraph),
-                "fused_store": (sig.FUSED_STORE, FusedStoreGraph)}
+                "fused_store": (sig.FUSED_STORE, FusedStoreGraph), "search_store": (sig.SEARCH_STORE, SearchStoreGraph)}
+FUSED_ONLY = ("fused_store", "search_store")  # written with fused=True
 FUSED_SHAPES = [Shape(1, 1), Shape(3, 7, 10, 12), Shape(2, 100, 49, 1)]
 
 
@@ -237,7 +287,7 @@ def export_store_graphs(model: AMC, store: Store, matcher: LexicalMatcher, out_d
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for name, (signature, cls) in STORE_GRAPHS.items():
-        if name == "fused_store" and not fused:
+        if name in FUSED_ONLY and not fused:
             continue
         example = _example(signature, model, store, matcher, batch=2, candidates=3, rng=rng)
         write_onnx(cls(model, store, version), signature, example, out_dir / f"{name}.onnx", version=version,
@@ -266,6 +316,17 @@ def validate_store(model: AMC, store: Store, matcher: LexicalMatcher, regions: n
             inputs = _example(signature, model, store, matcher, batch=batch, candidates=n, rng=rng)
             expected = _raw_reference(model, store, inputs, regions)
             got = dict(zip(signature.output_names, session.run(None, inputs)))
+            if sig.SEARCH_K.name in inputs:  # every row kept, best first: the reference in the graph's order
+                ids, kept = inputs[sig.CANDIDATE_IDS.name], got[sig.CANDIDATE_INDEX.name]
+                if any(sorted(a.tolist()) != sorted(b.tolist()) for a, b in zip(ids, kept, strict=True)):
+                    raise ExportError(f"{name} at batch {batch}, {n} candidates: the rows kept are not the rows sent")
+                where = [{r: j for j, r in enumerate(row.tolist())} for row in ids]  # a repeated row: any copy
+                pos = np.array([[where[b][r] for r in kept[b].tolist()] for b in range(batch)])
+                expected = {k: torch.from_numpy(np.ascontiguousarray(v.numpy()[np.arange(batch)[:, None], pos]))
+                            for k, v in expected.items()}
+                ranked = expected[sig.SCORES.name].numpy()  # the reference's scores in the graph's order
+                if (np.diff(ranked, axis=1) > TOLERANCE * max(1e-6, float(np.abs(ranked).max()))).any():
+                    raise ExportError(f"{name} at batch {batch}, {n} candidates: its ranking differs from the raw path's")
             for out_name, want in expected.items():
                 if out_name not in got:
                     continue

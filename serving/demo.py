@@ -3,9 +3,11 @@
     python -m serving.demo            (what `make demo` runs)
 
 Builds (or reuses) the corpus and the checkpoint in ``--run``, publishes it as version 1 of a fresh
-repository, starts tritonserver on free loopback ports, ranks a few test queries' candidate lists through
-:class:`amc_client.AMCClient`, prints each ranking with its modality weights and top keywords, writes the
-CLI's candidate file for one query (so ``amc-client rank`` can be tried by hand), and stops the server.
+repository with a candidate store of every corpus image, starts tritonserver on free loopback ports, ranks a
+few test queries' candidate lists through :class:`amc_client.AMCClient`, prints each ranking with its modality
+weights and top keywords, searches the whole store for a few queries (``AMCClient.search``: the top 5 of every
+image, server-side), writes the CLI's candidate file for one query (so ``amc-client rank`` can be tried by
+hand), and stops the server.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from amc_client import signatures as sig
 from amc_client.cli import format_table, save_candidates
 from export.publish import publish
 from export.repository import STEPS
+from export.store import keyword_table_embed, publish_store
 from serving.server import TritonServer
+from training.checkpoint import load_checkpoint
 from training.corpus import CorpusConfig, load_corpus
 from training.metrics import ndcg_at_k
 from training.train import TrainConfig, train
@@ -61,9 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     (args.repository / DEMO_MARKER).write_text("made by python -m serving.demo; deleted and remade by each run\n")
     # The text step's keyword table: every keyword of the corpus the model was trained on (already loaded here).
     version = publish(checkpoint, args.repository, keywords=sorted({k for kw in corpus.keywords for k in kw if k}))
+    # The candidate store for whole-store search: every corpus image, its keywords embedded from the table above.
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(checkpoint)
+    table = args.repository / sig.TOKENIZER.model_name / str(version) / "keyword_table.npz"
+    publish_store(args.repository, version, ckpt.build_model(), ckpt.term_weights, corpus.regions, corpus.keywords,
+                  ids=[f"{c} {n[:28]}" for c, n in zip(corpus.chars, corpus.names, strict=True)],
+                  fingerprint=ckpt.fingerprint, embed=keyword_table_embed(table))
+    print(f"candidate store of {len(corpus.regions)} images published in {time.perf_counter() - t0:.0f} s")
 
     print("== 4/4 serve with tritonserver and query through the client")
     models = [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]
+    models += [sig.STORE_TOKENIZER.model_name, sig.SEARCH_STORE.model_name, sig.STORE_TOPK.model_name,
+               sig.versioned_search_ensemble_name(version), sig.SEARCH_ENSEMBLE_NAME]
     with TritonServer(args.repository, models=models) as server, AMCClient(server.grpc_url, timeout_s=60) as client:
         print(f"tritonserver ready at {server.grpc_url} (pid {server.pid})")
         test = corpus.queries["test"]
@@ -82,10 +96,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nquery {query.text!r}: {len(candidates)} candidates in {ms:.0f} ms, NDCG@10 {ndcg:.3f}, "
                   f"model version {results[0].model_version}")
             print(format_table(results[:5]))
+        for text in [picks[0].text, "cat face", "red heart"]:
+            t0 = time.perf_counter()
+            found = client.search(text, top_k=5)
+            ms = (time.perf_counter() - t0) * 1000
+            print(f"\nsearch {text!r}: top 5 of the whole store ({len(corpus.regions)} images) in {ms:.0f} ms, "
+                  f"model version {found[0].model_version}")
+            print(format_table(found))
         example = Path(args.run) / "example_candidates.npz"
         save_candidates(example, candidates)
         print(f"\ntry it by hand: start `make serve REPOSITORY={args.repository}` and run\n"
-              f"  .venv/bin/amc-client rank {picks[-1].text!r} --candidates {example} --url <grpc url>")
+              f"  .venv/bin/amc-client rank {picks[-1].text!r} --candidates {example} --url <grpc url>\n"
+              f"  .venv/bin/amc-client search 'cat face' --top-k 5 --url <grpc url>")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; server stopped")
     return 0
 

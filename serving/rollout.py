@@ -105,6 +105,8 @@ def infer_arrays(client: grpcclient.InferenceServerClient, model: str, arrays: d
     """One raw request with the ensemble's inputs taken from ``arrays``; returns every ensemble output."""
     inputs = []
     for spec in sig.ENSEMBLE.inputs:
+        if spec.optional and spec.name not in arrays:
+            continue
         value = arrays[spec.name]
         if spec.dtype == "bytes":
             value = np.vectorize(lambda s: s.encode("utf-8"), otypes=[object])(value)

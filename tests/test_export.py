@@ -86,10 +86,12 @@ def test_random_inputs_are_realistic():
 
 
 @pytest.mark.parametrize("config", [{"lexical_axis": False, "query_skip": False},
-                                    {"lexical_axis": True, "query_skip": True, "projection_bias": True}])
+                                    {"lexical_axis": True, "query_skip": True, "projection_bias": True},
+                                    {"lexical_pool": "attention", "mtn_guide": "separate"}])
 def test_other_model_configurations_export(tmp_path, config):
     """Without LAN's lexical evidence axis (keyword_vector has hidden channels, not hidden + 1), without the
-    query skip path, with projection biases: every network exports and validates."""
+    query skip path, with projection biases, with the paper's MTN guide and LAN-attention pooling of the lexical
+    evidence: every network exports and validates."""
     model = tiny_model(**config)
     for name in onnx_export.GRAPHS:
         onnx_export.export_network(model, name, tmp_path / f"{name}.onnx", version=1, fingerprint="fp")
@@ -210,7 +212,7 @@ def test_store_graphs_equal_the_raw_path(tmp_path, checkpoint):
     assert np.array_equal(store.keyword_mask, store.keywords != "")
     manifest = json.loads((repo / sig.STORE_TOKENIZER.model_name / str(version) / STORE_FILE).read_text())
     assert manifest["size"] == 12 and manifest["keywords"] == keywords
-    for name in ("van_store", "lan_store", "fused_store", "fused"):
+    for name in ("van_store", "lan_store", "fused_store", "search_store", "fused"):
         assert (repo / f"amc_{name}" / str(version) / "model.onnx").is_file()
     # The validation fails loudly when the store's keyword projections are off.
     from amc_client.text import LexicalMatcher

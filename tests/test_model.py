@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from amc_client.text import TermWeights
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, add_dataclass_args, config_from_args
 from training.metrics import BM25, dcg, ndcg_at_k
 from training.model import AMC, AMCConfig, masked_softmax, ranking_loss
@@ -46,7 +46,7 @@ def test_masked_softmax_sums_to_one_and_zeroes_padding():
     assert torch.equal(w[1], torch.zeros(3))  # nothing unmasked: zeros, not NaN
 
 
-VARIANTS = [{}, {"query_skip": False, "lexical_axis": False, "mtn_guide": "separate"}]
+VARIANTS = [{}, {"lexical_pool": "max"}, {"query_skip": False, "lexical_axis": False, "mtn_guide": "separate"}]
 
 
 @pytest.mark.parametrize("options", VARIANTS)
@@ -181,15 +181,37 @@ def test_lexical_axis_raises_the_score_of_an_exact_informative_match():
     assert out.scores[0, 1] > out.scores[0, 0]  # same image and keywords; only the lexical evidence differs
 
 
+def test_lexical_max_pool_counts_an_exact_match_in_full_whatever_the_other_keywords():
+    model = _model(lexical_pool="max")
+    with torch.no_grad():
+        model.lan.lexical_score.weight.fill_(1.0)
+    query, _, _, keywords, lexical = _inputs(b=1, n=2, k=6)
+    lexical.zero_()
+    lexical[0, 0, 0] = 1.0  # candidate 0: one exact match among 5 keywords
+    keywords[0, 1, 1:] = 0  # candidate 1: the same match as its only keyword
+    lexical[0, 1, 0] = 1.0
+    q = model.qen(query)
+    with torch.no_grad():
+        vector, _ = model.lan(q, keywords, lexical)
+    assert vector[0, 0, -1].item() == pytest.approx(3.0) and vector[0, 1, -1].item() == pytest.approx(3.0)
+    keywords[0, 0] = 0  # no keywords at all: no evidence
+    with torch.no_grad():
+        assert model.lan(q, keywords, lexical)[0][0, 0, -1].item() == 0.0
+    with pytest.raises(ValueError, match="unknown lexical_pool 'sum'"):
+        AMCConfig(lexical_pool="sum")
+
+
 def test_checkpoint_from_before_the_mtn_guide_option_loads_with_the_papers_separate_guide(tmp_path):
-    model = _model(mtn_guide="separate")
+    model = _model(mtn_guide="separate", lexical_pool="attention")
     weights = TermWeights.from_documents([["cat"]]).to_json()
     save_checkpoint(tmp_path / "c.pt", model, weights, train_config={})
     payload = torch.load(tmp_path / "c.pt", weights_only=True)
-    del payload["model_config"]["mtn_guide"]  # what a checkpoint written before the option holds
+    del payload["model_config"]["mtn_guide"]  # what a checkpoint written before the options holds
+    del payload["model_config"]["lexical_pool"]
+    payload["fingerprint"] = fingerprint(payload["model_config"], weights, payload["state_dict"])  # as it was saved
     torch.save(payload, tmp_path / "old.pt")
     loaded = load_checkpoint(tmp_path / "old.pt")
-    assert loaded.model_config.mtn_guide == "separate"
+    assert loaded.model_config.mtn_guide == "separate" and loaded.model_config.lexical_pool == "attention"
     inputs = _inputs()
     assert torch.equal(loaded.build_model()(*inputs).scores, model(*inputs).scores)
 

@@ -328,9 +328,10 @@ def test_text_step_rejects_bad_keywords_and_too_many_candidates(client: grpcclie
 
 
 def test_store_text_step_matches_training_code(client: grpcclient.InferenceServerClient) -> None:
-    ids = np.array([[2, 0, 3, 2], [1, 1, 0, 3]])
+    ids = np.array([[2, 0, 3, 1], [1, 3, 0, 2]])
     queries = ["red heart", "кошка cat"]
     out = _store_step(client, queries, ids)
+    np.testing.assert_array_equal(out[sig.CANDIDATE_ROWS.name], ids)
     width = max(map(len, STORE_KEYWORDS))
     store = np.array([row + [""] * (width - len(row)) for row in STORE_KEYWORDS], dtype=object)
     _assert_features_match(out, queries, store[ids])
@@ -340,7 +341,7 @@ def test_store_text_step_matches_training_code(client: grpcclient.InferenceServe
 
 def test_store_text_step_answers_concurrent_requests_and_isolates_bad_ones(client: grpcclient.InferenceServerClient) -> None:
     cases = [(["cat face"], [[0, 1]]), (["dog"], [[1, 2, 3]]), (["heart"], [[0, 9]]), ([""], [[0]]),
-             (["kiwi"], [[3]]), (["love"], [[]])]
+             (["kiwi"], [[3]]), (["love"], [[]]), (["cat"], [[1, 2, 1]])]
     answers: queue.Queue[tuple[int, object]] = queue.Queue()
 
     def callback(i: int, result, error) -> None:
@@ -351,7 +352,8 @@ def test_store_text_step_answers_concurrent_requests_and_isolates_bad_ones(clien
                            callback=functools.partial(callback, i), client_timeout=60)
     results: dict[int, object] = dict(answers.get(timeout=60) for _ in cases)
     errors = {2: "candidate_ids[0, 1] = 9 is outside the candidate store of version 1 (0 .. 3)",
-              3: "query is empty", 5: "candidate set is empty"}
+              3: "query is empty", 5: "candidate set is empty",
+              6: "candidate_ids[0] repeats store row 1 (at positions 0 and 2); each candidate may appear once"}
     for i, (queries, _) in enumerate(cases):
         if i in errors:
             assert isinstance(results[i], InferenceServerException), i

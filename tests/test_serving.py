@@ -27,11 +27,13 @@ from amc_client import (
     InvalidInputError,
     ModelVersionError,
     ServerUnavailableError,
+    pack_request,
 )
 from amc_client import signatures as sig
 from export.publish import publish
 from export.reference import Reference
 from export.repository import STEPS
+from export.store import publish_store
 from serving.faults import raw_inputs
 from serving.rollout import infer_arrays
 from serving.server import TritonServer
@@ -41,11 +43,20 @@ pytestmark = pytest.mark.integration
 TOLERANCE = 1e-4
 
 
+# Whole-store search: the version also gets a candidate store of the small corpus's images, ids "s<row>".
+SEARCH_MODELS = [sig.STORE_TOKENIZER.model_name, sig.SEARCH_STORE.model_name, sig.STORE_TOPK.model_name]
+
+
 @pytest.fixture(scope="module")
-def served(trained, tmp_path_factory):
+def served(trained, small_corpus, tmp_path_factory):
     repository = tmp_path_factory.mktemp("repository")
     version = publish(trained.checkpoint, repository, log=lambda *_: None)
+    ckpt = load_checkpoint(trained.checkpoint)
+    publish_store(repository, version, ckpt.build_model(), ckpt.term_weights, small_corpus.regions,
+                  small_corpus.keywords, ids=[f"s{g}" for g in range(len(small_corpus.regions))],
+                  fingerprint=ckpt.fingerprint, log=lambda *_: None)
     models = [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]
+    models += SEARCH_MODELS + [sig.versioned_search_ensemble_name(version), sig.SEARCH_ENSEMBLE_NAME]
     with TritonServer(repository, models=models, admin_key="test-key", log_file=os.environ.get("AMC_TEST_SERVER_LOG")) as server:
         yield server, version
 
@@ -293,3 +304,122 @@ def test_cli_status_against_a_server_with_an_admin_key(served, capsys):
     assert cli.main(["status", "--url", server.grpc_url]) == 0
     out = capsys.readouterr().out
     assert f"versions {version} loaded" in out and f"serving  version {version}" in out
+
+
+# ---- server-side top-k (issue 10 item 2) and whole-store search (item 5) ---------------------------------------
+
+
+def test_server_side_top_k_returns_the_top_rows_of_the_full_ranking(client, served, small_corpus):
+    """With top_k the server answers k rows, best first, each the right candidate with its own explanation."""
+    server, _ = served
+    query, cands = small_corpus.queries["test"][2].text, corpus_candidates(small_corpus, 30, offset=3)
+    full = client.rank(query, cands)
+    top = client.rank(query, cands, top_k=5)
+    assert [r.candidate_id for r in top] == [r.candidate_id for r in full[:5]]
+    for got, want in zip(top, full, strict=False):
+        assert got.score == pytest.approx(want.score, rel=1e-6) and got.top_keywords == want.top_keywords
+        np.testing.assert_array_equal(got.region_attention, want.region_attention)
+    arrays = pack_request([query], [cands])
+    out = send_raw(server, {**arrays, "top_k": np.array([[5]], dtype=np.int64)})
+    assert out.as_numpy("scores").shape == (1, 5) and out.as_numpy("region_attention").shape == (1, 5, 49)
+    ids = [c.id for c in cands]
+    assert [ids[i] for i in out.as_numpy("candidate_index")[0]] == [r.candidate_id for r in full[:5]]
+    every = send_raw(server, arrays)  # no top_k: every candidate, in request order
+    np.testing.assert_array_equal(every.as_numpy("candidate_index")[0], np.arange(30))
+
+
+@pytest.mark.usefixtures("still_serving")
+@pytest.mark.parametrize(("top_k", "message"), [
+    ([[0]], "top_k is 0; it must be at least 1"),
+    ([[-3]], "top_k is -3; it must be at least 1"),
+    ([[3]], "top_k is 3, more than the 2 candidates of the request"),
+])
+def test_bad_top_k_is_an_invalid_argument(served, top_k, message):
+    with pytest.raises(InferenceServerException, match=message) as info:
+        send_raw(served[0], {**raw_request(n=2), "top_k": np.array(top_k, dtype=np.int64)})
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+@pytest.mark.usefixtures("still_serving")
+def test_top_k_above_the_candidates_client_and_server_side(client, small_corpus):
+    cands = corpus_candidates(small_corpus, 3)
+    with pytest.raises(InvalidInputError, match="top_k 4 is more than the 3 candidates"):
+        client.rank("cat", cands, top_k=4)
+    with pytest.raises(InvalidInputError, match="INVALID_ARGUMENT.*top_k is 4, more than the 3 candidates"):
+        client.rank("cat", cands, top_k=4, validate=False)
+
+
+def _store_scores(reference, small_corpus, query: str) -> np.ndarray:
+    """PyTorch's scores of every stored image (row g = corpus image g) for ``query``."""
+    cands = [Candidate(id=f"s{g}", regions=small_corpus.regions[g].astype(np.float32),
+                       keywords=small_corpus.keywords[g]) for g in range(len(small_corpus.regions))]
+    return pytorch_scores(reference, query, cands)
+
+
+@pytest.mark.parametrize("query", ["cat face", "red heart"])
+def test_search_scores_the_whole_store_as_pytorch_does(client, small_corpus, reference, served, query):
+    expected = _store_scores(reference, small_corpus, query)
+    results = client.search(query, top_k=10)
+    best = np.argsort(-expected, kind="stable")[:10]
+    assert [r.store_row for r in results] == best.tolist()
+    assert [r.candidate_id for r in results] == [f"s{g}" for g in best]
+    got = np.array([r.score for r in results])
+    assert np.abs(got - expected[best]).max() / np.abs(expected[best]).max() < TOLERANCE
+    first = results[0]
+    assert first.model_version == served[1] and [r.rank for r in results] == list(range(1, 11))
+    assert {k for k, _ in first.top_keywords} == set(small_corpus.keywords[first.store_row])
+    assert first.region_attention.shape == (7, 7) and abs(float(first.region_attention.sum()) - 1) < 1e-4
+
+
+def test_search_among_a_filter_of_store_rows_equals_ranking_them(client, small_corpus, reference):
+    rows = [5, 17, 42, 99, 3, 150]
+    query = small_corpus.queries["test"][0].text
+    results = client.search(query, top_k=4, ids=rows)
+    expected = _store_scores(reference, small_corpus, query)[rows]
+    assert [r.store_row for r in results] == [rows[i] for i in np.argsort(-expected, kind="stable")[:4]]
+    ranked = client.rank(query, [Candidate(id=f"s{g}", regions=small_corpus.regions[g].astype(np.float32),
+                                           keywords=small_corpus.keywords[g]) for g in rows], top_k=4)
+    assert [r.candidate_id for r in results] == [r.candidate_id for r in ranked]
+    np.testing.assert_allclose([r.score for r in results], [r.score for r in ranked], rtol=1e-4, atol=1e-6)
+
+
+def test_search_async_and_cli(served, client, capsys):
+    import asyncio
+    import json
+
+    from amc_client import cli
+
+    server, _ = served
+
+    async def run():
+        async with AsyncAMCClient(server.grpc_url, timeout_s=60) as c:
+            return await c.search("cat face", top_k=3)
+
+    assert [r.store_row for r in asyncio.run(run())] == [r.store_row for r in client.search("cat face", top_k=3)]
+    assert cli.main(["search", "cat face", "--top-k", "3", "--url", server.grpc_url, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["store_row"] for r in doc["results"]] == [r.store_row for r in client.search("cat face", top_k=3)]
+    assert cli.main(["search", "cat face", "--ids", "4", "4", "--url", server.grpc_url]) == 2
+    assert "store row 4 appears more than once" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("still_serving")
+@pytest.mark.parametrize(("arrays", "message"), [
+    ({"top_k": [[0]]}, "top_k is 0; it must be at least 1"),
+    ({"top_k": [[161]]}, "top_k is 161, more than the 160 candidates of the request"),
+    ({"candidate_ids": [[3, 160]]}, "candidate_ids[0, 1] = 160 is outside the candidate store of version 1 (0 .. 159)"),
+    ({"candidate_ids": [[-1]]}, "candidate_ids[0, 0] = -1 is outside the candidate store"),
+    ({"candidate_ids": [[7, 2, 7]]}, "candidate_ids[0] repeats store row 7 (at positions 0 and 2)"),
+    ({"candidate_ids": [[7, 2]], "top_k": [[3]]}, "top_k is 3, more than the 2 candidates of the request"),
+    ({"candidate_ids": np.empty((1, 0))}, "candidate set is empty"),
+])
+def test_search_bad_inputs_are_invalid_arguments_and_search_still_works(served, small_corpus, arrays, message):
+    assert len(small_corpus.regions) == 160
+    request = {"query": np.array([[b"cat"]], dtype=object),
+               **{k: np.asarray(v, dtype=np.int64) for k, v in arrays.items()}}
+    with pytest.raises(InferenceServerException) as info:
+        grpcclient.InferenceServerClient(served[0].grpc_url).infer(sig.SEARCH_ENSEMBLE_NAME, raw_inputs(request),
+                                                                   client_timeout=60)
+    assert message in info.value.message() and info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    with AMCClient(served[0].grpc_url, timeout_s=60) as c:
+        assert len(c.search("cat", top_k=2)) == 2

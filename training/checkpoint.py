@@ -43,9 +43,10 @@ class Checkpoint:
         return model.eval()
 
 
-def fingerprint(model_config: AMCConfig, term_weights: str, state_dict: dict[str, torch.Tensor]) -> str:
+def fingerprint(model_config: dict, term_weights: str, state_dict: dict[str, torch.Tensor]) -> str:
+    """Over the model configuration as the checkpoint stores it (options added later are absent from older ones)."""
     h = hashlib.sha256()
-    h.update(json.dumps(model_config.to_dict(), sort_keys=True).encode())
+    h.update(json.dumps(model_config, sort_keys=True).encode())
     h.update(term_weights.encode())
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().cpu().contiguous()
@@ -59,7 +60,7 @@ def save_checkpoint(path: str | Path, model: AMC, term_weights: str, *, train_co
                     metrics: dict | None = None) -> Checkpoint:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     ckpt = Checkpoint(model.config, state, term_weights, train_config, dict(metrics or {}),
-                      fingerprint(model.config, term_weights, state))
+                      fingerprint(model.config.to_dict(), term_weights, state))
     payload = {"format": FORMAT, "model_config": ckpt.model_config.to_dict(), "state_dict": state,
                "term_weights": term_weights, "train_config": train_config, "metrics": ckpt.metrics,
                "fingerprint": ckpt.fingerprint}
@@ -93,8 +94,10 @@ def load_checkpoint(path: str | Path, *, expect: AMCConfig | None = None) -> Che
         raise CheckpointError(f"{path}: encoder mismatch: trained with text encoder {encoder!r}, but this release "
                               f"serves {ENCODER!r}; retrain it (make train)")
     try:
-        # Checkpoints written before MTN's guide became an option used the paper's separate W'.
-        config = AMCConfig.from_dict({"mtn_guide": "separate", **payload["model_config"]})
+        # Checkpoints written before MTN's guide and the lexical pooling became options used the paper's separate
+        # W' and attention pooling.
+        config = AMCConfig.from_dict({"mtn_guide": "separate", "lexical_pool": "attention",
+                                      **payload["model_config"]})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid model configuration: {e}") from e
     if expect is not None and expect != config:
@@ -108,7 +111,7 @@ def load_checkpoint(path: str | Path, *, expect: AMCConfig | None = None) -> Che
     if expected_shapes != found_shapes:
         bad = sorted(set(expected_shapes.items()) ^ set(found_shapes.items()))[:5]
         raise CheckpointError(f"{path}: weights do not match its model configuration (first differences: {bad})")
-    actual = fingerprint(config, term_weights, state)
+    actual = fingerprint(payload["model_config"], term_weights, state)
     if actual != payload["fingerprint"]:
         raise CheckpointError(f"{path}: fingerprint mismatch (stored {payload['fingerprint']}, "
                               f"computed {actual}); the file was modified or is corrupt")

@@ -18,7 +18,9 @@ Where the paper leaves a detail open, the choice made here:
   share of the keyword found in the query, of the query found in the keyword, of the query found anywhere in
   the candidate's keywords). ``p_i = softmax_i((q W_ql) . (k_i W_kl) / sqrt(hidden) + a . f_i)``,
   ``k^q = sum_i p_i (k_i W_kl + U f_i)``, with ``a`` and ``U`` learned; with ``lexical_axis``, ``k^q`` gets one
-  more coordinate, ``sum_i p_i (c . f_i)``, which the visual vector has as 0 and ``q'`` / ``q_m`` weigh with a
+  more coordinate, ``max_i c . f_i`` (``lexical_pool="max"``: the strongest keyword's evidence, so an exact tag
+  counts in full however many other tags an image has; ``"attention"`` pools it as ``sum_i p_i (c . f_i)``),
+  which the visual vector has as 0 and ``q'`` / ``q_m`` weigh with a
   query-dependent softplus: the lexical evidence's own axis of the AMC space (reports/eval_history.md).
   Why the lexical term: embeddings blur word identity, and search queries are often the very tags an image
   carries; IDF weighting is what lets a rare word ("kiwi") count more than a frequent one ("face"), as
@@ -45,6 +47,7 @@ from torch import nn
 
 MODES = ("amc", "visual_only", "keywords_only", "equal_fusion")
 MTN_GUIDES = ("separate", "match")
+LEXICAL_POOLS = ("attention", "max")
 _NEG = -1e9  # masked logit: exp(-1e9 - max) is exactly 0 in float32, so padding gets no weight
 _EPS = 1e-8
 
@@ -82,10 +85,16 @@ class AMCConfig:
     # random100 R@1 from 0.688 to 0.738 over 3 seeds (reports/eval_history.md, row 15); checkpoints that predate
     # the option were trained with "separate" (training.checkpoint fills it in).
     mtn_guide: str = "match"
+    # How the lexical axis pools its keywords' evidence: "attention" weighs each keyword's c . f_i by LAN's
+    # attention, "max" takes the strongest keyword's (an exact tag match counts in full however many other tags
+    # the image has, as in BM25). Checkpoints that predate the option used "attention".
+    lexical_pool: str = "max"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; expected one of {MODES}")
+        if self.lexical_pool not in LEXICAL_POOLS:
+            raise ValueError(f"unknown lexical_pool {self.lexical_pool!r}; expected one of {LEXICAL_POOLS}")
         if self.mtn_guide not in MTN_GUIDES:
             raise ValueError(f"unknown mtn_guide {self.mtn_guide!r}; expected one of {MTN_GUIDES}")
 
@@ -176,6 +185,7 @@ class LanguageAttention(nn.Module):
         self.lexical_vector = nn.Linear(cfg.lexical_dim, cfg.hidden, bias=False)  # U
         self.lexical_logit = nn.Linear(cfg.lexical_dim, 1, bias=False)  # a
         self.lexical_score = nn.Linear(cfg.lexical_dim, 1, bias=False) if cfg.lexical_axis else None
+        self.lexical_pool = cfg.lexical_pool
         self.scale = cfg.hidden**-0.5
 
     def project(self, keyword_embeddings: torch.Tensor) -> torch.Tensor:
@@ -196,7 +206,12 @@ class LanguageAttention(nn.Module):
         attention = masked_softmax(logits, keyword_mask)  # (B, N, K)
         keyword_vector = (attention.unsqueeze(-1) * k).sum(2)  # (B, N, H)
         if self.lexical_score is not None:
-            evidence = (attention * self.lexical_score(keyword_lexical).squeeze(-1)).sum(-1, keepdim=True)  # (B, N, 1)
+            per_keyword = self.lexical_score(keyword_lexical).squeeze(-1)  # (B, N, K)
+            if self.lexical_pool == "max":
+                evidence = per_keyword.masked_fill(~keyword_mask, _NEG).amax(-1, keepdim=True)  # (B, N, 1)
+                evidence = evidence * keyword_mask.any(-1, keepdim=True)  # a candidate without keywords: 0
+            else:
+                evidence = (attention * per_keyword).sum(-1, keepdim=True)  # (B, N, 1)
             keyword_vector = torch.cat([keyword_vector, evidence], dim=-1)  # (B, N, H + 1)
         return keyword_vector, attention
 

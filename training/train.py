@@ -1,9 +1,20 @@
 """Train AMC (or one of its baselines) with the paper's ranking loss on the image-search log.
 
     python -m training.train --out runs/amc --epochs 20 --corpus.max_images 300
+    torchrun --nproc-per-node 2 -m training.train --device cuda ...   # DistributedDataParallel, one GPU each
 
 Each epoch ends with validation NDCG@10; training stops early when it has not improved for ``patience``
 epochs, and the best epoch's weights are saved as a checkpoint that export can use on its own.
+
+Under torchrun (``training.distributed``) every rank draws the same global batch of ``batch_size`` queries
+(same seed: the same order and the same sampled negatives as one process) and computes the loss of its
+contiguous share; the ranking, listwise and contrastive losses are means over queries, so with each rank's
+loss scaled by ``local / global * world``, DDP's gradient average is the gradient of the global batch's loss,
+as in one process. The in-batch contrastive loss keeps all ``batch_size`` images as candidates: each rank
+projects every positive of the global batch (the features are replicated on every rank), so its queries see
+the same negatives as in one process. What differs is floating-point summation order only. Rank 0 alone
+shows the progress bar, evaluates (the others wait for its figures, so early stopping agrees) and writes the
+checkpoint, in the same format.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,10 +32,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from amc_client.text import TermWeights
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import add_dataclass_args, config_from_args
 from training.corpus import Corpus, CorpusConfig, Query, load_corpus
 from training.data import CorpusTensors, corpus_tensors, fit_region_pca, padded_candidates, term_weights
+from training.distributed import Dist, no_buffer_sync, setup, teardown
 from training.metrics import mean_ndcg
 from training.model import AMC, AMCConfig, cosine, masked_softmax, ranking_loss
 
@@ -46,6 +60,7 @@ class TrainConfig:
     projection_bias: bool = False  # AMCConfig.projection_bias
     init_temperature: float = 5.0  # AMCConfig.init_temperature: MTN's softmax temperature at the start (learned)
     mtn_guide: str = "match"  # AMCConfig.mtn_guide
+    lexical_pool: str = "max"  # AMCConfig.lexical_pool
     hidden: int = 128
     pca_dim: int = 256
     # Visual-only auxiliary losses (issue 8: VAN was weak where keywords are noise, because the fused loss lets
@@ -65,14 +80,21 @@ class TrainConfig:
     # Validation figure that picks the best epoch: NDCG@10, or "ndcg@1+10" (their mean).
     select_by: str = "ndcg@10"
     resume: str = ""  # checkpoint to continue from; refused if its model configuration differs
+    # How each batch's clicked and unclicked candidates are drawn. "sequential": one rng.choice pair per query
+    # (the original stream, what every reported figure used). "vectorized": the same distribution drawn for
+    # the whole batch in a few numpy calls, ~100x cheaper; under torchrun every rank draws the whole global
+    # batch, so the sequential draw is work each rank repeats (see reports/ddp.json).
+    sampling: str = "sequential"
     progress: bool = True  # show a progress bar
+    # cpu, or cuda (under torchrun: GPU LOCAL_RANK, NCCL), or cuda:K. Under torchrun cpu means gloo.
+    device: str = "cpu"
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
 
     def model_config(self) -> AMCConfig:
         return AMCConfig(query_dim=self.query_dim, query_skip=self.query_skip, hidden=self.hidden,
                          pca_dim=self.pca_dim, mode=self.mode, init_temperature=self.init_temperature,
                          lexical_axis=self.lexical_axis, projection_bias=self.projection_bias,
-                         mtn_guide=self.mtn_guide)
+                         mtn_guide=self.mtn_guide, lexical_pool=self.lexical_pool)
 
 
 @dataclass
@@ -84,6 +106,57 @@ class TrainResult:
     test: dict[str, float]
     history: list[dict]
     seconds: float
+
+
+@dataclass
+class Prepared:
+    """What ``train`` otherwise derives from the corpus's raw region features (benchmarks bring it packed)."""
+
+    region_pca: tuple[torch.Tensor, torch.Tensor]  # mean (D,), basis (D, pca_dim): AMC.set_region_pca
+    weights: TermWeights
+    data: CorpusTensors
+
+
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor.to(device)``; a CPU tensor goes to a GPU through pinned memory, asynchronously, so the CPU goes
+    on to the next batch's lexical features while the GPU computes (a pageable copy waits for the GPU)."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class DeviceTensors(CorpusTensors):
+    """:class:`CorpusTensors` whose features live on ``device``; lexical features are computed on the CPU.
+
+    ``candidates`` is ``CorpusTensors.candidates`` with the index moved to the device first.
+    """
+
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def of(cls, data: CorpusTensors, device: torch.device) -> CorpusTensors:
+        if device.type == "cpu":
+            return data
+        return cls(data.reduced.to(device), data.keyword_embeddings.to(device), data.keywords, data.matcher,
+                   data.text, device)
+
+    def _upload(self, tensor: torch.Tensor) -> torch.Tensor:
+        return upload(tensor, self.device)
+
+    def query_text(self, texts: list[str]) -> torch.Tensor:
+        return self._upload(super().query_text(texts))
+
+    def candidates(self, texts: list[str], index: torch.Tensor):
+        index = index.cpu()
+        lexical = self._upload(self.lexical(texts, index))  # (B, N, K, F), from the CPU index
+        index = self._upload(index)
+        valid = index >= 0
+        safe = index.clamp_min(0)
+        reduced = self.reduced[safe]  # (B, N, R, P)
+        region_mask = valid[..., None].expand(*index.shape, reduced.shape[2])  # (B, N, R)
+        keyword_embeddings = self.keyword_embeddings[safe] * valid[..., None, None]  # (B, N, K, E)
+        return reduced, region_mask, keyword_embeddings, lexical
 
 
 @torch.no_grad()
@@ -99,9 +172,10 @@ def score_lists(model: AMC, data: CorpusTensors, texts: list[str], candidate_lis
         out = model(data.query_text(chunk), *data.candidates(chunk, index), reduced=True)
         for b, cands in enumerate(lists):
             n = len(cands)
-            results.append({"scores": out.scores[b, :n].numpy(), "modality_weights": out.modality_weights[b, :n].numpy(),
-                            "region_attention": out.region_attention[b, :n].numpy(),
-                            "keyword_attention": out.keyword_attention[b, :n].numpy()})
+            results.append({"scores": out.scores[b, :n].cpu().numpy(),
+                            "modality_weights": out.modality_weights[b, :n].cpu().numpy(),
+                            "region_attention": out.region_attention[b, :n].cpu().numpy(),
+                            "keyword_attention": out.keyword_attention[b, :n].cpu().numpy()})
     return results
 
 
@@ -142,81 +216,205 @@ def _batch_indices(pairs, rng: np.random.Generator, negatives: int) -> tuple[lis
     return qids, torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
-def auxiliary_losses(model: AMC, data: CorpusTensors, out, index: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """The single-modality auxiliary losses for one batch (column 0 of ``index`` holds the clicked images)."""
-    q_match = model.mtn.match_vector(out.query_embedding)  # (B, H)
+class BatchSampler:
+    """``sampling="vectorized"``: a batch's clicked candidate (uniform among the positives) and ``negatives``
+    distinct unclicked ones (uniform; with replacement where a query has fewer) from padded tables, in a
+    few numpy calls for the whole batch."""
+
+    def __init__(self, pairs, negatives: int) -> None:
+        self.qids = np.array([q for q, _, _ in pairs], dtype=np.int64)
+        self.n_pos = np.array([len(c) for _, c, _ in pairs])
+        self.n_neg = np.array([len(u) for _, _, u in pairs])
+        self.pos = np.zeros((len(pairs), self.n_pos.max()), dtype=np.int64)
+        self.neg = np.zeros((len(pairs), self.n_neg.max()), dtype=np.int64)
+        for i, (_, clicked, unclicked) in enumerate(pairs):
+            self.pos[i, :len(clicked)] = clicked
+            self.neg[i, :len(unclicked)] = unclicked
+        self.negatives = negatives
+
+    def __call__(self, chosen: np.ndarray, rng: np.random.Generator) -> tuple[list[int], torch.Tensor]:
+        n_pos, n_neg = self.n_pos[chosen], self.n_neg[chosen]
+        positive = self.pos[chosen, (rng.random(len(chosen)) * n_pos).astype(np.int64)]  # (B,)
+        keys = rng.random((len(chosen), self.neg.shape[1]))  # a random order of each query's unclicked
+        keys[np.arange(self.neg.shape[1])[None, :] >= n_neg[:, None]] = 2.0  # padding sorts last
+        slot = np.argsort(keys, axis=1)[:, :self.negatives]  # (B, t)
+        short = n_neg < self.negatives
+        if short.any():
+            slot[short] = (rng.random((int(short.sum()), self.negatives)) * n_neg[short, None]).astype(np.int64)
+        negs = np.take_along_axis(self.neg[chosen], slot, axis=1)  # (B, t)
+        return self.qids[chosen].tolist(), torch.from_numpy(np.concatenate([positive[:, None], negs], axis=1))
+
+
+def auxiliary_losses(model: AMC, data: CorpusTensors, out, index: torch.Tensor, cfg: TrainConfig,
+                     positives: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """The single-modality auxiliary losses for one batch (column 0 of ``index`` holds the clicked images).
+
+    Under DDP ``index`` is this rank's share of the global batch, ``positives`` the clicked image of every
+    query of the global batch and ``offset`` the position of this rank's first query in it: the contrastive
+    loss then scores the local queries against all of the global batch's images, as one process does.
+    """
+    device = out.scores.device
+    q_match = model.mtn.match_vector(out.query_embedding)  # (b, H)
     loss = out.scores.new_zeros(())
     if cfg.visual_rank_weight:
-        visual_scores = cosine(q_match.unsqueeze(1), out.visual_vector)  # (B, 1 + t)
+        visual_scores = cosine(q_match.unsqueeze(1), out.visual_vector)  # (b, 1 + t)
         loss = loss + cfg.visual_rank_weight * ranking_loss(visual_scores, cfg.margin)
     if cfg.language_rank_weight:
         language_scores = cosine(model.mtn.query_vectors(out.query_embedding)[1].unsqueeze(1), out.keyword_vector)
         loss = loss + cfg.language_rank_weight * ranking_loss(language_scores, cfg.margin)
     if cfg.visual_contrastive_weight:
-        positives = index[:, 0]
+        local = upload(index[:, 0], device)  # (b,) this rank's queries' clicked images
+        positives = local if positives is None else upload(positives, device)  # (B,) the global batch's
         u = model.van.project(data.reduced[positives])  # (B images, R, H)
-        s_q = model.van.kernel(out.query_embedding)  # (B queries, H)
-        logits = torch.einsum("irh,qh->qir", torch.tanh(u), s_q)  # (B queries, B images, R)
+        s_q = model.van.kernel(out.query_embedding)  # (b queries, H)
+        logits = torch.einsum("irh,qh->qir", torch.tanh(u), s_q)  # (b queries, B images, R)
         attention = masked_softmax(logits, torch.ones_like(logits, dtype=torch.bool))
-        visual = torch.einsum("qir,irh->qih", attention, u)  # (B, B, H)
-        similarity = cosine(q_match.unsqueeze(1), visual) / cfg.contrastive_temperature  # (B, B)
+        visual = torch.einsum("qir,irh->qih", attention, u)  # (b, B, H)
+        similarity = cosine(q_match.unsqueeze(1), visual) / cfg.contrastive_temperature  # (b, B)
         # The same image can be two queries' positive: it is not a negative for either.
-        same = positives[:, None] == positives[None, :]
-        similarity = similarity.masked_fill(same & ~torch.eye(len(positives), dtype=torch.bool), -1e4)
-        target = torch.arange(len(positives))
+        target = torch.arange(len(local), device=device) + offset  # each query's own column
+        own = torch.zeros(len(local), len(positives), dtype=torch.bool, device=device)
+        own[torch.arange(len(local), device=device), target] = True
+        same = local[:, None] == positives[None, :]
+        similarity = similarity.masked_fill(same & ~own, -1e4)
         loss = loss + cfg.visual_contrastive_weight * torch.nn.functional.cross_entropy(similarity, target)
     return loss
 
 
-def train(cfg: TrainConfig, corpus: Corpus | None = None) -> TrainResult:
+class StepLoss(torch.nn.Module):
+    """One step's training loss as a module, the thing DistributedDataParallel wraps.
+
+    ``forward(texts, index, positives, offset)``: the loss of queries ``texts`` with candidate rows ``index``
+    (b, 1 + t), column 0 the clicked image; ``positives``/``offset`` as in :func:`auxiliary_losses`.
+    """
+
+    def __init__(self, model: AMC, data: CorpusTensors, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.data = data
+        self.cfg = cfg
+        self.use_visual = cfg.mode in ("amc", "equal_fusion", "visual_only")
+
+    def forward(self, texts: list[str], index: torch.Tensor, positives: torch.Tensor | None = None,
+                offset: int = 0) -> torch.Tensor:
+        cfg, data = self.cfg, self.data
+        out = self.model(data.query_text(texts), *data.candidates(texts, index), reduced=True)
+        loss = ranking_loss(out.scores, cfg.margin)
+        if cfg.listwise_weight:
+            loss = loss + cfg.listwise_weight * torch.nn.functional.cross_entropy(
+                out.scores / cfg.listwise_temperature, torch.zeros(len(texts), dtype=torch.long,
+                                                                   device=out.scores.device))
+        if self.use_visual:
+            loss = loss + auxiliary_losses(self.model, data, out, index, cfg, positives, offset)
+        return loss
+
+
+def _unused_parameters(step: StepLoss, texts: list[str], index: torch.Tensor) -> list[str]:
+    """Trainable parameters that get no gradient from a step (baselines leave some networks out): DDP must
+    be told (find_unused_parameters) or it waits for their gradients forever. One backward, grads cleared."""
+    step(texts, index).backward()
+    unused = [n for n, p in step.model.named_parameters() if p.requires_grad and p.grad is None]
+    step.model.zero_grad(set_to_none=True)
+    return unused
+
+
+def train(cfg: TrainConfig, corpus: Corpus | None = None, *, prepared: Prepared | None = None) -> TrainResult:
+    """Trains one model; under torchrun (``WORLD_SIZE`` > 1) this process is one rank of DDP training."""
+    d = setup(cfg.device)
+    try:
+        return _train(cfg, corpus, prepared, d)
+    finally:
+        teardown(d)
+
+
+def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d: Dist) -> TrainResult:
     started = time.perf_counter()
-    corpus = corpus or load_corpus(cfg.corpus, progress=cfg.progress)
+    progress = cfg.progress and d.main
+    if not d.main:
+        d.barrier()  # rank 0 builds (or reads) the caches first; the others then read them
+    corpus = corpus or load_corpus(cfg.corpus, progress=progress)
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)  # the same stream on every rank: the same global batches
     model_config = cfg.model_config()
     model = AMC(model_config)
-    model.set_region_pca(*fit_region_pca(corpus.regions, cfg.pca_dim, seed=cfg.corpus.seed))
+    if prepared is None:
+        model.set_region_pca(*fit_region_pca(corpus.regions, cfg.pca_dim, seed=cfg.corpus.seed))
+    else:
+        model.set_region_pca(*prepared.region_pca)
     if cfg.resume:
         model.load_state_dict(load_checkpoint(cfg.resume, expect=model_config).state_dict)
-    weights = term_weights(corpus)
-    data = corpus_tensors(corpus, model, weights, progress=cfg.progress)
+    if prepared is None:
+        weights = term_weights(corpus)
+        data = corpus_tensors(corpus, model, weights, progress=progress)
+    else:
+        weights, data = prepared.weights, prepared.data
     train_queries, val_queries = corpus.queries["train"], corpus.queries["val"]
     pairs = _training_pairs(train_queries, cfg.dwell)
     if not pairs:
         raise ValueError("the training split has no query with both a clicked and an unclicked candidate")
     train_texts = [q.text for q in train_queries]
     data.query_text(train_texts)  # embeds (and caches) every training query once, before the progress bar
-    use_visual = cfg.mode in ("amc", "equal_fusion", "visual_only")
+    if d.main:
+        d.barrier()
+    model.to(d.device)
+    data = DeviceTensors.of(data, d.device)
+    step_loss = StepLoss(model, data, cfg)
+    ddp = None
+    if d.enabled:
+        probe = _batch_indices(pairs[:2], np.random.default_rng(0), cfg.negatives)  # its own rng: rng untouched
+        unused = _unused_parameters(step_loss, [train_texts[i] for i in probe[0]], probe[1])
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            step_loss, device_ids=None,  # inputs stay where they are: the lexical features need the CPU index
+            find_unused_parameters=bool(unused), **no_buffer_sync())
+
+    if cfg.sampling not in ("sequential", "vectorized"):
+        raise ValueError(f"--sampling must be sequential or vectorized, got {cfg.sampling!r}")
+    sampler = BatchSampler(pairs, cfg.negatives) if cfg.sampling == "vectorized" else None
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
     best, best_state, best_epoch, stale, history = -1.0, None, 0, 0, []
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"train {cfg.mode}", unit="step",
-               disable=not cfg.progress, file=sys.stderr)
+               disable=not progress, file=sys.stderr)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         order = rng.permutation(len(pairs))
-        losses = []
+        losses, shown = [], []
+        epoch_started = time.perf_counter()
         for step in range(steps_per_epoch):
-            chosen = [pairs[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
-            qids, index = _batch_indices(chosen, rng, cfg.negatives)
+            batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            if sampler is None:
+                qids, index = _batch_indices([pairs[i] for i in batch], rng, cfg.negatives)  # the global batch
+            else:
+                qids, index = sampler(batch, rng)
             texts = [train_texts[i] for i in qids]
-            out = model(data.query_text(texts), *data.candidates(texts, index), reduced=True)
-            loss = ranking_loss(out.scores, cfg.margin)
-            if cfg.listwise_weight:
-                loss = loss + cfg.listwise_weight * torch.nn.functional.cross_entropy(
-                    out.scores / cfg.listwise_temperature, torch.zeros(len(qids), dtype=torch.long))
-            if use_visual:
-                loss = loss + auxiliary_losses(model, data, out, index, cfg)
+            if ddp is None:
+                loss = step_loss(texts, index)
+            else:
+                start, stop = d.shard(len(qids))
+                scale = (stop - start) * d.world / len(qids)
+                if stop == start:  # a last batch smaller than the world: a weightless query keeps DDP in step
+                    start, stop, scale = 0, 1, 0.0
+                loss = ddp(texts[start:stop], index[start:stop], index[:, 0], start) * scale
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.4f}", best_val=f"{best:.4f}")
-        val = evaluate_split(model, data, val_queries)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), **{f"val_{k}": v for k, v in val.items()}})
+            if progress:
+                shown.append(loss.item())
+                bar.set_postfix(epoch=epoch, loss=f"{np.mean(shown):.4f}", best_val=f"{best:.4f}")
+        if ddp is None:
+            epoch_loss = float(np.mean(torch.stack(losses).tolist()))
+        else:  # the global batch's loss is the mean over ranks of the scaled local losses
+            epoch_loss = d.all_reduce_sum(torch.stack(losses).sum()).item() / d.world / len(losses)
+        if d.device.type == "cuda":
+            torch.cuda.synchronize(d.device)
+        train_s = time.perf_counter() - epoch_started
+        val = d.broadcast(evaluate_split(model, data, val_queries) if d.main else None)
+        history.append({"epoch": epoch, "loss": epoch_loss, **{f"val_{k}": v for k, v in val.items()},
+                        "train_s": train_s, "samples": len(pairs)})
         score = (val["ndcg@1"] + val["ndcg@10"]) / 2 if cfg.select_by == "ndcg@1+10" else val[cfg.select_by]
         if score > best:
             best, best_epoch, stale = score, epoch, 0
@@ -227,14 +425,19 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None) -> TrainResult:
                 break
     bar.close()
     model.load_state_dict(best_state)
-    val = evaluate_split(model, data, val_queries)
-    test = evaluate_split(model, data, corpus.queries["test"])
     out_dir = Path(cfg.out)
-    metrics = {"best_epoch": best_epoch, **{f"val_{k}": v for k, v in val.items()},
-               **{f"test_{k}": v for k, v in test.items()}}
-    ckpt = save_checkpoint(out_dir / "checkpoint.pt", model, weights.to_json(), train_config=asdict(cfg), metrics=metrics)
-    (out_dir / "history.json").write_text(json.dumps(history, indent=2))
-    return TrainResult(out_dir / "checkpoint.pt", ckpt.fingerprint, best_epoch, val, test, history,
+    summary = None
+    if d.main:
+        val = evaluate_split(model, data, val_queries)
+        test = evaluate_split(model, data, corpus.queries["test"])
+        metrics = {"best_epoch": best_epoch, **{f"val_{k}": v for k, v in val.items()},
+                   **{f"test_{k}": v for k, v in test.items()}}
+        ckpt = save_checkpoint(out_dir / "checkpoint.pt", model, weights.to_json(), train_config=asdict(cfg),
+                               metrics=metrics)
+        (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+        summary = (ckpt.fingerprint, val, test)
+    fingerprint, val, test = d.broadcast(summary)  # every rank returns the same result, once it is written
+    return TrainResult(out_dir / "checkpoint.pt", fingerprint, best_epoch, val, test, history,
                        time.perf_counter() - started)
 
 
@@ -248,9 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"checkpoint {result.checkpoint} (fingerprint {result.fingerprint}), best epoch {result.best_epoch}, "
-          f"val NDCG@10 {result.val['ndcg@10']:.4f}, test NDCG@10 {result.test['ndcg@10']:.4f}, "
-          f"{result.seconds:.0f} s")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
+        print(f"checkpoint {result.checkpoint} (fingerprint {result.fingerprint}), best epoch {result.best_epoch}, "
+              f"val NDCG@10 {result.val['ndcg@10']:.4f}, test NDCG@10 {result.test['ndcg@10']:.4f}, "
+              f"{result.seconds:.0f} s")
     return 0
 
 

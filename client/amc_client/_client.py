@@ -23,7 +23,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from . import _calls, _fleet, _packing, _routing
+from . import _calls, _fleet, _packing, _routing, _search
 from . import signatures as sig
 from ._calls import Call as _Call
 from ._calls import Sleep as _Sleep
@@ -128,19 +128,22 @@ class _Core:
             raise InvalidInputError(
                 "rank_many takes a list of queries and a list of candidate sets of the same length"
             )
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise InvalidInputError(f"top_k must be a positive int or None, got {top_k!r}")
+        _packing.check_top_k(top_k)
         qs = [_packing.check_query(q) for q in queries]
         sets = [_packing.normalize(c) for c in candidate_sets]
         if validate:
+            _packing.check_top_k(top_k, [len(s) for s in sets])
             for q, s in zip(qs, sets, strict=True):
                 _packing.check_request(q, s)
         return qs, sets
 
     @staticmethod
-    def _inputs(arrays: Mapping[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    def _inputs(arrays: Mapping[str, np.ndarray], signature: sig.StepSignature = sig.ENSEMBLE
+                ) -> list[grpcclient.InferInput]:
         inputs = []
-        for spec in sig.ENSEMBLE.inputs:
+        for spec in signature.inputs:
+            if spec.optional and spec.name not in arrays:
+                continue
             array = arrays[spec.name]
             tensor = grpcclient.InferInput(spec.name, list(array.shape), spec.triton_datatype)
             tensor.set_data_from_numpy(array)
@@ -148,8 +151,8 @@ class _Core:
         return inputs
 
     @staticmethod
-    def _outputs() -> list[grpcclient.InferRequestedOutput]:
-        return [grpcclient.InferRequestedOutput(name) for name in sig.ENSEMBLE.output_names]
+    def _outputs(signature: sig.StepSignature = sig.ENSEMBLE) -> list[grpcclient.InferRequestedOutput]:
+        return [grpcclient.InferRequestedOutput(name) for name in signature.output_names]
 
     def _routing_fresh(self) -> bool:
         return self._routing is not None and time.monotonic() - self._routing_at < self._routing_refresh_s
@@ -193,7 +196,8 @@ class _Core:
         result: Any, model: str, expected: int | None, sets: Sequence[_packing._Set], top_k: int | None
     ) -> list[list[RankedResult]]:
         outputs = {name: result.as_numpy(name) for name in sig.ENSEMBLE.output_names}
-        missing = [name for name, value in outputs.items() if value is None]
+        # candidate_index is absent from servers without the top-k step: their rows are the request's order.
+        missing = [name for name, value in outputs.items() if value is None and name != sig.CANDIDATE_INDEX.name]
         if missing:
             raise AMCError(f"{model!r} answered without the outputs {missing}")
         versions = outputs[sig.MODEL_VERSION.name].reshape(-1)[: len(sets)]
@@ -225,7 +229,7 @@ class _Core:
 
     def _request(self, queries: list[str], sets: list[_packing._Set], top_k: int | None) -> _Steps:
         deadline = _calls.Deadline(self.timeout_s)
-        inputs, outputs = self._inputs(_packing.pack(queries, sets)), self._outputs()
+        inputs, outputs = self._inputs(_packing.pack(queries, sets, top_k)), self._outputs()
         for reread in (False, True):
             model, expected = yield from self._choose(deadline, reread)
             try:
@@ -239,6 +243,17 @@ class _Core:
                 loaded = yield from self._loaded_or_none(deadline)
                 raise self._not_loaded(e, loaded) from e.__cause__
         raise AssertionError("unreachable")
+
+    def _search(self, query: str, top_k: int | None, ids: Any, validate: bool) -> _Steps:
+        """Whole-store search (``_search.py`` has the design): one request to ``amc_search`` (or its pinned twin)."""
+        text, rows = _search.check_search(query, top_k, ids, validate)
+        version = self.model_version
+        model = sig.SEARCH_ENSEMBLE_NAME if version is None else sig.versioned_search_ensemble_name(version)
+        inputs = self._inputs(_search.pack_search(text, top_k, rows), sig.SEARCH_ENSEMBLE)
+        deadline = _calls.Deadline(self.timeout_s)
+        result = yield from self._call("infer", model, deadline, model_name=model, inputs=inputs,
+                                       outputs=self._outputs(sig.SEARCH_ENSEMBLE))
+        return _search.results(result, model, version)
 
     def _choose(self, deadline: _calls.Deadline, reread: bool) -> _Steps:
         if self.model_version is not None:
@@ -435,6 +450,14 @@ class AMCClient(_Core):
         """
         return self._drive(self._rank_many(queries, candidate_sets, top_k, validate))
 
+    def search(
+        self, query: str, top_k: int | None = 10, ids: Sequence[int] | None = None, *, validate: bool = True
+    ) -> list[RankedResult]:
+        """The ``top_k`` best images of the server's candidate store for ``query`` (all rows if None), best first,
+        each with its explanation; ``ids``: search only these store rows (``RankedResult.store_row``). Needs a
+        model version published with a store (``export.store.publish_store``); one request, whatever its size."""
+        return self._drive(self._search(query, top_k, ids, validate))
+
     def server_ready(self) -> bool:
         """True if the server answers that it is ready; False if it is not, or cannot be reached."""
         return self._drive(self._probe("is_server_ready"))
@@ -535,6 +558,12 @@ class AsyncAMCClient(_Core):
     ) -> list[list[RankedResult]]:
         """See :meth:`AMCClient.rank_many`."""
         return await self._drive(self._rank_many(queries, candidate_sets, top_k, validate))
+
+    async def search(
+        self, query: str, top_k: int | None = 10, ids: Sequence[int] | None = None, *, validate: bool = True
+    ) -> list[RankedResult]:
+        """See :meth:`AMCClient.search`."""
+        return await self._drive(self._search(query, top_k, ids, validate))
 
     async def server_ready(self) -> bool:
         """See :meth:`AMCClient.server_ready`."""

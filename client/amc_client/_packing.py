@@ -84,8 +84,8 @@ def check_query(query: object) -> str:
     return query
 
 
-def check_request(query: str, cands: _Set) -> None:
-    """The client-side checks that the server also makes (skipped with ``validate=False``)."""
+def check_request_query(query: str) -> None:
+    """A query the server takes: not blank, at most MAX_QUERY_BYTES of UTF-8."""
     if not query.strip():
         raise InvalidInputError("query is empty")
     size = len(query.encode("utf-8", errors="surrogatepass"))
@@ -93,6 +93,11 @@ def check_request(query: str, cands: _Set) -> None:
         raise InvalidInputError(
             f"query {query[:40]!r}... is {size} bytes of UTF-8, more than the limit of {sig.MAX_QUERY_BYTES}"
         )
+
+
+def check_request(query: str, cands: _Set) -> None:
+    """The client-side checks that the server also makes (skipped with ``validate=False``)."""
+    check_request_query(query)
     # Any other text is searchable: the server's sentence encoder reads every script, emoji included.
     if len(cands) == 0:
         raise InvalidInputError(f"query {query!r}: the candidate set is empty")
@@ -128,11 +133,25 @@ def check_keywords(cands: _Set) -> None:
             )
 
 
-def pack(queries: Sequence[str], sets: Sequence[_Set]) -> dict[str, np.ndarray]:
+def check_top_k(top_k: object, sizes: Sequence[int] = ()) -> None:
+    """``top_k``: None or an int from 1 to the size of every candidate set (``sizes``), as the server checks."""
+    if top_k is None:
+        return
+    if not isinstance(top_k, int | np.integer) or isinstance(top_k, bool) or top_k < 1:
+        raise InvalidInputError(f"top_k must be a positive int or None, got {top_k!r}")
+    small = [n for n in sizes if top_k > n]
+    if small:
+        raise InvalidInputError(f"top_k {top_k} is more than the {min(small)} candidates of a query; ask for at most "
+                                "as many results as there are candidates")
+
+
+def pack(queries: Sequence[str], sets: Sequence[_Set], top_k: int | None = None) -> dict[str, np.ndarray]:
     """B queries with their candidate sets -> the ensemble's inputs, padded to the largest N, R and K.
 
     Padding: zero regions with ``region_mask`` False, ``""`` keywords; padded candidates are dropped by
-    :func:`unpack`. A lone query whose set needs no padding is sent without copying its regions.
+    :func:`unpack`. A lone query whose set needs no padding is sent without copying its regions. ``top_k`` goes to
+    the server (which then answers only the top k of each query) only when no set is padded: padded candidates
+    could take places in a server-side top k, so unequal sets are cut by :func:`unpack` instead.
     """
     b = len(queries)
     n = max([1, *(len(s) for s in sets)])
@@ -150,12 +169,15 @@ def pack(queries: Sequence[str], sets: Sequence[_Set]) -> dict[str, np.ndarray]:
     for i, s in enumerate(sets):
         mask[i, : len(s), : s.region_mask.shape[1]] = s.region_mask
         keywords[i, : len(s), : s.keywords.shape[1]] = _utf8(s.keywords)
-    return {
+    arrays = {
         sig.QUERY.name: query,
         sig.REGIONS.name: regions,
         sig.REGION_MASK.name: mask,
         sig.KEYWORDS.name: keywords,
     }
+    if top_k is not None and all(len(s) == n for s in sets):
+        arrays[sig.TOP_K.name] = np.full((b, 1), top_k, dtype=np.int64)
+    return arrays
 
 
 def _utf8(strings: np.ndarray) -> np.ndarray:
@@ -184,36 +206,43 @@ def groups(sets: Sequence[_Set]) -> list[range]:
 def unpack(
     outputs: Mapping[str, np.ndarray], sets: Sequence[_Set], versions: Sequence[int], top_k: int | None = None
 ) -> list[list[RankedResult]]:
-    """The ensemble's outputs -> per query, its real candidates ranked by score (highest first)."""
-    scores = outputs[sig.SCORES.name]  # (B, N)
-    weights = outputs[sig.MODALITY_WEIGHTS.name]  # (B, N, 2)
-    region_att = outputs[sig.REGION_ATTENTION.name]  # (B, N, R)
-    keyword_att = outputs[sig.KEYWORD_ATTENTION.name]  # (B, N, K)
-    side = sig.FEATURE_MAP_SIDE
+    """The ensemble's outputs -> per query, its real candidates ranked by score (highest first).
+
+    Row j of the outputs is candidate ``candidate_index[b, j]`` of the request (all N in request order when the
+    server did no top-k, or answered no ``candidate_index``; the top k, best first, when it did)."""
+    scores = outputs[sig.SCORES.name]  # (B, M): M = N, or k after a server-side top-k
+    weights = outputs[sig.MODALITY_WEIGHTS.name]  # (B, M, 2)
+    region_att = outputs[sig.REGION_ATTENTION.name]  # (B, M, R)
+    keyword_att = outputs[sig.KEYWORD_ATTENTION.name]  # (B, M, K)
+    index = outputs.get(sig.CANDIDATE_INDEX.name)
+    if index is None:
+        index = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)  # (B, M)
     ranked: list[list[RankedResult]] = []
     for b, s in enumerate(sets):
-        order = np.argsort(-scores[b, : len(s)], kind="stable")[:top_k]
+        rows = np.flatnonzero(index[b] < len(s))  # padded candidates dropped
+        rows = rows[np.argsort(-scores[b, rows], kind="stable")][:top_k]
         results = []
-        for rank, i in enumerate(order.tolist(), start=1):
-            kws = [(kw, float(keyword_att[b, i, j])) for j, kw in enumerate(s.keywords[i]) if kw]
-            kws.sort(key=lambda kv: -kv[1])
-            att = np.array(region_att[b, i, : s.n_regions[i]], dtype=np.float32)
-            if att.size == side * side:
-                att = att.reshape(side, side)
-            results.append(
-                RankedResult(
-                    candidate_id=s.ids[i],
-                    score=float(scores[b, i]),
-                    rank=rank,
-                    visual_weight=float(weights[b, i, 0]),
-                    language_weight=float(weights[b, i, 1]),
-                    top_keywords=kws,
-                    region_attention=att,
-                    model_version=int(versions[b]),
-                )
-            )
+        for rank, j in enumerate(rows.tolist(), start=1):
+            i = int(index[b, j])
+            results.append(explained(s.ids[i], rank, float(scores[b, j]), weights[b, j], s.keywords[i],
+                                     keyword_att[b, j], region_att[b, j, : s.n_regions[i]], int(versions[b])))
         ranked.append(results)
     return ranked
+
+
+def explained(candidate_id: str, rank: int, score: float, weights: np.ndarray, keywords: Sequence[str],
+              keyword_attention: np.ndarray, region_attention: np.ndarray, version: int, *,
+              store_row: int | None = None) -> RankedResult:
+    """One :class:`RankedResult`: keywords by attention (highest first, padding dropped), regions as a 7x7 map."""
+    kws = [(kw, float(keyword_attention[j])) for j, kw in enumerate(keywords) if kw]
+    kws.sort(key=lambda kv: -kv[1])
+    att = np.array(region_attention, dtype=np.float32)
+    side = sig.FEATURE_MAP_SIDE
+    if att.size == side * side:
+        att = att.reshape(side, side)
+    return RankedResult(candidate_id=candidate_id, score=score, rank=rank, visual_weight=float(weights[0]),
+                        language_weight=float(weights[1]), top_keywords=kws, region_attention=att,
+                        model_version=version, store_row=store_row)
 
 
 def pack_request(

@@ -82,7 +82,8 @@ class RankedResult:
 
     ``top_keywords``: the candidate's keywords with their LAN attention, highest first. ``region_attention``:
     VAN attention over the regions, a (7, 7) map when the candidate has 49 regions, else (R,).
-    ``model_version``: the model version that scored it.
+    ``model_version``: the model version that scored it. ``store_row``: its row in the server's candidate store
+    (results of :meth:`AMCClient.search`; pass it back in ``search(..., ids=[...])`` to search among those rows).
     """
 
     candidate_id: str
@@ -93,6 +94,7 @@ class RankedResult:
     top_keywords: list[tuple[str, float]]
     region_attention: np.ndarray = field(repr=False)
     model_version: int
+    store_row: int | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""``amc-client``: rank a candidate file, show server status, build candidate files from images.
+"""``amc-client``: rank a candidate file, search the server's candidate store, show server status, build candidate
+files from images.
 
 Exit codes: 0 ok, 1 other error, 2 bad input (arguments, files, rejected request, unknown model version),
 3 server unavailable (unreachable, overloaded, not ready, or no answer in time). Errors go to stderr, one line.
@@ -92,6 +93,7 @@ def _as_json(query: str, results: Sequence[RankedResult]) -> str:
                     "language_weight": r.language_weight,
                     "top_keywords": r.top_keywords,
                     "model_version": r.model_version,
+                    **({} if r.store_row is None else {"store_row": r.store_row}),
                 }
                 for r in results
             ],
@@ -103,12 +105,26 @@ def _as_json(query: str, results: Sequence[RankedResult]) -> str:
 def _rank(args: argparse.Namespace) -> int:
     candidates = load_candidates(args.candidates)
     with AMCClient(args.url, timeout_s=args.timeout, model_version=args.model_version) as client:
-        results = client.rank(args.query, candidates, top_k=args.top_k)
+        # --top-k is how many rows to show: a file with fewer candidates shows them all.
+        results = client.rank(args.query, candidates, top_k=min(args.top_k, len(candidates)) or None)
     if args.json:
         print(_as_json(args.query, results))
     else:
         version = results[0].model_version if results else "-"
         print(f"query {args.query!r}: {len(candidates)} candidates, model version {version}")
+        print(format_table(results))
+    return EXIT_OK
+
+
+def _search(args: argparse.Namespace) -> int:
+    with AMCClient(args.url, timeout_s=args.timeout, model_version=args.model_version) as client:
+        results = client.search(args.query, top_k=args.top_k, ids=args.ids)
+    if args.json:
+        print(_as_json(args.query, results))
+    else:
+        version = results[0].model_version if results else "-"
+        where = "the whole candidate store" if args.ids is None else f"{len(args.ids)} store rows"
+        print(f"query {args.query!r}: top {len(results)} of {where}, model version {version}")
         print(format_table(results))
     return EXIT_OK
 
@@ -183,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--model-version", type=int, default=None, metavar="N", help="pin to amc_vN")
     server_options(rank)
     rank.set_defaults(run=_rank)
+
+    search = commands.add_parser("search", help="the best images of the server's candidate store for a query")
+    search.add_argument("query")
+    search.add_argument("--top-k", type=int, default=10, help="results (default: %(default)s)")
+    search.add_argument("--ids", type=int, nargs="+", metavar="ROW", help="search only these store rows")
+    search.add_argument("--model-version", type=int, default=None, metavar="N", help="pin to amc_search_vN")
+    server_options(search)
+    search.set_defaults(run=_search)
 
     status = commands.add_parser("status", help="server and model readiness, loaded versions, canary routing")
     server_options(status)

@@ -39,6 +39,7 @@ class TensorSpec:
     dtype: str  # numpy name: float32, int64, bool, or "bytes" for Triton's BYTES (strings)
     dims: tuple[Dim, ...]  # full shape, batch first
     doc: str = ""
+    optional: bool = False  # an input a request may leave out (Triton's ``optional: true``)
 
     @property
     def triton_dtype(self) -> str:
@@ -97,8 +98,8 @@ def _find(specs: tuple[TensorSpec, ...], name: str, model: str) -> TensorSpec:
     raise KeyError(f"{model} has no tensor named {name!r}")
 
 
-def _t(name: str, dtype: str, *dims: Dim, doc: str = "") -> TensorSpec:
-    return TensorSpec(name, dtype, tuple(dims), doc)
+def _t(name: str, dtype: str, *dims: Dim, doc: str = "", optional: bool = False) -> TensorSpec:
+    return TensorSpec(name, dtype, tuple(dims), doc, optional)
 
 
 # ---- public request / response of the `amc` ensemble -------------------------------------------------
@@ -118,6 +119,14 @@ KEYWORD_ATTENTION = _t("keyword_attention", "float32", "batch", "candidates", "k
                        doc="LAN attention over keywords, 0 on padding")
 MODEL_VERSION = _t("model_version", "int64", "batch", 1,
                    doc="version that scored the response; -1 if the steps' versions disagreed")
+# Server-side top-k (appended to the ensembles' request and response). With ``top_k`` the response holds the top
+# k candidates of each query, best first (scores descending, ties by position), and ``candidate_index`` says which
+# candidate each row is; without it, every candidate in request order (``candidate_index`` = 0 .. N-1).
+TOP_K = _t("top_k", "int64", "batch", 1, optional=True,
+           doc="candidates to return per query, best first: 1 <= top_k <= N, equal across a request's queries")
+CANDIDATE_INDEX = _t("candidate_index", "int64", "batch", "results",
+                     doc="each returned row's candidate: its position in the request's candidate list (amc) or "
+                         "its row in the candidate store (amc_search)")
 
 # ---- internal tensors between steps ------------------------------------------------------------------
 # The text step (Python backend: WordPiece + the all-MiniLM-L6-v2 encoder + term-weighted lexical matching)
@@ -158,11 +167,28 @@ MTN = StepSignature(
 # The networks exported to ONNX (the text step is Python around TEXT_ENCODER's graph).
 NETWORKS = (QEN, VAN, LAN, MTN)
 
+# The top-k step (Python backend, serving/backends/top_k.py) ends the ensembles: it takes every candidate's
+# outputs, under these internal names (the ensemble maps MTN's, VAN's and LAN's outputs onto them), and answers
+# the ensemble's outputs for the top k. It also checks top_k (INVALID_ARGUMENT when below 1 or above N).
+CANDIDATE_SCORES = _t("candidate_scores", "float32", "batch", "candidates")
+CANDIDATE_MODALITY_WEIGHTS = _t("candidate_modality_weights", "float32", "batch", "candidates", 2)
+CANDIDATE_REGION_ATTENTION = _t("candidate_region_attention", "float32", "batch", "candidates", "regions")
+CANDIDATE_KEYWORD_ATTENTION = _t("candidate_keyword_attention", "float32", "batch", "candidates", "keywords")
+# Which step output feeds which top-k input (every other tensor keeps its name across the pipeline).
+TOP_K_FEEDS = {SCORES.name: CANDIDATE_SCORES.name, MODALITY_WEIGHTS.name: CANDIDATE_MODALITY_WEIGHTS.name,
+               REGION_ATTENTION.name: CANDIDATE_REGION_ATTENTION.name,
+               KEYWORD_ATTENTION.name: CANDIDATE_KEYWORD_ATTENTION.name}
+TOPK = StepSignature(
+    "amc_topk",
+    (CANDIDATE_SCORES, CANDIDATE_MODALITY_WEIGHTS, CANDIDATE_REGION_ATTENTION, CANDIDATE_KEYWORD_ATTENTION, TOP_K),
+    (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, CANDIDATE_INDEX),
+)
+
 ENSEMBLE_NAME = "amc"
 ENSEMBLE = StepSignature(
     ENSEMBLE_NAME,
-    (QUERY, REGIONS, REGION_MASK, KEYWORDS),
-    (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION),
+    (QUERY, REGIONS, REGION_MASK, KEYWORDS, TOP_K),
+    (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION, CANDIDATE_INDEX),
 )
 
 
@@ -214,9 +240,17 @@ CANDIDATE_IDS = _t("candidate_ids", "int64", "batch", "candidates",
                    doc="row of each candidate in the version's candidate store (0 <= id < store size)")
 
 # The store text step encodes the query and computes the lexical features of the stored candidates' keywords;
-# it rejects ids outside the store with a clear error before VAN/LAN gather them.
-STORE_TOKENIZER = StepSignature("amc_store_tokenizer", (QUERY, CANDIDATE_IDS),
-                                (QUERY_TEXT, KEYWORD_LEXICAL, TOKENIZER_VERSION))
+# it rejects ids outside the store and repeated ids with a clear error before VAN/LAN gather them. Without
+# candidate_ids (whole-store search) it scores every row of the store; ``candidate_rows`` says which rows it took.
+CANDIDATE_ROWS = _t("candidate_rows", "int64", "batch", "candidates",
+                    doc="the store rows a request scores: its candidate_ids, or every row when it sent none")
+SEARCH_IDS = TensorSpec(CANDIDATE_IDS.name, CANDIDATE_IDS.dtype, CANDIDATE_IDS.dims, optional=True,
+                        doc="optional filter: the store rows to search (distinct); absent: the whole store")
+# How many rows the search graph keeps per query: the request's top_k (checked by the store text step: 1 <= top_k
+# <= rows searched, one value per request), or every row searched when the request gave none.
+SEARCH_K = _t("search_k", "int64", "batch", 1)
+STORE_TOKENIZER = StepSignature("amc_store_tokenizer", (QUERY, SEARCH_IDS, TOP_K),
+                                (QUERY_TEXT, KEYWORD_LEXICAL, TOKENIZER_VERSION, CANDIDATE_ROWS, SEARCH_K))
 VAN_STORE = StepSignature("amc_van_store", (QUERY_EMBEDDING, CANDIDATE_IDS),
                           (VISUAL_VECTOR, REGION_ATTENTION, VAN_VERSION))
 LAN_STORE = StepSignature("amc_lan_store", (QUERY_EMBEDDING, KEYWORD_LEXICAL, CANDIDATE_IDS),
@@ -253,3 +287,29 @@ STORE_MAX_BATCH = 64
 # store tokenizer -> amc_fused_store: the same request and response as amc_store, in 2 steps instead of 5.
 STORE_FUSED_ENSEMBLE_NAME = "amc_store_fused"
 STORE_FUSED_ENSEMBLE = StepSignature(STORE_FUSED_ENSEMBLE_NAME, STORE_ENSEMBLE.inputs, STORE_ENSEMBLE.outputs)
+
+
+# ---- whole-store search (appended): a query, an optional filter of store rows, top_k -> the top k with explanations ----
+# amc_search: store text step -> amc_search_store (over candidate_rows) -> the store top-k step, which also answers
+# the store's id and keyword strings of the returned rows (the client holds no copy of the store). See
+# serving/backends/top_k.py for the design and its costs.
+STORED_IDS = _t("stored_ids", "bytes", "batch", "results", doc="the candidate store's id of each returned row")
+STORED_KEYWORDS = _t("stored_keywords", "bytes", "batch", "results", "keywords",
+                     doc="the stored keywords of each returned row, '' pads (keyword_attention's order)")
+STORE_TOPK = StepSignature("amc_store_topk", (*TOPK.inputs[:4], CANDIDATE_ROWS, TOP_K),
+                           (*TOPK.outputs, STORED_IDS, STORED_KEYWORDS))
+# The search graph: amc_fused_store's networks plus the top-k selection (ONNX TopK, k = search_k), so that only k
+# rows leave the GPU; candidate_index holds the store rows kept, best first. In amc_search its outputs feed the
+# store top-k step (renamed by TOP_K_FEEDS; candidate_index under RANKED_ROWS), which adds the store's strings.
+SEARCH_STORE = StepSignature("amc_search_store", (QUERY_TEXT, KEYWORD_LEXICAL, CANDIDATE_IDS, SEARCH_K),
+                             (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION,
+                              CANDIDATE_INDEX))
+RANKED_ROWS = _t("ranked_rows", "int64", "batch", "results", doc="the search graph's candidate_index, in amc_search")
+SEARCH_ENSEMBLE_NAME = "amc_search"
+SEARCH_ENSEMBLE = StepSignature(SEARCH_ENSEMBLE_NAME, (QUERY, TOP_K, SEARCH_IDS),
+                                (*ENSEMBLE.outputs, STORED_IDS, STORED_KEYWORDS))
+
+
+def versioned_search_ensemble_name(version: int) -> str:
+    """Name of the search ensemble pinned to one model version (``amc_search_v3``)."""
+    return f"{SEARCH_ENSEMBLE_NAME}_v{version}"

@@ -163,3 +163,70 @@ class LexicalMatcher:
             if covered:
                 out[c, real, 2] = sum(q[w] for w in covered) / q_total
         return out
+
+
+class KeywordIndex:
+    """A fixed collection's keywords (a candidate store's) indexed by word, for :meth:`LexicalMatcher.features`
+    over many candidates at once.
+
+    ``features(query, rows)`` equals ``matcher.features(query, keywords[rows])`` but costs one pass over the
+    postings of the query's words plus numpy gathers, instead of a Python loop over every keyword of every
+    candidate: whole-store search scores every stored image for each query. A keyword's words are weighted by
+    the same IDF as the query's, so a keyword's matched weight is the sum of the IDFs of the query words it has.
+    """
+
+    MAX_QUERY_WORDS = 62  # coverage is tracked as one bit per distinct query word in an int64
+
+    def __init__(self, matcher: LexicalMatcher, keywords: np.ndarray) -> None:
+        keywords = np.asarray(keywords, dtype=object)  # (G, K), "" pads
+        self.matcher = matcher
+        self.keywords = keywords
+        distinct, inverse = np.unique(keywords.reshape(-1), return_inverse=True)
+        self.index = inverse.reshape(keywords.shape)  # (G, K) -> distinct keyword
+        self.real = keywords != ""  # (G, K)
+        self.total = np.zeros(len(distinct))  # IDF mass of each distinct keyword's words
+        postings: dict[str, list[int]] = {}
+        for u, text in enumerate(distinct.tolist()):
+            if not text:
+                continue
+            weighted = matcher._weighted(text)
+            self.total[u] = sum(weighted.values())
+            for w in weighted:
+                postings.setdefault(w, []).append(u)
+        self.postings = {w: np.array(us, dtype=np.int64) for w, us in postings.items()}
+
+    def features(self, query: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """(N,) rows of the collection (None: all of them) -> (N, K, 3) float32, as ``LexicalMatcher.features``."""
+        index = self.index if rows is None else self.index[rows]  # (N, K)
+        real = self.real if rows is None else self.real[rows]
+        out = np.zeros((*index.shape, len(LEXICAL_FEATURES)), dtype=np.float32)
+        q = {w: self.matcher.weights.idf(w) for w in content_words(query)}
+        q_total = sum(q.values())
+        if q_total <= 0:
+            return out
+        if len(q) > self.MAX_QUERY_WORDS:  # rare (a 1 KB query): the reference loop
+            return self.matcher.features(query, self.keywords if rows is None else self.keywords[rows])
+        matched = np.zeros(len(self.total))
+        bits = np.zeros(len(self.total), dtype=np.int64)
+        weights = []
+        for j, (w, idf) in enumerate(q.items()):
+            us = self.postings.get(w)
+            weights.append(idf)
+            if us is not None:
+                matched[us] += idf  # postings hold each keyword once per word
+                bits[us] |= np.int64(1) << j
+        # Only keywords that share a word with the query get non-zero features: find their slots and fill those
+        # (a whole-store search touches every slot once, in the gather below, and the matches alone after it).
+        flat = np.flatnonzero((matched > 0)[index].ravel())  # slots (candidate, keyword) of matching keywords
+        cand, slot = np.divmod(flat, index.shape[1])
+        u = index[cand, slot]
+        out[cand, slot, 0] = matched[u] / self.total[u]
+        out[cand, slot, 1] = matched[u] / q_total
+        covered = np.zeros(index.shape[0], dtype=np.int64)  # query words any keyword of the candidate has
+        np.bitwise_or.at(covered, cand, bits[u])
+        hit = np.flatnonzero(covered)
+        share = np.zeros(len(hit))
+        for j, idf in enumerate(weights):
+            share += ((covered[hit] >> j) & 1) * idf
+        out[hit, :, 2] = np.where(real[hit], (share / q_total)[:, None], 0.0)
+        return out

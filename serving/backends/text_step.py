@@ -6,6 +6,7 @@ One module, two Triton models: the config generator copies it as ``model.py`` in
 
     amc_text.py          copy of amc_client/text.py: WordPiece ids, words, IDF term weights, lexical matches
     amc_onnx_runner.py   copy of onnx_runner.py, for its execution-provider choice and error responses
+    amc_top_k.py         copy of top_k.py: store mode checks top_k with its rule before any row is scored
     tokenizer.json       the sentence encoder's WordPiece tokenizer
     text_encoder.onnx    all-MiniLM-L6-v2 (signature TEXT_ENCODER): WordPiece ids -> unit-norm embedding
     term_weights.json    the checkpoint's IDF over the candidate collection (amc_client.text.TermWeights)
@@ -19,16 +20,23 @@ Tensors (names and order from config.pbtxt, generated from ``amc_client.signatur
     raw    in:  query BYTES [B, 1], keywords BYTES [B, N, K] ("" pads), region_mask BOOL [B, N, R]
            out: query_text FP32 [B, E], keyword_embeddings FP32 [B, N, K, E] (zero vector on padding),
                 keyword_lexical FP32 [B, N, K, 3], tokenizer_version INT64 [B, 1]
-    store  in:  query BYTES [B, 1], candidate_ids INT64 [B, N]
+    store  in:  query BYTES [B, 1], candidate_ids INT64 [B, N] (optional: absent, every row of the store),
+                top_k INT64 [B, 1] (optional)
            out: query_text FP32 [B, E], keyword_lexical FP32 [B, N, K_store, 3] (for the stored rows' keywords),
-                tokenizer_version INT64 [B, 1]
+                tokenizer_version INT64 [B, 1], candidate_rows INT64 [B, N] (the rows scored),
+                search_k INT64 [B, 1] (top_k, checked: 1 <= top_k <= N and one value per request; else N)
+
+Store mode computes the lexical features with ``amc_text.KeywordIndex`` (the store's keywords indexed by word
+at load): one pass over the postings of the query's words and numpy gathers, so scoring the whole store (a
+search) costs milliseconds, not a Python loop over every stored keyword. Its ids are bounded by the store
+(each row at most once), not by ``max_candidates``.
 
 Queries are encoded by ``text_encoder.onnx`` (onnxruntime, CUDA provider when available, chosen as
 ``onnx_runner.py`` chooses). Keywords are looked up in the keyword table; a keyword missing there is encoded
 on the fly and kept in a bounded cache (config parameter ``keyword_cache_size``). No query is refused for its
 words: WordPiece covers any text, in any script, emoji included. Refused, with Triton's INVALID_ARGUMENT and a
 message naming the problem: an empty or whitespace-only query, an empty candidate set, text that is not UTF-8,
-candidate ids outside the store, tensors of inconsistent shapes, and a request over one of the bounds of
+candidate ids outside the store or repeated, tensors of inconsistent shapes, and a request over one of the bounds of
 ``amc_client.signatures`` (given to this step as config parameters, the limit named in the message):
 ``max_candidates`` per query, ``max_query_bytes``, ``max_keywords`` slots per candidate, ``max_keyword_words``
 and ``max_keyword_bytes`` per keyword.
@@ -61,8 +69,8 @@ MODES = ("raw", "store")
 _KINDS = {
     "raw": ((("TYPE_STRING", 1), ("TYPE_STRING", 2), ("TYPE_BOOL", 2)),
             (("TYPE_FP32", 1), ("TYPE_FP32", 3), ("TYPE_FP32", 3), ("TYPE_INT64", 1))),
-    "store": ((("TYPE_STRING", 1), ("TYPE_INT64", 1)),
-              (("TYPE_FP32", 1), ("TYPE_FP32", 3), ("TYPE_INT64", 1))),
+    "store": ((("TYPE_STRING", 1), ("TYPE_INT64", 1), ("TYPE_INT64", 1)),
+              (("TYPE_FP32", 1), ("TYPE_FP32", 3), ("TYPE_INT64", 1), ("TYPE_INT64", 1), ("TYPE_INT64", 1))),
 }
 # The request bounds of amc_client.signatures (this file cannot import it inside the stub); the config
 # parameters of the same names, which the generator writes from the signatures, win.
@@ -148,6 +156,8 @@ class TextFeatures:
             self.store_keywords = np.full((len(rows), max([1, *map(len, rows)])), "", dtype=object)
             for g, row in enumerate(rows):
                 self.store_keywords[g, : len(row)] = row
+        self.store_index = None if self.store_keywords is None else self.text.KeywordIndex(self.matcher,
+                                                                                          self.store_keywords)
 
     def encode(self, texts: Sequence[str], max_tokens: int) -> np.ndarray:
         """(n,) texts -> (n, E) float32 sentence embeddings, tokenized by ``amc_text.wordpiece_ids``."""
@@ -202,6 +212,15 @@ class TextFeatures:
         """(B,) queries against their candidates' keywords (B, N, K) ("" pads) -> (B, N, K, 3) float32."""
         return np.stack([self.matcher.features(q, k) for q, k in zip(queries, keywords, strict=True)])
 
+    def store_lexical(self, queries: Sequence[str], ids: np.ndarray | None) -> np.ndarray:
+        """(B,) queries against the stored rows ``ids`` (B, N), None for every row -> (B, N, K_store, 3) float32
+        (needs ``store.json``); equal to ``lexical(queries, store_rows(ids))``, through the store's keyword index."""
+        if self.store_index is None:
+            raise ValueError("this text step has no candidate store (store.json)")
+        rows = [None] * len(queries) if ids is None else ids
+        features = [self.store_index.features(q, row) for q, row in zip(queries, rows, strict=True)]
+        return features[0][None] if len(features) == 1 else np.stack(features)  # one query: no copy
+
     def store_rows(self, ids: np.ndarray) -> np.ndarray:
         """(B, N) store rows -> their keyword strings (B, N, K_store), "" pads (needs ``store.json``)."""
         if self.store_keywords is None:
@@ -216,6 +235,8 @@ class _Parsed:
     texts: list[str]
     keywords: np.ndarray | None = None  # raw: (B, N, K) decoded keyword strings
     ids: np.ndarray | None = None  # store: (B, N) candidate ids
+    whole_store: bool = False  # store: no ids were sent, ``ids`` is every row
+    top_k: int | None = None  # store: the request's top_k, checked against N
 
 
 class TritonPythonModel:
@@ -256,6 +277,9 @@ class TritonPythonModel:
             if store is None:
                 raise ValueError(f"{self.model_name}: mode store needs store.json in {here}")
             detail = f"store of {len(store)} candidates, {store.shape[1]} keyword slots each"
+            self.all_rows = np.arange(len(store), dtype=np.int64)[None]  # (1, G): the rows of a whole-store search
+            # top_k's checks, as the top-k step makes them (amc_top_k.py beside this file): INVALID_ARGUMENT here.
+            self.top_k_rule = _load_module(here, "amc_top_k.py")
         pb_utils.Logger.log_info(f"{self.model_name} v{self.version} ({self.mode}): {detail}, encoder on "
                                  f"{self.features.session.get_providers()}, text rules from "
                                  f"{self.features.text.__file__}")
@@ -364,18 +388,40 @@ class TritonPythonModel:
         return _Parsed([], keywords=np.array(decoded, dtype=object)[inverse.reshape(-1)].reshape(keywords.shape))
 
     def _parse_store(self, request: Any, query: np.ndarray) -> _Parsed:
-        qn, idn = self.input_names
-        ids = self._input(request, idn)
+        parsed = self._parse_store_ids(request, query)
+        top_k = pb_utils.get_input_tensor_by_name(request, self.input_names[2])
+        if top_k is not None:  # the top-k step's rule, here before any row is scored
+            try:
+                parsed.top_k = self.top_k_rule.check_top_k(top_k.as_numpy(), query.shape[0], parsed.ids.shape[1])
+            except self.top_k_rule.RequestError as e:
+                raise RequestError(str(e)) from None
+        return parsed
+
+    def _parse_store_ids(self, request: Any, query: np.ndarray) -> _Parsed:
+        qn, idn, _ = self.input_names
+        size = len(self.features.store_keywords)
+        tensor = pb_utils.get_input_tensor_by_name(request, idn)
+        if tensor is None:  # no candidate list: search the whole store
+            return _Parsed([], ids=np.broadcast_to(self.all_rows, (query.shape[0], size)), whole_store=True)
+        ids = tensor.as_numpy()
         if ids.ndim != 2 or ids.shape[0] != query.shape[0]:
             raise RequestError(f"{idn} must have shape [batch, candidates] with the {qn}'s batch size "
                                f"{query.shape[0]}, got {list(ids.shape)}")
-        self._check_candidates(ids.shape[1])
-        size = len(self.features.store_keywords)
+        if ids.shape[1] == 0:
+            raise RequestError("candidate set is empty")
         bad = (ids < 0) | (ids >= size)
         if bad.any():
             where = np.argwhere(bad)[0]
             raise RequestError(f"{idn}[{where[0]}, {where[1]}] = {int(ids[tuple(where)])} is outside the candidate "
                                f"store of version {self.version} (0 .. {size - 1})")
+        ordered = np.sort(ids, axis=1)
+        repeated = ordered[:, 1:] == ordered[:, :-1]
+        if repeated.any():
+            b, j = (int(x) for x in np.argwhere(repeated)[0])
+            row = int(ordered[b, j])
+            at = np.flatnonzero(ids[b] == row)[:2].tolist()
+            raise RequestError(f"{idn}[{b}] repeats store row {row} (at positions {at[0]} and {at[1]}); each "
+                               "candidate may appear once")
         return _Parsed([], ids=ids)
 
     def _respond(self, p: _Parsed, query_text: np.ndarray) -> Any:
@@ -383,11 +429,16 @@ class TritonPythonModel:
             arrays = (query_text, self.features.keyword_embeddings(p.keywords),  # (B, N, K, E)
                       self.features.lexical(p.texts, p.keywords))  # (B, N, K, 3)
         else:  # the lexical features of the stored rows' keywords: (B, N, K_store, 3)
-            arrays = (query_text, self.features.lexical(p.texts, self.features.store_rows(p.ids)))
+            arrays = (query_text, self.features.store_lexical(p.texts, None if p.whole_store else p.ids))
         version = np.full((len(p.texts), 1), self.version, dtype=np.int64)
+        if self.mode == "raw":
+            arrays = (*arrays, version)
+        else:
+            k = np.full((len(p.texts), 1), p.ids.shape[1] if p.top_k is None else p.top_k, dtype=np.int64)
+            arrays = (*arrays, version, p.ids, k)
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(name, np.ascontiguousarray(a))
-            for name, a in zip(self.output_names, (*arrays, version), strict=True)])
+            for name, a in zip(self.output_names, arrays, strict=True)])
 
     @staticmethod
     def _input(request: Any, name: str) -> np.ndarray:

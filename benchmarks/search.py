@@ -1,0 +1,205 @@
+"""Whole-store search latency: ``AMCClient.search`` against ``amc_search`` in a real tritonserver, concurrency 1.
+
+    python -m benchmarks.search --device cpu  [--out reports/search_cpu.json]        (the corpus: every image)
+    python -m benchmarks.search --device cuda --store-size 100000 --projected-dtype float16 --out $OUT/search.json
+
+Publishes the checkpoint into a temp repository with a candidate store and only the search path (store text step,
+``amc_search_store``, store top-k step; ``export.repository.search_ensemble_config``), starts tritonserver, checks
+the served top-k scores against PyTorch's scores of every stored image, then times sequential searches (one
+client, top_k 10, queries drawn from the gallery's) and reads Triton's per-step statistics over the timed ones.
+
+Store: the real corpus on the CPU (``--store-size 0``); a larger ``--store-size`` repeats the projected rows of a
+``--gallery-size`` gallery (``export.store.Store.tiled``: the per-row cost is that of distinct images; ids are
+distinct), optionally held in float16 (``--projected-dtype``; the graph computes in float32 after the gather):
+100,000 rows in float32 would not fit ONNX's 2 GB protobuf limit. The results are appended to ``--out`` (a JSON
+object with a list ``runs``), so two runs on separately started machines sit side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from amc_client import signatures as sig
+
+from . import triton
+from .workloads import Gallery, collection_words, corpus_gallery, synthetic_gallery
+
+SEARCH_MODELS = [sig.STORE_TOKENIZER.model_name, sig.SEARCH_STORE.model_name, sig.STORE_TOPK.model_name,
+                 sig.SEARCH_ENSEMBLE_NAME]
+
+
+def log(msg: str) -> None:
+    print(f"[search {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def build(workdir: Path, checkpoint: Path, gallery: Gallery, size: int, dtype: str):
+    """A repository serving ``amc_search`` over the store; returns (repository, version, store, model, ckpt)."""
+    from amc_client.text import LexicalMatcher, TermWeights
+    from export.onnx_export import write_onnx
+    from export.publish import publish
+    from export.repository import (
+        BACKENDS_DIR,
+        ONNX_FILE,
+        TextStepFiles,
+        search_ensemble_config,
+        store_step_config,
+        to_text,
+        write_atomic,
+        write_text_step,
+        write_top_k_step,
+    )
+    from export.store import SearchStoreGraph, _example, build_store, keyword_table_embed
+    from training.checkpoint import load_checkpoint
+
+    repo = workdir / "repository"
+    keywords = sorted({k for kws in gallery.keywords for k in kws if k})
+    version = publish(checkpoint, repo, flavour="python", keywords=keywords, log=log)
+    ckpt = load_checkpoint(checkpoint)
+    model = ckpt.build_model().eval()
+    text_dir = repo / sig.TOKENIZER.model_name / str(version)
+    t0 = time.perf_counter()
+    store = build_store(model, gallery.regions, gallery.keywords, embed=keyword_table_embed(text_dir / "keyword_table.npz"))
+    if size > len(store) or dtype != "float32":
+        store = store.tiled(max(size, len(store)), projected_dtype=dtype)
+    log(f"store of {len(store)} rows ({len(gallery)} distinct images, projections {dtype}) in "
+        f"{time.perf_counter() - t0:.0f} s")
+    matcher = LexicalMatcher(TermWeights.from_json(ckpt.term_weights))
+    example = _example(sig.SEARCH_STORE, model, store, matcher, batch=2, candidates=3, rng=np.random.default_rng(0))
+    fused_dir = repo / sig.SEARCH_STORE.model_name / str(version)
+    fused_dir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    write_onnx(SearchStoreGraph(model, store, version), sig.SEARCH_STORE, example, fused_dir / ONNX_FILE,
+               version=version, fingerprint=ckpt.fingerprint, name="search_store")
+    log(f"search_store.onnx exported in {time.perf_counter() - t0:.0f} s "
+        f"({(fused_dir / ONNX_FILE).stat().st_size / 2**20:.0f} MiB)")
+    shutil.copy(BACKENDS_DIR / "onnx_runner.py", fused_dir / "model.py")
+    manifest = store.manifest(version)
+    write_text_step(repo / sig.STORE_TOKENIZER.model_name / str(version), version=version,
+                    files=TextStepFiles.of_version(text_dir), store_json=manifest)
+    write_top_k_step(repo / sig.STORE_TOPK.model_name / str(version), store_json=manifest)
+    for step in (sig.STORE_TOKENIZER, sig.SEARCH_STORE, sig.STORE_TOPK):
+        write_atomic(repo / step.model_name / "config.pbtxt", to_text(store_step_config(step, "python")))
+    write_atomic(repo / sig.SEARCH_ENSEMBLE_NAME / "config.pbtxt",
+                 to_text(search_ensemble_config(sig.SEARCH_ENSEMBLE_NAME, version)))
+    (repo / sig.SEARCH_ENSEMBLE_NAME / "1").mkdir(exist_ok=True)
+    return repo, version, store, ckpt
+
+
+def reference_scores(ckpt, gallery: Gallery, store, query: str, rows: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """PyTorch's scores (the raw path, fp32: ``training.model.AMC`` on the gallery's region features) of the images
+    behind store ``rows`` for ``query``; keyword embeddings are the store's (the PyTorch encoder's, from publish)."""
+    import torch
+
+    from export.reference import Reference
+
+    reference = reference_scores.__dict__.setdefault("model", Reference(ckpt))
+    query_text = torch.from_numpy(reference.encoder.encode([query]))
+    images = np.unique(rows)  # store rows below len(gallery) are the gallery's images, in order
+    scores = np.empty(len(gallery), dtype=np.float32)
+    with torch.no_grad():
+        for start in range(0, len(images), chunk):
+            part = images[start:start + chunk]
+            regions = torch.from_numpy(np.asarray(gallery.regions[part], dtype=np.float32))[None]
+            lexical = reference.matcher.features(query, store.keywords[part])[None]
+            out = reference.model(query_text, regions, torch.ones(regions.shape[:3], dtype=torch.bool),
+                                  torch.from_numpy(store.keyword_embeddings[part])[None], torch.from_numpy(lexical))
+            scores[part] = out.scores[0].numpy()
+    return scores[rows]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.search", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--checkpoint", type=Path, default=Path("runs/amc/checkpoint.pt"))
+    parser.add_argument("--store-size", type=int, default=0, help="rows (0: the corpus, one row per image)")
+    parser.add_argument("--gallery-size", type=int, default=2000, help="distinct synthetic images (--store-size)")
+    parser.add_argument("--projected-dtype", choices=("float32", "float16"), default="float32")
+    parser.add_argument("--requests", type=int, default=100, help="timed searches")
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--check-queries", type=int, default=3, help="queries checked against PyTorch")
+    parser.add_argument("--out", type=Path, default=Path("reports/search_cpu.json"))
+    args = parser.parse_args(argv)
+    from amc_client import AMCClient
+    from serving.server import TritonServer
+
+    started = time.perf_counter()
+    if args.store_size:
+        gallery = synthetic_gallery(collection_words(args.checkpoint), size=args.gallery_size)
+    else:
+        gallery = corpus_gallery()
+    with tempfile.TemporaryDirectory(prefix="amc-search-") as tmp:
+        repo, version, store, ckpt = build(Path(tmp), args.checkpoint, gallery, args.store_size, args.projected_dtype)
+        built_s = time.perf_counter() - started
+        with TritonServer(repo, models=SEARCH_MODELS, log_file=Path(tmp) / "tritonserver.log") as server, \
+                AMCClient(server.grpc_url, timeout_s=120) as client:
+            triton.wait_models(server.grpc_url, SEARCH_MODELS)
+            log(f"tritonserver ready with {len(store)} stored rows ({built_s:.0f} s after start)")
+            queries = gallery.queries
+            parity = []
+            rows = np.arange(len(store)) % len(gallery)
+            for query in queries[: args.check_queries]:
+                found = client.search(query, top_k=args.top_k)
+                expected = np.sort(reference_scores(ckpt, gallery, store, query, rows))[::-1][: args.top_k]
+                got = np.array([r.score for r in found])
+                err = float(np.abs(got - expected).max() / np.abs(expected).max())
+                parity.append({"query": query, "max_relative_error": err})
+            tolerance = 1e-4 if args.projected_dtype == "float32" else 1e-3
+            worst = max(p["max_relative_error"] for p in parity)
+            log(f"served top-{args.top_k} scores vs PyTorch over the whole store: worst relative error {worst:.1e}")
+            for query in queries[:5]:  # warm-up (first-use allocations, CUDA kernels)
+                client.search(query, top_k=args.top_k)
+            before = triton.snapshot(server.grpc_url)
+            latencies = []
+            for i in range(args.requests):
+                t0 = time.perf_counter()
+                client.search(queries[i % len(queries)], top_k=args.top_k)
+                latencies.append((time.perf_counter() - t0) * 1e3)
+            steps = triton.breakdown(before, triton.snapshot(server.grpc_url))
+        providers = [line.split("] ", 1)[-1].strip() for line in
+                     (Path(tmp) / "tritonserver.log").read_text(errors="replace").splitlines()
+                     if "ExecutionProvider" in line]
+    ms = np.array(latencies)
+    run = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.node(),
+        "device": args.device, "gpu": _gpu_name() if args.device == "cuda" else None,
+        "store_rows": len(store), "distinct_images": len(gallery), "gallery": gallery.source,
+        "projected_dtype": args.projected_dtype, "top_k": args.top_k, "concurrency": 1, "requests": len(ms),
+        "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "max_ms": float(ms.max()),
+        "rows_per_s": float(len(store) / (ms.mean() / 1e3)),
+        "parity": {"tolerance": tolerance, "worst_relative_error": worst, "holds": worst < tolerance,
+                   "queries": parity},
+        "steps": steps, "providers": providers, "command": "python -m benchmarks.search " + " ".join(argv or []),
+    }
+    log(f"{len(store)} rows, concurrency 1, {len(ms)} searches: p50 {run['p50_ms']:.1f} ms, "
+        f"p99 {run['p99_ms']:.1f} ms; per step (ms, queue+compute): "
+        + ", ".join(f"{m} {v['queue_ms'] + v['compute_infer_ms'] + v['compute_input_ms'] + v['compute_output_ms']:.1f}"
+                    for m, v in steps.items()))
+    doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+    doc.setdefault("runs", []).append(run)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    log(f"appended to {args.out}")
+    return 0 if run["parity"]["holds"] else 1
+
+
+def _gpu_name() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""The top-k step that ends the ensembles: every candidate's outputs in, the top k of each query out.
+
+Server-side top-k. The networks score all N candidates of a request; this step keeps the ``top_k`` best of each
+query (scores descending, ties by position, as the client's own ordering) and answers their scores, modality
+weights, region and keyword attention and ``candidate_index`` (which candidate each row is). Without ``top_k``
+(an optional input) it answers every candidate in request order, ``candidate_index`` = 0 .. N-1, so a request
+that does not ask for top-k gets what the ensembles answered before this step existed. What it saves: the
+response carries k rows instead of N (for a whole-store search of 100,000 images, k x 49 attention values
+instead of 19.6 MB), and the client sorts nothing.
+
+One module, two Triton models (the config generator copies it as ``model.py``, with ``onnx_runner.py`` beside
+it as ``amc_onnx_runner.py`` for its error responses):
+
+    amc_topk        (mode raw)   end of ``amc`` / ``amc_v<N>``; ``candidate_index`` is the position in the request
+    amc_store_topk  (mode store) end of ``amc_search`` / ``amc_search_v<N>``; takes ``candidate_rows`` (the store
+                                 rows the request scored) and answers ``candidate_index`` as store rows, plus the
+                                 store's id and keyword strings of each returned row (``store.json`` beside it),
+                                 so that a client that holds no copy of the store can show the explanation.
+
+Tensors (names and order from config.pbtxt, generated from ``amc_client.signatures`` TOPK / STORE_TOPK)::
+
+    in:  candidate_scores FP32 [B, N], candidate_modality_weights FP32 [B, N, 2],
+         candidate_region_attention FP32 [B, N, R], candidate_keyword_attention FP32 [B, N, K],
+         (store: candidate_rows INT64 [B, N]), top_k INT64 [B, 1] (optional)
+    out: scores FP32 [B, k], modality_weights FP32 [B, k, 2], region_attention FP32 [B, k, R],
+         keyword_attention FP32 [B, k, K], candidate_index INT64 [B, k],
+         (store: stored_ids BYTES [B, k], stored_keywords BYTES [B, k, K])
+
+Refused with INVALID_ARGUMENT, the problem named: ``top_k`` below 1, above the request's N candidates, or
+different between the queries of one request (the response is one [B, k] tensor). Each request is answered on
+its own; the instance never raises out of :meth:`TritonPythonModel.execute`. Selection is ``argpartition`` and a
+sort of the k chosen: O(N + k log k) per query.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported outside Triton (unit tests): best_first only
+    pb_utils = None
+
+MODES = ("raw", "store")
+
+
+class RequestError(ValueError):
+    """A problem with one request's inputs; becomes that request's INVALID_ARGUMENT error response."""
+
+
+def best_first(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest of ``scores`` (N,), best first; equal scores in index order (what a stable
+    ``argsort(-scores)[:k]`` gives), without sorting all N."""
+    n = len(scores)
+    if k >= n:
+        return np.argsort(-scores, kind="stable")
+    kth = scores[np.argpartition(-scores, k - 1)[k - 1]]
+    above = np.flatnonzero(scores > kth)
+    chosen = np.sort(np.concatenate([above, np.flatnonzero(scores == kth)[: k - len(above)]]))
+    return chosen[np.argsort(-scores[chosen], kind="stable")]
+
+
+def check_top_k(top_k: np.ndarray, batch: int, n: int) -> int:
+    """The one k of a request's ``top_k`` (B, 1), or :class:`RequestError` naming what is wrong."""
+    if top_k.shape != (batch, 1):
+        raise RequestError(f"top_k must have shape [batch, 1] = [{batch}, 1], got {list(top_k.shape)}")
+    values = top_k.reshape(-1)
+    for b, k in enumerate(values.tolist()):
+        where = "" if batch == 1 else f" (query {b} of the batch)"
+        if k < 1:
+            raise RequestError(f"top_k is {k}{where}; it must be at least 1")
+        if k > n:
+            raise RequestError(f"top_k is {k}{where}, more than the {n} candidates of the request")
+    if len(set(values.tolist())) > 1:
+        raise RequestError(f"top_k differs between the queries of one request ({values.tolist()}); send one value, "
+                           "or one request per value")
+    return int(values[0])
+
+
+def _load_runner(here: Path) -> Any:
+    path = here / "amc_onnx_runner.py"
+    spec = importlib.util.spec_from_file_location(f"_amc_onnx_runner_{abs(hash(str(path)))}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    before, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in the version directory
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = before
+    return module
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        self.model_name = args["model_name"]
+        self.mode = params.get("mode", "")
+        if self.mode not in MODES:
+            raise ValueError(f"{self.model_name}: config parameter mode must be one of {MODES}, got {self.mode!r}")
+        self.input_names = [t["name"] for t in config["input"]]
+        self.output_names = [t["name"] for t in config["output"]]
+        expected = (6, 7) if self.mode == "store" else (5, 5)
+        if (len(self.input_names), len(self.output_names)) != expected:
+            raise ValueError(f"{self.model_name}: mode {self.mode} needs {expected[0]} inputs and {expected[1]} "
+                             f"outputs, the config has {self.input_names} and {self.output_names}")
+        here = Path(args["model_repository"]) / args["model_version"]
+        self.runner = _load_runner(here)
+        detail = ""
+        if self.mode == "store":
+            store = json.loads((here / "store.json").read_text(encoding="utf-8"))
+            rows = store["keywords"]
+            self.ids = np.empty(len(store["ids"]), dtype=object)  # (G,) the store's ids, UTF-8
+            self.ids[:] = [i.encode("utf-8") for i in store["ids"]]
+            self.keywords = np.full((len(rows), max([1, *map(len, rows)])), b"", dtype=object)  # (G, K_store)
+            for g, row in enumerate(rows):
+                self.keywords[g, : len(row)] = [k.encode("utf-8") for k in row]
+            detail = f": store of {len(self.ids)} candidates"
+        pb_utils.Logger.log_info(f"{self.model_name} v{args['model_version']} ({self.mode}){detail}")
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._respond(request))
+            except Exception as e:  # noqa: BLE001 - any problem is this request's error, never the instance's
+                responses.append(self.runner.error_response(self.model_name, e,
+                                                            invalid_argument=isinstance(e, RequestError)))
+        return responses
+
+    def _respond(self, request: Any) -> Any:
+        tensors = [pb_utils.get_input_tensor_by_name(request, n) for n in self.input_names]
+        missing = [n for n, t in zip(self.input_names[:-1], tensors[:-1], strict=True) if t is None]
+        if missing:
+            raise RequestError(f"inputs {missing} are missing")
+        scores, weights, regions, keywords, *rest = (t.as_numpy() for t in tensors[:-1])  # (B, N), (B, N, ...)
+        batch, n = scores.shape
+        top_k = tensors[-1]
+        if top_k is None:
+            order = np.broadcast_to(np.arange(n), (batch, n))  # every candidate, request order
+        else:
+            k = check_top_k(top_k.as_numpy(), batch, n)
+            order = np.stack([best_first(scores[b], k) for b in range(batch)])  # (B, k)
+        out = [np.take_along_axis(scores, order, 1), np.take_along_axis(weights, order[..., None], 1),
+               np.take_along_axis(regions, order[..., None], 1), np.take_along_axis(keywords, order[..., None], 1)]
+        if self.mode == "raw":
+            out.append(order.astype(np.int64))
+        else:
+            rows = np.take_along_axis(rest[0], order, 1).astype(np.int64)  # (B, k) store rows
+            out += [rows, self.ids[rows], self.keywords[rows]]
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(name, np.ascontiguousarray(a)) for name, a in zip(self.output_names, out, strict=True)])
+
+    def finalize(self) -> None:
+        pass
