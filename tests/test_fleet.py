@@ -254,6 +254,19 @@ def test_async_client_fleet_fails_over():
     assert [s.healthy for s in statuses] == [False, True]
 
 
+def test_rollout_takes_every_replica_and_refuses_a_duplicate_or_empty_entry(tmp_path, capsys):
+    from serving.rollout import RolloutError, main, rollout_urls
+
+    assert rollout_urls("127.0.0.1:8001") == ["127.0.0.1:8001"]
+    assert rollout_urls(["a:1,b:1", "c:1"]) == ["a:1", "b:1", "c:1"]
+    with pytest.raises(RolloutError, match="replica a:1 is listed more than once"):
+        rollout_urls(["a:1", "b:1,a:1"])
+    with pytest.raises(RolloutError, match="non-empty"):
+        rollout_urls("a:1,")
+    assert main(["--repository", str(tmp_path), "--url", "a:1", "--url", "a:1", "status"]) == 2
+    assert "replica a:1 is listed more than once" in capsys.readouterr().err
+
+
 # ---- integration: 2 real tritonservers on one repository -----------------------------------------------------
 
 KEY = "fleet-test-key"
