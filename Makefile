@@ -14,7 +14,7 @@ REPOSITORY ?= runs/repository
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps data train eval export serve demo test test-fast rollout-report bench k8s lint format clean
+.PHONY: help setup system-deps data train eval export serve demo test test-fast rollout-report fleet-report bench k8s lint format clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -67,6 +67,11 @@ rollout-report: setup ## Rollout load test (4 clients; publish, 10% canary, prom
 	test -f $(CHECKPOINT) || $(PY) -m training.train --out $(RUN)
 	test -f runs/amc-seed1/checkpoint.pt || $(PY) -m training.train --out runs/amc-seed1 --seed 1
 	$(PY) -m serving.loadtest --old $(CHECKPOINT) --new runs/amc-seed1/checkpoint.pt --out reports/rollout.json
+
+fleet-report: setup ## Fleet load test (3 tritonservers, 4 threads on one client; SIGKILL + restart, rollout) -> reports/fleet.json
+	test -f $(CHECKPOINT) || $(PY) -m training.train --out $(RUN)
+	test -f runs/amc-seed1/checkpoint.pt || $(PY) -m training.train --out runs/amc-seed1 --seed 1
+	$(PY) -m serving.fleetload --old $(CHECKPOINT) --new runs/amc-seed1/checkpoint.pt --out reports/fleet.json
 
 .PHONY: ddp-pack
 ddp-pack: setup ## Pack the DDP benchmark's training set for the GPU machine (then: bash benchmarks/ddp.sh there)

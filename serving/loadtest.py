@@ -14,6 +14,7 @@ routing refresh interval for the canary share). Writes the figures as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import threading
@@ -43,12 +44,14 @@ class Record:
 
 @dataclass
 class Load:
-    """Client threads ranking queries until stopped; each keeps its own client and records."""
+    """Client threads ranking queries until stopped; each keeps its own client (or all share ``client``, which
+    they then leave open) and records."""
 
-    url: str
+    url: str | list[str]
     clients: int = 4
     candidates: int = 5
     routing_refresh_s: float = 0.2
+    client: AMCClient | None = None
     records: list[Record] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -66,7 +69,8 @@ class Load:
         cands = [Candidate(id=str(j), regions=np.abs(rng.normal(size=(sig.REGIONS_PER_IMAGE, sig.REGION_FEATURE_DIM)))
                            .astype(np.float32), keywords=list(rng.choice(words, size=3)))
                  for j in range(self.candidates)]
-        with AMCClient(self.url, timeout_s=30, routing_refresh_s=self.routing_refresh_s) as client:
+        with (contextlib.nullcontext(self.client) if self.client is not None
+              else AMCClient(self.url, timeout_s=30, routing_refresh_s=self.routing_refresh_s)) as client:
             while not self._stop.is_set():
                 query = " ".join(rng.choice(words, size=2))
                 sent = time.monotonic()
@@ -102,6 +106,16 @@ class Load:
         with self._lock:
             return [r for r in self.records if start <= r.sent < end]
 
+    def failed(self) -> list[Record]:
+        """Requests that raised, mixed-version responses aside."""
+        with self._lock:
+            return [r for r in self.records if r.error and r.version != sig.MIXED_VERSION]
+
+    def mixed(self) -> list[Record]:
+        """Mixed-version responses (model_version -1, refused by the client)."""
+        with self._lock:
+            return [r for r in self.records if r.version == sig.MIXED_VERSION]
+
 
 def collection_words(repository: Path, version: int) -> list[str]:
     """The words of the candidate collection a published version's term weights were counted over."""
@@ -109,29 +123,52 @@ def collection_words(repository: Path, version: int) -> list[str]:
     return sorted(TermWeights.from_json(path.read_text(encoding="utf-8")).df) or ["cat", "face"]
 
 
+def serving_models(version: int) -> list[str]:
+    """What a server loads at start to serve ``version``: the steps, the pinned ensemble and ``amc``."""
+    return [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]
+
+
+@dataclass
+class Phases:
+    """When each step of :func:`roll_out` started and returned (``time.monotonic()``)."""
+
+    started: float
+    published: float
+    canary: float
+    canary_end: float
+    promoted: float
+
+
+def roll_out(rollout: Rollout, load: Load, checkpoint: Path, share: float, canary_requests: int) -> tuple[int, Phases]:
+    """Publish ``checkpoint`` (export, load, verify), give it ``share`` of the traffic until ``canary_requests``
+    were sent under the canary routing, then promote it; ``load`` runs throughout."""
+    t0 = time.monotonic()
+    version = rollout.publish(checkpoint)
+    t_published = time.monotonic()
+    rollout.canary(version, share)
+    t_canary = time.monotonic()
+    load.wait_for(canary_requests, t_canary + load.routing_refresh_s)
+    t1 = time.monotonic()
+    rollout.promote(version)
+    return version, Phases(t0, t_published, t_canary, t1, time.monotonic())
+
+
 def run(old_checkpoint: Path, new_checkpoint: Path, workdir: Path, *, clients: int = 4, share: float = 0.1,
         canary_requests: int = 800, ndcg_margin: float = 0.02, log=print) -> dict:
     """The scenario; returns the figures (also the shape of reports/rollout.json)."""
     repository = workdir / "repository"
     v1 = publish(old_checkpoint, repository, log=log)
-    models = [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(v1), sig.ENSEMBLE_NAME]
     words = collection_words(repository, v1)
-    with TritonServer(repository, models=models, admin_key=ADMIN_KEY) as server, \
+    with TritonServer(repository, models=serving_models(v1), admin_key=ADMIN_KEY) as server, \
             Rollout(repository, server.grpc_url, admin_key=ADMIN_KEY, ndcg_margin=ndcg_margin, log=log) as rollout:
         load = Load(server.grpc_url, clients=clients)
         load.start(words)
         t_start = time.monotonic()
         load.wait_for(100, t_start)
 
-        t0 = time.monotonic()
-        v2 = rollout.publish(new_checkpoint)
-        t_published = time.monotonic()
-        rollout.canary(v2, share)
-        t_canary = time.monotonic()
-        load.wait_for(canary_requests, t_canary + load.routing_refresh_s)
-        t1 = time.monotonic()
-        rollout.promote(v2)
-        t_promoted = time.monotonic()
+        v2, phases = roll_out(rollout, load, new_checkpoint, share, canary_requests)
+        t0, t_published, t_canary, t1, t_promoted = (phases.started, phases.published, phases.canary,
+                                                     phases.canary_end, phases.promoted)
         load.wait_for(200, t_promoted)
         t2 = time.monotonic()
         rollout.rollback()
@@ -140,9 +177,7 @@ def run(old_checkpoint: Path, new_checkpoint: Path, workdir: Path, *, clients: i
         load.stop()
         t_end = time.monotonic()
 
-    records = load.records
-    failed = [r for r in records if r.error and r.version != sig.MIXED_VERSION]
-    mixed = [r for r in records if r.version == sig.MIXED_VERSION]
+    records, failed, mixed = load.records, load.failed(), load.mixed()
     canary_phase = load.between(t_canary + load.routing_refresh_s, t1)
     promoted_phase = load.between(t_promoted, t2)
     rolled_back_phase = load.between(t_rolled_back, t_end)
@@ -171,17 +206,22 @@ def run(old_checkpoint: Path, new_checkpoint: Path, workdir: Path, *, clients: i
     return report
 
 
+def argument_parser(prog: str, doc: str, out: str) -> argparse.ArgumentParser:
+    """The options a rollout load test takes (this one's and ``serving.fleetload``'s)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--old", type=Path, required=True, help="checkpoint serving at the start")
+    parser.add_argument("--new", type=Path, required=True, help="checkpoint rolled out")
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--clients", type=int, default=4, help="client threads")
+    parser.add_argument("--share", type=float, default=0.1, help="canary share during the rollout")
+    parser.add_argument("--ndcg-margin", type=float, default=0.02, help="rollout verification's NDCG margin")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    parser = argparse.ArgumentParser(prog="python -m serving.loadtest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--old", type=Path, required=True, help="checkpoint serving at the start")
-    parser.add_argument("--new", type=Path, required=True, help="checkpoint rolled out")
-    parser.add_argument("--out", type=Path, default=Path("reports/rollout.json"))
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--share", type=float, default=0.1)
-    parser.add_argument("--ndcg-margin", type=float, default=0.02, help="rollout verification's NDCG margin")
-    args = parser.parse_args(argv)
+    args = argument_parser("python -m serving.loadtest", __doc__, "reports/rollout.json").parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="amc-loadtest-") as tmp:
         report = run(args.old, args.new, Path(tmp), clients=args.clients, share=args.share,
                      ndcg_margin=args.ndcg_margin)

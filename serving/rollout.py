@@ -27,6 +27,13 @@ Ordering rules that keep the old version serving whatever fails:
 The canary split is done by the clients (as gRPC's weighted clusters are): ``amc``'s config parameters
 carry ``canary_version`` and ``canary_share``, and :class:`amc_client.AMCClient` sends that share of its
 queries to ``amc_v<canary>``.
+
+A fleet (``--url`` repeated, or a comma list): every replica serves the same repository (a shared volume).
+A version is published once, then loaded and verified on every replica (concurrently); routing changes
+(canary, promote, rollback) are made only when the versions they name are ready on every replica, and are
+applied to every replica; if any replica fails a step, the step is undone on all of them (a version that
+fails to load or verify anywhere is unloaded everywhere and quarantined; a routing change that fails to
+reload ``amc`` anywhere is reverted everywhere), and the error names the replica.
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -59,8 +68,31 @@ GOLDEN_TOLERANCE = 1e-4
 TRANSIENT = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
 
 
+T = TypeVar("T")
+
+
 class RolloutError(RuntimeError):
     """A rollout step was refused or failed; the serving version is unchanged."""
+
+
+def rollout_urls(urls: str | Sequence[str]) -> list[str]:
+    """The replicas' gRPC addresses: one, a list, or comma lists; a duplicate or an empty entry is refused."""
+    items = [u.strip() for entry in ([urls] if isinstance(urls, str) else urls) for u in entry.split(",")]
+    if not items or "" in items:
+        raise RolloutError(f"replica URLs must be non-empty host:port addresses, got {urls!r}")
+    duplicates = sorted({u for u in items if items.count(u) > 1})
+    if duplicates:
+        raise RolloutError(f"replica {', '.join(duplicates)} is listed more than once")
+    return items
+
+
+def _on_replica(e: BaseException, url: str) -> BaseException:
+    """``e`` with the replica named in its message (same type, so callers still read ``status()``)."""
+    if isinstance(e, InferenceServerException):
+        return InferenceServerException(f"replica {url}: {e.message()}", status=e.status())
+    if isinstance(e, RolloutError):
+        return RolloutError(f"replica {url}: {e}")
+    return e
 
 
 def admin_headers(key: str | None) -> dict[str, str]:
@@ -95,17 +127,31 @@ class VersionStatus:
 
 
 class Rollout:
-    """Operations on one serving repository and the tritonserver that serves it."""
+    """Operations on one serving repository and the tritonservers that serve it (one, or a fleet of replicas:
+    ``url`` a list or a comma list)."""
 
-    def __init__(self, repository: str | Path, url: str, *, admin_key: str | None = None, timeout_s: float = 120.0,
-                 ndcg_margin: float = 0.02, keep: int = 3, log=print) -> None:
+    def __init__(self, repository: str | Path, url: str | Sequence[str], *, admin_key: str | None = None,
+                 timeout_s: float = 120.0, ndcg_margin: float = 0.02, keep: int = 3, log=print) -> None:
         self.repository = Path(repository)
-        self.client = grpcclient.InferenceServerClient(url)
+        self.clients = {u: grpcclient.InferenceServerClient(u) for u in rollout_urls(url)}
+        self.client = next(iter(self.clients.values()))  # the first replica's
         self.headers = admin_headers(admin_key)
         self.timeout_s, self.ndcg_margin, self.keep, self.log = timeout_s, ndcg_margin, keep, log
 
     def close(self) -> None:
-        self.client.close()
+        for client in self.clients.values():
+            client.close()
+
+    def _each(self, call: Callable[[grpcclient.InferenceServerClient], T]) -> dict[str, T]:
+        """``call`` on every replica (concurrently); the first replica's failure is raised, naming it."""
+        if len(self.clients) == 1:
+            return {url: call(client) for url, client in self.clients.items()}
+        with ThreadPoolExecutor(len(self.clients)) as pool:
+            futures = {url: pool.submit(call, client) for url, client in self.clients.items()}
+        for url, future in futures.items():
+            if future.exception() is not None:
+                raise _on_replica(future.exception(), url) from future.exception()
+        return {url: future.result() for url, future in futures.items()}
 
     def __enter__(self) -> Rollout:
         return self
@@ -117,13 +163,22 @@ class Rollout:
     def routing(self) -> Routing:
         return read_routing(self.repository)
 
+    def _not_ready(self, model: str, version: str = "") -> list[str]:
+        """The replicas where ``model`` (``version``) is not ready, or that do not answer."""
+
+        def ready(client: grpcclient.InferenceServerClient) -> bool:
+            try:
+                return client.is_model_ready(model, version)
+            except InferenceServerException:
+                return False
+
+        return [url for url, ok in self._each(ready).items() if not ok]
+
     def _model_ready(self, model: str) -> bool:
-        try:
-            return self.client.is_model_ready(model)
-        except InferenceServerException:
-            return False
+        return not self._not_ready(model)
 
     def ready(self, version: int) -> bool:
+        """Whether version N's ensemble is ready on every replica."""
         return self._model_ready(sig.versioned_ensemble_name(version))
 
     def status(self) -> dict:
@@ -132,6 +187,7 @@ class Rollout:
                     for v in published_versions(self.repository)]
         return {"serving_version": routing.serving_version, "canary_version": routing.canary_version,
                 "canary_share": routing.canary_share, "amc_ready": self._model_ready(sig.ENSEMBLE_NAME),
+                "replicas_not_ready": self._not_ready(sig.ENSEMBLE_NAME),
                 "versions": [{"version": s.version, "ready": s.ready, "fingerprint": s.manifest["fingerprint"],
                               "created": s.manifest["created"],
                               "test_ndcg@10": s.manifest["metrics"].get("test_ndcg@10"),
@@ -139,7 +195,8 @@ class Rollout:
 
     # ---- loading and verifying -----------------------------------------------------------------------
     def _load(self, model: str, config: str | None = None) -> None:
-        self.client.load_model(model, config=config, headers=self.headers, client_timeout=self.timeout_s)
+        """Load (or reload) ``model`` on every replica."""
+        self._each(lambda c: c.load_model(model, config=config, headers=self.headers, client_timeout=self.timeout_s))
 
     def load_version(self, version: int) -> None:
         """Load version N of every step beside what serves, then its pinned ensemble; undo on failure."""
@@ -149,8 +206,10 @@ class Rollout:
             with ThreadPoolExecutor(len(STEPS)) as pool:  # independent models: load them concurrently
                 list(pool.map(lambda s: self._load(s.model_name), STEPS))
             for step in STEPS:
-                if not self.client.is_model_ready(step.model_name, str(version)):
-                    raise RolloutError(f"{step.model_name} version {version} did not become ready")
+                not_ready = self._not_ready(step.model_name, str(version))
+                if not_ready:
+                    raise RolloutError(f"{step.model_name} version {version} did not become ready"
+                                       + (f" on replica {', '.join(not_ready)}" if len(self.clients) > 1 else ""))
             self._load(sig.versioned_ensemble_name(version))
         except InferenceServerException as e:
             if e.status() in TRANSIENT:
@@ -167,19 +226,23 @@ class Rollout:
         with np.load(self.repository / sig.versioned_ensemble_name(version) / GOLDEN) as archive:
             golden = dict(archive)
         try:
-            served = infer_arrays(self.client, sig.versioned_ensemble_name(version), golden, self.timeout_s)
+            by_replica = self._each(
+                lambda c: infer_arrays(c, sig.versioned_ensemble_name(version), golden, self.timeout_s))
         except InferenceServerException as e:
             raise RolloutError(f"version {version} failed its golden requests: {e.message()}") from e
-        # relative_error is inf for NaN or infinite outputs, so those can never pass.
-        errors = {name: relative_error(served[name], golden[name])
-                  for name in ("scores", "modality_weights", "region_attention", "keyword_attention")}
-        same_order = all(np.array_equal(np.argsort(-a, kind="stable"), np.argsort(-b, kind="stable"))
-                         for a, b in zip(served["scores"], golden["scores"]))
-        if not np.all(served["model_version"] == version):
-            raise RolloutError(f"version {version} answered with model_version {np.unique(served['model_version'])}")
-        if max(errors.values()) > GOLDEN_TOLERANCE or not same_order:
-            raise RolloutError(f"version {version}: Triton's outputs differ from its checkpoint's "
-                               f"(relative errors {errors}, same ranking: {same_order})")
+        for url, served in by_replica.items():
+            where = f" on replica {url}" if len(self.clients) > 1 else ""
+            # relative_error is inf for NaN or infinite outputs, so those can never pass.
+            errors = {name: relative_error(served[name], golden[name])
+                      for name in ("scores", "modality_weights", "region_attention", "keyword_attention")}
+            same_order = all(np.array_equal(np.argsort(-a, kind="stable"), np.argsort(-b, kind="stable"))
+                             for a, b in zip(served["scores"], golden["scores"]))
+            if not np.all(served["model_version"] == version):
+                raise RolloutError(f"version {version} answered with model_version "
+                                   f"{np.unique(served['model_version'])}{where}")
+            if max(errors.values()) > GOLDEN_TOLERANCE or not same_order:
+                raise RolloutError(f"version {version}: Triton's outputs differ from its checkpoint's{where} "
+                                   f"(relative errors {errors}, same ranking: {same_order})")
         mine = read_manifest(self.repository, version)["metrics"].get("test_ndcg@10")
         serving = self.routing().serving_version
         theirs = (read_manifest(self.repository, serving)["metrics"].get("test_ndcg@10")
@@ -212,8 +275,9 @@ class Rollout:
             if source.exists():
                 (target / model).parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(source), str(target / model))
-        with contextlib.suppress(InferenceServerException):  # not loaded is fine
-            self.client.unload_model(ensemble, headers=self.headers)
+        for client in self.clients.values():
+            with contextlib.suppress(InferenceServerException):  # not loaded is fine
+                client.unload_model(ensemble, headers=self.headers)
         for step in STEPS:  # reload from disk: the removed version is unloaded, the others stay as they are
             try:
                 self._load(step.model_name)
@@ -224,8 +288,10 @@ class Rollout:
     # ---- changing what serves ------------------------------------------------------------------------
     def _set_routing(self, routing: Routing) -> None:
         for v in {routing.serving_version, routing.canary_version} - {None}:
-            if not self.ready(v):
-                raise RolloutError(f"version {v} is not loaded and ready; load and verify it first")
+            not_ready = self._not_ready(sig.versioned_ensemble_name(v))
+            if not_ready:
+                where = f" on replica {', '.join(not_ready)}" if len(self.clients) > 1 else ""
+                raise RolloutError(f"version {v} is not loaded and ready{where}; load and verify it first")
         previous = self.routing()
         set_routing(self.repository, routing)
         try:
@@ -324,8 +390,9 @@ class Rollout:
             orphans = {int(p.name) for s in STEPS for p in (self.repository / s.model_name).glob("[0-9]*")
                        if p.name.isdigit() and int(p.name) not in versions}
             for v in removed:
-                with contextlib.suppress(InferenceServerException):
-                    self.client.unload_model(sig.versioned_ensemble_name(v), headers=self.headers)
+                for client in self.clients.values():
+                    with contextlib.suppress(InferenceServerException):
+                        client.unload_model(sig.versioned_ensemble_name(v), headers=self.headers)
                 shutil.rmtree(self.repository / sig.versioned_ensemble_name(v))
                 for step in STEPS:
                     shutil.rmtree(self.repository / step.model_name / str(v), ignore_errors=True)
@@ -343,7 +410,9 @@ class Rollout:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="amc-rollout", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repository", type=Path, required=True)
-    parser.add_argument("--url", default="127.0.0.1:8001", help="tritonserver gRPC address")
+    parser.add_argument("--url", action="append", default=None,
+                        help="tritonserver gRPC address; repeat it (or give a comma list) for every replica of a "
+                             "fleet serving the repository (default 127.0.0.1:8001)")
     parser.add_argument("--admin-key", default=None, help="key for Triton's restricted model-repository API")
     parser.add_argument("--ndcg-margin", type=float, default=0.02)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -361,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
-        with Rollout(args.repository, args.url, admin_key=args.admin_key, ndcg_margin=args.ndcg_margin) as r:
+        with Rollout(args.repository, args.url or "127.0.0.1:8001", admin_key=args.admin_key,
+                     ndcg_margin=args.ndcg_margin) as r:
             if args.command == "status":
                 status = r.status()
                 for v in status["versions"]:

@@ -6,6 +6,7 @@
 """
 
 from ._client import AMCClient, AsyncAMCClient
+from ._fleet import ReplicaStatus
 from ._packing import pack_request
 from ._types import Candidate, CandidateArrays, RankedResult, Routing
 from .errors import (
@@ -31,6 +32,7 @@ __all__ = [
     "MixedVersionError",
     "ModelVersionError",
     "RankedResult",
+    "ReplicaStatus",
     "Routing",
     "ServerUnavailableError",
     "candidates_from_images",

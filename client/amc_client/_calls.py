@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any
 
 from tritonclient.utils import InferenceServerException
 
@@ -112,3 +115,25 @@ class Deadline:
 
     def remaining(self) -> float:
         return self._end - time.monotonic()
+
+
+# ---- what the client core's request paths yield (see amc_client._client) ------------------------------------
+@dataclass(frozen=True)
+class Call:
+    """One call of tritonclient's API: ``method`` with ``kwargs``, at most ``remaining`` seconds, on ``replica``
+    (an ``amc_client._fleet.Replica``). ``method == "infer"`` is an inference (never cancelled: see
+    ``AMCClient._infer``)."""
+
+    method: str
+    remaining: float
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    replica: Any = None
+
+
+@dataclass(frozen=True)
+class Sleep:
+    seconds: float
+
+
+# What the core's request paths yield, and what they are sent back.
+Steps = Generator["Call | Sleep", Any, Any]

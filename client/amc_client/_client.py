@@ -16,16 +16,19 @@ import math
 import random
 import threading
 import time
-from collections.abc import Generator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from . import _calls, _packing, _routing, _search
+from . import _calls, _fleet, _packing, _routing, _search
 from . import signatures as sig
+from ._calls import Call as _Call
+from ._calls import Sleep as _Sleep
+from ._calls import Steps as _Steps
+from ._fleet import ReplicaStatus
 from ._packing import CandidateSet
 from ._types import RankedResult, Routing
 from .errors import AMCError, DeadlineExceededError, InvalidInputError, MixedVersionError, ModelVersionError
@@ -46,33 +49,13 @@ def _channel_args() -> list[tuple[str, Any]]:
     ]
 
 
-@dataclass(frozen=True)
-class _Call:
-    """One call of tritonclient's API: ``method`` with ``kwargs``, at most ``remaining`` seconds.
-
-    ``method == "infer"`` is an inference (never cancelled: see :meth:`AMCClient._infer`)."""
-
-    method: str
-    remaining: float
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class _Sleep:
-    seconds: float
-
-
-# What the core's request paths yield, and what they are sent back.
-_Steps = Generator["_Call | _Sleep", Any, Any]
-
-
 class _Core:
     """What the sync and async clients share: options, request preparation, the request paths, routing cache,
     retries, error translation and result checks. See the module docstring."""
 
     def __init__(
         self,
-        url: str = "127.0.0.1:8001",
+        url: str | Sequence[str] = "127.0.0.1:8001",
         *,
         timeout_s: float = 10.0,
         model_version: int | None = None,
@@ -97,7 +80,10 @@ class _Core:
             )
         if retries < 0 or backoff_s < 0 or routing_refresh_s < 0:
             raise InvalidInputError("retries, backoff_s and routing_refresh_s must be >= 0")
-        self.url = url
+        # One URL, or a fleet of replicas (``_fleet``: least outstanding requests, ejection, probes).
+        self._fleet = _fleet.Fleet(_fleet.replica_urls(url))
+        self.url = url if isinstance(url, str) and len(self._fleet) == 1 else self._fleet.url
+        self.urls = [r.url for r in self._fleet.replicas]
         self.timeout_s = float(timeout_s)
         self.model_version = model_version
         self._retries = retries
@@ -112,9 +98,10 @@ class _Core:
             root_certificates=root_certificates,
             private_key=private_key,
             certificate_chain=certificate_chain,
-            channel_args=_channel_args(),
+            channel_args=_channel_args() + (_fleet.RECONNECT_ARGS if len(self._fleet) > 1 else []),
         )
-        self._inner_client = _inner
+        for replica in self._fleet.replicas:
+            replica.client = _fleet.clients_by_url(_inner, self.urls).get(replica.url)
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._pending_tasks: set[Any] = set()
@@ -123,7 +110,11 @@ class _Core:
         self._open()
 
     def _open(self) -> None:
-        """Open the gRPC channel now (the blocking face) or on first use (the asyncio face)."""
+        """Open the gRPC channels now (the blocking face) or on first use (the asyncio face)."""
+
+    def replicas(self) -> list[ReplicaStatus]:
+        """Each replica as this client sees it: in rotation or not, calls in flight, sent, failed (no I/O)."""
+        return self._fleet.status()
 
     # ---- request preparation and results (no I/O) --------------------------------------------------------
     def _prepare(
@@ -171,16 +162,21 @@ class _Core:
         return self._routing
 
     def _retry_delay(
-        self, e: InferenceServerException, attempt: int, deadline: _calls.Deadline
+        self, e: InferenceServerException, attempt: int, deadline: _calls.Deadline, replica: _fleet.Replica
     ) -> float | None:
-        """Seconds to wait before retrying ``e``, or None to give up."""
-        if attempt >= self._retries or not _calls.retryable(e):
+        """Seconds to wait before retrying ``e`` (0: at once, on another replica), or None to give up."""
+        fleet = len(self._fleet) > 1
+        if attempt >= self._retries + len(self._fleet) - 1 or not (
+            _fleet.retry_elsewhere(e) if fleet else _calls.retryable(e)
+        ):
             return None
+        if fleet and attempt < len(self._fleet) - 1 and self._fleet.healthy_besides(replica):
+            return 0.0  # one round over the fleet at once, then backoff (every replica may be overloaded)
         delay = _calls.backoff(self._backoff_s, attempt, self._rng)
         return delay if delay < deadline.remaining() else None
 
-    def _error(self, e: InferenceServerException, model: str) -> AMCError:
-        return _calls.translate(e, url=self.url, model=model, timeout_s=self.timeout_s)
+    def _error(self, e: InferenceServerException, model: str, url: str | None = None) -> AMCError:
+        return _calls.translate(e, url=url or self.url, model=model, timeout_s=self.timeout_s)
 
     def _out_of_time(self, model: str) -> DeadlineExceededError:
         return DeadlineExceededError(f"no answer from {model!r} at {self.url} within {self.timeout_s:g} s")
@@ -274,19 +270,25 @@ class _Core:
 
     def _call(self, method: str, model: str, deadline: _calls.Deadline, **kwargs: Any) -> _Steps:
         """One call with retries (UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL, UNKNOWN) and backoff, all within
-        ``deadline``; a failure that is not retried, or the last one, is raised translated (``_calls``)."""
-        attempt = 0
+        ``deadline``; a failure that is not retried, or the last one, is raised translated (``_calls``). In a
+        fleet each attempt goes to the replica ``_fleet`` picks, and a retry to another one, at once."""
+        attempt, replica = 0, None
         while True:
             remaining = deadline.remaining()
             if remaining <= 0:
                 raise self._out_of_time(model)
+            replica = yield from self._fleet.choose(deadline, avoid=replica)
             try:
-                return (yield _Call(method, remaining, kwargs))
+                timeout = self._fleet.attempt_s(deadline.remaining(), replica)
+                with self._fleet.sending(replica, inference=method == "infer"):
+                    return (yield _Call(method, timeout, kwargs, replica))
             except InferenceServerException as e:
-                delay = self._retry_delay(e, attempt, deadline)
+                self._fleet.failed(replica, e)
+                delay = self._retry_delay(e, attempt, deadline, replica)
                 if delay is None:
-                    raise self._error(e, model) from e
-            yield _Sleep(delay)
+                    raise self._error(e, model, replica.url) from e
+            if delay > 0:
+                yield _Sleep(delay)
             attempt += 1
 
     def _loaded_or_none(self, deadline: _calls.Deadline) -> _Steps:
@@ -305,11 +307,15 @@ class _Core:
         return (yield from self._fetch_routing(_calls.Deadline(self.timeout_s)))
 
     def _probe(self, method: str, *args: Any) -> _Steps:
-        """A health call (``is_server_ready``, ``is_model_ready``): its answer, False if unreachable."""
-        try:
-            return bool((yield _Call(method, self.timeout_s, {"args": args})))
-        except InferenceServerException:
-            return False
+        """A health call (``is_server_ready``, ``is_model_ready``): its answer, False if unreachable. A fleet
+        asks its replicas in turn and answers True if one does."""
+        for replica in self._fleet.replicas:
+            try:
+                if (yield _Call(method, self.timeout_s, {"args": args}, replica)):
+                    return True
+            except InferenceServerException:
+                pass
+        return False
 
     def _ready(self, version: int | None) -> _Steps:
         name = sig.ENSEMBLE_NAME if version is None else sig.versioned_ensemble_name(version)
@@ -325,22 +331,32 @@ class _Core:
 class AMCClient(_Core):
     """Blocking client of the AMC ranker. One gRPC channel, reused; use it as a context manager or ``close()`` it.
 
+    ``url``: one ``host:port``; or a fleet of replicas, as a list of them, a comma-separated string or
+    ``dns:///host:port`` (every address the name resolves to): one channel per replica, each call to the healthy
+    replica with the fewest calls in flight, a failing one taken out and probed back in, a failed call retried
+    at once on another replica within ``timeout_s`` (``_fleet`` has the rules; ``replicas()`` the state).
+
     ``timeout_s`` is the deadline of one request to the server, retries and the routing lookup included.
     ``model_version`` pins every query to ``amc_v{N}``; None follows the server's canary routing (re-read at most
     every ``routing_refresh_s``). Server faults (UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL, UNKNOWN) are retried
     ``retries`` times with exponential backoff from ``backoff_s`` (jitter, at most 2 s apart); the caller's
-    mistakes never are. ``ssl``/``root_certificates``/``private_key``/``certificate_chain`` (file paths) as in
-    tritonclient: ``ssl=True`` with ``root_certificates`` (the CA that signed the server's certificate) for TLS,
-    plus ``private_key`` and ``certificate_chain`` for mutual TLS. ``headers`` are sent with every call.
+    mistakes never are (in a fleet: ``retries`` plus one attempt per other replica, the first round at once).
+    ``ssl``/``root_certificates``/``private_key``/``certificate_chain`` (file paths) as in tritonclient:
+    ``ssl=True`` with ``root_certificates`` (the CA that signed the server's certificate) for TLS, plus
+    ``private_key`` and ``certificate_chain`` for mutual TLS. ``headers`` are sent with every call.
     """
 
     def _open(self) -> None:
-        if self._inner_client is None:
-            self._inner_client = grpcclient.InferenceServerClient(self.url, **self._channel)
+        for replica in self._fleet.replicas:
+            if replica.client is None:
+                replica.client = grpcclient.InferenceServerClient(replica.url, **self._channel)
+
+    def _client_of(self, replica: _fleet.Replica) -> Any:
+        return replica.client
 
     @property
     def _inner(self) -> Any:
-        return self._inner_client
+        return self._client_of(self._fleet.replicas[0])
 
     def _drive(self, steps: _Steps) -> Any:
         """Run a core request path: perform each call it yields (blocking), sleep each backoff."""
@@ -356,15 +372,16 @@ class AMCClient(_Core):
                 time.sleep(op.seconds)
                 continue
             try:
+                inner = self._client_of(op.replica)
                 if op.method == "infer":
-                    value = self._infer(op.remaining, **op.kwargs)
+                    value = self._infer(inner, op.remaining, **op.kwargs)
                 else:
                     args, kwargs = self._kwargs(op, op.remaining)
-                    value = getattr(self._inner, op.method)(*args, **kwargs)
+                    value = getattr(inner, op.method)(*args, **kwargs)
             except InferenceServerException as e:
                 error = e
 
-    def _infer(self, remaining: float, **kwargs: Any) -> Any:
+    def _infer(self, inner: Any, remaining: float, **kwargs: Any) -> Any:
         """One inference that the caller stops waiting for after ``remaining`` s but never cancels.
 
         tritonserver 2.51's gRPC frontend can crash when a cancellation (an expired gRPC deadline, a closed
@@ -372,8 +389,8 @@ class AMCClient(_Core):
         releases). So the deadline the caller asked for is enforced here, and the RPC itself carries only the
         long ``server_deadline_s`` backstop; an abandoned call finishes on the server and is dropped.
         """
-        if not hasattr(self._inner, "async_infer"):  # test doubles without the callback API
-            return self._inner.infer(**kwargs, headers=self._headers, client_timeout=remaining)
+        if not hasattr(inner, "async_infer"):  # test doubles without the callback API
+            return inner.infer(**kwargs, headers=self._headers, client_timeout=remaining)
         done, box = threading.Event(), {}
 
         def finished(result: Any, error: Any) -> None:
@@ -385,7 +402,7 @@ class AMCClient(_Core):
         with self._pending_lock:
             self._pending += 1
         try:
-            self._inner.async_infer(callback=finished, headers=self._headers,
+            inner.async_infer(callback=finished, headers=self._headers,
                                     client_timeout=self.server_deadline_s, **kwargs)
         except BaseException:  # the call never started: it will not call back
             with self._pending_lock:
@@ -405,11 +422,12 @@ class AMCClient(_Core):
         self.close()
 
     def close(self) -> None:
-        """Close the gRPC channel, after abandoned calls have finished (closing would cancel them)."""
+        """Close the gRPC channels, after abandoned calls have finished (closing would cancel them)."""
         end = time.monotonic() + self.server_deadline_s
         while self._pending > 0 and time.monotonic() < end:
             time.sleep(0.01)
-        self._inner.close()
+        for replica in self._fleet.replicas:
+            replica.client.close()
 
     def rank(
         self, query: str, candidates: CandidateSet, top_k: int | None = None, *, validate: bool = True
@@ -463,13 +481,16 @@ class AsyncAMCClient(_Core):
     The channel is opened on first use, inside the running event loop; use ``async with`` or ``await close()``.
     """
 
-    @property
-    def _inner(self) -> Any:
-        if self._inner_client is None:
+    def _client_of(self, replica: _fleet.Replica) -> Any:
+        if replica.client is None:
             import tritonclient.grpc.aio as aio
 
-            self._inner_client = aio.InferenceServerClient(self.url, **self._channel)
-        return self._inner_client
+            replica.client = aio.InferenceServerClient(replica.url, **self._channel)
+        return replica.client
+
+    @property
+    def _inner(self) -> Any:
+        return self._client_of(self._fleet.replicas[0])
 
     async def _drive(self, steps: _Steps) -> Any:
         """See :meth:`AMCClient._drive`: the same paths, with awaited calls and sleeps."""
@@ -485,18 +506,19 @@ class AsyncAMCClient(_Core):
                 await asyncio.sleep(op.seconds)
                 continue
             try:
+                inner = self._client_of(op.replica)
                 if op.method == "infer":
-                    value = await self._infer(op.remaining, **op.kwargs)
+                    value = await self._infer(inner, op.remaining, **op.kwargs)
                 else:
                     args, kwargs = self._kwargs(op, op.remaining)
-                    value = await getattr(self._inner, op.method)(*args, **kwargs)
+                    value = await getattr(inner, op.method)(*args, **kwargs)
             except InferenceServerException as e:
                 error = e
 
-    async def _infer(self, remaining: float, **kwargs: Any) -> Any:
+    async def _infer(self, inner: Any, remaining: float, **kwargs: Any) -> Any:
         """See :meth:`AMCClient._infer`: wait at most ``remaining`` s, but never cancel the RPC itself."""
         task = asyncio.ensure_future(
-            self._inner.infer(**kwargs, headers=self._headers, client_timeout=self.server_deadline_s))
+            inner.infer(**kwargs, headers=self._headers, client_timeout=self.server_deadline_s))
         self._pending_tasks.add(task)
         task.add_done_callback(self._pending_tasks.discard)
         try:
@@ -512,12 +534,13 @@ class AsyncAMCClient(_Core):
         await self.close()
 
     async def close(self) -> None:
-        """Close the gRPC channel (if one was opened), after abandoned calls have finished."""
+        """Close the gRPC channels (those opened), after abandoned calls have finished."""
         if self._pending_tasks:
             await asyncio.wait(set(self._pending_tasks), timeout=self.server_deadline_s)
-        if self._inner_client is not None:
-            await self._inner_client.close()
-            self._inner_client = None
+        for replica in self._fleet.replicas:
+            if replica.client is not None:
+                await replica.client.close()
+                replica.client = None
 
     async def rank(
         self, query: str, candidates: CandidateSet, top_k: int | None = None, *, validate: bool = True

@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def server_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (default: %(default)s)")
+        p.add_argument("--url", default="127.0.0.1:8001",
+                       help="Triton gRPC address, or a comma list of a fleet's replicas (default: %(default)s)")
         p.add_argument(
             "--timeout", type=float, default=10.0, help="seconds per request (default: %(default)s)"
         )

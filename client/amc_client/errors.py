@@ -13,17 +13,17 @@
 
 gRPC status -> exception (``_calls.translate``):
 
-=====================================  =========================  =========
+=====================================  =========================  ================================
 status                                 exception                  retried
-=====================================  =========================  =========
+=====================================  =========================  ================================
 INVALID_ARGUMENT, OUT_OF_RANGE         InvalidInputError          no
 UNAVAILABLE, RESOURCE_EXHAUSTED        ServerUnavailableError     yes
 INTERNAL, UNKNOWN                      ServerUnavailableError     yes
-DEADLINE_EXCEEDED                      DeadlineExceededError      no
+DEADLINE_EXCEEDED                      DeadlineExceededError      no (a fleet: on another replica)
 "Request for unknown model" (any)      ModelVersionError          no
 message larger than the gRPC limit     InvalidInputError          no
 anything else                          AMCError                   no
-=====================================  =========================  =========
+=====================================  =========================  ================================
 """
 
 from __future__ import annotations
