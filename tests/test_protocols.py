@@ -45,3 +45,24 @@ def test_regional_names_are_test_targets_named_otherwise(small_corpus):
     assert lists[0].candidates[lists[0].target] == i
     real = protocols.regional_name_table()
     assert real and all(words(n) for names in real.values() for n in names)
+
+
+def test_resumed_evaluation_refuses_a_partial_run_of_another_configuration(tmp_path):
+    import dataclasses
+    import json
+
+    from training.evaluate import LEARNED, _resumed
+    from training.train import TrainConfig
+
+    base = TrainConfig()
+    assert _resumed(tmp_path, base, [0, 1], LEARNED) == ({}, {}, {}, [])  # nothing to resume: start afresh
+    details = {"config": json.loads(json.dumps(dataclasses.asdict(base))), "seeds_requested": [0, 1], "seeds": [0],
+               "per_seed": {"test_lists": {}}, "train_seconds": {m: [1.0] for m in LEARNED},
+               "list_counts": {"0": {"test_lists": 3}}}
+    (tmp_path / "eval_details.json").write_text(json.dumps(details))
+    per_seed, timings, sizes, done = _resumed(tmp_path, base, [0, 1], LEARNED)
+    assert done == [0] and sizes == {0: {"test_lists": 3}} and per_seed == {"test_lists": {}}
+    with pytest.raises(ValueError, match="another configuration"):
+        _resumed(tmp_path, dataclasses.replace(base, margin=0.3), [0, 1], LEARNED)
+    with pytest.raises(ValueError, match="another configuration"):
+        _resumed(tmp_path, base, [0, 1, 2], LEARNED)

@@ -82,11 +82,33 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
 
 
-def run(base: TrainConfig, seeds: list[int], out: Path, *, methods=LEARNED, log=print) -> dict:
+def _resumed(out: Path, base: TrainConfig, seeds: list[int], methods) -> tuple[dict, dict, dict, list[int]]:
+    """What a partial run in ``out`` left (per_seed, timings, sizes, seeds done), if it had this configuration.
+
+    Each seed's results depend only on that seed (corpus, split and weights are seeded together), so a run that
+    stopped after some seeds and one resumed from it report the same figures.
+    """
+    path = out / "eval_details.json"
+    if not path.is_file():
+        return {}, {}, {}, []
+    details = json.loads(path.read_text())
+    config = json.loads(json.dumps(dataclasses.asdict(base)))
+    if details.get("config") != config or details.get("seeds_requested") != seeds:
+        raise ValueError(f"--resume-seeds: {path} is from another configuration or seed list; use another --out-dir")
+    done = [s for s in details["seeds"] if s in seeds]
+    if set(details["train_seconds"]) != set(methods):
+        raise ValueError(f"--resume-seeds: {path} was made with methods {sorted(details['train_seconds'])}")
+    sizes = {int(seed): counts for seed, counts in details["list_counts"].items()}
+    return details["per_seed"], details["train_seconds"], sizes, done
+
+
+def run(base: TrainConfig, seeds: list[int], out: Path, *, methods=LEARNED, log=print, resume: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # per_seed[protocol][group][metric][method] -> one value per seed
     per_seed: dict = {}
-    weights, timings, examples, sizes = [], {}, None, {}
+    weights, timings, examples, sizes, done = [], {}, None, {}, []
+    if resume:
+        per_seed, timings, sizes, done = _resumed(out, base, seeds, methods)
 
     def record(protocol: str, method: str, metrics: dict[str, dict]) -> None:
         for group, values in metrics.items():
@@ -97,6 +119,15 @@ def run(base: TrainConfig, seeds: list[int], out: Path, *, methods=LEARNED, log=
     for seed in seeds:
         corpus = load_corpus(dataclasses.replace(base.corpus, seed=seed), progress=base.progress)
         evaluation = protocols.build(corpus)
+        if seed in done:  # its figures are in per_seed; MTN's weights and the examples come from its checkpoint
+            model = load_checkpoint(out / "runs" / f"amc-seed{seed}" / "checkpoint.pt").build_model()
+            data = corpus_tensors(corpus, model, term_weights(corpus))
+            lists = evaluation["test_lists"]
+            scored = score_lists(model, data, [rl.text for rl in lists], [rl.candidates for rl in lists])
+            weights.append(mtn_visual_weight(corpus, lists, scored))
+            examples = examples or (corpus, lists, scored)
+            log(f"seed {seed}: resumed from {out / 'eval_details.json'}")
+            continue
         sizes[seed] = {p: len(v) for p, v in evaluation.items()}
         data = None
         for method in methods:
@@ -270,17 +301,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out-dir", dest="out_dir", type=Path, default=Path("reports"))
+    parser.add_argument("--resume-seeds", dest="resume_seeds", action="store_true",
+                        help="keep the seeds a stopped run of the same configuration finished in --out-dir")
     add_dataclass_args(parser, TrainConfig)
     args = parser.parse_args(argv)
-    seeds, out_dir = args.seeds, args.out_dir
-    del args.seeds, args.out_dir
+    seeds, out_dir, resume = args.seeds, args.out_dir, args.resume_seeds
+    del args.seeds, args.out_dir, args.resume_seeds
     try:
         base = config_from_args(TrainConfig, args)
+        started = time.perf_counter()
+        report = run(base, seeds, out_dir, resume=resume)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    started = time.perf_counter()
-    report = run(base, seeds, out_dir)
     print(json.dumps(report, indent=2))
     print(f"wrote {out_dir}/eval.json, eval.md, ndcg.png, attention.png in {time.perf_counter() - started:.0f} s")
     return 0
