@@ -87,10 +87,10 @@ def test_random_inputs_are_realistic():
 
 @pytest.mark.parametrize("config", [{"lexical_axis": False, "query_skip": False},
                                     {"lexical_axis": True, "query_skip": True, "projection_bias": True},
-                                    {"lexical_pool": "attention", "mtn_guide": "separate"}])
+                                    {"lexical_pool": "max", "mtn_guide": "separate"}])
 def test_other_model_configurations_export(tmp_path, config):
     """Without LAN's lexical evidence axis (keyword_vector has hidden channels, not hidden + 1), without the
-    query skip path, with projection biases, with the paper's MTN guide and LAN-attention pooling of the lexical
+    query skip path, with projection biases, with the paper's MTN guide and max-pooled lexical
     evidence: every network exports and validates."""
     model = tiny_model(**config)
     for name in onnx_export.GRAPHS:

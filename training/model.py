@@ -18,8 +18,8 @@ Where the paper leaves a detail open, the choice made here:
   share of the keyword found in the query, of the query found in the keyword, of the query found anywhere in
   the candidate's keywords). ``p_i = softmax_i((q W_ql) . (k_i W_kl) / sqrt(hidden) + a . f_i)``,
   ``k^q = sum_i p_i (k_i W_kl + U f_i)``, with ``a`` and ``U`` learned; with ``lexical_axis``, ``k^q`` gets one
-  more coordinate, ``max_i c . f_i`` (``lexical_pool="max"``: the strongest keyword's evidence, so an exact tag
-  counts in full however many other tags an image has; ``"attention"`` pools it as ``sum_i p_i (c . f_i)``),
+  more coordinate, ``sum_i p_i (c . f_i)`` (``lexical_pool="max"`` takes ``max_i c . f_i`` instead, the strongest
+  keyword's evidence: a higher MTN weight ratio and worse top-1, reports/eval_history.md row 21),
   which the visual vector has as 0 and ``q'`` / ``q_m`` weigh with a
   query-dependent softplus: the lexical evidence's own axis of the AMC space (reports/eval_history.md).
   Why the lexical term: embeddings blur word identity, and search queries are often the very tags an image
@@ -87,8 +87,10 @@ class AMCConfig:
     mtn_guide: str = "match"
     # How the lexical axis pools its keywords' evidence: "attention" weighs each keyword's c . f_i by LAN's
     # attention, "max" takes the strongest keyword's (an exact tag match counts in full however many other tags
-    # the image has, as in BM25). Checkpoints that predate the option used "attention".
-    lexical_pool: str = "max"
+    # the image has, as in BM25). "max" raised MTN's noisy/clean visual weight ratio from 1.48x to 1.76x but lost
+    # test NDCG@1 and random100 R@1 over 3 seeds (reports/eval_history.md, row 21). Checkpoints that predate the
+    # option used "attention".
+    lexical_pool: str = "attention"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

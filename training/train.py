@@ -60,7 +60,7 @@ class TrainConfig:
     projection_bias: bool = False  # AMCConfig.projection_bias
     init_temperature: float = 5.0  # AMCConfig.init_temperature: MTN's softmax temperature at the start (learned)
     mtn_guide: str = "match"  # AMCConfig.mtn_guide
-    lexical_pool: str = "max"  # AMCConfig.lexical_pool
+    lexical_pool: str = "attention"  # AMCConfig.lexical_pool
     hidden: int = 128
     pca_dim: int = 256
     # Visual-only auxiliary losses (issue 8: VAN was weak where keywords are noise, because the fused loss lets
