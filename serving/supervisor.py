@@ -12,7 +12,8 @@ What :class:`Supervisor` does, every ``interval_s`` (a thread of ``amc-serve``):
    was there in the last healthy round and is gone now is dead: its model is reloaded at once, before any
    request has to fail on it.
 3. **Golden requests.** One small, valid request (one candidate, one region, one keyword) through every probed
-   ensemble (``amc`` and each ``amc_v<N>`` loaded), over loopback HTTP (no TLS, no client certificate needed).
+   ensemble (``amc`` and each ``amc_v<N>`` loaded; for ``amc_search`` / ``amc_search_v<N>``, a query and the top
+   1 of the whole store), over loopback HTTP (no TLS, no client certificate needed).
    A failure other than overload ("Exceeds maximum queue size": the replica is busy, not broken) is repaired:
    the step named in the error (``Stub process '<instance>' ...``) is reloaded, or every step of that ensemble
    when the error names none (a stuck step times out without saying which).
@@ -46,7 +47,7 @@ from amc_client import signatures as sig
 
 from .server import LOOPBACK, TritonServer
 
-__all__ = ["HealthServer", "Repair", "Supervisor", "golden_request"]
+__all__ = ["HealthServer", "Repair", "Supervisor", "golden_request", "is_search_ensemble"]
 
 log = logging.getLogger("amc.supervisor")
 _STUB_NAME = re.compile(r"Stub process '([A-Za-z0-9_.-]+)_(\d+)_(\d+)' is not healthy")
@@ -72,15 +73,27 @@ class _Probe:
     busy: bool = False
 
 
-def golden_request() -> dict[str, Any]:
-    """Triton's HTTP/JSON inference request for the raw ensembles: one query, one candidate, one region."""
+def is_search_ensemble(name: str) -> bool:
+    """``amc_search`` or ``amc_search_v<N>``: the whole-store search ensembles."""
+    prefix = f"{sig.SEARCH_ENSEMBLE_NAME}_v"
+    return name == sig.SEARCH_ENSEMBLE_NAME or (name.startswith(prefix) and name[len(prefix):].isdigit())
+
+
+def golden_request(ensemble: str = sig.ENSEMBLE_NAME) -> dict[str, Any]:
+    """Triton's HTTP/JSON inference request for ``ensemble``: for the raw ensembles one query, one candidate, one
+    region; for the search ensembles one query and the top 1 of the whole store (every step of it runs)."""
+    query = {"name": sig.QUERY.name, "datatype": "BYTES", "shape": [1, 1], "data": ["cat face"]}
+    outputs = [{"name": sig.SCORES.name}, {"name": sig.MODEL_VERSION.name}]
+    if is_search_ensemble(ensemble):
+        return {"inputs": [query, {"name": sig.TOP_K.name, "datatype": "INT64", "shape": [1, 1], "data": [1]}],
+                "outputs": outputs}
     return {"inputs": [
-        {"name": sig.QUERY.name, "datatype": "BYTES", "shape": [1, 1], "data": ["cat face"]},
+        query,
         {"name": sig.REGIONS.name, "datatype": "FP32", "shape": [1, 1, 1, sig.REGION_FEATURE_DIM],
          "data": [0.5] * sig.REGION_FEATURE_DIM},
         {"name": sig.REGION_MASK.name, "datatype": "BOOL", "shape": [1, 1, 1], "data": [True]},
         {"name": sig.KEYWORDS.name, "datatype": "BYTES", "shape": [1, 1, 1], "data": ["cat"]},
-    ], "outputs": [{"name": sig.SCORES.name}, {"name": sig.MODEL_VERSION.name}]}
+    ], "outputs": outputs}
 
 
 class Supervisor:
@@ -215,8 +228,8 @@ class Supervisor:
     def ensembles(self) -> list[str]:
         if self._ensembles is not None:
             return self._ensembles
-        names = [m for m in self.server.models
-                 if m == sig.ENSEMBLE_NAME or sig.parse_versioned_ensemble_name(m) is not None]
+        names = [m for m in self.server.models if m == sig.ENSEMBLE_NAME
+                 or sig.parse_versioned_ensemble_name(m) is not None or is_search_ensemble(m)]
         return names or [sig.ENSEMBLE_NAME]
 
     def _gone_stubs(self) -> dict[tuple[str, str], int]:
@@ -245,7 +258,7 @@ class Supervisor:
 
     def _probe(self, ensemble: str) -> _Probe:
         try:
-            status, answer = self._http("POST", f"/v2/models/{ensemble}/infer", golden_request())
+            status, answer = self._http("POST", f"/v2/models/{ensemble}/infer", golden_request(ensemble))
         except (OSError, ValueError) as e:  # refused, timed out (a stuck step), reset
             return _Probe(False, 0, f"{type(e).__name__}: {e}")
         if status == 200:

@@ -37,6 +37,7 @@ from export.store import publish_store
 from serving.faults import raw_inputs
 from serving.rollout import infer_arrays
 from serving.server import TritonServer
+from serving.supervisor import Supervisor, is_search_ensemble
 from training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -423,3 +424,16 @@ def test_search_bad_inputs_are_invalid_arguments_and_search_still_works(served, 
     assert message in info.value.message() and info.value.status() == "StatusCode.INVALID_ARGUMENT"
     with AMCClient(served[0].grpc_url, timeout_s=60) as c:
         assert len(c.search("cat", top_k=2)) == 2
+
+
+def test_supervisor_probes_the_search_ensembles_too(served):
+    """The supervisor's golden rounds cover whole-store search: its ensembles are probed, and the probe passes."""
+    server, version = served
+    supervisor = Supervisor(server)
+    probed = supervisor.ensembles()
+    assert {sig.SEARCH_ENSEMBLE_NAME, sig.versioned_search_ensemble_name(version), sig.ENSEMBLE_NAME} <= set(probed)
+    assert not is_search_ensemble(sig.ENSEMBLE_NAME) and not is_search_ensemble(f"{sig.SEARCH_ENSEMBLE_NAME}_vx")
+    for name in probed:
+        probe = supervisor._probe(name)
+        assert probe.ok, f"{name}: HTTP {probe.status} {probe.message}"
+    assert supervisor.check() and supervisor.ready
