@@ -116,6 +116,15 @@ class _Core:
         """Each replica as this client sees it: in rotation or not, calls in flight, sent, failed (no I/O)."""
         return self._fleet.status()
 
+    def _client_of(self, replica: _fleet.Replica) -> Any:
+        """The tritonclient client of ``replica`` (each face opens its own kind)."""
+        raise NotImplementedError
+
+    @property
+    def _inner(self) -> Any:
+        """The first replica's client (the only one when the client has one URL)."""
+        return self._client_of(self._fleet.replicas[0])
+
     # ---- request preparation and results (no I/O) --------------------------------------------------------
     def _prepare(
         self,
@@ -354,10 +363,6 @@ class AMCClient(_Core):
     def _client_of(self, replica: _fleet.Replica) -> Any:
         return replica.client
 
-    @property
-    def _inner(self) -> Any:
-        return self._client_of(self._fleet.replicas[0])
-
     def _drive(self, steps: _Steps) -> Any:
         """Run a core request path: perform each call it yields (blocking), sleep each backoff."""
         value: Any = None
@@ -487,10 +492,6 @@ class AsyncAMCClient(_Core):
 
             replica.client = aio.InferenceServerClient(replica.url, **self._channel)
         return replica.client
-
-    @property
-    def _inner(self) -> Any:
-        return self._client_of(self._fleet.replicas[0])
 
     async def _drive(self, steps: _Steps) -> Any:
         """See :meth:`AMCClient._drive`: the same paths, with awaited calls and sleeps."""
