@@ -55,9 +55,9 @@ from amc_client import signatures as sig
 
 from . import floor, harness, perf, triton
 from .run import DEFAULT_CHECKPOINT, gpu_memory_mib, log, rel_err
+from .store_fused import serving_store_fused
 from .workloads import Request, collection_words, synthetic_gallery
 
-STEP_MODELS = ("amc_store_tokenizer", "amc_fused_store", triton.STORE_FUSED)
 PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-3}
 OUTPUTS = sig.FUSED_STORE.output_names
 INPUTS = sig.FUSED_STORE.input_names
@@ -376,18 +376,9 @@ def cuda_graph_sweep(path: Path, device: str, features: dict[str, np.ndarray], n
 
 def measure_triton(repo: Path, workdir: Path, pools: dict[int, list[Request]], refs: dict[int, list[np.ndarray]],
                    spec: str, args) -> dict:
-    from serving.server import TritonServer
-
     tok, fused = (int(x) for x in spec.split(":"))
-    triton.set_instances(repo, "amc_store_tokenizer", tok)
-    triton.set_instances(repo, "amc_fused_store", fused)
     out: dict = {"tokenizer_instances": tok, "fused_instances": fused, "sizes": {}}
-    t0 = time.monotonic()
-    with TritonServer(repo, models=list(STEP_MODELS), log_file=workdir / f"tritonserver-{tok}-{fused}.log") as server:
-        url = server.grpc_url
-        triton.wait_models(url, list(STEP_MODELS))
-        out["start_s"] = round(time.monotonic() - t0, 1)
-        out["gpu_memory"] = gpu_memory_mib()
+    with serving_store_fused(repo, workdir, tok, fused, out) as url:
         for n, pool in pools.items():
             r: dict = {}
             out["sizes"][str(n)] = r

@@ -19,9 +19,11 @@ Writes ``store_fused.json`` + ``store_fused.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from amc_client import signatures as sig
@@ -34,18 +36,25 @@ SUBSET = (sig.SCORES.name, sig.MODEL_VERSION.name)
 STEP_MODELS = ("amc_store_tokenizer", "amc_fused_store", triton.STORE_FUSED)
 
 
-def measure_config(repo: Path, workdir: Path, pool, feeds, tok: int, fused: int, args, ref) -> dict:
+@contextlib.contextmanager
+def serving_store_fused(repo: Path, workdir: Path, tok: int, fused: int, out: dict) -> Iterator[str]:
+    """tritonserver with the 2-step store ensemble at ``tok`` text-step and ``fused`` graph instances; yields its
+    gRPC URL once every step is ready, with the start time and GPU memory recorded in ``out``."""
     from serving.server import TritonServer
 
     triton.set_instances(repo, "amc_store_tokenizer", tok)
     triton.set_instances(repo, "amc_fused_store", fused)
-    out: dict = {"tokenizer_instances": tok, "fused_instances": fused}
     t0 = time.monotonic()
     with TritonServer(repo, models=list(STEP_MODELS), log_file=workdir / f"tritonserver-{tok}-{fused}.log") as server:
-        url = server.grpc_url
-        triton.wait_models(url, list(STEP_MODELS))
+        triton.wait_models(server.grpc_url, list(STEP_MODELS))
         out["start_s"] = round(time.monotonic() - t0, 1)
         out["gpu_memory"] = gpu_memory_mib()
+        yield server.grpc_url
+
+
+def measure_config(repo: Path, workdir: Path, pool, feeds, tok: int, fused: int, args, ref) -> dict:
+    out: dict = {"tokenizer_instances": tok, "fused_instances": fused}
+    with serving_store_fused(repo, workdir, tok, fused, out) as url:
         checks = {}
         for r, s in zip(pool[:3], ref):
             full = triton.store_worker(url, [r], model=triton.STORE_FUSED)(0)(0)
