@@ -6,13 +6,8 @@
 # Triton ensemble amc_store_fused, the floor) and writes ort_ceiling.json, ort_ceiling.md, log and nvidia-smi.txt
 # under $OUT (reports/ceiling when OUT is unset).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD:$PWD/client" PYTHONUNBUFFERED=1
-export PATH="$(python3 -c 'import sys; print(sys.prefix)')/bin:$PATH"
-out="${OUT:-reports/ceiling}"
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv | tee "$out/nvidia-smi.txt"
+source "$(dirname "$0")/gpu_common.sh" reports/ceiling
 which perf_analyzer tritonserver 2>/dev/null
 timeout "${CEILING_TIMEOUT_S:-500}" python3 -m benchmarks.ort_ceiling --out "$out" --budget-s "${BUDGET_S:-430}" \
-  --triton-reserve-s 140 "$@" 2>&1 | grep -v '^[IW][0-9]' | tee "$out/log"
+  --triton-reserve-s 140 "$@" 2>&1 | without_triton_log | tee "$out/log"
 ls -la "$out"

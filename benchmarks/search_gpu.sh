@@ -7,12 +7,7 @@
 # in float16) served by tritonserver on the GPU; writes search_gpu.json, log and nvidia-smi.txt under $OUT
 # (reports/search_gpu when OUT is unset).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD:$PWD/client" PYTHONUNBUFFERED=1
-export PATH="$(python3 -c 'import sys; print(sys.prefix)')/bin:$PATH"
-out="${OUT:-reports/search_gpu}"
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv | tee "$out/nvidia-smi.txt"
+source "$(dirname "$0")/gpu_common.sh" reports/search_gpu
 timeout "${SEARCH_TIMEOUT_S:-480}" python3 -m benchmarks.search --device cuda --store-size "${STORE_SIZE:-100000}" \
-  --projected-dtype float16 --out "$out/search_gpu.json" "$@" 2>&1 | grep -v '^[IW][0-9]' | tee "$out/log"
+  --projected-dtype float16 --out "$out/search_gpu.json" "$@" 2>&1 | without_triton_log | tee "$out/log"
 ls -la "$out"
