@@ -10,9 +10,8 @@ There (``run`` carries ``.cache/ddp``; ``benchmarks/ddp.sh`` runs all of it and 
         --device cuda --batch_size 512 --epochs 6
 
 The training set: the full corpus (every colour emoji, 3,635 images) whose click log is enlarged to
-``--sessions`` simulated search sessions per training query (each session a fresh candidate list, clicks and
-dwell drawn by the corpus's own ``build_queries`` with another seed, kept only for queries whose target is in
-seed 0's training split, so validation and test targets stay unseen). ``--sessions 8`` gives ~26k training
+``--sessions`` simulated search sessions per training query (``CorpusConfig.log_sessions``: each session a fresh
+candidate list, clicks and dwell; validation and test keep their one session). ``--sessions 8`` gives ~26k training
 queries instead of 3,277. The corpus code renders one image per emoji, and extra renderings' region features
 would not fit in what travels to the GPU machine (64 MiB), so the enlargement is of the log, not the images.
 
@@ -36,7 +35,6 @@ import os
 import sys
 import time
 import types
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +55,12 @@ from training.data import CorpusTensors, TextEmbeddings  # noqa: E402
 
 
 def pack(out: Path, sessions: int, cache_dir: str) -> None:
-    from training.corpus import load_corpus, split_of
-    from training.corpus.searchlog import build_queries
+    from training.corpus import load_corpus
     from training.data import corpus_tensors, fit_region_pca, padded_keywords, term_weights
     from training.model import AMC
     from training.train import TrainConfig
 
-    cfg = TrainConfig(corpus=CorpusConfig(cache_dir=cache_dir))
+    cfg = TrainConfig(corpus=CorpusConfig(cache_dir=cache_dir, log_sessions=sessions))
     corpus = load_corpus(cfg.corpus, progress=True)
     model = AMC(cfg.model_config())
     mean, basis = fit_region_pca(corpus.regions, cfg.pca_dim, seed=cfg.corpus.seed)
@@ -76,18 +73,7 @@ def pack(out: Path, sessions: int, cache_dir: str) -> None:
     error = np.linalg.norm(quantized * scale - reduced) / np.linalg.norm(reduced)
     print(f"[pack] reduced regions {reduced.shape}, int8 relative error {error:.2e}", flush=True)
 
-    queries = {s: list(corpus.queries[s]) for s in SPLITS}
-    for seed in range(1, sessions):
-        more = build_queries(
-            corpus.names,
-            corpus.true_keywords,
-            corpus.chars,
-            corpus.regions,
-            replace(corpus.config, seed=seed),
-        )
-        queries["train"] += [
-            q for qs in more.values() for q in qs if split_of(q.target, corpus.config) == "train"
-        ]
+    queries = corpus.queries
     print("[pack] queries: " + ", ".join(f"{s} {len(queries[s])}" for s in SPLITS), flush=True)
 
     keywords = padded_keywords(corpus.keywords)

@@ -278,3 +278,19 @@ def test_long_dwell_clicks_are_clicks_and_favour_the_wanted_image(base: Corpus) 
     rel = np.concatenate([q.relevance for q in qs])
     share = {r: satisfied[clicks & (rel == r)].mean() for r in (1, 2)}
     assert share[2] > share[1]  # DWELL = {2: 0.8, 1: 0.3, 0: 0.1}, seeded
+
+
+def test_more_log_sessions_add_training_lists_only(base: Corpus, cache_copy: Path, no_extraction: None) -> None:
+    busy = load_corpus(_config(cache_copy, log_sessions=3), progress=False)
+    # Validation and test lists are the one-session log's, so evaluations stay comparable.
+    assert busy.queries["val"] == base.queries["val"] and busy.queries["test"] == base.queries["test"]
+    one = base.queries["train"]
+    assert busy.queries["train"][: len(one)] == one
+    assert len(busy.queries["train"]) == 3 * len(one)
+    # The same queries again, each session with candidate lists of its own draw.
+    for session in (1, 2):
+        more = busy.queries["train"][session * len(one): (session + 1) * len(one)]
+        assert [(q.text, q.target) for q in more] == [(q.text, q.target) for q in one]
+        assert any(not np.array_equal(a.candidates, b.candidates) for a, b in zip(more, one, strict=True))
+    with pytest.raises(ValueError, match="log_sessions"):
+        load_corpus(_config(cache_copy, log_sessions=0), progress=False)

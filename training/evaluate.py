@@ -1,6 +1,6 @@
 """Evaluate AMC against its baselines over several seeds and three protocols.
 
-    python -m training.evaluate --out-dir reports --seeds 0 1 2
+    python -m training.evaluate --out-dir reports --seeds 0 1 2 [--jobs 3]
 
 For each seed: trains AMC and the learned baselines (keywords only = LAN alone, visual only = VAN alone,
 equal-weight fusion = no MTN) with the same data and settings, and scores the test queries under every
@@ -10,6 +10,10 @@ embeddings of the query and of the image's keywords joined), and their reciproca
 Writes ``eval.json`` (means over seeds, standard deviations, results split by clean vs noisy-keyword
 targets, MTN's mean visual weight), ``eval_details.json`` (per seed), ``eval.md``, ``ndcg.png`` and
 ``attention.png`` (a few test queries with region heat maps, top keywords and modality weights).
+
+``--jobs N`` runs up to N seeds at once, each in a process of its own (``--out-dir``/seeds/seed<S>/, with its log),
+then writes the reports over all seeds from theirs; each process gets ``OMP_NUM_THREADS`` = cores / N unless the
+variable is set. A seed's figures do not depend on how many ran beside it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -110,6 +117,14 @@ def run(base: TrainConfig, seeds: list[int], out: Path, *, methods=LEARNED, log=
     if resume:
         per_seed, timings, sizes, done = _resumed(out, base, seeds, methods)
 
+    def write(seeds_done: list[int]) -> dict:
+        report = summarize(per_seed, weights)
+        write_reports(out, report, {"seeds": seeds_done, "seeds_requested": seeds,
+                                    "per_seed": per_seed, "list_counts": sizes, "train_seconds": timings,
+                                    "config": dataclasses.asdict(base),
+                                    "summary": examples[0].summary() if examples else ""}, examples)
+        return report
+
     def record(protocol: str, method: str, metrics: dict[str, dict]) -> None:
         for group, values in metrics.items():
             for metric, value in values.items():
@@ -152,13 +167,61 @@ def run(base: TrainConfig, seeds: list[int], out: Path, *, methods=LEARNED, log=
         for name, lists in evaluation.items():
             for method, scores in text_baselines(corpus, data, lists).items():
                 record(name, method, list_metrics(name, lists, scores))
-        # Written after every seed, so a long run leaves a report of the seeds done so far (eval.md says which).
-        report = summarize(per_seed, weights)
-        write_reports(out, report, {"seeds": seeds[: seeds.index(seed) + 1], "seeds_requested": seeds,
-                                    "per_seed": per_seed, "list_counts": sizes, "train_seconds": timings,
-                                    "config": dataclasses.asdict(base),
-                                    "summary": examples[0].summary() if examples else ""}, examples)
-    return report
+        if seed != seeds[-1]:  # a long run leaves a report of the seeds done so far (eval.md says which)
+            write(seeds[: seeds.index(seed) + 1])
+    return write(seeds)
+
+
+def run_in_processes(base: TrainConfig, seeds: list[int], out: Path, jobs: int, *, log=print,
+                     resume: bool = False) -> dict:
+    """``run`` with each seed in a process of its own, at most ``jobs`` at a time; the reports over all seeds are
+    then written from the seeds' details by ``run``'s resume path (which reloads each seed's AMC checkpoint for
+    MTN's weights and the attention examples)."""
+    parts = out / "seeds"
+    parts.mkdir(parents=True, exist_ok=True)
+    config_file = parts / "config.json"
+    config_file.write_text(json.dumps(dataclasses.asdict(base), indent=2) + "\n")
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    waiting, running, failed = list(seeds), {}, []
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            seed = waiting.pop(0)
+            cmd = [sys.executable, "-m", "training.evaluate", "--seeds", str(seed), "--out-dir",
+                   str(parts / f"seed{seed}"), "--config", str(config_file), *(["--resume-seeds"] if resume else [])]
+            log_file = parts / f"seed{seed}.log"
+            with open(log_file, "w") as f:
+                running[seed] = (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), time.time())
+            log(f"seed {seed}: started (log: {log_file})")
+        time.sleep(1.0)
+        for seed, (proc, began) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[seed]
+            if proc.returncode != 0:
+                failed.append(seed)
+            log(f"seed {seed}: {'done' if proc.returncode == 0 else 'FAILED'} in {time.time() - began:.0f} s")
+    if failed:
+        raise RuntimeError(f"seeds {failed} failed; see {', '.join(str(parts / f'seed{s}.log') for s in failed)}")
+
+    merged: dict = {"per_seed": {}, "train_seconds": {}, "list_counts": {}}
+    for seed in seeds:
+        part = json.loads((parts / f"seed{seed}" / "eval_details.json").read_text())
+        for protocol, groups in part["per_seed"].items():
+            for group, metrics in groups.items():
+                for metric, methods in metrics.items():
+                    for method, values in methods.items():
+                        merged["per_seed"].setdefault(protocol, {}).setdefault(group, {}).setdefault(metric, {}) \
+                            .setdefault(method, []).extend(values)
+        for method, seconds in part["train_seconds"].items():
+            merged["train_seconds"].setdefault(method, []).extend(seconds)
+        merged["list_counts"].update(part["list_counts"])
+        for run_dir in (parts / f"seed{seed}" / "runs").iterdir():
+            shutil.rmtree(out / "runs" / run_dir.name, ignore_errors=True)
+            shutil.copytree(run_dir, out / "runs" / run_dir.name)
+    merged |= {"seeds": seeds, "seeds_requested": seeds, "config": json.loads(config_file.read_text())}
+    (out / "eval_details.json").write_text(json.dumps(merged, indent=2) + "\n")
+    return run(base, seeds, out, log=log, resume=True)
 
 
 def write_reports(out: Path, report: dict, details: dict, examples) -> None:
@@ -303,15 +366,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", dest="out_dir", type=Path, default=Path("reports"))
     parser.add_argument("--resume-seeds", dest="resume_seeds", action="store_true",
                         help="keep the seeds a stopped run of the same configuration finished in --out-dir")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds evaluated at once, each in its own process")
     add_dataclass_args(parser, TrainConfig)
     args = parser.parse_args(argv)
-    seeds, out_dir, resume = args.seeds, args.out_dir, args.resume_seeds
-    del args.seeds, args.out_dir, args.resume_seeds
+    seeds, out_dir, resume, jobs = args.seeds, args.out_dir, args.resume_seeds, args.jobs
+    del args.seeds, args.out_dir, args.resume_seeds, args.jobs
+    if jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {jobs}")
     try:
         base = config_from_args(TrainConfig, args)
         started = time.perf_counter()
-        report = run(base, seeds, out_dir, resume=resume)
-    except ValueError as e:
+        if jobs > 1 and len(seeds) > 1:
+            report = run_in_processes(base, seeds, out_dir, jobs, resume=resume)
+        else:
+            report = run(base, seeds, out_dir, resume=resume)
+    except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2))

@@ -103,6 +103,9 @@ class CorpusConfig:
     val_share: float = 0.1
     # Share of query targets held out for testing.
     test_share: float = 0.2
+    # Search sessions logged per training query: each a fresh candidate list with its own clicks and dwell
+    # (a busier search engine's log). Validation and test keep one session, so their lists never change.
+    log_sessions: int = 1
     # Cache directory (relative paths are taken from the current working directory).
     cache_dir: str = ".cache/amc"
 
@@ -122,6 +125,8 @@ class CorpusConfig:
                 raise ValueError(f"CorpusConfig.{name} must be >= 0")
         if self.candidates_per_query < 1:
             raise ValueError("CorpusConfig.candidates_per_query must be >= 1")
+        if self.log_sessions < 1:
+            raise ValueError("CorpusConfig.log_sessions must be >= 1")
         if self.max_images is not None and self.max_images < 10:
             raise ValueError("CorpusConfig.max_images must be >= 10 (queries are needed in every split)")
 
@@ -259,6 +264,8 @@ def load_corpus(config: CorpusConfig = CorpusConfig(), *, progress: bool = True)
     regions, features_key = load_features(cache_dir, chars, progress)
 
     log_config = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "cache_dir"}
+    if config.log_sessions == 1:
+        del log_config["log_sessions"]  # the one-session log predates the option: its cached copies stay valid
     fingerprint = {
         "format": LOG_FORMAT,
         "config": log_config,
@@ -281,11 +288,10 @@ def load_corpus(config: CorpusConfig = CorpusConfig(), *, progress: bool = True)
     if log is None:
         pool = sorted({k for ks in catalog.keywords for k in ks})
         keywords, noisy = auto_tag(true_keywords, pool, config)
-        log = {
-            "keywords": keywords,
-            "noisy": noisy,
-            "queries": build_queries(names, true_keywords, chars, regions, config),
-        }
+        queries = build_queries(names, true_keywords, chars, regions, config)
+        for session in range(1, config.log_sessions):
+            queries["train"] += build_queries(names, true_keywords, chars, regions, config, session)["train"]
+        log = {"keywords": keywords, "noisy": noisy, "queries": queries}
         atomic_write(path, lambda f: pickle.dump({"fingerprint": fingerprint, "log": log}, f, protocol=5))
     return Corpus(
         config=config,

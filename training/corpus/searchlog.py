@@ -158,7 +158,11 @@ def build_queries(
     chars: list[str],
     regions: np.ndarray,
     config: CorpusConfig,
+    session: int = 0,
 ) -> dict[str, list[Query]]:
+    """Every query once, split by target. ``session`` > 0 draws another session of the same queries: new
+    candidate lists, clicks and dwell from streams of their own (session 0 is the log every figure before
+    ``CorpusConfig.log_sessions`` used)."""
     index = _Index(names, true_keywords)
     # Per query: text, kind, target, relevance of every image, and its lexical neighbours (images
     # sharing a content word with the query or, for a name query, a true keyword with its emoji).
@@ -173,10 +177,11 @@ def build_queries(
         specs.append((k, "keyword", "kw:" + k, _keyword_query_relevant(index, k), lexical))
 
     pooled = _pooled(regions)
-    rng = np.random.default_rng([config.seed, 3])
-    click_rng = np.random.default_rng([config.seed, 4])
+    streams = [config.seed] if session == 0 else [config.seed, 1000 + session]
+    rng = np.random.default_rng([*streams, 3])
+    click_rng = np.random.default_rng([*streams, 4])
     click_p = np.array([CLICK_PROBABILITY[r] for r in (0, 1, 2)])
-    dwell_rng = np.random.default_rng([config.seed, 5])
+    dwell_rng = np.random.default_rng([*streams, 5])
     dwell_p = np.array([DWELL[r] for r in (0, 1, 2)])
     queries: dict[str, list[Query]] = {s: [] for s in SPLITS}
     for start in range(0, len(specs), 256):
