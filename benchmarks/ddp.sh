@@ -6,7 +6,7 @@ set -euo pipefail
 OUT=${OUT:-reports/runs/ddp}
 PY=${PY:-python3}
 PACK=${PACK:-.cache/ddp/pack.npz}
-BATCH=${BATCH:-1024}  # the headline of reports/ddp.json (batch 512: scaling 0.82-0.85)
+BATCH=${BATCH:-1024}  # the headline of reports/ddp.json
 EPOCHS=${EPOCHS:-6}
 SEEDS=${SEEDS:-0 1}
 SMALL=${SMALL:-1}  # 0: skip the batch-64 pair
