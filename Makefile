@@ -12,6 +12,8 @@ CHECKPOINT := $(RUN)/checkpoint.pt
 # The serving repository publish writes into (model_repository/ holds only the generated templates).
 REPOSITORY ?= runs/repository
 TRAIN_ARGS ?=
+# Seeds make eval trains at once, each in a process of its own (one OpenMP thread each on 2 cores).
+EVAL_JOBS ?= 3
 PYTEST_ARGS ?=
 
 .PHONY: help setup system-deps data train eval export serve demo test test-fast rollout-report fleet-report bench k8s lint format clean
@@ -46,7 +48,7 @@ train: setup ## Train the default AMC model into runs/amc/checkpoint.pt
 	$(PY) -m training.train --out $(RUN) $(TRAIN_ARGS)
 
 eval: setup ## Train AMC and the baselines on 3 seeds; write reports/eval.{json,md} and plots
-	$(PY) -m training.evaluate --out-dir reports
+	$(PY) -m training.evaluate --out-dir reports --jobs $(EVAL_JOBS)
 
 export: setup $(CHECKPOINT) ## Export the checkpoint to ONNX, validate it and publish a new version into model_repository
 	$(PY) -m export.publish --checkpoint $(CHECKPOINT) --repository $(REPOSITORY)
