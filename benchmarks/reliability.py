@@ -15,8 +15,9 @@ depend on the weights) from a real tritonserver on the CPU, with the supervisor 
 - ``server_kill``: ``kill -9`` of tritonserver under the same load: seconds until the clients are served again
   (the supervisor restarts it on the same ports).
 - ``overload``: 64 closed-loop client threads without retries for ``--overload-seconds``, 20 candidates a
-  request: answered, rejected (UNAVAILABLE, queue full), p99 of the answered ones, RSS growth of server and
-  stubs over the run.
+  request: answered, rejected (UNAVAILABLE: the text step's in-flight limit ``signatures.MAX_IN_FLIGHT``, or its
+  full queue), p99 of the answered and of the rejected ones (as the clients saw them), RSS growth of server and
+  stubs over the run; the details add Triton's statistics of every step over the run (where requests waited).
 - ``soak``: 4 client threads for ``--soak-minutes``; the slope of the server's and stubs' RSS (least squares).
 - ``tls``: a mutual-TLS server (certificates from the openssl CLI): a client with a certificate is served, a
   plaintext one is refused.
@@ -163,8 +164,15 @@ def _rss_series(server: TritonServer, stop: threading.Event, every_s: float, out
 
 
 def closed_loop(server: TritonServer, *, threads: int, seconds: float, candidates: list[Candidate],
-                rss_every_s: float = 5.0) -> dict:
-    """``threads`` AMCClients without retries, each sending the next request when the last is answered."""
+                rss_every_s: float = 5.0, backoff_s: float = 0.0) -> dict:
+    """``threads`` AMCClients without retries, each sending the next request when the last is answered; after a
+    rejection (ServerUnavailableError) a thread first waits as the client would between two attempts
+    (``amc_client._calls.backoff``: ``backoff_s`` doubled per rejection in a row, at most 2 s, with jitter) when
+    ``backoff_s`` > 0, else sends again at once."""
+    import random
+
+    from amc_client._calls import backoff
+
     ok: list[float] = []
     rejected: list[float] = []
     other: list[str] = []
@@ -172,14 +180,19 @@ def closed_loop(server: TritonServer, *, threads: int, seconds: float, candidate
     rss: list[tuple[float, float]] = [(time.monotonic(), faults.server_rss_mb(server.pid))]
 
     def loop() -> None:
+        rng, in_a_row = random.Random(), 0
         with AMCClient(server.grpc_url, timeout_s=120, retries=0) as client:
             while not stop.is_set():
                 started = time.perf_counter()
                 try:
                     client.rank("cat face", candidates)
                     ok.append(time.perf_counter() - started)
+                    in_a_row = 0
                 except ServerUnavailableError:
                     rejected.append(time.perf_counter() - started)
+                    if backoff_s > 0:
+                        stop.wait(backoff(backoff_s, in_a_row, rng))
+                        in_a_row += 1
                 except Exception as e:  # noqa: BLE001 - counted
                     other.append(f"{type(e).__name__}: {str(e)[:120]}")
 
@@ -200,6 +213,38 @@ def closed_loop(server: TritonServer, *, threads: int, seconds: float, candidate
             "rejected_p50_ms": float(np.percentile(rej, 50)) if len(rej) else 0.0,
             "rejected_p99_ms": float(np.percentile(rej, 99)) if len(rej) else 0.0,
             "rss_mb": rss}
+
+
+def step_statistics(server: TritonServer) -> dict[str, dict[str, int]]:
+    """Triton's cumulative statistics of every loaded model: requests answered and failed, and their ns."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        answer = client.get_inference_statistics(as_json=True)
+    out = {}
+    for model in answer.get("model_stats", []):
+        stats = model.get("inference_stats", {})
+        out[model["name"]] = {f"{key}_{what}": int(stats.get(key, {}).get(what, 0) or 0)
+                              for key in ("success", "fail", "queue", "compute_infer") for what in ("count", "ns")}
+        out[model["name"]]["executions"] = int(model.get("execution_count", 0) or 0)
+    return out
+
+
+def statistics_between(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """Per model, over the interval: requests ok and failed, executions, mean ms per request in the queue and
+    computing (successes), and mean ms from arrival to failure (failures: e.g. the text step's rejections)."""
+    out = {}
+    for name, b in after.items():
+        a = before.get(name, {})
+        d = {k: v - a.get(k, 0) for k, v in b.items()}
+        if not d["success_count"] and not d["fail_count"]:
+            continue
+        ok = max(d["success_count"], 1)
+        out[name] = {"ok": d["success_count"], "failed": d["fail_count"], "executions": d["executions"],
+                     "queue_ms": round(d["queue_ns"] / ok / 1e6, 1),
+                     "compute_ms": round(d["compute_infer_ns"] / ok / 1e6, 1),
+                     "failed_ms": round(d["fail_ns"] / max(d["fail_count"], 1) / 1e6, 1)}
+    return out
 
 
 def _slope_mb_per_min(rss: list[tuple[float, float]]) -> float:
@@ -242,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reliability", description=__doc__.split("\n\n")[0])
     parser.add_argument("--soak-minutes", type=float, default=10)
     parser.add_argument("--overload-seconds", type=float, default=60)
+    parser.add_argument("--overload-backoff-s", type=float, default=0.0,
+                        help="after a rejection an overload thread waits as the client's backoff would (0: sends "
+                             "again at once, the issue's definition)")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "reliability.json")
     args = parser.parse_args(argv)
     from export.repository import STEPS
@@ -264,9 +312,13 @@ def main(argv: list[str] | None = None) -> int:
         step("warm-up: 64 threads for 10 s (the server's and stubs' memory pools grow to their working size)")
         closed_loop(server, threads=64, seconds=10, candidates=_candidates(20))
         step(f"overload: 64 threads for {args.overload_seconds:g} s")
-        over = closed_loop(server, threads=64, seconds=args.overload_seconds, candidates=_candidates(20))
+        stats_before = step_statistics(server)
+        over = closed_loop(server, threads=64, seconds=args.overload_seconds, candidates=_candidates(20),
+                           backoff_s=args.overload_backoff_s)
         details["overload"] = {k: v for k, v in over.items() if k != "rss_mb"} | {
-            "rss_mb_start_end": [over["rss_mb"][0][1], over["rss_mb"][-1][1]], "candidates": 20}
+            "rss_mb_start_end": [over["rss_mb"][0][1], over["rss_mb"][-1][1]], "candidates": 20,
+            "max_in_flight": sig.MAX_IN_FLIGHT, "backoff_s": args.overload_backoff_s,
+            "steps": statistics_between(stats_before, step_statistics(server))}
         step(f"soak: 4 threads for {args.soak_minutes:g} min")
         soak = closed_loop(server, threads=4, seconds=args.soak_minutes * 60, candidates=_candidates(20),
                            rss_every_s=10)
@@ -289,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                       "ready_while_broken_s": round(killed_stub["ready_while_broken_s"], 2)},
         "server_kill": {"client_recovered_s": round(killed_server["recovered_s"] or -1.0, 2)},
         "overload": {"threads": 64, "ok": over["ok"], "rejected": over["rejected"],
-                     "p99_ms": round(over["p99_ms"], 1), "rss_growth": round((end - start) / start, 4)},
+                     "p99_ms": round(over["p99_ms"], 1), "rejected_p99_ms": round(over["rejected_p99_ms"], 1),
+                     "max_in_flight": sig.MAX_IN_FLIGHT, "rss_growth": round((end - start) / start, 4)},
         "soak": {"minutes": args.soak_minutes, "rss_slope_mb_per_min": round(_slope_mb_per_min(soak["rss_mb"]), 3)},
         "tls": tls,
     }

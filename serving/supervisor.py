@@ -14,7 +14,8 @@ What :class:`Supervisor` does, every ``interval_s`` (a thread of ``amc-serve``):
 3. **Golden requests.** One small, valid request (one candidate, one region, one keyword) through every probed
    ensemble (``amc`` and each ``amc_v<N>`` loaded; for ``amc_search`` / ``amc_search_v<N>``, a query and the top
    1 of the whole store), over loopback HTTP (no TLS, no client certificate needed).
-   A failure other than overload ("Exceeds maximum queue size": the replica is busy, not broken) is repaired:
+   A failure other than overload ("Exceeds maximum queue size", or the text step's "overloaded: N requests in
+   flight": the replica is busy, not broken) is repaired:
    the step named in the error (``Stub process '<instance>' ...``) is reloaded, or every step of that ensemble
    when the error names none (a stuck step times out without saying which).
 
@@ -268,7 +269,8 @@ class Supervisor:
                 return _Probe(False, status, "model_version -1: the steps ran different versions")
             return _Probe(True)
         message = " ".join(str(answer.get("error", answer)).split())
-        return _Probe(False, status, message, busy="queue size" in message)
+        # Overload is not a fault: a full entrance queue, or the text step's in-flight limit (admission.py).
+        return _Probe(False, status, message, busy="queue size" in message or "requests in flight" in message)
 
     def _steps(self, ensemble: str) -> list[str]:
         try:

@@ -114,6 +114,40 @@ def test_every_step_queue_is_bounded_in_the_generated_configs() -> None:
             assert not step_config(step, flavour).dynamic_batching.HasField("default_queue_policy")
 
 
+def test_admission_control_is_in_the_generated_configs() -> None:
+    """The text steps take in-flight slots with the limit of the signatures module; the top-k steps at the end of
+    their ensembles free them, and VAN (python flavour) frees the slot of each request it refuses."""
+    from export.repository import ADMISSION, step_config, store_step_config
+
+    for flavour in ("python", "onnxruntime"):
+        for text, topk, counter in ((step_config(sig.TOKENIZER, flavour), step_config(sig.TOPK, flavour), "raw"),
+                                    (store_step_config(sig.STORE_TOKENIZER, flavour),
+                                     store_step_config(sig.STORE_TOPK, flavour), "store")):
+            params = {k: v.string_value for k, v in text.parameters.items()}
+            assert params[ADMISSION] == counter and params["max_in_flight"] == str(sig.MAX_IN_FLIGHT)
+            assert float(params["in_flight_expiry_s"]) == sig.IN_FLIGHT_EXPIRY_S
+            assert topk.parameters[ADMISSION].string_value == counter
+    assert step_config(sig.VAN, "python").parameters[ADMISSION].string_value == "raw"
+
+
+def test_in_flight_counter_admits_up_to_the_limit_frees_and_expires(tmp_path: Path) -> None:
+    import time
+
+    from serving.backends.admission import InFlight
+
+    path = tmp_path / "counter"
+    entrance, end = InFlight(path, limit=3, expiry_s=0.5), InFlight(path)
+    assert entrance.admit(2) == (2, 0)
+    assert entrance.admit(5) == (1, 2)  # only one slot left
+    assert entrance.admit(1) == (0, 3)
+    end.release(2)
+    assert end.in_flight() == 1 and entrance.admit(4) == (2, 1)
+    time.sleep(0.6)  # a request that failed midway holds its slot for expiry_s at most
+    assert end.in_flight() == 0 and entrance.admit(3) == (3, 0)
+    end.release(10)  # more releases than slots (a direct call to the top-k step): never below 0
+    assert entrance.in_flight() == 0
+
+
 def test_overload_is_rejected_quickly_with_unavailable(server: TritonServer) -> None:
     """64 closed-loop client threads without retries for 10 s: the text step's bounded queue answers the excess
     UNAVAILABLE at once instead of queueing it; every answer is a result or that rejection, and the server
@@ -155,13 +189,148 @@ def test_overload_is_rejected_quickly_with_unavailable(server: TritonServer) -> 
     errors = [e for _, e in answers if e is not None]
     ok = sorted(s for s, e in answers if e is None)
     assert errors and ok
-    for e in errors:
+    for e in errors:  # a full entrance queue, or the text step's in-flight limit
         assert e.status() == "StatusCode.UNAVAILABLE", e.message()
-        assert "Exceeds maximum queue size" in e.message(), e.message()
+        assert "Exceeds maximum queue size" in e.message() or "requests in flight" in e.message(), e.message()
     rejected = sorted(s for s, e in answers if e is not None)
     assert rejected[len(rejected) // 2] < ok[len(ok) // 2]  # rejected at once, not after queueing
     assert server.poll() is None
     assert_serves(server)
+
+
+def test_in_flight_limit_rejects_at_once_and_frees_every_slot(repository: tuple[Path, int],
+                                                               tmp_path: Path) -> None:
+    """The version's pipeline with an in-flight limit of 2 (generated config, one parameter changed) under 16
+    closed-loop threads for 8 s: the excess is answered UNAVAILABLE "requests in flight" by the text step, sooner
+    than the answered requests take; the client maps it to a retryable ServerUnavailableError; afterwards no slot
+    is left taken (requests VAN refuses free theirs too) and lone requests are served."""
+    import shutil
+    import threading
+    import time
+
+    from amc_client import ServerUnavailableError, _calls
+    from export.repository import step_config, to_text
+    from serving.backends.admission import InFlight, counter_path
+
+    repo, version = repository
+    small = tmp_path / "repository"
+    shutil.copytree(repo, small)
+    config = step_config(sig.TOKENIZER, "python")
+    config.parameters["max_in_flight"].string_value = "2"
+    (small / sig.TOKENIZER.model_name / "config.pbtxt").write_text(to_text(config))
+    answers: list[tuple[float, InferenceServerException | None]] = []
+    with TritonServer(small, models=_models(version), log_file=tmp_path / "in-flight.log") as server:
+        counter = InFlight(counter_path(small, "raw", version, server.pid))
+        inputs = faults.raw_inputs(faults.request(n=10, r=sig.REGIONS_PER_IMAGE, k=4))
+        stop = time.monotonic() + 8
+
+        def loop() -> None:
+            with grpcclient.InferenceServerClient(server.grpc_url) as client:
+                while time.monotonic() < stop:
+                    started = time.perf_counter()
+                    try:
+                        client.infer(sig.ENSEMBLE_NAME, inputs, client_timeout=120)
+                        error = None
+                    except InferenceServerException as e:
+                        error = e
+                    answers.append((time.perf_counter() - started, error))
+
+        threads = [threading.Thread(target=loop) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ok = sorted(s for s, e in answers if e is None)
+        limited = [(s, e) for s, e in answers if e is not None and "requests in flight" in e.message()]
+        assert ok and limited, (len(ok), len(answers))
+        for _, e in answers:
+            if e is not None:
+                assert e.status() == "StatusCode.UNAVAILABLE", e.message()
+        assert "the limit is 2" in limited[0][1].message()
+        rejected = sorted(s for s, _ in limited)
+        assert rejected[len(rejected) // 2] < ok[len(ok) // 2], (rejected[len(rejected) // 2], ok[len(ok) // 2])
+        error = _calls.translate(limited[0][1], url=server.grpc_url, model=sig.ENSEMBLE_NAME, timeout_s=10)
+        assert isinstance(error, ServerUnavailableError) and error.retryable and "is overloaded" in str(error)
+        assert counter.in_flight() == 0  # every admitted request freed its slot
+        # Admitted by the text step, refused by VAN (NaN regions): the slot is freed there.
+        nan = faults.request(n=3, r=4)
+        nan[sig.REGIONS.name][0, 1, 2, 3] = np.nan
+        for _ in range(5):
+            with pytest.raises(InferenceServerException, match="NaN"):
+                send(server, nan)
+        assert counter.in_flight() == 0
+        for _ in range(3):
+            assert_serves(server)
+        assert server.poll() is None
+
+
+def test_search_requests_are_counted_and_store_requests_are_not(repository: tuple[Path, int],
+                                                                  tmp_path: Path) -> None:
+    """The store text step with an in-flight limit of 1: concurrent amc_search_v<N> requests (their top-k step
+    frees the slot) are limited and leave no slot taken; amc_store_v<N> requests (no step could free one) are
+    never counted, so never refused for it."""
+    import shutil
+    import threading
+
+    from export.repository import store_step_config, to_text
+    from export.store import publish_store
+    from serving.backends.admission import InFlight, counter_path
+    from training.checkpoint import load_checkpoint
+
+    repo, version = repository
+    store_repo = tmp_path / "repository"
+    shutil.copytree(repo, store_repo)
+    checkpoint = load_checkpoint(repo.parent / "untrained-0.pt")
+    rng = np.random.default_rng(0)
+    regions = np.abs(rng.normal(size=(12, 4, sig.REGION_FEATURE_DIM))).astype(np.float32)
+    publish_store(store_repo, version, checkpoint.build_model(), checkpoint.term_weights, regions,
+                  [["cat", "face"][: g % 2 + 1] for g in range(12)], ids=[f"s{g}" for g in range(12)],
+                  fingerprint=checkpoint.fingerprint, log=lambda *_: None)
+    config = store_step_config(sig.STORE_TOKENIZER, "python")
+    config.parameters["max_in_flight"].string_value = "1"
+    (store_repo / sig.STORE_TOKENIZER.model_name / "config.pbtxt").write_text(to_text(config))
+    search, store = sig.versioned_search_ensemble_name(version), sig.versioned_store_ensemble_name(version)
+    models = [sig.STORE_TOKENIZER.model_name, sig.QEN.model_name, sig.VAN_STORE.model_name, sig.LAN_STORE.model_name,
+              sig.MTN.model_name, sig.SEARCH_STORE.model_name, sig.STORE_TOPK.model_name, search, store]
+
+    def inputs(ids: bool) -> list:
+        query = grpcclient.InferInput(sig.QUERY.name, [1, 1], "BYTES")
+        query.set_data_from_numpy(np.array([[b"cat face"]], dtype=object))
+        if not ids:
+            return [query]
+        rows = grpcclient.InferInput(sig.CANDIDATE_IDS.name, [1, 12], "INT64")
+        rows.set_data_from_numpy(np.arange(12, dtype=np.int64)[None])
+        return [query, rows]
+
+    with TritonServer(store_repo, models=models, log_file=tmp_path / "store.log") as server:
+        counter = InFlight(counter_path(store_repo, "store", version, server.pid))
+        for model in (search, store):
+            answers: list[str] = []
+
+            def loop(model: str = model, answers: list[str] = answers) -> None:
+                with grpcclient.InferenceServerClient(server.grpc_url) as client:
+                    for _ in range(12):
+                        try:
+                            client.infer(model, inputs(ids=model == store), client_timeout=120)
+                            answers.append("ok")
+                        except InferenceServerException as e:
+                            answers.append(f"{e.status()} {e.message()}")
+
+            threads = [threading.Thread(target=loop) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            limited = [a for a in answers if "requests in flight" in a]
+            assert all(a == "ok" or "StatusCode.UNAVAILABLE" in a for a in answers), answers
+            if model == search:
+                assert limited and "ok" in answers, answers
+            else:
+                assert not limited and answers.count("ok") == len(answers), answers
+            assert counter.in_flight() == 0, model
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            client.infer(search, inputs(ids=False), client_timeout=120)  # a lone search afterwards
+        assert server.poll() is None
 
 
 def test_client_backs_off_and_gets_through_an_overload(server: TritonServer) -> None:

@@ -21,8 +21,8 @@ from .errors import (
 
 # The caller's mistakes: the server looked at the request and refused it. Never retried.
 REJECTED = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE"})
-# Faults of the server, not of the request: it could not be reached, was overloaded (a full queue or a queue
-# timeout is UNAVAILABLE in Triton), or failed while serving (INTERNAL: e.g. "Stub process 'amc_tokenizer_0_0'
+# Faults of the server, not of the request: it could not be reached, was overloaded (a full queue, a queue
+# timeout or the text step's in-flight limit is UNAVAILABLE in Triton), or failed while serving (INTERNAL: e.g. "Stub process 'amc_tokenizer_0_0'
 # is not healthy" after a Python-backend step died; UNKNOWN: an error without a status). All are worth
 # another attempt (after a backoff, or on another replica) and all are ServerUnavailableError.
 SERVER_FAULTS = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL", "UNKNOWN"})
@@ -55,10 +55,12 @@ def restricted(e: InferenceServerException) -> bool:
 
 
 def overloaded(e: InferenceServerException) -> bool:
-    """Triton's answers when a model's queue is full ("Exceeds maximum queue size") or, with a queue timeout
-    (the generated configs set none), a request waited too long ("Request timeout expired"): UNAVAILABLE."""
+    """The server's answers to more load than it serves, all UNAVAILABLE: Triton's when a model's queue is full
+    ("Exceeds maximum queue size") or, with a queue timeout (the generated configs set none), a request waited
+    too long ("Request timeout expired"); the text step's admission control when its version's pipeline holds
+    ``signatures.MAX_IN_FLIGHT`` requests ("overloaded: N requests in flight ...")."""
     text = message(e).lower()
-    return "queue size" in text or "timeout expired" in text
+    return "queue size" in text or "timeout expired" in text or "requests in flight" in text
 
 
 def retryable(e: InferenceServerException) -> bool:

@@ -3,8 +3,8 @@
 ``AMCError``
  ├─ ``InvalidInputError``       the caller's mistake: a client-side check, or the server answered
  │                              INVALID_ARGUMENT / OUT_OF_RANGE. Fix the request; retrying cannot help.
- ├─ ``ServerUnavailableError``  the server's fault: not reachable or overloaded (UNAVAILABLE,
- │                              RESOURCE_EXHAUSTED), or it failed while serving (INTERNAL, UNKNOWN, e.g. a
+ ├─ ``ServerUnavailableError``  the server's fault: not reachable or overloaded (UNAVAILABLE: a full
+ │                              queue, the in-flight limit; RESOURCE_EXHAUSTED), or it failed while serving (INTERNAL, UNKNOWN, e.g. a
  │                              dead Python-backend step). Retried with backoff; raised after the retries.
  │                              Retryable: on another replica, or later on this one.
  ├─ ``DeadlineExceededError``   no answer within ``timeout_s``

@@ -216,6 +216,17 @@ MAX_KEYWORD_BYTES = 256
 # Largest number of queries in one request (Triton's max_batch_size for every step).
 MAX_BATCH = 8
 
+# ---- overload -------------------------------------------------------------------------------------------
+# Admission control (``serving/backends/admission.py``): most requests in flight through one model version's
+# pipeline of one server (admitted by the ensemble's text step, not yet answered by its top-k step); beyond it
+# the text step answers UNAVAILABLE "overloaded" at once and the client backs off. It sets the latency of what is
+# admitted: about MAX_IN_FLIGHT / throughput (on the 2-core CPU, 20 candidates a request, ~20 requests/s:
+# under a second); on a GPU, 16 still keeps VAN's batches of MAX_BATCH full.
+MAX_IN_FLIGHT = 16
+# A request that failed midway (a dead stub) never reaches the step that frees its slot; a slot counts for at
+# most this long.
+IN_FLIGHT_EXPIRY_S = 30.0
+
 # `model_version` value when the steps of one request reported different versions.
 MIXED_VERSION = -1
 

@@ -15,13 +15,19 @@ outputs are split back. A request that fails validation, or a group whose run fa
 ``"<model>: <reason>"``: INVALID_ARGUMENT for a bad input, INTERNAL otherwise (a failed group is retried one
 request at a time so only the bad request fails); the instance itself never raises out of :meth:`execute`.
 
+Overload: with config parameter ``admission`` (the generator sets it on VAN, the one network that can refuse a
+request the text step admitted: NaN regions, regions and mask for different candidates), every error response
+frees one slot of that in-flight counter (``admission.py``, beside this file as ``amc_admission.py``), since the
+request goes no further than here and the top-k step that would free it never sees it.
+
 This file must stay importable by the stub without the project installed: it imports only numpy,
-onnxruntime and ``triton_python_backend_utils``.
+onnxruntime and ``triton_python_backend_utils`` (and ``amc_admission.py`` beside it, when present).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +110,21 @@ class TritonPythonModel:
         # where they do not (regions for 3 candidates, region_mask for 2) is the caller's mistake, refused here
         # with INVALID_ARGUMENT before onnxruntime fails on it with an opaque INTERNAL error.
         self.graph_dims = {i.name: list(i.shape) for i in self.session.get_inputs()}
+        self.in_flight = None
+        here = Path(args["model_repository"]) / self.version
+        if params.get("admission") and (here / "amc_admission.py").is_file():
+            import importlib.util
+
+            spec = importlib.util.spec_from_file_location(f"_amc_admission_{abs(hash(str(here)))}",
+                                                          here / "amc_admission.py")
+            admission = importlib.util.module_from_spec(spec)
+            before, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in the version dir
+            try:
+                spec.loader.exec_module(admission)
+            finally:
+                sys.dont_write_bytecode = before
+            self.in_flight = admission.InFlight(admission.counter_path(Path(args["model_repository"]).parent,
+                                                                       params["admission"], self.version))
         self.logger.log_info(f"{self.model_name} v{self.version}: {path.name} on {self.session.get_providers()}")
 
     def _check_signature(self) -> None:
@@ -149,6 +170,12 @@ class TritonPythonModel:
                         responses[i] = self._response(self._run_group([feeds], wanted)[0], wanted)
                     except Exception as single:  # noqa: BLE001
                         responses[i] = self._error(single)
+        failed = sum(r.has_error() for r in responses) if self.in_flight is not None else 0
+        if failed:
+            try:
+                self.in_flight.release(failed)
+            except OSError as e:
+                self.logger.log_warn(f"{self.model_name}: in-flight counter unusable ({e})")
         return responses
 
     def _requested(self, request: Any) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ One module, two Triton models: the config generator copies it as ``model.py`` in
     amc_text.py          copy of amc_client/text.py: WordPiece ids, words, IDF term weights, lexical matches
     amc_onnx_runner.py   copy of onnx_runner.py, for its execution-provider choice and error responses
     amc_top_k.py         copy of top_k.py: store mode checks top_k with its rule before any row is scored
+    amc_admission.py     copy of admission.py: the in-flight counter this step admits requests through
     tokenizer.json       the sentence encoder's WordPiece tokenizer
     text_encoder.onnx    all-MiniLM-L6-v2 (signature TEXT_ENCODER): WordPiece ids -> unit-norm embedding
     term_weights.json    the checkpoint's IDF over the candidate collection (amc_client.text.TermWeights)
@@ -40,6 +41,12 @@ candidate ids outside the store or repeated, tensors of inconsistent shapes, and
 ``amc_client.signatures`` (given to this step as config parameters, the limit named in the message):
 ``max_candidates`` per query, ``max_query_bytes``, ``max_keywords`` slots per candidate, ``max_keyword_words``
 and ``max_keyword_bytes`` per keyword.
+
+Overload: each valid request takes a slot of its version's in-flight counter (``admission.py``; config parameters
+``admission``, ``max_in_flight``, ``in_flight_expiry_s``), freed by the top-k step at the end of the ensemble;
+with ``max_in_flight`` taken, the request is answered UNAVAILABLE "overloaded: ... in flight" at once instead of
+waiting in the slow steps' queues. Store mode counts only the requests of ``amc_search`` (asked for
+``candidate_rows``: its top-k step frees the slot); ``amc_store`` and ``amc_store_fused`` have no such step.
 
 With dynamic batching Triton hands several requests to one :meth:`TritonPythonModel.execute`: their queries
 are encoded in one encoder call; each request is validated and answered on its own, and the instance never
@@ -237,6 +244,15 @@ class _Parsed:
     ids: np.ndarray | None = None  # store: (B, N) candidate ids
     whole_store: bool = False  # store: no ids were sent, ``ids`` is every row
     top_k: int | None = None  # store: the request's top_k, checked against N
+    counted: bool = True  # takes a slot of the in-flight counter (its ensemble ends in a top-k step)
+
+
+class _Overloaded(Exception):
+    """A valid request refused by admission control; ``response`` is its UNAVAILABLE answer."""
+
+    def __init__(self, response: Any) -> None:
+        super().__init__("overloaded")
+        self.response = response
 
 
 class TritonPythonModel:
@@ -280,6 +296,19 @@ class TritonPythonModel:
             self.all_rows = np.arange(len(store), dtype=np.int64)[None]  # (1, G): the rows of a whole-store search
             # top_k's checks, as the top-k step makes them (amc_top_k.py beside this file): INVALID_ARGUMENT here.
             self.top_k_rule = _load_module(here, "amc_top_k.py")
+        self.in_flight = None
+        self.max_in_flight = int(params.get("max_in_flight") or 0)
+        counter = params.get("admission", "")
+        if counter and self.max_in_flight > 0:
+            if (here / "amc_admission.py").is_file():
+                admission = _load_module(here, "amc_admission.py")
+                admission.remove_stale()
+                self.in_flight = admission.InFlight(
+                    admission.counter_path(Path(args["model_repository"]).parent, counter, self.version),
+                    limit=self.max_in_flight, expiry_s=float(params.get("in_flight_expiry_s") or 30))
+                detail += f", at most {self.max_in_flight} requests in flight ({self.in_flight.path})"
+            else:
+                pb_utils.Logger.log_warn(f"{self.model_name}: no amc_admission.py in {here}: no admission control")
         pb_utils.Logger.log_info(f"{self.model_name} v{self.version} ({self.mode}): {detail}, encoder on "
                                  f"{self.features.session.get_providers()}, text rules from "
                                  f"{self.features.text.__file__}")
@@ -301,22 +330,59 @@ class TritonPythonModel:
                 parsed.append(self._parse(request))
             except Exception as e:  # noqa: BLE001 - any problem is this request's error, never the instance's
                 parsed.append(e)
+        parsed = self._admit(parsed)
         texts = [t for p in parsed if isinstance(p, _Parsed) for t in p.texts]
         try:
             query_text = self.features.query_text(texts)  # one encoder call for every request's queries
         except Exception as e:  # noqa: BLE001
+            self._release(sum(isinstance(p, _Parsed) and p.counted for p in parsed))
             parsed = [p if isinstance(p, Exception) else e for p in parsed]
         responses, start = [], 0
         for p in parsed:
             if isinstance(p, Exception):
-                responses.append(self._error(p))
+                responses.append(p.response if isinstance(p, _Overloaded) else self._error(p))
                 continue
             try:
                 responses.append(self._respond(p, query_text[start:start + len(p.texts)]))
             except Exception as e:  # noqa: BLE001
+                self._release(int(p.counted))  # admitted, but it goes no further
                 responses.append(self._error(e))
             start += len(p.texts)
         return responses
+
+    def _admit(self, parsed: list[_Parsed | Exception]) -> list[_Parsed | Exception]:
+        """Take a slot of the in-flight counter for each valid request that counts; the requests beyond the
+        limit become :class:`_Overloaded` (answered UNAVAILABLE, never encoded)."""
+        counted = [i for i, p in enumerate(parsed) if isinstance(p, _Parsed) and p.counted]
+        if self.in_flight is None or not counted:
+            for p in parsed:
+                if isinstance(p, _Parsed):
+                    p.counted = False
+            return parsed
+        try:
+            taken, before = self.in_flight.admit(len(counted))
+        except OSError as e:  # the counter file is gone or unwritable: serve rather than refuse
+            pb_utils.Logger.log_warn(f"{self.model_name}: in-flight counter unusable ({e}); admitting")
+            for i in counted:
+                parsed[i].counted = False
+            return parsed
+        if taken == len(counted):
+            return parsed
+        message = (f"{self.model_name}: overloaded: {before + taken} requests in flight through version "
+                   f"{self.version}, the limit is {self.max_in_flight}; retry after a backoff")
+        code = getattr(pb_utils.TritonError, "UNAVAILABLE", None)
+        out = list(parsed)
+        for i in counted[taken:]:  # one error object per response (the stub serializes each once)
+            error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+            out[i] = _Overloaded(pb_utils.InferenceResponse(error=error))
+        return out
+
+    def _release(self, n: int) -> None:
+        if self.in_flight is not None and n > 0:
+            try:
+                self.in_flight.release(n)
+            except OSError as e:
+                pb_utils.Logger.log_warn(f"{self.model_name}: in-flight counter unusable ({e})")
 
     def _parse(self, request: Any) -> _Parsed:
         query = self._input(request, self.input_names[0])
@@ -389,6 +455,10 @@ class TritonPythonModel:
 
     def _parse_store(self, request: Any, query: np.ndarray) -> _Parsed:
         parsed = self._parse_store_ids(request, query)
+        # Only amc_search's requests (they ask for candidate_rows, which its top-k step reads) end in a step that
+        # frees their slot; amc_store's and amc_store_fused's do not ask for it.
+        names = getattr(request, "requested_output_names", None)
+        parsed.counted = names is not None and self.output_names[3] in set(names())
         top_k = pb_utils.get_input_tensor_by_name(request, self.input_names[2])
         if top_k is not None:  # the top-k step's rule, here before any row is scored
             try:
@@ -452,3 +522,5 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.features = None
+        if self.in_flight is not None:
+            self.in_flight.close()

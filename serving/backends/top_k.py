@@ -8,7 +8,7 @@ that does not ask for top-k gets what the ensembles answered before this step ex
 response carries k rows instead of N, and the client sorts nothing.
 
 One module, two Triton models (the config generator copies it as ``model.py``, with ``onnx_runner.py`` beside
-it as ``amc_onnx_runner.py`` for its error responses):
+it as ``amc_onnx_runner.py`` for its error responses and ``admission.py`` as ``amc_admission.py``):
 
     amc_topk        (mode raw)   end of ``amc`` / ``amc_v<N>``; ``candidate_index`` is the position in the request
     amc_store_topk  (mode store) end of ``amc_search`` / ``amc_search_v<N>``; takes ``candidate_rows`` (store rows)
@@ -33,6 +33,9 @@ store text step's rule (a copy of this file is ``amc_top_k.py`` beside it), so `
 ``top_k`` before any row is scored. Each request is answered on
 its own; the instance never raises out of :meth:`TritonPythonModel.execute`. Selection is ``argpartition`` and a
 sort of the k chosen: O(N + k log k) per query.
+
+Overload: the last step of its ensembles, it frees the in-flight slot (``admission.py``, config parameter
+``admission``: the counter) that the text step took for each request, once per request it answers, ok or not.
 """
 
 from __future__ import annotations
@@ -86,9 +89,9 @@ def check_top_k(top_k: np.ndarray, batch: int, n: int) -> int:
     return int(values[0])
 
 
-def _load_runner(here: Path) -> Any:
-    path = here / "amc_onnx_runner.py"
-    spec = importlib.util.spec_from_file_location(f"_amc_onnx_runner_{abs(hash(str(path)))}", path)
+def _load_runner(here: Path, filename: str = "amc_onnx_runner.py") -> Any:
+    path = here / filename
+    spec = importlib.util.spec_from_file_location(f"_{path.stem}_{abs(hash(str(path)))}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     before, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in the version directory
@@ -115,6 +118,12 @@ class TritonPythonModel:
                              f"outputs, the config has {self.input_names} and {self.output_names}")
         here = Path(args["model_repository"]) / args["model_version"]
         self.runner = _load_runner(here)
+        self.in_flight = None
+        counter = params.get("admission", "")
+        if counter and (here / "amc_admission.py").is_file():
+            admission = _load_runner(here, "amc_admission.py")
+            self.in_flight = admission.InFlight(
+                admission.counter_path(Path(args["model_repository"]).parent, counter, args["model_version"]))
         detail = ""
         if self.mode == "store":
             store = json.loads((here / "store.json").read_text(encoding="utf-8"))
@@ -135,6 +144,11 @@ class TritonPythonModel:
             except Exception as e:  # noqa: BLE001 - any problem is this request's error, never the instance's
                 responses.append(self.runner.error_response(self.model_name, e,
                                                             invalid_argument=isinstance(e, RequestError)))
+        if self.in_flight is not None:
+            try:
+                self.in_flight.release(len(requests))
+            except OSError as e:
+                pb_utils.Logger.log_warn(f"{self.model_name}: in-flight counter unusable ({e})")
         return responses
 
     def _respond(self, request: Any) -> Any:
@@ -161,4 +175,5 @@ class TritonPythonModel:
             pb_utils.Tensor(name, np.ascontiguousarray(a)) for name, a in zip(self.output_names, out, strict=True)])
 
     def finalize(self) -> None:
-        pass
+        if self.in_flight is not None:
+            self.in_flight.close()
