@@ -26,6 +26,7 @@ onnxruntime and ``triton_python_backend_utils`` (and ``amc_admission.py`` beside
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -38,6 +39,21 @@ import triton_python_backend_utils as pb_utils
 _ORT_TYPES = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)",
               np.dtype(np.int64): "tensor(int64)", np.dtype(np.int32): "tensor(int32)",
               np.dtype(np.bool_): "tensor(bool)"}
+
+
+def load_sibling(here: Path, filename: str) -> Any:
+    """``filename`` in the version directory ``here``, loaded by path under a private name (independent of
+    sys.path and of other models' copies in the same stub), without writing a __pycache__ there."""
+    path = here / filename
+    spec = importlib.util.spec_from_file_location(f"_{path.stem}_{abs(hash(str(path)))}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    before, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # Triton would see a new file as a new version
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = before
+    return module
 
 
 class RequestError(ValueError):
@@ -113,16 +129,7 @@ class TritonPythonModel:
         self.in_flight = None
         here = Path(args["model_repository"]) / self.version
         if params.get("admission") and (here / "amc_admission.py").is_file():
-            import importlib.util
-
-            spec = importlib.util.spec_from_file_location(f"_amc_admission_{abs(hash(str(here)))}",
-                                                          here / "amc_admission.py")
-            admission = importlib.util.module_from_spec(spec)
-            before, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in the version dir
-            try:
-                spec.loader.exec_module(admission)
-            finally:
-                sys.dont_write_bytecode = before
+            admission = load_sibling(here, "amc_admission.py")
             self.in_flight = admission.InFlight(admission.counter_path(Path(args["model_repository"]).parent,
                                                                        params["admission"], self.version))
         self.logger.log_info(f"{self.model_name} v{self.version}: {path.name} on {self.session.get_providers()}")

@@ -89,8 +89,9 @@ def check_top_k(top_k: np.ndarray, batch: int, n: int) -> int:
     return int(values[0])
 
 
-def _load_runner(here: Path, filename: str = "amc_onnx_runner.py") -> Any:
-    path = here / filename
+def _load_runner(here: Path) -> Any:
+    """``amc_onnx_runner.py`` beside this file (its ``load_sibling`` then loads the others)."""
+    path = here / "amc_onnx_runner.py"
     spec = importlib.util.spec_from_file_location(f"_{path.stem}_{abs(hash(str(path)))}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -121,7 +122,7 @@ class TritonPythonModel:
         self.in_flight = None
         counter = params.get("admission", "")
         if counter and (here / "amc_admission.py").is_file():
-            admission = _load_runner(here, "amc_admission.py")
+            admission = self.runner.load_sibling(here, "amc_admission.py")
             self.in_flight = admission.InFlight(
                 admission.counter_path(Path(args["model_repository"]).parent, counter, args["model_version"]))
         detail = ""
