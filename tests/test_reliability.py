@@ -148,15 +148,42 @@ def test_in_flight_counter_admits_up_to_the_limit_frees_and_expires(tmp_path: Pa
     assert entrance.in_flight() == 0
 
 
-def test_overload_is_rejected_quickly_with_unavailable(server: TritonServer) -> None:
-    """64 closed-loop client threads without retries for 10 s: the text step's bounded queue answers the excess
-    UNAVAILABLE at once instead of queueing it; every answer is a result or that rejection, and the server
-    keeps serving."""
+def _closed_loop(url: str, *, threads: int, seconds: float,
+                 inputs_for) -> list[tuple[float, InferenceServerException | None]]:
+    """``threads`` client threads, each sending ``inputs_for(thread, count)`` to the ensemble back to back without
+    retries for ``seconds``: (latency, error or None) of every answer."""
     import threading
     import time
 
     answers: list[tuple[float, InferenceServerException | None]] = []
-    stop = time.monotonic() + 10
+    stop = time.monotonic() + seconds
+
+    def loop(thread: int) -> None:
+        count = 0
+        with grpcclient.InferenceServerClient(url) as client:
+            while time.monotonic() < stop:
+                inputs = inputs_for(thread, count)
+                count += 1
+                started = time.perf_counter()
+                try:
+                    client.infer(sig.ENSEMBLE_NAME, inputs, client_timeout=120)
+                    error = None
+                except InferenceServerException as e:
+                    error = e
+                answers.append((time.perf_counter() - started, error))
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return answers
+
+
+def test_overload_is_rejected_quickly_with_unavailable(server: TritonServer) -> None:
+    """64 closed-loop client threads without retries for 10 s: the text step's bounded queue answers the excess
+    UNAVAILABLE at once instead of queueing it; every answer is a result or that rejection, and the server
+    keeps serving."""
 
     def unseen_keywords(thread: int, count: int) -> list:
         # Keywords no request used before: the text step encodes each on the fly, so the entrance itself is the
@@ -167,25 +194,7 @@ def test_overload_is_rejected_quickly_with_unavailable(server: TritonServer) -> 
         keywords[...] = [[[f"overload {thread} {count} {c} {j}".encode() for j in range(4)] for c in range(10)]]
         return faults.raw_inputs(arrays)
 
-    def loop(thread: int) -> None:
-        count = 0
-        with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            while time.monotonic() < stop:
-                inputs = unseen_keywords(thread, count)
-                count += 1
-                started = time.perf_counter()
-                try:
-                    client.infer(sig.ENSEMBLE_NAME, inputs, client_timeout=120)
-                    error = None
-                except InferenceServerException as e:
-                    error = e
-                answers.append((time.perf_counter() - started, error))
-
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(64)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    answers = _closed_loop(server.grpc_url, threads=64, seconds=10, inputs_for=unseen_keywords)
     errors = [e for _, e in answers if e is not None]
     ok = sorted(s for s, e in answers if e is None)
     assert errors and ok
@@ -205,8 +214,6 @@ def test_in_flight_limit_rejects_at_once_and_frees_every_slot(repository: tuple[
     than the answered requests take; the client maps it to a retryable ServerUnavailableError; afterwards no slot
     is left taken (requests VAN refuses free theirs too) and lone requests are served."""
     import shutil
-    import threading
-    import time
 
     from amc_client import ServerUnavailableError, _calls
     from export.repository import step_config, to_text
@@ -218,28 +225,10 @@ def test_in_flight_limit_rejects_at_once_and_frees_every_slot(repository: tuple[
     config = step_config(sig.TOKENIZER, "python")
     config.parameters["max_in_flight"].string_value = "2"
     (small / sig.TOKENIZER.model_name / "config.pbtxt").write_text(to_text(config))
-    answers: list[tuple[float, InferenceServerException | None]] = []
     with TritonServer(small, models=_models(version), log_file=tmp_path / "in-flight.log") as server:
         counter = InFlight(counter_path(small, "raw", version, server.pid))
         inputs = faults.raw_inputs(faults.request(n=10, r=sig.REGIONS_PER_IMAGE, k=4))
-        stop = time.monotonic() + 8
-
-        def loop() -> None:
-            with grpcclient.InferenceServerClient(server.grpc_url) as client:
-                while time.monotonic() < stop:
-                    started = time.perf_counter()
-                    try:
-                        client.infer(sig.ENSEMBLE_NAME, inputs, client_timeout=120)
-                        error = None
-                    except InferenceServerException as e:
-                        error = e
-                    answers.append((time.perf_counter() - started, error))
-
-        threads = [threading.Thread(target=loop) for _ in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        answers = _closed_loop(server.grpc_url, threads=16, seconds=8, inputs_for=lambda thread, count: inputs)
         ok = sorted(s for s, e in answers if e is None)
         limited = [(s, e) for s, e in answers if e is not None and "requests in flight" in e.message()]
         assert ok and limited, (len(ok), len(answers))
