@@ -427,9 +427,18 @@ def test_supervisor_repairs_a_killed_stub_under_load(repository: tuple[Path, int
     # The supervisor sees the missing stub within a round (1 s) and reloads before most requests fail on it.
     assert result["ready_while_broken_s"] <= 1.5, result
     assert result["errors"] <= {"ServerUnavailableError"}, result  # never InvalidInputError
-    repair = next(r for r in result["repairs"] if stub.name in r.cause)
-    assert repair.ok and repair.action == f"reload {sig.TOKENIZER.model_name}", result["repairs"]
     assert result["ready_after"]
+    # Usually the server outlives its stub and the supervisor reloads the model. Sometimes the kill lands while
+    # the stub holds the Python backend's shared-memory mutex and tritonserver itself aborts (SIGABRT,
+    # boost::interprocess::lock_exception: Triton's own bug, triton-inference-server/server#8882); then the
+    # repair is the restart on the same ports. Either repair is named after what the supervisor saw.
+    reload = [r for r in result["repairs"] if stub.name in r.cause]
+    restart = [r for r in result["repairs"] if r.action.startswith("restart") and "exited with code -6" in r.cause]
+    assert reload or restart, result["repairs"]
+    if reload:
+        assert reload[0].ok and reload[0].action == f"reload {sig.TOKENIZER.model_name}", result["repairs"]
+    else:
+        assert restart[0].ok, result["repairs"]
 
 
 def test_supervisor_restarts_a_killed_server_on_the_same_port(repository: tuple[Path, int], tmp_path: Path) -> None:
