@@ -15,6 +15,9 @@ errors, creation time) and ``amc_v<N>/golden.npz``: a few requests with the PyTo
 checkpoint, which the rollout tool replays through Triton before the version takes traffic (their text
 features computed by :class:`export.reference.Reference`, the text step's rules with the PyTorch encoder).
 
+``--store-corpus`` also builds the version's candidate store (whole-store search, ``amc_search``) from every image
+of the checkpoint's training corpus, inside the same publish (see :func:`publish`).
+
 A checkpoint trained with another text encoder (format 1: GloVe) is refused with the checkpoint loader's
 "encoder mismatch" message, before anything is written.
 """
@@ -45,9 +48,13 @@ from export.repository import (
     STEPS,
     TextStepFiles,
     init_repository,
+    read_routing,
     repository_flavour,
+    set_store_serving,
     stage_version,
+    store_paths,
 )
+from export.store import Gallery, keyword_table_embed, publish_store
 from training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 
 MANIFEST = "manifest.json"
@@ -83,20 +90,35 @@ def repository_lock(repository: Path):
 
 
 
+def training_corpus(ckpt: Checkpoint):
+    """The corpus described by the checkpoint's training config (loaded from its cache, or built)."""
+    from dataclasses import fields
+
+    from training.corpus import CorpusConfig, load_corpus
+
+    values = dict(ckpt.train_config.get("corpus") or {})
+    if not values:
+        raise ValueError("the checkpoint names no training corpus")
+    known = {f.name for f in fields(CorpusConfig)}
+    return load_corpus(CorpusConfig(**{k: v for k, v in values.items() if k in known}), progress=False)
+
+
+def corpus_gallery(checkpoint: str | Path) -> Gallery:
+    """Every image of the checkpoint's training corpus as a store gallery (``--store-corpus``); a clear error
+    where that corpus cannot be had."""
+    try:
+        return Gallery.of_corpus(training_corpus(load_checkpoint(checkpoint)))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - asked for: say why it cannot be had
+        raise ValueError(f"--store-corpus: the training corpus cannot be loaded here ({type(e).__name__}: {e})") from e
+
+
 def training_keywords(ckpt: Checkpoint, log=print) -> list[str]:
     """Every keyword of the training corpus's images (the corpus described by the checkpoint's training config);
     empty, with a log line, where that corpus cannot be loaded (e.g. a machine without the data)."""
-    values = dict(ckpt.train_config.get("corpus") or {})
-    if not values:
-        log("keyword table: the checkpoint names no training corpus; every keyword will be encoded when first served")
-        return []
     try:
-        from dataclasses import fields
-
-        from training.corpus import CorpusConfig, load_corpus
-
-        known = {f.name for f in fields(CorpusConfig)}
-        corpus = load_corpus(CorpusConfig(**{k: v for k, v in values.items() if k in known}), progress=False)
+        corpus = training_corpus(ckpt)
     except Exception as e:  # noqa: BLE001 - the table is an optimisation: unknown keywords are encoded when served
         log(f"keyword table: the training corpus is not available here ({type(e).__name__}: {e}); every keyword "
             "will be encoded when first served")
@@ -149,10 +171,14 @@ def golden_requests(ckpt: Checkpoint, reference: Reference, keywords: list[str],
 
 
 def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | None = None,
-            eval_metrics: dict | None = None, keywords: list[str] | None = None, log=print) -> int:
+            eval_metrics: dict | None = None, keywords: list[str] | None = None, store: Gallery | None = None,
+            log=print) -> int:
     """Export, validate and publish ``checkpoint`` as the next version of ``repository``; returns it.
 
     ``keywords``: what the text step's keyword table holds; default every keyword of the training corpus.
+    ``store``: also build the version's candidate store from this gallery (whole-store search, ``amc_search``),
+    validated like the networks, before the version is marked published; the store ensembles serve it at once
+    only where the version itself serves (a repository's first version), else from ``amc-rollout promote`` on.
     """
     from training.text_encoder import ENCODER_NAME, PACKAGE, tokenizer_json
 
@@ -192,22 +218,37 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
                                "shapes": [asdict(r.shape) for r in rs]} for n, rs in parity.items()},
             }
             (ensemble / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            # Step versions first, the pinned ensemble last: it is the marker that the version exists.
+            # Step versions first (and the store, which reads the text step's files), the pinned ensemble last:
+            # it is the marker that the version exists.
             for step in STEPS:
                 target = repository / step.model_name / str(version)
                 (tree / step.model_name / str(version)).rename(target)
                 moved.append(target)
+            if store is not None:
+                _publish_store(repository, version, ckpt, store, flavour, log)
             ensemble.rename(repository / ensemble.name)
         except BaseException:
-            for path in moved:
+            for path in moved + store_paths(repository, version):
                 shutil.rmtree(path, ignore_errors=True)
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             with contextlib.suppress(OSError):  # an empty .staging left in the repository is noise
                 staging.parent.rmdir()
+        if store is not None and read_routing(repository).serving_version == version:
+            set_store_serving(repository, version)
     log(f"published version {version} (fingerprint {ckpt.fingerprint}) into {repository}")
     return version
+
+
+def _publish_store(repository: Path, version: int, ckpt: Checkpoint, gallery: Gallery, flavour: str, log) -> None:
+    """The version's candidate store, its keywords embedded from the version's keyword table (not served yet)."""
+    started = time.perf_counter()
+    table = repository / sig.TOKENIZER.model_name / str(version) / KEYWORD_TABLE
+    publish_store(repository, version, ckpt.build_model(), ckpt.term_weights, gallery.regions, gallery.keywords,
+                  ids=gallery.ids, fingerprint=ckpt.fingerprint, flavour=flavour, serve=False,
+                  embed=keyword_table_embed(table), log=log)
+    log(f"candidate store of {len(gallery.ids)} images built in {time.perf_counter() - started:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,10 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flavour", choices=FLAVOURS, default=None,
                         help="for a new repository (default python); an existing one keeps its own")
     parser.add_argument("--eval-json", type=Path, default=None, help="evaluation figures to put in the manifest")
+    parser.add_argument("--store-corpus", action="store_true",
+                        help="also build the candidate store for whole-store search (amc-client search) from every "
+                             "image of the checkpoint's training corpus")
     args = parser.parse_args(argv)
     try:
         metrics = json.loads(args.eval_json.read_text()) if args.eval_json else None
-        publish(args.checkpoint, args.repository, flavour=args.flavour, eval_metrics=metrics)
+        store = corpus_gallery(args.checkpoint) if args.store_corpus else None
+        publish(args.checkpoint, args.repository, flavour=args.flavour, eval_metrics=metrics, store=store)
     except (CheckpointError, ExportError, OSError, ValueError) as e:
         print(f"error: publish failed, repository unchanged: {e}", file=sys.stderr)
         return 2

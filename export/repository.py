@@ -517,6 +517,43 @@ def store_fused_ensemble_config(name: str, version: int,
     return config
 
 
+def store_models(repository: Path, version: int) -> tuple[list[str], list[str]]:
+    """The store steps that have version ``version`` and its pinned store ensembles (``amc_store_v<N>``,
+    ``amc_search_v<N>``), in load order; both empty where the version was published without a store."""
+    steps = [s.model_name for s in STORE_STEPS + FUSED_STEPS + SEARCH_STEPS
+             if (repository / s.model_name / str(version)).is_dir()]
+    ensembles = [n for n in (sig.versioned_store_ensemble_name(version), sig.versioned_search_ensemble_name(version))
+                 if (repository / n).is_dir()]
+    return steps, ensembles
+
+
+def store_step_names(repository: Path) -> list[str]:
+    """The store steps ``repository`` has a config for (any version)."""
+    return [s.model_name for s in STORE_STEPS + FUSED_STEPS + SEARCH_STEPS
+            if (repository / s.model_name / "config.pbtxt").exists()]
+
+
+def store_paths(repository: Path, version: int) -> list[Path]:
+    """Every folder version ``version``'s store added to ``repository`` (what gc and quarantine remove)."""
+    steps, ensembles = store_models(repository, version)
+    return [repository / m / str(version) for m in steps] + [repository / e for e in ensembles]
+
+
+def store_serving_models(repository: Path) -> list[str]:
+    """The unversioned store ensembles that exist in ``repository`` (``amc_store``, ``amc_store_fused``,
+    ``amc_search``): what follows the serving version when it changes."""
+    names = (sig.STORE_ENSEMBLE_NAME, sig.STORE_FUSED_ENSEMBLE_NAME, sig.SEARCH_ENSEMBLE_NAME)
+    return [n for n in names if (repository / n / "config.pbtxt").exists()]
+
+
+def store_serving_version(repository: Path) -> int | None:
+    """The version ``amc_store`` is pinned to; None if no store serves."""
+    path = repository / sig.STORE_ENSEMBLE_NAME / "config.pbtxt"
+    if not path.exists():
+        return None
+    return int(parse_config(path.read_text()).ensemble_scheduling.step[0].model_version)
+
+
 def set_store_serving(repository: Path, version: int) -> str:
     """Rewrite ``amc_store`` pinned to ``version`` (and ``amc_store_fused`` where version ``version`` has the
     fused store graph); returns ``amc_store``'s new config text."""

@@ -90,6 +90,21 @@ class Store:
         return json.dumps({"version": version, "size": len(self), "ids": self.ids, "keywords": rows})
 
 
+@dataclass(frozen=True)
+class Gallery:
+    """The images a version's candidate store is built from: what whole-store search ranks."""
+
+    regions: np.ndarray  # (G, R, D) float16/32 region features
+    keywords: Sequence[Sequence[str]] | np.ndarray  # per image, its keyword strings
+    ids: list[str]  # per image, the id search returns
+
+    @classmethod
+    def of_corpus(cls, corpus) -> Gallery:
+        """Every image of a :class:`training.corpus.Corpus`, its id the emoji and the start of its name."""
+        ids = [f"{c} {n[:28]}" for c, n in zip(corpus.chars, corpus.names, strict=True)]
+        return cls(corpus.regions, corpus.keywords, ids)
+
+
 def padded(keywords: Sequence[Sequence[str]] | np.ndarray) -> np.ndarray:
     """Per-image keyword lists (or an (G, K) array) -> (G, K) object array, "" pads."""
     if isinstance(keywords, np.ndarray) and keywords.ndim == 2:

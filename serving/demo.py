@@ -25,9 +25,8 @@ from amc_client import signatures as sig
 from amc_client.cli import format_table, save_candidates
 from export.publish import publish
 from export.repository import STEPS
-from export.store import keyword_table_embed, publish_store
+from export.store import Gallery
 from serving.server import TritonServer
-from training.checkpoint import load_checkpoint
 from training.corpus import CorpusConfig, load_corpus
 from training.metrics import ndcg_at_k
 from training.train import TrainConfig, train
@@ -63,16 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.repository, ignore_errors=True)
     args.repository.mkdir(parents=True)
     (args.repository / DEMO_MARKER).write_text("made by python -m serving.demo; deleted and remade by each run\n")
-    # The text step's keyword table: every keyword of the corpus the model was trained on (already loaded here).
-    version = publish(checkpoint, args.repository, keywords=sorted({k for kw in corpus.keywords for k in kw if k}))
-    # The candidate store for whole-store search: every corpus image, its keywords embedded from the table above.
-    t0 = time.perf_counter()
-    ckpt = load_checkpoint(checkpoint)
-    table = args.repository / sig.TOKENIZER.model_name / str(version) / "keyword_table.npz"
-    publish_store(args.repository, version, ckpt.build_model(), ckpt.term_weights, corpus.regions, corpus.keywords,
-                  ids=[f"{c} {n[:28]}" for c, n in zip(corpus.chars, corpus.names, strict=True)],
-                  fingerprint=ckpt.fingerprint, embed=keyword_table_embed(table))
-    print(f"candidate store of {len(corpus.regions)} images published in {time.perf_counter() - t0:.0f} s")
+    # The text step's keyword table: every keyword of the corpus the model was trained on (already loaded here);
+    # the candidate store for whole-store search: every corpus image, its keywords embedded from that table.
+    version = publish(checkpoint, args.repository, keywords=sorted({k for kw in corpus.keywords for k in kw if k}),
+                      store=Gallery.of_corpus(corpus))
 
     print("== 4/4 serve with tritonserver and query through the client")
     models = [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]

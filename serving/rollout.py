@@ -57,9 +57,21 @@ from tritonclient.utils import InferenceServerException
 from amc_client import Routing
 from amc_client import signatures as sig
 from export.onnx_export import relative_error
-from export.publish import GOLDEN, published_versions, read_manifest, repository_lock
+from export.publish import GOLDEN, corpus_gallery, published_versions, read_manifest, repository_lock
 from export.publish import publish as publish_checkpoint
-from export.repository import STEPS, read_routing, set_routing, write_atomic
+from export.repository import (
+    STEPS,
+    read_routing,
+    set_routing,
+    set_store_serving,
+    store_models,
+    store_paths,
+    store_serving_models,
+    store_serving_version,
+    store_step_names,
+    write_atomic,
+)
+from export.store import Gallery
 from serving.server import GRPC_ADMIN_KEY_HEADER
 
 HISTORY = ".rollout-history.json"
@@ -178,8 +190,13 @@ class Rollout:
         return not self._not_ready(model)
 
     def ready(self, version: int) -> bool:
-        """Whether version N's ensemble is ready on every replica."""
-        return self._model_ready(sig.versioned_ensemble_name(version))
+        """Whether version N's ensemble (and its store's, where it has one) is ready on every replica."""
+        return all(self._model_ready(m) for m in self._ensembles(version))
+
+    def _ensembles(self, version: int) -> list[str]:
+        """Version N's pinned ensembles: ``amc_v<N>``, then ``amc_store_v<N>`` and ``amc_search_v<N>`` if it has a
+        candidate store."""
+        return [sig.versioned_ensemble_name(version), *store_models(self.repository, version)[1]]
 
     def status(self) -> dict:
         routing = self.routing()
@@ -199,18 +216,21 @@ class Rollout:
         self._each(lambda c: c.load_model(model, config=config, headers=self.headers, client_timeout=self.timeout_s))
 
     def load_version(self, version: int) -> None:
-        """Load version N of every step beside what serves, then its pinned ensemble; undo on failure."""
+        """Load version N of every step (its store's too) beside what serves, then its pinned ensembles; undo on
+        failure."""
         if version not in published_versions(self.repository):
             raise RolloutError(f"version {version} is not published in {self.repository}")
+        steps = [s.model_name for s in STEPS] + store_models(self.repository, version)[0]
         try:
-            with ThreadPoolExecutor(len(STEPS)) as pool:  # independent models: load them concurrently
-                list(pool.map(lambda s: self._load(s.model_name), STEPS))
-            for step in STEPS:
-                not_ready = self._not_ready(step.model_name, str(version))
+            with ThreadPoolExecutor(len(steps)) as pool:  # independent models: load them concurrently
+                list(pool.map(self._load, steps))
+            for step in steps:
+                not_ready = self._not_ready(step, str(version))
                 if not_ready:
-                    raise RolloutError(f"{step.model_name} version {version} did not become ready"
+                    raise RolloutError(f"{step} version {version} did not become ready"
                                        + (f" on replica {', '.join(not_ready)}" if len(self.clients) > 1 else ""))
-            self._load(sig.versioned_ensemble_name(version))
+            for ensemble in self._ensembles(version):
+                self._load(ensemble)
         except InferenceServerException as e:
             if e.status() in TRANSIENT:
                 raise RolloutError(f"loading version {version} did not finish ({e.status()}); nothing changed, "
@@ -269,26 +289,34 @@ class Rollout:
             self.log(f"version {version} failed a check but is in use or a rollback target; left in place")
             return
         target = self.repository / ".failed" / f"v{version}-{time.time_ns()}"
-        ensemble = sig.versioned_ensemble_name(version)
-        for model in (ensemble, *(s.model_name for s in STEPS)):
-            source = self.repository / model / str(version) if model != ensemble else self.repository / model
+        ensembles = self._ensembles(version)
+        store_steps = store_models(self.repository, version)[0]
+        for source in self._version_paths(version):
             if source.exists():
-                (target / model).parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(source), str(target / model))
+                # Step folders keep their model's name (amc_van/2 -> amc_van); ensembles are folders of their own.
+                name = source.parent.name if source.parent != self.repository else source.name
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(source), str(target / name))
         for client in self.clients.values():
-            with contextlib.suppress(InferenceServerException):  # not loaded is fine
-                client.unload_model(ensemble, headers=self.headers)
-        for step in STEPS:  # reload from disk: the removed version is unloaded, the others stay as they are
-            try:
-                self._load(step.model_name)
+            for ensemble in ensembles:
+                with contextlib.suppress(InferenceServerException):  # not loaded is fine
+                    client.unload_model(ensemble, headers=self.headers)
+        for step in [s.model_name for s in STEPS] + store_steps:  # reload from disk: the removed version is
+            try:                                                   # unloaded, the others stay as they are
+                self._load(step)
             except InferenceServerException as e:
-                self.log(f"warning: reloading {step.model_name} after quarantine: {e.message()}")
+                self.log(f"warning: reloading {step} after quarantine: {e.message()}")
         self.log(f"version {version} unloaded and moved to {target}")
+
+    def _version_paths(self, version: int) -> list[Path]:
+        """Every folder version N has in the repository: step versions, store, pinned ensemble."""
+        return ([self.repository / s.model_name / str(version) for s in STEPS] + store_paths(self.repository, version)
+                + [self.repository / sig.versioned_ensemble_name(version)])
 
     # ---- changing what serves ------------------------------------------------------------------------
     def _set_routing(self, routing: Routing) -> None:
         for v in {routing.serving_version, routing.canary_version} - {None}:
-            not_ready = self._not_ready(sig.versioned_ensemble_name(v))
+            not_ready = sorted({url for m in self._ensembles(v) for url in self._not_ready(m)})
             if not_ready:
                 where = f" on replica {', '.join(not_ready)}" if len(self.clients) > 1 else ""
                 raise RolloutError(f"version {v} is not loaded and ready{where}; load and verify it first")
@@ -307,6 +335,31 @@ class Rollout:
             raise RolloutError(f"re-pinning amc failed, previous routing restored: {e.message()}") from e
         if previous.serving_version != routing.serving_version:
             self._record(previous.serving_version)
+            self._follow_with_store(routing.serving_version)
+
+    def _follow_with_store(self, version: int) -> None:
+        """Whole-store search follows the serving version: re-pin ``amc_store``, ``amc_store_fused`` and
+        ``amc_search`` to version N's store, if it has one (else they keep the store they serve, with a log line).
+        A reload that fails puts the previous configs back; ``amc`` keeps its new pin (search is the secondary
+        path, and its error says so)."""
+        if not store_models(self.repository, version)[1]:
+            serving = store_serving_version(self.repository)
+            if serving is not None:
+                self.log(f"version {version} has no candidate store; whole-store search keeps version {serving}'s")
+            return
+        before = {n: (self.repository / n / "config.pbtxt").read_text() for n in store_serving_models(self.repository)}
+        set_store_serving(self.repository, version)
+        try:
+            for name in store_serving_models(self.repository):
+                self._load(name)
+        except InferenceServerException as e:
+            for name in store_serving_models(self.repository):
+                if name in before:
+                    write_atomic(self.repository / name / "config.pbtxt", before[name])
+                    with contextlib.suppress(InferenceServerException):
+                        self._load(name)
+            raise RolloutError(f"version {version} serves rankings, but re-pinning whole-store search to its store "
+                               f"failed and search keeps the previous store: {e.message()}") from e
 
     def _history(self) -> list[int]:
         """Versions that served before, oldest first: what ``rollback`` walks back through."""
@@ -319,9 +372,11 @@ class Rollout:
     def _record(self, version: int) -> None:
         self._write_history([*self._history(), version])
 
-    def publish(self, checkpoint: str | Path, *, eval_metrics: dict | None = None) -> int:
-        """Export + validate + publish, then load and verify beside the serving version (no traffic yet)."""
-        version = publish_checkpoint(checkpoint, self.repository, eval_metrics=eval_metrics, log=self.log)
+    def publish(self, checkpoint: str | Path, *, eval_metrics: dict | None = None, store: Gallery | None = None) -> int:
+        """Export + validate + publish (with a candidate store built from ``store``, if given), then load and verify
+        beside the serving version (no traffic yet)."""
+        version = publish_checkpoint(checkpoint, self.repository, eval_metrics=eval_metrics, store=store,
+                                     log=self.log)
         with repository_lock(self.repository):  # publish released it; hold it while the version is checked
             self.load_version(version)
             self._verify_or_quarantine(version)
@@ -384,24 +439,28 @@ class Rollout:
         with repository_lock(self.repository):
             routing = self.routing()
             versions = published_versions(self.repository)
-            protected = set(versions[len(versions) - keep:]) | {routing.serving_version, routing.canary_version}
+            # The version whose store search serves stays too (a later version without a store left it serving).
+            protected = set(versions[len(versions) - keep:]) | {routing.serving_version, routing.canary_version,
+                                                                 store_serving_version(self.repository)}
             removed = [v for v in versions if v not in protected]
             # Step folders without a pinned ensemble are left by an interrupted publish: never published.
             orphans = {int(p.name) for s in STEPS for p in (self.repository / s.model_name).glob("[0-9]*")
                        if p.name.isdigit() and int(p.name) not in versions}
             for v in removed:
                 for client in self.clients.values():
-                    with contextlib.suppress(InferenceServerException):
-                        client.unload_model(sig.versioned_ensemble_name(v), headers=self.headers)
-                shutil.rmtree(self.repository / sig.versioned_ensemble_name(v))
-                for step in STEPS:
-                    shutil.rmtree(self.repository / step.model_name / str(v), ignore_errors=True)
+                    for ensemble in self._ensembles(v):
+                        with contextlib.suppress(InferenceServerException):
+                            client.unload_model(ensemble, headers=self.headers)
+                for path in self._version_paths(v):
+                    shutil.rmtree(path, ignore_errors=True)
             for v in orphans:
                 for step in STEPS:
                     shutil.rmtree(self.repository / step.model_name / str(v), ignore_errors=True)
             if removed or orphans:
-                for step in STEPS:
-                    self._load(step.model_name)
+                # Store steps only where they are loaded: loading one would load every version it has.
+                stores = [n for n in store_step_names(self.repository) if self._model_ready(n)]
+                for step in [s.model_name for s in STEPS] + stores:
+                    self._load(step)
                 self._write_history([v for v in self._history() if v not in removed])
         self.log(f"removed versions {removed or 'none'}; kept {sorted(set(versions) - set(removed))}")
         return removed
@@ -419,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="what serves, what is canary, each version's manifest")
     p = sub.add_parser("publish", help="export, validate, load and verify a checkpoint as a new version")
     p.add_argument("checkpoint", type=Path)
+    p.add_argument("--store-corpus", action="store_true",
+                   help="with a candidate store of every image of the checkpoint's training corpus (whole-store "
+                        "search follows the serving version from promote on)")
     p = sub.add_parser("canary", help="send a share of client traffic to a version")
     p.add_argument("version", type=int)
     p.add_argument("--share", type=float, default=0.1)
@@ -438,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                     v.pop("manifest")
                 print(json.dumps(status, indent=2))
             elif args.command == "publish":
-                r.publish(args.checkpoint)
+                r.publish(args.checkpoint, store=corpus_gallery(args.checkpoint) if args.store_corpus else None)
             elif args.command == "canary":
                 r.canary(args.version, args.share)
             elif args.command == "promote":

@@ -13,7 +13,8 @@ from tritonclient.utils import InferenceServerException
 from amc_client import signatures as sig
 from export.onnx_export import export_network
 from export.publish import publish, published_versions
-from export.repository import STEPS
+from export.repository import STEPS, store_serving_version
+from export.store import Gallery
 from serving import loadtest
 from serving.rollout import Rollout, RolloutError, admin_headers
 from serving.server import TritonServer
@@ -143,3 +144,53 @@ def test_status_gc_and_rollback_without_history(serving_v1, trained):
     assert [r.error for r in load.records if r.error] == []
     with pytest.raises(RolloutError, match="at least 1"):
         rollout.gc(keep=0)
+
+
+# ---- whole-store search follows the serving version ---------------------------------------------------------
+def _gallery(small_corpus, channels: int = sig.REGION_FEATURE_DIM) -> Gallery:
+    regions = small_corpus.regions[..., :channels]
+    return Gallery(regions, small_corpus.keywords, [f"s{g}" for g in range(len(regions))])
+
+
+def test_search_follows_promote_and_rollback(trained, trained_other, small_corpus, tmp_path):
+    """Versions published with a candidate store: the first one's search serves at once; a later one's only from
+    promote on (publish loads and readies it, no traffic); rollback takes search back with the rankings, and gc
+    keeps the version whose store serves."""
+    from amc_client import AMCClient
+
+    repository = tmp_path / "repository"
+    v1 = publish(trained.checkpoint, repository, store=_gallery(small_corpus), log=lambda *_: None)
+    assert store_serving_version(repository) == v1
+    models = [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(v1), sig.ENSEMBLE_NAME]
+    models += [sig.STORE_TOKENIZER.model_name, sig.SEARCH_STORE.model_name, sig.STORE_TOPK.model_name,
+               sig.versioned_search_ensemble_name(v1), sig.SEARCH_ENSEMBLE_NAME]
+    with TritonServer(repository, models=models, admin_key=KEY) as server, \
+            AMCClient(server.grpc_url, timeout_s=60) as client, \
+            Rollout(repository, server.grpc_url, admin_key=KEY, ndcg_margin=1.0, log=lambda *_: None) as rollout:
+
+        def search_version() -> int:
+            found = client.search("cat face", top_k=3)
+            assert len(found) == 3 and all(r.candidate_id.startswith("s") for r in found)
+            return found[0].model_version
+
+        assert search_version() == v1
+        v2 = rollout.publish(trained_other.checkpoint, store=_gallery(small_corpus))
+        assert rollout.ready(v2) and search_version() == v1  # loaded and verified, no traffic yet
+        assert client.search("cat", top_k=2) and store_serving_version(repository) == v1
+        rollout.promote(v2)
+        assert search_version() == v2 and store_serving_version(repository) == v2
+        rollout.rollback()
+        assert search_version() == v1
+        assert rollout.gc(keep=1) == []  # v1 serves (and its store), v2 is the newest
+        assert sorted(published_versions(repository)) == [v1, v2]
+
+
+def test_publish_with_a_gallery_that_fails_leaves_the_repository_as_it_was(trained, small_corpus, tmp_path):
+    repository = tmp_path / "repository"
+    v1 = publish(trained.checkpoint, repository, log=lambda *_: None)
+    before = sorted(p.relative_to(repository) for p in repository.rglob("*"))
+    with pytest.raises(RuntimeError):  # 640-channel region features: the store's projection cannot take them
+        publish(trained.checkpoint, repository, store=_gallery(small_corpus, channels=640), log=lambda *_: None)
+    assert published_versions(repository) == [v1]
+    assert sorted(p.relative_to(repository) for p in repository.rglob("*")) == before
+    assert store_serving_version(repository) is None

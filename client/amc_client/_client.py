@@ -460,7 +460,7 @@ class AMCClient(_Core):
     ) -> list[RankedResult]:
         """The ``top_k`` best images of the server's candidate store for ``query`` (all rows if None), best first,
         each with its explanation; ``ids``: search only these store rows (``RankedResult.store_row``). Needs a
-        model version published with a store (``export.store.publish_store``); one request, whatever its size."""
+        model version published with a store (``export.publish --store-corpus``); one request, whatever its size."""
         return self._drive(self._search(query, top_k, ids, validate))
 
     def server_ready(self) -> bool:
