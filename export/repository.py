@@ -92,9 +92,12 @@ STORE_FILE = "store.json"  # in amc_store_tokenizer/<N>/: {"version": N, "size":
 
 def routing_parameters(routing: Routing) -> dict[str, str]:
     """``amc``'s config parameters for ``routing`` (the client parses them back with the same names)."""
-    return {sig.ROUTING_SERVING_VERSION: str(routing.serving_version),
-            sig.ROUTING_CANARY_VERSION: "" if routing.canary_version is None else str(routing.canary_version),
-            sig.ROUTING_CANARY_SHARE: f"{routing.canary_share:g}"}
+    params = {sig.ROUTING_SERVING_VERSION: str(routing.serving_version),
+              sig.ROUTING_CANARY_VERSION: "" if routing.canary_version is None else str(routing.canary_version),
+              sig.ROUTING_CANARY_SHARE: f"{routing.canary_share:g}"}
+    if routing.canary_search:  # only then: repositories without a store keep the configs they had
+        params[sig.ROUTING_CANARY_SEARCH] = "1"
+    return params
 
 
 def _tensor(spec: sig.TensorSpec, cls):

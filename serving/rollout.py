@@ -315,11 +315,14 @@ class Rollout:
 
     # ---- changing what serves ------------------------------------------------------------------------
     def _set_routing(self, routing: Routing) -> None:
-        for v in {routing.serving_version, routing.canary_version} - {None}:
-            not_ready = sorted({url for m in self._ensembles(v) for url in self._not_ready(m)})
+        needed = {sig.versioned_ensemble_name(v) for v in {routing.serving_version, routing.canary_version} - {None}}
+        if routing.canary_search and routing.canary_version is not None:
+            needed.add(sig.versioned_search_ensemble_name(routing.canary_version))
+        for model in sorted(needed):
+            not_ready = self._not_ready(model)
             if not_ready:
                 where = f" on replica {', '.join(not_ready)}" if len(self.clients) > 1 else ""
-                raise RolloutError(f"version {v} is not loaded and ready{where}; load and verify it first")
+                raise RolloutError(f"{model} is not loaded and ready{where}; load and verify its version first")
         previous = self.routing()
         set_routing(self.repository, routing)
         try:
@@ -393,7 +396,9 @@ class Rollout:
                 self.load_version(version)
             self._verify_or_quarantine(version)
             current = self.routing()
-            self._set_routing(Routing(current.serving_version, version, share))
+            # Search splits the same way where the canary has a store (_set_routing checks it is ready).
+            search = (self.repository / sig.versioned_search_ensemble_name(version)).is_dir()
+            self._set_routing(Routing(current.serving_version, version, share, search))
         self.log(f"canary: version {version} takes {share:.0%} of client traffic")
 
     def promote(self, version: int | None = None) -> int:

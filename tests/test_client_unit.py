@@ -334,6 +334,21 @@ def test_routing_parse():
         )
 
 
+def test_search_follows_the_canary_only_where_it_has_a_store():
+    params = {"serving_version": "1", "canary_version": "2", "canary_share": "0.5"}
+    without = _routing.parse(FakeTriton(routing=params).get_model_config("amc"))
+    with_store = _routing.parse(FakeTriton(routing={**params, "canary_search": "1"}).get_model_config("amc"))
+    assert not without.canary_search and with_store.canary_search
+    rng = random.Random(0)
+    assert {_routing.pick_search(without, rng) for _ in range(200)} == {("amc_search", None)}
+    picks = [_routing.pick_search(with_store, rng) for _ in range(2000)]
+    assert set(picks) == {("amc_search", None), ("amc_search_v2", 2)}
+    assert abs(picks.count(("amc_search_v2", 2)) / len(picks) - 0.5) < 0.05
+    # No canary version: the flag means nothing.
+    assert not _routing.parse(FakeTriton(routing={"serving_version": "1", "canary_search": "1"})
+                              .get_model_config("amc")).canary_search
+
+
 @pytest.mark.parametrize("share", [0.0, 0.1, 0.5, 0.93, 1.0])
 def test_canary_share_of_picks(share):
     routing = _routing.parse(

@@ -153,9 +153,9 @@ def _gallery(small_corpus, channels: int = sig.REGION_FEATURE_DIM) -> Gallery:
 
 
 def test_search_follows_promote_and_rollback(trained, trained_other, small_corpus, tmp_path):
-    """Versions published with a candidate store: the first one's search serves at once; a later one's only from
-    promote on (publish loads and readies it, no traffic); rollback takes search back with the rankings, and gc
-    keeps the version whose store serves."""
+    """Versions published with a candidate store: the first one's search serves at once; a later one's takes the
+    canary's share of the searches, then all of them from promote on (publish loads and readies it, no traffic);
+    rollback takes search back with the rankings, and gc keeps the version whose store serves."""
     from amc_client import AMCClient
 
     repository = tmp_path / "repository"
@@ -177,6 +177,11 @@ def test_search_follows_promote_and_rollback(trained, trained_other, small_corpu
         v2 = rollout.publish(trained_other.checkpoint, store=_gallery(small_corpus))
         assert rollout.ready(v2) and search_version() == v1  # loaded and verified, no traffic yet
         assert client.search("cat", top_k=2) and store_serving_version(repository) == v1
+        rollout.canary(v2, 0.5)
+        assert client.routing().canary_search
+        # 40 searches at share 0.5: both versions answer (all from one: probability 2 * 0.5**40).
+        assert {search_version() for _ in range(40)} == {v1, v2}
+        assert store_serving_version(repository) == v1  # the canary takes a share; amc_search stays
         rollout.promote(v2)
         assert search_version() == v2 and store_serving_version(repository) == v2
         rollout.rollback()

@@ -256,13 +256,24 @@ class _Core:
     def _search(self, query: str, top_k: int | None, ids: Any, validate: bool) -> _Steps:
         """Whole-store search (``_search.py`` has the design): one request to ``amc_search`` (or its pinned twin)."""
         text, rows = _search.check_search(query, top_k, ids, validate)
-        version = self.model_version
-        model = sig.SEARCH_ENSEMBLE_NAME if version is None else sig.versioned_search_ensemble_name(version)
         inputs = self._inputs(_search.pack_search(text, top_k, rows), sig.SEARCH_ENSEMBLE)
         deadline = _calls.Deadline(self.timeout_s)
+        model, version = yield from self._choose_search(deadline)
         result = yield from self._call("infer", model, deadline, model_name=model, inputs=inputs,
                                        outputs=self._outputs(sig.SEARCH_ENSEMBLE))
         return _search.results(result, model, version)
+
+    def _choose_search(self, deadline: _calls.Deadline) -> _Steps:
+        """``amc_search``, its pinned twin, or (its canary share of the searches) the canary version's."""
+        if self.model_version is not None:
+            return sig.versioned_search_ensemble_name(self.model_version), self.model_version
+        if not self._routing_fresh():
+            try:
+                yield from self._fetch_routing(deadline)
+            except ModelVersionError:  # a server that serves search without amc: no canary to follow
+                return sig.SEARCH_ENSEMBLE_NAME, None
+        assert self._routing is not None
+        return _routing.pick_search(self._routing, self._rng)
 
     def _choose(self, deadline: _calls.Deadline, reread: bool) -> _Steps:
         if self.model_version is not None:

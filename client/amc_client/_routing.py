@@ -38,7 +38,8 @@ def parse(config: Mapping[str, Any]) -> Routing:
         share = -1.0
     if not 0.0 <= share <= 1.0:
         raise AMCError(f"model {sig.ENSEMBLE_NAME!r} has a malformed routing parameter canary_share={raw!r}")
-    return Routing(serving, canary, share if canary is not None else 0.0)
+    canary_search = canary is not None and params.get(sig.ROUTING_CANARY_SEARCH, "").strip() == "1"
+    return Routing(serving, canary, share if canary is not None else 0.0, canary_search)
 
 
 def pick(routing: Routing, rng: random.Random) -> tuple[str, int | None]:
@@ -46,6 +47,13 @@ def pick(routing: Routing, rng: random.Random) -> tuple[str, int | None]:
     if routing.canary_version is not None and rng.random() < routing.canary_share:
         return sig.versioned_ensemble_name(routing.canary_version), routing.canary_version
     return sig.ENSEMBLE_NAME, None
+
+
+def pick_search(routing: Routing, rng: random.Random) -> tuple[str, int | None]:
+    """The search ensemble one unpinned search goes to, and its pinned version (None for ``amc_search``)."""
+    if routing.canary_search and routing.canary_version is not None and rng.random() < routing.canary_share:
+        return sig.versioned_search_ensemble_name(routing.canary_version), routing.canary_version
+    return sig.SEARCH_ENSEMBLE_NAME, None
 
 
 version_of = sig.parse_versioned_ensemble_name

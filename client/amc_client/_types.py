@@ -101,12 +101,15 @@ class RankedResult:
 class Routing:
     """Canary routing read from the ``amc`` model's config parameters.
 
-    ``canary_share`` of the unpinned queries go to ``amc_v{canary_version}``, the rest to ``amc``.
+    ``canary_share`` of the unpinned queries go to ``amc_v{canary_version}``, the rest to ``amc``; where the
+    canary version has a candidate store (``canary_search``), the same share of searches go to its
+    ``amc_search_v{canary_version}``, the rest to ``amc_search``.
     """
 
     serving_version: int | None
     canary_version: int | None = None
     canary_share: float = 0.0
+    canary_search: bool = False
 
 
 # ---- validation helpers ----------------------------------------------------------------------------------

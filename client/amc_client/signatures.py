@@ -234,6 +234,7 @@ MIXED_VERSION = -1
 ROUTING_SERVING_VERSION = "serving_version"
 ROUTING_CANARY_VERSION = "canary_version"
 ROUTING_CANARY_SHARE = "canary_share"
+ROUTING_CANARY_SEARCH = "canary_search"  # "1" where the canary version also serves whole-store search
 
 
 def parse_versioned_ensemble_name(name: str) -> int | None:
