@@ -337,6 +337,50 @@ def test_a_killed_replica_costs_no_request_and_is_back_in_rotation_once_ready(fl
 
 
 @pytest.mark.integration
+def test_a_killed_stub_costs_no_request_with_two_replicas(fleet):
+    """Issue 9's fleet target: one replica's text-step stub killed with SIGKILL under 4 client threads. The fleet
+    client retries what that replica fails on the other one (the stub's INTERNAL error is a server fault, never
+    the caller's), so no request fails; the replica's supervisor repairs it (a reload, or a restart where
+    tritonserver itself aborted on the stub's death)."""
+    from amc_client import signatures as sig
+    from serving import faults
+    from serving.loadtest import Load, collection_words
+    from serving.supervisor import Supervisor
+
+    repository, servers = fleet
+    victim = servers[0]
+    supervisor = Supervisor(victim, interval_s=1.0).start()
+    urls = [s.grpc_url for s in servers]
+    client = AMCClient(urls, timeout_s=30, routing_refresh_s=0.2)
+    load = Load(urls, clients=4, client=client)
+    try:
+        deadline = time.monotonic() + 120
+        while not supervisor.ready:
+            assert time.monotonic() < deadline, supervisor.reason
+            time.sleep(0.2)
+        load.start(collection_words(repository, 1))
+        load.wait_for(20, time.monotonic())
+        stub = next(s for s in faults.stubs(victim.pid) if s.model == sig.TOKENIZER.model_name)
+        t_killed = time.monotonic()
+        faults.kill(stub.pid)
+        while not (supervisor.repairs and supervisor.ready):
+            assert time.monotonic() < t_killed + 90, (supervisor.repairs, supervisor.reason)
+            time.sleep(0.2)
+        load.wait_for(40, time.monotonic())
+        t_end = time.monotonic()
+    finally:
+        load.stop()
+        client.close()
+        supervisor.stop()
+    print(f"stub kill with two replicas: {len(load.records)} requests, {len(load.between(t_killed, t_end))} after "
+          f"the kill, {len(load.failed())} failed; repairs {supervisor.repairs}")
+    assert [r.error for r in load.records if r.error] == []
+    assert len(load.between(t_killed, t_end)) >= 40 and all(r.version == 1 for r in load.records)
+    assert supervisor.repairs[0].ok, supervisor.repairs
+    assert victim.poll() is None
+
+
+@pytest.mark.integration
 def test_rollout_across_the_fleet_canary_promote_rollback_and_a_failure_undone_on_every_replica(
         fleet, trained_other):
     from serving.rollout import Rollout, RolloutError, admin_headers
