@@ -382,6 +382,8 @@ STORE_STEPS: tuple[sig.StepSignature, ...] = (sig.STORE_TOKENIZER, *sig.STORE_NE
 FUSED_STEPS: tuple[sig.StepSignature, ...] = (sig.FUSED, sig.FUSED_STORE)
 # Whole-store search (written with the fused graphs): the search graph and the store top-k step.
 SEARCH_STEPS: tuple[sig.StepSignature, ...] = (sig.SEARCH_STORE, sig.STORE_TOPK)
+# Every step a version's candidate store can have (what gc, quarantine and rollouts look for).
+ALL_STORE_STEPS: tuple[sig.StepSignature, ...] = STORE_STEPS + FUSED_STEPS + SEARCH_STEPS
 
 
 STORE_BATCH_DELAY_US = 100  # store steps: requests are cheap to merge, so wait less for company at low load
@@ -398,7 +400,7 @@ def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: 
     fixed-size text features only), ``sig.MAX_BATCH`` for ``amc_fused`` (raw features). onnxruntime's CUDA
     provider runs without TF32 (``use_tf32: 0``), as fp32 as the CPU path.
     """
-    if signature not in (*STORE_STEPS, *FUSED_STEPS, *SEARCH_STEPS):
+    if signature not in ALL_STORE_STEPS:
         raise ValueError(f"{signature.model_name} is not a store step or fused graph")
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown flavour {flavour!r}; expected one of {FLAVOURS}")
@@ -523,7 +525,7 @@ def store_fused_ensemble_config(name: str, version: int,
 def store_models(repository: Path, version: int) -> tuple[list[str], list[str]]:
     """The store steps that have version ``version`` and its pinned store ensembles (``amc_store_v<N>``,
     ``amc_search_v<N>``), in load order; both empty where the version was published without a store."""
-    steps = [s.model_name for s in STORE_STEPS + FUSED_STEPS + SEARCH_STEPS
+    steps = [s.model_name for s in ALL_STORE_STEPS
              if (repository / s.model_name / str(version)).is_dir()]
     ensembles = [n for n in (sig.versioned_store_ensemble_name(version), sig.versioned_search_ensemble_name(version))
                  if (repository / n).is_dir()]
@@ -532,7 +534,7 @@ def store_models(repository: Path, version: int) -> tuple[list[str], list[str]]:
 
 def store_step_names(repository: Path) -> list[str]:
     """The store steps ``repository`` has a config for (any version)."""
-    return [s.model_name for s in STORE_STEPS + FUSED_STEPS + SEARCH_STEPS
+    return [s.model_name for s in ALL_STORE_STEPS
             if (repository / s.model_name / "config.pbtxt").exists()]
 
 

@@ -356,11 +356,10 @@ class Rollout:
             for name in store_serving_models(self.repository):
                 self._load(name)
         except InferenceServerException as e:
-            for name in store_serving_models(self.repository):
-                if name in before:
-                    write_atomic(self.repository / name / "config.pbtxt", before[name])
-                    with contextlib.suppress(InferenceServerException):
-                        self._load(name)
+            for name, text in before.items():
+                write_atomic(self.repository / name / "config.pbtxt", text)
+                with contextlib.suppress(InferenceServerException):
+                    self._load(name)
             raise RolloutError(f"version {version} serves rankings, but re-pinning whole-store search to its store "
                                f"failed and search keeps the previous store: {e.message()}") from e
 
@@ -397,7 +396,7 @@ class Rollout:
             self._verify_or_quarantine(version)
             current = self.routing()
             # Search splits the same way where the canary has a store (_set_routing checks it is ready).
-            search = (self.repository / sig.versioned_search_ensemble_name(version)).is_dir()
+            search = sig.versioned_search_ensemble_name(version) in store_models(self.repository, version)[1]
             self._set_routing(Routing(current.serving_version, version, share, search))
         self.log(f"canary: version {version} takes {share:.0%} of client traffic")
 
