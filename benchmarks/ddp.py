@@ -221,6 +221,8 @@ def run_train(args: argparse.Namespace) -> None:
         device=args.device,
         progress=False,
         sampling=args.sampling,
+        precompute_lexical=args.lexical == "precomputed",
+        cuda_graph=args.graph == "on",
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu_ms = cpu_breakdown(corpus, prepared, cfg) if world == 1 else None
@@ -246,6 +248,8 @@ def run_train(args: argparse.Namespace) -> None:
             "pack_load_s": loaded,
             "total_s": time.perf_counter() - started,
             "sampling": args.sampling,
+            "lexical": args.lexical,
+            "cuda_graph": args.graph,
             "cpu_ms_per_step": cpu_ms,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         }
@@ -259,6 +263,8 @@ def run_train(args: argparse.Namespace) -> None:
                         "seed",
                         "batch_size",
                         "sampling",
+                        "lexical",
+                        "cuda_graph",
                         "samples_per_s",
                         "val_ndcg@10",
                         "best_epoch",
@@ -349,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--batch_size", type=int, default=512)
     t.add_argument("--device", default="cuda")
     t.add_argument("--sampling", default="sequential", choices=["sequential", "vectorized"])
+    t.add_argument("--lexical", default="precomputed", choices=["precomputed", "per_step"],
+                   help="TrainConfig.precompute_lexical: the features of every logged pair once, or each step's")
+    t.add_argument("--graph", default="on", choices=["on", "off"], help="TrainConfig.cuda_graph")
     r = sub.add_parser("report", help="ddp.json details from the runs' summary.json files")
     r.add_argument("runs", nargs="+")
     r.add_argument("--batch_size", type=int, default=512)

@@ -99,6 +99,43 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     assert not torch.isnan(torch.tensor(history[-1]["loss"]))
 
 
+@pytest.mark.slow
+def test_precomputed_lexical_features_train_the_same_model(tmp_path):
+    """LoggedPairs (the default) gathers the features a step used to compute: the same losses and weights."""
+    cfg = replace(CONFIG, epochs=1)
+    table = train(replace(cfg, out=str(tmp_path / "table")))
+    per_step = train(replace(cfg, out=str(tmp_path / "per_step"), precompute_lexical=False))
+    assert table.history[0]["loss"] == pytest.approx(per_step.history[0]["loss"], rel=1e-6)
+    a, b = load_checkpoint(table.checkpoint).state_dict, load_checkpoint(per_step.checkpoint).state_dict
+    for name, ref in b.items():
+        torch.testing.assert_close(a[name], ref, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_logged_pairs_gather_the_features_of_each_drawn_candidate():
+    import numpy as np
+
+    from amc_client.text import LexicalMatcher, TermWeights
+    from training.data import CorpusTensors, LoggedPairs
+
+    keywords = np.array([["cat", "hat"], ["dog", ""], ["red", "hat"], ["cat", "face"]], dtype=object)
+    matcher = LexicalMatcher(TermWeights.from_documents([[k for k in row if k] for row in keywords]))
+
+    class Texts:  # the sentence encoder is not what this test is about
+        def get(self, texts, kind="query"):
+            return np.arange(len(texts), dtype=np.float32)[:, None].repeat(2, 1)
+
+    data = CorpusTensors(torch.zeros(4, 1, 1), torch.zeros(4, 2, 2), keywords, matcher, Texts())
+    texts = ["cat in a hat", "red dog"]
+    lists = [np.array([0, 2, 3]), np.array([1, 2])]
+    pairs = LoggedPairs(data, texts, lists, torch.device("cpu"))
+    qids, index = torch.tensor([1, 0, 0]), torch.tensor([[2, 1, -1], [3, 0, 2], [0, 3, -1]])
+    query, lexical = pairs.gather(qids, index)
+    want = data.lexical([texts[i] for i in qids.tolist()], index)
+    assert lexical.abs().sum() > 0
+    torch.testing.assert_close(lexical, want, rtol=0, atol=0)
+    torch.testing.assert_close(query[:, 0], qids.float())
+
+
 def test_vectorized_sampling_draws_valid_distinct_candidates():
     import numpy as np
 

@@ -20,6 +20,7 @@ checkpoint, in the same format.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -36,8 +37,16 @@ from amc_client.text import TermWeights
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import add_dataclass_args, config_from_args
 from training.corpus import Corpus, CorpusConfig, Query, load_corpus
-from training.data import CorpusTensors, corpus_tensors, fit_region_pca, padded_candidates, term_weights
+from training.data import (
+    CorpusTensors,
+    LoggedPairs,
+    corpus_tensors,
+    fit_region_pca,
+    padded_candidates,
+    term_weights,
+)
 from training.distributed import Dist, no_buffer_sync, setup, teardown
+from training.graphed import GraphedStep
 from training.metrics import mean_ndcg
 from training.model import AMC, AMCConfig, cosine, masked_softmax, ranking_loss
 
@@ -85,6 +94,14 @@ class TrainConfig:
     # the whole batch in a few numpy calls, ~100x cheaper; under torchrun every rank draws the whole global
     # batch, so the sequential draw is work each rank repeats (see reports/ddp.json).
     sampling: str = "sequential"
+    # Compute the lexical features of every (training query, logged candidate) pair once, before the first
+    # step, and keep them (and the query embeddings) on the training device (training.data.LoggedPairs): the
+    # same features, without a step's largest CPU cost. Memory: queries x 30 candidates x K keywords x 3 floats.
+    precompute_lexical: bool = True
+    # On a CUDA device, replay each step from a CUDA graph (training.graphed: ~800 kernels per step, launched
+    # at once instead of from Python). Needs precompute_lexical; each epoch's last batch is then its last
+    # batch_size queries, so that every step has the same shape.
+    cuda_graph: bool = True
     progress: bool = True  # show a progress bar
     # cpu, or cuda (under torchrun: GPU LOCAL_RANK, NCCL), or cuda:K. Under torchrun cpu means gloo.
     device: str = "cpu"
@@ -147,9 +164,10 @@ class DeviceTensors(CorpusTensors):
     def query_text(self, texts: list[str]) -> torch.Tensor:
         return self._upload(super().query_text(texts))
 
-    def candidates(self, texts: list[str], index: torch.Tensor):
-        index = index.cpu()
-        lexical = self._upload(self.lexical(texts, index))  # (B, N, K, F), from the CPU index
+    def candidates(self, texts: list[str], index: torch.Tensor, lexical: torch.Tensor | None = None):
+        if lexical is None:
+            index = index.cpu()
+            lexical = self._upload(self.lexical(texts, index))  # (B, N, K, F), from the CPU index
         index = self._upload(index)
         valid = index >= 0
         safe = index.clamp_min(0)
@@ -273,8 +291,7 @@ def auxiliary_losses(model: AMC, data: CorpusTensors, out, index: torch.Tensor, 
         similarity = cosine(q_match.unsqueeze(1), visual) / cfg.contrastive_temperature  # (b, B)
         # The same image can be two queries' positive: it is not a negative for either.
         target = torch.arange(len(local), device=device) + offset  # each query's own column
-        own = torch.zeros(len(local), len(positives), dtype=torch.bool, device=device)
-        own[torch.arange(len(local), device=device), target] = True
+        own = torch.arange(len(positives), device=device)[None, :] == target[:, None]  # (b, B)
         same = local[:, None] == positives[None, :]
         similarity = similarity.masked_fill(same & ~own, -1e4)
         loss = loss + cfg.visual_contrastive_weight * torch.nn.functional.cross_entropy(similarity, target)
@@ -284,25 +301,34 @@ def auxiliary_losses(model: AMC, data: CorpusTensors, out, index: torch.Tensor, 
 class StepLoss(torch.nn.Module):
     """One step's training loss as a module, the thing DistributedDataParallel wraps.
 
-    ``forward(texts, index, positives, offset)``: the loss of queries ``texts`` with candidate rows ``index``
-    (b, 1 + t), column 0 the clicked image; ``positives``/``offset`` as in :func:`auxiliary_losses`.
+    ``forward(texts, index, positives, offset, qids)``: the loss of queries ``texts`` with candidate rows
+    ``index`` (b, 1 + t), column 0 the clicked image; ``positives``/``offset`` as in :func:`auxiliary_losses`.
+    With ``pairs`` (the training split's :class:`LoggedPairs`) and ``qids`` (the queries' rows in it, on the
+    device), query embeddings and lexical features are gathered from it instead of computed.
     """
 
-    def __init__(self, model: AMC, data: CorpusTensors, cfg: TrainConfig) -> None:
+    def __init__(self, model: AMC, data: CorpusTensors, cfg: TrainConfig, pairs: LoggedPairs | None = None) -> None:
         super().__init__()
         self.model = model
         self.data = data
         self.cfg = cfg
+        self.pairs = pairs
         self.use_visual = cfg.mode in ("amc", "equal_fusion", "visual_only")
 
-    def forward(self, texts: list[str], index: torch.Tensor, positives: torch.Tensor | None = None,
-                offset: int = 0) -> torch.Tensor:
+    def forward(self, texts: list[str] | None, index: torch.Tensor, positives: torch.Tensor | None = None,
+                offset: int = 0, qids: torch.Tensor | None = None) -> torch.Tensor:
         cfg, data = self.cfg, self.data
-        out = self.model(data.query_text(texts), *data.candidates(texts, index), reduced=True)
+        if self.pairs is None or qids is None:
+            if texts is None:
+                raise ValueError("StepLoss needs the query texts, or LoggedPairs and the queries' rows in it")
+            query, lexical = data.query_text(texts), None
+        else:
+            query, lexical = self.pairs.gather(qids, index)
+        out = self.model(query, *data.candidates(texts, index, lexical), reduced=True)
         loss = ranking_loss(out.scores, cfg.margin)
         if cfg.listwise_weight:
             loss = loss + cfg.listwise_weight * torch.nn.functional.cross_entropy(
-                out.scores / cfg.listwise_temperature, torch.zeros(len(texts), dtype=torch.long,
+                out.scores / cfg.listwise_temperature, torch.zeros(len(index), dtype=torch.long,
                                                                    device=out.scores.device))
         if self.use_visual:
             loss = loss + auxiliary_losses(self.model, data, out, index, cfg, positives, offset)
@@ -357,22 +383,46 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
     if d.main:
         d.barrier()
     model.to(d.device)
+    pairs_table = None
+    if cfg.precompute_lexical:
+        pairs_table = LoggedPairs(data, train_texts, [q.candidates for q in train_queries], d.device,
+                                  progress=progress)
     data = DeviceTensors.of(data, d.device)
-    step_loss = StepLoss(model, data, cfg)
-    ddp = None
+    step_loss = StepLoss(model, data, cfg, pairs_table)
+    ddp, unused = None, []
     if d.enabled:
         probe = _batch_indices(pairs[:2], np.random.default_rng(0), cfg.negatives)  # its own rng: rng untouched
         unused = _unused_parameters(step_loss, [train_texts[i] for i in probe[0]], probe[1])
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            step_loss, device_ids=None,  # inputs stay where they are: the lexical features need the CPU index
-            find_unused_parameters=bool(unused), **no_buffer_sync())
+    # Graphs where they are valid (training.graphed): fixed-shape batches, no CPU features, and under DDP no
+    # parameter left without a gradient (find_unused_parameters walks the autograd graph in Python each step).
+    graphed = (cfg.cuda_graph and d.device.type == "cuda" and pairs_table is not None and not unused
+               and len(pairs) >= cfg.batch_size)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, capturable=graphed)
+
+    def global_loss(texts: list[str] | None, rows: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+        """The loss whose gradient (averaged over ranks by DDP) is the global batch's: this rank's share."""
+        if ddp is None:
+            return step_loss(texts, index, qids=rows)
+        start, stop = d.shard(len(index))
+        scale = (stop - start) * d.world / len(index)
+        if stop == start:  # a last batch smaller than the world: a weightless query keeps DDP in step
+            start, stop, scale = 0, 1, 0.0
+        return ddp(None if texts is None else texts[start:stop], index[start:stop], index[:, 0], start,
+                   None if rows is None else rows[start:stop]) * scale
+
+    graph_step = GraphedStep(lambda rows, index: global_loss(None, rows, index), optimizer, d.device) \
+        if graphed else None
+    if d.enabled:
+        with torch.cuda.stream(graph_step.stream) if graph_step else contextlib.nullcontext():
+            ddp = torch.nn.parallel.DistributedDataParallel(
+                step_loss, device_ids=None,  # inputs stay where they are: CPU features need the CPU index
+                find_unused_parameters=bool(unused), **no_buffer_sync())
 
     if cfg.sampling not in ("sequential", "vectorized"):
         raise ValueError(f"--sampling must be sequential or vectorized, got {cfg.sampling!r}")
     sampler = BatchSampler(pairs, cfg.negatives) if cfg.sampling == "vectorized" else None
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
     best, best_state, best_epoch, stale, history = -1.0, None, 0, 0, []
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"train {cfg.mode}", unit="step",
@@ -384,22 +434,22 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
         epoch_started = time.perf_counter()
         for step in range(steps_per_epoch):
             batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            if graph_step is not None and len(batch) < cfg.batch_size:
+                batch = order[-cfg.batch_size:]  # a graph replays one shape (TrainConfig.cuda_graph)
             if sampler is None:
                 qids, index = _batch_indices([pairs[i] for i in batch], rng, cfg.negatives)  # the global batch
             else:
                 qids, index = sampler(batch, rng)
-            texts = [train_texts[i] for i in qids]
-            if ddp is None:
-                loss = step_loss(texts, index)
+            if graph_step is not None:
+                loss = graph_step(torch.as_tensor(qids), index)
             else:
-                start, stop = d.shard(len(qids))
-                scale = (stop - start) * d.world / len(qids)
-                if stop == start:  # a last batch smaller than the world: a weightless query keeps DDP in step
-                    start, stop, scale = 0, 1, 0.0
-                loss = ddp(texts[start:stop], index[start:stop], index[:, 0], start) * scale
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+                texts, rows = [train_texts[i] for i in qids], None
+                if pairs_table is not None:  # the step's indices go to the device once; features are gathered there
+                    rows, index = upload(torch.as_tensor(qids), d.device), upload(index, d.device)
+                loss = global_loss(texts, rows, index)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
             losses.append(loss.detach())
             bar.update(1)
             if progress:
