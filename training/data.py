@@ -197,10 +197,10 @@ class LoggedPairs:
         from tqdm import tqdm
 
         self.candidates = padded_candidates(candidate_lists)  # (Q, L), -1 pads
-        q, l = self.candidates.shape
-        self.lexical = torch.zeros((q, l, data.keywords.shape[1], len(LEXICAL_FEATURES)), dtype=torch.float32)
-        for start in tqdm(range(0, q, chunk), desc="lexical features", unit="chunk", disable=not progress):
-            stop = min(start + chunk, q)
+        queries, slots = self.candidates.shape
+        self.lexical = torch.zeros((queries, slots, data.keywords.shape[1], len(LEXICAL_FEATURES)), dtype=torch.float32)
+        for start in tqdm(range(0, queries, chunk), desc="lexical features", unit="chunk", disable=not progress):
+            stop = min(start + chunk, queries)
             self.lexical[start:stop] = data.lexical(texts[start:stop], self.candidates[start:stop])
         self.query_embeddings = torch.from_numpy(data.text.get(list(texts), "query"))  # (Q, E)
         self.candidates = self.candidates.to(device)
