@@ -424,3 +424,40 @@ def test_rollout_across_the_fleet_canary_promote_rollback_and_a_failure_undone_o
     assert {r.version for r in load.records} == {1, v}
     assert all(r.version == v for r in load.between(t_promoted, t_rollback))
     assert all(r.version == 1 for r in load.between(t_rolled_back, time.monotonic()))
+
+
+@pytest.mark.integration
+def test_a_replica_that_cannot_load_the_version_undoes_the_rollout_everywhere_naming_it(fleet, trained_other,
+                                                                                         tmp_path):
+    """Issue 11's bad input: one replica of three serves a stale copy of the repository (a volume that missed
+    the publish), so it cannot load the new version; the rollout is undone on every replica, the error names
+    that replica, and the fleet keeps serving the old version without a failed request."""
+    import shutil
+
+    from serving.loadtest import serving_models
+    from serving.rollout import Rollout, RolloutError, admin_headers
+    from serving.server import TritonServer
+
+    repository, servers = fleet
+    stale = tmp_path / "stale-repository"
+    shutil.copytree(repository, stale, ignore=shutil.ignore_patterns(".failed"))
+    with TritonServer(stale, models=serving_models(1), admin_key=KEY) as third:
+        urls = [s.grpc_url for s in servers] + [third.grpc_url]
+        client, load = _load([*servers, third], repository)
+        try:
+            with Rollout(repository, urls, admin_key=KEY, log=lambda *_: None) as rollout, \
+                    pytest.raises(RolloutError) as failed:
+                rollout.publish(trained_other.checkpoint)
+            message = str(failed.value)
+            assert third.grpc_url in message and "did not become ready" in message, message
+            assert all(s.grpc_url not in message for s in servers), message
+            for url in urls:  # undone everywhere: only version 1 is loaded, amc routes to it alone
+                with AMCClient(url, headers=admin_headers(KEY)) as one:
+                    assert one.model_versions() == [1] and one.routing() == amc_client.Routing(1)
+            assert [p.name for p in (repository / ".failed").iterdir()], "the failed version moved aside"
+            load.wait_for(20, time.monotonic())
+        finally:
+            load.stop()
+            client.close()
+    assert [r.error for r in load.records if r.error] == []
+    assert {r.version for r in load.records} == {1}
