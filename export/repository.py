@@ -544,6 +544,20 @@ def store_paths(repository: Path, version: int) -> list[Path]:
     return [repository / m / str(version) for m in steps] + [repository / e for e in ensembles]
 
 
+def unpublished_paths(repository: Path, published: list[int]) -> list[Path]:
+    """Folders of versions not in ``published``, left by a publish that was interrupted before it marked the
+    version published (``amc_v<N>`` is written last): ranking and store step versions, pinned store ensembles."""
+    keep = set(published)
+    paths = [p for name in [s.model_name for s in (*STEPS, *ALL_STORE_STEPS)]
+             for p in sorted((repository / name).glob("[0-9]*"))
+             if p.is_dir() and p.name.isdigit() and int(p.name) not in keep]
+    for pinned in (sig.versioned_store_ensemble_name, sig.versioned_search_ensemble_name):
+        prefix = pinned(0)[:-1]  # "amc_store_v"
+        paths += [p for p in sorted(repository.glob(prefix + "[0-9]*"))
+                  if p.is_dir() and p.name[len(prefix):].isdigit() and int(p.name[len(prefix):]) not in keep]
+    return paths
+
+
 def store_serving_models(repository: Path) -> list[str]:
     """The unversioned store ensembles that exist in ``repository`` (``amc_store``, ``amc_store_fused``,
     ``amc_search``): what follows the serving version when it changes."""

@@ -69,6 +69,7 @@ from export.repository import (
     store_serving_models,
     store_serving_version,
     store_step_names,
+    unpublished_paths,
     write_atomic,
 )
 from export.store import Gallery
@@ -360,6 +361,11 @@ class Rollout:
                 write_atomic(self.repository / name / "config.pbtxt", text)
                 with contextlib.suppress(InferenceServerException):
                     self._load(name)
+            for name in set(store_serving_models(self.repository)) - set(before):  # new with this re-pin: gone
+                for client in self.clients.values():
+                    with contextlib.suppress(InferenceServerException):
+                        client.unload_model(name, headers=self.headers)
+                shutil.rmtree(self.repository / name, ignore_errors=True)
             raise RolloutError(f"version {version} serves rankings, but re-pinning whole-store search to its store "
                                f"failed and search keeps the previous store: {e.message()}") from e
 
@@ -447,9 +453,8 @@ class Rollout:
             protected = set(versions[len(versions) - keep:]) | {routing.serving_version, routing.canary_version,
                                                                  store_serving_version(self.repository)}
             removed = [v for v in versions if v not in protected]
-            # Step folders without a pinned ensemble are left by an interrupted publish: never published.
-            orphans = {int(p.name) for s in STEPS for p in (self.repository / s.model_name).glob("[0-9]*")
-                       if p.name.isdigit() and int(p.name) not in versions}
+            # Folders of a version without its amc_v<N> are left by an interrupted publish: never published.
+            orphans = unpublished_paths(self.repository, versions)
             for v in removed:
                 for client in self.clients.values():
                     for ensemble in self._ensembles(v):
@@ -457,16 +462,16 @@ class Rollout:
                             client.unload_model(ensemble, headers=self.headers)
                 for path in self._version_paths(v):
                     shutil.rmtree(path, ignore_errors=True)
-            for v in orphans:
-                for step in STEPS:
-                    shutil.rmtree(self.repository / step.model_name / str(v), ignore_errors=True)
+            for path in orphans:
+                shutil.rmtree(path, ignore_errors=True)
             if removed or orphans:
                 # Store steps only where they are loaded: loading one would load every version it has.
                 stores = [n for n in store_step_names(self.repository) if self._model_ready(n)]
                 for step in [s.model_name for s in STEPS] + stores:
                     self._load(step)
                 self._write_history([v for v in self._history() if v not in removed])
-        self.log(f"removed versions {removed or 'none'}; kept {sorted(set(versions) - set(removed))}")
+        self.log(f"removed versions {removed or 'none'}; kept {sorted(set(versions) - set(removed))}"
+                 + (f"; removed {len(orphans)} folders of unpublished versions" if orphans else ""))
         return removed
 
 

@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 from amc_client import signatures as sig
 from export.onnx_export import export_network
 from export.publish import publish, published_versions
-from export.repository import STEPS, store_serving_version
+from export.repository import ALL_STORE_STEPS, STEPS, store_serving_version
 from export.store import Gallery
 from serving import loadtest
 from serving.rollout import Rollout, RolloutError, admin_headers
@@ -138,8 +138,16 @@ def test_status_gc_and_rollback_without_history(serving_v1, trained):
     status = rollout.status()
     assert status["serving_version"] == 1 and [v["version"] for v in status["versions"]] == [1, *versions]
     assert all(v["ready"] and v["fingerprint"] for v in status["versions"])
+    # What a publish killed before it marked version 99 published leaves: step versions (ranking and store) and
+    # a pinned store ensemble; gc removes them with the old versions, and nothing else.
+    leftovers = [repository / STEPS[0].model_name / "99", repository / ALL_STORE_STEPS[0].model_name / "99",
+                 repository / sig.versioned_search_ensemble_name(99)]
+    for path in leftovers:
+        path.mkdir(parents=True)
     removed = rollout.gc(keep=1)
     assert removed == [versions[0]] and published_versions(repository) == [1, versions[1]]
+    assert not any(p.exists() for p in leftovers)
+    assert (repository / STEPS[0].model_name / str(versions[1])).is_dir()
     load.stop()
     assert [r.error for r in load.records if r.error] == []
     with pytest.raises(RolloutError, match="at least 1"):
@@ -199,4 +207,26 @@ def test_publish_with_a_gallery_that_fails_leaves_the_repository_as_it_was(train
         publish(trained.checkpoint, repository, store=_gallery(small_corpus, channels=640), log=lambda *_: None)
     assert published_versions(repository) == [v1]
     assert sorted(p.relative_to(repository) for p in repository.rglob("*")) == before
+    assert store_serving_version(repository) is None
+
+
+def test_a_failed_search_re_pin_leaves_the_store_ensembles_as_they_were(trained, small_corpus, tmp_path,
+                                                                        monkeypatch):
+    """Promote re-pins whole-store search to the new version's store; where Triton refuses that reload, the
+    repository keeps what it had: here no store served before, so the store ensembles written for the re-pin
+    are removed again (a later load must not pick up a half-done re-pin)."""
+    repository = tmp_path / "repository"
+    v1 = publish(trained.checkpoint, repository, log=lambda *_: None)  # no store: search serves nothing
+    v2 = publish(trained.checkpoint, repository, store=_gallery(small_corpus), log=lambda *_: None)
+    assert store_serving_version(repository) is None and v2 == v1 + 1
+    before = sorted(p.name for p in repository.iterdir())
+
+    def refuse(model, config=None):
+        raise InferenceServerException(f"failed to load '{model}'", status="StatusCode.INTERNAL")
+
+    with Rollout(repository, "127.0.0.1:1", log=lambda *_: None) as rollout:
+        monkeypatch.setattr(rollout, "_load", refuse)
+        with pytest.raises(RolloutError, match="re-pinning whole-store search .* failed"):
+            rollout._follow_with_store(v2)
+    assert sorted(p.name for p in repository.iterdir()) == before
     assert store_serving_version(repository) is None
