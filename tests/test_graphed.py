@@ -7,6 +7,9 @@ refusals are what can be checked.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -58,3 +61,26 @@ def test_graph_replays_train_the_same_weights_as_eager_steps():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     with pytest.raises(ValueError, match="replays batches of"):
         step(batches[0][0][:4], batches[0][1][:4])
+
+
+PACK = Path(__file__).resolve().parent.parent / ".cache" / "ddp" / "pack.npz"
+
+
+@pytest.mark.skipif(not CUDA or not PACK.exists(), reason="needs a CUDA device and the DDP pack (make ddp-pack)")
+def test_training_with_graphed_steps_equals_eager_training(tmp_path, monkeypatch):
+    """``training.train`` on the GPU with ``cuda_graph`` on and off, at a batch that divides the training pairs
+    (so both draw the same batches) and with the same AdamW variant (``capturable``, which a graph needs, sums in
+    another order than the default one: 3e-5 apart in the first epoch's loss): the same losses and validation
+    NDCG to the last digit. Passed on an H200, 2026-11-26."""
+    from benchmarks.ddp import unpack
+    from training.train import TrainConfig, train
+
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: adamw(*a, **{**kw, "capturable": True}))
+    corpus, prepared = unpack(PACK)
+    cfg = TrainConfig(epochs=2, patience=3, batch_size=904, device="cuda", progress=False, sampling="vectorized")
+    runs = {graph: train(replace(cfg, out=str(tmp_path / str(graph)), cuda_graph=graph), corpus, prepared=prepared)
+            for graph in (True, False)}
+    assert runs[True].history[0]["samples"] % cfg.batch_size == 0  # 29 full batches: none overlaps
+    assert [(h["loss"], h["val_ndcg@10"]) for h in runs[True].history] == \
+        [(h["loss"], h["val_ndcg@10"]) for h in runs[False].history]

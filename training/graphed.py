@@ -40,6 +40,8 @@ class GraphedStep:
                  optimizer: torch.optim.Optimizer, device: torch.device, *, warmup: int = DDP_WARMUP_STEPS) -> None:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        if warmup < 1:  # the optimizer's state must exist before the capture, or its zero-fill is replayed
+            raise ValueError(f"a graphed step needs at least 1 eager warmup step (DDP: {DDP_WARMUP_STEPS}), got {warmup}")
         for group in optimizer.param_groups:
             if not group.get("capturable", False):
                 raise ValueError("a graphed step needs an optimizer made with capturable=True")
@@ -57,6 +59,10 @@ class GraphedStep:
 
     def __call__(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         self.calls += 1
+        current = torch.cuda.current_stream(self.device)
+        # Whatever the caller queued on its stream (evaluation, a copy of the best weights) happens before this
+        # step changes the weights in place, and the loss is read back on the caller's stream after it.
+        self.stream.wait_stream(current)
         if self.graph is not None:
             if rows.shape != self._rows.shape or index.shape != self._index.shape:
                 raise ValueError(f"a graphed step replays batches of {tuple(self._index.shape)}, got "
@@ -65,10 +71,8 @@ class GraphedStep:
                 self._rows.copy_(rows.pin_memory(), non_blocking=True)
                 self._index.copy_(index.pin_memory(), non_blocking=True)
                 self.graph.replay()
-                loss = self._loss.clone()
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
-            return loss
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            current.wait_stream(self.stream)
+            return self._loss.clone()  # on the caller's stream: the next replay cannot overwrite it
         with torch.cuda.stream(self.stream):
             rows, index = self._to_device(rows), self._to_device(index)
             self.optimizer.zero_grad(set_to_none=True)
@@ -78,14 +82,13 @@ class GraphedStep:
                 self.optimizer.step()
                 loss = loss.detach()
             else:
-                self._rows, self._index = rows, index
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph, stream=self.stream):
-                    captured = self.loss_of(self._rows, self._index)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self.stream):
+                    captured = self.loss_of(rows, index)
                     captured.backward()
                     self.optimizer.step()
-                    self._loss = captured.detach()
+                self.graph, self._rows, self._index, self._loss = graph, rows, index, captured.detach()
                 self.graph.replay()  # capturing ran nothing: this batch's step is the first replay
-                loss = self._loss.clone()
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        return loss
+                loss = self._loss
+        current.wait_stream(self.stream)
+        return loss.clone()

@@ -84,6 +84,10 @@ class TrainConfig:
     # top after the margin is met, which is what NDCG@1 rewards.
     listwise_weight: float = 0.0
     listwise_temperature: float = 0.05
+    # Keyword noise: this share of the training candidates (clicked and unclicked alike) carry the keywords of
+    # another image of their query's logged list, so that MTN sees keywords that do not describe the image
+    # more often than the log shows them (issue 8: the visual half should carry images whose keywords are noise).
+    keyword_noise: float = 0.0
     # Train on long-dwell clicks as positives, short clicks as negatives (see _training_pairs).
     dwell: bool = True
     # Validation figure that picks the best epoch: NDCG@10, or "ndcg@1+10" (their mean).
@@ -164,17 +168,13 @@ class DeviceTensors(CorpusTensors):
     def query_text(self, texts: list[str]) -> torch.Tensor:
         return self._upload(super().query_text(texts))
 
-    def candidates(self, texts: list[str], index: torch.Tensor, lexical: torch.Tensor | None = None):
+    def candidates(self, texts: list[str], index: torch.Tensor, lexical: torch.Tensor | None = None,
+                   keyword_index: torch.Tensor | None = None):
         if lexical is None:
             index = index.cpu()
             lexical = self._upload(self.lexical(texts, index))  # (B, N, K, F), from the CPU index
-        index = self._upload(index)
-        valid = index >= 0
-        safe = index.clamp_min(0)
-        reduced = self.reduced[safe]  # (B, N, R, P)
-        region_mask = valid[..., None].expand(*index.shape, reduced.shape[2])  # (B, N, R)
-        keyword_embeddings = self.keyword_embeddings[safe] * valid[..., None, None]  # (B, N, K, E)
-        return reduced, region_mask, keyword_embeddings, lexical
+        return super().candidates(texts, self._upload(index), lexical,
+                                  None if keyword_index is None else self._upload(keyword_index))
 
 
 @torch.no_grad()
@@ -324,7 +324,12 @@ class StepLoss(torch.nn.Module):
             query, lexical = data.query_text(texts), None
         else:
             query, lexical = self.pairs.gather(qids, index)
-        out = self.model(query, *data.candidates(texts, index, lexical), reduced=True)
+        keyword_index = None
+        if cfg.keyword_noise:
+            if self.pairs is None or qids is None:
+                raise ValueError("keyword_noise needs precompute_lexical (the donors' features come from its table)")
+            keyword_index, lexical = self.pairs.swap_keywords(qids, index, lexical, cfg.keyword_noise)
+        out = self.model(query, *data.candidates(texts, index, lexical, keyword_index), reduced=True)
         loss = ranking_loss(out.scores, cfg.margin)
         if cfg.listwise_weight:
             loss = loss + cfg.listwise_weight * torch.nn.functional.cross_entropy(
@@ -414,6 +419,8 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
     graph_step = GraphedStep(lambda rows, index: global_loss(None, rows, index), optimizer, d.device) \
         if graphed else None
     if d.enabled:
+        if graph_step is not None:  # DDP broadcasts the weights on the graph's stream: after they are in place
+            graph_step.stream.wait_stream(torch.cuda.current_stream(d.device))
         with torch.cuda.stream(graph_step.stream) if graph_step else contextlib.nullcontext():
             ddp = torch.nn.parallel.DistributedDataParallel(
                 step_loss, device_ids=None,  # inputs stay where they are: CPU features need the CPU index
@@ -452,7 +459,7 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
                 optimizer.step()
             losses.append(loss.detach())
             bar.update(1)
-            if progress:
+            if progress and (step % 20 == 0 or step == steps_per_epoch - 1):  # .item() waits for the GPU
                 shown.append(loss.item())
                 bar.set_postfix(epoch=epoch, loss=f"{np.mean(shown):.4f}", best_val=f"{best:.4f}")
         if ddp is None:
