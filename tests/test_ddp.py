@@ -138,17 +138,6 @@ def test_logged_pairs_gather_the_features_of_each_drawn_candidate():
     with pytest.raises(RuntimeError, match="not in its query's logged list"):
         pairs.gather(torch.tensor([1]), torch.tensor([[0]]))  # image 0 is not in query 1's list
 
-    # Keyword noise: every candidate (share 1) whose donor is another image carries that image's keywords, with
-    # the features of its query against them; donors come from the query's logged list; padding stays padding.
-    torch.manual_seed(0)
-    carried, noisy = pairs.swap_keywords(qids, index, lexical, share=1.0)
-    assert (carried != index).sum() >= 3 and (carried[index < 0] == -1).all()
-    for b, q in enumerate(qids.tolist()):
-        assert set(carried[b][index[b] >= 0].tolist()) <= set(lists[q].tolist())
-    torch.testing.assert_close(noisy, data.lexical([texts[i] for i in qids.tolist()], carried), rtol=0, atol=0)
-    kept, same = pairs.swap_keywords(qids, index, lexical, share=0.0)
-    assert torch.equal(kept, index) and torch.equal(same, lexical)
-
 
 def test_vectorized_sampling_draws_valid_distinct_candidates():
     import numpy as np

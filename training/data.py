@@ -110,17 +110,14 @@ class CorpusTensors:
             out[b, valid] = self.matcher.features(text, self.keywords[index[b, valid]])
         return torch.from_numpy(out)
 
-    def candidates(self, texts: list[str], index: torch.Tensor, lexical: torch.Tensor | None = None,
-                   keyword_index: torch.Tensor | None = None):
+    def candidates(self, texts: list[str], index: torch.Tensor, lexical: torch.Tensor | None = None):
         """(B, N) image indices, -1 pads -> reduced regions, region mask, keyword embeddings, lexical features
-        (``lexical`` where the caller has them already, e.g. from :class:`LoggedPairs`; ``keyword_index``: the
-        images whose keywords each candidate carries, where they are not its own)."""
+        (``lexical`` where the caller has them already, e.g. from :class:`LoggedPairs`)."""
         valid = index >= 0
         safe = index.clamp_min(0)
         reduced = self.reduced[safe]  # (B, N, R, P)
         region_mask = valid[..., None].expand(*index.shape, reduced.shape[2])  # (B, N, R)
-        keywords_of = safe if keyword_index is None else keyword_index.clamp_min(0)
-        keyword_embeddings = self.keyword_embeddings[keywords_of] * valid[..., None, None]  # (B, N, K, E)
+        keyword_embeddings = self.keyword_embeddings[safe] * valid[..., None, None]  # (B, N, K, E)
         return reduced, region_mask, keyword_embeddings, self.lexical(texts, index) if lexical is None else lexical
 
 
@@ -221,16 +218,3 @@ class LoggedPairs:
         slot = found.int().argmax(-1)  # (B, N): position in the logged list
         lexical = self.lexical[qids[:, None], slot] * (index >= 0)[..., None, None]
         return self.query_embeddings[qids], lexical
-
-    def swap_keywords(self, qids: torch.Tensor, index: torch.Tensor, lexical: torch.Tensor,
-                      share: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keyword noise for training: a random ``share`` of the candidates carry the keywords of another image of
-        their query's logged list (and the lexical features of that query against them). Returns the image whose
-        keywords each candidate carries (B, N) and the lexical features (B, N, K, F)."""
-        logged = self.candidates[qids]  # (B, L)
-        count = (logged >= 0).sum(1, keepdim=True)  # (B, 1)
-        donor_slot = (torch.rand(index.shape, device=index.device) * count).long()  # (B, N), uniform in the list
-        donor = logged.gather(1, donor_slot)
-        swap = (torch.rand(index.shape, device=index.device) < share) & (index >= 0) & (donor != index)
-        donor_lexical = self.lexical[qids[:, None], donor_slot]
-        return torch.where(swap, donor, index), torch.where(swap[..., None, None], donor_lexical, lexical)

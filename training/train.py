@@ -84,10 +84,6 @@ class TrainConfig:
     # top after the margin is met, which is what NDCG@1 rewards.
     listwise_weight: float = 0.0
     listwise_temperature: float = 0.05
-    # Keyword noise: this share of the training candidates (clicked and unclicked alike) carry the keywords of
-    # another image of their query's logged list, so that MTN sees keywords that do not describe the image
-    # more often than the log shows them (issue 8: the visual half should carry images whose keywords are noise).
-    keyword_noise: float = 0.0
     # Train on long-dwell clicks as positives, short clicks as negatives (see _training_pairs).
     dwell: bool = True
     # Validation figure that picks the best epoch: NDCG@10, or "ndcg@1+10" (their mean).
@@ -168,13 +164,11 @@ class DeviceTensors(CorpusTensors):
     def query_text(self, texts: list[str]) -> torch.Tensor:
         return self._upload(super().query_text(texts))
 
-    def candidates(self, texts: list[str], index: torch.Tensor, lexical: torch.Tensor | None = None,
-                   keyword_index: torch.Tensor | None = None):
+    def candidates(self, texts: list[str], index: torch.Tensor, lexical: torch.Tensor | None = None):
         if lexical is None:
             index = index.cpu()
             lexical = self._upload(self.lexical(texts, index))  # (B, N, K, F), from the CPU index
-        return super().candidates(texts, self._upload(index), lexical,
-                                  None if keyword_index is None else self._upload(keyword_index))
+        return super().candidates(texts, self._upload(index), lexical)
 
 
 @torch.no_grad()
@@ -324,12 +318,7 @@ class StepLoss(torch.nn.Module):
             query, lexical = data.query_text(texts), None
         else:
             query, lexical = self.pairs.gather(qids, index)
-        keyword_index = None
-        if cfg.keyword_noise:
-            if self.pairs is None or qids is None:
-                raise ValueError("keyword_noise needs precompute_lexical (the donors' features come from its table)")
-            keyword_index, lexical = self.pairs.swap_keywords(qids, index, lexical, cfg.keyword_noise)
-        out = self.model(query, *data.candidates(texts, index, lexical, keyword_index), reduced=True)
+        out = self.model(query, *data.candidates(texts, index, lexical), reduced=True)
         loss = ranking_loss(out.scores, cfg.margin)
         if cfg.listwise_weight:
             loss = loss + cfg.listwise_weight * torch.nn.functional.cross_entropy(
