@@ -101,14 +101,14 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_precomputed_lexical_features_train_the_same_model(tmp_path):
-    """LoggedPairs (the default) gathers the features a step used to compute: the same losses and weights."""
+    """LoggedPairs (the default) gathers the features a step used to compute, bit for bit: on the CPU the same
+    losses and weights to the last bit (so the figures trained before it still describe this code)."""
     cfg = replace(CONFIG, epochs=1)
     table = train(replace(cfg, out=str(tmp_path / "table")))
     per_step = train(replace(cfg, out=str(tmp_path / "per_step"), precompute_lexical=False))
-    assert table.history[0]["loss"] == pytest.approx(per_step.history[0]["loss"], rel=1e-6)
+    assert table.history[0]["loss"] == per_step.history[0]["loss"]
     a, b = load_checkpoint(table.checkpoint).state_dict, load_checkpoint(per_step.checkpoint).state_dict
-    for name, ref in b.items():
-        torch.testing.assert_close(a[name], ref, rtol=1e-5, atol=1e-7, msg=name)
+    assert [name for name, ref in b.items() if not torch.equal(a[name], ref)] == []
 
 
 def test_logged_pairs_gather_the_features_of_each_drawn_candidate():
