@@ -180,9 +180,9 @@ def unpack(path: Path):
 def cpu_breakdown(corpus: Corpus, prepared, cfg, repeats: int = 10) -> dict[str, float]:
     """Milliseconds of the CPU work of one step on this machine: drawing the global batch (every rank does
     it), and the lexical features of the whole batch and of half of it (each rank does its share)."""
-    from training.train import BatchSampler, _batch_indices, _training_pairs
+    from training.sampling import BatchSampler, batch_indices, training_pairs
 
-    pairs = _training_pairs(corpus.queries["train"], cfg.dwell)
+    pairs = training_pairs(corpus.queries["train"], cfg.dwell)
     texts = [q.text for q in corpus.queries["train"]]
     rng = np.random.default_rng(123)
     batch = rng.permutation(len(pairs))[: cfg.batch_size]
@@ -195,11 +195,11 @@ def cpu_breakdown(corpus: Corpus, prepared, cfg, repeats: int = 10) -> dict[str,
             f()
         return (time.perf_counter() - t) / repeats * 1e3
 
-    qids, index = _batch_indices([pairs[i] for i in batch], rng, cfg.negatives)
+    qids, index = batch_indices([pairs[i] for i in batch], rng, cfg.negatives)
     chosen = [texts[i] for i in qids]
     half = len(chosen) // 2
     return {
-        "draw_sequential": ms(lambda: _batch_indices([pairs[i] for i in batch], rng, cfg.negatives)),
+        "draw_sequential": ms(lambda: batch_indices([pairs[i] for i in batch], rng, cfg.negatives)),
         "draw_vectorized": ms(lambda: sampler(batch, rng)),
         "lexical_batch": ms(lambda: prepared.data.lexical(chosen, index)),
         "lexical_half": ms(lambda: prepared.data.lexical(chosen[:half], index[:half])),

@@ -142,7 +142,7 @@ def test_logged_pairs_gather_the_features_of_each_drawn_candidate():
 def test_vectorized_sampling_draws_valid_distinct_candidates():
     import numpy as np
 
-    from training.train import BatchSampler
+    from training.sampling import BatchSampler
 
     pairs = [
         (0, np.array([5]), np.arange(10, 40)),

@@ -15,6 +15,10 @@ projects every positive of the global batch (the features are replicated on ever
 the same negatives as in one process. What differs is floating-point summation order only. Rank 0 alone
 shows the progress bar, evaluates (the others wait for its figures, so early stopping agrees) and writes the
 checkpoint, in the same format.
+
+Where the parts are: the batches from the click log in ``training.sampling``, a step's loss (the module DDP
+wraps) in ``training.step``, the CUDA-graph replay of a whole step in ``training.graphed``; this module holds the
+configuration, the epoch loop with validation and early stopping, and the command line.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ from training.data import (
 from training.distributed import Dist, no_buffer_sync, setup, teardown
 from training.graphed import GraphedStep
 from training.metrics import mean_ndcg
-from training.model import AMC, AMCConfig, cosine, masked_softmax, ranking_loss
+from training.model import AMC, AMCConfig
+from training.sampling import BatchSampler, batch_indices, training_pairs
+from training.step import DeviceTensors, StepLoss, unused_parameters, upload
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ class TrainConfig:
     # top after the margin is met, which is what NDCG@1 rewards.
     listwise_weight: float = 0.0
     listwise_temperature: float = 0.05
-    # Train on long-dwell clicks as positives, short clicks as negatives (see _training_pairs).
+    # Train on long-dwell clicks as positives, short clicks as negatives (see training.sampling.training_pairs).
     dwell: bool = True
     # Validation figure that picks the best epoch: NDCG@10, or "ndcg@1+10" (their mean).
     select_by: str = "ndcg@10"
@@ -134,43 +140,6 @@ class Prepared:
     data: CorpusTensors
 
 
-def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor.to(device)``; a CPU tensor goes to a GPU through pinned memory, asynchronously, so the CPU goes
-    on to the next batch's lexical features while the GPU computes (a pageable copy waits for the GPU)."""
-    if device.type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-@dataclass
-class DeviceTensors(CorpusTensors):
-    """:class:`CorpusTensors` whose features live on ``device``; lexical features are computed on the CPU.
-
-    ``candidates`` is ``CorpusTensors.candidates`` with the index moved to the device first.
-    """
-
-    device: torch.device = torch.device("cpu")
-
-    @classmethod
-    def of(cls, data: CorpusTensors, device: torch.device) -> CorpusTensors:
-        if device.type == "cpu":
-            return data
-        return cls(data.reduced.to(device), data.keyword_embeddings.to(device), data.keywords, data.matcher,
-                   data.text, device)
-
-    def _upload(self, tensor: torch.Tensor) -> torch.Tensor:
-        return upload(tensor, self.device)
-
-    def query_text(self, texts: list[str]) -> torch.Tensor:
-        return self._upload(super().query_text(texts))
-
-    def candidates(self, texts: list[str], index: torch.Tensor, lexical: torch.Tensor | None = None):
-        if lexical is None:
-            index = index.cpu()
-            lexical = self._upload(self.lexical(texts, index))  # (B, N, K, F), from the CPU index
-        return super().candidates(texts, self._upload(index), lexical)
-
-
 @torch.no_grad()
 def score_lists(model: AMC, data: CorpusTensors, texts: list[str], candidate_lists: list[np.ndarray],
                 batch: int = 64) -> list[dict]:
@@ -199,143 +168,6 @@ def score_queries(model: AMC, data: CorpusTensors, queries: list[Query], batch: 
 def evaluate_split(model: AMC, data: CorpusTensors, queries: list[Query]) -> dict[str, float]:
     scored = score_queries(model, data, queries)
     return mean_ndcg([s["scores"] for s in scored], [q.relevance for q in queries])
-
-
-def _training_pairs(queries: list[Query], dwell: bool) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """(query index, positive candidates, negative candidates) for queries with at least one of each.
-
-    Positives are the clicked candidates; with ``dwell``, the long-dwell (satisfied) clicks where a query has
-    any, and its short clicks join the unclicked candidates as negatives (corpus.searchlog.DWELL says why).
-    """
-    pairs = []
-    for i, q in enumerate(queries):
-        clicks = np.asarray(q.clicks, dtype=bool)
-        positive = np.asarray(q.satisfied, dtype=bool) if dwell and q.satisfied.any() else clicks
-        negative = ~positive if dwell and q.satisfied.any() else ~clicks
-        cands = np.asarray(q.candidates)
-        if positive.any() and negative.any():
-            pairs.append((i, cands[positive], cands[negative]))
-    return pairs
-
-
-def _batch_indices(pairs, rng: np.random.Generator, negatives: int) -> tuple[list[int], torch.Tensor]:
-    rows, qids = [], []
-    for qid, clicked, unclicked in pairs:
-        positive = rng.choice(clicked)
-        negs = rng.choice(unclicked, size=negatives, replace=unclicked.size < negatives)
-        rows.append(np.concatenate([[positive], negs]))
-        qids.append(qid)
-    return qids, torch.from_numpy(np.stack(rows).astype(np.int64))
-
-
-class BatchSampler:
-    """``sampling="vectorized"``: a batch's clicked candidate (uniform among the positives) and ``negatives``
-    distinct unclicked ones (uniform; with replacement where a query has fewer) from padded tables, in a
-    few numpy calls for the whole batch."""
-
-    def __init__(self, pairs, negatives: int) -> None:
-        self.qids = np.array([q for q, _, _ in pairs], dtype=np.int64)
-        self.n_pos = np.array([len(c) for _, c, _ in pairs])
-        self.n_neg = np.array([len(u) for _, _, u in pairs])
-        self.pos = np.zeros((len(pairs), self.n_pos.max()), dtype=np.int64)
-        self.neg = np.zeros((len(pairs), self.n_neg.max()), dtype=np.int64)
-        for i, (_, clicked, unclicked) in enumerate(pairs):
-            self.pos[i, :len(clicked)] = clicked
-            self.neg[i, :len(unclicked)] = unclicked
-        self.negatives = negatives
-
-    def __call__(self, chosen: np.ndarray, rng: np.random.Generator) -> tuple[list[int], torch.Tensor]:
-        n_pos, n_neg = self.n_pos[chosen], self.n_neg[chosen]
-        positive = self.pos[chosen, (rng.random(len(chosen)) * n_pos).astype(np.int64)]  # (B,)
-        keys = rng.random((len(chosen), self.neg.shape[1]))  # a random order of each query's unclicked
-        keys[np.arange(self.neg.shape[1])[None, :] >= n_neg[:, None]] = 2.0  # padding sorts last
-        slot = np.argsort(keys, axis=1)[:, :self.negatives]  # (B, t)
-        short = n_neg < self.negatives
-        if short.any():
-            slot[short] = (rng.random((int(short.sum()), self.negatives)) * n_neg[short, None]).astype(np.int64)
-        negs = np.take_along_axis(self.neg[chosen], slot, axis=1)  # (B, t)
-        return self.qids[chosen].tolist(), torch.from_numpy(np.concatenate([positive[:, None], negs], axis=1))
-
-
-def auxiliary_losses(model: AMC, data: CorpusTensors, out, index: torch.Tensor, cfg: TrainConfig,
-                     positives: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
-    """The single-modality auxiliary losses for one batch (column 0 of ``index`` holds the clicked images).
-
-    Under DDP ``index`` is this rank's share of the global batch, ``positives`` the clicked image of every
-    query of the global batch and ``offset`` the position of this rank's first query in it: the contrastive
-    loss then scores the local queries against all of the global batch's images, as one process does.
-    """
-    device = out.scores.device
-    q_match = model.mtn.match_vector(out.query_embedding)  # (b, H)
-    loss = out.scores.new_zeros(())
-    if cfg.visual_rank_weight:
-        visual_scores = cosine(q_match.unsqueeze(1), out.visual_vector)  # (b, 1 + t)
-        loss = loss + cfg.visual_rank_weight * ranking_loss(visual_scores, cfg.margin)
-    if cfg.language_rank_weight:
-        language_scores = cosine(model.mtn.query_vectors(out.query_embedding)[1].unsqueeze(1), out.keyword_vector)
-        loss = loss + cfg.language_rank_weight * ranking_loss(language_scores, cfg.margin)
-    if cfg.visual_contrastive_weight:
-        local = upload(index[:, 0], device)  # (b,) this rank's queries' clicked images
-        positives = local if positives is None else upload(positives, device)  # (B,) the global batch's
-        u = model.van.project(data.reduced[positives])  # (B images, R, H)
-        s_q = model.van.kernel(out.query_embedding)  # (b queries, H)
-        logits = torch.einsum("irh,qh->qir", torch.tanh(u), s_q)  # (b queries, B images, R)
-        attention = masked_softmax(logits, torch.ones_like(logits, dtype=torch.bool))
-        visual = torch.einsum("qir,irh->qih", attention, u)  # (b, B, H)
-        similarity = cosine(q_match.unsqueeze(1), visual) / cfg.contrastive_temperature  # (b, B)
-        # The same image can be two queries' positive: it is not a negative for either.
-        target = torch.arange(len(local), device=device) + offset  # each query's own column
-        own = torch.arange(len(positives), device=device)[None, :] == target[:, None]  # (b, B)
-        same = local[:, None] == positives[None, :]
-        similarity = similarity.masked_fill(same & ~own, -1e4)
-        loss = loss + cfg.visual_contrastive_weight * torch.nn.functional.cross_entropy(similarity, target)
-    return loss
-
-
-class StepLoss(torch.nn.Module):
-    """One step's training loss as a module, the thing DistributedDataParallel wraps.
-
-    ``forward(texts, index, positives, offset, qids)``: the loss of queries ``texts`` with candidate rows
-    ``index`` (b, 1 + t), column 0 the clicked image; ``positives``/``offset`` as in :func:`auxiliary_losses`.
-    With ``pairs`` (the training split's :class:`LoggedPairs`) and ``qids`` (the queries' rows in it, on the
-    device), query embeddings and lexical features are gathered from it instead of computed.
-    """
-
-    def __init__(self, model: AMC, data: CorpusTensors, cfg: TrainConfig, pairs: LoggedPairs | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.data = data
-        self.cfg = cfg
-        self.pairs = pairs
-        self.use_visual = cfg.mode in ("amc", "equal_fusion", "visual_only")
-
-    def forward(self, texts: list[str] | None, index: torch.Tensor, positives: torch.Tensor | None = None,
-                offset: int = 0, qids: torch.Tensor | None = None) -> torch.Tensor:
-        cfg, data = self.cfg, self.data
-        if self.pairs is None or qids is None:
-            if texts is None:
-                raise ValueError("StepLoss needs the query texts, or LoggedPairs and the queries' rows in it")
-            query, lexical = data.query_text(texts), None
-        else:
-            query, lexical = self.pairs.gather(qids, index)
-        out = self.model(query, *data.candidates(texts, index, lexical), reduced=True)
-        loss = ranking_loss(out.scores, cfg.margin)
-        if cfg.listwise_weight:
-            loss = loss + cfg.listwise_weight * torch.nn.functional.cross_entropy(
-                out.scores / cfg.listwise_temperature, torch.zeros(len(index), dtype=torch.long,
-                                                                   device=out.scores.device))
-        if self.use_visual:
-            loss = loss + auxiliary_losses(self.model, data, out, index, cfg, positives, offset)
-        return loss
-
-
-def _unused_parameters(step: StepLoss, texts: list[str], index: torch.Tensor) -> list[str]:
-    """Trainable parameters that get no gradient from a step (baselines leave some networks out): DDP must
-    be told (find_unused_parameters) or it waits for their gradients forever. One backward, grads cleared."""
-    step(texts, index).backward()
-    unused = [n for n, p in step.model.named_parameters() if p.requires_grad and p.grad is None]
-    step.model.zero_grad(set_to_none=True)
-    return unused
 
 
 def train(cfg: TrainConfig, corpus: Corpus | None = None, *, prepared: Prepared | None = None) -> TrainResult:
@@ -369,7 +201,7 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
     else:
         weights, data = prepared.weights, prepared.data
     train_queries, val_queries = corpus.queries["train"], corpus.queries["val"]
-    pairs = _training_pairs(train_queries, cfg.dwell)
+    pairs = training_pairs(train_queries, cfg.dwell)
     if not pairs:
         raise ValueError("the training split has no query with both a clicked and an unclicked candidate")
     train_texts = [q.text for q in train_queries]
@@ -385,8 +217,8 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
     step_loss = StepLoss(model, data, cfg, pairs_table)
     ddp, unused = None, []
     if d.enabled:
-        probe = _batch_indices(pairs[:2], np.random.default_rng(0), cfg.negatives)  # its own rng: rng untouched
-        unused = _unused_parameters(step_loss, [train_texts[i] for i in probe[0]], probe[1])
+        probe = batch_indices(pairs[:2], np.random.default_rng(0), cfg.negatives)  # its own rng: rng untouched
+        unused = unused_parameters(step_loss, [train_texts[i] for i in probe[0]], probe[1])
     # Graphs where they are valid (training.graphed): fixed-shape batches, no CPU features, and under DDP no
     # parameter left without a gradient (find_unused_parameters walks the autograd graph in Python each step).
     graphed = (cfg.cuda_graph and d.device.type == "cuda" and pairs_table is not None and not unused
@@ -433,7 +265,7 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
             if graph_step is not None and len(batch) < cfg.batch_size:
                 batch = order[-cfg.batch_size:]  # a graph replays one shape (TrainConfig.cuda_graph)
             if sampler is None:
-                qids, index = _batch_indices([pairs[i] for i in batch], rng, cfg.negatives)  # the global batch
+                qids, index = batch_indices([pairs[i] for i in batch], rng, cfg.negatives)  # the global batch
             else:
                 qids, index = sampler(batch, rng)
             if graph_step is not None:

@@ -1,0 +1,138 @@
+"""One training step's loss: the paper's ranking loss plus the auxiliary losses, as the module DDP wraps.
+
+:class:`StepLoss` scores a batch's candidates (features from :class:`DeviceTensors`, or gathered from
+:class:`~training.data.LoggedPairs` on the device) and adds the single-modality auxiliary losses
+(:func:`auxiliary_losses`); ``training.train`` runs it eagerly or replays it from a CUDA graph
+(``training.graphed``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from training.data import CorpusTensors, LoggedPairs
+from training.model import AMC, cosine, masked_softmax, ranking_loss
+
+if TYPE_CHECKING:
+    from training.train import TrainConfig
+
+
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor.to(device)``; a CPU tensor goes to a GPU through pinned memory, asynchronously, so the CPU goes
+    on to the next batch's lexical features while the GPU computes (a pageable copy waits for the GPU)."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class DeviceTensors(CorpusTensors):
+    """:class:`CorpusTensors` whose features live on ``device``; lexical features are computed on the CPU.
+
+    ``candidates`` is ``CorpusTensors.candidates`` with the index moved to the device first.
+    """
+
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def of(cls, data: CorpusTensors, device: torch.device) -> CorpusTensors:
+        if device.type == "cpu":
+            return data
+        return cls(data.reduced.to(device), data.keyword_embeddings.to(device), data.keywords, data.matcher,
+                   data.text, device)
+
+    def _upload(self, tensor: torch.Tensor) -> torch.Tensor:
+        return upload(tensor, self.device)
+
+    def query_text(self, texts: list[str]) -> torch.Tensor:
+        return self._upload(super().query_text(texts))
+
+    def candidates(self, texts: list[str], index: torch.Tensor, lexical: torch.Tensor | None = None):
+        if lexical is None:
+            index = index.cpu()
+            lexical = self._upload(self.lexical(texts, index))  # (B, N, K, F), from the CPU index
+        return super().candidates(texts, self._upload(index), lexical)
+
+
+def auxiliary_losses(model: AMC, data: CorpusTensors, out, index: torch.Tensor, cfg: TrainConfig,
+                     positives: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """The single-modality auxiliary losses for one batch (column 0 of ``index`` holds the clicked images).
+
+    Under DDP ``index`` is this rank's share of the global batch, ``positives`` the clicked image of every
+    query of the global batch and ``offset`` the position of this rank's first query in it: the contrastive
+    loss then scores the local queries against all of the global batch's images, as one process does.
+    """
+    device = out.scores.device
+    q_match = model.mtn.match_vector(out.query_embedding)  # (b, H)
+    loss = out.scores.new_zeros(())
+    if cfg.visual_rank_weight:
+        visual_scores = cosine(q_match.unsqueeze(1), out.visual_vector)  # (b, 1 + t)
+        loss = loss + cfg.visual_rank_weight * ranking_loss(visual_scores, cfg.margin)
+    if cfg.language_rank_weight:
+        language_scores = cosine(model.mtn.query_vectors(out.query_embedding)[1].unsqueeze(1), out.keyword_vector)
+        loss = loss + cfg.language_rank_weight * ranking_loss(language_scores, cfg.margin)
+    if cfg.visual_contrastive_weight:
+        local = upload(index[:, 0], device)  # (b,) this rank's queries' clicked images
+        positives = local if positives is None else upload(positives, device)  # (B,) the global batch's
+        u = model.van.project(data.reduced[positives])  # (B images, R, H)
+        s_q = model.van.kernel(out.query_embedding)  # (b queries, H)
+        logits = torch.einsum("irh,qh->qir", torch.tanh(u), s_q)  # (b queries, B images, R)
+        attention = masked_softmax(logits, torch.ones_like(logits, dtype=torch.bool))
+        visual = torch.einsum("qir,irh->qih", attention, u)  # (b, B, H)
+        similarity = cosine(q_match.unsqueeze(1), visual) / cfg.contrastive_temperature  # (b, B)
+        # The same image can be two queries' positive: it is not a negative for either.
+        target = torch.arange(len(local), device=device) + offset  # each query's own column
+        own = torch.arange(len(positives), device=device)[None, :] == target[:, None]  # (b, B)
+        same = local[:, None] == positives[None, :]
+        similarity = similarity.masked_fill(same & ~own, -1e4)
+        loss = loss + cfg.visual_contrastive_weight * torch.nn.functional.cross_entropy(similarity, target)
+    return loss
+
+
+class StepLoss(torch.nn.Module):
+    """One step's training loss as a module, the thing DistributedDataParallel wraps.
+
+    ``forward(texts, index, positives, offset, qids)``: the loss of queries ``texts`` with candidate rows
+    ``index`` (b, 1 + t), column 0 the clicked image; ``positives``/``offset`` as in :func:`auxiliary_losses`.
+    With ``pairs`` (the training split's :class:`LoggedPairs`) and ``qids`` (the queries' rows in it, on the
+    device), query embeddings and lexical features are gathered from it instead of computed.
+    """
+
+    def __init__(self, model: AMC, data: CorpusTensors, cfg: TrainConfig, pairs: LoggedPairs | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.data = data
+        self.cfg = cfg
+        self.pairs = pairs
+        self.use_visual = cfg.mode in ("amc", "equal_fusion", "visual_only")
+
+    def forward(self, texts: list[str] | None, index: torch.Tensor, positives: torch.Tensor | None = None,
+                offset: int = 0, qids: torch.Tensor | None = None) -> torch.Tensor:
+        cfg, data = self.cfg, self.data
+        if self.pairs is None or qids is None:
+            if texts is None:
+                raise ValueError("StepLoss needs the query texts, or LoggedPairs and the queries' rows in it")
+            query, lexical = data.query_text(texts), None
+        else:
+            query, lexical = self.pairs.gather(qids, index)
+        out = self.model(query, *data.candidates(texts, index, lexical), reduced=True)
+        loss = ranking_loss(out.scores, cfg.margin)
+        if cfg.listwise_weight:
+            loss = loss + cfg.listwise_weight * torch.nn.functional.cross_entropy(
+                out.scores / cfg.listwise_temperature, torch.zeros(len(index), dtype=torch.long,
+                                                                   device=out.scores.device))
+        if self.use_visual:
+            loss = loss + auxiliary_losses(self.model, data, out, index, cfg, positives, offset)
+        return loss
+
+
+def unused_parameters(step: StepLoss, texts: list[str], index: torch.Tensor) -> list[str]:
+    """Trainable parameters that get no gradient from a step (baselines leave some networks out): DDP must
+    be told (find_unused_parameters) or it waits for their gradients forever. One backward, grads cleared."""
+    step(texts, index).backward()
+    unused = [n for n, p in step.model.named_parameters() if p.requires_grad and p.grad is None]
+    step.model.zero_grad(set_to_none=True)
+    return unused
