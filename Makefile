@@ -50,7 +50,7 @@ train: setup ## Train the default AMC model into runs/amc/checkpoint.pt
 eval: setup ## Train AMC and the baselines on 3 seeds; write reports/eval.{json,md} and plots
 	$(PY) -m training.evaluate --out-dir reports --jobs $(EVAL_JOBS)
 
-export: setup $(CHECKPOINT) ## Export the checkpoint to ONNX, validate it and publish a new version (with a candidate store of the corpus) into model_repository
+export: setup $(CHECKPOINT) ## Export the checkpoint to ONNX, validate it and publish a new version (with a candidate store of the corpus) into REPOSITORY (default runs/repository)
 	$(PY) -m export.publish --checkpoint $(CHECKPOINT) --repository $(REPOSITORY) --store-corpus
 
 serve: setup ## Start tritonserver on the model repository (Ctrl-C stops it)

@@ -12,7 +12,7 @@ There (``run`` carries ``.cache/ddp``; ``benchmarks/ddp.sh`` runs all of it and 
 The training set: the full corpus (every colour emoji, 3,635 images) whose click log is enlarged to
 ``--sessions`` simulated search sessions per training query (``CorpusConfig.log_sessions``: each session a fresh
 candidate list, clicks and dwell; validation and test keep their one session). ``--sessions 8`` gives ~26k training
-queries instead of 3,277. The corpus code renders one image per emoji, and extra renderings' region features
+queries instead of 13,108 (the default 4 sessions; 3,277 with one). The corpus code renders one image per emoji, and extra renderings' region features
 would not fit in what travels to the GPU machine (64 MiB), so the enlargement is of the log, not the images.
 
 What travels (``pack``): the PCA-reduced region features (the model's own ``fit_region_pca`` on the corpus),

@@ -3,8 +3,8 @@
 Configs are built as Triton's ``ModelConfig`` protobuf (so an invalid field cannot be written) and printed
 with ``text_format``. Layout of a serving repository::
 
-    amc_tokenizer/config.pbtxt   amc_tokenizer/<N>/{model.py, amc_text.py, amc_onnx_runner.py, amc_admission.py,
-                                                    tokenizer.json,
+    amc_tokenizer/config.pbtxt   amc_tokenizer/<N>/{model.py, amc_text.py, amc_onnx_runner.py, amc_top_k.py,
+                                                    amc_admission.py, tokenizer.json,
                                                     text_encoder.onnx, term_weights.json, keyword_table.npz,
                                                     version.json}        (the text step, mode raw)
     amc_qen/config.pbtxt         amc_qen/<N>/{model.onnx [, model.py, amc_admission.py]}

@@ -2,8 +2,10 @@
 
 Text goes through the frozen sentence encoder once: every query text and every keyword string is embedded
 by :class:`TextEmbeddings` and cached on disk (keyed by the encoder package's version, so a new encoder never
-reuses old vectors). The lexical features of a (query, candidate) pair are computed on the fly with
-:class:`amc_client.text.LexicalMatcher`, the code the serving text step runs.
+reuses old vectors). The lexical features of a (query, candidate) pair are computed with
+:class:`amc_client.text.LexicalMatcher`, the code the serving text step runs: per batch
+(:meth:`CorpusTensors.lexical`), or for training's logged pairs once before the first step (:class:`LoggedPairs`,
+``TrainConfig.precompute_lexical``).
 """
 
 from __future__ import annotations
@@ -186,7 +188,7 @@ class LoggedPairs:
 
     Training draws its candidates from each query's logged candidate list, so the lexical features of every
     (training query, logged candidate) pair can be computed before the first step instead of in every step
-    (they were the largest CPU cost of a step: 46-91 ms for 1,024 queries on the GPU machines' CPUs, more than the
+    (they were the largest CPU cost of a step: 46-87 ms for 1,024 queries on the GPU machines' CPUs, more than the
     GPU's share). Rows are indexed by query (its position in the split); a step then gathers its features
     and query embeddings on the device, and nothing but the (B,) query and (B, N) candidate indices crosses
     from the CPU. The features are :meth:`CorpusTensors.lexical`'s, bit for bit.
