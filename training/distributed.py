@@ -73,6 +73,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     raise ValueError(f"--device must be cpu, cuda or cuda:K, got {name!r}")
 
 
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor.to(device)``; a CPU tensor goes to a GPU through pinned memory, asynchronously, so the CPU goes
+    on to the next batch's lexical features while the GPU computes (a pageable copy waits for the GPU)."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def setup(device: str = "cpu") -> Dist:
     """Join the process group torchrun describes in the environment; a one-process Dist without it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -27,6 +27,8 @@ from collections.abc import Callable
 
 import torch
 
+from training.distributed import upload
+
 # DDP samples its runtime statistics in its first iterations; PyTorch's notes ask for 11 eager ones first.
 DDP_WARMUP_STEPS = 11
 
@@ -54,9 +56,6 @@ class GraphedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self._rows = self._index = self._loss = None
 
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.pin_memory().to(self.device, non_blocking=True)
-
     def __call__(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         current = torch.cuda.current_stream(self.device)
@@ -74,7 +73,7 @@ class GraphedStep:
             current.wait_stream(self.stream)
             return self._loss.clone()  # on the caller's stream: the next replay cannot overwrite it
         with torch.cuda.stream(self.stream):
-            rows, index = self._to_device(rows), self._to_device(index)
+            rows, index = upload(rows, self.device), upload(index, self.device)
             self.optimizer.zero_grad(set_to_none=True)
             if self.calls <= self.warmup:
                 loss = self.loss_of(rows, index)

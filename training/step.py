@@ -14,18 +14,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from training.data import CorpusTensors, LoggedPairs
+from training.distributed import upload
 from training.model import AMC, cosine, masked_softmax, ranking_loss
 
 if TYPE_CHECKING:
     from training.train import TrainConfig
-
-
-def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor.to(device)``; a CPU tensor goes to a GPU through pinned memory, asynchronously, so the CPU goes
-    on to the next batch's lexical features while the GPU computes (a pageable copy waits for the GPU)."""
-    if device.type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass

@@ -49,12 +49,12 @@ from training.data import (
     padded_candidates,
     term_weights,
 )
-from training.distributed import Dist, no_buffer_sync, setup, teardown
+from training.distributed import Dist, no_buffer_sync, setup, teardown, upload
 from training.graphed import GraphedStep
 from training.metrics import mean_ndcg
 from training.model import AMC, AMCConfig
 from training.sampling import BatchSampler, batch_indices, training_pairs
-from training.step import DeviceTensors, StepLoss, unused_parameters, upload
+from training.step import DeviceTensors, StepLoss, unused_parameters
 
 
 @dataclass(frozen=True)
