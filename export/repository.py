@@ -552,9 +552,11 @@ def unpublished_paths(repository: Path, published: list[int]) -> list[Path]:
              for p in sorted((repository / name).glob("[0-9]*"))
              if p.is_dir() and p.name.isdigit() and int(p.name) not in keep]
     for pinned in (sig.versioned_store_ensemble_name, sig.versioned_search_ensemble_name):
-        prefix = pinned(0)[:-1]  # "amc_store_v"
-        paths += [p for p in sorted(repository.glob(prefix + "[0-9]*"))
-                  if p.is_dir() and p.name[len(prefix):].isdigit() and int(p.name[len(prefix):]) not in keep]
+        prefix = pinned(0).removesuffix("0")  # "amc_store_v"
+        for p in sorted(repository.glob(prefix + "[0-9]*")):
+            number = p.name.removeprefix(prefix)
+            if p.is_dir() and number.isdigit() and int(number) not in keep:
+                paths.append(p)
     return paths
 
 

@@ -216,6 +216,13 @@ class Rollout:
         """Load (or reload) ``model`` on every replica."""
         self._each(lambda c: c.load_model(model, config=config, headers=self.headers, client_timeout=self.timeout_s))
 
+    def _unload(self, models: list[str]) -> None:
+        """Unload ``models`` on every replica; one that is not loaded there is fine."""
+        for client in self.clients.values():
+            for model in models:
+                with contextlib.suppress(InferenceServerException):
+                    client.unload_model(model, headers=self.headers)
+
     def load_version(self, version: int) -> None:
         """Load version N of every step (its store's too) beside what serves, then its pinned ensembles; undo on
         failure."""
@@ -298,10 +305,7 @@ class Rollout:
                 name = source.parent.name if source.parent != self.repository else source.name
                 (target / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(source), str(target / name))
-        for client in self.clients.values():
-            for ensemble in ensembles:
-                with contextlib.suppress(InferenceServerException):  # not loaded is fine
-                    client.unload_model(ensemble, headers=self.headers)
+        self._unload(ensembles)
         for step in [s.model_name for s in STEPS] + store_steps:  # reload from disk: the removed version is
             try:                                                   # unloaded, the others stay as they are
                 self._load(step)
@@ -361,10 +365,9 @@ class Rollout:
                 write_atomic(self.repository / name / "config.pbtxt", text)
                 with contextlib.suppress(InferenceServerException):
                     self._load(name)
-            for name in set(store_serving_models(self.repository)) - set(before):  # new with this re-pin: gone
-                for client in self.clients.values():
-                    with contextlib.suppress(InferenceServerException):
-                        client.unload_model(name, headers=self.headers)
+            created = sorted(set(store_serving_models(self.repository)) - set(before))  # by this re-pin: gone
+            self._unload(created)
+            for name in created:
                 shutil.rmtree(self.repository / name, ignore_errors=True)
             raise RolloutError(f"version {version} serves rankings, but re-pinning whole-store search to its store "
                                f"failed and search keeps the previous store: {e.message()}") from e
@@ -456,10 +459,7 @@ class Rollout:
             # Folders of a version without its amc_v<N> are left by an interrupted publish: never published.
             orphans = unpublished_paths(self.repository, versions)
             for v in removed:
-                for client in self.clients.values():
-                    for ensemble in self._ensembles(v):
-                        with contextlib.suppress(InferenceServerException):
-                            client.unload_model(ensemble, headers=self.headers)
+                self._unload(self._ensembles(v))
                 for path in self._version_paths(v):
                     shutil.rmtree(path, ignore_errors=True)
             for path in orphans:
