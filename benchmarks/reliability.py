@@ -163,29 +163,66 @@ def _rss_series(server: TritonServer, stop: threading.Event, every_s: float, out
             out.append((time.monotonic(), faults.server_rss_mb(server.pid)))
 
 
-def closed_loop(server: TritonServer, *, threads: int, seconds: float, candidates: list[Candidate],
-                rss_every_s: float = 5.0, backoff_s: float = 0.0) -> dict:
-    """``threads`` AMCClients without retries, each sending the next request when the last is answered; after a
-    rejection (ServerUnavailableError) a thread first waits as the client would between two attempts
-    (``amc_client._calls.backoff``: ``backoff_s`` doubled per rejection in a row, at most 2 s, with jitter) when
-    ``backoff_s`` > 0, else sends again at once."""
+def closed_loop(server: TritonServer, *, threads: int, seconds: float, candidates: int, rss_every_s: float = 5.0,
+                backoff_s: float = 0.0, processes: int = 1) -> dict:
+    """``threads`` AMCClients without retries, each sending the next request (``candidates`` candidates) when the
+    last is answered; after a rejection (ServerUnavailableError) a thread first waits as the client would between
+    two attempts (``amc_client._calls.backoff``: ``backoff_s`` doubled per rejection in a row, at most 2 s, with
+    jitter) when ``backoff_s`` > 0, else sends again at once.
+
+    ``processes`` > 1 spreads the threads over that many client processes: one Python process packing 5 MB
+    requests for 64 threads is GIL-bound, so it would measure its own queueing, not the server's."""
+    stop = threading.Event()
+    rss: list[tuple[float, float]] = [(time.monotonic(), faults.server_rss_mb(server.pid))]
+    sampler = threading.Thread(target=_rss_series, args=(server, stop, rss_every_s, rss))
+    sampler.start()
+    shares = [threads // processes + (i < threads % processes) for i in range(processes)]
+    try:
+        if processes == 1:
+            results = [_client_threads(server.grpc_url, threads, seconds, candidates, backoff_s)]
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn: the benchmark process has threads (the RSS sampler); fork would copy their locks.
+            with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+                results = list(pool.map(_client_threads, [server.grpc_url] * processes, shares,
+                                        [seconds] * processes, [candidates] * processes, [backoff_s] * processes))
+    finally:
+        stop.set()
+        sampler.join(timeout=60)
+    rss.append((time.monotonic(), faults.server_rss_mb(server.pid)))
+    lat = np.array([x for r in results for x in r["ok"]]) * 1e3
+    rej = np.array([x for r in results for x in r["rejected"]]) * 1e3
+    other = [x for r in results for x in r["other"]]
+    return {"ok": len(lat), "rejected": len(rej), "other_errors": other[:5], "other_count": len(other),
+            "client_processes": processes,
+            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else 0.0,
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else 0.0,
+            "rejected_p50_ms": float(np.percentile(rej, 50)) if len(rej) else 0.0,
+            "rejected_p99_ms": float(np.percentile(rej, 99)) if len(rej) else 0.0,
+            "rss_mb": rss}
+
+
+def _client_threads(url: str, threads: int, seconds: float, candidates: int, backoff_s: float) -> dict:
+    """One client process's share of :func:`closed_loop`: its latencies (s) of answered and rejected requests."""
     import random
 
     from amc_client._calls import backoff
 
+    request = _candidates(candidates)
     ok: list[float] = []
     rejected: list[float] = []
     other: list[str] = []
     stop = threading.Event()
-    rss: list[tuple[float, float]] = [(time.monotonic(), faults.server_rss_mb(server.pid))]
 
     def loop() -> None:
         rng, in_a_row = random.Random(), 0
-        with AMCClient(server.grpc_url, timeout_s=120, retries=0) as client:
+        with AMCClient(url, timeout_s=120, retries=0) as client:
             while not stop.is_set():
                 started = time.perf_counter()
                 try:
-                    client.rank("cat face", candidates)
+                    client.rank("cat face", request)
                     ok.append(time.perf_counter() - started)
                     in_a_row = 0
                 except ServerUnavailableError:
@@ -197,22 +234,13 @@ def closed_loop(server: TritonServer, *, threads: int, seconds: float, candidate
                     other.append(f"{type(e).__name__}: {str(e)[:120]}")
 
     workers = [threading.Thread(target=loop) for _ in range(threads)]
-    sampler = threading.Thread(target=_rss_series, args=(server, stop, rss_every_s, rss))
-    for w in [*workers, sampler]:
+    for w in workers:
         w.start()
     time.sleep(seconds)
     stop.set()
-    for w in [*workers, sampler]:
+    for w in workers:
         w.join(timeout=300)
-    rss.append((time.monotonic(), faults.server_rss_mb(server.pid)))
-    lat = np.array(ok) * 1e3
-    rej = np.array(rejected) * 1e3
-    return {"ok": len(ok), "rejected": len(rejected), "other_errors": other[:5], "other_count": len(other),
-            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else 0.0,
-            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else 0.0,
-            "rejected_p50_ms": float(np.percentile(rej, 50)) if len(rej) else 0.0,
-            "rejected_p99_ms": float(np.percentile(rej, 99)) if len(rej) else 0.0,
-            "rss_mb": rss}
+    return {"ok": ok, "rejected": rejected, "other": other}
 
 
 def step_statistics(server: TritonServer) -> dict[str, dict[str, int]]:
@@ -283,74 +311,149 @@ def tls_check(repository: Path, models: list[str], folder: Path) -> dict:
     return {"ok": ok, "plaintext_refused": refused}
 
 
+SECTIONS = ("bad_inputs", "overload", "soak", "stub_kill", "server_kill", "tls")
+
+
+def _cpus(text: str) -> set[int]:
+    """``"0,1"`` / ``"2-15"`` / ``"0,4-7"`` -> the CPU numbers."""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return f"{os.cpu_count()} CPUs ({model}); tritonserver 2.51 (nvidia-pytriton wheel), python flavour, on the CPU"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reliability", description=__doc__.split("\n\n")[0])
     parser.add_argument("--soak-minutes", type=float, default=10)
     parser.add_argument("--overload-seconds", type=float, default=60)
     parser.add_argument("--overload-backoff-s", type=float, default=0.0,
                         help="after a rejection an overload thread waits as the client's backoff would (0: sends "
                              "again at once, the issue's definition)")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="spread the overload's 64 client threads over this many processes (1: one process, "
+                             "which on few cores measures its own GIL as much as the server)")
+    parser.add_argument("--server-cpus", type=_cpus, default=None, metavar="LIST",
+                        help="pin tritonserver and its stubs to these CPUs (e.g. 0,1): a server of that size")
+    parser.add_argument("--client-cpus", type=_cpus, default=None, metavar="LIST",
+                        help="pin this process and its client processes to these CPUs (e.g. 2-15), apart from "
+                             "the server's, as clients on other machines would be")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="what to run (default: all; the report then has only these keys)")
+    parser.add_argument("--repository", type=Path, default=None,
+                        help="serve this repository (made by serving.faults.publish_untrained where the training "
+                             "stack is, e.g. for a machine without it) instead of publishing an untrained model")
+    parser.add_argument("--onnx-spinning", choices=("0", "1"), default=None,
+                        help="set the ONNX steps' allow_spinning config parameter (default: as published, 0) to "
+                             "compare the two")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "reliability.json")
     args = parser.parse_args(argv)
+
+    sections = set(args.sections)
+    work = Path(tempfile.mkdtemp(prefix="amc-reliability-"))
+    if args.repository is None:
+        repository = work / "repository"
+        version = faults.publish_untrained(repository)
+    else:
+        repository = args.repository.resolve()
+        prefix = f"{sig.ENSEMBLE_NAME}_v"
+        version = max(int(p.name[len(prefix):]) for p in repository.glob(f"{prefix}*") if p.name[len(prefix):].isdigit())
     from export.repository import STEPS
 
-    work = Path(tempfile.mkdtemp(prefix="amc-reliability-"))
-    repository = work / "repository"
-    version = faults.publish_untrained(repository)
-    models = [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]
-    details: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                     "machine": "2-core CPU; tritonserver 2.51 (nvidia-pytriton wheel), python flavour",
-                     "command": "python -m benchmarks.reliability " + " ".join(argv or sys.argv[1:])}
+    models = [step.model_name for step in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]
+    if args.onnx_spinning is not None:
+        _set_parameter(repository, [sig.TOKENIZER.model_name, *(s.model_name for s in sig.NETWORKS)],
+                       "allow_spinning", args.onnx_spinning)
+    details: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": _machine(),
+                     "command": "python -m benchmarks.reliability " + " ".join(argv or sys.argv[1:]),
+                     "server_cpus": sorted(args.server_cpus) if args.server_cpus else "all",
+                     "client_cpus": sorted(args.client_cpus) if args.client_cpus else "all",
+                     "onnx_spinning": args.onnx_spinning or "as published"}
+    report: dict = {}
 
     def step(name: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
 
+    if args.server_cpus:  # tritonserver and its stubs inherit this when they start
+        os.sched_setaffinity(0, args.server_cpus)
     with TritonServer(repository, models=models, log_file=work / "tritonserver.log") as server:
-        step("bad inputs")
-        bad = bad_inputs(server)
-        details["bad_inputs"] = bad.pop("_details")
-        step("warm-up: 64 threads for 10 s (the server's and stubs' memory pools grow to their working size)")
-        closed_loop(server, threads=64, seconds=10, candidates=_candidates(20))
-        step(f"overload: 64 threads for {args.overload_seconds:g} s")
-        stats_before = step_statistics(server)
-        over = closed_loop(server, threads=64, seconds=args.overload_seconds, candidates=_candidates(20),
-                           backoff_s=args.overload_backoff_s)
-        details["overload"] = {k: v for k, v in over.items() if k != "rss_mb"} | {
-            "rss_mb_start_end": [over["rss_mb"][0][1], over["rss_mb"][-1][1]], "candidates": 20,
-            "max_in_flight": sig.MAX_IN_FLIGHT, "backoff_s": args.overload_backoff_s,
-            "steps": statistics_between(stats_before, step_statistics(server))}
-        step(f"soak: 4 threads for {args.soak_minutes:g} min")
-        soak = closed_loop(server, threads=4, seconds=args.soak_minutes * 60, candidates=_candidates(20),
-                           rss_every_s=10)
-        details["soak"] = {k: v for k, v in soak.items() if k != "rss_mb"} | {
-            "rss_mb": [round(v, 1) for _, v in soak["rss_mb"]]}
-        step("stub kill")
-        stub = next(s for s in faults.stubs(server.pid) if s.model == sig.TOKENIZER.model_name)
-        killed_stub = under_load(server, lambda: faults.kill(stub.pid), candidates=_candidates(3))
-        step("server kill")
-        pid = server.pid
-        killed_server = under_load(server, lambda: faults.kill(pid), candidates=_candidates(3), settle_s=180)
-        for name, result in (("stub_kill", killed_stub), ("server_kill", killed_server)):
-            details[name] = {k: (str(v) if k in ("repairs", "errors") else v) for k, v in result.items()}
-    step("tls")
-    tls = tls_check(repository, models, work / "pki")
-    start, end = over["rss_mb"][0][1], over["rss_mb"][-1][1]
-    report = {
-        "bad_inputs": bad,
-        "stub_kill": {"recovered_s": round(killed_stub["recovered_s"] or -1.0, 2),
-                      "ready_while_broken_s": round(killed_stub["ready_while_broken_s"], 2)},
-        "server_kill": {"client_recovered_s": round(killed_server["recovered_s"] or -1.0, 2)},
-        "overload": {"threads": 64, "ok": over["ok"], "rejected": over["rejected"],
-                     "p99_ms": round(over["p99_ms"], 1),  # rejections' p99 and the limit: the details
-                     "rss_growth": round((end - start) / start, 4)},
-        "soak": {"minutes": args.soak_minutes, "rss_slope_mb_per_min": round(_slope_mb_per_min(soak["rss_mb"]), 3)},
-        "tls": tls,
-    }
+        if args.client_cpus:
+            os.sched_setaffinity(0, args.client_cpus)
+        if "bad_inputs" in sections:
+            step("bad inputs")
+            bad = bad_inputs(server)
+            details["bad_inputs"] = bad.pop("_details")
+            report["bad_inputs"] = bad
+        if "overload" in sections:
+            load = {"threads": 64, "candidates": 20, "processes": args.client_processes}
+            step("warm-up: 64 threads for 10 s (the server's and stubs' memory pools grow to their working size)")
+            closed_loop(server, seconds=10, **load)
+            step(f"overload: 64 threads for {args.overload_seconds:g} s")
+            stats_before = step_statistics(server)
+            over = closed_loop(server, seconds=args.overload_seconds, backoff_s=args.overload_backoff_s, **load)
+            start, end = over["rss_mb"][0][1], over["rss_mb"][-1][1]
+            details["overload"] = {k: v for k, v in over.items() if k != "rss_mb"} | {
+                "rss_mb_start_end": [start, end], "candidates": 20,
+                "max_in_flight": sig.MAX_IN_FLIGHT, "backoff_s": args.overload_backoff_s,
+                "steps": statistics_between(stats_before, step_statistics(server))}
+            report["overload"] = {"threads": 64, "ok": over["ok"], "rejected": over["rejected"],
+                                  "p99_ms": round(over["p99_ms"], 1),  # rejections' p99 and the limit: the details
+                                  "rss_growth": round((end - start) / start, 4)}
+        if "soak" in sections:
+            step(f"soak: 4 threads for {args.soak_minutes:g} min")
+            soak = closed_loop(server, threads=4, seconds=args.soak_minutes * 60, candidates=20, rss_every_s=10)
+            details["soak"] = {k: v for k, v in soak.items() if k != "rss_mb"} | {
+                "rss_mb": [round(v, 1) for _, v in soak["rss_mb"]]}
+            report["soak"] = {"minutes": args.soak_minutes,
+                              "rss_slope_mb_per_min": round(_slope_mb_per_min(soak["rss_mb"]), 3)}
+        if "stub_kill" in sections:
+            step("stub kill")
+            stub = next(s for s in faults.stubs(server.pid) if s.model == sig.TOKENIZER.model_name)
+            killed = under_load(server, lambda: faults.kill(stub.pid), candidates=_candidates(3))
+            details["stub_kill"] = _timeline(killed)
+            report["stub_kill"] = {"recovered_s": round(killed["recovered_s"] or -1.0, 2),
+                                   "ready_while_broken_s": round(killed["ready_while_broken_s"], 2)}
+        if "server_kill" in sections:
+            step("server kill")
+            pid = server.pid
+            killed = under_load(server, lambda: faults.kill(pid), candidates=_candidates(3), settle_s=180)
+            details["server_kill"] = _timeline(killed)
+            report["server_kill"] = {"client_recovered_s": round(killed["recovered_s"] or -1.0, 2)}
+    if "tls" in sections:
+        step("tls")
+        report["tls"] = tls_check(repository, models, work / "pki")
+    report = {name: report[name] for name in SECTIONS if name in report}  # the issue's key order
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_name(args.out.stem + "_details.json").write_text(json.dumps(details, indent=2, default=str) + "\n")
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _set_parameter(repository: Path, models: list[str], key: str, value: str) -> None:
+    """Set config parameter ``key`` of each model in ``repository`` (before the server starts)."""
+    from export.repository import parse_config, to_text
+
+    for name in models:
+        path = repository / name / "config.pbtxt"
+        config = parse_config(path.read_text())
+        config.parameters[key].string_value = value
+        path.write_text(to_text(config))
+
+
+def _timeline(result: dict) -> dict:
+    return {k: (str(v) if k in ("repairs", "errors") else v) for k, v in result.items()}
 
 
 if __name__ == "__main__":

@@ -130,6 +130,26 @@ def test_admission_control_is_in_the_generated_configs() -> None:
     assert step_config(sig.VAN, "python").parameters[ADMISSION].string_value == "raw"
 
 
+def test_onnx_sessions_do_not_spin_and_size_their_threads_by_cpu_affinity() -> None:
+    """The steps' onnxruntime pools (serving/backends/onnx_runner.py session_options): no spinning unless the
+    config asks (spinning pools of 6 stub processes took each other's CPU: half the throughput on 2 cores),
+    threads = the CPUs this process may use unless the config names a number; a bad value names itself."""
+    import os
+
+    from serving.backends.onnx_runner import session_options
+
+    def spinning(options) -> str:
+        return options.get_session_config_entry("session.intra_op.allow_spinning")
+
+    default = session_options({}, "amc_van")
+    assert spinning(default) == "0"
+    assert default.intra_op_num_threads == len(os.sched_getaffinity(0))
+    chosen = session_options({"allow_spinning": "1", "intra_op_num_threads": "3"}, "amc_van")
+    assert spinning(chosen) == "1" and chosen.intra_op_num_threads == 3
+    with pytest.raises(ValueError, match="amc_van: allow_spinning must be 0 or 1, not 'yes'"):
+        session_options({"allow_spinning": "yes"}, "amc_van")
+
+
 def test_in_flight_counter_admits_up_to_the_limit_frees_and_expires(tmp_path: Path) -> None:
     import time
 

@@ -4,7 +4,9 @@ The config generator copies this file as ``<model>/<version>/model.py`` beside `
 repository flavour). Everything model-specific comes from the model's ``config.pbtxt``:
 
 - input and output names and dtypes: ``input`` / ``output`` (generated from ``amc_client.signatures``);
-- ``parameters``: ``onnx_file`` (default ``model.onnx``), ``intra_op_num_threads`` (default: onnxruntime's),
+- ``parameters``: ``onnx_file`` (default ``model.onnx``), ``intra_op_num_threads`` (default: the CPUs this
+  process may run on), ``allow_spinning`` (``0`` (default) or ``1``: whether onnxruntime's idle threads spin;
+  see :func:`session_options`),
   ``execution_provider`` (``auto`` (default): CUDA when onnxruntime offers it, else CPU; or ``cpu``/``cuda``),
   ``use_tf32`` (``0`` (default) or ``1``: the CUDA provider's ``use_tf32`` option; with 0 its float32 MatMuls
   stay float32, as on the CPU path; onnxruntime's own default is TF32 on, about 1e-3 relative off fp32).
@@ -33,7 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported outside Triton (tests): session_options only
+    pb_utils = None
 
 # onnxruntime's element types for the config dtypes this project uses.
 _ORT_TYPES = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)",
@@ -58,6 +64,30 @@ def load_sibling(here: Path, filename: str) -> Any:
 
 class RequestError(ValueError):
     """A problem with one request's inputs; becomes that request's error response."""
+
+
+def session_options(params: dict[str, str], model_name: str) -> Any:
+    """onnxruntime session options from the config parameters ``intra_op_num_threads`` and ``allow_spinning``.
+
+    Why not onnxruntime's defaults: a served version is 6+ stub processes on one machine, each with its own
+    thread pool. onnxruntime sizes each pool by the machine's cores (not this process's CPU affinity: a server
+    pinned to 2 of 16 CPUs got 8-thread pools), and lets idle threads spin for a while after every call, so that
+    under load the steps burn each other's CPU waiting; with spinning off, a saturated 2-core server answered
+    more requests, and sooner (``reports/reliability_details.json``, ``spinning``).
+    Also used by the text step (``text_step.py``, which gets this file beside it as ``amc_onnx_runner.py``).
+    """
+    import os
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    threads = params.get("intra_op_num_threads") or ""
+    options.intra_op_num_threads = int(threads) if threads.strip() else len(os.sched_getaffinity(0))
+    spinning = (params.get("allow_spinning") or "0").strip()
+    if spinning not in ("0", "1"):
+        raise ValueError(f"{model_name}: allow_spinning must be 0 or 1, not {spinning!r}")
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    return options
 
 
 def execution_providers(params: dict[str, str], args: dict[str, str], model_name: str) -> list[Any]:
@@ -115,10 +145,7 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
 
         path = Path(args["model_repository"]) / self.version / (params.get("onnx_file") or "model.onnx")
-        options = ort.SessionOptions()
-        if params.get("intra_op_num_threads"):
-            options.intra_op_num_threads = int(params["intra_op_num_threads"])
-        self.session = ort.InferenceSession(str(path), sess_options=options,
+        self.session = ort.InferenceSession(str(path), sess_options=session_options(params, self.model_name),
                                             providers=execution_providers(params, args, self.model_name))
         self._check_signature()
         # Each input's dims as the graph declares them: an int (fixed) or a name (symbolic: "batch", "candidates",

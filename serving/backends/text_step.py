@@ -130,10 +130,11 @@ def _decode(value: bytes | str, what: str) -> str:
 class TextFeatures:
     """The step's computation on one published version directory, without Triton.
 
-    ``providers``: onnxruntime execution providers for the encoder (default CPU).
+    ``providers``: onnxruntime execution providers for the encoder (default CPU); ``options``: its
+    ``SessionOptions`` (default onnxruntime's; the served step passes ``onnx_runner.session_options``).
     """
 
-    def __init__(self, folder: str | Path, *, providers: Sequence[Any] | None = None, threads: int = 0,
+    def __init__(self, folder: str | Path, *, providers: Sequence[Any] | None = None, options: Any = None,
                  cache_size: int = DEFAULT_KEYWORD_CACHE) -> None:
         import onnxruntime as ort
 
@@ -142,9 +143,6 @@ class TextFeatures:
         self.wordpiece = self.text.load_wordpiece((folder / "tokenizer.json").read_text(encoding="utf-8"))
         self.matcher = self.text.LexicalMatcher(
             self.text.TermWeights.from_json((folder / "term_weights.json").read_text(encoding="utf-8")))
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(folder / "text_encoder.onnx"), sess_options=options,
                                             providers=list(providers or ["CPUExecutionProvider"]))
         self.tokens_name = self.session.get_inputs()[0].name
@@ -282,7 +280,7 @@ class TritonPythonModel:
         self.runner = _load_module(here, "amc_onnx_runner.py")
         self.features = TextFeatures(
             here, providers=self.runner.execution_providers(params, args, self.model_name),
-            threads=int(params.get("intra_op_num_threads") or 0),
+            options=self.runner.session_options(params, self.model_name),
             cache_size=int(params.get("keyword_cache_size") or DEFAULT_KEYWORD_CACHE))
         if self.features.dim != config["output"][0]["dims"][0]:
             raise ValueError(f"{self.model_name}: text_encoder.onnx gives {self.features.dim}-d embeddings, the "
