@@ -14,10 +14,13 @@ depend on the weights) from a real tritonserver on the CPU, with the supervisor 
   request sent then failed.
 - ``server_kill``: ``kill -9`` of tritonserver under the same load: seconds until the clients are served again
   (the supervisor restarts it on the same ports).
-- ``overload``: 64 closed-loop client threads without retries for ``--overload-seconds``, 20 candidates a
-  request: answered, rejected (UNAVAILABLE: the text step's in-flight limit ``signatures.MAX_IN_FLIGHT``, or its
-  full queue), p99 of the answered and of the rejected ones (as the clients saw them), RSS growth of server and
-  stubs over the run; the details add Triton's statistics of every step over the run (where requests waited).
+- ``overload``: 64 closed-loop client threads for ``--overload-seconds``, 20 candidates a request, each thread
+  waiting after a rejection as AMCClient's backoff would (``--overload-backoff-s 0``: resending at once, a flood):
+  answered, rejected (UNAVAILABLE: the text step's in-flight limit ``signatures.MAX_IN_FLIGHT``, or its full
+  queue), p99 of the answered and of the rejected ones (as the clients saw them), RSS growth of server and stubs
+  over the run; the details add Triton's statistics of every step over the run (where requests waited). With
+  ``--server-cpus``/``--client-cpus``/``--client-processes`` the load generator runs apart from the server
+  (``benchmarks/overload_device.sh``: a 2-CPU server on a 16-CPU machine).
 - ``soak``: 4 client threads for ``--soak-minutes``; the slope of the server's and stubs' RSS (least squares).
 - ``tls``: a mutual-TLS server (certificates from the openssl CLI): a client with a certificate is served, a
   plaintext one is refused.
@@ -27,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,6 +44,7 @@ import numpy as np
 
 from amc_client import AMCClient, Candidate, ServerUnavailableError
 from amc_client import signatures as sig
+from amc_client._calls import DEFAULT_BACKOFF_S
 from serving import faults
 from serving.server import TritonServer
 
@@ -324,7 +330,6 @@ def _cpus(text: str) -> set[int]:
 
 
 def _machine() -> str:
-    import os
     import platform
 
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -333,14 +338,16 @@ def _machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reliability", description=__doc__.split("\n\n")[0])
     parser.add_argument("--soak-minutes", type=float, default=10)
     parser.add_argument("--overload-seconds", type=float, default=60)
-    parser.add_argument("--overload-backoff-s", type=float, default=0.0,
-                        help="after a rejection an overload thread waits as the client's backoff would (0: sends "
-                             "again at once, the issue's definition)")
+    parser.add_argument("--overload-backoff-s", type=float, default=DEFAULT_BACKOFF_S,
+                        help="after a rejection an overload thread waits as AMCClient's backoff would, from this "
+                             "first wait (default: the client's own, %(default)s s); 0: sends again at once, a "
+                             "flood no shipped client sends")
+    parser.add_argument("--max-in-flight", type=int, default=None,
+                        help=f"override the text step's in-flight limit (default: as published, "
+                             f"signatures.MAX_IN_FLIGHT = {sig.MAX_IN_FLIGHT})")
     parser.add_argument("--client-processes", type=int, default=1,
                         help="spread the overload's 64 client threads over this many processes (1: one process, "
                              "which on few cores measures its own GIL as much as the server)")
@@ -360,8 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "reliability.json")
     args = parser.parse_args(argv)
 
-    sections = set(args.sections)
     work = Path(tempfile.mkdtemp(prefix="amc-reliability-"))
+    try:
+        return _run(args, work, "python -m benchmarks.reliability " + " ".join(argv or sys.argv[1:]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the published repository: 100 MB a run
+
+
+def _run(args: argparse.Namespace, work: Path, command: str) -> int:
+    sections = set(args.sections)
     if args.repository is None:
         repository = work / "repository"
         version = faults.publish_untrained(repository)
@@ -375,8 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.onnx_spinning is not None:
         _set_parameter(repository, [sig.TOKENIZER.model_name, *(s.model_name for s in sig.NETWORKS)],
                        "allow_spinning", args.onnx_spinning)
+    if args.max_in_flight is not None:
+        _set_parameter(repository, [sig.TOKENIZER.model_name], "max_in_flight", str(args.max_in_flight))
     details: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": _machine(),
-                     "command": "python -m benchmarks.reliability " + " ".join(argv or sys.argv[1:]),
+                     "command": command,
                      "server_cpus": sorted(args.server_cpus) if args.server_cpus else "all",
                      "client_cpus": sorted(args.client_cpus) if args.client_cpus else "all",
                      "onnx_spinning": args.onnx_spinning or "as published"}
@@ -405,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             start, end = over["rss_mb"][0][1], over["rss_mb"][-1][1]
             details["overload"] = {k: v for k, v in over.items() if k != "rss_mb"} | {
                 "rss_mb_start_end": [start, end], "candidates": 20,
-                "max_in_flight": sig.MAX_IN_FLIGHT, "backoff_s": args.overload_backoff_s,
+                "max_in_flight": args.max_in_flight or sig.MAX_IN_FLIGHT, "backoff_s": args.overload_backoff_s,
                 "steps": statistics_between(stats_before, step_statistics(server))}
             report["overload"] = {"threads": 64, "ok": over["ok"], "rejected": over["rejected"],
                                   "p99_ms": round(over["p99_ms"], 1),  # rejections' p99 and the limit: the details
@@ -433,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     if "tls" in sections:
         step("tls")
         report["tls"] = tls_check(repository, models, work / "pki")
-    report = {name: report[name] for name in SECTIONS if name in report}  # the issue's key order
+    order = ("bad_inputs", "stub_kill", "server_kill", "overload", "soak", "tls")  # as issue 9 writes the shape
+    report = {name: report[name] for name in order if name in report}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_name(args.out.stem + "_details.json").write_text(json.dumps(details, indent=2, default=str) + "\n")

@@ -75,12 +75,10 @@ BATCH_DELAY_US = 200
 # most MAX_IN_FLIGHT requests. Counted: amc, amc_v<N> (counter "raw") and amc_search, amc_search_v<N>
 # ("store"); amc_store and amc_store_fused end in an ONNX network, which cannot free a slot, so the store text
 # step does not count their requests (they keep the entrance queue bound only).
-# Measured (benchmarks.reliability, reports/reliability_details.json: overload_runs, overload_ab_30s): server side
-# it does what it should (VAN's queue 0.5 s instead of 3.2 s, a rejection ~90 ms in the server); as the 64
-# closed-loop Python client threads see it on the 2-core machine shared with other jobs, not the targets
-# (rejections p99 2.1 s, accepted p99 3.9 s): the clients' own packing of 5 MB requests and the rejected requests'
-# immediate resends take the CPU. The client library backs off; the benchmark's threads (no retries) do not unless
-# --overload-backoff-s is given.
+# Measured (benchmarks.reliability; reports/overload_runs.json): with the load generator on other CPUs than a 2-CPU
+# server, 64 threads backing off as the client does, a rejection takes 15-19 ms in the server and 29-40 ms (p50) /
+# 94-144 ms (p99) as the clients see it; accepted p99 183-265 ms. With the clients on the same 2 cores, their own
+# packing of 5 MB requests takes as much CPU as the server's work, and the figures are several times worse.
 MAX_QUEUE_SIZE = 16
 # Keywords the text step encodes on the fly (not in the version's keyword table) and keeps: 1.5 KB each.
 KEYWORD_CACHE_SIZE = 20_000

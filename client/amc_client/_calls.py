@@ -69,6 +69,7 @@ def retryable(e: InferenceServerException) -> bool:
 
 # Longest wait between two attempts: an overloaded server answers the excess at once and drains its bounded
 # queues within a second or two, so waiting much longer only wastes the caller's deadline.
+DEFAULT_BACKOFF_S = 0.1  # first wait after a rejection or an unreachable server (AMCClient's backoff_s)
 MAX_BACKOFF_S = 2.0
 
 

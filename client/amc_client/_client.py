@@ -64,7 +64,7 @@ class _Core:
         private_key: str | None = None,
         certificate_chain: str | None = None,
         retries: int = 3,
-        backoff_s: float = 0.1,
+        backoff_s: float = _calls.DEFAULT_BACKOFF_S,
         routing_refresh_s: float = 1.0,
         headers: Mapping[str, str] | None = None,
         server_deadline_s: float = 300.0,

@@ -220,9 +220,12 @@ MAX_BATCH = 8
 # Admission control (``serving/backends/admission.py``): most requests in flight through one model version's
 # pipeline of one server (admitted by the ensemble's text step, not yet answered by its top-k step); beyond it
 # the text step answers UNAVAILABLE "overloaded" at once and the client backs off. It sets the latency of what is
-# admitted: about MAX_IN_FLIGHT / throughput (on the 2-core CPU, 20 candidates a request, ~20 requests/s:
-# under a second); on a GPU, 16 still keeps VAN's batches of MAX_BATCH full.
-MAX_IN_FLIGHT = 16
+# admitted: about MAX_IN_FLIGHT / throughput. 8 = one full VAN batch (MAX_BATCH): on a 2-CPU server (64 client
+# threads, 20 candidates a request, the clients on other CPUs; reports/overload_runs.json, machine B)
+# 8 answered as many requests as 16 (4,313 / 5,095 vs 4,398 / 4,681 in 60 s) with the accepted p99 at 216 / 183 ms
+# instead of 337 / 350 ms, and the server's RSS flat instead of +7-15 %. (Not measured on a GPU, where more
+# requests in flight could fill VAN's batches better.)
+MAX_IN_FLIGHT = 8
 # A request that failed midway (a dead stub) never reaches the step that frees its slot; a slot counts for at
 # most this long.
 IN_FLIGHT_EXPIRY_S = 30.0

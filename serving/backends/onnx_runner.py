@@ -70,10 +70,11 @@ def session_options(params: dict[str, str], model_name: str) -> Any:
     """onnxruntime session options from the config parameters ``intra_op_num_threads`` and ``allow_spinning``.
 
     Why not onnxruntime's defaults: a served version is 6+ stub processes on one machine, each with its own
-    thread pool. onnxruntime sizes each pool by the machine's cores (not this process's CPU affinity: a server
-    pinned to 2 of 16 CPUs got 8-thread pools), and lets idle threads spin for a while after every call, so that
-    under load the steps burn each other's CPU waiting; with spinning off, a saturated 2-core server answered
-    more requests, and sooner (``reports/reliability_details.json``, ``spinning``).
+    thread pool. Sized here by the CPUs this process may run on (a server pinned with taskset or a cpuset gets
+    pools of that size), and with spinning off: onnxruntime lets idle pool threads spin for a while after every
+    call, so that the steps of one request burn each other's CPU while they wait; with spinning off, a saturated
+    2-core server answered twice the requests, and a lone request took half the time (``reports/overload_runs.json``,
+    ``spinning_ab_2core``).
     Also used by the text step (``text_step.py``, which gets this file beside it as ``amc_onnx_runner.py``).
     """
     import os
