@@ -33,13 +33,20 @@ def ort_providers(device: str) -> list:
     return ["CPUExecutionProvider"]
 
 
-def _session(path: Path, device: str, threads: int | None = None):
+def _options(threads: int | None = None):
+    """onnxruntime's own defaults (in-process, one session per graph: its best), with ``threads`` if given."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=ort_providers(device))
+    return options
+
+
+def _session(path: Path, device: str, threads: int | None = None):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), sess_options=_options(threads), providers=ort_providers(device))
 
 
 def _stack(requests: list[Request]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -66,7 +73,7 @@ class TextFeeds:
         step = sig.STORE_TOKENIZER if store else sig.TOKENIZER
         self.store = store
         self.text = TextFeatures(repo / step.model_name / str(version), providers=ort_providers(device),
-                                 threads=threads or 0)
+                                 options=_options(threads))
 
     def __call__(self, requests: list[Request]) -> dict[str, np.ndarray]:
         queries = [r.query for r in requests]

@@ -9,7 +9,8 @@
 # After the wheels were staged (../shared/device/README.md; the onnxruntime-gpu wheel is left out here, so the
 # steps run on the machine's own CPU onnxruntime, as on a CPU server):
 #   bash benchmarks/overload_device.sh [benchmarks.reliability flags]   # $OUT/run<N>/reliability*.json, $OUT/log
-# RUNS="1 2" (run names), CLIENT_PROCESSES (16), SECONDS_PER_RUN (60).
+# RUNS="1 2" (run names), CLIENT_PROCESSES (16), SECONDS_PER_RUN (60), RUN_TIMEOUT_S (SECONDS_PER_RUN + 180).
+# It needs what ../shared/device/stage-wheels leaves in .stage/ (git-ignored) and /tmp/stage on the machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -f /tmp/stage/.installed-cpu ]; then
@@ -22,14 +23,15 @@ if [ ! -f /tmp/stage/.installed-cpu ]; then
 fi
 triton=$(python3 -c 'import importlib.util as u; print(u.find_spec("pytriton").submodule_search_locations[0])')/tritonserver
 chmod +x "$triton"/bin/tritonserver "$triton"/python_backend_stubs/*/triton_python_backend_stub 2>/dev/null
-cp -n "$triton"/python_backend_stubs/3.12/triton_python_backend_stub "$triton"/backends/python/ 2>/dev/null || true
+py=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+cp -n "$triton/python_backend_stubs/$py/triton_python_backend_stub" "$triton"/backends/python/ 2>/dev/null || true
 export PYTHONPATH="$PWD:$PWD/client" PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=""
 out="${OUT:-reports/overload_device}"
 mkdir -p "$out"
 lscpu | grep -E 'Model name|^CPU\(s\)|Thread|Core' > "$out/lscpu.txt"
 python3 -c 'import onnxruntime as o, numpy as n, os; print("onnxruntime", o.__version__, o.get_available_providers(), "numpy", n.__version__, "cpus", os.cpu_count())' | tee "$out/log"
 for run in ${RUNS:-1 2}; do
-  timeout "${RUN_TIMEOUT_S:-240}" python3 -m benchmarks.reliability --sections overload \
+  timeout "${RUN_TIMEOUT_S:-$(( ${SECONDS_PER_RUN:-60} + 180 ))}" python3 -m benchmarks.reliability --sections overload \
     --overload-seconds "${SECONDS_PER_RUN:-60}" --server-cpus 0,1 --client-cpus 2-15 --client-processes "${CLIENT_PROCESSES:-16}" \
     --out "$out/run$run/reliability.json" "$@" 2>&1 | grep -v '^[IWE][0-9]' | tee -a "$out/log"
 done

@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -170,33 +171,49 @@ def _rss_series(server: TritonServer, stop: threading.Event, every_s: float, out
 
 
 def closed_loop(server: TritonServer, *, threads: int, seconds: float, candidates: int, rss_every_s: float = 5.0,
-                backoff_s: float = 0.0, processes: int = 1) -> dict:
+                backoff_s: float = 0.0, processes: int = 1, client_cpus: set[int] | None = None) -> dict:
     """``threads`` AMCClients without retries, each sending the next request (``candidates`` candidates) when the
     last is answered; after a rejection (ServerUnavailableError) a thread first waits as the client would between
     two attempts (``amc_client._calls.backoff``: ``backoff_s`` doubled per rejection in a row, at most 2 s, with
     jitter) when ``backoff_s`` > 0, else sends again at once.
 
     ``processes`` > 1 spreads the threads over that many client processes: one Python process packing 5 MB
-    requests for 64 threads is GIL-bound, so it would measure its own queueing, not the server's."""
-    stop = threading.Event()
-    rss: list[tuple[float, float]] = [(time.monotonic(), faults.server_rss_mb(server.pid))]
-    sampler = threading.Thread(target=_rss_series, args=(server, stop, rss_every_s, rss))
-    sampler.start()
+    requests for 64 threads is GIL-bound, so it would measure its own queueing, not the server's. They all
+    measure the same window (from a common start, after their imports). ``client_cpus``: where the clients run."""
+    if processes < 1 or threads < processes:
+        raise ValueError(f"need 1 <= processes <= threads, got {processes} processes for {threads} threads")
+    start_at = time.time() + (10.0 if processes > 1 else 0.0)  # spawned processes import numpy and grpc first
+    window = (start_at, start_at + seconds)
     shares = [threads // processes + (i < threads % processes) for i in range(processes)]
+    stop = threading.Event()
+    rss: list[tuple[float, float]] = []
+    sampler = threading.Thread(target=_rss_series, args=(server, stop, rss_every_s, rss))
     try:
         if processes == 1:
-            results = [_client_threads(server.grpc_url, threads, seconds, candidates, backoff_s)]
+            results: list[dict] = []
+            # a thread of its own, so that pinning it to the clients' CPUs leaves this thread where it was
+            runner = threading.Thread(target=lambda: results.append(
+                _client_threads(server.grpc_url, threads, window, candidates, backoff_s, client_cpus)))
+            rss.append((time.monotonic(), faults.server_rss_mb(server.pid)))
+            sampler.start()
+            runner.start()
+            runner.join()
         else:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             # spawn: the benchmark process has threads (the RSS sampler); fork would copy their locks.
             with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-                results = list(pool.map(_client_threads, [server.grpc_url] * processes, shares,
-                                        [seconds] * processes, [candidates] * processes, [backoff_s] * processes))
+                futures = [pool.submit(_client_threads, server.grpc_url, share, window, candidates, backoff_s,
+                                       client_cpus) for share in shares]
+                time.sleep(max(0.0, start_at - time.time()))
+                rss.append((time.monotonic(), faults.server_rss_mb(server.pid)))
+                sampler.start()
+                results = [f.result() for f in futures]
     finally:
         stop.set()
-        sampler.join(timeout=60)
+        if sampler.is_alive():
+            sampler.join(timeout=60)
     rss.append((time.monotonic(), faults.server_rss_mb(server.pid)))
     lat = np.array([x for r in results for x in r["ok"]]) * 1e3
     rej = np.array([x for r in results for x in r["rejected"]]) * 1e3
@@ -210,12 +227,16 @@ def closed_loop(server: TritonServer, *, threads: int, seconds: float, candidate
             "rss_mb": rss}
 
 
-def _client_threads(url: str, threads: int, seconds: float, candidates: int, backoff_s: float) -> dict:
-    """One client process's share of :func:`closed_loop`: its latencies (s) of answered and rejected requests."""
+def _client_threads(url: str, threads: int, window: tuple[float, float], candidates: int, backoff_s: float,
+                    cpus: set[int] | None = None) -> dict:
+    """One client process's share of :func:`closed_loop`: the latencies (s) of the answered and the rejected
+    requests sent within ``window`` (wall-clock start and end, ``time.time()``)."""
     import random
 
     from amc_client._calls import backoff
 
+    if cpus:
+        os.sched_setaffinity(0, cpus)  # this thread; the loop threads it starts inherit it
     request = _candidates(candidates)
     ok: list[float] = []
     rejected: list[float] = []
@@ -239,10 +260,11 @@ def _client_threads(url: str, threads: int, seconds: float, candidates: int, bac
                 except Exception as e:  # noqa: BLE001 - counted
                     other.append(f"{type(e).__name__}: {str(e)[:120]}")
 
+    time.sleep(max(0.0, window[0] - time.time()))
     workers = [threading.Thread(target=loop) for _ in range(threads)]
     for w in workers:
         w.start()
-    time.sleep(seconds)
+    time.sleep(max(0.0, window[1] - time.time()))
     stop.set()
     for w in workers:
         w.join(timeout=300)
@@ -329,6 +351,12 @@ def _cpus(text: str) -> set[int]:
     return out
 
 
+def _positive(text: str) -> int:
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return int(text)
+
+
 def _machine() -> str:
     import platform
 
@@ -348,16 +376,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-in-flight", type=int, default=None,
                         help=f"override the text step's in-flight limit (default: as published, "
                              f"signatures.MAX_IN_FLIGHT = {sig.MAX_IN_FLIGHT})")
-    parser.add_argument("--client-processes", type=int, default=1,
+    parser.add_argument("--client-processes", type=_positive, default=1,
                         help="spread the overload's 64 client threads over this many processes (1: one process, "
                              "which on few cores measures its own GIL as much as the server)")
     parser.add_argument("--server-cpus", type=_cpus, default=None, metavar="LIST",
                         help="pin tritonserver and its stubs to these CPUs (e.g. 0,1): a server of that size")
     parser.add_argument("--client-cpus", type=_cpus, default=None, metavar="LIST",
-                        help="pin this process and its client processes to these CPUs (e.g. 2-15), apart from "
-                             "the server's, as clients on other machines would be")
+                        help="run the overload and soak clients on these CPUs (e.g. 2-15; with --server-cpus, "
+                             "default: the CPUs this process had), apart from the server's, as clients on other "
+                             "machines would be")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                        help="what to run (default: all; the report then has only these keys)")
+                        help="what to run (default: all; a subset needs its own --out, and the report then has "
+                             "only these keys)")
     parser.add_argument("--repository", type=Path, default=None,
                         help="serve this repository (made by serving.faults.publish_untrained where the training "
                              "stack is, e.g. for a machine without it) instead of publishing an untrained model")
@@ -366,7 +396,13 @@ def main(argv: list[str] | None = None) -> int:
                              "compare the two")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "reliability.json")
     args = parser.parse_args(argv)
+    if set(args.sections) != set(SECTIONS) and args.out == parser.get_default("out"):
+        parser.error("a run of some --sections needs its own --out: reports/reliability.json holds a full run")
 
+    def on_sigterm(signum: int, frame: object) -> None:  # `timeout` stops a run: stop its tritonserver too
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     work = Path(tempfile.mkdtemp(prefix="amc-reliability-"))
     try:
         return _run(args, work, "python -m benchmarks.reliability " + " ".join(argv or sys.argv[1:]))
@@ -379,10 +415,14 @@ def _run(args: argparse.Namespace, work: Path, command: str) -> int:
     if args.repository is None:
         repository = work / "repository"
         version = faults.publish_untrained(repository)
-    else:
-        repository = args.repository.resolve()
+    else:  # a copy: --onnx-spinning and --max-in-flight change its configs
+        repository = work / "repository"
+        shutil.copytree(args.repository, repository)
         prefix = f"{sig.ENSEMBLE_NAME}_v"
-        version = max(int(p.name[len(prefix):]) for p in repository.glob(f"{prefix}*") if p.name[len(prefix):].isdigit())
+        versions = [int(p.name[len(prefix):]) for p in repository.glob(f"{prefix}*") if p.name[len(prefix):].isdigit()]
+        if not versions:
+            raise SystemExit(f"--repository {args.repository}: no published version ({prefix}<N>) in it")
+        version = max(versions)
     from export.repository import STEPS
 
     models = [step.model_name for step in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]
@@ -392,27 +432,27 @@ def _run(args: argparse.Namespace, work: Path, command: str) -> int:
     if args.max_in_flight is not None:
         _set_parameter(repository, [sig.TOKENIZER.model_name], "max_in_flight", str(args.max_in_flight))
     details: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": _machine(),
-                     "command": command,
-                     "server_cpus": sorted(args.server_cpus) if args.server_cpus else "all",
-                     "client_cpus": sorted(args.client_cpus) if args.client_cpus else "all",
-                     "onnx_spinning": args.onnx_spinning or "as published"}
+                     "command": command, "onnx_spinning": args.onnx_spinning or "as published (0)"}
     report: dict = {}
 
     def step(name: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
 
-    if args.server_cpus:  # tritonserver and its stubs inherit this when they start
+    # This thread takes the server's CPUs: tritonserver and its stubs inherit them, and so do the supervisor's
+    # threads (a server they restart) and the TLS server; the clients run on theirs (closed_loop).
+    client_cpus = args.client_cpus or (os.sched_getaffinity(0) if args.server_cpus else None)
+    if args.server_cpus:
         os.sched_setaffinity(0, args.server_cpus)
     with TritonServer(repository, models=models, log_file=work / "tritonserver.log") as server:
-        if args.client_cpus:
-            os.sched_setaffinity(0, args.client_cpus)
+        details["server_cpus"] = sorted(os.sched_getaffinity(server.pid))
+        details["client_cpus"] = sorted(client_cpus) if client_cpus else "as the server"
         if "bad_inputs" in sections:
             step("bad inputs")
             bad = bad_inputs(server)
             details["bad_inputs"] = bad.pop("_details")
             report["bad_inputs"] = bad
         if "overload" in sections:
-            load = {"threads": 64, "candidates": 20, "processes": args.client_processes}
+            load = {"threads": 64, "candidates": 20, "processes": args.client_processes, "client_cpus": client_cpus}
             step("warm-up: 64 threads for 10 s (the server's and stubs' memory pools grow to their working size)")
             closed_loop(server, seconds=10, **load)
             step(f"overload: 64 threads for {args.overload_seconds:g} s")
@@ -421,14 +461,16 @@ def _run(args: argparse.Namespace, work: Path, command: str) -> int:
             start, end = over["rss_mb"][0][1], over["rss_mb"][-1][1]
             details["overload"] = {k: v for k, v in over.items() if k != "rss_mb"} | {
                 "rss_mb_start_end": [start, end], "candidates": 20,
-                "max_in_flight": args.max_in_flight or sig.MAX_IN_FLIGHT, "backoff_s": args.overload_backoff_s,
+                "max_in_flight": int(_parameter(repository, sig.TOKENIZER.model_name, "max_in_flight")),
+                "backoff_s": args.overload_backoff_s,
                 "steps": statistics_between(stats_before, step_statistics(server))}
             report["overload"] = {"threads": 64, "ok": over["ok"], "rejected": over["rejected"],
                                   "p99_ms": round(over["p99_ms"], 1),  # rejections' p99 and the limit: the details
                                   "rss_growth": round((end - start) / start, 4)}
         if "soak" in sections:
             step(f"soak: 4 threads for {args.soak_minutes:g} min")
-            soak = closed_loop(server, threads=4, seconds=args.soak_minutes * 60, candidates=20, rss_every_s=10)
+            soak = closed_loop(server, threads=4, seconds=args.soak_minutes * 60, candidates=20, rss_every_s=10,
+                               client_cpus=client_cpus)
             details["soak"] = {k: v for k, v in soak.items() if k != "rss_mb"} | {
                 "rss_mb": [round(v, 1) for _, v in soak["rss_mb"]]}
             report["soak"] = {"minutes": args.soak_minutes,
@@ -456,6 +498,13 @@ def _run(args: argparse.Namespace, work: Path, command: str) -> int:
     args.out.with_name(args.out.stem + "_details.json").write_text(json.dumps(details, indent=2, default=str) + "\n")
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _parameter(repository: Path, model: str, key: str) -> str:
+    """Config parameter ``key`` of ``model`` as the server loaded it."""
+    from export.repository import parse_config
+
+    return parse_config((repository / model / "config.pbtxt").read_text()).parameters[key].string_value
 
 
 def _set_parameter(repository: Path, models: list[str], key: str, value: str) -> None:

@@ -76,7 +76,7 @@ BATCH_DELAY_US = 200
 # ("store"); amc_store and amc_store_fused end in an ONNX network, which cannot free a slot, so the store text
 # step does not count their requests (they keep the entrance queue bound only).
 # Measured (benchmarks.reliability; reports/overload_runs.json): with the load generator on other CPUs than a 2-CPU
-# server, 64 threads backing off as the client does, a rejection takes 15-19 ms in the server and 29-40 ms (p50) /
+# server, 64 threads backing off as the client does, a rejection takes 14-19 ms in the server and 29-40 ms (p50) /
 # 94-144 ms (p99) as the clients see it; accepted p99 183-265 ms. With the clients on the same 2 cores, their own
 # packing of 5 MB requests takes as much CPU as the server's work, and the figures are several times worse.
 MAX_QUEUE_SIZE = 16

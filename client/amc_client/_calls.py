@@ -67,9 +67,9 @@ def retryable(e: InferenceServerException) -> bool:
     return status(e) in RETRYABLE and not unknown_model(e) and not _too_large(e) and not restricted(e)
 
 
+DEFAULT_BACKOFF_S = 0.1  # first wait after a rejection or an unreachable server (AMCClient's backoff_s)
 # Longest wait between two attempts: an overloaded server answers the excess at once and drains its bounded
 # queues within a second or two, so waiting much longer only wastes the caller's deadline.
-DEFAULT_BACKOFF_S = 0.1  # first wait after a rejection or an unreachable server (AMCClient's backoff_s)
 MAX_BACKOFF_S = 2.0
 
 

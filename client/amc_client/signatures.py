@@ -223,8 +223,9 @@ MAX_BATCH = 8
 # admitted: about MAX_IN_FLIGHT / throughput. 8 = one full VAN batch (MAX_BATCH): on a 2-CPU server (64 client
 # threads, 20 candidates a request, the clients on other CPUs; reports/overload_runs.json, machine B)
 # 8 answered as many requests as 16 (4,313 / 5,095 vs 4,398 / 4,681 in 60 s) with the accepted p99 at 216 / 183 ms
-# instead of 337 / 350 ms, and the server's RSS flat instead of +7-15 %. (Not measured on a GPU, where more
-# requests in flight could fill VAN's batches better.)
+# instead of 337 / 350 ms, and the server's RSS +1 % / 0 % over the minute instead of +15 % / +7 % (on a second
+# machine, 8: +4 % to +20 %). (Not measured on a GPU, where more requests in flight could fill VAN's batches
+# better.)
 MAX_IN_FLIGHT = 8
 # A request that failed midway (a dead stub) never reaches the step that frees its slot; a slot counts for at
 # most this long.

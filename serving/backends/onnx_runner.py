@@ -4,8 +4,8 @@ The config generator copies this file as ``<model>/<version>/model.py`` beside `
 repository flavour). Everything model-specific comes from the model's ``config.pbtxt``:
 
 - input and output names and dtypes: ``input`` / ``output`` (generated from ``amc_client.signatures``);
-- ``parameters``: ``onnx_file`` (default ``model.onnx``), ``intra_op_num_threads`` (default: the CPUs this
-  process may run on), ``allow_spinning`` (``0`` (default) or ``1``: whether onnxruntime's idle threads spin;
+- ``parameters``: ``onnx_file`` (default ``model.onnx``), ``intra_op_num_threads`` (default: onnxruntime's, or
+  the CPUs this process may run on where that is fewer than the machine's), ``allow_spinning`` (``0`` (default) or ``1``: whether onnxruntime's idle threads spin;
   see :func:`session_options`),
   ``execution_provider`` (``auto`` (default): CUDA when onnxruntime offers it, else CPU; or ``cpu``/``cuda``),
   ``use_tf32`` (``0`` (default) or ``1``: the CUDA provider's ``use_tf32`` option; with 0 its float32 MatMuls
@@ -70,11 +70,12 @@ def session_options(params: dict[str, str], model_name: str) -> Any:
     """onnxruntime session options from the config parameters ``intra_op_num_threads`` and ``allow_spinning``.
 
     Why not onnxruntime's defaults: a served version is 6+ stub processes on one machine, each with its own
-    thread pool. Sized here by the CPUs this process may run on (a server pinned with taskset or a cpuset gets
-    pools of that size), and with spinning off: onnxruntime lets idle pool threads spin for a while after every
-    call, so that the steps of one request burn each other's CPU while they wait; with spinning off, a saturated
-    2-core server answered twice the requests, and a lone request took half the time (``reports/overload_runs.json``,
-    ``spinning_ab_2core``).
+    thread pool. onnxruntime lets idle pool threads spin for a while after every call, so that the steps of one
+    request burn each other's CPU while they wait: with spinning off, the 2-core machine (its 64 overload clients on
+    the same cores) answered 970 / 863 requests in 30 s instead of 386 / 465, and a lone 20-candidate request took
+    47 / 39 ms instead of 87 / 79 (100 candidates: 203 / 213 instead of 300 / 277; ``reports/overload_runs.json``).
+    And a server pinned to fewer CPUs than the machine has (taskset, a cpuset) gets pools of that size, where
+    onnxruntime would size them by the machine's cores; unpinned, onnxruntime's own default stays.
     Also used by the text step (``text_step.py``, which gets this file beside it as ``amc_onnx_runner.py``).
     """
     import os
@@ -83,7 +84,11 @@ def session_options(params: dict[str, str], model_name: str) -> Any:
 
     options = ort.SessionOptions()
     threads = params.get("intra_op_num_threads") or ""
-    options.intra_op_num_threads = int(threads) if threads.strip() else len(os.sched_getaffinity(0))
+    allowed = len(os.sched_getaffinity(0))
+    if threads.strip():
+        options.intra_op_num_threads = int(threads)
+    elif allowed < (os.cpu_count() or allowed):
+        options.intra_op_num_threads = allowed
     spinning = (params.get("allow_spinning") or "0").strip()
     if spinning not in ("0", "1"):
         raise ValueError(f"{model_name}: allow_spinning must be 0 or 1, not {spinning!r}")
