@@ -85,13 +85,13 @@ def test_random_inputs_are_realistic():
     assert ids.shape == (3, 6) and np.all(ids[:, 0] == 101) and ids[0, -1] == 102  # [CLS] ... [SEP], 0 pads
 
 
-@pytest.mark.parametrize("config", [{"lexical_axis": False, "query_skip": False},
+@pytest.mark.parametrize("config", [{"lexical_axis": False, "gate_lexical": False, "query_skip": False},
                                     {"lexical_axis": True, "query_skip": True, "projection_bias": True},
-                                    {"lexical_pool": "max", "mtn_guide": "separate"}])
+                                    {"lexical_pool": "attention", "mtn_guide": "separate", "gate_lexical": False}])
 def test_other_model_configurations_export(tmp_path, config):
     """Without LAN's lexical evidence axis (keyword_vector has hidden channels, not hidden + 1), without the
-    query skip path, with projection biases, with the paper's MTN guide and max-pooled lexical
-    evidence: every network exports and validates."""
+    query skip path, with projection biases, with the paper's MTN guide, attention-pooled lexical evidence
+    and no lexical gate in MTN: every network exports and validates."""
     model = tiny_model(**config)
     for name in onnx_export.GRAPHS:
         onnx_export.export_network(model, name, tmp_path / f"{name}.onnx", version=1, fingerprint="fp")

@@ -46,7 +46,8 @@ def test_masked_softmax_sums_to_one_and_zeroes_padding():
     assert torch.equal(w[1], torch.zeros(3))  # nothing unmasked: zeros, not NaN
 
 
-VARIANTS = [{}, {"lexical_pool": "max"}, {"query_skip": False, "lexical_axis": False, "mtn_guide": "separate"}]
+VARIANTS = [{}, {"lexical_pool": "attention", "gate_lexical": False},
+            {"query_skip": False, "lexical_axis": False, "gate_lexical": False, "mtn_guide": "separate"}]
 
 
 @pytest.mark.parametrize("options", VARIANTS)
@@ -197,21 +198,52 @@ def test_lexical_max_pool_counts_an_exact_match_in_full_whatever_the_other_keywo
     keywords[0, 0] = 0  # no keywords at all: no evidence
     with torch.no_grad():
         assert model.lan(q, keywords, lexical)[0][0, 0, -1].item() == 0.0
+    with pytest.raises(ValueError, match="gate_lexical needs lexical_axis"):
+        AMCConfig(lexical_axis=False)
     with pytest.raises(ValueError, match="unknown lexical_pool 'sum'"):
         AMCConfig(lexical_pool="sum")
 
 
+def test_lexical_gate_moves_weight_to_the_keywords_of_an_exact_match_only():
+    """gate_lexical: the candidate's lexical evidence (k^q's last coordinate) adds trust(q) * evidence to MTN's
+    language logit; a candidate without evidence keeps the weights of the model without the gate."""
+    model = _model(lexical_pool="max", gate_lexical=True)
+    with torch.no_grad():
+        model.lan.lexical_vector.weight.zero_()  # the lexical features reach k^q only as its evidence axis
+        model.lan.lexical_logit.weight.zero_()
+        model.lan.lexical_score.weight.fill_(1.0)
+        model.mtn.log_temperature.zero_()  # temperature 1: the cosines alone keep both weights near 0.5
+        model.mtn.gate_lexical.weight.zero_()
+        model.mtn.gate_lexical.bias.fill_(2.0)  # trust softplus(2) = 2.1 for every query
+    query, regions, region_mask, keywords, lexical = _inputs(b=1, n=2)
+    for tensor in (regions, region_mask, keywords):  # two identical candidates ...
+        tensor[:, 1] = tensor[:, 0]
+    lexical.zero_()
+    lexical[0, 1, 0] = 1.0  # ... but the second has an exact match
+    with torch.no_grad():
+        weights = model(query, regions, region_mask, keywords, lexical).modality_weights
+        plain = _model(lexical_pool="max", gate_lexical=False)
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if "gate_lexical" not in k})
+        without_gate = plain(query, regions, region_mask, keywords, lexical).modality_weights
+    moved = weights[0, 1, 1] - weights[0, 0, 1]
+    moved_without = without_gate[0, 1, 1] - without_gate[0, 0, 1]  # the evidence only lengthens k^q there
+    assert moved > moved_without + 0.2  # the gate moved weight to the keywords of the exact match
+    assert torch.allclose(weights[0, 0], without_gate[0, 0])  # no evidence: as without the gate
+
+
 def test_checkpoint_from_before_the_mtn_guide_option_loads_with_the_papers_separate_guide(tmp_path):
-    model = _model(mtn_guide="separate", lexical_pool="attention")
+    model = _model(mtn_guide="separate", lexical_pool="attention", gate_lexical=False)
     weights = TermWeights.from_documents([["cat"]]).to_json()
     save_checkpoint(tmp_path / "c.pt", model, weights, train_config={})
     payload = torch.load(tmp_path / "c.pt", weights_only=True)
     del payload["model_config"]["mtn_guide"]  # what a checkpoint written before the options holds
     del payload["model_config"]["lexical_pool"]
+    del payload["model_config"]["gate_lexical"]
     payload["fingerprint"] = fingerprint(payload["model_config"], weights, payload["state_dict"])  # as it was saved
     torch.save(payload, tmp_path / "old.pt")
     loaded = load_checkpoint(tmp_path / "old.pt")
     assert loaded.model_config.mtn_guide == "separate" and loaded.model_config.lexical_pool == "attention"
+    assert not loaded.model_config.gate_lexical
     inputs = _inputs()
     assert torch.equal(loaded.build_model()(*inputs).scores, model(*inputs).scores)
 

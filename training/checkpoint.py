@@ -94,9 +94,9 @@ def load_checkpoint(path: str | Path, *, expect: AMCConfig | None = None) -> Che
         raise CheckpointError(f"{path}: encoder mismatch: trained with text encoder {encoder!r}, but this release "
                               f"serves {ENCODER!r}; retrain it (make train)")
     try:
-        # Checkpoints written before MTN's guide and the lexical pooling became options used the paper's separate
-        # W' and attention pooling.
-        config = AMCConfig.from_dict({"mtn_guide": "separate", "lexical_pool": "attention",
+        # Checkpoints written before MTN's guide, the lexical pooling and MTN's lexical gate became options used
+        # the paper's separate W', attention pooling and no gate.
+        config = AMCConfig.from_dict({"mtn_guide": "separate", "lexical_pool": "attention", "gate_lexical": False,
                                       **payload["model_config"]})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid model configuration: {e}") from e

@@ -75,7 +75,8 @@ class TrainConfig:
     projection_bias: bool = False  # AMCConfig.projection_bias
     init_temperature: float = 5.0  # AMCConfig.init_temperature: MTN's softmax temperature at the start (learned)
     mtn_guide: str = "match"  # AMCConfig.mtn_guide
-    lexical_pool: str = "attention"  # AMCConfig.lexical_pool
+    lexical_pool: str = "max"  # AMCConfig.lexical_pool
+    gate_lexical: bool = True  # AMCConfig.gate_lexical
     hidden: int = 128
     pca_dim: int = 256
     # Visual-only auxiliary losses (issue 8: VAN was weak where keywords are noise, because the fused loss lets
@@ -117,7 +118,8 @@ class TrainConfig:
         return AMCConfig(query_dim=self.query_dim, query_skip=self.query_skip, hidden=self.hidden,
                          pca_dim=self.pca_dim, mode=self.mode, init_temperature=self.init_temperature,
                          lexical_axis=self.lexical_axis, projection_bias=self.projection_bias,
-                         mtn_guide=self.mtn_guide, lexical_pool=self.lexical_pool)
+                         mtn_guide=self.mtn_guide, lexical_pool=self.lexical_pool,
+                         gate_lexical=self.gate_lexical)
 
 
 @dataclass
