@@ -116,12 +116,18 @@ def _build_repository(root: Path) -> Path:
     files = TextStepFiles(tokenizer_json(), matcher().weights.to_json(), root / "text_encoder.onnx",
                           root / "keyword_table.npz")
     (repo / TOKENIZER).mkdir(parents=True)
-    (repo / TOKENIZER / "config.pbtxt").write_text(text_format.MessageToString(step_config(sig.TOKENIZER, "python")))
+    # These tests call the text steps alone: a request admitted there is freed only by its ensemble's top-k step,
+    # so each valid call would hold an in-flight slot for IN_FLIGHT_EXPIRY_S; admission is tested through the
+    # ensembles (tests/test_reliability.py). max_in_flight 0: no limit.
+    text_config = step_config(sig.TOKENIZER, "python")
+    text_config.parameters["max_in_flight"].string_value = "0"
+    (repo / TOKENIZER / "config.pbtxt").write_text(text_format.MessageToString(text_config))
     for version in (1, 2):
         write_text_step(repo / TOKENIZER / str(version), version=version, files=files)
     (repo / TOKENIZER / "2" / "amc_text.py").unlink()  # version 2 must find amc_client instead
     config = store_step_config(sig.STORE_TOKENIZER, "python")
     config.dynamic_batching.max_queue_delay_microseconds = 100_000  # so that concurrent requests meet
+    config.parameters["max_in_flight"].string_value = "0"  # as the raw text step above
     (repo / STORE_TOKENIZER).mkdir()
     (repo / STORE_TOKENIZER / "config.pbtxt").write_text(text_format.MessageToString(config))
     store = {"version": 1, "size": len(STORE_KEYWORDS), "ids": list("abcd"), "keywords": STORE_KEYWORDS}
