@@ -339,7 +339,7 @@ def tls_check(repository: Path, models: list[str], folder: Path) -> dict:
     return {"ok": ok, "plaintext_refused": refused}
 
 
-SECTIONS = ("bad_inputs", "overload", "soak", "stub_kill", "server_kill", "tls")
+SECTIONS = ("bad_inputs", "stub_kill", "server_kill", "overload", "soak", "tls")  # the report's keys, in issue 9's order
 
 
 def _cpus(text: str) -> set[int]:
@@ -412,18 +412,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, work: Path, command: str) -> int:
     sections = set(args.sections)
+    from export.repository import STEPS, published_versions
+
     if args.repository is None:
         repository = work / "repository"
         version = faults.publish_untrained(repository)
     else:  # a copy: --onnx-spinning and --max-in-flight change its configs
         repository = work / "repository"
         shutil.copytree(args.repository, repository)
-        prefix = f"{sig.ENSEMBLE_NAME}_v"
-        versions = [int(p.name[len(prefix):]) for p in repository.glob(f"{prefix}*") if p.name[len(prefix):].isdigit()]
+        versions = published_versions(repository)
         if not versions:
-            raise SystemExit(f"--repository {args.repository}: no published version ({prefix}<N>) in it")
-        version = max(versions)
-    from export.repository import STEPS
+            raise SystemExit(f"--repository {args.repository}: no published version ({sig.ENSEMBLE_NAME}_v<N>) in it")
+        version = versions[-1]
 
     models = [step.model_name for step in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]
     if args.onnx_spinning is not None:
@@ -491,8 +491,7 @@ def _run(args: argparse.Namespace, work: Path, command: str) -> int:
     if "tls" in sections:
         step("tls")
         report["tls"] = tls_check(repository, models, work / "pki")
-    order = ("bad_inputs", "stub_kill", "server_kill", "overload", "soak", "tls")  # as issue 9 writes the shape
-    report = {name: report[name] for name in order if name in report}
+    report = {name: report[name] for name in SECTIONS if name in report}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_name(args.out.stem + "_details.json").write_text(json.dumps(details, indent=2, default=str) + "\n")

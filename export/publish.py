@@ -48,6 +48,7 @@ from export.repository import (
     STEPS,
     TextStepFiles,
     init_repository,
+    published_versions,
     read_routing,
     repository_flavour,
     set_store_serving,
@@ -61,13 +62,6 @@ MANIFEST = "manifest.json"
 GOLDEN = "golden.npz"
 KEYWORD_TABLE = "keyword_table.npz"
 _VERSION_DIR = re.compile(r"^\d+$")
-
-
-def published_versions(repository: Path) -> list[int]:
-    """Versions whose pinned ensemble exists, ascending."""
-    prefix = f"{sig.ENSEMBLE_NAME}_v"
-    return sorted(int(p.name[len(prefix):]) for p in repository.glob(f"{prefix}*")
-                  if p.name[len(prefix):].isdigit() and (p / "config.pbtxt").exists())
 
 
 def _highest_version_on_disk(repository: Path) -> int:

@@ -536,6 +536,13 @@ def store_step_names(repository: Path) -> list[str]:
             if (repository / s.model_name / "config.pbtxt").exists()]
 
 
+def published_versions(repository: Path) -> list[int]:
+    """Versions whose pinned ensemble exists, ascending."""
+    prefix = f"{sig.ENSEMBLE_NAME}_v"
+    return sorted(int(p.name[len(prefix):]) for p in repository.glob(f"{prefix}*")
+                  if p.name[len(prefix):].isdigit() and (p / "config.pbtxt").exists())
+
+
 def store_paths(repository: Path, version: int) -> list[Path]:
     """Every folder version ``version``'s store added to ``repository`` (what gc and quarantine remove)."""
     steps, ensembles = store_models(repository, version)

@@ -248,8 +248,7 @@ class ModalityFusion(nn.Module):
         if self.lexical is not None:
             visual_vector = F.pad(visual_vector, (0, 1))  # (B, N, H + 1): images have no lexical evidence
         q_guide, q_match = q_guide.unsqueeze(1), q_match.unsqueeze(1)  # (B, 1, H [+ 1])
-        trust = None if self.gate_lexical is None else F.softplus(self.gate_lexical(query_embedding))  # (B, 1)
-        weights = self._weights(q_guide, visual_vector, keyword_vector, trust)  # (B, N, 2)
+        weights = self._weights(query_embedding, q_guide, visual_vector, keyword_vector)  # (B, N, 2)
         fused = weights[..., :1] * visual_vector + weights[..., 1:] * keyword_vector  # (B, N, H)
         return cosine(q_match, fused), weights  # (B, N), (B, N, 2)
 
@@ -267,13 +266,14 @@ class ModalityFusion(nn.Module):
         """``q_m`` (B, H) without the lexical axis: what the visual-only auxiliary losses score against."""
         return torch.relu(self.match(query_embedding))
 
-    def _weights(self, q_guide: torch.Tensor, visual: torch.Tensor, keyword: torch.Tensor,
-                 trust: torch.Tensor | None = None) -> torch.Tensor:
+    def _weights(self, query_embedding: torch.Tensor, q_guide: torch.Tensor, visual: torch.Tensor,
+                 keyword: torch.Tensor) -> torch.Tensor:
         if self.mode == "amc":
-            language = cosine(q_guide, keyword) * self.log_temperature.exp()
-            if trust is not None:
-                language = language + trust * keyword[..., -1]  # (B, 1) x (B, N): the lexical evidence
-            return torch.softmax(torch.stack([cosine(q_guide, visual) * self.log_temperature.exp(), language], -1), -1)
+            temperature = self.log_temperature.exp()
+            language = cosine(q_guide, keyword) * temperature
+            if self.gate_lexical is not None:  # trust(q) (B, 1) x the candidates' lexical evidence (B, N)
+                language = language + F.softplus(self.gate_lexical(query_embedding)) * keyword[..., -1]
+            return torch.softmax(torch.stack([cosine(q_guide, visual) * temperature, language], dim=-1), dim=-1)
         fixed = {"visual_only": (1.0, 0.0), "keywords_only": (0.0, 1.0), "equal_fusion": (0.5, 0.5)}[self.mode]
         return visual.new_tensor(fixed).expand(*visual.shape[:-1], 2)
 

@@ -5,8 +5,8 @@ repository flavour). Everything model-specific comes from the model's ``config.p
 
 - input and output names and dtypes: ``input`` / ``output`` (generated from ``amc_client.signatures``);
 - ``parameters``: ``onnx_file`` (default ``model.onnx``), ``intra_op_num_threads`` (default: onnxruntime's, or
-  the CPUs this process may run on where that is fewer than the machine's), ``allow_spinning`` (``0`` (default) or ``1``: whether onnxruntime's idle threads spin;
-  see :func:`session_options`),
+  the CPUs this process may run on where that is fewer than the machine's), ``allow_spinning`` (``0`` (default)
+  or ``1``: whether onnxruntime's idle threads spin; see :func:`session_options`),
   ``execution_provider`` (``auto`` (default): CUDA when onnxruntime offers it, else CPU; or ``cpu``/``cuda``),
   ``use_tf32`` (``0`` (default) or ``1``: the CUDA provider's ``use_tf32`` option; with 0 its float32 MatMuls
   stay float32, as on the CPU path; onnxruntime's own default is TF32 on, about 1e-3 relative off fp32).
