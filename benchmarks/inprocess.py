@@ -80,7 +80,7 @@ class TextFeeds:
         out = {sig.QUERY_TEXT.name: self.text.query_text(queries)}
         if self.store:
             ids = np.stack([r.ids for r in requests])
-            out[sig.KEYWORD_LEXICAL.name] = self.text.lexical(queries, self.text.store_rows(ids))
+            out[sig.KEYWORD_LEXICAL.name] = self.text.store_lexical(queries, ids)  # the served step's keyword index
             out[sig.CANDIDATE_IDS.name] = ids
             return out
         regions, mask, keywords = _stack(requests)

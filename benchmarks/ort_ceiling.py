@@ -374,11 +374,21 @@ def cuda_graph_sweep(path: Path, device: str, features: dict[str, np.ndarray], n
     return points
 
 
+def _triton_config(spec: str) -> tuple[int, int, str]:
+    """``TOK:FUSED[:TEXT]`` -> instances of the text step and of the fused graph, and where the text step encodes
+    queries (auto, cpu, cuda; default auto: the GPU when there is one)."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[:2]) or parts[2:] not in ([], ["auto"], ["cpu"],
+                                                                                              ["cuda"]):
+        raise ValueError(f"--triton-config {spec!r}: expected TOK:FUSED[:auto|cpu|cuda], e.g. 4:4 or 8:4:cpu")
+    return int(parts[0]), int(parts[1]), (parts[2] if len(parts) == 3 else "auto")
+
+
 def measure_triton(repo: Path, workdir: Path, pools: dict[int, list[Request]], refs: dict[int, list[np.ndarray]],
                    spec: str, args) -> dict:
-    tok, fused = (int(x) for x in spec.split(":"))
-    out: dict = {"tokenizer_instances": tok, "fused_instances": fused, "sizes": {}}
-    with serving_store_fused(repo, workdir, tok, fused, out) as url:
+    tok, fused, text_provider = _triton_config(spec)
+    out: dict = {"tokenizer_instances": tok, "fused_instances": fused, "text_provider": text_provider, "sizes": {}}
+    with serving_store_fused(repo, workdir, tok, fused, out, text_provider) as url:
         for n, pool in pools.items():
             r: dict = {}
             out["sizes"][str(n)] = r
@@ -453,7 +463,7 @@ def summarize(results: dict, p99_max: float) -> dict:
             "ensemble_best_candidates_per_s": ens and ens["candidates_per_s"],
             "ensemble_best_p99_ms": ens and ens["p99_ms"],
             "ensemble_best_concurrency": ens and ens["concurrency"],
-            "ensemble_config": spec and f"amc_store_fused, tokenizer:fused_store instances {spec}",
+            "ensemble_config": spec and f"amc_store_fused, tokenizer:fused_store instances[:query encoder] {spec}",
             "ensemble_best_by_config": {k: r.get("best") and r["best"]["candidates_per_s"] for k, r in per_config.items()},
             "ensemble_p99_ms_c1_by_config": {k: r.get("closed_loop_c1", {}).get("p99_ms") for k, r in per_config.items()},
             "ensemble_p99_ms_c1": c1.get("p99_ms"),
@@ -500,9 +510,9 @@ def write_md(results: dict, out: Path) -> None:
                          f"{p.get('candidates_per_s', 0):,.0f} | {p.get('p50_ms', 0):.2f} | {p.get('p99_ms', 0):.2f} | "
                          f"{p.get('error', '')[:120]} |")
         lines.append("")
-    for tri in results.get("triton", {}).values():
+    for spec, tri in results.get("triton", {}).items():
         for key, r in tri.get("sizes", {}).items():
-            lines += [f"## Triton amc_store_fused x{tri.get('tokenizer_instances')}:{tri.get('fused_instances')}, n{key}",
+            lines += [f"## Triton amc_store_fused x{spec} (text step:fused graph instances[:query encoder]), n{key}",
                       "", f"score error {r.get('score_relative_error_vs_ort_cpu')}; c1 "
                       f"{ {k: r.get('closed_loop_c1', {}).get(k) for k in ('p50_ms', 'p99_ms')} } {r.get('error', '')}", "",
                       "| conc | cand/s | p50 | p99 | fused batch | fused infer ms | fused output ms |",
@@ -559,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-graph-batches", type=int, nargs="*", default=[1, 8, 32, 128])
     parser.add_argument("--cuda-graph-threads", type=int, nargs="*", default=[1, 4])
     parser.add_argument("--triton-config", nargs="+", default=["4:4"],
-                        help="TOK:FUSED instances, one fresh server each; 'none' skips Triton")
+                        help="TOK:FUSED[:auto|cpu|cuda] instances of the text step and the fused graph (and where the "
+                        "text step encodes queries), one fresh server each; 'none' skips Triton")
     parser.add_argument("--triton-concurrency", nargs="+", default=["100=16,32,48,64", "1000=2,4,8,12"])
     parser.add_argument("--triton-c1-s", type=float, default=2.0)
     parser.add_argument("--perf-interval-ms", type=int, default=1000)

@@ -49,6 +49,8 @@ from amc_client._calls import DEFAULT_BACKOFF_S
 from serving import faults
 from serving.server import TritonServer
 
+from . import triton
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -427,10 +429,10 @@ def _run(args: argparse.Namespace, work: Path, command: str) -> int:
 
     models = [step.model_name for step in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]
     if args.onnx_spinning is not None:
-        _set_parameter(repository, [sig.TOKENIZER.model_name, *(s.model_name for s in sig.NETWORKS)],
+        triton.set_parameter(repository, [sig.TOKENIZER.model_name, *(s.model_name for s in sig.NETWORKS)],
                        "allow_spinning", args.onnx_spinning)
     if args.max_in_flight is not None:
-        _set_parameter(repository, [sig.TOKENIZER.model_name], "max_in_flight", str(args.max_in_flight))
+        triton.set_parameter(repository, [sig.TOKENIZER.model_name], "max_in_flight", str(args.max_in_flight))
     details: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": _machine(),
                      "command": command, "onnx_spinning": args.onnx_spinning or "as published (0)"}
     report: dict = {}
@@ -504,17 +506,6 @@ def _parameter(repository: Path, model: str, key: str) -> str:
     from export.repository import parse_config
 
     return parse_config((repository / model / "config.pbtxt").read_text()).parameters[key].string_value
-
-
-def _set_parameter(repository: Path, models: list[str], key: str, value: str) -> None:
-    """Set config parameter ``key`` of each model in ``repository`` (before the server starts)."""
-    from export.repository import parse_config, to_text
-
-    for name in models:
-        path = repository / name / "config.pbtxt"
-        config = parse_config(path.read_text())
-        config.parameters[key].string_value = value
-        path.write_text(to_text(config))
 
 
 def _timeline(result: dict) -> dict:

@@ -37,12 +37,15 @@ STEP_MODELS = ("amc_store_tokenizer", "amc_fused_store", triton.STORE_FUSED)
 
 
 @contextlib.contextmanager
-def serving_store_fused(repo: Path, workdir: Path, tok: int, fused: int, out: dict) -> Iterator[str]:
+def serving_store_fused(repo: Path, workdir: Path, tok: int, fused: int, out: dict,
+                        text_provider: str = "auto") -> Iterator[str]:
     """tritonserver with the 2-step store ensemble at ``tok`` text-step and ``fused`` graph instances; yields its
-    gRPC URL once every step is ready, with the start time and GPU memory recorded in ``out``."""
+    gRPC URL once every step is ready, with the start time and GPU memory recorded in ``out``. ``text_provider``:
+    where the text step runs its query encoder (its ``execution_provider``: auto, cpu or cuda)."""
     from serving.server import TritonServer
 
     triton.set_instances(repo, "amc_store_tokenizer", tok)
+    triton.set_parameter(repo, ["amc_store_tokenizer"], "execution_provider", text_provider)
     triton.set_instances(repo, "amc_fused_store", fused)
     t0 = time.monotonic()
     with TritonServer(repo, models=list(STEP_MODELS), log_file=workdir / f"tritonserver-{tok}-{fused}.log") as server:

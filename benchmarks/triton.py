@@ -43,6 +43,17 @@ def set_instances(repo: Path, model: str, count: int, delay_us: int | None = Non
     path.write_text(text)
 
 
+def set_parameter(repo: Path, models: list[str], key: str, value: str) -> None:
+    """Set config parameter ``key`` of each model in a benchmark repository (before the server starts)."""
+    from export.repository import parse_config, to_text
+
+    for name in models:
+        path = repo / name / "config.pbtxt"
+        config = parse_config(path.read_text())
+        config.parameters[key].string_value = value
+        path.write_text(to_text(config))
+
+
 def snapshot(url: str) -> dict[str, dict[str, int]]:
     import tritonclient.grpc as grpcclient
 

@@ -129,3 +129,26 @@ def test_ort_ceiling_on_cpu_at_a_tiny_size(trained, tmp_path):
     assert results["ort_e2e"] and (out / "ort_ceiling.md").exists()
     cost = floor.store_candidate_cost(hidden=128, keywords=6)
     assert cost["device_bytes"] > cost["stored_bytes"] > 49 * 128 * 4
+
+
+def test_readme_gpu_table_is_generated_from_gpu_json(tmp_path):
+    """The README's GPU figures are reports/gpu.json's (issue 10): a stale block fails here; a README without the
+    markers is an error, not a silent no-op."""
+    from benchmarks import readme_gpu
+
+    assert readme_gpu.main(["--check"]) == 0
+    readme = (readme_gpu.ROOT / "README.md").read_text(encoding="utf-8")
+    stale = tmp_path / "README.md"
+    stale.write_text(readme.replace(readme_gpu.END, "| 100 | 99,999,999 | typed by hand |\n" + readme_gpu.END))
+    assert readme_gpu.main(["--check", "--readme", str(stale)]) == 1
+    assert readme_gpu.main(["--readme", str(stale)]) == 0 and stale.read_text(encoding="utf-8") == readme
+    with pytest.raises(ValueError, match="no generated GPU block"):
+        readme_gpu.render("# a README\n", {})
+
+
+def test_triton_config_spec_names_where_the_text_step_encodes():
+    from benchmarks.ort_ceiling import _triton_config
+
+    assert _triton_config("4:4") == (4, 4, "auto") and _triton_config("8:4:cpu") == (8, 4, "cpu")
+    with pytest.raises(ValueError, match="TOK:FUSED"):
+        _triton_config("4:gpu")
