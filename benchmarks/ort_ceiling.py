@@ -378,8 +378,8 @@ def _triton_config(spec: str) -> tuple[int, int, str]:
     """``TOK:FUSED[:TEXT]`` -> instances of the text step and of the fused graph, and where the text step encodes
     queries (auto, cpu, cuda; default auto: the GPU when there is one)."""
     parts = spec.split(":")
-    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[:2]) or parts[2:] not in ([], ["auto"], ["cpu"],
-                                                                                              ["cuda"]):
+    if (len(parts) not in (2, 3) or not all(p.isdigit() and int(p) >= 1 for p in parts[:2])
+            or parts[2:] not in ([], ["auto"], ["cpu"], ["cuda"])):
         raise ValueError(f"--triton-config {spec!r}: expected TOK:FUSED[:auto|cpu|cuda], e.g. 4:4 or 8:4:cpu")
     return int(parts[0]), int(parts[1]), (parts[2] if len(parts) == 3 else "auto")
 

@@ -23,6 +23,10 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+def _fixed(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"  # a run can have no point under the latency bound
+
+
 def table(gpu: dict) -> str:
     """Markdown lines for the store ensemble against its ORT ceiling at 100 and 1,000 candidates per query."""
     lines = ["| candidates per query | ensemble best cand/s (p99 ms) | runs: ensemble best cand/s | ensemble p99 at "
@@ -33,9 +37,10 @@ def table(gpu: dict) -> str:
         if not row:
             continue
         runs = " / ".join(_rate(r.get("ensemble_best_candidates_per_s")) for r in row.get("runs", []))
-        lines.append(f"| {n} | {_rate(row['ensemble_best_candidates_per_s'])} ({row['ensemble_best_p99_ms']:.1f}) | "
-                     f"{runs} | {row['ensemble_p99_ms_c1']:.1f} ms | {_rate(row['ort_ceiling_candidates_per_s'])} | "
-                     f"{row['ensemble_over_ort_ceiling']:.3f} | {_rate(TARGETS[key])} |")
+        lines.append(f"| {n} | {_rate(row.get('ensemble_best_candidates_per_s'))} "
+                     f"({_fixed(row.get('ensemble_best_p99_ms'), 1)}) | {runs} | {_fixed(row.get('ensemble_p99_ms_c1'), 1)} "
+                     f"ms | {_rate(row.get('ort_ceiling_candidates_per_s'))} | "
+                     f"{_fixed(row.get('ensemble_over_ort_ceiling'), 3)} | {_rate(TARGETS[key])} |")
     search = gpu.get("search_100k")
     if search:
         lines += ["", f"Whole-store search over 100,000 stored images, concurrency 1: p50 "

@@ -29,7 +29,7 @@ def build_repository(workdir: Path, checkpoint: Path, gallery: Gallery, *, log=p
     version = publish(checkpoint, repo, flavour="python", keywords=keywords, log=log)
     ckpt = load_checkpoint(checkpoint)
     publish_store(repo, version, ckpt.build_model(), ckpt.term_weights, gallery.regions, gallery.keywords,
-                  fingerprint=ckpt.fingerprint, log=log)
+                  fingerprint=ckpt.fingerprint, instances=1, log=log)  # the benchmarks set instances themselves
     return repo, version
 
 

@@ -46,6 +46,7 @@ from export.reference import Reference
 from export.repository import (
     FLAVOURS,
     STEPS,
+    STORE_INSTANCES,
     TextStepFiles,
     init_repository,
     published_versions,
@@ -53,6 +54,7 @@ from export.repository import (
     repository_flavour,
     set_store_serving,
     stage_version,
+    store_instances,
     store_paths,
 )
 from export.store import Gallery, keyword_table_embed, publish_store
@@ -166,18 +168,23 @@ def golden_requests(ckpt: Checkpoint, reference: Reference, keywords: list[str],
 
 def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | None = None,
             eval_metrics: dict | None = None, keywords: list[str] | None = None, store: Gallery | None = None,
-            log=print) -> int:
+            device_kind: str | None = None, log=print) -> int:
     """Export, validate and publish ``checkpoint`` as the next version of ``repository``; returns it.
 
     ``keywords``: what the text step's keyword table holds; default every keyword of the training corpus.
     ``store``: also build the version's candidate store from this gallery (whole-store search, ``amc_search``),
     validated like the networks, before the version is marked published; the store ensembles serve it at once
     only where the version itself serves (a repository's first version), else from ``amc-rollout promote`` on.
+    ``device_kind`` ("gpu", "cpu"; default this machine's): the instances of the store path's steps where the
+    repository has no config for them yet (``export.repository.STORE_INSTANCES``).
     """
     from training.text_encoder import ENCODER_NAME, PACKAGE, tokenizer_json
 
     repository = Path(repository)
     ckpt = load_checkpoint(checkpoint)  # refuses other encoders' checkpoints: "encoder mismatch"
+    instances = store_instances(device_kind) if store is not None else None
+    if device_kind is not None and store is None:
+        log(f"device kind {device_kind!r} ignored: it sizes the candidate store's steps, and no store is published")
     with repository_lock(repository):
         if flavour is None:
             flavour = repository_flavour(repository) if (repository / sig.QEN.model_name).exists() else "python"
@@ -219,7 +226,7 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
                 (tree / step.model_name / str(version)).rename(target)
                 moved.append(target)
             if store is not None:
-                _publish_store(repository, version, ckpt, store, flavour, log)
+                _publish_store(repository, version, ckpt, store, flavour, instances, log)
             ensemble.rename(repository / ensemble.name)
         except BaseException:
             for path in moved + store_paths(repository, version):
@@ -235,13 +242,14 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
     return version
 
 
-def _publish_store(repository: Path, version: int, ckpt: Checkpoint, gallery: Gallery, flavour: str, log) -> None:
+def _publish_store(repository: Path, version: int, ckpt: Checkpoint, gallery: Gallery, flavour: str,
+                   instances: int, log) -> None:
     """The version's candidate store, its keywords embedded from the version's keyword table (not served yet)."""
     started = time.perf_counter()
     table = repository / sig.TOKENIZER.model_name / str(version) / KEYWORD_TABLE
     publish_store(repository, version, ckpt.build_model(), ckpt.term_weights, gallery.regions, gallery.keywords,
                   ids=gallery.ids, fingerprint=ckpt.fingerprint, flavour=flavour, serve=False,
-                  embed=keyword_table_embed(table), log=log)
+                  embed=keyword_table_embed(table), instances=instances, log=log)
     log(f"candidate store of {len(gallery.ids)} images built in {time.perf_counter() - started:.0f} s")
 
 
@@ -255,11 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store-corpus", action="store_true",
                         help="also build the candidate store for whole-store search (amc-client search) from every "
                              "image of the checkpoint's training corpus")
+    parser.add_argument("--device-kind", choices=sorted(STORE_INSTANCES), default=None,
+                        help="the machine that will serve, for the store steps' instances (default: this one's: gpu "
+                             "where onnxruntime has its CUDA provider)")
     args = parser.parse_args(argv)
     try:
         metrics = json.loads(args.eval_json.read_text()) if args.eval_json else None
         store = corpus_gallery(args.checkpoint) if args.store_corpus else None
-        publish(args.checkpoint, args.repository, flavour=args.flavour, eval_metrics=metrics, store=store)
+        publish(args.checkpoint, args.repository, flavour=args.flavour, eval_metrics=metrics, store=store,
+                device_kind=args.device_kind)
     except (CheckpointError, ExportError, OSError, ValueError) as e:
         print(f"error: publish failed, repository unchanged: {e}", file=sys.stderr)
         return 2

@@ -385,6 +385,30 @@ ALL_STORE_STEPS: tuple[sig.StepSignature, ...] = STORE_STEPS + FUSED_STEPS + SEA
 
 
 STORE_BATCH_DELAY_US = 100  # store steps: requests are cheap to merge, so wait less for company at low load
+# Instances of the store path's text step and fused graph by the kind of machine that will serve (issue 10, "fast by
+# default"). On an H100 with the current text step, 4:4 answered more than 8:4 at 100 candidates (303,782 vs 216,402
+# cand/s) and at 1,000 (852,352 vs 648,786), one machine start (reports/gpu.md, run 5; the older text step of run 4
+# favoured 8:4 at 1,000). On a CPU one each: more processes only split the same cores. The other store steps keep one.
+# Each fused-graph instance holds its own copy of the store's projections (~1.25 GB in fp16 for 100,000 images).
+STORE_INSTANCES = {"gpu": 4, "cpu": 1}
+TUNED_STORE_STEPS: tuple[sig.StepSignature, ...] = (sig.STORE_TOKENIZER, sig.FUSED_STORE)
+
+
+def device_kind() -> str:
+    """"gpu" where this environment's onnxruntime offers its CUDA provider (onnxruntime-gpu is installed; the
+    requirements pin the CPU build, so a development machine says "cpu"), else "cpu". Publishing for a GPU server
+    from elsewhere: name the kind (``export.publish --device-kind gpu``, ``amc-rollout publish --device-kind gpu``)."""
+    import onnxruntime as ort
+
+    return "gpu" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
+def store_instances(kind: str | None = None) -> int:
+    """Instances of each of :data:`TUNED_STORE_STEPS` for ``kind`` (default: this machine's :func:`device_kind`)."""
+    kind = kind or device_kind()
+    if kind not in STORE_INSTANCES:
+        raise ValueError(f"unknown device kind {kind!r}; expected one of {sorted(STORE_INSTANCES)}")
+    return STORE_INSTANCES[kind]
 
 
 def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: int = 1,
@@ -441,21 +465,25 @@ def store_ensemble_config(name: str, version: int, max_batch: int = sig.MAX_BATC
 
 
 def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_dir: Path, text: TextStepFiles,
-                        store_json: str, fused: bool = True) -> list[Path]:
+                        store_json: str, fused: bool = True, instances: int | None = None) -> list[Path]:
     """Write version ``version``'s store steps (and fused graphs) into ``repository``; returns what was written.
 
     ``onnx_dir`` holds ``van_store.onnx``, ``lan_store.onnx`` (and ``fused.onnx``, ``fused_store.onnx``,
     ``search_store.onnx``: with them come the search steps and ``amc_search_v<N>``);
     ``text`` the store text step's files (those of the version's raw text step); step configs are written if
-    the step has none yet. The pinned ``amc_store_v<N>`` comes last; ``amc_store`` is pinned to ``version``
-    by :func:`set_store_serving`.
+    the step has none yet, :data:`TUNED_STORE_STEPS` with ``instances`` each (default :func:`store_instances` of
+    this machine). The pinned ``amc_store_v<N>`` comes last; ``amc_store`` is pinned to ``version`` by
+    :func:`set_store_serving`.
     """
+    if instances is not None and instances < 1:
+        raise ValueError(f"store step instances must be >= 1, got {instances}")
     written: list[Path] = []
     steps = STORE_STEPS + (FUSED_STEPS + SEARCH_STEPS if fused else ())
     for step in steps:
         config_path = repository / step.model_name / "config.pbtxt"
         if not config_path.exists():
-            write_atomic(config_path, to_text(store_step_config(step, flavour)))
+            count = (instances or store_instances()) if step in TUNED_STORE_STEPS else 1
+            write_atomic(config_path, to_text(store_step_config(step, flavour, instances=count)))
         version_dir = repository / step.model_name / str(version)
         if step is sig.STORE_TOKENIZER:
             write_text_step(version_dir, version=version, files=text, store_json=store_json)

@@ -365,11 +365,12 @@ def validate_store(model: AMC, store: Store, matcher: LexicalMatcher, regions: n
 def publish_store(repository: Path, version: int, model: AMC, term_weights: str, regions: np.ndarray,
                   keywords, *, fingerprint: str, ids: list[str] | None = None, flavour: str = "python",
                   fused: bool = True, serve: bool = True, embed: Callable[[list[str]], np.ndarray] | None = None,
-                  log=print) -> Store:
+                  instances: int | None = None, log=print) -> Store:
     """Add the store variant (built from the gallery ``regions``/``keywords``) to published version ``version``.
 
     ``term_weights``: the checkpoint's :class:`amc_client.text.TermWeights` JSON; the store text step reuses
-    the version's text encoder and tokenizer (``amc_tokenizer/<version>/``).
+    the version's text encoder and tokenizer (``amc_tokenizer/<version>/``). ``instances``: of the store text
+    step and the fused store graph where their configs are new (default by device kind, ``store_instances``).
     """
     import tempfile
 
@@ -383,7 +384,7 @@ def publish_store(repository: Path, version: int, model: AMC, term_weights: str,
         log(f"store of {len(store)} candidates exported for version {version} "
             f"(worst relative error against the raw path {worst:.1e})")
         stage_store_version(repository, version=version, flavour=flavour, onnx_dir=onnx_dir, text=text,
-                            store_json=store.manifest(version), fused=fused)
+                            store_json=store.manifest(version), fused=fused, instances=instances)
     if serve:
         set_store_serving(repository, version)
     return store

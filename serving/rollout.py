@@ -61,6 +61,7 @@ from export.publish import GOLDEN, corpus_gallery, published_versions, read_mani
 from export.publish import publish as publish_checkpoint
 from export.repository import (
     STEPS,
+    STORE_INSTANCES,
     read_routing,
     set_routing,
     set_store_serving,
@@ -383,11 +384,12 @@ class Rollout:
     def _record(self, version: int) -> None:
         self._write_history([*self._history(), version])
 
-    def publish(self, checkpoint: str | Path, *, eval_metrics: dict | None = None, store: Gallery | None = None) -> int:
+    def publish(self, checkpoint: str | Path, *, eval_metrics: dict | None = None, store: Gallery | None = None,
+                device_kind: str | None = None) -> int:
         """Export + validate + publish (with a candidate store built from ``store``, if given), then load and verify
-        beside the serving version (no traffic yet)."""
+        beside the serving version (no traffic yet). ``device_kind``: as ``export.publish.publish``'s."""
         version = publish_checkpoint(checkpoint, self.repository, eval_metrics=eval_metrics, store=store,
-                                     log=self.log)
+                                     device_kind=device_kind, log=self.log)
         with repository_lock(self.repository):  # publish released it; hold it while the version is checked
             self.load_version(version)
             self._verify_or_quarantine(version)
@@ -490,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store-corpus", action="store_true",
                    help="with a candidate store of every image of the checkpoint's training corpus (whole-store "
                         "search follows the serving version from promote on)")
+    p.add_argument("--device-kind", choices=sorted(STORE_INSTANCES), default=None,
+                   help="the machine that serves, for the store steps' instances where they are new (default: this "
+                        "one's: gpu where onnxruntime has its CUDA provider)")
     p = sub.add_parser("canary", help="send a share of client traffic to a version")
     p.add_argument("version", type=int)
     p.add_argument("--share", type=float, default=0.1)
@@ -509,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
                     v.pop("manifest")
                 print(json.dumps(status, indent=2))
             elif args.command == "publish":
-                r.publish(args.checkpoint, store=corpus_gallery(args.checkpoint) if args.store_corpus else None)
+                r.publish(args.checkpoint, store=corpus_gallery(args.checkpoint) if args.store_corpus else None,
+                          device_kind=args.device_kind)
             elif args.command == "canary":
                 r.canary(args.version, args.share)
             elif args.command == "promote":

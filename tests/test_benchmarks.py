@@ -144,11 +144,16 @@ def test_readme_gpu_table_is_generated_from_gpu_json(tmp_path):
     assert readme_gpu.main(["--readme", str(stale)]) == 0 and stale.read_text(encoding="utf-8") == readme
     with pytest.raises(ValueError, match="no generated GPU block"):
         readme_gpu.render("# a README\n", {})
+    # a run without any point under the latency bound has null figures: a dash, not a crash
+    empty = {"ensemble_best_candidates_per_s": None, "ensemble_best_p99_ms": None, "ensemble_p99_ms_c1": 9.2,
+             "ort_ceiling_candidates_per_s": 6.4e6, "ensemble_over_ort_ceiling": None, "runs": []}
+    assert "| 100 | - (-) |  | 9.2 ms | 6,400,000 | - | 2,000,000 |" in readme_gpu.table({"n100": empty})
 
 
 def test_triton_config_spec_names_where_the_text_step_encodes():
     from benchmarks.ort_ceiling import _triton_config
 
     assert _triton_config("4:4") == (4, 4, "auto") and _triton_config("8:4:cpu") == (8, 4, "cpu")
-    with pytest.raises(ValueError, match="TOK:FUSED"):
-        _triton_config("4:gpu")
+    for bad in ("4:gpu", "0:4", "4"):
+        with pytest.raises(ValueError, match="TOK:FUSED"):
+            _triton_config(bad)

@@ -16,7 +16,19 @@ from export import onnx_export
 from export import publish as publish_module
 from export.onnx_export import ExportError, export_all, read_metadata
 from export.publish import publish, published_versions
-from export.repository import FLAVOURS, STEPS, STORE_FILE, TEMPLATE_ROOT, template_files
+from export.repository import (
+    ALL_STORE_STEPS,
+    FLAVOURS,
+    STEPS,
+    STORE_FILE,
+    STORE_INSTANCES,
+    TEMPLATE_ROOT,
+    TUNED_STORE_STEPS,
+    device_kind,
+    parse_config,
+    store_instances,
+    template_files,
+)
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.model import AMC, AMCConfig
 
@@ -87,7 +99,8 @@ def test_random_inputs_are_realistic():
 
 @pytest.mark.parametrize("config", [{"lexical_axis": False, "gate_lexical": False, "query_skip": False},
                                     {"lexical_axis": True, "query_skip": True, "projection_bias": True},
-                                    {"lexical_pool": "attention", "mtn_guide": "separate", "gate_lexical": False}])
+                                    {"lexical_pool": "attention", "mtn_guide": "separate", "gate_lexical": False,
+                                     "lexical_monotone": False}])
 def test_other_model_configurations_export(tmp_path, config):
     """Without LAN's lexical evidence axis (keyword_vector has hidden channels, not hidden + 1), without the
     query skip path, with projection biases, with the paper's MTN guide, attention-pooled lexical evidence
@@ -207,7 +220,13 @@ def test_store_graphs_equal_the_raw_path(tmp_path, checkpoint):
     regions = np.abs(rng.normal(0, 1.5, size=(12, sig.REGIONS_PER_IMAGE, sig.REGION_FEATURE_DIM))).astype(np.float16)
     keywords = [list(rng.choice(KEYWORDS, size=int(rng.integers(1, 4)), replace=False)) for _ in range(12)]
     store = publish_store(repo, version, tiny_model(), TERM_WEIGHTS, regions, keywords, fingerprint="fp",
-                          log=quiet)
+                          instances=3, log=quiet)
+    # The store path's text step and fused graph get the device kind's instances (here given), the rest one.
+    counts = {s.model_name: parse_config((repo / s.model_name / "config.pbtxt").read_text()).instance_group[0].count
+              for s in ALL_STORE_STEPS}
+    assert counts == {s.model_name: 3 if s in TUNED_STORE_STEPS else 1 for s in ALL_STORE_STEPS}
+    with pytest.raises(ValueError, match="unknown device kind 'tpu'"):
+        store_instances("tpu")
     assert store.keyword_projected.shape == (12, store.keywords.shape[1], 12)
     assert np.array_equal(store.keyword_mask, store.keywords != "")
     manifest = json.loads((repo / sig.STORE_TOKENIZER.model_name / str(version) / STORE_FILE).read_text())
@@ -223,3 +242,12 @@ def test_store_graphs_equal_the_raw_path(tmp_path, checkpoint):
     export_store_graphs(tiny_model(), broken, matcher, tmp_path / "onnx", version=1, fingerprint="fp", fused=False)
     with pytest.raises(ExportError, match="lan_store"):
         validate_store(tiny_model(), broken, matcher, regions, tmp_path / "onnx")
+
+
+def test_store_instances_follow_the_device_kind(monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert device_kind() == "gpu" and store_instances() == STORE_INSTANCES["gpu"] > 1
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert device_kind() == "cpu" and store_instances() == 1 and store_instances("gpu") == STORE_INSTANCES["gpu"]

@@ -46,7 +46,7 @@ def test_masked_softmax_sums_to_one_and_zeroes_padding():
     assert torch.equal(w[1], torch.zeros(3))  # nothing unmasked: zeros, not NaN
 
 
-VARIANTS = [{}, {"lexical_pool": "attention", "gate_lexical": False},
+VARIANTS = [{}, {"lexical_pool": "attention", "gate_lexical": False, "lexical_monotone": False},
             {"query_skip": False, "lexical_axis": False, "gate_lexical": False, "mtn_guide": "separate"}]
 
 
@@ -231,19 +231,66 @@ def test_lexical_gate_moves_weight_to_the_keywords_of_an_exact_match_only():
     assert torch.allclose(weights[0, 0], without_gate[0, 0])  # no evidence: as without the gate
 
 
+def test_lexical_evidence_never_falls_as_the_match_grows():
+    """lexical_monotone: the evidence weighs the match features by |c|, so a learned c < 0 cannot make an exact,
+    informative tag match count as less evidence than no match (one training seed learned that without it)."""
+    query, _, _, keywords, lexical = _inputs(b=1, n=2)
+    lexical.zero_()
+    lexical[0, 1, :, 0] = (keywords[0, 1] != 0).any(-1).float()  # candidate 1: every keyword matches the query
+    evidence = {}
+    for monotone in (True, False):
+        model = _model(lexical_pool="max", lexical_monotone=monotone)
+        with torch.no_grad():
+            model.lan.lexical_score.weight.fill_(-1.0)
+            vector, _ = model.lan(model.qen(query), keywords, lexical)
+        evidence[monotone] = vector[0, :, -1]
+    assert evidence[True][1] > evidence[True][0] == 0.0
+    assert evidence[False][1] < evidence[False][0]  # what a free c allowed
+
+
+def test_lexical_gate_starts_at_the_configured_trust():
+    model = _model()
+    model.mtn.start_gate_at(2.0)
+    query = _inputs()[0]
+    with torch.no_grad():
+        trust = torch.nn.functional.softplus(model.mtn.gate_lexical(model.qen(query)))
+    assert trust.mean().item() == pytest.approx(2.0, abs=0.3)  # its query-dependent part starts small
+    for bad in (0.0, float("nan"), 1e4):
+        with pytest.raises(ValueError, match="initial trust must be in"):
+            model.mtn.start_gate_at(bad)
+    _model(gate_lexical=False).mtn.start_gate_at(2.0)  # no gate: nothing to start
+
+
 def test_checkpoint_from_before_the_mtn_guide_option_loads_with_the_papers_separate_guide(tmp_path):
-    model = _model(mtn_guide="separate", lexical_pool="attention", gate_lexical=False)
+    model = _model(mtn_guide="separate", lexical_pool="attention", gate_lexical=False, lexical_monotone=False)
     weights = TermWeights.from_documents([["cat"]]).to_json()
     save_checkpoint(tmp_path / "c.pt", model, weights, train_config={})
     payload = torch.load(tmp_path / "c.pt", weights_only=True)
     del payload["model_config"]["mtn_guide"]  # what a checkpoint written before the options holds
     del payload["model_config"]["lexical_pool"]
     del payload["model_config"]["gate_lexical"]
+    del payload["model_config"]["lexical_monotone"]
     payload["fingerprint"] = fingerprint(payload["model_config"], weights, payload["state_dict"])  # as it was saved
     torch.save(payload, tmp_path / "old.pt")
     loaded = load_checkpoint(tmp_path / "old.pt")
     assert loaded.model_config.mtn_guide == "separate" and loaded.model_config.lexical_pool == "attention"
-    assert not loaded.model_config.gate_lexical
+    assert not loaded.model_config.gate_lexical and not loaded.model_config.lexical_monotone
+    inputs = _inputs()
+    assert torch.equal(loaded.build_model()(*inputs).scores, model(*inputs).scores)
+
+
+def test_checkpoint_with_the_gate_but_before_monotone_evidence_loads_with_a_free_c(tmp_path):
+    model = _model(lexical_pool="max", gate_lexical=True, lexical_monotone=False)
+    with torch.no_grad():
+        model.lan.lexical_score.weight.fill_(-1.0)  # what a free c could learn; |c| would score otherwise
+    weights = TermWeights.from_documents([["cat"]]).to_json()
+    save_checkpoint(tmp_path / "c.pt", model, weights, train_config={})
+    payload = torch.load(tmp_path / "c.pt", weights_only=True)
+    del payload["model_config"]["lexical_monotone"]
+    payload["fingerprint"] = fingerprint(payload["model_config"], weights, payload["state_dict"])
+    torch.save(payload, tmp_path / "gate.pt")
+    loaded = load_checkpoint(tmp_path / "gate.pt")
+    assert loaded.model_config.gate_lexical and not loaded.model_config.lexical_monotone
     inputs = _inputs()
     assert torch.equal(loaded.build_model()(*inputs).scores, model(*inputs).scores)
 

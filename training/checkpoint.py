@@ -97,7 +97,7 @@ def load_checkpoint(path: str | Path, *, expect: AMCConfig | None = None) -> Che
         # Checkpoints written before MTN's guide, the lexical pooling and MTN's lexical gate became options used
         # the paper's separate W', attention pooling and no gate.
         config = AMCConfig.from_dict({"mtn_guide": "separate", "lexical_pool": "attention", "gate_lexical": False,
-                                      **payload["model_config"]})
+                                      "lexical_monotone": False, **payload["model_config"]})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid model configuration: {e}") from e
     if expect is not None and expect != config:

@@ -18,8 +18,9 @@ Where the paper leaves a detail open, the choice made here:
   share of the keyword found in the query, of the query found in the keyword, of the query found anywhere in
   the candidate's keywords). ``p_i = softmax_i((q W_ql) . (k_i W_kl) / sqrt(hidden) + a . f_i)``,
   ``k^q = sum_i p_i (k_i W_kl + U f_i)``, with ``a`` and ``U`` learned; with ``lexical_axis``, ``k^q`` gets one
-  more coordinate, the lexical evidence ``e = max_i c . f_i``, the strongest keyword's (``lexical_pool="max"``,
-  the default; ``"attention"`` takes ``sum_i p_i (c . f_i)``, which dilutes an exact match among many tags),
+  more coordinate, the lexical evidence ``e = max_i |c| . f_i``, the strongest keyword's (``lexical_pool="max"``,
+  the default; ``"attention"`` takes ``sum_i p_i (|c| . f_i)``, which dilutes an exact match among many tags;
+  ``|c|``: more match is never less evidence, ``lexical_monotone``),
   which the visual vector has as 0 and ``q'`` / ``q_m`` weigh with a
   query-dependent softplus: the lexical evidence's own axis of the AMC space (reports/eval_history.md).
   Why the lexical term: embeddings blur word identity, and search queries are often the very tags an image
@@ -31,7 +32,9 @@ Where the paper leaves a detail open, the choice made here:
   candidate with noise for keywords be judged by its image) or the paper's separate ``relu(W' q)``. With
   ``gate_lexical`` (default) the language logit also gets ``softplus(g . q) * e``: how far this query trusts an
   exact tag match, so that a candidate whose tags name the query leans on its keywords and one without leans on
-  its image (MTN's noisy/clean visual weight ratio 1.52x -> 1.89x over 3 seeds, reports/eval_history.md 33-34).
+  its image. Training starts that trust at 4 for every query (``TrainConfig.init_lexical_gate``). MTN's
+  noisy/clean visual weight ratio over 3 seeds: 1.52x without the gate, 1.89x with it, 2.50x with its trust
+  starting at 4 and monotone evidence (reports/eval_history.md, rows 33-37).
 
 Masks: every softmax is over unmasked items only; padding gets exactly 0 weight. A candidate with nothing
 unmasked (padding) gets zero vectors and a score of 0.
@@ -42,6 +45,7 @@ F lexical features (3).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -100,6 +104,11 @@ class AMCConfig:
     # ratio 1.89x instead of 1.52x, ranking figures within a standard deviation (reports/eval_history.md, rows
     # 33-34). Checkpoints that predate the option have no gate.
     gate_lexical: bool = True
+    # The lexical evidence c . f_i with |c|: monotone in the match features, so a fuller, more informative tag
+    # match never counts as less evidence. With a free c, one seed of three learned c < 0 (an exact match
+    # lowered the keywords' weight and score) once the gate trusted the evidence; checkpoints that predate the
+    # option have a free c.
+    lexical_monotone: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -199,6 +208,7 @@ class LanguageAttention(nn.Module):
         self.lexical_logit = nn.Linear(cfg.lexical_dim, 1, bias=False)  # a
         self.lexical_score = nn.Linear(cfg.lexical_dim, 1, bias=False) if cfg.lexical_axis else None
         self.lexical_pool = cfg.lexical_pool
+        self.lexical_monotone = cfg.lexical_monotone
         self.scale = cfg.hidden**-0.5
 
     def project(self, keyword_embeddings: torch.Tensor) -> torch.Tensor:
@@ -219,7 +229,8 @@ class LanguageAttention(nn.Module):
         attention = masked_softmax(logits, keyword_mask)  # (B, N, K)
         keyword_vector = (attention.unsqueeze(-1) * k).sum(2)  # (B, N, H)
         if self.lexical_score is not None:
-            per_keyword = self.lexical_score(keyword_lexical).squeeze(-1)  # (B, N, K)
+            c = self.lexical_score.weight.abs() if self.lexical_monotone else self.lexical_score.weight  # (1, 3)
+            per_keyword = F.linear(keyword_lexical, c).squeeze(-1)  # (B, N, K)
             if self.lexical_pool == "max":
                 evidence = per_keyword.masked_fill(~keyword_mask, _NEG).amax(-1, keepdim=True)  # (B, N, 1)
                 evidence = evidence * keyword_mask.any(-1, keepdim=True)  # a candidate without keywords: 0
@@ -241,6 +252,16 @@ class ModalityFusion(nn.Module):
         # The lexical axis's weight in q' and q_m (softplus: >= 0), one per query.
         self.lexical = nn.Linear(cfg.query_embedding_dim, 2) if cfg.lexical_axis else None
         self.gate_lexical = nn.Linear(cfg.query_embedding_dim, 1) if cfg.gate_lexical else None  # g: trust(q)
+
+    def start_gate_at(self, trust: float) -> None:
+        """Initialise the lexical gate so that every query's trust ``softplus(g . q)`` starts near ``trust`` (g's
+        bias; its query-dependent part stays small). Training only: a checkpoint carries the learned gate."""
+        if self.gate_lexical is None:
+            return
+        if not (math.isfinite(trust) and 0 < trust <= 50):
+            raise ValueError(f"the lexical gate's initial trust must be in (0, 50], got {trust}")
+        with torch.no_grad():
+            self.gate_lexical.bias.fill_(math.log(math.expm1(trust)))  # softplus(bias) = trust
 
     def forward(self, query_embedding: torch.Tensor, visual_vector: torch.Tensor,
                 keyword_vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

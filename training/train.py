@@ -77,6 +77,12 @@ class TrainConfig:
     mtn_guide: str = "match"  # AMCConfig.mtn_guide
     lexical_pool: str = "max"  # AMCConfig.lexical_pool
     gate_lexical: bool = True  # AMCConfig.gate_lexical
+    # MTN's lexical gate: every query's trust softplus(g . q) at the start (AMC.mtn.start_gate_at). PyTorch's default
+    # init starts it near 0.7 and it stayed there (its gradient is weak: where both halves match the query, the split
+    # barely moves the score); from 4, training keeps the trust an exact, informative tag match deserves
+    # (reports/eval_history.md, rows 35-37). Initialisation only, so not part of the model's configuration.
+    init_lexical_gate: float = 4.0
+    lexical_monotone: bool = True  # AMCConfig.lexical_monotone
     hidden: int = 128
     pca_dim: int = 256
     # Visual-only auxiliary losses (issue 8: VAN was weak where keywords are noise, because the fused loss lets
@@ -119,7 +125,7 @@ class TrainConfig:
                          pca_dim=self.pca_dim, mode=self.mode, init_temperature=self.init_temperature,
                          lexical_axis=self.lexical_axis, projection_bias=self.projection_bias,
                          mtn_guide=self.mtn_guide, lexical_pool=self.lexical_pool,
-                         gate_lexical=self.gate_lexical)
+                         gate_lexical=self.gate_lexical, lexical_monotone=self.lexical_monotone)
 
 
 @dataclass
@@ -191,6 +197,7 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
     rng = np.random.default_rng(cfg.seed)  # the same stream on every rank: the same global batches
     model_config = cfg.model_config()
     model = AMC(model_config)
+    model.mtn.start_gate_at(cfg.init_lexical_gate)
     if prepared is None:
         model.set_region_pca(*fit_region_pca(corpus.regions, cfg.pca_dim, seed=cfg.corpus.seed))
     else:
