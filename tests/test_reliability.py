@@ -302,7 +302,7 @@ def test_search_requests_are_counted_and_store_requests_are_not(repository: tupl
     regions = np.abs(rng.normal(size=(12, 4, sig.REGION_FEATURE_DIM))).astype(np.float32)
     publish_store(store_repo, version, checkpoint.build_model(), checkpoint.term_weights, regions,
                   [["cat", "face"][: g % 2 + 1] for g in range(12)], ids=[f"s{g}" for g in range(12)],
-                  fingerprint=checkpoint.fingerprint, log=lambda *_: None)
+                  fingerprint=checkpoint.fingerprint, instances=1, log=lambda *_: None)
     config = store_step_config(sig.STORE_TOKENIZER, "python")
     config.parameters["max_in_flight"].string_value = "1"
     (store_repo / sig.STORE_TOKENIZER.model_name / "config.pbtxt").write_text(to_text(config))

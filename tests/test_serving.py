@@ -55,7 +55,7 @@ def served(trained, small_corpus, tmp_path_factory):
     ckpt = load_checkpoint(trained.checkpoint)
     publish_store(repository, version, ckpt.build_model(), ckpt.term_weights, small_corpus.regions,
                   small_corpus.keywords, ids=[f"s{g}" for g in range(len(small_corpus.regions))],
-                  fingerprint=ckpt.fingerprint, log=lambda *_: None)
+                  fingerprint=ckpt.fingerprint, instances=1, log=lambda *_: None)
     models = [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]
     models += SEARCH_MODELS + [sig.versioned_search_ensemble_name(version), sig.SEARCH_ENSEMBLE_NAME]
     with TritonServer(repository, models=models, admin_key="test-key", log_file=os.environ.get("AMC_TEST_SERVER_LOG")) as server:

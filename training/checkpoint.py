@@ -94,8 +94,8 @@ def load_checkpoint(path: str | Path, *, expect: AMCConfig | None = None) -> Che
         raise CheckpointError(f"{path}: encoder mismatch: trained with text encoder {encoder!r}, but this release "
                               f"serves {ENCODER!r}; retrain it (make train)")
     try:
-        # Checkpoints written before MTN's guide, the lexical pooling and MTN's lexical gate became options used
-        # the paper's separate W', attention pooling and no gate.
+        # Checkpoints written before MTN's guide, the lexical pooling, MTN's lexical gate and monotone evidence
+        # became options used the paper's separate W', attention pooling, no gate and a free evidence weight c.
         config = AMCConfig.from_dict({"mtn_guide": "separate", "lexical_pool": "attention", "gate_lexical": False,
                                       "lexical_monotone": False, **payload["model_config"]})
     except (TypeError, ValueError) as e:

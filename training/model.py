@@ -255,7 +255,7 @@ class ModalityFusion(nn.Module):
 
     def start_gate_at(self, trust: float) -> None:
         """Initialise the lexical gate so that every query's trust ``softplus(g . q)`` starts near ``trust`` (g's
-        bias; its query-dependent part stays small). Training only: a checkpoint carries the learned gate."""
+        bias; its query-dependent part starts small). Training only: a checkpoint carries the learned gate."""
         if self.gate_lexical is None:
             return
         if not (math.isfinite(trust) and 0 < trust <= 50):

@@ -78,7 +78,7 @@ class TrainConfig:
     lexical_pool: str = "max"  # AMCConfig.lexical_pool
     gate_lexical: bool = True  # AMCConfig.gate_lexical
     # MTN's lexical gate: every query's trust softplus(g . q) at the start (AMC.mtn.start_gate_at). PyTorch's default
-    # init starts it near 0.7 and it stayed there (its gradient is weak: where both halves match the query, the split
+    # init starts it near 0.7 and it ended near 0.75 (its gradient is weak: where both halves match the query, the split
     # barely moves the score); from 4, training keeps the trust an exact, informative tag match deserves
     # (reports/eval_history.md, rows 35-37). Initialisation only, so not part of the model's configuration.
     init_lexical_gate: float = 4.0
