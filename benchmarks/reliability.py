@@ -463,7 +463,7 @@ def _run(args: argparse.Namespace, work: Path, command: str) -> int:
             start, end = over["rss_mb"][0][1], over["rss_mb"][-1][1]
             details["overload"] = {k: v for k, v in over.items() if k != "rss_mb"} | {
                 "rss_mb_start_end": [start, end], "candidates": 20,
-                "max_in_flight": int(_parameter(repository, sig.TOKENIZER.model_name, "max_in_flight")),
+                "max_in_flight": int(triton.parameter(repository, sig.TOKENIZER.model_name, "max_in_flight")),
                 "backoff_s": args.overload_backoff_s,
                 "steps": statistics_between(stats_before, step_statistics(server))}
             report["overload"] = {"threads": 64, "ok": over["ok"], "rejected": over["rejected"],
@@ -499,13 +499,6 @@ def _run(args: argparse.Namespace, work: Path, command: str) -> int:
     args.out.with_name(args.out.stem + "_details.json").write_text(json.dumps(details, indent=2, default=str) + "\n")
     print(json.dumps(report, indent=2))
     return 0
-
-
-def _parameter(repository: Path, model: str, key: str) -> str:
-    """Config parameter ``key`` of ``model`` as the server loaded it."""
-    from export.repository import parse_config
-
-    return parse_config((repository / model / "config.pbtxt").read_text()).parameters[key].string_value
 
 
 def _timeline(result: dict) -> dict:

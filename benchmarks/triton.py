@@ -43,6 +43,13 @@ def set_instances(repo: Path, model: str, count: int, delay_us: int | None = Non
     path.write_text(text)
 
 
+def parameter(repo: Path, model: str, key: str) -> str:
+    """Config parameter ``key`` of ``model`` in a benchmark repository ("" where it is not set)."""
+    from export.repository import parse_config
+
+    return parse_config((repo / model / "config.pbtxt").read_text()).parameters[key].string_value
+
+
 def set_parameter(repo: Path, models: list[str], key: str, value: str) -> None:
     """Set config parameter ``key`` of each model in a benchmark repository (before the server starts)."""
     from export.repository import parse_config, to_text

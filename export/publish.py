@@ -182,7 +182,7 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
 
     repository = Path(repository)
     ckpt = load_checkpoint(checkpoint)  # refuses other encoders' checkpoints: "encoder mismatch"
-    instances = store_instances(device_kind) if store is not None else None
+    instances = store_instances(device_kind) if device_kind and store is not None else None  # None: this machine's
     if device_kind is not None and store is None:
         log(f"device kind {device_kind!r} ignored: it sizes the candidate store's steps, and no store is published")
     with repository_lock(repository):
@@ -243,7 +243,7 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
 
 
 def _publish_store(repository: Path, version: int, ckpt: Checkpoint, gallery: Gallery, flavour: str,
-                   instances: int, log) -> None:
+                   instances: int | None, log) -> None:
     """The version's candidate store, its keywords embedded from the version's keyword table (not served yet)."""
     started = time.perf_counter()
     table = repository / sig.TOKENIZER.model_name / str(version) / KEYWORD_TABLE

@@ -477,12 +477,13 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
     """
     if instances is not None and instances < 1:
         raise ValueError(f"store step instances must be >= 1, got {instances}")
+    tuned = instances or store_instances()
     written: list[Path] = []
     steps = STORE_STEPS + (FUSED_STEPS + SEARCH_STEPS if fused else ())
     for step in steps:
         config_path = repository / step.model_name / "config.pbtxt"
         if not config_path.exists():
-            count = (instances or store_instances()) if step in TUNED_STORE_STEPS else 1
+            count = tuned if step in TUNED_STORE_STEPS else 1
             write_atomic(config_path, to_text(store_step_config(step, flavour, instances=count)))
         version_dir = repository / step.model_name / str(version)
         if step is sig.STORE_TOKENIZER:
