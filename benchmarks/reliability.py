@@ -396,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx-spinning", choices=("0", "1"), default=None,
                         help="set the ONNX steps' allow_spinning config parameter (default: as published, 0) to "
                              "compare the two")
+    parser.add_argument("--network-nice", type=int, choices=range(20), default=None, metavar="0-19",
+                        help="set the network steps' nice config parameter (default: as published) to compare "
+                             "priorities of the networks' compute and the front end's intake")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "reliability.json")
     args = parser.parse_args(argv)
     if set(args.sections) != set(SECTIONS) and args.out == parser.get_default("out"):
@@ -431,10 +434,13 @@ def _run(args: argparse.Namespace, work: Path, command: str) -> int:
     if args.onnx_spinning is not None:
         triton.set_parameter(repository, [sig.TOKENIZER.model_name, *(s.model_name for s in sig.NETWORKS)],
                        "allow_spinning", args.onnx_spinning)
+    if args.network_nice is not None:
+        triton.set_parameter(repository, [s.model_name for s in sig.NETWORKS], "nice", str(args.network_nice))
     if args.max_in_flight is not None:
         triton.set_parameter(repository, [sig.TOKENIZER.model_name], "max_in_flight", str(args.max_in_flight))
     details: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": _machine(),
-                     "command": command, "onnx_spinning": args.onnx_spinning or "as published (0)"}
+                     "command": command, "onnx_spinning": args.onnx_spinning or "as published (0)",
+                     "network_nice": triton.parameter(repository, sig.VAN.model_name, "nice") or "0"}
     report: dict = {}
 
     def step(name: str) -> None:

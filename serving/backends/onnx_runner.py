@@ -7,7 +7,8 @@ repository flavour). Everything model-specific comes from the model's ``config.p
 - ``parameters``: ``onnx_file`` (default ``model.onnx``), ``intra_op_num_threads`` (default: onnxruntime's, or
   the CPUs this process may run on where that is fewer than the machine's), ``allow_spinning`` (``0`` (default)
   or ``1``: whether onnxruntime's idle threads spin; see :func:`session_options`),
-  ``execution_provider`` (``auto`` (default): CUDA when onnxruntime offers it, else CPU; or ``cpu``/``cuda``),
+  ``nice`` (default ``0``: a niceness this step's process adds to its CPU priority before its session starts;
+  see :func:`lower_cpu_priority`), ``execution_provider`` (``auto`` (default): CUDA when onnxruntime offers it, else CPU; or ``cpu``/``cuda``),
   ``use_tf32`` (``0`` (default) or ``1``: the CUDA provider's ``use_tf32`` option; with 0 its float32 MatMuls
   stay float32, as on the CPU path; onnxruntime's own default is TF32 on, about 1e-3 relative off fp32).
 
@@ -96,6 +97,27 @@ def session_options(params: dict[str, str], model_name: str) -> Any:
     return options
 
 
+def lower_cpu_priority(params: dict[str, str], model_name: str) -> int:
+    """Add the config parameter ``nice`` (0 to 19) to this process's niceness; returns the niceness now.
+
+    Why: on a CPU server the networks' onnxruntime work and Triton's gRPC front end share the cores. Under
+    overload the front end must still take in every request (5 MB of regions at 20 candidates) before the text
+    step can refuse it; with the networks at equal priority that intake queues behind their compute, and so do the
+    refusals. Niced networks yield the CPU to the front end and the text step whenever those have work, and take
+    all of it otherwise. Called before the session is made, so onnxruntime's pool threads inherit it (on Linux
+    niceness is per thread, inherited by the threads a thread starts)."""
+    import os
+
+    text = (params.get("nice") or "0").strip()
+    try:
+        nice = int(text)
+    except ValueError:
+        nice = -1
+    if not 0 <= nice <= 19:
+        raise ValueError(f"{model_name}: nice must be an integer from 0 to 19, not {text!r}")
+    return os.nice(nice)
+
+
 def execution_providers(params: dict[str, str], args: dict[str, str], model_name: str) -> list[Any]:
     """onnxruntime providers from the config parameters ``execution_provider`` and ``use_tf32`` (see above).
 
@@ -151,6 +173,7 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
 
         path = Path(args["model_repository"]) / self.version / (params.get("onnx_file") or "model.onnx")
+        niceness = lower_cpu_priority(params, self.model_name)
         self.session = ort.InferenceSession(str(path), sess_options=session_options(params, self.model_name),
                                             providers=execution_providers(params, args, self.model_name))
         self._check_signature()
@@ -165,7 +188,8 @@ class TritonPythonModel:
             admission = load_sibling(here, "amc_admission.py")
             self.in_flight = admission.InFlight(admission.counter_path(Path(args["model_repository"]).parent,
                                                                        params["admission"], self.version))
-        self.logger.log_info(f"{self.model_name} v{self.version}: {path.name} on {self.session.get_providers()}")
+        self.logger.log_info(f"{self.model_name} v{self.version}: {path.name} on {self.session.get_providers()}, "
+                             f"niceness {niceness}")
 
     def _check_signature(self) -> None:
         """Fail the load, not the first request, if model.onnx and config.pbtxt disagree."""

@@ -246,11 +246,7 @@ class _Parsed:
 
 
 class _Overloaded(Exception):
-    """A valid request refused by admission control; ``response`` is its UNAVAILABLE answer."""
-
-    def __init__(self, response: Any) -> None:
-        super().__init__("overloaded")
-        self.response = response
+    """A valid request refused by admission control: answered UNAVAILABLE with this message."""
 
 
 class TritonPythonModel:
@@ -329,6 +325,10 @@ class TritonPythonModel:
             except Exception as e:  # noqa: BLE001 - any problem is this request's error, never the instance's
                 parsed.append(e)
         parsed = self._admit(parsed)
+        # Refusals (overload, the caller's mistakes) are answered now, through each request's response sender,
+        # not after the batch's queries are encoded: under overload the encoding of the admitted requests
+        # would otherwise hold every rejection of the batch. Their place in the returned list is None.
+        answered = [self._answer_now(r, p) for r, p in zip(requests, parsed, strict=True)]
         texts = [t for p in parsed if isinstance(p, _Parsed) for t in p.texts]
         try:
             query_text = self.features.query_text(texts)  # one encoder call for every request's queries
@@ -336,9 +336,12 @@ class TritonPythonModel:
             self._release(sum(isinstance(p, _Parsed) and p.counted for p in parsed))
             parsed = [p if isinstance(p, Exception) else e for p in parsed]
         responses, start = [], 0
-        for p in parsed:
+        for p, done in zip(parsed, answered, strict=True):
+            if done:
+                responses.append(None)
+                continue
             if isinstance(p, Exception):
-                responses.append(p.response if isinstance(p, _Overloaded) else self._error(p))
+                responses.append(self._refusal(p))
                 continue
             try:
                 responses.append(self._respond(p, query_text[start:start + len(p.texts)]))
@@ -347,6 +350,28 @@ class TritonPythonModel:
                 responses.append(self._error(e))
             start += len(p.texts)
         return responses
+
+    def _answer_now(self, request: Any, parsed: _Parsed | Exception) -> bool:
+        """Send a refused request's error at once (its one response, final); False for a request that goes on
+        to be encoded, or where the response sender cannot be used (then :meth:`execute` returns the error)."""
+        if not isinstance(parsed, Exception):
+            return False
+        try:
+            request.get_response_sender().send(self._refusal(parsed),
+                                               flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as e:  # noqa: BLE001 - a stub without senders in this mode: answer with the batch
+            pb_utils.Logger.log_warn(f"{self.model_name}: could not answer a refusal early ({e})")
+            return False
+        return True
+
+    def _refusal(self, error: Exception) -> Any:
+        """The error response of a refused request (a new object each call: the stub serializes each once)."""
+        if isinstance(error, _Overloaded):
+            code = getattr(pb_utils.TritonError, "UNAVAILABLE", None)
+            message = str(error)
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code))
+        return self._error(error)
 
     def _admit(self, parsed: list[_Parsed | Exception]) -> list[_Parsed | Exception]:
         """Take a slot of the in-flight counter for each valid request that counts; the requests beyond the
@@ -368,11 +393,9 @@ class TritonPythonModel:
             return parsed
         message = (f"{self.model_name}: overloaded: {before + taken} requests in flight through version "
                    f"{self.version}, the limit is {self.max_in_flight}; retry after a backoff")
-        code = getattr(pb_utils.TritonError, "UNAVAILABLE", None)
         out = list(parsed)
-        for i in counted[taken:]:  # one error object per response (the stub serializes each once)
-            error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
-            out[i] = _Overloaded(pb_utils.InferenceResponse(error=error))
+        for i in counted[taken:]:
+            out[i] = _Overloaded(message)
         return out
 
     def _release(self, n: int) -> None:
