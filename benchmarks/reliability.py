@@ -49,7 +49,7 @@ from amc_client._calls import DEFAULT_BACKOFF_S
 from serving import faults
 from serving.server import TritonServer
 
-from . import triton
+from . import triton, triton_trace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -399,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--network-nice", type=int, choices=range(20), default=None, metavar="0-19",
                         help="set the network steps' nice config parameter (default: as published) to compare "
                              "priorities of the networks' compute and the front end's intake")
+    parser.add_argument("--trace-rate", type=_positive, default=None, metavar="N",
+                        help="trace one overload request in N with Triton's timestamps (the front end's intake, "
+                             "the time in the server, the send) and add their percentiles to the details")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "reliability.json")
     args = parser.parse_args(argv)
     if set(args.sections) != set(SECTIONS) and args.out == parser.get_default("out"):
@@ -451,7 +454,9 @@ def _run(args: argparse.Namespace, work: Path, command: str) -> int:
     client_cpus = args.client_cpus or (os.sched_getaffinity(0) if args.server_cpus else None)
     if args.server_cpus:
         os.sched_setaffinity(0, args.server_cpus)
-    with TritonServer(repository, models=models, log_file=work / "tritonserver.log") as server:
+    trace_file = work / "trace.json"
+    trace_args = triton_trace.server_args(trace_file) if args.trace_rate else []
+    with TritonServer(repository, models=models, log_file=work / "tritonserver.log", extra_args=trace_args) as server:
         details["server_cpus"] = sorted(os.sched_getaffinity(server.pid))
         details["client_cpus"] = sorted(client_cpus) if client_cpus else "as the server"
         if "bad_inputs" in sections:
@@ -465,7 +470,11 @@ def _run(args: argparse.Namespace, work: Path, command: str) -> int:
             closed_loop(server, seconds=10, **load)
             step(f"overload: 64 threads for {args.overload_seconds:g} s")
             stats_before = step_statistics(server)
+            if args.trace_rate:
+                triton_trace.switch(server.grpc_url, args.trace_rate)
             over = closed_loop(server, seconds=args.overload_seconds, backoff_s=args.overload_backoff_s, **load)
+            if args.trace_rate:
+                triton_trace.switch(server.grpc_url, None)
             start, end = over["rss_mb"][0][1], over["rss_mb"][-1][1]
             details["overload"] = {k: v for k, v in over.items() if k != "rss_mb"} | {
                 "rss_mb_start_end": [start, end], "candidates": 20,
@@ -496,6 +505,10 @@ def _run(args: argparse.Namespace, work: Path, command: str) -> int:
             killed = under_load(server, lambda: faults.kill(pid), candidates=_candidates(3), settle_s=180)
             details["server_kill"] = _timeline(killed)
             report["server_kill"] = {"client_recovered_s": round(killed["recovered_s"] or -1.0, 2)}
+    if args.trace_rate and "overload" in details:  # Triton writes the trace file when it stops
+        details["overload"]["server_trace"] = triton_trace.summarize(trace_file, sig.ENSEMBLE_NAME,
+                                                                     refused_without=sig.VAN.model_name)
+        print(json.dumps({"server_trace": details["overload"]["server_trace"]}))
     if "tls" in sections:
         step("tls")
         report["tls"] = tls_check(repository, models, work / "pki")
