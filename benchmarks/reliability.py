@@ -226,7 +226,63 @@ def closed_loop(server: TritonServer, *, threads: int, seconds: float, candidate
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else 0.0,
             "rejected_p50_ms": float(np.percentile(rej, 50)) if len(rej) else 0.0,
             "rejected_p99_ms": float(np.percentile(rej, 99)) if len(rej) else 0.0,
+            "client_phases_ms": {kind: _phase_percentiles([p for r in results for p in r["phases"][kind]])
+                                 for kind in ("ok", "rejected")} | {"percentiles": [50, 90, 99]},
             "rss_mb": rss}
+
+
+class _PhaseTimedClient(AMCClient):
+    """An AMCClient that notes, per request, when its gRPC call was started and answered, so that a latency splits
+    into the client's own work and the wire + server: ``pack`` (validation, padding, tensors), ``serialize``
+    (tritonclient building and serializing the 5 MB message, in this thread), ``wire_server`` (sent until gRPC's
+    callback: transport, the server, deserializing the answer), ``wake`` (callback until this thread runs again)
+    and ``unpack`` (results). Marks are per thread: each overload thread has its own client."""
+
+    class _Calls:
+        def __init__(self, inner: object, marks: dict[str, float]) -> None:
+            self._inner, self._marks = inner, marks
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._inner, name)
+
+        def async_infer(self, callback: Callable, **kwargs: object) -> object:
+            def answered(result: object, error: object) -> None:
+                self._marks["answered"] = time.perf_counter()
+                callback(result, error)
+
+            started = self._inner.async_infer(callback=answered, **kwargs)
+            self._marks.setdefault("sent", time.perf_counter())  # the answer may already be in
+            return started
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.marks: dict[str, float] = {}
+
+    def _infer(self, inner: object, remaining: float, **kwargs: object) -> object:
+        self.marks["infer"] = time.perf_counter()
+        try:
+            return super()._infer(self._Calls(inner, self.marks), remaining, **kwargs)
+        finally:
+            self.marks["returned"] = time.perf_counter()
+
+    def phases_ms(self, started: float, ended: float) -> dict[str, float] | None:
+        m = self.marks
+        if not all(k in m for k in ("infer", "sent", "answered", "returned")):
+            return None
+        sent = min(m["sent"], m["answered"])
+        edges = (started, m["infer"], sent, m["answered"], m["returned"], ended)
+        return {name: (b - a) * 1e3 for name, a, b in zip(CLIENT_PHASES, edges[:-1], edges[1:], strict=True)}
+
+
+CLIENT_PHASES = ("pack", "serialize", "wire_server", "wake", "unpack")
+
+
+def _phase_percentiles(rows: list[dict[str, float]]) -> dict[str, list[float]]:
+    """Per client phase, p50/p90/p99 in ms over ``rows`` (one dict of phase -> ms per request)."""
+    if not rows:
+        return {}
+    return {name: [round(float(np.percentile([r[name] for r in rows], q)), 1) for q in (50, 90, 99)]
+            for name in CLIENT_PHASES}
 
 
 def _client_threads(url: str, threads: int, window: tuple[float, float], candidates: int, backoff_s: float,
@@ -242,20 +298,26 @@ def _client_threads(url: str, threads: int, window: tuple[float, float], candida
     request = _candidates(candidates)
     ok: list[float] = []
     rejected: list[float] = []
+    phases: dict[str, list[dict[str, float]]] = {"ok": [], "rejected": []}
     other: list[str] = []
     stop = threading.Event()
 
     def loop() -> None:
         rng, in_a_row = random.Random(), 0
-        with AMCClient(url, timeout_s=120, retries=0) as client:
+        with _PhaseTimedClient(url, timeout_s=120, retries=0) as client:
             while not stop.is_set():
+                client.marks.clear()
                 started = time.perf_counter()
                 try:
                     client.rank("cat face", request)
-                    ok.append(time.perf_counter() - started)
+                    ended = time.perf_counter()
+                    ok.append(ended - started)
+                    phases["ok"].append(client.phases_ms(started, ended))
                     in_a_row = 0
                 except ServerUnavailableError:
-                    rejected.append(time.perf_counter() - started)
+                    ended = time.perf_counter()
+                    rejected.append(ended - started)
+                    phases["rejected"].append(client.phases_ms(started, ended))
                     if backoff_s > 0:
                         stop.wait(backoff(backoff_s, in_a_row, rng))
                         in_a_row += 1
@@ -270,7 +332,8 @@ def _client_threads(url: str, threads: int, window: tuple[float, float], candida
     stop.set()
     for w in workers:
         w.join(timeout=300)
-    return {"ok": ok, "rejected": rejected, "other": other}
+    return {"ok": ok, "rejected": rejected, "other": other,
+            "phases": {k: [p for p in v if p is not None] for k, v in phases.items()}}
 
 
 def step_statistics(server: TritonServer) -> dict[str, dict[str, int]]:
