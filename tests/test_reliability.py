@@ -158,6 +158,26 @@ def test_onnx_sessions_do_not_spin_and_size_their_threads_by_cpu_affinity() -> N
         session_options({"allow_spinning": "yes"}, "amc_van")
 
 
+def test_network_steps_yield_the_cpu_to_the_entrance(server: TritonServer) -> None:
+    """The raw pipeline's network stubs run at the generated niceness (config parameter nice, set before their
+    onnxruntime pools start); the text step, which refuses the excess, and the top-k step keep the server's
+    priority. A bad niceness names itself."""
+    import os
+
+    from export.repository import NETWORK_NICE
+    from serving.backends.onnx_runner import lower_cpu_priority
+
+    base = os.getpriority(os.PRIO_PROCESS, server.pid)
+    niceness = {stub.model: os.getpriority(os.PRIO_PROCESS, stub.pid) for stub in faults.stubs(server.pid)}
+    for step in sig.NETWORKS:
+        assert niceness[step.model_name] == min(19, base + NETWORK_NICE), (step.model_name, niceness)
+    assert niceness[sig.TOKENIZER.model_name] == base and niceness[sig.TOPK.model_name] == base
+    assert lower_cpu_priority({}, "amc_van") == os.getpriority(os.PRIO_PROCESS, 0)  # 0 added: unchanged
+    for bad in ("20", "-1", "ten"):
+        with pytest.raises(ValueError, match=f"amc_van: nice must be an integer from 0 to 19, not '{bad}'"):
+            lower_cpu_priority({"nice": bad}, "amc_van")
+
+
 def test_in_flight_counter_admits_up_to_the_limit_frees_and_expires(tmp_path: Path) -> None:
     import time
 
