@@ -232,18 +232,32 @@ def closed_loop(server: TritonServer, *, threads: int, seconds: float, candidate
 
 
 class _PhaseTimedClient(AMCClient):
-    """An AMCClient that notes, per request, when its gRPC call was started and answered, so that a latency splits
-    into the client's own work and the wire + server: ``pack`` (validation, padding, tensors), ``serialize``
-    (tritonclient building and serializing the 5 MB message, in this thread), ``wire_server`` (sent until gRPC's
-    callback: transport, the server, deserializing the answer), ``wake`` (callback until this thread runs again)
-    and ``unpack`` (results). Marks are per thread: each overload thread has its own client."""
+    """An AMCClient that notes, per request, when its gRPC calls were started and answered, so that a latency
+    splits into the client's own work and the wire + server: ``routing`` (reading the ensemble's routing config
+    when the cached one is older than ``routing_refresh_s``), ``pack`` (validation, padding, tensors: the rest of
+    the time before the inference call), ``serialize`` (tritonclient building and serializing the 5 MB message,
+    in this thread), ``wire_server`` (sent until gRPC's callback: transport, the server, deserializing the
+    answer), ``wake`` (callback until this thread runs again) and ``unpack`` (results). Marks are per client:
+    each overload thread has its own. Under GIL contention the answer can arrive before ``async_infer`` returns;
+    the wire time is then counted in ``serialize``."""
 
     class _Calls:
         def __init__(self, inner: object, marks: dict[str, float]) -> None:
             self._inner, self._marks = inner, marks
 
         def __getattr__(self, name: str) -> object:
-            return getattr(self._inner, name)
+            call = getattr(self._inner, name)
+            if name != "get_model_config":
+                return call
+
+            def timed(*args: object, **kwargs: object) -> object:
+                started = time.perf_counter()
+                try:
+                    return call(*args, **kwargs)
+                finally:
+                    self._marks["routing"] = self._marks.get("routing", 0.0) + time.perf_counter() - started
+
+            return timed
 
         def async_infer(self, callback: Callable, **kwargs: object) -> object:
             def answered(result: object, error: object) -> None:
@@ -258,10 +272,13 @@ class _PhaseTimedClient(AMCClient):
         super().__init__(*args, **kwargs)
         self.marks: dict[str, float] = {}
 
+    def _client_of(self, replica: object) -> object:
+        return self._Calls(super()._client_of(replica), self.marks)
+
     def _infer(self, inner: object, remaining: float, **kwargs: object) -> object:
         self.marks["infer"] = time.perf_counter()
         try:
-            return super()._infer(self._Calls(inner, self.marks), remaining, **kwargs)
+            return super()._infer(inner, remaining, **kwargs)
         finally:
             self.marks["returned"] = time.perf_counter()
 
@@ -271,10 +288,12 @@ class _PhaseTimedClient(AMCClient):
             return None
         sent = min(m["sent"], m["answered"])
         edges = (started, m["infer"], sent, m["answered"], m["returned"], ended)
-        return {name: (b - a) * 1e3 for name, a, b in zip(CLIENT_PHASES, edges[:-1], edges[1:], strict=True)}
+        phases = {name: (b - a) * 1e3 for name, a, b in zip(CLIENT_PHASES[1:], edges[:-1], edges[1:], strict=True)}
+        routing = m.get("routing", 0.0) * 1e3
+        return {"routing": routing} | phases | {"pack": phases["pack"] - routing}
 
 
-CLIENT_PHASES = ("pack", "serialize", "wire_server", "wake", "unpack")
+CLIENT_PHASES = ("routing", "pack", "serialize", "wire_server", "wake", "unpack")
 
 
 def _phase_percentiles(rows: list[dict[str, float]]) -> dict[str, list[float]]:

@@ -378,6 +378,69 @@ def test_client_routes_caches_routing_and_pins_versions():
     assert c.routing().canary_share == 0.5
 
 
+def test_stale_routing_is_refreshed_apart_and_no_request_waits_for_it():
+    """The first request reads the routing; once it is older than routing_refresh_s a request goes by the routing
+    in hand while one refresh runs apart (a slow config read blocks nobody, and a second stale request starts no
+    second read); the refreshed routing serves the requests after it; a failed refresh keeps the old one."""
+    import threading
+
+    fake = FakeTriton(routing={"serving_version": "1", "canary_version": "2", "canary_share": "0"}, loaded=(1, 2))
+    original, release, reading = fake.get_model_config, threading.Event(), threading.Event()
+    c = client(fake, routing_refresh_s=0.05)
+    assert c.rank("cat", [cand("a")])[0].model_version == 1  # read first: nothing in hand yet
+    assert [name for name, _ in fake.calls] == ["get_model_config", "infer"]
+
+    def slow_config(model_name, **kw):
+        reading.set()
+        assert release.wait(10)
+        return original(model_name, **kw)
+
+    fake.get_model_config = slow_config
+    fake.routing = {"serving_version": "1", "canary_version": "2", "canary_share": "1"}
+    time.sleep(0.1)
+    started = time.monotonic()
+    assert [c.rank("cat", [cand("a")])[0].model_version for _ in range(3)] == [1, 1, 1]  # the routing in hand
+    assert time.monotonic() - started < 5 and reading.wait(5)
+    assert sum(name == "get_model_config" for name, _ in fake.calls) == 1  # the blocked read is the only one
+    release.set()
+    deadline = time.monotonic() + 5
+    while c.routing().canary_share != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert c.rank("cat", [cand("a")])[0].model_version == 2  # the refreshed routing: all to the canary
+    fake.get_model_config = lambda model_name, **kw: (_ for _ in ()).throw(err("UNAVAILABLE"))
+    time.sleep(0.1)
+    assert c.rank("cat", [cand("a")])[0].model_version == 2  # the refresh fails apart; the request does not
+    c.close()
+
+
+def test_async_client_refreshes_stale_routing_apart():
+    fake = FakeTriton(routing={"serving_version": "1", "canary_version": "2", "canary_share": "0"}, loaded=(1, 2))
+
+    class AsyncFake:
+        def __getattr__(self, name):
+            async def call(*a, **kw):
+                if name == "get_model_config" and fake.calls:
+                    await asyncio.sleep(0.3)  # a slow read, after the first
+                return getattr(fake, name)(*a, **kw)
+
+            return call
+
+    async def main():
+        async with AsyncAMCClient("fake:8001", _inner=AsyncFake(), routing_refresh_s=0.05, backoff_s=0.0) as c:
+            first = (await c.rank("cat", [cand("a")]))[0].model_version
+            fake.routing = {"serving_version": "1", "canary_version": "2", "canary_share": "1"}
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            stale = [(await c.rank("cat", [cand("a")]))[0].model_version for _ in range(3)]
+            waited = time.monotonic() - started
+            await asyncio.sleep(0.5)
+            fresh = (await c.rank("cat", [cand("a")]))[0].model_version
+        return first, stale, waited, fresh
+
+    first, stale, waited, fresh = asyncio.run(main())
+    assert (first, stale, fresh) == (1, [1, 1, 1], 2) and waited < 0.3
+
+
 def test_unknown_version_lists_loaded_versions_without_retrying():
     fake = FakeTriton(
         loaded=(1, 2), errors=[err("INVALID_ARGUMENT", "Request for unknown model: 'amc_v7' is not found")]

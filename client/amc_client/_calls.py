@@ -138,5 +138,13 @@ class Sleep:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Detach:
+    """A request path of its own (``steps``) that the face runs apart (a thread, a task) while the yielding path
+    goes on at once: a routing refresh that no request waits for."""
+
+    steps: Any  # Steps
+
+
 # What the core's request paths yield, and what they are sent back.
-Steps = Generator["Call | Sleep", Any, Any]
+Steps = Generator["Call | Sleep | Detach", Any, Any]

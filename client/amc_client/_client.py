@@ -26,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 from . import _calls, _fleet, _packing, _routing, _search
 from . import signatures as sig
 from ._calls import Call as _Call
+from ._calls import Detach as _Detach
 from ._calls import Sleep as _Sleep
 from ._calls import Steps as _Steps
 from ._fleet import ReplicaStatus
@@ -107,6 +108,7 @@ class _Core:
         self._pending_tasks: set[Any] = set()
         self._routing: Routing | None = None
         self._routing_at = -math.inf
+        self._refreshing = False  # a routing refresh runs apart (_refresh_behind)
         self._open()
 
     def _open(self) -> None:
@@ -267,21 +269,45 @@ class _Core:
         """``amc_search``, its pinned twin, or (its canary share of the searches) the canary version's."""
         if self.model_version is not None:
             return sig.versioned_search_ensemble_name(self.model_version), self.model_version
-        if not self._routing_fresh():
+        if self._routing is None:
             try:
                 yield from self._fetch_routing(deadline)
             except ModelVersionError:  # a server that serves search without amc: no canary to follow
                 return sig.SEARCH_ENSEMBLE_NAME, None
-        assert self._routing is not None
+        elif not self._routing_fresh():
+            yield from self._refresh_behind()
         return _routing.pick_search(self._routing, self._rng)
 
     def _choose(self, deadline: _calls.Deadline, reread: bool) -> _Steps:
         if self.model_version is not None:
             return sig.versioned_ensemble_name(self.model_version), self.model_version
-        if reread or not self._routing_fresh():
+        if reread or self._routing is None:
             yield from self._fetch_routing(deadline)
+        elif not self._routing_fresh():
+            yield from self._refresh_behind()
         assert self._routing is not None
         return _routing.pick(self._routing, self._rng)
+
+    def _refresh_behind(self) -> _Steps:
+        """Routing older than ``routing_refresh_s``: this request goes by it, and one refresh at a time runs apart.
+
+        Why not read it first: under overload reading the config waits at the server's front end as long as a
+        refusal does (64 overload clients, a 2-CPU server: most of the client-side tail of the refusals was this
+        read), and a request sent by a routing one refresh old is still answered right (a canary gone since then
+        is re-read at once, in :meth:`_request`)."""
+        with self._pending_lock:
+            if self._refreshing:
+                return
+            self._refreshing = True
+        yield _Detach(self._refresh_routing())
+
+    def _refresh_routing(self) -> _Steps:
+        try:
+            yield from self._fetch_routing(_calls.Deadline(self.timeout_s))
+        except AMCError:
+            pass  # the routing in hand stays; the next request past its age tries again
+        finally:
+            self._refreshing = False
 
     def _fetch_routing(self, deadline: _calls.Deadline) -> _Steps:
         name = sig.ENSEMBLE_NAME
@@ -387,6 +413,12 @@ class AMCClient(_Core):
             if isinstance(op, _Sleep):
                 time.sleep(op.seconds)
                 continue
+            if isinstance(op, _Detach):
+                with self._pending_lock:
+                    self._pending += 1  # close() waits for it as for an abandoned call
+                threading.Thread(target=self._drive_apart, args=(op.steps,), daemon=True,
+                                 name="amc-client-detached").start()
+                continue
             try:
                 inner = self._client_of(op.replica)
                 if op.method == "infer":
@@ -396,6 +428,17 @@ class AMCClient(_Core):
                     value = getattr(inner, op.method)(*args, **kwargs)
             except InferenceServerException as e:
                 error = e
+
+    def _drive_apart(self, steps: _Steps) -> None:
+        """Run a detached path to its end; nobody waits for it, so nothing it raises goes anywhere."""
+        try:
+            self._drive(steps)
+        except Exception:  # noqa: BLE001, S110 - e.g. a channel closed meanwhile: the routing in hand stays
+            pass
+        finally:
+            steps.close()  # its finally clauses run even when it stopped midway
+            with self._pending_lock:
+                self._pending -= 1
 
     def _infer(self, inner: Any, remaining: float, **kwargs: Any) -> Any:
         """One inference that the caller stops waiting for after ``remaining`` s but never cancels.
@@ -517,6 +560,11 @@ class AsyncAMCClient(_Core):
             if isinstance(op, _Sleep):
                 await asyncio.sleep(op.seconds)
                 continue
+            if isinstance(op, _Detach):
+                task = asyncio.ensure_future(self._drive_apart(op.steps))
+                self._pending_tasks.add(task)  # close() waits for it; done, it leaves the set
+                task.add_done_callback(self._pending_tasks.discard)
+                continue
             try:
                 inner = self._client_of(op.replica)
                 if op.method == "infer":
@@ -526,6 +574,15 @@ class AsyncAMCClient(_Core):
                     value = await getattr(inner, op.method)(*args, **kwargs)
             except InferenceServerException as e:
                 error = e
+
+    async def _drive_apart(self, steps: _Steps) -> None:
+        """See :meth:`AMCClient._drive_apart`."""
+        try:
+            await self._drive(steps)
+        except Exception:  # noqa: BLE001, S110
+            pass
+        finally:
+            steps.close()
 
     async def _infer(self, inner: Any, remaining: float, **kwargs: Any) -> Any:
         """See :meth:`AMCClient._infer`: wait at most ``remaining`` s, but never cancel the RPC itself."""
