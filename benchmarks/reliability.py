@@ -234,7 +234,7 @@ def closed_loop(server: TritonServer, *, threads: int, seconds: float, candidate
 class _PhaseTimedClient(AMCClient):
     """An AMCClient that notes, per request, when its gRPC calls were started and answered, so that a latency
     splits into the client's own work and the wire + server: ``routing`` (reading the ensemble's routing config
-    when the cached one is older than ``routing_refresh_s``), ``pack`` (validation, padding, tensors: the rest of
+    before the first request; later reads run in the background and are no request's time), ``pack`` (validation, padding, tensors: the rest of
     the time before the inference call), ``serialize`` (tritonclient building and serializing the 5 MB message,
     in this thread), ``wire_server`` (sent until gRPC's callback: transport, the server, deserializing the
     answer), ``wake`` (callback until this thread runs again) and ``unpack`` (results). Marks are per client:
@@ -242,13 +242,13 @@ class _PhaseTimedClient(AMCClient):
     the wire time is then counted in ``serialize``."""
 
     class _Calls:
-        def __init__(self, inner: object, marks: dict[str, float]) -> None:
-            self._inner, self._marks = inner, marks
+        def __init__(self, inner: object, marks: dict[str, float], owner: int) -> None:
+            self._inner, self._marks, self._owner = inner, marks, owner
 
         def __getattr__(self, name: str) -> object:
             call = getattr(self._inner, name)
-            if name != "get_model_config":
-                return call
+            if name != "get_model_config" or threading.get_ident() != self._owner:
+                return call  # a refresh in the background is no request's time
 
             def timed(*args: object, **kwargs: object) -> object:
                 started = time.perf_counter()
@@ -271,9 +271,10 @@ class _PhaseTimedClient(AMCClient):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.marks: dict[str, float] = {}
+        self._owner = threading.get_ident()  # the overload thread that sends this client's requests
 
     def _client_of(self, replica: object) -> object:
-        return self._Calls(super()._client_of(replica), self.marks)
+        return self._Calls(super()._client_of(replica), self.marks, self._owner)
 
     def _infer(self, inner: object, remaining: float, **kwargs: object) -> object:
         self.marks["infer"] = time.perf_counter()
