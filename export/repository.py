@@ -75,10 +75,12 @@ BATCH_DELAY_US = 200
 # most MAX_IN_FLIGHT requests. Counted: amc, amc_v<N> (counter "raw") and amc_search, amc_search_v<N>
 # ("store"); amc_store and amc_store_fused end in an ONNX network, which cannot free a slot, so the store text
 # step does not count their requests (they keep the entrance queue bound only).
-# Measured (benchmarks.reliability; reports/overload_runs.json): with the load generator on other CPUs than a 2-CPU
-# server, 64 threads backing off as the client does, a rejection takes 14-19 ms in the server and 29-40 ms (p50) /
-# 94-144 ms (p99) as the clients see it; accepted p99 183-265 ms. With the clients on the same 2 cores, their own
-# packing of 5 MB requests takes as much CPU as the server's work, and the figures are several times worse.
+# Measured (benchmarks.reliability; reports/overload_runs.json, device_runs_early_refusals): with the load generator
+# on other CPUs than a 2-CPU server, 64 threads backing off as the client does, refusals answered early and the
+# networks niced (NETWORK_NICE), a refusal takes p50 19-24 ms / p99 51-73 ms in the server from the start of its
+# intake to the answer sent (Triton's trace), 25-28 ms (p50) / 146-212 ms (p99) as the clients see it, the rest
+# being their own packing of 5 MB; accepted p99 207-273 ms. With the clients on the same 2 cores, their packing
+# takes as much CPU as the server's work, and the figures are several times worse.
 MAX_QUEUE_SIZE = 16
 # The niceness of the raw pipeline's network steps' processes (config parameter ``nice``, onnx_runner.lower_cpu_priority): on a
 # CPU server their compute yields to Triton's gRPC intake and to the text step, which refuses the excess, so under

@@ -45,7 +45,9 @@ and ``max_keyword_bytes`` per keyword.
 Overload: each valid request takes a slot of its version's in-flight counter (``admission.py``; config parameters
 ``admission``, ``max_in_flight``, ``in_flight_expiry_s``), freed by the top-k step at the end of the ensemble;
 with ``max_in_flight`` taken, the request is answered UNAVAILABLE "overloaded: ... in flight" at once instead of
-waiting in the slow steps' queues. Store mode counts only the requests of ``amc_search`` (asked for
+waiting in the slow steps' queues. Refusals and the caller's mistakes are sent through each request's response
+sender before the batch's admitted queries are encoded (their places in ``execute``'s list are None), so that
+a refusal never waits for the encoder. Store mode counts only the requests of ``amc_search`` (asked for
 ``candidate_rows``: its top-k step frees the slot); ``amc_store`` and ``amc_store_fused`` have no such step.
 
 With dynamic batching Triton hands several requests to one :meth:`TritonPythonModel.execute`: their queries
