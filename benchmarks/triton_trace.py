@@ -8,7 +8,7 @@ request), REQUEST_START/END (inside the server) and GRPC_SEND_START/END, plus on
 Used by ``benchmarks.reliability --trace-rate N``: the server starts with tracing configured but off, tracing is
 switched on through the trace-settings API for the measured window only, and the file Triton writes at shutdown
 is summarized here, answered and refused requests apart (a refused request of the raw ensemble has no VAN child:
-the text step stopped it). A refusal sent early (the text step's response sender) may leave before REQUEST_END: send_ms
+the text step stopped it, or its full entrance queue did). A refusal sent early (the text step's response sender) may leave before REQUEST_END: send_ms
 is then below zero.
 
 Caveat: GRPC_WAITREAD_START is when the front end began waiting for its next request, so on an idle server it

@@ -78,15 +78,18 @@ BATCH_DELAY_US = 200
 # Measured (benchmarks.reliability; reports/overload_runs.json, device_runs_early_refusals): with the load generator
 # on other CPUs than a 2-CPU server, 64 threads backing off as the client does, refusals answered early and the
 # networks niced (NETWORK_NICE), a refusal takes p50 19-24 ms / p99 51-73 ms in the server from the start of its
-# intake to the answer sent (Triton's trace), 25-28 ms (p50) / 146-212 ms (p99) as the clients see it, the rest
-# being their own packing of 5 MB; accepted p99 207-273 ms. With the clients on the same 2 cores, their packing
+# intake to the answer sent (Triton's trace), 25-28 ms (p50) / 146-212 ms (p99) as the clients see it (the
+# difference is spent in the clients: packing and serializing 5 MB, and the wire); accepted p99 207-273 ms. With the clients on the same 2 cores, their packing
 # takes as much CPU as the server's work, and the figures are several times worse.
 MAX_QUEUE_SIZE = 16
-# The niceness of the raw pipeline's network steps' processes (config parameter ``nice``, onnx_runner.lower_cpu_priority): on a
-# CPU server their compute yields to Triton's gRPC intake and to the text step, which refuses the excess, so under
-# overload a refusal does not wait behind the networks' compute. Measured on this 2-core machine (server pinned to
-# one CPU, the 64 clients on the other, 30 s; benchmarks.reliability --network-nice): the server's time from a
-# request's arrival to its refusal 26.0 ms at niceness 0, 6.3 ms at 10, with 952 / 1016 requests answered.
+# What the raw pipeline's network steps add to their niceness (config parameter ``nice``,
+# onnx_runner.lower_cpu_priority): on a CPU server their compute yields to Triton's gRPC intake and to the text step,
+# which refuses the excess, so under overload a refusal does not wait behind the networks' compute. Measured
+# (reports/overload_runs.json, device_runs_early_refusals: a 2-CPU server, 64 clients on other CPUs, interleaved
+# runs on one machine each): the server's mean time per refusal 9.8-11.6 ms at 10 against 19.7-21.7 ms at 0, and
+# the refusals' p99 in the server (Triton's trace) 51-55 ms against 79 ms; answered 3,540-3,700 requests a minute
+# against 3,444-3,744.
+# Other processes on the same CPUs (outside the server's container) also take precedence over the networks.
 NETWORK_NICE = 10
 # Keywords the text step encodes on the fly (not in the version's keyword table) and keeps: 1.5 KB each.
 KEYWORD_CACHE_SIZE = 20_000

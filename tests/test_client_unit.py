@@ -378,67 +378,91 @@ def test_client_routes_caches_routing_and_pins_versions():
     assert c.routing().canary_share == 0.5
 
 
+def _wait_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
 def test_stale_routing_is_refreshed_apart_and_no_request_waits_for_it():
     """The first request reads the routing; once it is older than routing_refresh_s a request goes by the routing
-    in hand while one refresh runs apart (a slow config read blocks nobody, and a second stale request starts no
-    second read); the refreshed routing serves the requests after it; a failed refresh keeps the old one."""
+    in hand while one refresh runs apart (a slow config read blocks nobody, and stale requests meanwhile start no
+    second read); the refreshed routing serves the requests after it; a failed refresh keeps the old one and is
+    not tried again at once; close() waits for a refresh in flight and starts none."""
     import threading
 
     fake = FakeTriton(routing={"serving_version": "1", "canary_version": "2", "canary_share": "0"}, loaded=(1, 2))
-    original, release, reading = fake.get_model_config, threading.Event(), threading.Event()
-    c = client(fake, routing_refresh_s=0.05)
+    original, release, reads = fake.get_model_config, threading.Event(), []
+    c = client(fake, routing_refresh_s=0.4)
     assert c.rank("cat", [cand("a")])[0].model_version == 1  # read first: nothing in hand yet
     assert [name for name, _ in fake.calls] == ["get_model_config", "infer"]
 
     def slow_config(model_name, **kw):
-        reading.set()
+        reads.append(time.monotonic())
         assert release.wait(10)
         return original(model_name, **kw)
 
     fake.get_model_config = slow_config
     fake.routing = {"serving_version": "1", "canary_version": "2", "canary_share": "1"}
-    time.sleep(0.1)
+    time.sleep(0.5)
     started = time.monotonic()
     assert [c.rank("cat", [cand("a")])[0].model_version for _ in range(3)] == [1, 1, 1]  # the routing in hand
-    assert time.monotonic() - started < 5 and reading.wait(5)
-    assert sum(name == "get_model_config" for name, _ in fake.calls) == 1  # the blocked read is the only one
+    assert time.monotonic() - started < 5
+    _wait_until(lambda: reads)
+    time.sleep(0.5)  # past the refresh period again: still the one read in flight
+    assert c.rank("cat", [cand("a")])[0].model_version == 1 and len(reads) == 1
     release.set()
-    deadline = time.monotonic() + 5
-    while c.routing().canary_share != 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_until(lambda: c._routing.canary_share == 1 and not c._refreshing)
     assert c.rank("cat", [cand("a")])[0].model_version == 2  # the refreshed routing: all to the canary
-    fake.get_model_config = lambda model_name, **kw: (_ for _ in ()).throw(err("UNAVAILABLE"))
-    time.sleep(0.1)
+    failed = []
+
+    def failing_config(model_name, **kw):
+        failed.append(time.monotonic())
+        raise err("UNAVAILABLE")
+
+    fake.get_model_config = failing_config
+    time.sleep(0.5)
     assert c.rank("cat", [cand("a")])[0].model_version == 2  # the refresh fails apart; the request does not
+    _wait_until(lambda: failed and not c._refreshing)
+    attempts = len(failed)
+    assert c.rank("cat", [cand("a")])[0].model_version == 2  # within half a period of the failure: no new try
+    time.sleep(0.1)
+    assert len(failed) == attempts
     c.close()
+    time.sleep(0.5)
+    c.rank("cat", [cand("a")])  # the fake still answers: a closed client starts no refresh
+    time.sleep(0.1)
+    assert len(failed) == attempts
 
 
 def test_async_client_refreshes_stale_routing_apart():
     fake = FakeTriton(routing={"serving_version": "1", "canary_version": "2", "canary_share": "0"}, loaded=(1, 2))
 
-    class AsyncFake:
-        def __getattr__(self, name):
-            async def call(*a, **kw):
-                if name == "get_model_config" and fake.calls:
-                    await asyncio.sleep(0.3)  # a slow read, after the first
-                return getattr(fake, name)(*a, **kw)
-
-            return call
-
     async def main():
+        release = asyncio.Event()
+
+        class AsyncFake:
+            def __getattr__(self, name):
+                async def call(*a, **kw):
+                    if name == "get_model_config" and fake.calls:
+                        await release.wait()  # a slow read, after the first
+                    return getattr(fake, name)(*a, **kw)
+
+                return call
+
         async with AsyncAMCClient("fake:8001", _inner=AsyncFake(), routing_refresh_s=0.05, backoff_s=0.0) as c:
             first = (await c.rank("cat", [cand("a")]))[0].model_version
             fake.routing = {"serving_version": "1", "canary_version": "2", "canary_share": "1"}
             await asyncio.sleep(0.1)
-            started = time.monotonic()
-            stale = [(await c.rank("cat", [cand("a")]))[0].model_version for _ in range(3)]
-            waited = time.monotonic() - started
-            await asyncio.sleep(0.5)
+            stale = [(await c.rank("cat", [cand("a")]))[0].model_version for _ in range(3)]  # not blocked
+            release.set()
+            await asyncio.wait(set(c._pending_tasks))
             fresh = (await c.rank("cat", [cand("a")]))[0].model_version
-        return first, stale, waited, fresh
+            refreshing = c._refreshing
+        return first, stale, fresh, refreshing
 
-    first, stale, waited, fresh = asyncio.run(main())
-    assert (first, stale, fresh) == (1, [1, 1, 1], 2) and waited < 0.3
+    assert asyncio.run(asyncio.wait_for(main(), 20)) == (1, [1, 1, 1], 2, False)
 
 
 def test_unknown_version_lists_loaded_versions_without_retrying():

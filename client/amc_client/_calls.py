@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,9 +141,11 @@ class Sleep:
 @dataclass(frozen=True)
 class Detach:
     """A request path of its own (``steps``) that the face runs apart (a thread, a task) while the yielding path
-    goes on at once: a routing refresh that no request waits for."""
+    goes on at once: a routing refresh that no request waits for. The face calls ``done()`` when it ends, however
+    it ends, even if it never started."""
 
     steps: Any  # Steps
+    done: Callable[[], None]
 
 
 # What the core's request paths yield, and what they are sent back.

@@ -3,7 +3,8 @@
 One core, two thin faces. :class:`_Core` holds everything a request does: options, validation, packing,
 canary routing, retries with backoff inside one deadline, the translation of errors, the result checks. Its
 request paths are generators that *yield* what they need done (:class:`_Call`: one call of tritonclient's
-API; :class:`_Sleep`: a backoff) and are sent the result, or thrown the tritonclient exception. The blocking
+API; :class:`_Sleep`: a backoff; :class:`_Detach`: a path to run apart, as the routing refresh) and are sent the
+result, or thrown the tritonclient exception. The blocking
 :class:`AMCClient` runs them with :meth:`AMCClient._drive` (plain calls, ``time.sleep``), the asyncio
 :class:`AsyncAMCClient` with :meth:`AsyncAMCClient._drive` (awaited calls, ``asyncio.sleep``); each face adds
 only how it talks to the channel and its public methods, one line each.
@@ -34,6 +35,8 @@ from ._packing import CandidateSet
 from ._types import RankedResult, Routing
 from .errors import AMCError, DeadlineExceededError, InvalidInputError, MixedVersionError, ModelVersionError
 
+# The deadline of a routing refresh in the background (close() waits for one in flight).
+REFRESH_TIMEOUT_S = 2.0
 # gRPC's largest message (2 GiB - 1), as tritonclient's own default: 1000 candidates x 49 x 1280 float32 is 250 MB.
 MAX_MESSAGE_BYTES = 2**31 - 1
 
@@ -108,7 +111,9 @@ class _Core:
         self._pending_tasks: set[Any] = set()
         self._routing: Routing | None = None
         self._routing_at = -math.inf
-        self._refreshing = False  # a routing refresh runs apart (_refresh_behind)
+        self._refreshing = False  # a routing refresh runs apart (_routing_in_hand)
+        self._closing = False  # close() began: no refresh starts any more
+        self._next_refresh_at = -math.inf  # after a failed refresh: not before then
         self._open()
 
     def _open(self) -> None:
@@ -168,8 +173,9 @@ class _Core:
     def _routing_fresh(self) -> bool:
         return self._routing is not None and time.monotonic() - self._routing_at < self._routing_refresh_s
 
-    def _set_routing(self, config: Mapping[str, Any]) -> Routing:
-        self._routing, self._routing_at = _routing.parse(config), time.monotonic()
+    def _set_routing(self, config: Mapping[str, Any], asked: float) -> Routing:
+        """Routing from ``amc``'s config, as read at ``asked`` (time.monotonic() when the read was sent)."""
+        self._routing, self._routing_at = _routing.parse(config), asked
         return self._routing
 
     def _retry_delay(
@@ -224,7 +230,7 @@ class _Core:
             )
         return _packing.unpack(outputs, sets, versions.tolist(), top_k)
 
-    # ---- the request paths: generators of _Call / _Sleep, run by a face's _drive ---------------------------
+    # ---- the request paths: generators of _Call / _Sleep / _Detach, run by a face's _drive --------------------
     def _rank_many(
         self,
         queries: Sequence[str],
@@ -269,50 +275,57 @@ class _Core:
         """``amc_search``, its pinned twin, or (its canary share of the searches) the canary version's."""
         if self.model_version is not None:
             return sig.versioned_search_ensemble_name(self.model_version), self.model_version
-        if self._routing is None:
-            try:
-                yield from self._fetch_routing(deadline)
-            except ModelVersionError:  # a server that serves search without amc: no canary to follow
-                return sig.SEARCH_ENSEMBLE_NAME, None
-        elif not self._routing_fresh():
-            yield from self._refresh_behind()
+        try:
+            yield from self._routing_in_hand(deadline)
+        except ModelVersionError:  # a server that serves search without amc: no canary to follow
+            return sig.SEARCH_ENSEMBLE_NAME, None
         return _routing.pick_search(self._routing, self._rng)
 
     def _choose(self, deadline: _calls.Deadline, reread: bool) -> _Steps:
         if self.model_version is not None:
             return sig.versioned_ensemble_name(self.model_version), self.model_version
-        if reread or self._routing is None:
+        if reread:
             yield from self._fetch_routing(deadline)
-        elif not self._routing_fresh():
-            yield from self._refresh_behind()
+        else:
+            yield from self._routing_in_hand(deadline)
         assert self._routing is not None
         return _routing.pick(self._routing, self._rng)
 
-    def _refresh_behind(self) -> _Steps:
-        """Routing older than ``routing_refresh_s``: this request goes by it, and one refresh at a time runs apart.
+    def _routing_in_hand(self, deadline: _calls.Deadline) -> _Steps:
+        """Read the routing if there is none yet; if it is older than ``routing_refresh_s``, go by it and start
+        one refresh apart (:class:`_Detach`), unless one runs already or the client is closing.
 
-        Why not read it first: under overload reading the config waits at the server's front end as long as a
-        refusal does (64 overload clients, a 2-CPU server: most of the client-side tail of the refusals was this
-        read), and a request sent by a routing one refresh old is still answered right (a canary gone since then
-        is re-read at once, in :meth:`_request`)."""
+        Why not read it first: under overload the config read waits at the server's front end like any request,
+        and a request sent by a routing one refresh old is still answered right (a canary gone since then is
+        re-read at once, in :meth:`_request`)."""
+        if self._routing is None:
+            yield from self._fetch_routing(deadline)
+            return
+        if self._routing_fresh() or time.monotonic() < self._next_refresh_at:
+            return
         with self._pending_lock:
-            if self._refreshing:
+            if self._refreshing or self._closing:
                 return
             self._refreshing = True
-        yield _Detach(self._refresh_routing())
+        yield _Detach(self._refresh_routing(), done=self._refresh_ended)
 
     def _refresh_routing(self) -> _Steps:
+        # A short deadline: close() waits for a refresh in flight (closing the channel would cancel it).
         try:
-            yield from self._fetch_routing(_calls.Deadline(self.timeout_s))
-        except AMCError:
-            pass  # the routing in hand stays; the next request past its age tries again
-        finally:
-            self._refreshing = False
+            yield from self._fetch_routing(_calls.Deadline(min(self.timeout_s, REFRESH_TIMEOUT_S)))
+        except AMCError:  # the routing in hand stays; the next try after half a refresh period
+            self._next_refresh_at = time.monotonic() + self._routing_refresh_s / 2
+
+    def _refresh_ended(self) -> None:
+        """Called by the face when a detached refresh ends, however it ends (even if it never started)."""
+        self._refreshing = False
 
     def _fetch_routing(self, deadline: _calls.Deadline) -> _Steps:
-        name = sig.ENSEMBLE_NAME
+        name, asked = sig.ENSEMBLE_NAME, time.monotonic()
         config = yield from self._call("get_model_config", name, deadline, model_name=name, as_json=True)
-        return self._set_routing(config)
+        if asked >= self._routing_at:  # a slower, older read (a refresh behind a re-read) does not undo a newer one
+            self._set_routing(config, asked)
+        return self._routing
 
     def _call(self, method: str, model: str, deadline: _calls.Deadline, **kwargs: Any) -> _Steps:
         """One call with retries (UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL, UNKNOWN) and backoff, all within
@@ -414,10 +427,7 @@ class AMCClient(_Core):
                 time.sleep(op.seconds)
                 continue
             if isinstance(op, _Detach):
-                with self._pending_lock:
-                    self._pending += 1  # close() waits for it as for an abandoned call
-                threading.Thread(target=self._drive_apart, args=(op.steps,), daemon=True,
-                                 name="amc-client-detached").start()
+                self._start_apart(op)
                 continue
             try:
                 inner = self._client_of(op.replica)
@@ -429,14 +439,29 @@ class AMCClient(_Core):
             except InferenceServerException as e:
                 error = e
 
-    def _drive_apart(self, steps: _Steps) -> None:
+    def _start_apart(self, op: _Detach) -> None:
+        """Run ``op``'s path in a daemon thread; close() waits for it as for an abandoned call."""
+        with self._pending_lock:
+            self._pending += 1
+        try:
+            threading.Thread(target=self._drive_apart, args=(op,), daemon=True, name="amc-client-detached").start()
+        except RuntimeError:  # no thread to be had: the path does not run
+            self._end_apart(op)
+
+    def _drive_apart(self, op: _Detach) -> None:
         """Run a detached path to its end; nobody waits for it, so nothing it raises goes anywhere."""
         try:
-            self._drive(steps)
+            self._drive(op.steps)
         except Exception:  # noqa: BLE001, S110 - e.g. a channel closed meanwhile: the routing in hand stays
             pass
         finally:
-            steps.close()  # its finally clauses run even when it stopped midway
+            self._end_apart(op)
+
+    def _end_apart(self, op: _Detach) -> None:
+        try:
+            op.steps.close()
+        finally:
+            op.done()
             with self._pending_lock:
                 self._pending -= 1
 
@@ -482,6 +507,7 @@ class AMCClient(_Core):
 
     def close(self) -> None:
         """Close the gRPC channels, after abandoned calls have finished (closing would cancel them)."""
+        self._closing = True
         end = time.monotonic() + self.server_deadline_s
         while self._pending > 0 and time.monotonic() < end:
             time.sleep(0.01)
@@ -564,6 +590,7 @@ class AsyncAMCClient(_Core):
                 task = asyncio.ensure_future(self._drive_apart(op.steps))
                 self._pending_tasks.add(task)  # close() waits for it; done, it leaves the set
                 task.add_done_callback(self._pending_tasks.discard)
+                task.add_done_callback(lambda _, done=op.done: done())  # also when cancelled before it ran
                 continue
             try:
                 inner = self._client_of(op.replica)
@@ -604,6 +631,7 @@ class AsyncAMCClient(_Core):
 
     async def close(self) -> None:
         """Close the gRPC channels (those opened), after abandoned calls have finished."""
+        self._closing = True
         if self._pending_tasks:
             await asyncio.wait(set(self._pending_tasks), timeout=self.server_deadline_s)
         for replica in self._fleet.replicas:

@@ -7,8 +7,9 @@ repository flavour). Everything model-specific comes from the model's ``config.p
 - ``parameters``: ``onnx_file`` (default ``model.onnx``), ``intra_op_num_threads`` (default: onnxruntime's, or
   the CPUs this process may run on where that is fewer than the machine's), ``allow_spinning`` (``0`` (default)
   or ``1``: whether onnxruntime's idle threads spin; see :func:`session_options`),
-  ``nice`` (default ``0``: a niceness this step's process adds to its CPU priority before its session starts;
-  see :func:`lower_cpu_priority`), ``execution_provider`` (``auto`` (default): CUDA when onnxruntime offers it, else CPU; or ``cpu``/``cuda``),
+  ``nice`` (default ``0``: added to the niceness of the stub's main thread before its session starts, so
+  onnxruntime's pool threads have it too; see :func:`lower_cpu_priority`), ``execution_provider`` (``auto``
+  (default): CUDA when onnxruntime offers it, else CPU; or ``cpu``/``cuda``),
   ``use_tf32`` (``0`` (default) or ``1``: the CUDA provider's ``use_tf32`` option; with 0 its float32 MatMuls
   stay float32, as on the CPU path; onnxruntime's own default is TF32 on, about 1e-3 relative off fp32).
 
@@ -98,7 +99,9 @@ def session_options(params: dict[str, str], model_name: str) -> Any:
 
 
 def lower_cpu_priority(params: dict[str, str], model_name: str) -> int:
-    """Add the config parameter ``nice`` (0 to 19) to this process's niceness; returns the niceness now.
+    """Add the config parameter ``nice`` (0 to 19) to the calling thread's niceness (the stub's main thread, which
+    runs execute() and starts onnxruntime's pool threads); returns the niceness now. The stub's other threads
+    (its messages with the server) keep theirs.
 
     Why: on a CPU server the networks' onnxruntime work and Triton's gRPC front end share the cores. Under
     overload the front end must still take in every request (5 MB of regions at 20 candidates) before the text

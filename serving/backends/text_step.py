@@ -293,6 +293,7 @@ class TritonPythonModel:
             # top_k's checks, as the top-k step makes them (amc_top_k.py beside this file): INVALID_ARGUMENT here.
             self.top_k_rule = _load_module(here, "amc_top_k.py")
         self.in_flight = None
+        self.early_refusals = True  # answered through the response sender (_answer_now) until a stub lacks it
         self.max_in_flight = int(params.get("max_in_flight") or 0)
         counter = params.get("admission", "")
         if counter and self.max_in_flight > 0:
@@ -356,14 +357,21 @@ class TritonPythonModel:
     def _answer_now(self, request: Any, parsed: _Parsed | Exception) -> bool:
         """Send a refused request's error at once (its one response, final); False for a request that goes on
         to be encoded, or where the response sender cannot be used (then :meth:`execute` returns the error)."""
-        if not isinstance(parsed, Exception):
+        if not isinstance(parsed, Exception) or not self.early_refusals:
             return False
         try:
-            request.get_response_sender().send(self._refusal(parsed),
-                                               flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Exception as e:  # noqa: BLE001 - a stub without senders in this mode: answer with the batch
-            pb_utils.Logger.log_warn(f"{self.model_name}: could not answer a refusal early ({e})")
+            sender = request.get_response_sender()
+            final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        except Exception as e:  # noqa: BLE001 - a stub without senders: answer with the batch from now on
+            self.early_refusals = False
+            pb_utils.Logger.log_warn(f"{self.model_name}: refusals are answered with their batch ({e})")
             return False
+        try:
+            sender.send(self._refusal(parsed), flags=final)
+        except Exception as e:  # noqa: BLE001
+            # The sender may count the response as sent before it fails: a second response for this request
+            # would fail the whole batch, so none is returned for it.
+            pb_utils.Logger.log_warn(f"{self.model_name}: a refusal could not be sent ({e})")
         return True
 
     def _refusal(self, error: Exception) -> Any:
