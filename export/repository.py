@@ -77,9 +77,9 @@ BATCH_DELAY_US = 200
 # step does not count their requests (they keep the entrance queue bound only).
 # Measured (benchmarks.reliability; reports/overload_runs.json, device_runs_early_refusals): with the load generator
 # on other CPUs than a 2-CPU server, 64 threads backing off as the client does, refusals answered early and the
-# networks niced (NETWORK_NICE), a refusal takes p50 19-24 ms / p99 51-73 ms in the server from the start of its
-# intake to the answer sent (Triton's trace), 25-28 ms (p50) / 146-212 ms (p99) as the clients see it (the
-# difference is spent in the clients: packing and serializing 5 MB, and the wire); accepted p99 207-273 ms. With the clients on the same 2 cores, their packing
+# networks niced (NETWORK_NICE), a refusal takes p50 19-24 ms / p99 50-73 ms in the server from the start of its
+# intake to the answer sent (Triton's trace), 24-28 ms (p50) / 136-212 ms (p99) as the clients see it (the
+# difference is spent in the clients: packing and serializing 5 MB, and the wire); accepted p99 199-273 ms. With the clients on the same 2 cores, their packing
 # takes as much CPU as the server's work, and the figures are several times worse.
 MAX_QUEUE_SIZE = 16
 # What the raw pipeline's network steps add to their niceness (config parameter ``nice``,
