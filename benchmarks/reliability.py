@@ -234,7 +234,8 @@ def closed_loop(server: TritonServer, *, threads: int, seconds: float, candidate
 class _PhaseTimedClient(AMCClient):
     """An AMCClient that notes, per request, when its gRPC calls were started and answered, so that a latency
     splits into the client's own work and the wire + server: ``routing`` (reading the ensemble's routing config
-    before the first request; later reads run in the background and are no request's time), ``pack`` (validation, padding, tensors: the rest of
+    when a request must wait for it: the first, or one that found it older than ``routing_refresh_s``; reads in
+    the background are no request's time), ``pack`` (validation, padding, tensors: the rest of
     the time before the inference call), ``serialize`` (tritonclient building and serializing the 5 MB message,
     in this thread), ``wire_server`` (sent until gRPC's callback: transport, the server, deserializing the
     answer), ``wake`` (callback until this thread runs again) and ``unpack`` (results). Marks are per client:

@@ -385,16 +385,17 @@ def _wait_until(condition, timeout_s: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-def test_stale_routing_is_refreshed_apart_and_no_request_waits_for_it():
-    """The first request reads the routing; once it is older than routing_refresh_s a request goes by the routing
-    in hand while one refresh runs apart (a slow config read blocks nobody, and stale requests meanwhile start no
-    second read); the refreshed routing serves the requests after it; a failed refresh keeps the old one and is
-    not tried again at once; close() waits for a refresh in flight and starts none."""
+def test_routing_is_refreshed_ahead_apart_and_read_first_once_too_old():
+    """routing_refresh_s = 2: the first request reads the routing; past half that age a request goes by the
+    routing in hand while one refresh runs apart (a slow read blocks nobody, and the requests meanwhile start no
+    second read); the refreshed routing serves the requests after it; a failed refresh keeps the routing in hand
+    and is not tried again at once; past the full age a request reads it first (a rollback reaches every request
+    within routing_refresh_s); a closing client starts no refresh."""
     import threading
 
     fake = FakeTriton(routing={"serving_version": "1", "canary_version": "2", "canary_share": "0"}, loaded=(1, 2))
     original, release, reads = fake.get_model_config, threading.Event(), []
-    c = client(fake, routing_refresh_s=0.4)
+    c = client(fake, routing_refresh_s=2.0)
     assert c.rank("cat", [cand("a")])[0].model_version == 1  # read first: nothing in hand yet
     assert [name for name, _ in fake.calls] == ["get_model_config", "infer"]
 
@@ -405,13 +406,12 @@ def test_stale_routing_is_refreshed_apart_and_no_request_waits_for_it():
 
     fake.get_model_config = slow_config
     fake.routing = {"serving_version": "1", "canary_version": "2", "canary_share": "1"}
-    time.sleep(0.5)
+    time.sleep(1.1)
     started = time.monotonic()
     assert [c.rank("cat", [cand("a")])[0].model_version for _ in range(3)] == [1, 1, 1]  # the routing in hand
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 0.5
     _wait_until(lambda: reads)
-    time.sleep(0.5)  # past the refresh period again: still the one read in flight
-    assert c.rank("cat", [cand("a")])[0].model_version == 1 and len(reads) == 1
+    assert c.rank("cat", [cand("a")])[0].model_version == 1 and len(reads) == 1  # one read at a time
     release.set()
     _wait_until(lambda: c._routing.canary_share == 1 and not c._refreshing)
     assert c.rank("cat", [cand("a")])[0].model_version == 2  # the refreshed routing: all to the canary
@@ -422,21 +422,25 @@ def test_stale_routing_is_refreshed_apart_and_no_request_waits_for_it():
         raise err("UNAVAILABLE")
 
     fake.get_model_config = failing_config
-    time.sleep(0.5)
+    time.sleep(1.1)
     assert c.rank("cat", [cand("a")])[0].model_version == 2  # the refresh fails apart; the request does not
     _wait_until(lambda: failed and not c._refreshing)
     attempts = len(failed)
-    assert c.rank("cat", [cand("a")])[0].model_version == 2  # within half a period of the failure: no new try
+    assert c.rank("cat", [cand("a")])[0].model_version == 2  # right after the failure: no new try
     time.sleep(0.1)
     assert len(failed) == attempts
+    fake.get_model_config, fake.routing = original, {"serving_version": "1", "canary_version": "", "canary_share": "0"}
+    time.sleep(1.0)  # past the full age: read before the request
+    assert c.rank("cat", [cand("a")])[0].model_version == 1
+    fake.get_model_config = failing_config
     c.close()
-    time.sleep(0.5)
+    time.sleep(1.1)
     c.rank("cat", [cand("a")])  # the fake still answers: a closed client starts no refresh
     time.sleep(0.1)
     assert len(failed) == attempts
 
 
-def test_async_client_refreshes_stale_routing_apart():
+def test_async_client_refreshes_routing_ahead_apart():
     fake = FakeTriton(routing={"serving_version": "1", "canary_version": "2", "canary_share": "0"}, loaded=(1, 2))
 
     async def main():
@@ -451,10 +455,10 @@ def test_async_client_refreshes_stale_routing_apart():
 
                 return call
 
-        async with AsyncAMCClient("fake:8001", _inner=AsyncFake(), routing_refresh_s=0.05, backoff_s=0.0) as c:
+        async with AsyncAMCClient("fake:8001", _inner=AsyncFake(), routing_refresh_s=2.0, backoff_s=0.0) as c:
             first = (await c.rank("cat", [cand("a")]))[0].model_version
             fake.routing = {"serving_version": "1", "canary_version": "2", "canary_share": "1"}
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(1.1)
             stale = [(await c.rank("cat", [cand("a")]))[0].model_version for _ in range(3)]  # not blocked
             release.set()
             await asyncio.wait(set(c._pending_tasks))

@@ -170,9 +170,6 @@ class _Core:
     def _outputs(signature: sig.StepSignature = sig.ENSEMBLE) -> list[grpcclient.InferRequestedOutput]:
         return [grpcclient.InferRequestedOutput(name) for name in signature.output_names]
 
-    def _routing_fresh(self) -> bool:
-        return self._routing is not None and time.monotonic() - self._routing_at < self._routing_refresh_s
-
     def _set_routing(self, config: Mapping[str, Any], asked: float) -> Routing:
         """Routing from ``amc``'s config, as read at ``asked`` (time.monotonic() when the read was sent)."""
         self._routing, self._routing_at = _routing.parse(config), asked
@@ -292,16 +289,18 @@ class _Core:
         return _routing.pick(self._routing, self._rng)
 
     def _routing_in_hand(self, deadline: _calls.Deadline) -> _Steps:
-        """Read the routing if there is none yet; if it is older than ``routing_refresh_s``, go by it and start
-        one refresh apart (:class:`_Detach`), unless one runs already or the client is closing.
+        """Make sure the routing in hand is at most ``routing_refresh_s`` old, refreshing it ahead of time.
 
-        Why not read it first: under overload the config read waits at the server's front end like any request,
-        and a request sent by a routing one refresh old is still answered right (a canary gone since then is
-        re-read at once, in :meth:`_request`)."""
-        if self._routing is None:
+        Older than that (or none yet): read it before the request, so that a rollback reaches every request
+        within ``routing_refresh_s``. Older than half of it: go by it and start one refresh apart
+        (:class:`_Detach`), unless one runs already or the client is closing, so that a client sending steadily
+        finds it fresh and does not wait for the read (under overload the read waits at the server's front end
+        like any request)."""
+        age = time.monotonic() - self._routing_at
+        if self._routing is None or age >= self._routing_refresh_s:
             yield from self._fetch_routing(deadline)
             return
-        if self._routing_fresh() or time.monotonic() < self._next_refresh_at:
+        if age < self._routing_refresh_s / 2 or time.monotonic() < self._next_refresh_at:
             return
         with self._pending_lock:
             if self._refreshing or self._closing:
@@ -313,8 +312,8 @@ class _Core:
         # A short deadline: close() waits for a refresh in flight (closing the channel would cancel it).
         try:
             yield from self._fetch_routing(_calls.Deadline(min(self.timeout_s, REFRESH_TIMEOUT_S)))
-        except AMCError:  # the routing in hand stays; the next try after half a refresh period
-            self._next_refresh_at = time.monotonic() + self._routing_refresh_s / 2
+        except AMCError:  # the routing in hand stays; no new try apart for a quarter of a refresh period
+            self._next_refresh_at = time.monotonic() + self._routing_refresh_s / 4
 
     def _refresh_ended(self) -> None:
         """Called by the face when a detached refresh ends, however it ends (even if it never started)."""
