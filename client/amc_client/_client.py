@@ -296,11 +296,11 @@ class _Core:
         (:class:`_Detach`), unless one runs already or the client is closing, so that a client sending steadily
         finds it fresh and does not wait for the read (under overload the read waits at the server's front end
         like any request)."""
-        age = time.monotonic() - self._routing_at
-        if self._routing is None or age >= self._routing_refresh_s:
+        now = time.monotonic()
+        if self._routing is None or now - self._routing_at >= self._routing_refresh_s:
             yield from self._fetch_routing(deadline)
             return
-        if age < self._routing_refresh_s / 2 or time.monotonic() < self._next_refresh_at:
+        if now - self._routing_at < self._routing_refresh_s / 2 or now < self._next_refresh_at:
             return
         with self._pending_lock:
             if self._refreshing or self._closing:

@@ -151,10 +151,15 @@ def error_response(model_name: str, error: BaseException, *, invalid_argument: b
     status); anything else is INTERNAL, its message prefixed with the exception's type."""
     if not invalid_argument:
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{model_name}: {type(error).__name__}: {error}"))
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    message = f"{model_name}: {error}"
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message) if code is None
-                                      else pb_utils.TritonError(message, code))
+    return coded_response(f"{model_name}: {error}", "INVALID_ARG")
+
+
+def coded_response(message: str, code: str) -> Any:
+    """An error response with ``pb_utils.TritonError.<code>`` (e.g. ``INVALID_ARG``, ``UNAVAILABLE``), or without
+    a code (INTERNAL) on a stub that lacks it. A new object each call: the stub serializes each response once."""
+    value = getattr(pb_utils.TritonError, code, None)
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message) if value is None
+                                      else pb_utils.TritonError(message, value))
 
 
 class TritonPythonModel:

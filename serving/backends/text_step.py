@@ -375,12 +375,9 @@ class TritonPythonModel:
         return True
 
     def _refusal(self, error: Exception) -> Any:
-        """The error response of a refused request (a new object each call: the stub serializes each once)."""
+        """The error response of a refused request: UNAVAILABLE for overload, else as :meth:`_error` says."""
         if isinstance(error, _Overloaded):
-            code = getattr(pb_utils.TritonError, "UNAVAILABLE", None)
-            message = str(error)
-            return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code))
+            return self.runner.coded_response(str(error), "UNAVAILABLE")
         return self._error(error)
 
     def _admit(self, parsed: list[_Parsed | Exception]) -> list[_Parsed | Exception]:
