@@ -9,6 +9,7 @@ matching and host<->device copies are inside, as a serving process would pay the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +65,10 @@ class TextFeeds:
     """What the text step hands the networks for ``requests``, computed in-process by the text step's code.
 
     ``store=False``: the raw step's outputs (query_text, keyword_embeddings, keyword_lexical) with the requests'
-    regions, i.e. every input of ``amc_fused``; ``store=True``: the store step's (query_text, keyword_lexical of
-    the stored rows) with the candidate ids, every input of ``amc_fused_store``.
+    regions, i.e. every input of ``amc_fused``; ``store=True``: the store step's with the candidate ids: those
+    ``amc_store``'s networks read (query_text, keyword_lexical of the stored rows) and those of
+    ``amc_fused_store`` (the query's tokens and numbered words), each computed only where ``wanted`` names it
+    (default: every one), as the served step computes only what its ensemble maps.
     """
 
     def __init__(self, repo: Path, version: int | str, device: str, *, store: bool = False,
@@ -75,14 +78,21 @@ class TextFeeds:
         self.text = TextFeatures(repo / step.model_name / str(version), providers=ort_providers(device),
                                  options=_options(threads))
 
-    def __call__(self, requests: list[Request]) -> dict[str, np.ndarray]:
+    def __call__(self, requests: list[Request], wanted: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         queries = [r.query for r in requests]
-        out = {sig.QUERY_TEXT.name: self.text.query_text(queries)}
         if self.store:
-            ids = np.stack([r.ids for r in requests])
-            out[sig.KEYWORD_LEXICAL.name] = self.text.store_lexical(queries, ids)  # the served step's keyword index
-            out[sig.CANDIDATE_IDS.name] = ids
+            wants = set(sig.STORE_TOKENIZER.output_names if wanted is None else wanted)
+            out = {sig.CANDIDATE_IDS.name: np.stack([r.ids for r in requests])}
+            if sig.QUERY_TEXT.name in wants:
+                out[sig.QUERY_TEXT.name] = self.text.query_text(queries)
+            if sig.KEYWORD_LEXICAL.name in wants:  # the served step's keyword index
+                out[sig.KEYWORD_LEXICAL.name] = self.text.store_lexical(queries, out[sig.CANDIDATE_IDS.name])
+            if sig.QUERY_TOKENS.name in wants:
+                out[sig.QUERY_TOKENS.name] = self.text.query_tokens(queries)
+            if {sig.QUERY_WORDS.name, sig.QUERY_WORD_WEIGHTS.name} & wants:
+                out[sig.QUERY_WORDS.name], out[sig.QUERY_WORD_WEIGHTS.name] = self.text.query_words(queries)
             return out
+        out = {sig.QUERY_TEXT.name: self.text.query_text(queries)}
         regions, mask, keywords = _stack(requests)
         out.update({sig.REGIONS.name: regions, sig.REGION_MASK.name: mask,
                     sig.KEYWORD_EMBEDDINGS.name: self.text.keyword_embeddings(keywords),
@@ -132,7 +142,8 @@ class OrtFused:
         self.session = _session(path, device, threads)
 
     def __call__(self, requests: list[Request]) -> np.ndarray:
-        return self.session.run([sig.SCORES.name], _feeds(self.signature, self.feeds(requests)))[0]
+        return self.session.run([sig.SCORES.name], _feeds(self.signature, self.feeds(requests,
+                                                                                  self.signature.input_names)))[0]
 
 
 class TorchRunner:

@@ -306,7 +306,7 @@ class EndToEnd:
         self.bound = Bound(sess, device, [self._features(groups[0])], to_host=to_host)
 
     def _features(self, requests: list[Request]) -> dict[str, np.ndarray]:
-        have = self.feeds(requests)
+        have = self.feeds(requests, INPUTS)
         return {name: np.ascontiguousarray(have[name]) for name in INPUTS}
 
     def __call__(self, i: int):
@@ -619,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         results["graph_bytes"] = {k: p.stat().st_size for k, p in graphs.items()}
         pools = {n: id_requests(gallery, n, args.pool) for n in args.sizes}
         cpu_feeds = TextFeeds(repo, version, "cpu", store=True)
-        features = {n: {k: np.ascontiguousarray(v) for k, v in cpu_feeds(pool).items()} for n, pool in pools.items()}
+        features = {n: {k: np.ascontiguousarray(v) for k, v in cpu_feeds(pool, INPUTS).items()}
+                    for n, pool in pools.items()}
         cpu_ref = session(fp32, "cpu", intra_threads=0)
         refs = {n: [cpu_ref.run([sig.SCORES.name], {k: features[n][k][i:i + 1] for k in INPUTS})[0][0]
                     for i in range(3)] for n in args.sizes}

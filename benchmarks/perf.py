@@ -44,7 +44,7 @@ def input_data(requests: list[Request], kind: str, path: Path, feeds=None) -> Pa
             if feeds is None or feeds.store != (kind == "fused_store"):
                 raise ValueError(f"input data of {kind} needs the {'store' if kind == 'fused_store' else 'raw'} "
                                  "text step's features (feeds)")
-            have = feeds([r])
+            have = feeds([r], signature.input_names)
             row = {name: _b64(have[name][0]) for name in signature.input_names}
         rows.append(row)
     path.write_text(json.dumps({"data": rows}))

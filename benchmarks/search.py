@@ -56,7 +56,7 @@ def build(workdir: Path, checkpoint: Path, gallery: Gallery, size: int, dtype: s
         write_text_step,
         write_top_k_step,
     )
-    from export.store import SearchStoreGraph, _example, build_store, keyword_table_embed
+    from export.store import SearchStoreGraph, StoreText, _example, build_store, keyword_table_embed
     from training.checkpoint import load_checkpoint
 
     repo = workdir / "repository"
@@ -72,11 +72,13 @@ def build(workdir: Path, checkpoint: Path, gallery: Gallery, size: int, dtype: s
     log(f"store of {len(store)} rows ({len(gallery)} distinct images, projections {dtype}) in "
         f"{time.perf_counter() - t0:.0f} s")
     matcher = LexicalMatcher(TermWeights.from_json(ckpt.term_weights))
-    example = _example(sig.SEARCH_STORE, model, store, matcher, batch=2, candidates=3, rng=np.random.default_rng(0))
+    text = StoreText.of(store, matcher.weights)
+    example = _example(sig.SEARCH_STORE, model, store, matcher, batch=2, candidates=3, rng=np.random.default_rng(0),
+                       text=text)
     fused_dir = repo / sig.SEARCH_STORE.model_name / str(version)
     fused_dir.mkdir(parents=True)
     t0 = time.perf_counter()
-    write_onnx(SearchStoreGraph(model, store, version), sig.SEARCH_STORE, example, fused_dir / ONNX_FILE,
+    write_onnx(text.graph(SearchStoreGraph, model, store, version), sig.SEARCH_STORE, example, fused_dir / ONNX_FILE,
                version=version, fingerprint=ckpt.fingerprint, name="search_store")
     log(f"search_store.onnx exported in {time.perf_counter() - t0:.0f} s "
         f"({(fused_dir / ONNX_FILE).stat().st_size / 2**20:.0f} MiB)")

@@ -164,7 +164,7 @@ def fused_worker(url: str, requests: list[Request], feeds, outputs: tuple[str, .
         requested = _outputs(signature, names)
 
         def call(i: int):
-            have = feeds([requests[(i + w) % len(requests)]])
+            have = feeds([requests[(i + w) % len(requests)]], signature.input_names)
             inputs = [_input(s.name, have[s.name], s.triton_datatype) for s in signature.inputs]
             return client.infer(signature.model_name, inputs, outputs=requested, client_timeout=120)
         return call

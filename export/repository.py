@@ -470,8 +470,10 @@ def store_ensemble_config(name: str, version: int, max_batch: int = sig.MAX_BATC
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch)
     _io(config, sig.STORE_ENSEMBLE)
     for step in (sig.STORE_TOKENIZER, sig.QEN, sig.VAN_STORE, sig.LAN_STORE, sig.MTN):
-        # The text step's candidate_rows (the ids it was sent) and search_k are not needed here, nor its top_k.
-        used = {n: n for n in step.output_names if n not in (sig.CANDIDATE_ROWS.name, sig.SEARCH_K.name)}
+        # Of the text step's outputs, the query embedding, the lexical features and the version (not the rows it
+        # was sent, search_k, nor what the fused store graphs read); its top_k input is not used either.
+        unused = (sig.CANDIDATE_ROWS, sig.SEARCH_K, sig.QUERY_TOKENS, sig.QUERY_WORDS, sig.QUERY_WORD_WEIGHTS)
+        used = {n: n for n in step.output_names if n not in {t.name for t in unused}}
         _add_step(config, step, version, used, inputs={sig.TOP_K.name: None})
     return config
 
@@ -497,6 +499,8 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
         if not config_path.exists():
             count = tuned if step in TUNED_STORE_STEPS else 1
             write_atomic(config_path, to_text(store_step_config(step, flavour, instances=count)))
+        else:
+            _check_tensors(config_path, step)
         version_dir = repository / step.model_name / str(version)
         if step is sig.STORE_TOKENIZER:
             write_text_step(version_dir, version=version, files=text, store_json=store_json)
@@ -520,6 +524,18 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
         write_atomic(search_dir / "config.pbtxt", to_text(search_ensemble_config(search_dir.name, version)))
         written.append(search_dir)
     return written
+
+
+def _check_tensors(config_path: Path, step: sig.StepSignature) -> None:
+    """Refuse to add a version beside a config of other tensors: every version of a step shares its config, so
+    the new version would not load, or the old ones would stop loading (a repository whose store steps were
+    published by an older release of this code, before the fused store graphs took the query's tokens)."""
+    config = parse_config(config_path.read_text())
+    have = ([t.name for t in config.input], [t.name for t in config.output])
+    if have != (step.input_names, step.output_names):
+        raise ValueError(f"{config_path} declares tensors {have[0]} -> {have[1]}, but this release's "
+                         f"{step.model_name} has {step.input_names} -> {step.output_names}: its versions were "
+                         "published by an older release; publish into a new repository")
 
 
 def search_ensemble_config(name: str, version: int) -> mc.ModelConfig:

@@ -12,13 +12,16 @@ execution provider) and take ``candidate_ids`` (rows of the store) instead:
     lan_store.onnx    (query_embedding, keyword_lexical, candidate_ids) -> (keyword_vector, keyword_attention,
                                                                            lan_version)
 
-The lexical features depend on the query, so the store text step (``serving/backends/text_step.py``, mode
-store) computes them per request from the stored rows' keyword strings (``store.json``), with the same
-:class:`amc_client.text.LexicalMatcher` as training. The ensemble ``amc_store`` (store text step -> QEN -> VAN
-store, LAN store -> MTN) serves ``(query, candidate_ids)``. The raw path stays as it was. Also here:
-``fused.onnx`` (all four networks in one graph, text features in) and ``fused_store.onnx`` (the same over the
-store), which price the ensemble's steps; ``search_store.onnx`` (the fused store graph and the top-k selection,
-ONNX TopK: whole-store search, ``amc_search``).
+The lexical features depend on the query, so for ``amc_store`` the store text step
+(``serving/backends/text_step.py``, mode store) computes them per request from the stored rows' keyword strings
+(``store.json``), with the same :class:`amc_client.text.LexicalMatcher` as training. The ensemble ``amc_store``
+(store text step -> QEN -> VAN store, LAN store -> MTN) serves ``(query, candidate_ids)``. The raw path stays as
+it was. Also here: ``fused.onnx`` (all four networks in one graph, text features in) and ``fused_store.onnx``
+(``amc_store_fused``: the same over the store, with the sentence encoder and the lexical match inside, so the
+text step only tokenizes and nothing per candidate crosses a Python step: the query's WordPiece ids and its
+content words, numbered as the store's keyword words by :class:`amc_client.text.StoreWords`, go in; the stored
+keywords' word numbers and IDF mass are constants of the graph); ``search_store.onnx`` (the fused store graph
+and the top-k selection, ONNX TopK: whole-store search, ``amc_search``).
 
 Correctness: :func:`validate_store` compares every store graph with the PyTorch raw path on the same
 candidates (the gallery rows gathered by id, keywords as sentence embeddings): relative error <
@@ -31,6 +34,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -38,7 +42,7 @@ import torch
 from torch import nn
 
 from amc_client import signatures as sig
-from amc_client.text import LexicalMatcher, TermWeights, words
+from amc_client.text import LexicalMatcher, StoreWords, TermWeights, load_wordpiece, query_tokens, words
 from export.onnx_export import (
     TOLERANCE,
     ExportError,
@@ -218,14 +222,47 @@ def _fp32(gathered: torch.Tensor) -> torch.Tensor:
     return gathered if gathered.dtype == torch.float32 else gathered.float()
 
 
+def lexical_match(words: torch.Tensor, weights: torch.Tensor, keyword_words: torch.Tensor,
+                  keyword_mass: torch.Tensor, keyword_real: torch.Tensor) -> torch.Tensor:
+    """:meth:`amc_client.text.LexicalMatcher.features` as tensor operations, for candidates whose keywords'
+    words are numbered (:class:`amc_client.text.StoreWords`).
+
+    ``words``, ``weights``: (B, W) the query's word numbers and IDFs (0 on padding); ``keyword_words`` (B, N, K,
+    Wk) the candidates' keywords' word numbers, ``keyword_mass`` (B, N, K) their IDF mass, ``keyword_real`` (B, N,
+    K) True for real keywords -> (B, N, K, 3). A padding slot may equal another padding slot; a query's padding
+    weighs 0, so that match adds nothing.
+    """
+    present = (keyword_words.unsqueeze(-1) == words[:, None, None, None, :]).to(weights.dtype).amax(3)  # (B,N,K,W)
+    weights = weights[:, None, None, :]  # (B, 1, 1, W)
+    matched = (present * weights).sum(-1)  # (B, N, K): IDF mass of the query words the keyword has
+    total = weights.sum(-1)  # (B, 1, 1): the query's IDF mass
+    tiny = torch.finfo(weights.dtype).tiny
+    in_query = torch.where(matched > 0, matched / keyword_mass.clamp_min(tiny), torch.zeros_like(matched))
+    of_query = matched / total.clamp_min(tiny)
+    covered = (present.amax(2, keepdim=True) * weights).sum(-1) / total.clamp_min(tiny)  # (B, N, 1)
+    in_candidate = torch.where(keyword_real, covered, torch.zeros_like(covered))  # (B, N, K)
+    return torch.stack([in_query, of_query, in_candidate], dim=-1)
+
+
 class FusedStoreGraph(_StoreBuffers):
-    """QEN + VAN + LAN + MTN in one graph over the candidate store (query embedding, lexical features, ids in)."""
+    """The sentence encoder, the lexical match and QEN + VAN + LAN + MTN in one graph over the candidate store:
+    the query's WordPiece ids and numbered content words in (``sig.FUSED_STORE``), nothing computed per
+    candidate outside the graph.
 
-    def __init__(self, model: AMC, store: Store, version: int) -> None:
+    ``encoder``: the sentence encoder (``training.text_encoder.MiniLM``); ``weights``: the version's term
+    weights, which give each stored keyword's IDF mass."""
+
+    def __init__(self, model: AMC, store: Store, version: int, *, encoder: nn.Module, weights: TermWeights) -> None:
         super().__init__(store)
-        self.model, self.version = model, version
+        self.model, self.version, self.encoder = model, version, encoder
+        numbers, mass = StoreWords(weights, store.keywords.reshape(-1).tolist()).keyword_words(store.keywords)
+        self.register_buffer("keyword_words", torch.from_numpy(numbers))
+        self.register_buffer("keyword_mass", torch.from_numpy(mass))
 
-    def forward(self, query_text, keyword_lexical, candidate_ids):
+    def forward(self, query_tokens, query_words, query_word_weights, candidate_ids):
+        query_text = self.encoder(query_tokens)
+        keyword_lexical = lexical_match(query_words, query_word_weights, self.keyword_words[candidate_ids],
+                                        self.keyword_mass[candidate_ids], self.keyword_mask[candidate_ids])
         q = self.model.qen(query_text)
         visual, region_attention = _visual_from_projected(self.model, q, _fp32(self.projected[candidate_ids]),
                                                           self.region_mask[candidate_ids])
@@ -241,9 +278,9 @@ class SearchStoreGraph(FusedStoreGraph):
     per execution (``search_k[0, 0]``): the text step makes a request's k one value, and the search graph's Triton
     model runs each request alone (``export.repository.store_step_config``)."""
 
-    def forward(self, query_text, keyword_lexical, candidate_ids, search_k):
+    def forward(self, query_tokens, query_words, query_word_weights, candidate_ids, search_k):
         scores, weights, region_attention, keyword_attention, version = super().forward(
-            query_text, keyword_lexical, candidate_ids)
+            query_tokens, query_words, query_word_weights, candidate_ids)
         best, order = torch.topk(scores, search_k[0, 0], dim=1)  # (B, k), best first
 
         def rows(x: torch.Tensor) -> torch.Tensor:  # (B, N, ...) -> (B, k, ...)
@@ -253,41 +290,74 @@ class SearchStoreGraph(FusedStoreGraph):
                 torch.gather(candidate_ids, 1, order))
 
 
+@dataclass(frozen=True)
+class StoreText:
+    """What the fused store graphs hold beside the model: the sentence encoder, the WordPiece tokenizer that
+    feeds it, and the store's word numbering under the version's term weights."""
+
+    encoder: nn.Module
+    tokenizer: Any
+    words: StoreWords
+
+    @classmethod
+    def of(cls, store: Store, weights: TermWeights, encoder: nn.Module | None = None) -> StoreText:
+        """``encoder`` defaults to the pretrained MiniLM every checkpoint of this release was trained with."""
+        from training.text_encoder import load_minilm, tokenizer_json
+
+        return cls(encoder if encoder is not None else load_minilm(), load_wordpiece(tokenizer_json()),
+                   StoreWords(weights, store.keywords.reshape(-1).tolist()))
+
+    def graph(self, cls: type[FusedStoreGraph], model: AMC, store: Store, version: int) -> FusedStoreGraph:
+        return cls(model, store, version, encoder=self.encoder, weights=self.words.weights)
+
+
 def _example(signature: sig.StepSignature, model: AMC, store: Store, matcher: LexicalMatcher, *, batch: int,
-             candidates: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Inputs for ``signature``: real gallery rows as candidates; queries of words from the store's keywords
-    (so that lexical features are not all 0), with unit-norm sentence embeddings."""
+             candidates: int, rng: np.random.Generator, text: StoreText | None = None) -> dict[str, np.ndarray]:
+    """Inputs for ``signature`` and what the reference needs beside them: real gallery rows as candidates;
+    queries of words from the store's keywords (so that lexical features are not all 0; every third one with a
+    word the store lacks), with unit-norm sentence embeddings, or, for the fused store graphs (``text`` needed),
+    their WordPiece ids and numbered words, with their embeddings by ``text.encoder``."""
     ids = rng.integers(0, len(store), size=(batch, candidates)).astype(np.int64)
     vocabulary = sorted({w for k in store.keywords.reshape(-1).tolist() for w in words(k)}) or ["cat"]
-    texts = [" ".join(rng.choice(vocabulary, size=int(rng.integers(1, 4)))) for _ in range(batch)]
-    query_text = unit_rows(rng, (batch, sig.TEXT_EMBEDDING_DIM))
+    texts = [" ".join(rng.choice(vocabulary, size=int(rng.integers(1, 4)))) + (" quokka" if b % 3 == 2 else "")
+             for b in range(batch)]
     lexical = np.stack([matcher.features(t, store.keywords[row]) for t, row in zip(texts, ids, strict=True)])
-    with torch.no_grad():
-        q = model.qen(torch.from_numpy(query_text)).numpy()
-    values = {sig.CANDIDATE_IDS.name: ids, sig.QUERY_TEXT.name: query_text, sig.QUERY_EMBEDDING.name: q,
-              sig.KEYWORD_LEXICAL.name: lexical.astype(np.float32),
+    values = {sig.CANDIDATE_IDS.name: ids, sig.KEYWORD_LEXICAL.name: lexical.astype(np.float32),
               sig.SEARCH_K.name: np.full((batch, 1), candidates, dtype=np.int64)}  # every row: all comparable
-    return {n: values[n] for n in signature.input_names}
+    if sig.QUERY_TOKENS.name in signature.input_names:
+        if text is None:
+            raise ValueError(f"inputs of {signature.model_name} need the store's text (StoreText)")
+        tokens = query_tokens(text.tokenizer, texts)
+        values[sig.QUERY_WORDS.name], values[sig.QUERY_WORD_WEIGHTS.name] = text.words.query(texts)
+        with torch.no_grad():
+            values[sig.QUERY_TEXT.name] = text.encoder(torch.from_numpy(tokens)).numpy()
+        values[sig.QUERY_TOKENS.name] = tokens
+    else:
+        values[sig.QUERY_TEXT.name] = unit_rows(rng, (batch, sig.TEXT_EMBEDDING_DIM))
+    with torch.no_grad():
+        values[sig.QUERY_EMBEDDING.name] = model.qen(torch.from_numpy(values[sig.QUERY_TEXT.name])).numpy()
+    return values
 
 
-def _raw_reference(model: AMC, store: Store, inputs: dict[str, np.ndarray], regions: np.ndarray) -> dict:
-    """PyTorch raw path on the same candidates (gallery regions and keyword embeddings gathered by id): the store
-    graphs' reference."""
-    ids = inputs[sig.CANDIDATE_IDS.name]
+def _raw_reference(model: AMC, store: Store, values: dict[str, np.ndarray], regions: np.ndarray,
+                   signature: sig.StepSignature) -> dict:
+    """PyTorch raw path on the same candidates (gallery regions and keyword embeddings gathered by id, the
+    lexical features by ``LexicalMatcher``): the store graphs' reference. ``values``: :func:`_example`'s."""
+    ids = values[sig.CANDIDATE_IDS.name]
     reg = torch.from_numpy(np.asarray(regions[ids], dtype=np.float32))  # (B, N, R, D)
     mask = torch.from_numpy(store.region_mask[ids])
     kw = torch.from_numpy(store.keyword_embeddings[ids])  # (B, N, K, E)
-    lexical = inputs.get(sig.KEYWORD_LEXICAL.name)
+    lexical = torch.from_numpy(values[sig.KEYWORD_LEXICAL.name])
     with torch.no_grad():
-        if sig.QUERY_TEXT.name in inputs:
-            out = model(torch.from_numpy(inputs[sig.QUERY_TEXT.name]), reg, mask, kw, torch.from_numpy(lexical))
+        if sig.SCORES in signature.outputs:
+            out = model(torch.from_numpy(values[sig.QUERY_TEXT.name]), reg, mask, kw, lexical)
             return {sig.SCORES.name: out.scores, sig.MODALITY_WEIGHTS.name: out.modality_weights,
                     sig.REGION_ATTENTION.name: out.region_attention, sig.KEYWORD_ATTENTION.name: out.keyword_attention}
-        q = torch.from_numpy(inputs[sig.QUERY_EMBEDDING.name])
-        if lexical is None:  # the VAN store step: no keywords involved
+        q = torch.from_numpy(values[sig.QUERY_EMBEDDING.name])
+        if sig.KEYWORD_LEXICAL not in signature.inputs:  # the VAN store step: no keywords involved
             visual, ra = model.van(q, reg, mask)
             return {sig.VISUAL_VECTOR.name: visual, sig.REGION_ATTENTION.name: ra}
-        keyword, ka = model.lan(q, kw, torch.from_numpy(lexical))
+        keyword, ka = model.lan(q, kw, lexical)
         return {sig.KEYWORD_VECTOR.name: keyword, sig.KEYWORD_ATTENTION.name: ka}
 
 
@@ -298,15 +368,19 @@ FUSED_SHAPES = [Shape(1, 1), Shape(3, 7, 10, 12), Shape(2, 100, 49, 1)]
 
 
 def export_store_graphs(model: AMC, store: Store, matcher: LexicalMatcher, out_dir: Path, *, version: int,
-                        fingerprint: str, fused: bool = True) -> None:
-    """Write ``van_store.onnx``, ``lan_store.onnx`` (and ``fused.onnx``, ``fused_store.onnx``) into ``out_dir``."""
+                        fingerprint: str, fused: bool = True, text: StoreText | None = None) -> None:
+    """Write ``van_store.onnx``, ``lan_store.onnx`` (and ``fused.onnx``, ``fused_store.onnx``,
+    ``search_store.onnx``) into ``out_dir``. ``text``: the fused store graphs' (default ``StoreText.of``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
+    if fused and text is None:
+        text = StoreText.of(store, matcher.weights)
     for name, (signature, cls) in STORE_GRAPHS.items():
         if name in FUSED_ONLY and not fused:
             continue
-        example = _example(signature, model, store, matcher, batch=2, candidates=3, rng=rng)
-        write_onnx(cls(model, store, version), signature, example, out_dir / f"{name}.onnx", version=version,
+        example = _example(signature, model, store, matcher, batch=2, candidates=3, rng=rng, text=text)
+        graph = text.graph(cls, model, store, version) if name in FUSED_ONLY else cls(model, store, version)
+        write_onnx(graph, signature, example, out_dir / f"{name}.onnx", version=version,
                    fingerprint=fingerprint, name=name)
     if fused:
         example = random_inputs(sig.FUSED, model, Shape(2, 3), version, rng)
@@ -315,9 +389,12 @@ def export_store_graphs(model: AMC, store: Store, matcher: LexicalMatcher, out_d
 
 
 def validate_store(model: AMC, store: Store, matcher: LexicalMatcher, regions: np.ndarray, onnx_dir: Path, *,
-                   seed: int = 0, shapes: tuple[tuple[int, int], ...] = ((1, 1), (3, 7), (2, 100))) -> float:
+                   seed: int = 0, shapes: tuple[tuple[int, int], ...] = ((1, 1), (3, 7), (2, 100)),
+                   text: StoreText | None = None) -> float:
     """Store graphs (ORT CPU) against the PyTorch raw path on the same gallery candidates, and ``fused.onnx``
-    against PyTorch on random inputs; returns the worst relative error.
+    against PyTorch on random inputs; returns the worst relative error. The fused store graphs are fed query
+    strings as the store text step feeds them (WordPiece ids, numbered words): the reference embeds the queries
+    with ``text.encoder`` in PyTorch and matches their words with :class:`LexicalMatcher`.
 
     Raises :class:`ExportError` when any output differs by more than ``TOLERANCE`` (relative).
     """
@@ -327,10 +404,13 @@ def validate_store(model: AMC, store: Store, matcher: LexicalMatcher, regions: n
         path = onnx_dir / f"{name}.onnx"
         if not path.exists():
             continue
+        if name in FUSED_ONLY and text is None:
+            text = StoreText.of(store, matcher.weights)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         for batch, n in shapes:
-            inputs = _example(signature, model, store, matcher, batch=batch, candidates=n, rng=rng)
-            expected = _raw_reference(model, store, inputs, regions)
+            inputs = _example(signature, model, store, matcher, batch=batch, candidates=n, rng=rng, text=text)
+            expected = _raw_reference(model, store, inputs, regions, signature)
+            inputs = {k: inputs[k] for k in signature.input_names}
             got = dict(zip(signature.output_names, session.run(None, inputs)))
             if sig.SEARCH_K.name in inputs:  # every row kept, best first: the reference in the graph's order
                 ids, kept = inputs[sig.CANDIDATE_IDS.name], got[sig.CANDIDATE_INDEX.name]
@@ -379,8 +459,10 @@ def publish_store(repository: Path, version: int, model: AMC, term_weights: str,
     text = TextStepFiles.of_version(repository / sig.TOKENIZER.model_name / str(version))
     with tempfile.TemporaryDirectory(prefix="amc-store-") as tmp:
         onnx_dir = Path(tmp)
-        export_store_graphs(model, store, matcher, onnx_dir, version=version, fingerprint=fingerprint, fused=fused)
-        worst = validate_store(model, store, matcher, regions, onnx_dir)
+        store_text = StoreText.of(store, matcher.weights) if fused else None
+        export_store_graphs(model, store, matcher, onnx_dir, version=version, fingerprint=fingerprint, fused=fused,
+                            text=store_text)
+        worst = validate_store(model, store, matcher, regions, onnx_dir, text=store_text)
         log(f"store of {len(store)} candidates exported for version {version} "
             f"(worst relative error against the raw path {worst:.1e})")
         stage_store_version(repository, version=version, flavour=flavour, onnx_dir=onnx_dir, text=text,

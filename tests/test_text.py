@@ -64,3 +64,35 @@ def test_lexical_features_weigh_informative_words():
     assert f[1, 0, 0] < 0.5 and f[1, 0, 1] < 0.5 and f[1, 0, 2] == pytest.approx(f[1, 0, 1])  # only "face"
     assert (f[:, 2] == 0).all() and (f[1, 1:] == 0).all()  # padding
     assert (matcher.features("!!!", keywords) == 0).all()  # no word: no lexical evidence, but no error
+
+
+def test_the_store_graphs_lexical_match_equals_the_matcher():
+    """export.store.lexical_match on StoreWords' numbers equals LexicalMatcher.features, edge cases included: a
+    query word the store lacks (counts in the query's total, matches nothing), a stopword-only query (all 0), a
+    keyword without content words, repeated words, padding, and query widths padded to a multiple of 8."""
+    import torch
+
+    from amc_client.text import StoreWords, query_tokens
+    from export.store import lexical_match
+
+    keywords = np.array([["red heart", "heart", ""], ["the", "kiwi fruit", "red red apple"],
+                         ["", "", ""], ["cat face", "grinning cat", "face"]], dtype=object)
+    weights = TermWeights.from_documents([[k for k in row if k] for row in keywords.tolist()])
+    matcher = LexicalMatcher(weights)
+    store = StoreWords(weights, keywords.reshape(-1).tolist())
+    numbers, mass = store.keyword_words(keywords)
+    assert numbers.shape[:2] == keywords.shape and (numbers[2] == StoreWords.PAD).all() and mass[1, 0] == 0
+    queries = ["red heart", "quokka kiwi", "the of", "cat cat face quokka", " ".join(f"w{i}" for i in range(9))]
+    words, idf = store.query(queries)
+    assert words.shape == idf.shape == (5, 16)  # 9 + 1 content words -> padded to 16
+    assert words[1, 0] == store.unknown and idf[1, 0] > 0 and (idf[2] == 0).all()
+    ids = torch.from_numpy(np.array([[0, 1, 2, 3]] * len(queries)))
+    got = lexical_match(torch.from_numpy(words), torch.from_numpy(idf), torch.from_numpy(numbers)[ids],
+                        torch.from_numpy(mass)[ids], torch.from_numpy(keywords != "")[ids]).numpy()
+    want = np.stack([matcher.features(q, keywords) for q in queries])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert want[0].any() and want[1].any() and want[3].any()  # the case is not trivially zero
+    with pytest.raises(ValueError, match="'dog' has words this store's numbering lacks"):
+        store.keyword_words(np.array([["dog"]], dtype=object))
+    tokens = query_tokens(load_wordpiece(tokenizer_json()), ["cat", "kiwifruit " * 30])
+    assert tokens.shape == (2, 48) and (query_tokens(load_wordpiece(tokenizer_json()), ["cat"]).shape == (1, 16))

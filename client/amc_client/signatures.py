@@ -25,7 +25,7 @@ REGION_FEATURE_DIM = 1280
 REGIONS_PER_IMAGE = 49
 FEATURE_MAP_SIDE = 7
 
-DYNAMIC_AXES = ("batch", "candidates", "regions", "keywords", "tokens")
+DYNAMIC_AXES = ("batch", "candidates", "regions", "keywords", "tokens", "query_words")
 # The sentence encoder's embedding size and the lexical features per keyword (fixed by the model).
 TEXT_EMBEDDING_DIM = 384
 LEXICAL_DIM = 3
@@ -265,8 +265,21 @@ SEARCH_IDS = TensorSpec(CANDIDATE_IDS.name, CANDIDATE_IDS.dtype, CANDIDATE_IDS.d
 # How many rows the search graph keeps per query: the request's top_k (checked by the store text step: 1 <= top_k
 # <= rows searched, one value per request), or every row searched when the request gave none.
 SEARCH_K = _t("search_k", "int64", "batch", 1)
+# What the fused store graphs take instead of the query's embedding and the lexical features: the query's
+# WordPiece ids (the graph runs the sentence encoder) and its content words, numbered as the store numbers its
+# keywords' words (amc_client.text.StoreWords), with their IDFs (the graph matches them against the stored
+# keywords). Both padded to widths that let Triton batch requests of similar queries together.
+QUERY_TOKENS = _t("query_tokens", "int64", "batch", "tokens",
+                  doc="the query's WordPiece ids with [CLS] and [SEP], 0 pads (to a multiple of 16)")
+QUERY_WORDS = _t("query_words", "int64", "batch", "query_words",
+                 doc="the query's content words numbered as the store's keyword words (StoreWords), -1 pads")
+QUERY_WORD_WEIGHTS = _t("query_word_weights", "float32", "batch", "query_words",
+                        doc="the IDF of each of query_words, 0 on padding")
+# Outputs a request's ensemble does not map are not computed (the step reads each request's requested outputs):
+# amc_store asks for query_text and keyword_lexical, the fused store ensembles for the query's tokens and words.
 STORE_TOKENIZER = StepSignature("amc_store_tokenizer", (QUERY, SEARCH_IDS, TOP_K),
-                                (QUERY_TEXT, KEYWORD_LEXICAL, TOKENIZER_VERSION, CANDIDATE_ROWS, SEARCH_K))
+                                (QUERY_TEXT, KEYWORD_LEXICAL, TOKENIZER_VERSION, CANDIDATE_ROWS, SEARCH_K,
+                                 QUERY_TOKENS, QUERY_WORDS, QUERY_WORD_WEIGHTS))
 VAN_STORE = StepSignature("amc_van_store", (QUERY_EMBEDDING, CANDIDATE_IDS),
                           (VISUAL_VECTOR, REGION_ATTENTION, VAN_VERSION))
 LAN_STORE = StepSignature("amc_lan_store", (QUERY_EMBEDDING, KEYWORD_LEXICAL, CANDIDATE_IDS),
@@ -290,7 +303,8 @@ def versioned_store_ensemble_name(version: int) -> str:
 # ---- fused graphs (appended): all four networks in one ONNX graph, text features in; used to price the ensemble ---------
 FUSED = StepSignature("amc_fused", (QUERY_TEXT, REGIONS, REGION_MASK, KEYWORD_EMBEDDINGS, KEYWORD_LEXICAL),
                       (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION))
-FUSED_STORE = StepSignature("amc_fused_store", (QUERY_TEXT, KEYWORD_LEXICAL, CANDIDATE_IDS),
+# The fused store graph: the sentence encoder, the lexical match and the four networks over the candidate store.
+FUSED_STORE = StepSignature("amc_fused_store", (QUERY_TOKENS, QUERY_WORDS, QUERY_WORD_WEIGHTS, CANDIDATE_IDS),
                             (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION))
 
 
@@ -317,7 +331,8 @@ STORE_TOPK = StepSignature("amc_store_topk", (*TOPK.inputs[:4], CANDIDATE_ROWS, 
 # The search graph: amc_fused_store's networks plus the top-k selection (ONNX TopK, k = search_k), so that only k
 # rows leave the GPU; candidate_index holds the store rows kept, best first. In amc_search its outputs feed the
 # store top-k step (renamed by TOP_K_FEEDS; candidate_index under RANKED_ROWS), which adds the store's strings.
-SEARCH_STORE = StepSignature("amc_search_store", (QUERY_TEXT, KEYWORD_LEXICAL, CANDIDATE_IDS, SEARCH_K),
+SEARCH_STORE = StepSignature("amc_search_store", (QUERY_TOKENS, QUERY_WORDS, QUERY_WORD_WEIGHTS, CANDIDATE_IDS,
+                                                    SEARCH_K),
                              (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION,
                               CANDIDATE_INDEX))
 RANKED_ROWS = _t("ranked_rows", "int64", "batch", "results", doc="the search graph's candidate_index, in amc_search")

@@ -230,3 +230,75 @@ class KeywordIndex:
             share += ((covered[hit] >> j) & 1) * idf
         out[hit, :, 2] = np.where(real[hit], (share / q_total)[:, None], 0.0)
         return out
+
+
+def padded_width(n: int, step: int, most: int | None = None) -> int:
+    """``n`` rounded up to a multiple of ``step`` (at least ``step``; at most ``most`` where given): the width a
+    row of ``n`` items is padded to, so that requests of similar length have equal shapes and Triton's dynamic
+    batcher, which merges only requests of equal shapes, can batch them."""
+    width = max(step, -(-n // step) * step)
+    return width if most is None else min(width, most)
+
+
+QUERY_TOKEN_STEP = 16  # a query's WordPiece ids are padded to a multiple of this, at most QUERY_MAX_TOKENS
+
+
+def query_tokens(tokenizer, queries: Sequence[str]) -> np.ndarray:
+    """(B,) queries -> (B, L) int64 WordPiece ids as :func:`wordpiece_ids` gives them (``QUERY_MAX_TOKENS``), 0
+    padded to L = :func:`padded_width` of the longest: what the fused store graphs' encoder reads. The encoder
+    gives padding no attention, so the width changes no embedding."""
+    ids = wordpiece_ids(tokenizer, queries, QUERY_MAX_TOKENS)
+    width = padded_width(ids.shape[1], QUERY_TOKEN_STEP, QUERY_MAX_TOKENS)
+    return np.pad(ids, ((0, 0), (0, width - ids.shape[1])))
+
+
+class StoreWords:
+    """A candidate store's keyword words, numbered, for the lexical features computed inside the store graphs.
+
+    The store graphs (``export/store.py``) hold, per stored keyword, the numbers of its content words
+    (:meth:`keyword_words`) and their IDF mass; the store text step sends, per query, the numbers of the query's
+    content words and their IDFs (:meth:`query`). The graph's match of the two gives
+    :meth:`LexicalMatcher.features` without a loop over candidates. Words are numbered in sorted order of the
+    store's distinct content words, so the text step (from ``store.json``) and the export (from the store) number
+    them alike. A query word the store lacks gets :attr:`unknown` (one past the last word): it matches nothing
+    but still counts in the query's IDF total, as in :meth:`LexicalMatcher.features`.
+    """
+
+    PAD = -1  # word slots past a keyword's or a query's words; a query's pads weigh 0
+    QUERY_WIDTH_STEP = 8  # query word slots are padded to a multiple of this (see padded_width)
+
+    def __init__(self, weights: TermWeights, keywords: Iterable[str]) -> None:
+        self.weights = weights
+        vocabulary = sorted({w for k in set(keywords) if k for w in content_words(k)})
+        self.number = {w: i for i, w in enumerate(vocabulary)}
+        self.unknown = len(vocabulary)
+
+    def keyword_words(self, keywords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(G, K) keyword strings ("" pads) -> their word numbers (G, K, W) int64 (:attr:`PAD` after a keyword's
+        words; W the most words of any keyword, at least 1) and their IDF mass (G, K) float32 (0 on padding)."""
+        keywords = np.asarray(keywords, dtype=object)
+        distinct, inverse = np.unique(keywords.reshape(-1), return_inverse=True)
+        per = [content_words(k) if k else [] for k in distinct.tolist()]
+        width = max([1, *map(len, per)])
+        numbers = np.full((len(distinct), width), self.PAD, dtype=np.int64)
+        mass = np.zeros(len(distinct), dtype=np.float64)
+        for u, ws in enumerate(per):
+            missing = [w for w in ws if w not in self.number]
+            if missing:  # numbered from other keywords: a query word could match it in one place and not the other
+                raise ValueError(f"keyword {distinct[u]!r} has words this store's numbering lacks: {missing}")
+            numbers[u, : len(ws)] = [self.number[w] for w in ws]
+            mass[u] = sum(self.weights.idf(w) for w in ws)
+        inverse = inverse.reshape(keywords.shape)
+        return numbers[inverse], mass[inverse].astype(np.float32)
+
+    def query(self, queries: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(B,) queries -> their content words' numbers (B, W) int64 and IDFs (B, W) float32, :attr:`PAD` and 0
+        after each query's words; W is the most words of any of them, padded by :func:`padded_width`."""
+        per = [content_words(q) for q in queries]
+        width = padded_width(max([0, *map(len, per)]), self.QUERY_WIDTH_STEP)
+        numbers = np.full((len(per), width), self.PAD, dtype=np.int64)
+        idf = np.zeros((len(per), width), dtype=np.float32)
+        for b, ws in enumerate(per):
+            numbers[b, : len(ws)] = [self.number.get(w, self.unknown) for w in ws]
+            idf[b, : len(ws)] = [self.weights.idf(w) for w in ws]
+        return numbers, idf

@@ -25,9 +25,19 @@ Tensors (names and order from config.pbtxt, generated from ``amc_client.signatur
                 top_k INT64 [B, 1] (optional)
            out: query_text FP32 [B, E], keyword_lexical FP32 [B, N, K_store, 3] (for the stored rows' keywords),
                 tokenizer_version INT64 [B, 1], candidate_rows INT64 [B, N] (the rows scored),
-                search_k INT64 [B, 1] (top_k, checked: 1 <= top_k <= N and one value per request; else N)
+                search_k INT64 [B, 1] (top_k, checked: 1 <= top_k <= N and one value per request; else N),
+                query_tokens INT64 [B, L] (WordPiece ids, 0 padded to a multiple of 16),
+                query_words INT64 [B, W], query_word_weights FP32 [B, W] (the query's content words numbered as
+                the store's keyword words, amc_text.StoreWords, and their IDFs; -1 and 0 padded to a multiple of 8)
 
-Store mode computes the lexical features with ``amc_text.KeywordIndex`` (the store's keywords indexed by word
+Store mode computes only the outputs a request's ensemble maps (``requested_output_names``): the 5-step
+``amc_store`` reads the query's embedding and the lexical features (its networks take them); the fused store
+graphs (``amc_store_fused``, ``amc_search``) run the sentence encoder and the lexical match themselves, on
+the GPU where there is one, so for them this step only tokenizes: no encoder call, nothing per candidate.
+Token and word widths are padded so that requests of similar queries have equal shapes, which Triton's
+dynamic batcher needs to merge them into one execution of the graph.
+
+For ``amc_store``, store mode computes the lexical features with ``amc_text.KeywordIndex`` (the store's keywords indexed by word
 at load): one pass over the postings of the query's words and numpy gathers, so scoring the whole store (a
 search) costs milliseconds, not a Python loop over every stored keyword. Its ids are bounded by the store
 (each row at most once), not by ``max_candidates``.
@@ -79,7 +89,8 @@ _KINDS = {
     "raw": ((("TYPE_STRING", 1), ("TYPE_STRING", 2), ("TYPE_BOOL", 2)),
             (("TYPE_FP32", 1), ("TYPE_FP32", 3), ("TYPE_FP32", 3), ("TYPE_INT64", 1))),
     "store": ((("TYPE_STRING", 1), ("TYPE_INT64", 1), ("TYPE_INT64", 1)),
-              (("TYPE_FP32", 1), ("TYPE_FP32", 3), ("TYPE_INT64", 1), ("TYPE_INT64", 1), ("TYPE_INT64", 1))),
+              (("TYPE_FP32", 1), ("TYPE_FP32", 3), ("TYPE_INT64", 1), ("TYPE_INT64", 1), ("TYPE_INT64", 1),
+               ("TYPE_INT64", 1), ("TYPE_INT64", 1), ("TYPE_FP32", 1))),
 }
 # The request bounds of amc_client.signatures (this file cannot import it inside the stub); the config
 # parameters of the same names, which the generator writes from the signatures, win.
@@ -165,6 +176,9 @@ class TextFeatures:
                 self.store_keywords[g, : len(row)] = row
         self.store_index = None if self.store_keywords is None else self.text.KeywordIndex(self.matcher,
                                                                                           self.store_keywords)
+        # The fused store graphs' view of the same keywords: their words numbered (amc_text.StoreWords).
+        self.store_words = None if self.store_keywords is None else self.text.StoreWords(
+            self.matcher.weights, self.store_keywords.reshape(-1).tolist())
 
     def encode(self, texts: Sequence[str], max_tokens: int) -> np.ndarray:
         """(n,) texts -> (n, E) float32 sentence embeddings, tokenized by ``amc_text.wordpiece_ids``."""
@@ -182,6 +196,17 @@ class TextFeatures:
     def query_text(self, queries: Sequence[str]) -> np.ndarray:
         """(B,) query strings -> (B, E)."""
         return self.encode(queries, self.text.QUERY_MAX_TOKENS)
+
+    def query_tokens(self, queries: Sequence[str]) -> np.ndarray:
+        """(B,) query strings -> (B, L) WordPiece ids, padded as the fused store graphs read them."""
+        return self.text.query_tokens(self.wordpiece, queries)
+
+    def query_words(self, queries: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(B,) query strings -> their content words numbered as the store's, (B, W), and their IDFs, (B, W)
+        (needs ``store.json``)."""
+        if self.store_words is None:
+            raise ValueError("this text step has no candidate store (store.json)")
+        return self.store_words.query(queries)
 
     def keyword_vectors(self, keywords: Sequence[str]) -> np.ndarray:
         """(U,) keyword strings -> (U, E): the zero vector for "", else the table's, the cache's or a new one."""
@@ -245,6 +270,10 @@ class _Parsed:
     whole_store: bool = False  # store: no ids were sent, ``ids`` is every row
     top_k: int | None = None  # store: the request's top_k, checked against N
     counted: bool = True  # takes a slot of the in-flight counter (its ensemble ends in a top-k step)
+    wants: frozenset[str] | None = None  # store: the outputs its ensemble maps (None: every output)
+
+    def asks(self, name: str) -> bool:
+        return self.wants is None or name in self.wants
 
 
 class _Overloaded(Exception):
@@ -332,14 +361,17 @@ class TritonPythonModel:
         # not after the batch's queries are encoded: under overload the encoding of the admitted requests
         # would otherwise hold every rejection of the batch. Their place in the returned list is None.
         answered = [self._answer_now(r, p) for r, p in zip(requests, parsed, strict=True)]
-        texts = [t for p in parsed if isinstance(p, _Parsed) for t in p.texts]
+        # One encoder call for the queries of every request that asks for their embedding (the fused store
+        # ensembles do not: their graph runs the encoder).
+        encoded = [isinstance(p, _Parsed) and p.asks(self.output_names[0]) for p in parsed]
+        texts = [t for p, e in zip(parsed, encoded, strict=True) if e for t in p.texts]
         try:
-            query_text = self.features.query_text(texts)  # one encoder call for every request's queries
+            query_text = self.features.query_text(texts)
         except Exception as e:  # noqa: BLE001
-            self._release(sum(isinstance(p, _Parsed) and p.counted for p in parsed))
-            parsed = [p if isinstance(p, Exception) else e for p in parsed]
+            self._release(sum(isinstance(p, _Parsed) and p.counted for p, x in zip(parsed, encoded) if x))
+            parsed = [e if x else p for p, x in zip(parsed, encoded, strict=True)]
         responses, start = [], 0
-        for p, done in zip(parsed, answered, strict=True):
+        for p, done, e in zip(parsed, answered, encoded, strict=True):
             if done:
                 responses.append(None)
                 continue
@@ -347,11 +379,11 @@ class TritonPythonModel:
                 responses.append(self._refusal(p))
                 continue
             try:
-                responses.append(self._respond(p, query_text[start:start + len(p.texts)]))
-            except Exception as e:  # noqa: BLE001
+                responses.append(self._respond(p, query_text[start:start + len(p.texts)] if e else None))
+            except Exception as x:  # noqa: BLE001
                 self._release(int(p.counted))  # admitted, but it goes no further
-                responses.append(self._error(e))
-            start += len(p.texts)
+                responses.append(self._error(x))
+            start += len(p.texts) if e else 0
         return responses
 
     def _answer_now(self, request: Any, parsed: _Parsed | Exception) -> bool:
@@ -486,7 +518,8 @@ class TritonPythonModel:
         # Only amc_search's requests (they ask for candidate_rows, which its top-k step reads) end in a step that
         # frees their slot; amc_store's and amc_store_fused's do not ask for it.
         names = getattr(request, "requested_output_names", None)
-        parsed.counted = names is not None and self.output_names[3] in set(names())
+        parsed.wants = None if names is None else frozenset(names())
+        parsed.counted = parsed.wants is not None and self.output_names[3] in parsed.wants
         top_k = pb_utils.get_input_tensor_by_name(request, self.input_names[2])
         if top_k is not None:  # the top-k step's rule, here before any row is scored
             try:
@@ -522,21 +555,30 @@ class TritonPythonModel:
                                "candidate may appear once")
         return _Parsed([], ids=ids)
 
-    def _respond(self, p: _Parsed, query_text: np.ndarray) -> Any:
-        if self.mode == "raw":
-            arrays = (query_text, self.features.keyword_embeddings(p.keywords),  # (B, N, K, E)
-                      self.features.lexical(p.texts, p.keywords))  # (B, N, K, 3)
-        else:  # the lexical features of the stored rows' keywords: (B, N, K_store, 3)
-            arrays = (query_text, self.features.store_lexical(p.texts, None if p.whole_store else p.ids))
+    def _respond(self, p: _Parsed, query_text: np.ndarray | None) -> Any:
         version = np.full((len(p.texts), 1), self.version, dtype=np.int64)
         if self.mode == "raw":
-            arrays = (*arrays, version)
-        else:
-            k = np.full((len(p.texts), 1), p.ids.shape[1] if p.top_k is None else p.top_k, dtype=np.int64)
-            arrays = (*arrays, version, p.ids, k)
+            arrays = {0: query_text, 1: self.features.keyword_embeddings(p.keywords),  # (B, N, K, E)
+                      2: self.features.lexical(p.texts, p.keywords), 3: version}  # (B, N, K, 3)
+        else:  # each output only where the request's ensemble maps it
+            wanted = [p.asks(name) for name in self.output_names]
+            arrays = {}
+            if wanted[0]:
+                arrays[0] = query_text
+            if wanted[1]:  # the lexical features of the stored rows' keywords: (B, N, K_store, 3)
+                arrays[1] = self.features.store_lexical(p.texts, None if p.whole_store else p.ids)
+            if wanted[2]:
+                arrays[2] = version
+            if wanted[3]:
+                arrays[3] = p.ids
+            if wanted[4]:
+                arrays[4] = np.full((len(p.texts), 1), p.ids.shape[1] if p.top_k is None else p.top_k, np.int64)
+            if wanted[5]:
+                arrays[5] = self.features.query_tokens(p.texts)
+            if wanted[6] or wanted[7]:
+                arrays[6], arrays[7] = self.features.query_words(p.texts)
         return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(name, np.ascontiguousarray(a))
-            for name, a in zip(self.output_names, arrays, strict=True)])
+            pb_utils.Tensor(self.output_names[i], np.ascontiguousarray(a)) for i, a in arrays.items()])
 
     @staticmethod
     def _input(request: Any, name: str) -> np.ndarray:
