@@ -494,13 +494,15 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
     tuned = instances or store_instances()
     written: list[Path] = []
     steps = STORE_STEPS + (FUSED_STEPS + SEARCH_STEPS if fused else ())
+    for step in steps:  # every existing config checked before anything is written
+        config_path = repository / step.model_name / "config.pbtxt"
+        if config_path.exists():
+            _check_tensors(config_path, step)
     for step in steps:
         config_path = repository / step.model_name / "config.pbtxt"
         if not config_path.exists():
             count = tuned if step in TUNED_STORE_STEPS else 1
             write_atomic(config_path, to_text(store_step_config(step, flavour, instances=count)))
-        else:
-            _check_tensors(config_path, step)
         version_dir = repository / step.model_name / str(version)
         if step is sig.STORE_TOKENIZER:
             write_text_step(version_dir, version=version, files=text, store_json=store_json)

@@ -233,6 +233,14 @@ def test_store_graphs_equal_the_raw_path(tmp_path, checkpoint):
     assert manifest["size"] == 12 and manifest["keywords"] == keywords
     for name in ("van_store", "lan_store", "fused_store", "search_store", "fused"):
         assert (repo / f"amc_{name}" / str(version) / "model.onnx").is_file()
+    # A store step config of other tensors (an older release's fused store graph took the query's embedding) is
+    # refused before anything is written: every version of a step shares its config.
+    config = repo / sig.FUSED_STORE.model_name / "config.pbtxt"
+    config.write_text(config.read_text().replace(sig.QUERY_TOKENS.name, sig.QUERY_TEXT.name))
+    before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
+    with pytest.raises(ValueError, match=r"amc_fused_store.*published by an older release; publish into a new"):
+        publish_store(repo, version, tiny_model(), TERM_WEIGHTS, regions, keywords, fingerprint="fp", log=quiet)
+    assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
     # The validation fails loudly when the store's keyword projections are off.
     from amc_client.text import LexicalMatcher
 

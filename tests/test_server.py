@@ -343,6 +343,28 @@ def test_store_text_step_matches_training_code(client: grpcclient.InferenceServe
     _assert_features_match(out, queries, store[ids])
     assert out[sig.KEYWORD_LEXICAL.name].shape == (2, 4, width, sig.LEXICAL_DIM)
     np.testing.assert_array_equal(out[sig.TOKENIZER_VERSION.name], [[1], [1]])
+    # What the fused store graphs read instead: the queries' WordPiece ids and their words, numbered as the store
+    # numbers its keywords' words, with their IDFs.
+    from training.text_encoder import tokenizer_json
+
+    tokens = amc_text.query_tokens(amc_text.load_wordpiece(tokenizer_json()), queries)
+    np.testing.assert_array_equal(out[sig.QUERY_TOKENS.name], tokens)
+    assert tokens.shape == (2, 16)
+    store = amc_text.StoreWords(matcher().weights, [k for row in STORE_KEYWORDS for k in row])
+    words, idf = store.query(queries)
+    np.testing.assert_array_equal(out[sig.QUERY_WORDS.name], words)
+    np.testing.assert_allclose(out[sig.QUERY_WORD_WEIGHTS.name], idf)
+    assert words.shape == (2, 8) and words[0, :3].tolist() == [store.number["red"], store.number["heart"], -1]
+    assert words[1, :2].tolist() == [store.number["cat"], -1]  # "кошка" is no word of amc_text.words
+
+
+def test_store_text_step_answers_the_outputs_asked_for(client: grpcclient.InferenceServerClient) -> None:
+    """Asked only for the fused store graphs' inputs (as amc_store_fused's ensemble asks), the step answers."""
+    names = (sig.QUERY_TOKENS.name, sig.QUERY_WORDS.name, sig.QUERY_WORD_WEIGHTS.name)
+    result = client.infer(STORE_TOKENIZER, _store_inputs(["red heart"], np.array([[2, 0]])), client_timeout=60,
+                          outputs=[grpcclient.InferRequestedOutput(n) for n in names])
+    assert {o.name for o in result.get_response().outputs} == set(names)
+    assert result.as_numpy(sig.QUERY_WORDS.name).shape == (1, 8)
 
 
 def test_store_text_step_answers_concurrent_requests_and_isolates_bad_ones(client: grpcclient.InferenceServerClient) -> None:
