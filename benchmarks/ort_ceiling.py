@@ -3,7 +3,7 @@
 
     python -m benchmarks.ort_ceiling --out $OUT [--checkpoint runs/amc/checkpoint.pt] [--sizes 100 1000]
         [--threads 1 2 4 8] [--batches 1 2 4 8 16 32 64 128 256] [--precisions fp32 fp16]
-        [--triton-config 4:4] [--triton-concurrency 100=16,32,48,64 1000=2,4,8,12]
+        [--triton-config 4:4] [--triton-concurrency 100=16,32,64,128,192 1000=4,8,16,32]
 
 Steps (each writes into ``ort_ceiling.json`` under ``--out`` as soon as it ends; ``ort_ceiling.md`` at the end):
 
@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton-config", nargs="+", default=["4:4"],
                         help="TOK:FUSED[:auto|cpu|cuda] instances of the text step and the fused graph (and where the "
                         "text step encodes queries), one fresh server each; 'none' skips Triton")
-    parser.add_argument("--triton-concurrency", nargs="+", default=["100=16,32,48,64", "1000=2,4,8,12"])
+    parser.add_argument("--triton-concurrency", nargs="+", default=["100=16,32,64,128,192", "1000=4,8,16,32"])
     parser.add_argument("--triton-c1-s", type=float, default=2.0)
     parser.add_argument("--perf-interval-ms", type=int, default=1000)
     parser.add_argument("--budget-s", type=float, default=420.0, help="the ORT sweeps stop at this much wall time "

@@ -398,10 +398,11 @@ ALL_STORE_STEPS: tuple[sig.StepSignature, ...] = STORE_STEPS + FUSED_STEPS + SEA
 
 STORE_BATCH_DELAY_US = 100  # store steps: requests are cheap to merge, so wait less for company at low load
 # Instances of the store path's text step and fused graph by the kind of machine that will serve (issue 10, "fast by
-# default"). On an H100 with the current text step, 4:4 answered more than 8:4 at 100 candidates (303,782 vs 216,402
-# cand/s) and at 1,000 (852,352 vs 648,786), one machine start (reports/gpu.md, run 5; the older text step of run 4
-# favoured 8:4 at 1,000). On a CPU one each: more processes only split the same cores. The other store steps keep one.
-# Each fused-graph instance holds its own copy of the store's projections (~1.25 GB in fp16 for 100,000 images).
+# default"). On an H100, with the sentence encoder inside the fused graph (reports/gpu.md, run 6, one machine start;
+# best cand/s with p99 < 50 ms at 100 / 1,000 candidates): 4:4 412,862 / 1,190,850, 2:4 389,170 / 1,223,410, 4:2
+# 364,448 / 1,259,790, 4:8 348,063 / 936,330, 4:1 236,630 / 931,965; 4:4 stays. On a CPU one each: more processes
+# only split the same cores. The other store steps keep one. Each fused-graph instance holds its own copy of the
+# store's projections (~1.25 GB in fp16 for 100,000 images) and of the sentence encoder (~90 MB).
 STORE_INSTANCES = {"gpu": 4, "cpu": 1}
 TUNED_STORE_STEPS: tuple[sig.StepSignature, ...] = (sig.STORE_TOKENIZER, sig.FUSED_STORE)
 
