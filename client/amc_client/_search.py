@@ -6,11 +6,12 @@ ensemble ``amc_search`` (``amc_search_v<N>`` pinned): the request is the query, 
 ``candidate_ids`` (store rows to search among); no candidate list means the whole store. One request scores
 every row in one pass of each step:
 
-    store text step    the query's embedding once; the lexical features of every stored keyword through the
-                       store's word index (``amc_text.KeywordIndex``: postings of the query's words, numpy gathers)
-    amc_search_store   QEN, VAN, LAN and MTN in one ONNX graph over all the rows (batched gathers of the stored
-                       projections) and the top-k selection (ONNX TopK) in the same graph: only the k rows kept
-                       leave it, so the per-row tensors of the store never cross the Python backend
+    store text step    checks the request; the query's WordPiece ids and its content words, numbered as the
+                       store numbers its keywords' words (``amc_text.StoreWords``), with their IDFs
+    amc_search_store   the sentence encoder, the lexical match against every stored keyword, QEN, VAN, LAN and
+                       MTN in one ONNX graph over all the rows (batched gathers of the stored projections and
+                       keyword word numbers) and the top-k selection (ONNX TopK) in the same graph: only the k
+                       rows kept leave it, so no per-row tensor of the store crosses the Python backend
     amc_store_topk     the store's id and keyword strings of the k rows: what the client needs to explain a
                        result without a copy of the store
 

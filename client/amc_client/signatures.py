@@ -255,8 +255,9 @@ def parse_versioned_ensemble_name(name: str) -> int | None:
 CANDIDATE_IDS = _t("candidate_ids", "int64", "batch", "candidates",
                    doc="row of each candidate in the version's candidate store (0 <= id < store size)")
 
-# The store text step encodes the query and computes the lexical features of the stored candidates' keywords;
-# it rejects ids outside the store and repeated ids with a clear error before VAN/LAN gather them. Without
+# The store text step turns the query into what the graphs after it read (for amc_store its embedding and the lexical
+# features of the stored candidates' keywords; for the fused store graphs its tokens and numbered words); it rejects
+# ids outside the store and repeated ids with a clear error before a graph gathers them. Without
 # candidate_ids (whole-store search) it scores every row of the store; ``candidate_rows`` says which rows it took.
 CANDIDATE_ROWS = _t("candidate_rows", "int64", "batch", "candidates",
                     doc="the store rows a request scores: its candidate_ids, or every row when it sent none")

@@ -37,10 +37,9 @@ the GPU where there is one, so for them this step only tokenizes: no encoder cal
 Token and word widths are padded so that requests of similar queries have equal shapes, which Triton's
 dynamic batcher needs to merge them into one execution of the graph.
 
-For ``amc_store``, store mode computes the lexical features with ``amc_text.KeywordIndex`` (the store's keywords indexed by word
-at load): one pass over the postings of the query's words and numpy gathers, so scoring the whole store (a
-search) costs milliseconds, not a Python loop over every stored keyword. Its ids are bounded by the store
-(each row at most once), not by ``max_candidates``.
+For ``amc_store``, store mode computes the lexical features with ``amc_text.KeywordIndex`` (the store's keywords
+indexed by word at load): one pass over the postings of the query's words and numpy gathers, not a Python loop over
+every stored keyword. Its ids are bounded by the store (each row at most once), not by ``max_candidates``.
 
 Queries are encoded by ``text_encoder.onnx`` (onnxruntime, CUDA provider when available, chosen as
 ``onnx_runner.py`` chooses). Keywords are looked up in the keyword table; a keyword missing there is encoded
