@@ -34,6 +34,7 @@ import compileall
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -385,9 +386,10 @@ if __name__ == "__main__":
 
 
 # ---- candidate store and fused graphs -------------------------------------------------------------------------
-# Store steps: the store text step (text_step.py in mode store: the query's embedding and the lexical features
-# of the stored rows' keywords) and the store variants of VAN and LAN, whose ONNX graphs hold the version's
-# candidate store as constants. QEN and MTN are shared with the raw ensemble.
+# Store steps: the store text step (text_step.py in mode store: for amc_store the query's embedding and the lexical
+# features of the stored rows' keywords, for the fused store graphs the query's tokens and numbered words) and the
+# store variants of VAN and LAN, whose ONNX graphs hold the version's candidate store as constants. QEN and MTN are
+# shared with the raw ensemble.
 STORE_STEPS: tuple[sig.StepSignature, ...] = (sig.STORE_TOKENIZER, *sig.STORE_NETWORKS)
 FUSED_STEPS: tuple[sig.StepSignature, ...] = (sig.FUSED, sig.FUSED_STORE)
 # Whole-store search (written with the fused graphs): the search graph and the store top-k step.
@@ -495,10 +497,7 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
     tuned = instances or store_instances()
     written: list[Path] = []
     steps = STORE_STEPS + (FUSED_STEPS + SEARCH_STEPS if fused else ())
-    for step in steps:  # every existing config checked before anything is written
-        config_path = repository / step.model_name / "config.pbtxt"
-        if config_path.exists():
-            _check_tensors(config_path, step)
+    check_store_configs(repository, steps)  # before anything is written
     for step in steps:
         config_path = repository / step.model_name / "config.pbtxt"
         if not config_path.exists():
@@ -529,16 +528,21 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
     return written
 
 
-def _check_tensors(config_path: Path, step: sig.StepSignature) -> None:
-    """Refuse to add a version beside a config of other tensors: every version of a step shares its config, so
-    the new version would not load, or the old ones would stop loading (a repository whose store steps were
-    published by an older release of this code, before the fused store graphs took the query's tokens)."""
-    config = parse_config(config_path.read_text())
-    have = ([t.name for t in config.input], [t.name for t in config.output])
-    if have != (step.input_names, step.output_names):
-        raise ValueError(f"{config_path} declares tensors {have[0]} -> {have[1]}, but this release's "
-                         f"{step.model_name} has {step.input_names} -> {step.output_names}: its versions were "
-                         "published by an older release; publish into a new repository")
+def check_store_configs(repository: Path, steps: Sequence[sig.StepSignature] = ALL_STORE_STEPS) -> None:
+    """Refuse a repository whose config of one of ``steps`` declares other tensors than this release's: every
+    version of a step shares its config, so a version added beside it would not load, and ensembles written for
+    this release's tensors would not load over it (a repository whose store steps an older release published,
+    before the fused store graphs took the query's tokens). Raises ValueError naming the step and the remedy."""
+    for step in steps:
+        path = repository / step.model_name / "config.pbtxt"
+        if not path.exists():
+            continue
+        config = parse_config(path.read_text())
+        have = ([t.name for t in config.input], [t.name for t in config.output])
+        if have != (step.input_names, step.output_names):
+            raise ValueError(f"{path} declares tensors {have[0]} -> {have[1]}, but this release's "
+                             f"{step.model_name} has {step.input_names} -> {step.output_names}: its versions "
+                             "were published by an older release; publish into a new repository")
 
 
 def search_ensemble_config(name: str, version: int) -> mc.ModelConfig:
@@ -642,7 +646,9 @@ def store_serving_version(repository: Path) -> int | None:
 
 def set_store_serving(repository: Path, version: int) -> str:
     """Rewrite ``amc_store`` pinned to ``version`` (and ``amc_store_fused`` where version ``version`` has the
-    fused store graph); returns ``amc_store``'s new config text."""
+    fused store graph); returns ``amc_store``'s new config text. Nothing is written where a store step's config
+    is of an older release (:func:`check_store_configs`)."""
+    check_store_configs(repository)
     text = to_text(store_ensemble_config(sig.STORE_ENSEMBLE_NAME, version))
     write_atomic(repository / sig.STORE_ENSEMBLE_NAME / "config.pbtxt", text)
     (repository / sig.STORE_ENSEMBLE_NAME / "1").mkdir(exist_ok=True)

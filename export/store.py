@@ -17,7 +17,8 @@ The lexical features depend on the query, so for ``amc_store`` the store text st
 (``store.json``), with the same :class:`amc_client.text.LexicalMatcher` as training. The ensemble ``amc_store``
 (store text step -> QEN -> VAN store, LAN store -> MTN) serves ``(query, candidate_ids)``. The raw path stays as
 it was. Also here: ``fused.onnx`` (all four networks in one graph, text features in) and ``fused_store.onnx``
-(``amc_store_fused``: the same over the store, with the sentence encoder and the lexical match inside, so the
+(model ``amc_fused_store``, served by the ensemble ``amc_store_fused``: the same over the store, with the
+sentence encoder and the lexical match inside, so the
 text step only tokenizes and nothing per candidate crosses a Python step: the query's WordPiece ids and its
 content words, numbered as the store's keyword words by :class:`amc_client.text.StoreWords`, go in; the stored
 keywords' word numbers and IDF mass are constants of the graph); ``search_store.onnx`` (the fused store graph
@@ -57,7 +58,15 @@ from export.onnx_export import (
     write_onnx,
 )
 from export.reference import keyword_embeddings
-from export.repository import TextStepFiles, set_store_serving, stage_store_version
+from export.repository import (
+    FUSED_STEPS,
+    SEARCH_STEPS,
+    STORE_STEPS,
+    TextStepFiles,
+    check_store_configs,
+    set_store_serving,
+    stage_store_version,
+)
 from training.model import AMC, masked_softmax
 
 CHUNK = 256  # gallery images projected per torch call at export time
@@ -222,24 +231,35 @@ def _fp32(gathered: torch.Tensor) -> torch.Tensor:
     return gathered if gathered.dtype == torch.float32 else gathered.float()
 
 
-def lexical_match(words: torch.Tensor, weights: torch.Tensor, keyword_words: torch.Tensor,
-                  keyword_mass: torch.Tensor, keyword_real: torch.Tensor) -> torch.Tensor:
+def lexical_match(words: torch.Tensor, weights: torch.Tensor, vocabulary: int, keyword_words: torch.Tensor,
+                  keyword_mass: torch.Tensor, keyword_real: torch.Tensor, row_words: torch.Tensor) -> torch.Tensor:
     """:meth:`amc_client.text.LexicalMatcher.features` as tensor operations, for candidates whose keywords'
-    words are numbered (:class:`amc_client.text.StoreWords`).
+    words are numbered (:class:`amc_client.text.StoreWords`, ``vocabulary`` words).
 
-    ``words``, ``weights``: (B, W) the query's word numbers and IDFs (0 on padding); ``keyword_words`` (B, N, K,
-    Wk) the candidates' keywords' word numbers, ``keyword_mass`` (B, N, K) their IDF mass, ``keyword_real`` (B, N,
-    K) True for real keywords -> (B, N, K, 3). A padding slot may equal another padding slot; a query's padding
-    weighs 0, so that match adds nothing.
+    ``words``, ``weights``: (B, W) the query's word numbers (distinct; ``vocabulary`` for a word the store lacks,
+    -1 pads) and IDFs (0 on padding); per candidate, ``keyword_words`` (B, N, K, Wk) its keywords' word numbers,
+    ``keyword_mass`` (B, N, K) their IDF mass, ``keyword_real`` (B, N, K) True for real keywords, ``row_words``
+    (B, N, Wc) the distinct words of all its keywords (-1 pads) -> (B, N, K, 3).
+
+    Each query's weights are scattered into a table by word number (B, vocabulary + 2), which every stored word
+    then looks up: memory grows with the candidates' words, not with candidates x query words (a 1 KB query
+    has hundreds of words). Slot ``vocabulary`` takes what no stored word reads (words the store lacks, padding,
+    numbers out of range), slot ``vocabulary + 1`` stays 0 for the stored words' padding.
     """
-    present = (keyword_words.unsqueeze(-1) == words[:, None, None, None, :]).to(weights.dtype).amax(3)  # (B,N,K,W)
-    weights = weights[:, None, None, :]  # (B, 1, 1, W)
-    matched = (present * weights).sum(-1)  # (B, N, K): IDF mass of the query words the keyword has
-    total = weights.sum(-1)  # (B, 1, 1): the query's IDF mass
+    readable = (words >= 0) & (words < vocabulary)
+    slots = torch.where(readable, words, torch.full_like(words, vocabulary))
+    table = torch.zeros((words.shape[0], vocabulary + 2), dtype=weights.dtype).scatter(1, slots, weights)
+
+    def weight_of(numbers: torch.Tensor) -> torch.Tensor:  # (B, ...) stored word numbers -> the query's IDF of each
+        at = torch.where(numbers >= 0, numbers, torch.full_like(numbers, vocabulary + 1))
+        return torch.gather(table, 1, at.reshape(at.shape[0], -1)).reshape(at.shape)
+
+    matched = weight_of(keyword_words).sum(-1)  # (B, N, K): IDF mass of the query words the keyword has
+    total = weights.sum(-1)[:, None, None]  # (B, 1, 1): the query's IDF mass
     tiny = torch.finfo(weights.dtype).tiny
     in_query = torch.where(matched > 0, matched / keyword_mass.clamp_min(tiny), torch.zeros_like(matched))
     of_query = matched / total.clamp_min(tiny)
-    covered = (present.amax(2, keepdim=True) * weights).sum(-1) / total.clamp_min(tiny)  # (B, N, 1)
+    covered = weight_of(row_words).sum(-1, keepdim=True) / total.clamp_min(tiny)  # (B, N, 1)
     in_candidate = torch.where(keyword_real, covered, torch.zeros_like(covered))  # (B, N, K)
     return torch.stack([in_query, of_query, in_candidate], dim=-1)
 
@@ -255,14 +275,18 @@ class FusedStoreGraph(_StoreBuffers):
     def __init__(self, model: AMC, store: Store, version: int, *, encoder: nn.Module, weights: TermWeights) -> None:
         super().__init__(store)
         self.model, self.version, self.encoder = model, version, encoder
-        numbers, mass = StoreWords(weights, store.keywords.reshape(-1).tolist()).keyword_words(store.keywords)
+        numbering = StoreWords(weights, store.keywords.reshape(-1).tolist())
+        numbers, mass = numbering.keyword_words(store.keywords)
+        self.vocabulary = numbering.unknown
         self.register_buffer("keyword_words", torch.from_numpy(numbers))
         self.register_buffer("keyword_mass", torch.from_numpy(mass))
+        self.register_buffer("row_words", torch.from_numpy(numbering.row_words(store.keywords)))
 
     def forward(self, query_tokens, query_words, query_word_weights, candidate_ids):
         query_text = self.encoder(query_tokens)
-        keyword_lexical = lexical_match(query_words, query_word_weights, self.keyword_words[candidate_ids],
-                                        self.keyword_mass[candidate_ids], self.keyword_mask[candidate_ids])
+        keyword_lexical = lexical_match(query_words, query_word_weights, self.vocabulary,
+                                        self.keyword_words[candidate_ids], self.keyword_mass[candidate_ids],
+                                        self.keyword_mask[candidate_ids], self.row_words[candidate_ids])
         q = self.model.qen(query_text)
         visual, region_attention = _visual_from_projected(self.model, q, _fp32(self.projected[candidate_ids]),
                                                           self.region_mask[candidate_ids])
@@ -454,6 +478,7 @@ def publish_store(repository: Path, version: int, model: AMC, term_weights: str,
     """
     import tempfile
 
+    check_store_configs(repository, STORE_STEPS + (FUSED_STEPS + SEARCH_STEPS if fused else ()))  # fail early
     matcher = LexicalMatcher(TermWeights.from_json(term_weights))
     store = build_store(model, regions, keywords, ids, embed=embed)
     text = TextStepFiles.of_version(repository / sig.TOKENIZER.model_name / str(version))

@@ -26,6 +26,7 @@ from export.repository import (
     TUNED_STORE_STEPS,
     device_kind,
     parse_config,
+    set_store_serving,
     store_instances,
     template_files,
 )
@@ -238,8 +239,11 @@ def test_store_graphs_equal_the_raw_path(tmp_path, checkpoint):
     config = repo / sig.FUSED_STORE.model_name / "config.pbtxt"
     config.write_text(config.read_text().replace(sig.QUERY_TOKENS.name, sig.QUERY_TEXT.name))
     before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
-    with pytest.raises(ValueError, match=r"amc_fused_store.*published by an older release; publish into a new"):
-        publish_store(repo, version, tiny_model(), TERM_WEIGHTS, regions, keywords, fingerprint="fp", log=quiet)
+    stale = r"amc_fused_store.*published by an older release; publish into a new"
+    with pytest.raises(ValueError, match=stale):  # the next version: refused before its store is built
+        publish_store(repo, version + 1, tiny_model(), TERM_WEIGHTS, regions, keywords, fingerprint="fp", log=quiet)
+    with pytest.raises(ValueError, match=stale):  # a promote or rollback re-pinning the store ensembles
+        set_store_serving(repo, version)
     assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
     # The validation fails loudly when the store's keyword projections are off.
     from amc_client.text import LexicalMatcher

@@ -82,16 +82,21 @@ def test_the_store_graphs_lexical_match_equals_the_matcher():
     store = StoreWords(weights, keywords.reshape(-1).tolist())
     numbers, mass = store.keyword_words(keywords)
     assert numbers.shape[:2] == keywords.shape and (numbers[2] == StoreWords.PAD).all() and mass[1, 0] == 0
-    queries = ["red heart", "quokka kiwi", "the of", "cat cat face quokka", " ".join(f"w{i}" for i in range(9))]
+    long = " ".join(f"w{i}" for i in range(70)) + " apple fruit"  # past KeywordIndex's 62 query words
+    queries = ["red heart", "quokka kiwi", "the of", "cat cat face quokka", " ".join(f"w{i}" for i in range(9)), long]
     words, idf = store.query(queries)
-    assert words.shape == idf.shape == (5, 16)  # 9 + 1 content words -> padded to 16
+    assert words.shape == idf.shape == (6, 72)  # 72 content words, a multiple of 8
+    assert store.query(queries[:5])[0].shape == (5, 16)  # 9 content words -> padded to 16
     assert words[1, 0] == store.unknown and idf[1, 0] > 0 and (idf[2] == 0).all()
-    ids = torch.from_numpy(np.array([[0, 1, 2, 3]] * len(queries)))
-    got = lexical_match(torch.from_numpy(words), torch.from_numpy(idf), torch.from_numpy(numbers)[ids],
-                        torch.from_numpy(mass)[ids], torch.from_numpy(keywords != "")[ids]).numpy()
-    want = np.stack([matcher.features(q, keywords) for q in queries])
+    rows = store.row_words(keywords)
+    assert sorted(rows[1][rows[1] >= 0].tolist()) == sorted(store.number[w] for w in ("kiwi", "fruit", "red", "apple"))
+    ids = torch.from_numpy(np.array([[0, 1, 2, 3], [3, 2, 1, 0]] * 3))
+    got = lexical_match(torch.from_numpy(words), torch.from_numpy(idf), store.unknown, torch.from_numpy(numbers)[ids],
+                        torch.from_numpy(mass)[ids], torch.from_numpy(keywords != "")[ids],
+                        torch.from_numpy(rows)[ids]).numpy()
+    want = np.stack([matcher.features(q, keywords[row]) for q, row in zip(queries, ids.numpy(), strict=True)])
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-    assert want[0].any() and want[1].any() and want[3].any()  # the case is not trivially zero
+    assert want[0].any() and want[1].any() and want[3].any() and want[5].any()  # not trivially zero
     with pytest.raises(ValueError, match="'dog' has words this store's numbering lacks"):
         store.keyword_words(np.array([["dog"]], dtype=object))
     tokens = query_tokens(load_wordpiece(tokenizer_json()), ["cat", "kiwifruit " * 30])

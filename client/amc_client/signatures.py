@@ -301,7 +301,8 @@ def versioned_store_ensemble_name(version: int) -> str:
     return f"{STORE_ENSEMBLE_NAME}_v{version}"
 
 
-# ---- fused graphs (appended): all four networks in one ONNX graph, text features in; used to price the ensemble ---------
+# ---- fused graphs (appended): all four networks in one ONNX graph. amc_fused (text features in) prices the raw
+# ensemble's steps; amc_fused_store (the query's tokens and words in) serves amc_store_fused ---------------------------
 FUSED = StepSignature("amc_fused", (QUERY_TEXT, REGIONS, REGION_MASK, KEYWORD_EMBEDDINGS, KEYWORD_LEXICAL),
                       (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION))
 # The fused store graph: the sentence encoder, the lexical match and the four networks over the candidate store.

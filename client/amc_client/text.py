@@ -291,6 +291,16 @@ class StoreWords:
         inverse = inverse.reshape(keywords.shape)
         return numbers[inverse], mass[inverse].astype(np.float32)
 
+    def row_words(self, keywords: np.ndarray) -> np.ndarray:
+        """(G, K) keyword strings ("" pads) -> (G, W) int64: each row's distinct words over all its keywords, in
+        order of first use, :attr:`PAD` after them (W the most of any row, at least 1)."""
+        rows = [list(dict.fromkeys(self.number[w] for k in row if k for w in content_words(k)))
+                for row in np.asarray(keywords, dtype=object).tolist()]
+        out = np.full((len(rows), max([1, *map(len, rows)])), self.PAD, dtype=np.int64)
+        for g, row in enumerate(rows):
+            out[g, : len(row)] = row
+        return out
+
     def query(self, queries: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(B,) queries -> their content words' numbers (B, W) int64 and IDFs (B, W) float32, :attr:`PAD` and 0
         after each query's words; W is the most words of any of them, padded by :func:`padded_width`."""

@@ -1,4 +1,5 @@
-"""The text step of both ensembles: query and keyword strings to the sentence-encoder features AMC reads.
+"""The text step of the ensembles: query and keyword strings to what the steps after it read (sentence-encoder
+features and lexical matches; for the fused store graphs, the query's tokens and numbered words).
 
 One module, two Triton models: the config generator copies it as ``model.py`` into ``amc_tokenizer/<N>/``
 (config parameter ``mode: raw``) and into ``amc_store_tokenizer/<N>/`` (``mode: store``). Files beside it
@@ -59,9 +60,9 @@ sender before the batch's admitted queries are encoded (their places in ``execut
 a refusal never waits for the encoder. Store mode counts only the requests of ``amc_search`` (asked for
 ``candidate_rows``: its top-k step frees the slot); ``amc_store`` and ``amc_store_fused`` have no such step.
 
-With dynamic batching Triton hands several requests to one :meth:`TritonPythonModel.execute`: their queries
-are encoded in one encoder call; each request is validated and answered on its own, and the instance never
-raises out of ``execute``. :class:`TextFeatures` is the step without Triton: the benchmarks' in-process
+With dynamic batching Triton hands several requests to one :meth:`TritonPythonModel.execute`: the queries of
+those that ask for the query's embedding are encoded in one encoder call; each request is validated and answered
+on its own, and the instance never raises out of ``execute``. :class:`TextFeatures` is the step without Triton: the benchmarks' in-process
 pipelines run it on a published version directory, so they pay the same text cost.
 """
 
