@@ -587,11 +587,15 @@ def store_fused_ensemble_config(name: str, version: int,
 def store_models(repository: Path, version: int) -> tuple[list[str], list[str]]:
     """The store steps that have version ``version`` and its pinned store ensembles (``amc_store_v<N>``,
     ``amc_search_v<N>``), in load order; both empty where the version was published without a store."""
-    steps = [s.model_name for s in ALL_STORE_STEPS
-             if (repository / s.model_name / str(version)).is_dir()]
+    steps = [s.model_name for s in version_store_steps(repository, version)]
     ensembles = [n for n in (sig.versioned_store_ensemble_name(version), sig.versioned_search_ensemble_name(version))
                  if (repository / n).is_dir()]
     return steps, ensembles
+
+
+def version_store_steps(repository: Path, version: int) -> list[sig.StepSignature]:
+    """The store steps that have version ``version`` in ``repository`` (what its store ensembles pin)."""
+    return [s for s in ALL_STORE_STEPS if (repository / s.model_name / str(version)).is_dir()]
 
 
 def store_step_names(repository: Path) -> list[str]:
@@ -646,9 +650,9 @@ def store_serving_version(repository: Path) -> int | None:
 
 def set_store_serving(repository: Path, version: int) -> str:
     """Rewrite ``amc_store`` pinned to ``version`` (and ``amc_store_fused`` where version ``version`` has the
-    fused store graph); returns ``amc_store``'s new config text. Nothing is written where a store step's config
-    is of an older release (:func:`check_store_configs`)."""
-    check_store_configs(repository)
+    fused store graph); returns ``amc_store``'s new config text. Nothing is written where the config of a store
+    step version ``version`` has is of an older release (:func:`check_store_configs`)."""
+    check_store_configs(repository, version_store_steps(repository, version))
     text = to_text(store_ensemble_config(sig.STORE_ENSEMBLE_NAME, version))
     write_atomic(repository / sig.STORE_ENSEMBLE_NAME / "config.pbtxt", text)
     (repository / sig.STORE_ENSEMBLE_NAME / "1").mkdir(exist_ok=True)

@@ -236,8 +236,9 @@ def lexical_match(words: torch.Tensor, weights: torch.Tensor, vocabulary: int, k
     """:meth:`amc_client.text.LexicalMatcher.features` as tensor operations, for candidates whose keywords'
     words are numbered (:class:`amc_client.text.StoreWords`, ``vocabulary`` words).
 
-    ``words``, ``weights``: (B, W) the query's word numbers (distinct; ``vocabulary`` for a word the store lacks,
-    -1 pads) and IDFs (0 on padding); per candidate, ``keyword_words`` (B, N, K, Wk) its keywords' word numbers,
+    ``words``, ``weights``: (B, W) the query's word numbers (distinct, as :meth:`StoreWords.query` gives them: a
+    number repeated counts once, with one of its weights; ``vocabulary`` for a word the store lacks, -1 pads) and
+    IDFs (0 on padding); per candidate, ``keyword_words`` (B, N, K, Wk) its keywords' word numbers,
     ``keyword_mass`` (B, N, K) their IDF mass, ``keyword_real`` (B, N, K) True for real keywords, ``row_words``
     (B, N, Wc) the distinct words of all its keywords (-1 pads) -> (B, N, K, 3).
 
@@ -248,7 +249,7 @@ def lexical_match(words: torch.Tensor, weights: torch.Tensor, vocabulary: int, k
     """
     readable = (words >= 0) & (words < vocabulary)
     slots = torch.where(readable, words, torch.full_like(words, vocabulary))
-    table = torch.zeros((words.shape[0], vocabulary + 2), dtype=weights.dtype).scatter(1, slots, weights)
+    table = weights.new_zeros((words.shape[0], vocabulary + 2)).scatter(1, slots, weights)
 
     def weight_of(numbers: torch.Tensor) -> torch.Tensor:  # (B, ...) stored word numbers -> the query's IDF of each
         at = torch.where(numbers >= 0, numbers, torch.full_like(numbers, vocabulary + 1))

@@ -62,6 +62,7 @@ from export.publish import publish as publish_checkpoint
 from export.repository import (
     STEPS,
     STORE_INSTANCES,
+    check_store_configs,
     read_routing,
     set_routing,
     set_store_serving,
@@ -71,6 +72,7 @@ from export.repository import (
     store_serving_version,
     store_step_names,
     unpublished_paths,
+    version_store_steps,
     write_atomic,
 )
 from export.store import Gallery
@@ -330,6 +332,12 @@ class Rollout:
                 where = f" on replica {', '.join(not_ready)}" if len(self.clients) > 1 else ""
                 raise RolloutError(f"{model} is not loaded and ready{where}; load and verify its version first")
         previous = self.routing()
+        if previous.serving_version != routing.serving_version:
+            try:  # before anything changes: whole-store search must be able to follow the new serving version
+                check_store_configs(self.repository, version_store_steps(self.repository, routing.serving_version))
+            except ValueError as e:
+                raise RolloutError(f"version {routing.serving_version} cannot serve whole-store search here, nothing "
+                                   f"changed: {e}") from e
         set_routing(self.repository, routing)
         try:
             self._load(sig.ENSEMBLE_NAME)
