@@ -195,6 +195,14 @@ def test_search_follows_promote_and_rollback(trained, trained_other, small_corpu
         rollout.rollback()
         time.sleep(1.2)  # the client re-reads routing every second: until then it may still follow the canary
         assert search_version() == v1
+        # A store step config of another release (its tensors differ) is refused before anything changes.
+        config = repository / sig.FUSED_STORE.model_name / "config.pbtxt"
+        text = config.read_text()
+        config.write_text(text.replace(sig.QUERY_TOKENS.name, sig.QUERY_TEXT.name))
+        with pytest.raises(RolloutError, match=f"version {v2} cannot serve whole-store search here, nothing changed"):
+            rollout.promote(v2)
+        assert rollout.routing().serving_version == v1 and store_serving_version(repository) == v1
+        config.write_text(text)
         assert rollout.gc(keep=1) == []  # v1 serves (and its store), v2 is the newest
         assert sorted(published_versions(repository)) == [v1, v2]
 
