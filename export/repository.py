@@ -489,7 +489,8 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
     ``search_store.onnx``: with them come the search steps and ``amc_search_v<N>``);
     ``text`` the store text step's files (those of the version's raw text step); step configs are written if
     the step has none yet, :data:`TUNED_STORE_STEPS` with ``instances`` each (default :func:`store_instances` of
-    this machine). The pinned ``amc_store_v<N>`` comes last; ``amc_store`` is pinned to ``version`` by
+    this machine); existing ones are the caller's to check first (:func:`check_store_configs`, as
+    ``export.store.publish_store`` does before it builds the store). The pinned ``amc_store_v<N>`` comes last; ``amc_store`` is pinned to ``version`` by
     :func:`set_store_serving`.
     """
     if instances is not None and instances < 1:
@@ -497,7 +498,6 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
     tuned = instances or store_instances()
     written: list[Path] = []
     steps = STORE_STEPS + (FUSED_STEPS + SEARCH_STEPS if fused else ())
-    check_store_configs(repository, steps)  # before anything is written
     for step in steps:
         config_path = repository / step.model_name / "config.pbtxt"
         if not config_path.exists():

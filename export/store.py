@@ -270,18 +270,17 @@ class FusedStoreGraph(_StoreBuffers):
     the query's WordPiece ids and numbered content words in (``sig.FUSED_STORE``), nothing computed per
     candidate outside the graph.
 
-    ``encoder``: the sentence encoder (``training.text_encoder.MiniLM``); ``weights``: the version's term
-    weights, which give each stored keyword's IDF mass."""
+    ``encoder``: the sentence encoder (``training.text_encoder.MiniLM``); ``words``: the store's word numbering
+    under the version's term weights (which give each stored keyword's IDF mass)."""
 
-    def __init__(self, model: AMC, store: Store, version: int, *, encoder: nn.Module, weights: TermWeights) -> None:
+    def __init__(self, model: AMC, store: Store, version: int, *, encoder: nn.Module, words: StoreWords) -> None:
         super().__init__(store)
         self.model, self.version, self.encoder = model, version, encoder
-        numbering = StoreWords(weights, store.keywords.reshape(-1).tolist())
-        numbers, mass = numbering.keyword_words(store.keywords)
-        self.vocabulary = numbering.unknown
+        numbers, mass = words.keyword_words(store.keywords)
+        self.vocabulary = words.unknown
         self.register_buffer("keyword_words", torch.from_numpy(numbers))
         self.register_buffer("keyword_mass", torch.from_numpy(mass))
-        self.register_buffer("row_words", torch.from_numpy(numbering.row_words(store.keywords)))
+        self.register_buffer("row_words", torch.from_numpy(StoreWords.row_words(numbers)))
 
     def forward(self, query_tokens, query_words, query_word_weights, candidate_ids):
         query_text = self.encoder(query_tokens)
@@ -333,7 +332,7 @@ class StoreText:
                    StoreWords(weights, store.keywords.reshape(-1).tolist()))
 
     def graph(self, cls: type[FusedStoreGraph], model: AMC, store: Store, version: int) -> FusedStoreGraph:
-        return cls(model, store, version, encoder=self.encoder, weights=self.words.weights)
+        return cls(model, store, version, encoder=self.encoder, words=self.words)
 
 
 def _example(signature: sig.StepSignature, model: AMC, store: Store, matcher: LexicalMatcher, *, batch: int,

@@ -291,15 +291,14 @@ class StoreWords:
         inverse = inverse.reshape(keywords.shape)
         return numbers[inverse], mass[inverse].astype(np.float32)
 
-    def row_words(self, keywords: np.ndarray) -> np.ndarray:
-        """(G, K) keyword strings ("" pads) -> (G, W) int64: each row's distinct words over all its keywords, in
-        order of first use, :attr:`PAD` after them (W the most of any row, at least 1)."""
-        rows = [list(dict.fromkeys(self.number[w] for k in row if k for w in content_words(k)))
-                for row in np.asarray(keywords, dtype=object).tolist()]
-        out = np.full((len(rows), max([1, *map(len, rows)])), self.PAD, dtype=np.int64)
-        for g, row in enumerate(rows):
-            out[g, : len(row)] = row
-        return out
+    @classmethod
+    def row_words(cls, numbers: np.ndarray) -> np.ndarray:
+        """(G, K, W) keyword word numbers (:meth:`keyword_words`) -> (G, Wc) int64: each row's distinct words over
+        all its keywords, ascending, :attr:`PAD` after them (Wc the most of any row, at least 1)."""
+        flat = np.sort(numbers.reshape(len(numbers), -1), axis=1)  # PAD (-1) first
+        flat[:, 1:][flat[:, 1:] == flat[:, :-1]] = cls.PAD  # a word's repeats become padding
+        flat = np.take_along_axis(flat, np.argsort(flat == cls.PAD, axis=1, kind="stable"), axis=1)  # words first
+        return flat[:, : max(1, int((flat != cls.PAD).sum(1).max(initial=0)))]
 
     def query(self, queries: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(B,) queries -> their content words' numbers (B, W) int64 and IDFs (B, W) float32, :attr:`PAD` and 0
