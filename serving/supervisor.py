@@ -196,6 +196,11 @@ class Supervisor:
         return self._golden_round()
 
     def _golden_round(self) -> bool:
+        # The stubs as the probes begin. A healthy round makes them the known set, not the stubs left when the
+        # probes end: a stub killed while they ran (they take a while under load, and a probe can pass before
+        # the kill) would otherwise drop out of the known set unseen, and readiness would stay true until a
+        # later probe failed on it.
+        stubs_before = {s.name: s.pid for s in _stubs(self.server)}
         failed: dict[str, _Probe] = {}
         busy = False
         for ensemble in self.ensembles():
@@ -206,7 +211,13 @@ class Supervisor:
                 failed[ensemble] = probe
         if not failed:
             self._failures = 0
-            self._known_stubs = {s.name: s.pid for s in _stubs(self.server)}
+            self._known_stubs = stubs_before
+            gone = self._gone_stubs()
+            if gone:  # died during the probes: not ready; the next round (started now) reloads it
+                self._set_ready(False, "; ".join(f"stub process {name} (pid {pid}) is gone"
+                                                 for (name, _), pid in gone.items()))
+                self._wake.set()
+                return False
             self._set_ready(True, "overloaded: queue full, still serving" if busy else "golden requests answered")
             return True
         first = next(iter(failed.items()))

@@ -489,6 +489,42 @@ def test_supervisor_repairs_a_killed_stub_under_load(repository: tuple[Path, int
         assert restart[0].ok, result["repairs"]
 
 
+def test_a_stub_killed_while_the_golden_requests_run_is_not_forgotten(repository: tuple[Path, int],
+                                                                      tmp_path: Path) -> None:
+    """A kill that lands after a round's probe has passed must still turn readiness false and be repaired: the
+    round must not adopt the stubs left after its probes as the healthy set (CI once saw readiness stay true
+    for 4 s that way, until a later probe failed on the dead stub)."""
+    import time
+
+    from serving.supervisor import Supervisor
+
+    repo, version = repository
+    with TritonServer(repo, models=_models(version), log_file=tmp_path / "probe-kill.log") as server:
+        supervisor = Supervisor(server)
+        assert supervisor.check() and supervisor.ready
+        stub = next(s for s in faults.stubs(server.pid) if s.model == sig.TOKENIZER.model_name)
+        probe, killed, last = supervisor._probe, [], supervisor.ensembles()[-1]
+
+        def probe_then_kill(ensemble: str):  # the round's last probe passes, then its step's stub dies
+            answer = probe(ensemble)
+            if ensemble == last and not killed:
+                faults.kill(stub.pid)
+                killed.append(stub.pid)
+                end = time.monotonic() + 10
+                while any(s.pid == stub.pid for s in faults.stubs(server.pid)):
+                    assert time.monotonic() < end, "the killed stub is still listed"
+                    time.sleep(0.05)
+            return answer
+
+        supervisor._probe = probe_then_kill
+        assert not supervisor.check()
+        assert not supervisor.ready and f"(pid {stub.pid}) is gone" in supervisor.reason
+        supervisor._probe = probe
+        assert supervisor.check() and supervisor.ready  # the next round reloads the step
+        assert [r.action for r in supervisor.repairs] == [f"reload {sig.TOKENIZER.model_name}"]
+        assert_serves(server)
+
+
 def test_supervisor_restarts_a_killed_server_on_the_same_port(repository: tuple[Path, int], tmp_path: Path) -> None:
     repo, version = repository
     with TritonServer(repo, models=_models(version), log_file=tmp_path / "server-kill.log") as server:
