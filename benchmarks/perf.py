@@ -52,8 +52,11 @@ def input_data(requests: list[Request], kind: str, path: Path, feeds=None) -> Pa
 
 
 def sweep(url: str, model: str, data: Path, concurrency: list[int], n: int, workdir: Path, *,
-          interval_ms: int = 1000, log=print, deadline=None) -> list[dict]:
-    """One perf_analyzer run per concurrency level; Triton statistics deltas per level give the step breakdown."""
+          interval_ms: int = 1000, log=print, deadline=None, batch: int = 1) -> list[dict]:
+    """One perf_analyzer run per concurrency level; Triton statistics deltas per level give the step breakdown.
+
+    ``batch``: queries per request (perf_analyzer's ``-b``; a client's ``rank_many``). perf_analyzer counts
+    inferences as requests x batch, so ``queries_per_s`` and ``candidates_per_s`` count every query."""
     import time
 
     points = []
@@ -61,8 +64,8 @@ def sweep(url: str, model: str, data: Path, concurrency: list[int], n: int, work
         if deadline is not None and time.monotonic() > deadline:
             log(f"perf {model} n{n}: time budget spent, stopping before concurrency {c}")
             break
-        out_csv = workdir / f"perf-{model}-{n}-{c}.csv"
-        cmd = ["perf_analyzer", "-m", model, "-i", "grpc", "-u", url, "--input-data", str(data),
+        out_csv = workdir / f"perf-{model}-{n}-{c}-b{batch}.csv"
+        cmd = ["perf_analyzer", "-m", model, "-i", "grpc", "-u", url, "--input-data", str(data), "-b", str(batch),
                "--concurrency-range", f"{c}:{c}", "--measurement-interval", str(interval_ms),
                "--stability-percentage", "30", "--max-trials", "4", "-f", str(out_csv), "--verbose-csv"]
         before = snapshot(url)
@@ -78,7 +81,7 @@ def sweep(url: str, model: str, data: Path, concurrency: list[int], n: int, work
             break
         row = next(csv.DictReader(out_csv.open()))
         qps = float(row["Inferences/Second"])
-        point = {"concurrency": c, "queries_per_s": qps, "candidates_per_s": qps * n,
+        point = {"concurrency": c, "queries_per_request": batch, "queries_per_s": qps, "candidates_per_s": qps * n,
                  "p50_ms": float(row["p50 latency"]) / 1e3, "p95_ms": float(row["p95 latency"]) / 1e3,
                  "p99_ms": float(row["p99 latency"]) / 1e3, "avg_ms": float(row["Avg latency"]) / 1e3,
                  "client_send_ms": float(row["Client Send"]) / 1e3, "client_recv_ms": float(row["Client Recv"]) / 1e3,

@@ -108,6 +108,45 @@ def test_store_ensemble_equals_raw_ensemble_through_tritonserver(bench_repo):
             np.testing.assert_allclose(fused, raw, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.integration
+def test_serving_bounds_null_graph_answers_the_real_shapes_with_zeros(bench_repo, tmp_path):
+    """benchmarks.serving_bound's null graph step must answer what the real step answers (names, shapes, dtypes,
+    the model version), or the bound it measures would be of less work than serving; after its one real call,
+    zeros. Through a real tritonserver, the step alone and inside amc_store_fused."""
+    import shutil
+
+    from benchmarks import serving_bound, store_fused
+    from serving.server import TritonServer
+
+    repo, version, gallery = bench_repo
+    copy = tmp_path / "repository"
+    shutil.copytree(repo, copy)
+    serving_bound.use_null_graph(copy, version)
+    requests = make_requests(gallery, 7, count=3)
+    feeds = inprocess.TextFeeds(repo, version, "cpu", store=True)
+    signature = triton.sig.FUSED_STORE
+    models = list(store_fused.STEP_MODELS)
+    with TritonServer(repo, models=models) as real_server, TritonServer(copy, models=models) as null_server:
+        for server in (real_server, null_server):
+            triton.wait_models(server.grpc_url, models)
+        answers = {}
+        for name, server in (("real", real_server), ("null", null_server)):
+            call = triton.fused_worker(server.grpc_url, requests, feeds)(0)
+            results = [call(i) for i in range(3)]
+            answers[name] = [{o: r.as_numpy(o) for o in signature.output_names} for r in results]
+        ensemble = triton.store_worker(null_server.grpc_url, requests, model=triton.STORE_FUSED)(0)(1)
+    first, *later = answers["null"]
+    for o in signature.output_names:
+        np.testing.assert_allclose(first[o], answers["real"][0][o], rtol=1e-5)  # the one real call
+        for got, want in zip(later, answers["real"][1:], strict=True):
+            assert got[o].shape == want[o].shape and got[o].dtype == want[o].dtype, o
+            if o == triton.sig.MODEL_VERSION.name:
+                np.testing.assert_array_equal(got[o], want[o])
+            else:
+                assert not got[o].any(), o
+    assert ensemble.shape == answers["real"][1][triton.sig.SCORES.name].shape and not ensemble.any()
+
+
 def test_ort_ceiling_on_cpu_at_a_tiny_size(trained, tmp_path):
     """benchmarks.ort_ceiling end to end on the CPU (no Triton, fp32 only): parity, sweep, floor and summary keys."""
     import json

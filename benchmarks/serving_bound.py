@@ -1,0 +1,202 @@
+"""What the serving machinery allows apart from the graph: the store ensemble against itself with a free graph.
+
+    python -m benchmarks.serving_bound --checkpoint runs/amc/checkpoint.pt --out $OUT [--config 4:4]
+        [--concurrency 100=1,32,64,128,256 1000=1,8,16,32] [--client-batch 8] [--budget-s 540]
+
+Issue 10 asks the ensemble for 2,000,000 candidates/s at 100 candidates per query (20,000 queries/s) and for 0.8x
+the in-process ceiling. Run 7 put the limit in the Python backend's cost per request, not in the graph. This
+measures that claim directly, on one tritonserver per graph, at each size, with perf_analyzer over gRPC (every
+output asked for, as a client that shows the explanations does):
+
+- ``ensemble``: ``amc_store_fused`` as published (query string and candidate ids in: text step, then graph step);
+- ``ensemble_b8``: the same with 8 queries per request (``--client-batch``), as ``AMCClient.rank_many`` sends them:
+  the per-request costs shared by 8 queries;
+- ``graph_step``: ``amc_fused_store`` alone, fed the query's tokens and numbered words (what the text step would
+  send it), i.e. one Python step instead of two, as a client that tokenized for itself would get;
+
+each twice: with the real graph (``real``), and with the graph replaced by ``benchmarks/null_graph_step.py``
+(``null``), which does everything the step does except the session call and answers zeros of the real output
+shapes. ``null`` is the most this serving design can deliver whatever the graph costs: if it stays below a
+target, no change to the graph reaches that target. Writes ``serving_bound.json`` and ``serving_bound.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from amc_client import signatures as sig
+
+from . import harness, perf, triton
+from .ort_ceiling import _concurrency, _triton_config, id_requests
+from .run import DEFAULT_CHECKPOINT, gpu_memory_mib, log
+from .store_fused import best, serving_store_fused
+from .workloads import collection_words, synthetic_gallery
+
+GRAPH_STEP = sig.FUSED_STORE.model_name
+TARGETS = {"ensemble": triton.STORE_FUSED, "graph_step": GRAPH_STEP}
+NULL_STEP = Path(__file__).with_name("null_graph_step.py")
+
+
+def use_null_graph(repo: Path, version: int) -> None:
+    """Swap ``amc_fused_store``'s model.py for the null graph step (the real one kept beside it, which it loads)."""
+    here = repo / GRAPH_STEP / str(version)
+    shutil.copy(here / "model.py", here / "amc_graph_runner.py")
+    shutil.copy(NULL_STEP, here / "model.py")
+
+
+def targets(args) -> list[tuple[str, str, int]]:
+    """(label, model, queries per request) in the order measured: the ensemble first, as clients call it."""
+    out = [("ensemble", triton.STORE_FUSED, 1)]
+    out += [(f"ensemble_b{b}", triton.STORE_FUSED, b) for b in args.client_batch if b > 1]
+    return out + [("graph_step", GRAPH_STEP, 1)]
+
+
+def measure(url: str, data: dict[int, dict[str, Path]], pools, args) -> dict:
+    out: dict = {}
+    for n in args.sizes:
+        for label, model, batch in targets(args):
+            r: dict = {"model": model, "queries_per_request": batch}
+            out.setdefault(str(n), {})[label] = r
+            try:
+                if label == "ensemble":  # a tritonclient c1 loop too: the latency a single user sees
+                    r["closed_loop_c1"] = harness.closed_loop(triton.store_worker(url, pools[n], model=model),
+                                                              concurrency=1, duration_s=args.c1_s, items_per_call=n)
+                levels = args.concurrency[n] if batch == 1 else args.batched_concurrency[n]
+                kind = "graph_step" if model == GRAPH_STEP else "ensemble"
+                r["perf"] = perf.sweep(url, model, data[n][kind], levels, n, args.workdir, batch=batch,
+                                       interval_ms=args.perf_interval_ms, log=log, deadline=args.deadline)
+                r["best"] = best(r["perf"], args.p99_ms)
+            except Exception as e:  # noqa: BLE001 - recorded; the other targets still run
+                r["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+                log(f"{label} n{n}: FAILED {r['error']}")
+    return out
+
+
+def summarize(results: dict) -> dict:
+    summary: dict = {}
+    for graph, by_size in results.get("graphs", {}).items():
+        for n, targets in by_size.items():
+            for target, r in targets.items():
+                b = r.get("best") or {}
+                c1 = next((p for p in r.get("perf", []) if p.get("concurrency") == 1 and "p99_ms" in p), {})
+                summary.setdefault(n, {})[f"{target}_{graph}"] = {
+                    "best_candidates_per_s": b.get("candidates_per_s"), "best_concurrency": b.get("concurrency"),
+                    "best_p99_ms": b.get("p99_ms"), "queries_per_s": b.get("queries_per_s"),
+                    "p99_ms_c1": c1.get("p99_ms"), "p50_ms_c1": c1.get("p50_ms")}
+    return summary
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def write_md(results: dict, out: Path) -> None:
+    lines = [f"# Serving bound ({results['date']}, {results.get('gpu')})", "",
+             f"Command: `{results['command']}`", "",
+             f"Instances (text step : graph step): {results['config']}. Best = most candidates/s with p99 < "
+             f"{results['p99_max_ms']} ms; c1 from perf_analyzer at concurrency 1.", "",
+             "| candidates | what | graph | best cand/s | queries/s | at | p99 | c1 p50 / p99 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for n, rows in results.get("summary", {}).items():
+        for key, s in rows.items():
+            target, graph = key.rsplit("_", 1)
+            lines.append(f"| {n} | {target} | {graph} | {fmt(s['best_candidates_per_s'], ',.0f')} | "
+                         f"{fmt(s['queries_per_s'], ',.0f')} | c{s['best_concurrency']} | {fmt(s['best_p99_ms'], '.1f')} | "
+                         f"{fmt(s['p50_ms_c1'], '.2f')} / {fmt(s['p99_ms_c1'], '.2f')} |")
+    lines += ["", "Per point (Triton's statistics: ms per execution; a step's batch is requests per execution):", "",
+              "| candidates | what | graph | conc | cand/s | p99 | graph step batch | infer | output | input | "
+              "text step batch | infer |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for graph, by_size in results.get("graphs", {}).items():
+        for n, targets in by_size.items():
+            for target, r in targets.items():
+                for p in r.get("perf", []):
+                    if "p99_ms" not in p:
+                        lines.append(f"| {n} | {target} | {graph} | {p.get('concurrency')} | error: "
+                                     f"{p.get('error', '')[:80]} |")
+                        continue
+                    g = p["steps"].get(GRAPH_STEP, {})
+                    t = p["steps"].get("amc_store_tokenizer", {})
+                    lines.append(f"| {n} | {target} | {graph} | {p['concurrency']} | {p['candidates_per_s']:,.0f} | "
+                                 f"{p['p99_ms']:.1f} | {g.get('mean_batch', 0):.1f} | {g.get('compute_infer_ms', 0):.2f} | "
+                                 f"{g.get('compute_output_ms', 0):.2f} | {g.get('compute_input_ms', 0):.2f} | "
+                                 f"{t.get('mean_batch', 0):.1f} | {t.get('compute_infer_ms', 0):.2f} |")
+    (out / "serving_bound.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serving_bound", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--out", type=Path, default=Path("reports/serving_bound"))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--config", default="4:4", help="TOK:FUSED instances of the text step and the graph step")
+    parser.add_argument("--graphs", nargs="+", default=["real", "null"], choices=("real", "null"))
+    parser.add_argument("--concurrency", nargs="+", default=["100=1,32,64,128,256", "1000=1,8,16,32"])
+    parser.add_argument("--client-batch", type=int, nargs="*", default=[8],
+                        help="also measure the ensemble with this many queries per request (rank_many)")
+    parser.add_argument("--batched-concurrency", nargs="+", default=["100=4,8,16,32", "1000=2,4,8"])
+    parser.add_argument("--budget-s", type=float, default=540.0, help="sweeps stop starting new points after this")
+    parser.add_argument("--p99-ms", type=float, default=50.0)
+    parser.add_argument("--c1-s", type=float, default=2.0)
+    parser.add_argument("--perf-interval-ms", type=int, default=1000)
+    parser.add_argument("--pool", type=int, default=64, help="distinct requests per size")
+    parser.add_argument("--gallery-size", type=int, default=2000)
+    args = parser.parse_args(argv)
+    args.concurrency = _concurrency(args.concurrency)
+    args.batched_concurrency = _concurrency(args.batched_concurrency)
+    missing = [n for n in args.sizes if n not in args.concurrency or n not in args.batched_concurrency]
+    if missing:
+        parser.error(f"--concurrency names no levels for size(s) {missing}")
+    tok, fused, _ = _triton_config(args.config)
+    if not perf.available():
+        parser.error("perf_analyzer is not on PATH (it runs on the GPU machine: see ../shared/device/README.md)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    args.deadline = t0 + args.budget_s
+
+    from .inprocess import TextFeeds
+
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                     "command": " ".join(["python -m benchmarks.serving_bound", *(argv or sys.argv[1:])]),
+                     "gpu": gpu_memory_mib().get("name"), "checkpoint": str(args.checkpoint), "config": args.config,
+                     "p99_max_ms": args.p99_ms, "graphs": {}}
+    path = args.out / "serving_bound.json"
+
+    def save() -> None:
+        results["elapsed_s"] = round(time.monotonic() - t0, 1)
+        results["summary"] = summarize(results)
+        path.write_text(triton.dump(results))
+
+    try:
+        gallery = synthetic_gallery(collection_words(args.checkpoint), size=args.gallery_size)
+        args.workdir = Path(tempfile.mkdtemp(prefix="amc-serving-bound-"))
+        repo, version = triton.build_repository(args.workdir, args.checkpoint, gallery, log=log)
+        pools = {n: id_requests(gallery, n, args.pool) for n in args.sizes}
+        feeds = TextFeeds(repo, version, "cpu", store=True)
+        data = {n: {"ensemble": perf.input_data(pools[n], "store", args.workdir / f"data-store-{n}.json"),
+                    "graph_step": perf.input_data(pools[n], "fused_store", args.workdir / f"data-graph-{n}.json",
+                                                  feeds=feeds)}
+                for n in args.sizes}
+        log(f"repository built in {time.monotonic() - t0:.0f} s")
+        for graph in args.graphs:
+            if graph == "null":
+                use_null_graph(repo, version)
+            served: dict = {}
+            with serving_store_fused(repo, args.workdir, tok, fused, served) as url:
+                results["graphs"][graph] = measure(url, data, pools, args)
+            results.setdefault("servers", {})[graph] = served
+            save()
+    finally:
+        save()
+        write_md(results, args.out)
+        log(f"summary: {json.dumps(results['summary'], indent=1, default=float)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
