@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -57,21 +58,65 @@ def targets(args) -> list[tuple[str, str, int]]:
     return out + [("graph_step", GRAPH_STEP, 1)]
 
 
-def measure(url: str, data: dict[int, dict[str, Path]], pools, args) -> dict:
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by tritonserver ``pid`` and its Python-backend stub processes."""
+    from serving.faults import stubs
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in [pid, *(s.pid for s in stubs(pid))]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
+    return total
+
+
+def cpu_cost(url: str, pid: int, make_worker, n: int, batch: int, concurrency: int, args) -> dict:
+    """A closed loop of ``concurrency`` tritonclient threads for ``--cost-s``; the server's CPU time (tritonserver
+    and its stubs; the client's is not counted) per request and per query, and each step's mean batch (Triton's
+    statistics: per-execution costs are shared by that many requests). Where the client shares the machine's cores
+    (the CPU machine) the loop's throughput is the client's, but the server's CPU per request is still its own."""
+    warmup = 2  # harness.closed_loop's calls per worker before the measured window; counted, as their CPU is
+    stats = triton.snapshot(url)
+    before = server_cpu_s(pid)
+    started = time.monotonic()
+    loop = harness.closed_loop(make_worker, concurrency=concurrency, duration_s=args.cost_s,
+                               items_per_call=n * batch, warmup_calls=warmup)
+    used, wall = server_cpu_s(pid) - before, time.monotonic() - started
+    steps = triton.breakdown(stats, triton.snapshot(url))
+    requests = loop["calls"] + warmup * concurrency
+    return {"concurrency": concurrency, "server_cpu_ms_per_request": used / requests * 1e3,
+            "server_cpu_ms_per_query": used / requests / batch * 1e3, "server_cores_busy": used / wall,
+            "requests": requests, "mean_batch": {m: round(v["mean_batch"], 2) for m, v in steps.items()},
+            "closed_loop": loop}
+
+
+def measure(url: str, pid: int, data: dict[int, dict[str, Path]], pools, feeds, args) -> dict:
     out: dict = {}
     for n in args.sizes:
         for label, model, batch in targets(args):
             r: dict = {"model": model, "queries_per_request": batch}
             out.setdefault(str(n), {})[label] = r
             try:
+                if model == GRAPH_STEP:
+                    make = triton.fused_worker(url, pools[n], feeds)
+                else:
+                    make = triton.store_worker(url, pools[n], model=model, queries_per_request=batch)
                 if label == "ensemble":  # a tritonclient c1 loop too: the latency a single user sees
-                    r["closed_loop_c1"] = harness.closed_loop(triton.store_worker(url, pools[n], model=model),
-                                                              concurrency=1, duration_s=args.c1_s, items_per_call=n)
-                levels = args.concurrency[n] if batch == 1 else args.batched_concurrency[n]
-                kind = "graph_step" if model == GRAPH_STEP else "ensemble"
-                r["perf"] = perf.sweep(url, model, data[n][kind], levels, n, args.workdir, batch=batch,
-                                       interval_ms=args.perf_interval_ms, log=log, deadline=args.deadline)
-                r["best"] = best(r["perf"], args.p99_ms)
+                    r["closed_loop_c1"] = harness.closed_loop(make, concurrency=1, duration_s=args.c1_s,
+                                                              items_per_call=n)
+                r["cpu_costs"] = [cpu_cost(url, pid, make, n, batch, c, args) for c in args.cost_concurrency]
+                log(f"{label} n{n}: server CPU per query " + ", ".join(
+                    f"{c['server_cpu_ms_per_query']:.3f} ms at c{c['concurrency']} (batch {c['mean_batch']})"
+                    for c in r["cpu_costs"]))
+                if perf.available():
+                    levels = args.concurrency[n] if batch == 1 else args.batched_concurrency[n]
+                    kind = "graph_step" if model == GRAPH_STEP else "ensemble"
+                    r["perf"] = perf.sweep(url, model, data[n][kind], levels, n, args.workdir, batch=batch,
+                                           interval_ms=args.perf_interval_ms, log=log, deadline=args.deadline)
+                    r["best"] = best(r["perf"], args.p99_ms)
             except Exception as e:  # noqa: BLE001 - recorded; the other targets still run
                 r["error"] = f"{type(e).__name__}: {str(e)[:500]}"
                 log(f"{label} n{n}: FAILED {r['error']}")
@@ -85,10 +130,15 @@ def summarize(results: dict) -> dict:
             for target, r in targets.items():
                 b = r.get("best") or {}
                 c1 = next((p for p in r.get("perf", []) if p.get("concurrency") == 1 and "p99_ms" in p), {})
+                # The lowest cost of the loops: the most amortized by batching (a bound, like best).
+                cost = min((c["server_cpu_ms_per_query"] for c in r.get("cpu_costs", [])), default=None)
                 summary.setdefault(n, {})[f"{target}_{graph}"] = {
                     "best_candidates_per_s": b.get("candidates_per_s"), "best_concurrency": b.get("concurrency"),
                     "best_p99_ms": b.get("p99_ms"), "queries_per_s": b.get("queries_per_s"),
-                    "p99_ms_c1": c1.get("p99_ms"), "p50_ms_c1": c1.get("p50_ms")}
+                    "p99_ms_c1": c1.get("p99_ms"), "p50_ms_c1": c1.get("p50_ms"),
+                    "server_cpu_ms_per_query": cost,
+                    # Every core of this machine serving this target and nothing else, at that cost per query.
+                    "cpu_bound_candidates_per_s": None if not cost else results["cores"] * 1e3 / cost * int(n)}
     return summary
 
 
@@ -97,18 +147,34 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def write_md(results: dict, out: Path) -> None:
-    lines = [f"# Serving bound ({results['date']}, {results.get('gpu')})", "",
+    lines = [f"# Serving bound ({results['date']}, {results.get('gpu') or 'no GPU'})", "",
              f"Command: `{results['command']}`", "",
              f"Instances (text step : graph step): {results['config']}. Best = most candidates/s with p99 < "
              f"{results['p99_max_ms']} ms; c1 from perf_analyzer at concurrency 1.", "",
-             "| candidates | what | graph | best cand/s | queries/s | at | p99 | c1 p50 / p99 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "Server CPU = CPU time of tritonserver and its stubs per query, the lowest of closed loops of "
+             f"{results.get('cost_concurrency')} client threads; CPU bound = this machine's {results.get('cores')} "
+             "cores all serving at that cost.", "",
+             "| candidates | what | graph | best cand/s | queries/s | at concurrency | p99 | c1 p50 / p99 | server CPU ms/query "
+             "| CPU bound cand/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for n, rows in results.get("summary", {}).items():
         for key, s in rows.items():
             target, graph = key.rsplit("_", 1)
             lines.append(f"| {n} | {target} | {graph} | {fmt(s['best_candidates_per_s'], ',.0f')} | "
-                         f"{fmt(s['queries_per_s'], ',.0f')} | c{s['best_concurrency']} | {fmt(s['best_p99_ms'], '.1f')} | "
-                         f"{fmt(s['p50_ms_c1'], '.2f')} / {fmt(s['p99_ms_c1'], '.2f')} |")
+                         f"{fmt(s['queries_per_s'], ',.0f')} | {fmt(s['best_concurrency'], 'd')} | {fmt(s['best_p99_ms'], '.1f')} | "
+                         f"{fmt(s['p50_ms_c1'], '.2f')} / {fmt(s['p99_ms_c1'], '.2f')} | "
+                         f"{fmt(s['server_cpu_ms_per_query'], '.3f')} | {fmt(s['cpu_bound_candidates_per_s'], ',.0f')} |")
+    lines += ["", "CPU-cost loops (mean batch: queries per execution of each step, from Triton's statistics):", "",
+              "| candidates | what | graph | clients | server CPU ms/request | ms/query | cores busy | mean batch |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for graph, by_size in results.get("graphs", {}).items():
+        for n, targets in by_size.items():
+            for target, r in targets.items():
+                for c in r.get("cpu_costs", []):
+                    batches = ", ".join(f"{m} {b}" for m, b in c["mean_batch"].items())
+                    lines.append(f"| {n} | {target} | {graph} | {c['concurrency']} | "
+                                 f"{c['server_cpu_ms_per_request']:.3f} | {c['server_cpu_ms_per_query']:.3f} | "
+                                 f"{c['server_cores_busy']:.2f} | {batches} |")
     lines += ["", "Per point (Triton's statistics: ms per execution; a step's batch is requests per execution):", "",
               "| candidates | what | graph | conc | cand/s | p99 | graph step batch | infer | output | input | "
               "text step batch | infer |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -141,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure the ensemble with this many queries per request (rank_many)")
     parser.add_argument("--batched-concurrency", nargs="+", default=["100=4,8,16,32", "1000=2,4,8"])
     parser.add_argument("--budget-s", type=float, default=540.0, help="sweeps stop starting new points after this")
+    parser.add_argument("--cost-concurrency", type=int, nargs="+", default=[8, 32],
+                        help="client threads of the CPU-cost loops, one loop each")
+    parser.add_argument("--cost-s", type=float, default=5.0, help="seconds of each CPU-cost loop")
     parser.add_argument("--p99-ms", type=float, default=50.0)
     parser.add_argument("--c1-s", type=float, default=2.0)
     parser.add_argument("--perf-interval-ms", type=int, default=1000)
@@ -154,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--concurrency names no levels for size(s) {missing}")
     tok, fused, _ = _triton_config(args.config)
     if not perf.available():
-        parser.error("perf_analyzer is not on PATH (it runs on the GPU machine: see ../shared/device/README.md)")
+        log("perf_analyzer is not on PATH (it runs on the GPU machine only): server CPU cost per request only")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     args.deadline = t0 + args.budget_s
@@ -164,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                      "command": " ".join(["python -m benchmarks.serving_bound", *(argv or sys.argv[1:])]),
                      "gpu": gpu_memory_mib().get("name"), "checkpoint": str(args.checkpoint), "config": args.config,
-                     "p99_max_ms": args.p99_ms, "graphs": {}}
+                     "p99_max_ms": args.p99_ms, "cores": len(os.sched_getaffinity(0)),
+                     "cost_concurrency": args.cost_concurrency, "perf_analyzer": perf.available(), "graphs": {}}
     path = args.out / "serving_bound.json"
 
     def save() -> None:
@@ -188,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 use_null_graph(repo, version)
             served: dict = {}
             with serving_store_fused(repo, args.workdir, tok, fused, served) as url:
-                results["graphs"][graph] = measure(url, data, pools, args)
+                results["graphs"][graph] = measure(url, served["server_pid"], data, pools, feeds, args)
             results.setdefault("servers", {})[graph] = served
             save()
     finally:

@@ -51,6 +51,7 @@ def serving_store_fused(repo: Path, workdir: Path, tok: int, fused: int, out: di
     with TritonServer(repo, models=list(STEP_MODELS), log_file=workdir / f"tritonserver-{tok}-{fused}.log") as server:
         triton.wait_models(server.grpc_url, list(STEP_MODELS))
         out["start_s"] = round(time.monotonic() - t0, 1)
+        out["server_pid"] = server.pid
         out["gpu_memory"] = gpu_memory_mib()
         yield server.grpc_url
 

@@ -130,8 +130,9 @@ def _input(name: str, array: np.ndarray, datatype: str):
 
 
 def store_worker(url: str, requests: list[Request], model: str = sig.STORE_ENSEMBLE_NAME,
-                 outputs: tuple[str, ...] | None = None):
-    """tritonclient on the store ensemble: query text + candidate ids (all outputs, or only ``outputs``)."""
+                 outputs: tuple[str, ...] | None = None, queries_per_request: int = 1):
+    """tritonclient on the store ensemble: query text + candidate ids (all outputs, or only ``outputs``);
+    ``queries_per_request`` consecutive requests of the pool in one (their candidate counts must agree)."""
     import tritonclient.grpc as grpcclient
 
     names = outputs
@@ -141,9 +142,10 @@ def store_worker(url: str, requests: list[Request], model: str = sig.STORE_ENSEM
         outputs = _outputs(sig.STORE_ENSEMBLE, names)
 
         def call(i: int):
-            r = requests[(i + w) % len(requests)]
-            inputs = [_input(sig.QUERY.name, np.array([[r.query.encode()]], dtype=object), "BYTES"),
-                      _input(sig.CANDIDATE_IDS.name, r.ids[None], "INT64")]
+            start = (i + w) * queries_per_request
+            batch = [requests[(start + j) % len(requests)] for j in range(queries_per_request)]
+            inputs = [_input(sig.QUERY.name, np.array([[r.query.encode()] for r in batch], dtype=object), "BYTES"),
+                      _input(sig.CANDIDATE_IDS.name, np.stack([r.ids for r in batch]), "INT64")]
             return client.infer(model, inputs, outputs=outputs, client_timeout=120).as_numpy(sig.SCORES.name)
         return call
     return make

@@ -147,6 +147,35 @@ def test_serving_bounds_null_graph_answers_the_real_shapes_with_zeros(bench_repo
     assert ensemble.shape == answers["real"][1][triton.sig.SCORES.name].shape and not ensemble.any()
 
 
+@pytest.mark.integration
+def test_serving_bound_on_cpu_at_a_tiny_size(trained, tmp_path):
+    """benchmarks.serving_bound end to end on the CPU (no perf_analyzer here): both graphs, every target, the
+    server's CPU per query from /proc, each step's batch from Triton's statistics, and the report."""
+    import json
+
+    from benchmarks import serving_bound
+
+    out = tmp_path / "out"
+    assert serving_bound.main(["--checkpoint", str(trained.checkpoint), "--out", str(out), "--config", "1:1",
+                               "--sizes", "5", "--concurrency", "5=1", "--batched-concurrency", "5=1",
+                               "--client-batch", "2", "--cost-concurrency", "2", "--cost-s", "0.5", "--c1-s", "0.2",
+                               "--gallery-size", "20", "--pool", "4"]) == 0
+    results = json.loads((out / "serving_bound.json").read_text())
+    assert set(results["graphs"]) == {"real", "null"}
+    for graph in ("real", "null"):
+        targets = results["graphs"][graph]["5"]
+        assert set(targets) == {"ensemble", "ensemble_b2", "graph_step"}
+        for label, r in targets.items():
+            assert "error" not in r, (graph, label, r)
+            (cost,) = r["cpu_costs"]
+            assert cost["requests"] > 0 and cost["server_cpu_ms_per_query"] > 0, (graph, label, cost)
+            assert triton.sig.FUSED_STORE.model_name in cost["mean_batch"]
+        assert targets["ensemble_b2"]["cpu_costs"][0]["mean_batch"][triton.STORE_FUSED] == 2.0
+        summary = results["summary"]["5"][f"ensemble_{graph}"]
+        assert summary["cpu_bound_candidates_per_s"] > 0
+    assert "null" in (out / "serving_bound.md").read_text()
+
+
 def test_ort_ceiling_on_cpu_at_a_tiny_size(trained, tmp_path):
     """benchmarks.ort_ceiling end to end on the CPU (no Triton, fp32 only): parity, sweep, floor and summary keys."""
     import json
