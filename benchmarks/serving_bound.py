@@ -142,6 +142,15 @@ def summarize(results: dict) -> dict:
     return summary
 
 
+def cpu_model() -> str | None:
+    """This machine's CPU as /proc/cpuinfo names it (per-request CPU costs differ between CPUs)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
 def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -153,7 +162,7 @@ def write_md(results: dict, out: Path) -> None:
              f"{results['p99_max_ms']} ms; c1 from perf_analyzer at concurrency 1.", "",
              "Server CPU = CPU time of tritonserver and its stubs per query, the lowest of closed loops of "
              f"{results.get('cost_concurrency')} client threads; CPU bound = this machine's {results.get('cores')} "
-             "cores all serving at that cost.", "",
+             f"cores ({results.get('cpu') or 'CPU not recorded'}) all serving at that cost.", "",
              "| candidates | what | graph | best cand/s | queries/s | at concurrency | p99 | c1 p50 / p99 | server CPU ms/query "
              "| CPU bound cand/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -233,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                      "command": " ".join(["python -m benchmarks.serving_bound", *(argv or sys.argv[1:])]),
                      "gpu": gpu_memory_mib().get("name"), "checkpoint": str(args.checkpoint), "config": args.config,
-                     "p99_max_ms": args.p99_ms, "cores": len(os.sched_getaffinity(0)),
+                     "p99_max_ms": args.p99_ms, "cores": len(os.sched_getaffinity(0)), "cpu": cpu_model(),
                      "cost_concurrency": args.cost_concurrency, "perf_analyzer": perf.available(), "graphs": {}}
     path = args.out / "serving_bound.json"
 
