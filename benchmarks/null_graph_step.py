@@ -3,8 +3,8 @@
 ``benchmarks.serving_bound`` copies this file over ``<model>/<version>/model.py`` and the step's own ``model.py``
 beside it as ``amc_graph_runner.py``. The step then does all that the real one does (reads and checks every
 input from shared memory, groups the requests, answers every output of the real shapes and dtypes through shared
-memory), except the ONNX session call: after one real call, which gives each output's shape per candidate and
-the model version, it answers zeros of those shapes. So the gap between this step and the real one is the graph's
+memory), except the ONNX session call: after one real call per instance, which gives each output's shape per
+candidate and the model version, it answers zeros of those shapes. So the gap between this step and the real one is the graph's
 cost in the server, and what this step reaches is what the serving machinery around the graph allows.
 """
 

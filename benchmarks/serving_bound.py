@@ -1,23 +1,32 @@
 """What the serving machinery allows apart from the graph: the store ensemble against itself with a free graph.
 
     python -m benchmarks.serving_bound --checkpoint runs/amc/checkpoint.pt --out $OUT [--config 4:4]
-        [--concurrency 100=1,32,64,128,256 1000=1,8,16,32] [--client-batch 8] [--budget-s 540]
+        [--cost-concurrency 8 32] [--concurrency 100=1,32,64,128,256 1000=1,8,16,32] [--client-batch 8]
+        [--budget-s 540]
 
 Issue 10 asks the ensemble for 2,000,000 candidates/s at 100 candidates per query (20,000 queries/s) and for 0.8x
-the in-process ceiling. Run 7 put the limit in the Python backend's cost per request, not in the graph. This
-measures that claim directly, on one tritonserver per graph, at each size, with perf_analyzer over gRPC (every
-output asked for, as a client that shows the explanations does):
+the in-process ceiling. Runs 6 and 7 (``reports/gpu.md``) put the limit in the Python backend's cost per request,
+not in the graph. This measures that directly. One tritonserver per graph serves the python-flavour store path
+(``--config`` instances of the text step and the graph step), and each of these targets is measured at each size:
 
 - ``ensemble``: ``amc_store_fused`` as published (query string and candidate ids in: text step, then graph step);
-- ``ensemble_b8``: the same with 8 queries per request (``--client-batch``), as ``AMCClient.rank_many`` sends them:
-  the per-request costs shared by 8 queries;
+- ``ensemble_b8``: the same with 8 queries per request (``--client-batch``), as ``AMCClient.rank_many`` sends
+  them: the per-request costs shared by 8 queries;
 - ``graph_step``: ``amc_fused_store`` alone, fed the query's tokens and numbered words (what the text step would
-  send it), i.e. one Python step instead of two, as a client that tokenized for itself would get;
+  send it), i.e. one Python step instead of two.
 
-each twice: with the real graph (``real``), and with the graph replaced by ``benchmarks/null_graph_step.py``
-(``null``), which does everything the step does except the session call and answers zeros of the real output
-shapes. ``null`` is the most this serving design can deliver whatever the graph costs: if it stays below a
-target, no change to the graph reaches that target. Writes ``serving_bound.json`` and ``serving_bound.md``.
+Each is measured with the real graph (``real``), then with the graph step's session call replaced by
+``benchmarks/null_graph_step.py`` (``null``), which does everything else the step does and answers zeros of the
+real output shapes. Two measurements per target:
+
+- **CPU cost** (anywhere): closed loops of ``--cost-concurrency`` tritonclient threads; the CPU time of
+  tritonserver and its stub processes (``/proc``; the client's is not counted) per request and per query, and each
+  step's mean batch. ``null``'s cost is what the serving machinery spends per request whatever the graph costs:
+  a machine's cores divided by it bound the requests/s this design can serve there.
+- **perf_analyzer sweeps** (the GPU machine only; it needs glibc 2.38): throughput and latency per concurrency,
+  every output asked for, with Triton's per-step statistics.
+
+Writes ``serving_bound.json`` and ``serving_bound.md`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -78,15 +87,20 @@ def cpu_cost(url: str, pid: int, make_worker, n: int, batch: int, concurrency: i
     and its stubs; the client's is not counted) per request and per query, and each step's mean batch (Triton's
     statistics: per-execution costs are shared by that many requests). Where the client shares the machine's cores
     (the CPU machine) the loop's throughput is the client's, but the server's CPU per request is still its own."""
-    warmup = 2  # harness.closed_loop's calls per worker before the measured window; counted, as their CPU is
+    # A first loop, not counted, warms the server at this concurrency (the closed loop's own warm-up calls run one
+    # at a time, unbatched); the measured loop then counts every request it sent.
+    harness.closed_loop(make_worker, concurrency=concurrency, duration_s=min(1.0, args.cost_s), items_per_call=1)
     stats = triton.snapshot(url)
     before = server_cpu_s(pid)
     started = time.monotonic()
     loop = harness.closed_loop(make_worker, concurrency=concurrency, duration_s=args.cost_s,
-                               items_per_call=n * batch, warmup_calls=warmup)
+                               items_per_call=n * batch, warmup_calls=0)
     used, wall = server_cpu_s(pid) - before, time.monotonic() - started
     steps = triton.breakdown(stats, triton.snapshot(url))
-    requests = loop["calls"] + warmup * concurrency
+    if loop["errors"] or not loop["calls"]:
+        raise RuntimeError(f"the CPU-cost loop at c{concurrency} had {loop['errors']} failed requests and "
+                           f"{loop['calls']} answered: {loop['first_error']}")
+    requests = loop["calls"]
     return {"concurrency": concurrency, "server_cpu_ms_per_request": used / requests * 1e3,
             "server_cpu_ms_per_query": used / requests / batch * 1e3, "server_cores_busy": used / wall,
             "requests": requests, "mean_batch": {m: round(v["mean_batch"], 2) for m, v in steps.items()},
@@ -204,6 +218,23 @@ def write_md(results: dict, out: Path) -> None:
     (out / "serving_bound.md").write_text("\n".join(lines) + "\n")
 
 
+# The targets as reports/gpu.json's serving_machinery_cpu names them.
+REPORT_LABELS = {"ensemble": "ensemble", "ensemble_b8": "ensemble_8_queries_per_request",
+                 "graph_step": "graph_step_alone"}
+
+
+def report_entry(runs: list[dict]) -> dict[str, dict]:
+    """Server CPU ms per query of each target, one figure per run (``serving_bound.json`` files), by graph and
+    size: what ``reports/gpu.json`` keeps under ``serving_machinery_cpu`` (a test checks that it still does)."""
+    out: dict[str, dict] = {}
+    for graph in ("null", "real"):
+        for n in runs[0]["summary"]:
+            out.setdefault(graph, {})[f"n{n}"] = {
+                name: [round(r["summary"][n][f"{target}_{graph}"]["server_cpu_ms_per_query"], 3) for r in runs]
+                for target, name in REPORT_LABELS.items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serving_bound", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
@@ -227,9 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.concurrency = _concurrency(args.concurrency)
     args.batched_concurrency = _concurrency(args.batched_concurrency)
-    missing = [n for n in args.sizes if n not in args.concurrency or n not in args.batched_concurrency]
-    if missing:
-        parser.error(f"--concurrency names no levels for size(s) {missing}")
+    for flag, levels in (("--concurrency", args.concurrency), ("--batched-concurrency", args.batched_concurrency)):
+        missing = [n for n in args.sizes if n not in levels]
+        if missing:
+            parser.error(f"{flag} names no levels for size(s) {missing}")
+    # real first: the null run swaps the graph step's model.py in the shared repository, for good.
+    graphs = [g for g in ("real", "null") if g in args.graphs]
     tok, fused, _ = _triton_config(args.config)
     if not perf.available():
         log("perf_analyzer is not on PATH (it runs on the GPU machine only): server CPU cost per request only")
@@ -262,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   feeds=feeds)}
                 for n in args.sizes}
         log(f"repository built in {time.monotonic() - t0:.0f} s")
-        for graph in args.graphs:
+        for graph in graphs:
             if graph == "null":
                 use_null_graph(repo, version)
             served: dict = {}

@@ -9,8 +9,8 @@ What :class:`Supervisor` does, every ``interval_s`` (a thread of ``amc-serve``):
 
 1. **Server process.** If tritonserver exited, restart it on the same ports (cause: its exit code).
 2. **Stub processes.** Each Python-backend model instance has a stub process (``amc_<model>_<g>_<i>``). One that
-   was there in the last healthy round and is gone now is dead: its model is reloaded at once, before any
-   request has to fail on it.
+   was there when the last healthy round began and is gone now is dead: its model is reloaded at once, before
+   any request has to fail on it.
 3. **Golden requests.** One small, valid request (one candidate, one region, one keyword) through every probed
    ensemble (``amc`` and each ``amc_v<N>`` loaded; for ``amc_search`` / ``amc_search_v<N>``, a query and the top
    1 of the whole store), over loopback HTTP (no TLS, no client certificate needed).
@@ -112,7 +112,7 @@ class Supervisor:
         self.ready = False
         self.reason = "not checked yet"
         self.rounds = 0
-        self._known_stubs: dict[str, int] = {}  # instance name -> pid, as of the last healthy round
+        self._known_stubs: dict[str, int] = {}  # instance name -> pid, as the last healthy round began
         self._failures = 0
         self.watch_interval_s = watch_interval_s
         self._stop = threading.Event()
@@ -146,8 +146,7 @@ class Supervisor:
                     self._set_ready(False, f"tritonserver exited with code {self.server.poll()}")
                     self._wake.set()
                 elif gone:
-                    self._set_ready(False, "; ".join(f"stub process {name} (pid {pid}) is gone"
-                                                     for (name, _), pid in gone.items()))
+                    self._set_ready(False, _gone_message(gone))
                     self._wake.set()
             except Exception:  # noqa: BLE001 - the watcher only hastens the round; the round decides
                 log.exception("stub watcher failed")
@@ -187,19 +186,20 @@ class Supervisor:
             self._restart(f"tritonserver exited with code {code}")
             return self._golden_round()
         gone = self._gone_stubs()
+        reloaded = sorted({model for _, model in gone})
         if gone:
-            models = sorted({model for _, model in gone})
-            cause = "; ".join(f"stub process {name} (pid {pid}) is gone" for (name, _), pid in gone.items())
+            cause = _gone_message(gone)
             self._set_ready(False, cause)
-            for model in models:
+            for model in reloaded:
                 self._reload(model, cause)
-        return self._golden_round()
+        return self._golden_round(set(reloaded))
 
-    def _golden_round(self) -> bool:
+    def _golden_round(self, reloaded: set[str] | None = None) -> bool:
         # The stubs as the probes begin. A healthy round makes them the known set, not the stubs left when the
         # probes end: a stub killed while they ran (they take a while under load, and a probe can pass before
         # the kill) would otherwise drop out of the known set unseen, and readiness would stay true until a
-        # later probe failed on it.
+        # later probe failed on it. Known stubs of models this round did not reload stay known too, so that one
+        # that died during this round's reloads (seconds each) is not forgotten either.
         stubs_before = {s.name: s.pid for s in _stubs(self.server)}
         failed: dict[str, _Probe] = {}
         busy = False
@@ -211,11 +211,11 @@ class Supervisor:
                 failed[ensemble] = probe
         if not failed:
             self._failures = 0
-            self._known_stubs = stubs_before
+            kept = {n: p for n, p in self._known_stubs.items() if _model_of(n) not in (reloaded or set())}
+            self._known_stubs = {**kept, **stubs_before}
             gone = self._gone_stubs()
-            if gone:  # died during the probes: not ready; the next round (started now) reloads it
-                self._set_ready(False, "; ".join(f"stub process {name} (pid {pid}) is gone"
-                                                 for (name, _), pid in gone.items()))
+            if gone:  # died during this round: not ready; the next round (started now) reloads it
+                self._set_ready(False, _gone_message(gone))
                 self._wake.set()
                 return False
             self._set_ready(True, "overloaded: queue full, still serving" if busy else "golden requests answered")
@@ -245,11 +245,11 @@ class Supervisor:
         return names or [sig.ENSEMBLE_NAME]
 
     def _gone_stubs(self) -> dict[tuple[str, str], int]:
-        """Instances whose stub was there in the last healthy round and is not now: {(instance, model): pid}."""
+        """Known instances (see :meth:`_golden_round`) whose stub is not there now: {(instance, model): pid}."""
         if not self._known_stubs:
             return {}
         now = {s.name for s in _stubs(self.server)}
-        return {(name, name.rsplit("_", 2)[0]): pid for name, pid in self._known_stubs.items() if name not in now}
+        return {(name, _model_of(name)): pid for name, pid in self._known_stubs.items() if name not in now}
 
     # ---- HTTP helpers -----------------------------------------------------------------------------------------
     def _http(self, method: str, path: str, body: Any = None, timeout_s: float | None = None,
@@ -334,6 +334,15 @@ class Supervisor:
         (log.warning if repair.ok else log.error)(
             "repair: %s -> %s in %.2f s; cause: %s", repair.action, "done" if repair.ok else "FAILED",
             repair.took_s, repair.cause)
+
+
+def _model_of(instance: str) -> str:
+    """``amc_tokenizer_0_1`` -> ``amc_tokenizer`` (instance names are ``<model>_<group>_<index>``)."""
+    return instance.rsplit("_", 2)[0]
+
+
+def _gone_message(gone: dict[tuple[str, str], int]) -> str:
+    return "; ".join(f"stub process {name} (pid {pid}) is gone" for (name, _), pid in gone.items())
 
 
 def _stubs(server: TritonServer) -> list[Any]:

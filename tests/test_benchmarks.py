@@ -109,7 +109,7 @@ def test_store_ensemble_equals_raw_ensemble_through_tritonserver(bench_repo):
 
 
 @pytest.mark.integration
-def test_serving_bounds_null_graph_answers_the_real_shapes_with_zeros(bench_repo, tmp_path):
+def test_serving_bound_null_graph_answers_the_real_shapes_with_zeros(bench_repo, tmp_path):
     """benchmarks.serving_bound's null graph step must answer what the real step answers (names, shapes, dtypes,
     the model version), or the bound it measures would be of less work than serving; after its one real call,
     zeros. Through a real tritonserver, the step alone and inside amc_store_fused."""
@@ -134,7 +134,15 @@ def test_serving_bounds_null_graph_answers_the_real_shapes_with_zeros(bench_repo
             call = triton.fused_worker(server.grpc_url, requests, feeds)(0)
             results = [call(i) for i in range(3)]
             answers[name] = [{o: r.as_numpy(o) for o in signature.output_names} for r in results]
+        # After its one real call: other candidate counts, and requests of 2 queries through the ensemble.
+        other_n = make_requests(gallery, 4, count=2)
         ensemble = triton.store_worker(null_server.grpc_url, requests, model=triton.STORE_FUSED)(0)(1)
+        pair = triton.store_worker(null_server.grpc_url, other_n, model=triton.STORE_FUSED,
+                                   queries_per_request=2)(0)(0)
+        direct = triton.fused_worker(null_server.grpc_url, other_n, feeds)(0)(0)
+    assert pair.shape == (2, 4) and not pair.any()
+    assert direct.as_numpy(triton.sig.REGION_ATTENTION.name).shape[:2] == (1, 4)
+    assert direct.as_numpy(triton.sig.MODEL_VERSION.name).tolist() == [[version]]
     first, *later = answers["null"]
     for o in signature.output_names:
         np.testing.assert_allclose(first[o], answers["real"][0][o], rtol=1e-5)  # the one real call
@@ -168,12 +176,30 @@ def test_serving_bound_on_cpu_at_a_tiny_size(trained, tmp_path):
         for label, r in targets.items():
             assert "error" not in r, (graph, label, r)
             (cost,) = r["cpu_costs"]
-            assert cost["requests"] > 0 and cost["server_cpu_ms_per_query"] > 0, (graph, label, cost)
+            loop = cost["closed_loop"]
+            assert loop["errors"] == 0 and loop["calls"] == cost["requests"] > 0, (graph, label, cost)
+            assert cost["server_cpu_ms_per_query"] == pytest.approx(
+                cost["server_cpu_ms_per_request"] / r["queries_per_request"])
             assert triton.sig.FUSED_STORE.model_name in cost["mean_batch"]
         assert targets["ensemble_b2"]["cpu_costs"][0]["mean_batch"][triton.STORE_FUSED] == 2.0
         summary = results["summary"]["5"][f"ensemble_{graph}"]
         assert summary["cpu_bound_candidates_per_s"] > 0
     assert "null" in (out / "serving_bound.md").read_text()
+
+
+def test_gpu_json_serving_machinery_figures_are_the_reports_own():
+    """reports/gpu.json's serving_machinery_cpu figures are those of the serving_bound files it names (typed
+    figures would drift from the runs)."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.serving_bound import report_entry
+
+    reports = Path(__file__).resolve().parents[1] / "reports"
+    entry = json.loads((reports / "gpu.json").read_text())["serving_machinery_cpu"]
+    runs = [json.loads((reports / name).read_text()) for name in entry["files"]]
+    assert len(runs) >= 2 and entry["dates"] == [r["date"] for r in runs]
+    assert entry["server_cpu_ms_per_query"] == report_entry(runs)
 
 
 def test_ort_ceiling_on_cpu_at_a_tiny_size(trained, tmp_path):

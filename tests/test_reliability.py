@@ -519,6 +519,7 @@ def test_a_stub_killed_while_the_golden_requests_run_is_not_forgotten(repository
         supervisor._probe = probe_then_kill
         assert not supervisor.check()
         assert not supervisor.ready and f"(pid {stub.pid}) is gone" in supervisor.reason
+        assert supervisor._wake.is_set()  # a started supervisor would begin the repair round now
         supervisor._probe = probe
         assert supervisor.check() and supervisor.ready  # the next round reloads the step
         assert [r.action for r in supervisor.repairs] == [f"reload {sig.TOKENIZER.model_name}"]
