@@ -461,6 +461,10 @@ def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: 
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
         config.parameters["onnx_file"].string_value = ONNX_FILE
         config.parameters["use_tf32"].string_value = "0"
+        if sig.QUERY_WORDS.name in signature.input_names:
+            # The graphs' lexical match scatters the query's word weights by word number: a repeated number
+            # would count once, silently. The text step never repeats one; a direct caller gets INVALID_ARGUMENT.
+            config.parameters["distinct"].string_value = sig.QUERY_WORDS.name
     else:
         config.platform = "onnxruntime_onnx"
         config.default_model_filename = ONNX_FILE

@@ -426,6 +426,27 @@ def test_search_bad_inputs_are_invalid_arguments_and_search_still_works(served, 
         assert len(c.search("cat", top_k=2)) == 2
 
 
+def test_a_repeated_query_word_sent_to_a_store_graph_is_an_invalid_argument(served):
+    """The search graph's lexical match scatters the query's word weights by word number, so a repeated number
+    would count once: a direct caller who repeats one gets INVALID_ARGUMENT naming it, and the same request
+    without the repeat is answered."""
+    client = grpcclient.InferenceServerClient(served[0].grpc_url)
+    tokens = np.zeros((1, 16), dtype=np.int64)
+    tokens[0, :3] = [101, 4937, 102]  # [CLS] cat [SEP]
+    request = {sig.QUERY_TOKENS.name: tokens,
+               sig.QUERY_WORDS.name: np.array([[5, 9, 5, -1, -1, -1, -1, -1]], dtype=np.int64),
+               sig.QUERY_WORD_WEIGHTS.name: np.array([[1.0, 2.0, 3.0, 0, 0, 0, 0, 0]], dtype=np.float32),
+               sig.CANDIDATE_IDS.name: np.array([[0, 1, 2]], dtype=np.int64),
+               sig.SEARCH_K.name: np.array([[2]], dtype=np.int64)}
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(sig.SEARCH_STORE.model_name, raw_inputs(request), client_timeout=60)
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "query_words[0] repeats 5; each value may appear once" in info.value.message()
+    request[sig.QUERY_WORDS.name][0, 2] = 7
+    answer = client.infer(sig.SEARCH_STORE.model_name, raw_inputs(request), client_timeout=60)
+    assert answer.as_numpy(sig.SCORES.name).shape == (1, 2)
+
+
 def test_supervisor_probes_the_search_ensembles_too(served):
     """The supervisor's golden rounds cover whole-store search: its ensembles are probed, and the probe passes."""
     server, version = served

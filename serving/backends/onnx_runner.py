@@ -11,7 +11,10 @@ repository flavour). Everything model-specific comes from the model's ``config.p
   onnxruntime's pool threads have it too; see :func:`lower_cpu_priority`), ``execution_provider`` (``auto``
   (default): CUDA when onnxruntime offers it, else CPU; or ``cpu``/``cuda``),
   ``use_tf32`` (``0`` (default) or ``1``: the CUDA provider's ``use_tf32`` option; with 0 its float32 MatMuls
-  stay float32, as on the CPU path; onnxruntime's own default is TF32 on, about 1e-3 relative off fp32).
+  stay float32, as on the CPU path; onnxruntime's own default is TF32 on, about 1e-3 relative off fp32),
+  ``distinct`` (comma-separated input names: in each query's row of these, a value of 0 or more may appear only
+  once, negative values pad; the fused store graphs set it on ``query_words``, whose weights their lexical match
+  scatters by word number, so that a repeated word would silently count once).
 
 Batching: with ``dynamic_batching`` Triton may hand :meth:`execute` several requests at once. Requests whose
 inputs agree on every non-batch dim are concatenated along the batch axis and run in one session call; the
@@ -190,6 +193,10 @@ class TritonPythonModel:
         # where they do not (regions for 3 candidates, region_mask for 2) is the caller's mistake, refused here
         # with INVALID_ARGUMENT before onnxruntime fails on it with an opaque INTERNAL error.
         self.graph_dims = {i.name: list(i.shape) for i in self.session.get_inputs()}
+        self.distinct = [n.strip() for n in (params.get("distinct") or "").split(",") if n.strip()]
+        unknown = sorted(set(self.distinct) - {n for n, _ in self.inputs})
+        if unknown:
+            raise ValueError(f"{self.model_name}: config parameter distinct names no input(s) {unknown}")
         self.in_flight = None
         here = Path(args["model_repository"]) / self.version
         if params.get("admission") and (here / "amc_admission.py").is_file():
@@ -288,7 +295,21 @@ class TritonPythonModel:
             if len(set(sizes.values())) > 1:
                 raise RequestError(f"inputs disagree on the batch size: {sizes}")
         self._check_dims(feeds)
+        self._check_distinct(feeds)
         return feeds
+
+    def _check_distinct(self, feeds: dict[str, np.ndarray]) -> None:
+        """The inputs named by the config parameter ``distinct`` repeat no value of 0 or more within a query."""
+        for name in getattr(self, "distinct", ()):
+            array = feeds[name]
+            if array.ndim < 2 or array.shape[1] < 2:
+                continue
+            rows = np.sort(array.reshape(array.shape[0], -1), axis=1)
+            repeated = (rows[:, 1:] == rows[:, :-1]) & (rows[:, 1:] >= 0)
+            if repeated.any():
+                b, j = (int(x) for x in np.argwhere(repeated)[0])
+                raise RequestError(f"{name}[{b}] repeats {rows[b, j + 1].item()}; each value may appear once "
+                                   "(negative values are padding)")
 
     def _check_dims(self, feeds: dict[str, np.ndarray]) -> None:
         """Ranks, fixed dims and shared symbolic dims of the request against the graph's declaration."""
