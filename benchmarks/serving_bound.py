@@ -82,7 +82,7 @@ def server_cpu_s(pid: int) -> float:
     return total
 
 
-def cpu_cost(url: str, pid: int, make_worker, n: int, batch: int, concurrency: int, args) -> dict:
+def cpu_cost(url: str, pid: int, model: str, make_worker, n: int, batch: int, concurrency: int, args) -> dict:
     """A closed loop of ``concurrency`` tritonclient threads for ``--cost-s``; the server's CPU time (tritonserver
     and its stubs; the client's is not counted) per request and per query, and each step's mean batch (Triton's
     statistics: per-execution costs are shared by that many requests). Where the client shares the machine's cores
@@ -103,8 +103,8 @@ def cpu_cost(url: str, pid: int, make_worker, n: int, batch: int, concurrency: i
     requests = loop["calls"]
     return {"concurrency": concurrency, "server_cpu_ms_per_request": used / requests * 1e3,
             "server_cpu_ms_per_query": used / requests / batch * 1e3, "server_cores_busy": used / wall,
-            "requests": requests, "mean_batch": {m: round(v["mean_batch"], 2) for m, v in steps.items()},
-            "closed_loop": loop}
+            "requests": requests, "triton_requests": steps.get(model, {}).get("requests", 0),
+            "mean_batch": {m: round(v["mean_batch"], 2) for m, v in steps.items()}, "closed_loop": loop}
 
 
 def measure(url: str, pid: int, data: dict[int, dict[str, Path]], pools, feeds, args) -> dict:
@@ -121,7 +121,7 @@ def measure(url: str, pid: int, data: dict[int, dict[str, Path]], pools, feeds, 
                 if label == "ensemble":  # a tritonclient c1 loop too: the latency a single user sees
                     r["closed_loop_c1"] = harness.closed_loop(make, concurrency=1, duration_s=args.c1_s,
                                                               items_per_call=n)
-                r["cpu_costs"] = [cpu_cost(url, pid, make, n, batch, c, args) for c in args.cost_concurrency]
+                r["cpu_costs"] = [cpu_cost(url, pid, model, make, n, batch, c, args) for c in args.cost_concurrency]
                 log(f"{label} n{n}: server CPU per query " + ", ".join(
                     f"{c['server_cpu_ms_per_query']:.3f} ms at c{c['concurrency']} (batch {c['mean_batch']})"
                     for c in r["cpu_costs"]))
@@ -218,20 +218,25 @@ def write_md(results: dict, out: Path) -> None:
     (out / "serving_bound.md").write_text("\n".join(lines) + "\n")
 
 
-# The targets as reports/gpu.json's serving_machinery_cpu names them.
-REPORT_LABELS = {"ensemble": "ensemble", "ensemble_b8": "ensemble_8_queries_per_request",
-                 "graph_step": "graph_step_alone"}
-
-
 def report_entry(runs: list[dict]) -> dict[str, dict]:
-    """Server CPU ms per query of each target, one figure per run (``serving_bound.json`` files), by graph and
-    size: what ``reports/gpu.json`` keeps under ``serving_machinery_cpu`` (a test checks that it still does)."""
+    """Server CPU ms per query of each target, one figure per run (``serving_bound.json`` files; None where a run
+    has none), by graph and size: what ``reports/gpu.json`` keeps under ``serving_machinery_cpu`` (a test checks
+    that it still does). Targets are named as there: ``ensemble_b8`` -> ``ensemble_8_queries_per_request``."""
+    def name(target: str) -> str:
+        if target.startswith("ensemble_b"):
+            return f"ensemble_{target.removeprefix('ensemble_b')}_queries_per_request"
+        return "graph_step_alone" if target == "graph_step" else target
+
+    def figure(run: dict, n: str, key: str) -> float | None:
+        value = run["summary"].get(n, {}).get(key, {}).get("server_cpu_ms_per_query")
+        return None if value is None else round(value, 3)
+
     out: dict[str, dict] = {}
     for graph in ("null", "real"):
         for n in runs[0]["summary"]:
-            out.setdefault(graph, {})[f"n{n}"] = {
-                name: [round(r["summary"][n][f"{target}_{graph}"]["server_cpu_ms_per_query"], 3) for r in runs]
-                for target, name in REPORT_LABELS.items()}
+            targets = [k.rsplit("_", 1)[0] for k in runs[0]["summary"][n] if k.endswith(f"_{graph}")]
+            out.setdefault(graph, {})[f"n{n}"] = {name(t): [figure(r, n, f"{t}_{graph}") for r in runs]
+                                                  for t in targets}
     return out
 
 

@@ -9,8 +9,8 @@ What :class:`Supervisor` does, every ``interval_s`` (a thread of ``amc-serve``):
 
 1. **Server process.** If tritonserver exited, restart it on the same ports (cause: its exit code).
 2. **Stub processes.** Each Python-backend model instance has a stub process (``amc_<model>_<g>_<i>``). One that
-   was there when the last healthy round began and is gone now is dead: its model is reloaded at once, before
-   any request has to fail on it.
+   is known (there when a healthy round began, or started by a reload since) and is gone now is dead: its model
+   is reloaded at once, before any request has to fail on it.
 3. **Golden requests.** One small, valid request (one candidate, one region, one keyword) through every probed
    ensemble (``amc`` and each ``amc_v<N>`` loaded; for ``amc_search`` / ``amc_search_v<N>``, a query and the top
    1 of the whole store), over loopback HTTP (no TLS, no client certificate needed).
@@ -26,7 +26,7 @@ When a repaired ensemble still fails ``failures_before_restart`` rounds in a row
 on the same ports.
 
 Readiness: :attr:`Supervisor.ready` is False from the moment a fault is seen until a round of golden requests
-succeeds again; :class:`HealthServer` serves it as ``GET /ready`` (200 or 503, with JSON) and ``GET /live``
+succeeds again with every known stub still there; :class:`HealthServer` serves it as ``GET /ready`` (200 or 503, with JSON) and ``GET /live``
 for Kubernetes probes, and ``GET /repairs`` lists every repair. Each repair is logged (logger
 ``amc.supervisor``) with its cause, its action, whether it worked and how long it took.
 """
@@ -112,7 +112,7 @@ class Supervisor:
         self.ready = False
         self.reason = "not checked yet"
         self.rounds = 0
-        self._known_stubs: dict[str, int] = {}  # instance name -> pid, as the last healthy round began
+        self._known_stubs: dict[str, int] = {}  # instance name -> pid of the stubs that must stay (_golden_round)
         self._failures = 0
         self.watch_interval_s = watch_interval_s
         self._stop = threading.Event()
@@ -186,20 +186,23 @@ class Supervisor:
             self._restart(f"tritonserver exited with code {code}")
             return self._golden_round()
         gone = self._gone_stubs()
-        reloaded = sorted({model for _, model in gone})
+        reloaded: set[str] = set()  # models whose reload worked this round
+        fresh: dict[str, int] = {}  # their stubs as each reload ended
         if gone:
             cause = _gone_message(gone)
             self._set_ready(False, cause)
-            for model in reloaded:
-                self._reload(model, cause)
-        return self._golden_round(set(reloaded))
+            for model in sorted({model for _, model in gone}):
+                if self._reload(model, cause).ok:
+                    reloaded.add(model)
+                    fresh.update({s.name: s.pid for s in _stubs(self.server) if _model_of(s.name) == model})
+        return self._golden_round(reloaded, fresh)
 
-    def _golden_round(self, reloaded: set[str] | None = None) -> bool:
-        # The stubs as the probes begin. A healthy round makes them the known set, not the stubs left when the
-        # probes end: a stub killed while they ran (they take a while under load, and a probe can pass before
-        # the kill) would otherwise drop out of the known set unseen, and readiness would stay true until a
-        # later probe failed on it. Known stubs of models this round did not reload stay known too, so that one
-        # that died during this round's reloads (seconds each) is not forgotten either.
+    def _golden_round(self, reloaded: set[str] | None = None, fresh: dict[str, int] | None = None) -> bool:
+        # The stubs as the probes begin. A healthy round makes them known, not the stubs left when the probes end:
+        # a stub killed while they ran (they take a while under load, and a probe can pass before the kill) would
+        # otherwise drop out unseen, and readiness would stay true until a later probe failed on it. Also kept:
+        # known stubs of models this round did not reload (or failed to), and the stubs each of its reloads
+        # started (``fresh``), so that one that died during a later reload of the round (seconds each) is seen too.
         stubs_before = {s.name: s.pid for s in _stubs(self.server)}
         failed: dict[str, _Probe] = {}
         busy = False
@@ -212,7 +215,7 @@ class Supervisor:
         if not failed:
             self._failures = 0
             kept = {n: p for n, p in self._known_stubs.items() if _model_of(n) not in (reloaded or set())}
-            self._known_stubs = {**kept, **stubs_before}
+            self._known_stubs = {**kept, **(fresh or {}), **stubs_before}
             gone = self._gone_stubs()
             if gone:  # died during this round: not ready; the next round (started now) reloads it
                 self._set_ready(False, _gone_message(gone))

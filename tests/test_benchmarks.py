@@ -176,10 +176,8 @@ def test_serving_bound_on_cpu_at_a_tiny_size(trained, tmp_path):
         for label, r in targets.items():
             assert "error" not in r, (graph, label, r)
             (cost,) = r["cpu_costs"]
-            loop = cost["closed_loop"]
-            assert loop["errors"] == 0 and loop["calls"] == cost["requests"] > 0, (graph, label, cost)
-            assert cost["server_cpu_ms_per_query"] == pytest.approx(
-                cost["server_cpu_ms_per_request"] / r["queries_per_request"])
+            # Every request the loop counted, and no other, reached the target (Triton's own count).
+            assert cost["triton_requests"] == cost["requests"] > 0, (graph, label, cost)
             assert triton.sig.FUSED_STORE.model_name in cost["mean_batch"]
         assert targets["ensemble_b2"]["cpu_costs"][0]["mean_batch"][triton.STORE_FUSED] == 2.0
         summary = results["summary"]["5"][f"ensemble_{graph}"]

@@ -445,6 +445,9 @@ def test_a_repeated_query_word_sent_to_a_store_graph_is_an_invalid_argument(serv
     request[sig.QUERY_WORDS.name][0, 2] = 7
     answer = client.infer(sig.SEARCH_STORE.model_name, raw_inputs(request), client_timeout=60)
     assert answer.as_numpy(sig.SCORES.name).shape == (1, 2)
+    # The store text step numbers the words the store lacks one each, so a query of several is still served.
+    with AMCClient(served[0].grpc_url, timeout_s=60) as amc:
+        assert len(amc.search("blorptastic frumious cat snarkle", top_k=2)) == 2
 
 
 def test_supervisor_probes_the_search_ensembles_too(served):

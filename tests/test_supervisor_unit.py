@@ -28,6 +28,7 @@ class _Fake:
         def reload(model: str, cause: str):
             self.reloads.append(model)
             self.during_reload(model)
+            return SimpleNamespace(ok=True)
         s._reload = reload
         return s
 
@@ -68,3 +69,22 @@ def test_reloaded_models_are_known_by_their_new_stubs(monkeypatch) -> None:
     assert supervisor.check() and supervisor.ready  # reloaded; it comes back with one instance
     assert fake.reloads == ["amc_van"]
     assert supervisor.check() and supervisor.ready and fake.reloads == ["amc_van"]
+
+
+def test_a_stub_started_by_a_reload_that_dies_during_the_next_reload_is_not_forgotten(monkeypatch) -> None:
+    fake = _Fake(monkeypatch, [_stub(10, "amc_tokenizer_0_0"), _stub(11, "amc_van_0_0"), _stub(12, "amc_van_0_1")])
+    supervisor = fake.supervisor()
+    assert supervisor.check()
+    fake.kill("amc_tokenizer_0_0")
+    fake.kill("amc_van_0_1")
+
+    def during(model: str) -> None:  # the tokenizer's reload starts a stub, which dies while VAN is reloaded
+        if model == "amc_tokenizer":
+            fake.alive.append(_stub(20, "amc_tokenizer_0_0"))
+        else:
+            fake.kill("amc_tokenizer_0_0")
+            fake.alive.append(_stub(21, "amc_van_0_1"))
+    fake.during_reload = during
+    assert not supervisor.check()
+    assert fake.reloads == ["amc_tokenizer", "amc_van"]
+    assert not supervisor.ready and "amc_tokenizer_0_0 (pid 20) is gone" in supervisor.reason

@@ -88,6 +88,10 @@ def test_the_store_graphs_lexical_match_equals_the_matcher():
     assert words.shape == idf.shape == (6, 72)  # 72 content words, a multiple of 8
     assert store.query(queries[:5])[0].shape == (5, 16)  # 9 content words -> padded to 16
     assert words[1, 0] == store.unknown and idf[1, 0] > 0 and (idf[2] == 0).all()
+    for row in words:  # distinct, words the store lacks included (70 of them in the long query)
+        real = row[row >= 0]
+        assert len(set(real.tolist())) == len(real)
+    assert (words[5, :70] >= store.unknown).all()
     rows = StoreWords.row_words(numbers)
     assert sorted(rows[1][rows[1] >= 0].tolist()) == sorted(store.number[w] for w in ("kiwi", "fruit", "red", "apple"))
     ids = torch.from_numpy(np.array([[0, 1, 2, 3], [3, 2, 1, 0]] * 3))

@@ -260,8 +260,9 @@ class StoreWords:
     content words and their IDFs (:meth:`query`). The graph's match of the two gives
     :meth:`LexicalMatcher.features` without a loop over candidates. Words are numbered in sorted order of the
     store's distinct content words, so the text step (from ``store.json``) and the export (from the store) number
-    them alike. A query word the store lacks gets :attr:`unknown` (one past the last word): it matches nothing
-    but still counts in the query's IDF total, as in :meth:`LexicalMatcher.features`.
+    them alike. A query word the store lacks gets a number from :attr:`unknown` (one past the last word) up, one
+    each, so that a query's numbers stay distinct (the python-flavour graph steps refuse a repeated one): it
+    matches nothing but still counts in the query's IDF total, as in :meth:`LexicalMatcher.features`.
     """
 
     PAD = -1  # word slots past a keyword's or a query's words; a query's pads weigh 0
@@ -308,6 +309,7 @@ class StoreWords:
         numbers = np.full((len(per), width), self.PAD, dtype=np.int64)
         idf = np.zeros((len(per), width), dtype=np.float32)
         for b, ws in enumerate(per):
-            numbers[b, : len(ws)] = [self.number.get(w, self.unknown) for w in ws]
+            unknown = iter(range(self.unknown, self.unknown + len(ws)))  # words the store lacks: past the last
+            numbers[b, : len(ws)] = [self.number[w] if w in self.number else next(unknown) for w in ws]
             idf[b, : len(ws)] = [self.weights.idf(w) for w in ws]
         return numbers, idf
