@@ -82,6 +82,25 @@ def server_cpu_s(pid: int) -> float:
     return total
 
 
+def _requests(stats: dict[str, dict[str, int]], model: str) -> int:
+    return sum(row["requests"] for key, row in stats.items() if key.split(":")[0] == model)
+
+
+def settled_snapshot(url: str, model: str, *, at_least: int = 0, timeout_s: float = 3.0) -> dict:
+    """Triton's statistics once ``model``'s request count has reached ``at_least`` and stopped changing: Triton
+    records a request's statistics as it finishes, a moment after the client has its response, so a snapshot
+    taken at once can miss the last requests of a loop (CI saw one request counted in the next window)."""
+    end = time.monotonic() + timeout_s
+    last = triton.snapshot(url)
+    while time.monotonic() < end:
+        time.sleep(0.05)
+        now = triton.snapshot(url)
+        if _requests(now, model) == _requests(last, model) >= at_least:
+            return now
+        last = now
+    return last
+
+
 def cpu_cost(url: str, pid: int, model: str, make_worker, n: int, batch: int, concurrency: int, args) -> dict:
     """A closed loop of ``concurrency`` tritonclient threads for ``--cost-s``; the server's CPU time (tritonserver
     and its stubs; the client's is not counted) per request and per query, and each step's mean batch (Triton's
@@ -90,13 +109,13 @@ def cpu_cost(url: str, pid: int, model: str, make_worker, n: int, batch: int, co
     # A first loop, not counted, warms the server at this concurrency (the closed loop's own warm-up calls run one
     # at a time, unbatched); the measured loop then counts every request it sent.
     harness.closed_loop(make_worker, concurrency=concurrency, duration_s=min(1.0, args.cost_s), items_per_call=1)
-    stats = triton.snapshot(url)
+    stats = settled_snapshot(url, model)
     before = server_cpu_s(pid)
     started = time.monotonic()
     loop = harness.closed_loop(make_worker, concurrency=concurrency, duration_s=args.cost_s,
                                items_per_call=n * batch, warmup_calls=0)
     used, wall = server_cpu_s(pid) - before, time.monotonic() - started
-    steps = triton.breakdown(stats, triton.snapshot(url))
+    steps = triton.breakdown(stats, settled_snapshot(url, model, at_least=_requests(stats, model) + loop["calls"]))
     if loop["errors"] or not loop["calls"]:
         raise RuntimeError(f"the CPU-cost loop at c{concurrency} had {loop['errors']} failed requests and "
                            f"{loop['calls']} answered: {loop['first_error']}")
