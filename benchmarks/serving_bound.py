@@ -49,7 +49,6 @@ from .store_fused import best, serving_store_fused
 from .workloads import collection_words, synthetic_gallery
 
 GRAPH_STEP = sig.FUSED_STORE.model_name
-TARGETS = {"ensemble": triton.STORE_FUSED, "graph_step": GRAPH_STEP}
 NULL_STEP = Path(__file__).with_name("null_graph_step.py")
 
 

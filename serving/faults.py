@@ -59,6 +59,11 @@ class Stub:
     model: str
 
 
+def instance_model(instance: str) -> str:
+    """The model of a model instance's name: ``amc_tokenizer_0_1`` -> ``amc_tokenizer`` (``<model>_<group>_<index>``)."""
+    return instance.rsplit("_", 2)[0] if instance.count("_") >= 2 else instance
+
+
 def stubs(server_pid: int) -> Iterator[Stub]:
     """The stub processes under ``server_pid`` (tritonserver starts one per Python-backend model instance,
     ``triton_python_backend_stub <model.py> <shm region> ... <instance name>``; the instance name is
@@ -77,8 +82,7 @@ def stubs(server_pid: int) -> Iterator[Stub]:
         if not argv or not argv[0].endswith(b"triton_python_backend_stub"):
             continue
         instance = next((a.decode() for a in reversed(argv) if a.startswith(b"amc_") or b"_0_" in a), "")
-        model = instance.rsplit("_", 2)[0] if instance.count("_") >= 2 else instance
-        yield Stub(int(entry.name), instance, model)
+        yield Stub(int(entry.name), instance, instance_model(instance))
 
 
 def rss_mb(pid: int) -> float:

@@ -46,6 +46,7 @@ from typing import Any
 
 from amc_client import signatures as sig
 
+from .faults import instance_model
 from .server import LOOPBACK, TritonServer
 
 __all__ = ["HealthServer", "Repair", "Supervisor", "golden_request", "is_search_ensemble"]
@@ -194,7 +195,7 @@ class Supervisor:
             for model in sorted({model for _, model in gone}):
                 if self._reload(model, cause).ok:
                     reloaded.add(model)
-                    fresh.update({s.name: s.pid for s in _stubs(self.server) if _model_of(s.name) == model})
+                    fresh.update({s.name: s.pid for s in _stubs(self.server) if s.model == model})
         return self._golden_round(reloaded, fresh)
 
     def _golden_round(self, reloaded: set[str] | None = None, fresh: dict[str, int] | None = None) -> bool:
@@ -214,7 +215,7 @@ class Supervisor:
                 failed[ensemble] = probe
         if not failed:
             self._failures = 0
-            kept = {n: p for n, p in self._known_stubs.items() if _model_of(n) not in (reloaded or set())}
+            kept = {n: p for n, p in self._known_stubs.items() if instance_model(n) not in (reloaded or set())}
             self._known_stubs = {**kept, **(fresh or {}), **stubs_before}
             gone = self._gone_stubs()
             if gone:  # died during this round: not ready; the next round (started now) reloads it
@@ -252,7 +253,7 @@ class Supervisor:
         if not self._known_stubs:
             return {}
         now = {s.name for s in _stubs(self.server)}
-        return {(name, _model_of(name)): pid for name, pid in self._known_stubs.items() if name not in now}
+        return {(name, instance_model(name)): pid for name, pid in self._known_stubs.items() if name not in now}
 
     # ---- HTTP helpers -----------------------------------------------------------------------------------------
     def _http(self, method: str, path: str, body: Any = None, timeout_s: float | None = None,
@@ -337,11 +338,6 @@ class Supervisor:
         (log.warning if repair.ok else log.error)(
             "repair: %s -> %s in %.2f s; cause: %s", repair.action, "done" if repair.ok else "FAILED",
             repair.took_s, repair.cause)
-
-
-def _model_of(instance: str) -> str:
-    """``amc_tokenizer_0_1`` -> ``amc_tokenizer`` (instance names are ``<model>_<group>_<index>``)."""
-    return instance.rsplit("_", 2)[0]
 
 
 def _gone_message(gone: dict[tuple[str, str], int]) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from serving import supervisor as supervisor_module
-from serving.faults import Stub
+from serving.faults import Stub, instance_model
 from serving.supervisor import Supervisor, _Probe
 
 
@@ -37,7 +37,7 @@ class _Fake:
 
 
 def _stub(pid: int, name: str) -> Stub:
-    return Stub(pid, name, name.rsplit("_", 2)[0])
+    return Stub(pid, name, instance_model(name))
 
 
 def test_a_stub_that_dies_while_another_is_reloaded_is_not_forgotten(monkeypatch) -> None:
