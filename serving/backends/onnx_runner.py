@@ -67,6 +67,18 @@ def load_sibling(here: Path, filename: str) -> Any:
     return module
 
 
+def first_repeat(rows: np.ndarray) -> tuple[int, int] | None:
+    """(B, n) integer rows -> (row, value) of the first row that repeats a value of 0 or more (its smallest such
+    value), None where no row does; negative values are padding. Also the store text step's check of repeated
+    candidate ids (``text_step.py``, which gets this file beside it as ``amc_onnx_runner.py``)."""
+    ordered = np.sort(rows, axis=1)
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if not repeated.any():
+        return None
+    b, j = (int(x) for x in np.argwhere(repeated)[0])
+    return b, ordered[b, j].item()
+
+
 class RequestError(ValueError):
     """A problem with one request's inputs; becomes that request's error response."""
 
@@ -302,13 +314,9 @@ class TritonPythonModel:
         """The inputs named by the config parameter ``distinct`` repeat no value of 0 or more within a query."""
         for name in getattr(self, "distinct", ()):
             array = feeds[name]
-            if array.ndim < 2 or array.shape[1] < 2:
-                continue
-            rows = np.sort(array.reshape(array.shape[0], -1), axis=1)
-            repeated = (rows[:, 1:] == rows[:, :-1]) & (rows[:, 1:] >= 0)
-            if repeated.any():
-                b, j = (int(x) for x in np.argwhere(repeated)[0])
-                raise RequestError(f"{name}[{b}] repeats {rows[b, j + 1].item()}; each value may appear once "
+            repeat = first_repeat(array.reshape(array.shape[0], -1)) if array.ndim >= 2 else None
+            if repeat is not None:
+                raise RequestError(f"{name}[{repeat[0]}] repeats {repeat[1]}; each value may appear once "
                                    "(negative values are padding)")
 
     def _check_dims(self, feeds: dict[str, np.ndarray]) -> None:

@@ -545,11 +545,9 @@ class TritonPythonModel:
             where = np.argwhere(bad)[0]
             raise RequestError(f"{idn}[{where[0]}, {where[1]}] = {int(ids[tuple(where)])} is outside the candidate "
                                f"store of version {self.version} (0 .. {size - 1})")
-        ordered = np.sort(ids, axis=1)
-        repeated = ordered[:, 1:] == ordered[:, :-1]
-        if repeated.any():
-            b, j = (int(x) for x in np.argwhere(repeated)[0])
-            row = int(ordered[b, j])
+        repeat = self.runner.first_repeat(ids)  # every id is >= 0 by now
+        if repeat is not None:
+            b, row = repeat
             at = np.flatnonzero(ids[b] == row)[:2].tolist()
             raise RequestError(f"{idn}[{b}] repeats store row {row} (at positions {at[0]} and {at[1]}); each "
                                "candidate may appear once")
