@@ -19,7 +19,11 @@ features computed by :class:`export.reference.Reference`, the text step's rules 
 of the checkpoint's training corpus, inside the same publish (see :func:`publish`).
 
 A checkpoint trained with another text encoder (format 1: GloVe) is refused with the checkpoint loader's
-"encoder mismatch" message, before anything is written.
+"encoder mismatch" message, before anything is written; so is one trained with query rules this release does not
+implement (``Checkpoint.text_rules`` above ``amc_client.text.TEXT_RULES``). The version's text step gets the
+checkpoint's rules (``text_rules`` in its ``version.json``) and, from rules 2 on, the emoji names it normalizes
+queries with (``emoji_names.json``, CLDR's, built here by ``training.corpus.catalog.emoji_names``); the golden
+requests' PyTorch outputs read their queries by the same rules.
 """
 
 from __future__ import annotations
@@ -40,11 +44,12 @@ from pathlib import Path
 import numpy as np
 
 from amc_client import signatures as sig
-from amc_client.text import TermWeights
+from amc_client.text import TEXT_RULES, TermWeights
 from export.onnx_export import TEXT_ENCODER_FILE, ExportError, export_all
 from export.reference import Reference
 from export.repository import (
     FLAVOURS,
+    KNOWN_TEXT_RULES,
     STEPS,
     STORE_INSTANCES,
     TextStepFiles,
@@ -141,6 +146,16 @@ def write_keyword_table(path: Path, ckpt: Checkpoint, reference: Reference, keyw
     return len(distinct)
 
 
+def check_text_rules(ckpt: Checkpoint) -> None:
+    """Refuse a checkpoint trained with query rules this release's text step does not implement (a newer
+    release's), before anything is written: served with these rules, its queries would be read otherwise than
+    in training."""
+    if ckpt.text_rules not in KNOWN_TEXT_RULES:
+        raise ValueError(f"the checkpoint was trained with text rules {ckpt.text_rules}, but this release's text step "
+                         f"implements text rules {', '.join(map(str, KNOWN_TEXT_RULES))} "
+                         f"(amc_client.text.TEXT_RULES = {TEXT_RULES}): publish it with the release that trained it")
+
+
 def golden_requests(ckpt: Checkpoint, reference: Reference, keywords: list[str], *, seed: int = 1234,
                     queries: int = 3, candidates: int = 7) -> dict[str, np.ndarray]:
     """Deterministic requests with PyTorch's outputs: queries of the collection's words (one also in another
@@ -182,6 +197,7 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
 
     repository = Path(repository)
     ckpt = load_checkpoint(checkpoint)  # refuses other encoders' checkpoints: "encoder mismatch"
+    check_text_rules(ckpt)
     instances = store_instances(device_kind) if device_kind and store is not None else None  # None: this machine's
     if device_kind is not None and store is None:
         log(f"device kind {device_kind!r} ignored: it sizes the candidate store's steps, and no store is published")
@@ -205,7 +221,9 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
             table = write_keyword_table(staging / KEYWORD_TABLE, ckpt, reference, keywords)
             tree = staging / "tree"
             stage_version(tree, version=version, flavour=flavour, onnx_dir=staging / "onnx", text=TextStepFiles(
-                tokenizer_json(), ckpt.term_weights, staging / "onnx" / TEXT_ENCODER_FILE, staging / KEYWORD_TABLE))
+                tokenizer_json(), ckpt.term_weights, staging / "onnx" / TEXT_ENCODER_FILE, staging / KEYWORD_TABLE,
+                text_rules=ckpt.text_rules,
+                emoji_names_json=None if reference.emoji_names is None else reference.emoji_names.to_json()))
             ensemble = tree / sig.versioned_ensemble_name(version)
             np.savez(ensemble / GOLDEN, **golden_requests(ckpt, reference, keywords))
             manifest = {
@@ -215,6 +233,7 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
                 "text_encoder": {"name": ENCODER_NAME, "package": f"{PACKAGE}=={metadata.version(PACKAGE)}",
                                  "keyword_table": table},
                 "train_config": ckpt.train_config, "metrics": {**ckpt.metrics, **(eval_metrics or {})},
+                "text_rules": ckpt.text_rules,
                 "parity": {n: {"max_relative_error": max(r.max_relative_error for r in rs),
                                "shapes": [asdict(r.shape) for r in rs]} for n, rs in parity.items()},
             }

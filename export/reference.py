@@ -3,7 +3,9 @@
 The text features are computed as the serving text step (``serving/backends/text_step.py``) computes them:
 WordPiece ids by ``amc_client.text.wordpiece_ids`` (inside :class:`training.text_encoder.TextEncoder`), the
 zero vector for padded ("") keywords, lexical features by ``amc_client.text.LexicalMatcher`` with the
-checkpoint's term weights. Only the engine differs: the sentence encoder and the networks run in PyTorch here,
+checkpoint's term weights, after the query rules the checkpoint was trained with (``Checkpoint.text_rules``: from
+rules 2 on, ``amc_client.text.normalize_query`` with CLDR's emoji names, as the version's text step applies them).
+Only the engine differs: the sentence encoder and the networks run in PyTorch here,
 in onnxruntime there. Golden requests (``export.publish``), the integration tests and the export of the
 candidate store use it.
 """
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from amc_client import signatures as sig
-from amc_client.text import LexicalMatcher, TermWeights
+from amc_client.text import EmojiNames, LexicalMatcher, TermWeights, normalize_query
 from training.checkpoint import Checkpoint
 from training.model import AMCOutput
 
@@ -34,19 +36,38 @@ def keyword_embeddings(keywords: np.ndarray, embed: Callable[[list[str]], np.nda
 
 
 class Reference:
-    """A checkpoint's model with the PyTorch sentence encoder and the checkpoint's term weights."""
+    """A checkpoint's model with the PyTorch sentence encoder and the checkpoint's term weights.
 
-    def __init__(self, ckpt: Checkpoint) -> None:
+    ``emoji_names``: the table queries are normalized with where the checkpoint's text rules are 2 or more
+    (default CLDR's, ``training.corpus.catalog.emoji_names``: what publish ships); None for rules 1.
+    """
+
+    def __init__(self, ckpt: Checkpoint, *, emoji_names: EmojiNames | None = None) -> None:
         from training.text_encoder import TextEncoder
 
         self.model = ckpt.build_model()
         self.encoder = TextEncoder()
         self.matcher = LexicalMatcher(TermWeights.from_json(ckpt.term_weights))
+        self.text_rules = ckpt.text_rules
+        self.emoji_names = None
+        if self.text_rules >= 2:
+            if emoji_names is None:
+                from training.corpus.catalog import emoji_names as cldr_emoji_names
+
+                emoji_names = cldr_emoji_names()
+            self.emoji_names = emoji_names if isinstance(emoji_names, EmojiNames) else EmojiNames(emoji_names)
+
+    def queries(self, queries: Sequence[str]) -> list[str]:
+        """The queries as the version's text step reads them (its text rules)."""
+        if self.emoji_names is None:
+            return list(queries)
+        return [normalize_query(q, self.emoji_names) for q in queries]
 
     def text_features(self, queries: Sequence[str], keywords: np.ndarray) -> dict[str, np.ndarray]:
         """B queries and their candidates' keywords (B, N, K) ("" pads) -> query_text (B, E), keyword_embeddings
         (B, N, K, E), keyword_lexical (B, N, K, 3), keyed by the signatures' names."""
         keywords = np.asarray(keywords, dtype=object)
+        queries = self.queries(queries)
         lexical = np.stack([self.matcher.features(q, kw) for q, kw in zip(queries, keywords, strict=True)])
         return {sig.QUERY_TEXT.name: self.encoder.encode(list(queries)),
                 sig.KEYWORD_EMBEDDINGS.name: keyword_embeddings(keywords, self.encoder.encode_keywords),

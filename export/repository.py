@@ -31,6 +31,7 @@ ensemble it was sent to.
 from __future__ import annotations
 
 import compileall
+import json
 import os
 import shutil
 import tempfile
@@ -44,6 +45,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from amc_client import Routing
 from amc_client import signatures as sig
 from amc_client._routing import parse as parse_routing
+from amc_client.text import EMOJI_NAMES_FILE, TEXT_RULES
 
 FLAVOURS = ("python", "onnxruntime")
 STEPS: tuple[sig.StepSignature, ...] = (sig.TOKENIZER, *sig.NETWORKS, sig.TOPK)
@@ -98,6 +100,10 @@ ADMISSION_FILE = "admission.py"  # serving/backends/admission.py, copied as amc_
 TEXT_STEP_FILE = "text_step.py"
 TOP_K_FILE = "top_k.py"
 STORE_FILE = "store.json"  # in amc_store_tokenizer/<N>/: {"version": N, "size": G, "ids": [...], "keywords": [...]}
+# A text step version's query rules: version.json's "text_rules" (absent: 1, queries as sent) and, from rules 2 on,
+# its emoji names (amc_client.text.EMOJI_NAMES_FILE). KNOWN_TEXT_RULES: the rules this release's text step implements.
+TEXT_RULES_KEY = "text_rules"
+KNOWN_TEXT_RULES = tuple(range(1, TEXT_RULES + 1))
 
 
 def routing_parameters(routing: Routing) -> dict[str, str]:
@@ -290,12 +296,21 @@ class TextStepFiles:
     term_weights_json: str  # the checkpoint's amc_client.text.TermWeights
     text_encoder: Path  # text_encoder.onnx, exported and validated
     keyword_table: Path | None = None  # keyword_table.npz (raw mode)
+    # The query rules of the version (amc_client.text.TEXT_RULES of the checkpoint's training; 1: queries as sent)
+    # and, from rules 2 on, the emoji names it normalizes queries with (amc_client.text.EmojiNames JSON).
+    text_rules: int = 1
+    emoji_names_json: str | None = None
 
     @classmethod
     def of_version(cls, version_dir: Path) -> TextStepFiles:
         """The files of a published text-step version directory (the store step reuses the raw step's)."""
+        declared = json.loads((version_dir / "version.json").read_text()) if (version_dir / "version.json").is_file() \
+            else {}
+        names = version_dir / EMOJI_NAMES_FILE
         return cls((version_dir / "tokenizer.json").read_text(encoding="utf-8"),
-                   (version_dir / "term_weights.json").read_text(encoding="utf-8"), version_dir / "text_encoder.onnx")
+                   (version_dir / "term_weights.json").read_text(encoding="utf-8"), version_dir / "text_encoder.onnx",
+                   text_rules=int(declared.get(TEXT_RULES_KEY, 1)),
+                   emoji_names_json=names.read_text(encoding="utf-8") if names.is_file() else None)
 
 
 def write_text_step(version_dir: Path, *, version: int, files: TextStepFiles, store_json: str | None = None) -> None:
@@ -313,7 +328,16 @@ def write_text_step(version_dir: Path, *, version: int, files: TextStepFiles, st
         shutil.copy(files.keyword_table, version_dir / "keyword_table.npz")
     (version_dir / "tokenizer.json").write_text(files.tokenizer_json, encoding="utf-8")
     (version_dir / "term_weights.json").write_text(files.term_weights_json, encoding="utf-8")
-    (version_dir / "version.json").write_text(f'{{"version": {version}}}')
+    if files.text_rules not in KNOWN_TEXT_RULES:
+        raise ValueError(f"text rules {files.text_rules} are not among the rules this release's text step implements "
+                         f"{KNOWN_TEXT_RULES}: publish with the release that trained the checkpoint")
+    if files.text_rules == 1:  # as versions were before text rules existed: the step uses queries as sent
+        (version_dir / "version.json").write_text(f'{{"version": {version}}}')
+    else:  # the step applies these rules (text_step.TextFeatures refuses rules its code does not implement)
+        if files.emoji_names_json is None:
+            raise ValueError(f"text rules {files.text_rules} need the emoji names ({EMOJI_NAMES_FILE})")
+        (version_dir / "version.json").write_text(json.dumps({"version": version, TEXT_RULES_KEY: files.text_rules}))
+        (version_dir / EMOJI_NAMES_FILE).write_text(files.emoji_names_json, encoding="utf-8")
     if store_json is not None:
         (version_dir / STORE_FILE).write_text(store_json, encoding="utf-8")
 

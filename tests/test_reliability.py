@@ -69,10 +69,21 @@ def test_every_caller_mistake_is_invalid_argument(server: TritonServer, case: st
     assert_serves(server)
 
 
-@pytest.mark.parametrize("query", ["?!", "...", "kiwifruit", "😺", "a" * sig.MAX_QUERY_BYTES])
+@pytest.mark.parametrize("query", ["?!kiwi", "kiwifruit", "😺", "🫨", "a" * sig.MAX_QUERY_BYTES])
 def test_odd_but_valid_queries_are_ranked(server: TritonServer, query: str) -> None:
+    """An emoji no table names ("🫨", newer than CLDR's annotations here) is kept as text, not refused."""
     out = send(server, faults.request(query=query.encode()))
     assert np.isfinite(out[sig.SCORES.name]).all()
+
+
+@pytest.mark.parametrize("query", ["?!", "...", " _ "])
+def test_a_query_of_punctuation_only_is_invalid_argument(server: TritonServer, query: str) -> None:
+    """Text rules 2: nothing is left of it once normalized (amc_client.text.normalize_query)."""
+    with pytest.raises(InferenceServerException) as info:
+        send(server, faults.request(query=query.encode()))
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert f"query {query!r} normalizes to nothing" in info.value.message()
+    assert_serves(server)
 
 
 def _candidate(i: int, keywords: list[str]) -> Candidate:

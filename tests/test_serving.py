@@ -2,7 +2,8 @@
 
 Scores through Triton over gRPC must equal the PyTorch model's (relative error under 1e-4, same ranking),
 with the text features computed as training computes them (``export.reference``: the PyTorch sentence encoder,
-the same WordPiece ids and lexical matcher). Any non-empty query is ranked, whatever its words or script; every
+the same WordPiece ids and lexical matcher, after the same query rules). Any query with a letter, digit or emoji is
+ranked, whatever its words or script (one of punctuation only is refused, naming it); every
 kind of bad input gets an error naming the problem (INVALID_ARGUMENT for the caller's mistakes) while the
 server keeps answering.
 """
@@ -10,6 +11,7 @@ server keeps answering.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 
@@ -116,7 +118,7 @@ def test_scores_and_ranking_equal_pytorch(client, small_corpus, reference, serve
 
 
 @pytest.mark.parametrize("query", ["kiwifruit", "guardsman", "kiwifruit guardsman", "猫", "кошка",
-                                   "grinning cat 😺", "😺", "?!"])
+                                   "grinning cat 😺", "😺", "?!kiwifruit"])
 def test_any_query_is_ranked(client, small_corpus, reference, query):
     """Words no fixed vocabulary had, other scripts and emoji: ranked, with PyTorch's scores."""
     results = assert_served_equals_pytorch(client, reference, query, corpus_candidates(small_corpus, 20))
@@ -195,6 +197,36 @@ def test_empty_queries_are_invalid_arguments(client, served, small_corpus, query
     with pytest.raises(InferenceServerException, match="query is empty") as info:
         send_raw(served[0], raw_request(query=query.encode()))
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+@pytest.mark.usefixtures("still_serving")
+@pytest.mark.parametrize("query", ["?!", " ... ", "_-_"])
+def test_a_query_of_punctuation_only_is_an_invalid_argument(client, served, small_corpus, query):
+    """Text rules 2: nothing is left once the query is normalized. The client does not refuse it itself (a version of
+    rules 1 ranks it); the server names it, on the ranking and the search ensembles alike."""
+    message = f"INVALID_ARGUMENT.*query {re.escape(repr(query))} normalizes to nothing"
+    with pytest.raises(InvalidInputError, match=message):
+        client.rank(query, corpus_candidates(small_corpus, 3))
+    with pytest.raises(InvalidInputError, match=message):
+        client.search(query, top_k=3)
+    with pytest.raises(InferenceServerException, match="normalizes to nothing") as info:
+        send_raw(served[0], raw_request(query=query.encode()))
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize(("typed", "clean"), [("🐱", "cat face"), ("thumbs_up", "thumbs up"),
+                                              ("Thumbs Up!!", "thumbs up"), ("🇯🇵", "flag: Japan")])
+def test_queries_as_people_type_them_rank_as_their_clean_form(client, small_corpus, typed, clean):
+    """An emoji is read as its CLDR name, and case, underscores and punctuation do not count: the same ranking and
+    scores, through the whole-store search and the re-ranking ensemble."""
+    searched = client.search(typed, top_k=10)
+    expected = client.search(clean, top_k=10)
+    assert [r.store_row for r in searched] == [r.store_row for r in expected]
+    np.testing.assert_allclose([r.score for r in searched], [r.score for r in expected], rtol=1e-6)
+    cands = corpus_candidates(small_corpus, 12)
+    ranked, clean_ranked = client.rank(typed, cands), client.rank(clean, cands)
+    assert [r.candidate_id for r in ranked] == [r.candidate_id for r in clean_ranked]
+    np.testing.assert_allclose([r.score for r in ranked], [r.score for r in clean_ranked], rtol=1e-6)
 
 
 @pytest.mark.usefixtures("still_serving")

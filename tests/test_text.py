@@ -105,3 +105,138 @@ def test_the_store_graphs_lexical_match_equals_the_matcher():
         store.keyword_words(np.array([["dog"]], dtype=object))
     tokens = query_tokens(load_wordpiece(tokenizer_json()), ["cat", "kiwifruit " * 30])
     assert tokens.shape == (2, 48) and (query_tokens(load_wordpiece(tokenizer_json()), ["cat"]).shape == (1, 16))
+
+
+# ---- queries as people type them (text rules 2: amc_client.text.normalize_query) ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def cldr_names():
+    from training.corpus.catalog import emoji_names
+
+    return emoji_names()
+
+
+@pytest.mark.parametrize(("query", "expected"), [
+    ("🐱", "cat face"),
+    ("🇯🇵", "flag japan"),  # a flag: two regional indicators, one name
+    ("👍🏽", "thumbs up medium skin tone"),  # a skin-tone sequence has its own name, not "thumbs up" + a tone
+    ("👍", "thumbs up"),
+    ("👨\u200d👩\u200d👧", "family man woman girl"),  # a ZWJ sequence: longest match first
+    ("❤️", "red heart"),  # with U+FE0F
+    ("❤", "red heart"),  # without
+    ("1️⃣", "keycap 1"),
+    ("🇯🇵🇺🇸", "flag japan flag united states"),
+    ("кошка 🐱", "кошка cat face"),
+    ("™", "trade mark"),  # named before NFKC would make it "TM"
+    ("Ｃａｔ　ｆａｃｅ", "cat face"),  # NFKC: full-width letters and space
+])
+def test_an_emoji_in_a_query_is_read_as_its_cldr_name(cldr_names, query, expected):
+    from amc_client.text import normalize_query
+
+    assert normalize_query(query, cldr_names) == expected
+
+
+def test_case_underscores_and_stray_punctuation_do_not_change_a_query(cldr_names):
+    from amc_client.text import normalize_query
+
+    forms = ["thumbs_up", "Thumbs Up!!", "thumbs up", "  THUMBS -- up?  ", "thumbs\tup."]
+    assert {normalize_query(q, cldr_names) for q in forms} == {"thumbs up"}
+    assert normalize_query("👍", cldr_names) == "thumbs up"
+    assert normalize_query("Man’s hat", cldr_names) == "man s hat"  # as words() splits it
+    assert normalize_query("नमस्ते", cldr_names) == "नमस्ते"  # combining vowel signs stay inside the word
+
+
+@pytest.mark.parametrize("query", ["?!", "  ...  ", "_-_", "“”", "!!!???"])
+def test_a_query_of_punctuation_only_normalizes_to_nothing(cldr_names, query):
+    from amc_client.text import normalize_query
+
+    assert normalize_query(query, cldr_names) == ""
+
+
+def test_an_emoji_the_table_does_not_name_is_kept_as_text():
+    from amc_client.text import EmojiNames, normalize_query
+
+    names = EmojiNames({"🐱": "cat face"})
+    assert normalize_query("🐶", names) == "🐶"
+    assert normalize_query("🐶 and 🐱!", names) == "🐶 and cat face"
+    assert normalize_query("🫨", {}) == "🫨"  # newer than CLDR 41 (and possibly than Python's Unicode data)
+    assert normalize_query("👩🏽\u200d🚀", {}) == "👩🏽\u200d🚀"  # its joiner and skin tone stay with it
+
+
+def test_the_cldr_table_names_emoji_only(cldr_names):
+    """CLDR's annotations also name punctuation and signs ("_" "low line", "$" "dollar"): they stay punctuation."""
+    from amc_client.text import normalize_query
+
+    for sign in ("_", "$", "#", "→", "∞", "!"):
+        assert sign not in cldr_names
+    assert normalize_query("a_b", cldr_names) == "a b"
+    assert cldr_names["🐱"] == "cat face" and cldr_names["🇯🇵"] == "flag: Japan"
+    assert cldr_names["👍🏽"] == "thumbs up: medium skin tone" and cldr_names["❤"] == "red heart"
+    assert not any("\ufe0f" in key for key in cldr_names)
+    assert len(cldr_names) > 3000
+
+
+def test_emoji_names_round_trip_through_json(cldr_names):
+    from amc_client.text import EmojiNames, dump_emoji_names, load_emoji_names
+
+    assert load_emoji_names(dump_emoji_names(cldr_names)) == cldr_names
+    with_selector = EmojiNames({"❤\ufe0f": "red heart"})
+    assert dict(with_selector) == {"❤": "red heart"}  # held without U+FE0F
+    assert load_emoji_names(with_selector.to_json()) == with_selector
+
+
+def test_training_reads_queries_by_the_same_rules(cldr_names):
+    """CorpusTensors (training and evaluation's entrance) gives "thumbs_up" the embedding and lexical features of
+    "thumbs up", and asks the sentence encoder for the normalized text."""
+    import torch
+
+    from training.data import CorpusTensors
+
+    keywords = np.array([["thumbs up", "hand"], ["cat face", ""], ["flag", "japan"]], dtype=object)
+    matcher = LexicalMatcher(TermWeights.from_documents([[k for k in row if k] for row in keywords]))
+    asked = []
+
+    class Texts:
+        def get(self, texts, kind="query"):
+            asked.extend(texts)
+            return np.array([[float(len(t)), 0.0] for t in texts], dtype=np.float32)
+
+    data = CorpusTensors(torch.zeros(3, 1, 1), torch.zeros(3, 2, 2), keywords, matcher, Texts())
+    data.query_text(["thumbs_up", "🐱", "🇯🇵!"])
+    assert asked == ["thumbs up", "cat face", "flag japan"]
+    index = torch.tensor([[0, 1, 2]] * 2)
+    torch.testing.assert_close(data.lexical(["Thumbs_Up!", "👍"], index), data.lexical(["thumbs up"] * 2, index),
+                               rtol=0, atol=0)
+    assert data.lexical(["🇯🇵"], index[:1])[0, 2].sum() > 0  # the flag's name matches its tags
+
+
+def test_checkpoints_record_their_text_rules(tmp_path):
+    """A checkpoint saved now says text rules 2; one saved before they existed loads as rules 1, its fingerprint
+    unchanged; publish refuses rules this release does not implement."""
+    import dataclasses
+
+    import torch
+
+    from amc_client.text import TEXT_RULES
+    from export.publish import check_text_rules
+    from training.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+    from training.model import AMC, AMCConfig
+
+    assert TEXT_RULES == 2
+    model = AMC(AMCConfig())
+    weights = TermWeights({"cat": 1}, 2).to_json()
+    saved = save_checkpoint(tmp_path / "new.pt", model, weights, train_config={})
+    loaded = load_checkpoint(tmp_path / "new.pt")
+    assert saved.text_rules == loaded.text_rules == 2
+    assert loaded.fingerprint == fingerprint(model.config.to_dict(), weights, loaded.state_dict)
+    payload = torch.load(tmp_path / "new.pt", weights_only=True)
+    del payload["text_rules"]  # as checkpoints were written before text rules
+    torch.save(payload, tmp_path / "old.pt")
+    old = load_checkpoint(tmp_path / "old.pt")
+    assert old.text_rules == 1 and old.fingerprint == loaded.fingerprint
+    check_text_rules(old)
+    check_text_rules(loaded)
+    with pytest.raises(ValueError, match="trained with text rules 3, but this release's text step implements "
+                                         "text rules 1, 2"):
+        check_text_rules(dataclasses.replace(loaded, text_rules=3))

@@ -4,6 +4,10 @@ The fingerprint is a SHA-256 over the model configuration, the term weights (IDF
 which the lexical features are computed with) and every weight tensor, so two checkpoints share it only if
 they compute the same function. Export writes it into each ONNX file's
 metadata and the version manifest, which is how a served version is traced back to its training run.
+
+A checkpoint also records the text rules its queries were read with (``text_rules``, ``amc_client.text.TEXT_RULES``
+at save time; 1 where a checkpoint predates them): publish ships the same rules with the version. They are not
+part of the fingerprint, so the fingerprints of existing checkpoints are unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from amc_client.text import TEXT_RULES
 from training.model import AMC, ENCODER, AMCConfig
 
 FORMAT = "amc-checkpoint/2"
@@ -36,6 +41,7 @@ class Checkpoint:
     train_config: dict = field(default_factory=dict)  # the training run's full configuration
     metrics: dict = field(default_factory=dict)  # validation/test figures at save time
     fingerprint: str = ""
+    text_rules: int = 1  # the query rules it was trained with (amc_client.text.TEXT_RULES); 1 before they existed
 
     def build_model(self) -> AMC:
         model = AMC(self.model_config)
@@ -57,13 +63,14 @@ def fingerprint(model_config: dict, term_weights: str, state_dict: dict[str, tor
 
 
 def save_checkpoint(path: str | Path, model: AMC, term_weights: str, *, train_config: dict,
-                    metrics: dict | None = None) -> Checkpoint:
+                    metrics: dict | None = None, text_rules: int = TEXT_RULES) -> Checkpoint:
+    """``text_rules``: the query rules training read its queries with (``training.data`` applies this release's)."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     ckpt = Checkpoint(model.config, state, term_weights, train_config, dict(metrics or {}),
-                      fingerprint(model.config.to_dict(), term_weights, state))
+                      fingerprint(model.config.to_dict(), term_weights, state), int(text_rules))
     payload = {"format": FORMAT, "model_config": ckpt.model_config.to_dict(), "state_dict": state,
                "term_weights": term_weights, "train_config": train_config, "metrics": ckpt.metrics,
-               "fingerprint": ckpt.fingerprint}
+               "fingerprint": ckpt.fingerprint, "text_rules": ckpt.text_rules}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so a crash never leaves a half-written checkpoint in place.
@@ -115,4 +122,5 @@ def load_checkpoint(path: str | Path, *, expect: AMCConfig | None = None) -> Che
     if actual != payload["fingerprint"]:
         raise CheckpointError(f"{path}: fingerprint mismatch (stored {payload['fingerprint']}, "
                               f"computed {actual}); the file was modified or is corrupt")
-    return Checkpoint(config, state, term_weights, payload.get("train_config", {}), payload.get("metrics", {}), actual)
+    return Checkpoint(config, state, term_weights, payload.get("train_config", {}), payload.get("metrics", {}), actual,
+                      int(payload.get("text_rules", 1)))

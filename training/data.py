@@ -6,6 +6,11 @@ reuses old vectors). The lexical features of a (query, candidate) pair are compu
 :class:`amc_client.text.LexicalMatcher`, the code the serving text step runs: per batch
 (:meth:`CorpusTensors.lexical`), or for training's logged pairs once before the first step (:class:`LoggedPairs`,
 ``TrainConfig.precompute_lexical``).
+
+Queries enter through :meth:`CorpusTensors.query_text` and :meth:`CorpusTensors.lexical` (and :class:`LoggedPairs`,
+which uses both), where they are read as the served text step reads them: :func:`amc_client.text.normalize_query`
+with CLDR's emoji names (text rules ``TEXT_RULES``; ``training.corpus.catalog.emoji_names``). Keywords are used as
+they are.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -24,8 +30,10 @@ from amc_client.text import (
     KEYWORD_MAX_TOKENS,
     LEXICAL_FEATURES,
     QUERY_MAX_TOKENS,
+    EmojiNames,
     LexicalMatcher,
     TermWeights,
+    normalize_query,
 )
 from training.corpus import Corpus
 from training.model import AMC, TEXT_DIM
@@ -99,15 +107,35 @@ class CorpusTensors:
     keywords: np.ndarray  # (images, K) object: the keyword strings, '' pads
     matcher: LexicalMatcher
     text: TextEmbeddings
+    # The emoji names queries are normalized with; None (the default): CLDR's, loaded on first use
+    # (training.corpus.catalog.emoji_names). An instance may set its own.
+    emoji_names: ClassVar[EmojiNames | None] = None
+
+    def normalized(self, texts: list[str]) -> list[str]:
+        """Query texts as the model reads them (``amc_client.text.normalize_query``, text rules 2), each computed
+        once per instance. A query that normalizes to "" stays "" here (the served step refuses it)."""
+        cache = self.__dict__.setdefault("_normalized", {})
+        names = self.emoji_names
+        if names is None:
+            from training.corpus.catalog import emoji_names
+
+            names = emoji_names()
+        out = []
+        for text in texts:
+            found = cache.get(text)
+            if found is None:
+                found = cache[text] = normalize_query(text, names)
+            out.append(found)
+        return out
 
     def query_text(self, texts: list[str]) -> torch.Tensor:
-        return torch.from_numpy(self.text.get(list(texts), "query"))  # (B, E)
+        return torch.from_numpy(self.text.get(self.normalized(list(texts)), "query"))  # (B, E)
 
     def lexical(self, texts: list[str], index: torch.Tensor) -> torch.Tensor:
         """(B,) query texts, (B, N) image indices (-1 pads) -> (B, N, K, F) lexical features."""
         index = index.numpy()
         out = np.zeros((*index.shape, self.keywords.shape[1], len(LEXICAL_FEATURES)), dtype=np.float32)
-        for b, text in enumerate(texts):
+        for b, text in enumerate(self.normalized(list(texts))):
             valid = index[b] >= 0
             out[b, valid] = self.matcher.features(text, self.keywords[index[b, valid]])
         return torch.from_numpy(out)
@@ -204,7 +232,7 @@ class LoggedPairs:
         for start in tqdm(range(0, queries, chunk), desc="lexical features", unit="chunk", disable=not progress):
             stop = min(start + chunk, queries)
             self.lexical[start:stop] = data.lexical(texts[start:stop], self.candidates[start:stop])
-        self.query_embeddings = torch.from_numpy(data.text.get(list(texts), "query"))  # (Q, E)
+        self.query_embeddings = CorpusTensors.query_text(data, list(texts))  # (Q, E), normalized, on the CPU
         self.candidates = self.candidates.to(device)
         self.lexical = self.lexical.to(device)
         self.query_embeddings = self.query_embeddings.to(device)

@@ -12,6 +12,15 @@ Two views of text:
   each word weighted by its inverse document frequency over the candidate collection
   (:class:`TermWeights`, stored with the model version). This is what BM25 does well and embeddings blur:
   "face" occurs on hundreds of images and counts little, "kiwi" on two and counts a lot.
+
+Queries as people type them (text rules 2, :data:`TEXT_RULES`): before either view, a query goes through
+:func:`normalize_query`: every emoji becomes its CLDR English name ("🐱" -> "cat face", "🇯🇵" -> "flag japan"),
+then case, underscores and stray punctuation stop mattering ("thumbs_up" = "Thumbs up!" = "thumbs up"). The
+emoji -> name table (:class:`EmojiNames`) is built from CLDR at training and publish time
+(``training.corpus.catalog.emoji_names``) and shipped with each published version (``emoji_names.json``), so
+training and serving read the same names. Keywords are not normalized (they are the catalog's own strings).
+Versions published before rules 2 (rules 1: no ``text_rules`` in their ``version.json``) keep their queries as
+sent: the text step applies the rules its version declares.
 """
 
 from __future__ import annotations
@@ -26,6 +35,12 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 _WORD = re.compile(r"[a-z0-9]+")
+
+# The version of the query rules below. 1 (implicit: checkpoints and published versions that name none): the query
+# is used as sent. 2: :func:`normalize_query` first. A model is trained with one version and served with the same
+# (``Checkpoint.text_rules``, ``text_rules`` in a published text step's ``version.json``).
+TEXT_RULES = 2
+EMOJI_NAMES_FILE = "emoji_names.json"  # beside a published text step: the EmojiNames it normalizes queries with
 
 # Token budgets of the sentence encoder, [CLS] and [SEP] included; longer texts are truncated, not rejected.
 QUERY_MAX_TOKENS = 48
@@ -53,6 +68,99 @@ def words(text: str) -> list[str]:
 def content_words(text: str) -> list[str]:
     """:func:`words` without ``STOPWORDS``, in order, deduplicated."""
     return list(dict.fromkeys(w for w in words(text) if w not in STOPWORDS))
+
+
+_PRESENTATION = {0xFE0E: None, 0xFE0F: None}  # variation selectors: text / emoji presentation of the same character
+# Kept by normalize_query besides letters, digits and marks: other symbols (So: emoji and pictographs no table names),
+# and what joins an emoji sequence: ZWNJ/ZWJ, skin-tone modifiers, tag characters (subdivision flags).
+_EMOJI_PARTS = frozenset([0x200C, 0x200D, *range(0x1F3FB, 0x1F400), *range(0xE0020, 0xE0080)])
+
+
+class EmojiNames(dict):
+    """Emoji (a character or a sequence: ZWJ, skin tone, keycap, flag) -> its CLDR English name ("tts").
+
+    Keys are held without U+FE0F, so that an emoji matches with or without its presentation selector. Built
+    from CLDR by ``training.corpus.catalog.emoji_names``; :meth:`to_json` / :meth:`from_json` ship it with a
+    published version (``emoji_names.json``).
+    """
+
+    def __init__(self, names: dict[str, str] | None = None) -> None:
+        super().__init__()
+        for key, name in (names or {}).items():
+            key = key.translate(_PRESENTATION)
+            if key and name:
+                self.setdefault(key, name)
+        # first character -> the lengths of the keys starting with it, longest first (longest match wins)
+        lengths: dict[str, set[int]] = {}
+        for key in self:
+            lengths.setdefault(key[0], set()).add(len(key))
+        self.lengths = {c: tuple(sorted(ls, reverse=True)) for c, ls in lengths.items()}
+
+    def replace(self, text: str) -> str:
+        """``text`` (variation selectors already dropped) with every named emoji replaced by " name ", scanning
+        left to right and taking the longest key at each position (a ZWJ sequence before its first emoji)."""
+        if not self.lengths or not any(c in self.lengths for c in text):
+            return text
+        out, i, n = [], 0, len(text)
+        while i < n:
+            for length in self.lengths.get(text[i], ()):
+                name = self.get(text[i:i + length]) if i + length <= n else None
+                if name is not None:
+                    out.append(f" {name} ")
+                    i += length
+                    break
+            else:
+                out.append(text[i])
+                i += 1
+        return "".join(out)
+
+    def to_json(self) -> str:
+        return json.dumps({"text_rules": TEXT_RULES, "names": dict(sorted(self.items()))}, ensure_ascii=False,
+                          indent=0)
+
+    @classmethod
+    def from_json(cls, text: str) -> EmojiNames:
+        data = json.loads(text)
+        return cls(data["names"] if isinstance(data, dict) and "names" in data else data)
+
+
+def load_emoji_names(text: str) -> EmojiNames:
+    """The :class:`EmojiNames` of an ``emoji_names.json`` text."""
+    return EmojiNames.from_json(text)
+
+
+def dump_emoji_names(names: dict[str, str]) -> str:
+    """``names`` as the text of an ``emoji_names.json``."""
+    return (names if isinstance(names, EmojiNames) else EmojiNames(names)).to_json()
+
+
+def _kept(c: str) -> bool:
+    category = unicodedata.category(c)
+    # Plane 1's emoji and pictograph blocks are kept whatever their category: an emoji newer than this Python's
+    # Unicode data is unassigned (Cn) here, and must stay as text rather than leave the query empty.
+    return category[0] in "LNM" or category == "So" or ord(c) in _EMOJI_PARTS or 0x1F000 <= ord(c) < 0x20000
+
+
+def normalize_query(text: str, emoji_names: dict[str, str]) -> str:
+    """A query as the model reads it (text rules 2), in three steps:
+
+    1. every emoji ``emoji_names`` names is replaced by its name, surrounded by spaces: the longest match first, so
+       ZWJ sequences, skin-tone sequences, keycaps and flags map to their own name ("👍🏽" -> "thumbs up: medium
+       skin tone", "🇯🇵" -> "flag: Japan"); variation selectors (U+FE0E, U+FE0F) are dropped first, so an emoji
+       matches with and without them. An emoji the table does not name stays as it is.
+    2. NFKC, then lower case (after step 1: NFKC would turn "™" into "TM" before it could be named).
+    3. every run of characters other than letters, digits and marks becomes one space, and the ends are
+       stripped: punctuation, underscores, math and currency signs go; other symbols (So: the emoji no table
+       names, and anything in plane 1's emoji blocks, U+1F000-U+1FFFF) and the joiners and modifiers of emoji
+       sequences stay. So "thumbs_up" = "Thumbs up!" =
+       "thumbs up", and "🐱" = "cat face".
+
+    Returns "" where nothing is left (a query of punctuation and spaces only): the caller refuses it.
+    """
+    names = emoji_names if isinstance(emoji_names, EmojiNames) else EmojiNames(emoji_names)
+    text = names.replace(text.translate(_PRESENTATION))
+    text = unicodedata.normalize("NFKC", text).lower()
+    return " ".join("".join(c if _kept(c) else " " for c in text).split())
 
 
 def load_wordpiece(definition: str):

@@ -15,7 +15,8 @@ One module, two Triton models: the config generator copies it as ``model.py`` in
     keyword_table.npz    raw mode: keyword strings and their embeddings, precomputed at export for the
                          training corpus's keywords (texts (U,), vectors (U, E)); may be absent or empty
     store.json           store mode: {"version", "size", "ids", "keywords": one list of strings per row}
-    version.json         {"version": N}
+    version.json         {"version": N, "text_rules": R} (no "text_rules": R = 1)
+    emoji_names.json     from text rules 2 on: the emoji -> CLDR name table queries are normalized with
 
 Tensors (names and order from config.pbtxt, generated from ``amc_client.signatures``)::
 
@@ -42,11 +43,19 @@ For ``amc_store``, store mode computes the lexical features with ``amc_text.Keyw
 indexed by word at load): one pass over the postings of the query's words and numpy gathers, not a Python loop over
 every stored keyword. Its ids are bounded by the store (each row at most once), not by ``max_candidates``.
 
+Queries are read by the text rules the version declares (``text_rules`` in ``version.json``, the rules its
+checkpoint was trained with): rules 1 (versions published before rules existed) use a query as sent; rules 2 first
+apply ``amc_text.normalize_query`` with the version's ``emoji_names.json`` (an emoji becomes its CLDR name; case,
+underscores and stray punctuation are dropped), and every output is computed from the normalized text. A version
+whose rules this code, or the ``amc_text`` it loads, does not implement is refused at load with a message naming
+the rules (:class:`TextFeatures`), never served with other rules than it was trained with.
+
 Queries are encoded by ``text_encoder.onnx`` (onnxruntime, CUDA provider when available, chosen as
 ``onnx_runner.py`` chooses). Keywords are looked up in the keyword table; a keyword missing there is encoded
 on the fly and kept in a bounded cache (config parameter ``keyword_cache_size``). No query is refused for its
-words: WordPiece covers any text, in any script, emoji included. Refused, with Triton's INVALID_ARGUMENT and a
-message naming the problem: an empty or whitespace-only query, an empty candidate set, text that is not UTF-8,
+words: WordPiece covers any text, in any script, emoji included (one no table names is kept as text). Refused, with
+Triton's INVALID_ARGUMENT and a message naming the problem: an empty or whitespace-only query, a query that
+normalizes to nothing (text rules 2: only punctuation and spaces, e.g. "?!"), an empty candidate set, text that is not UTF-8,
 candidate ids outside the store or repeated, tensors of inconsistent shapes, and a request over one of the bounds of
 ``amc_client.signatures`` (given to this step as config parameters, the limit named in the message):
 ``max_candidates`` per query, ``max_query_bytes``, ``max_keywords`` slots per candidate, ``max_keyword_words``
@@ -96,6 +105,8 @@ _KINDS = {
 # parameters of the same names, which the generator writes from the signatures, win.
 DEFAULT_BOUNDS = {"max_candidates": 1000, "max_query_bytes": 1024, "max_keywords": 64, "max_keyword_words": 16,
                   "max_keyword_bytes": 256}
+# The query rules this code implements (amc_client.text.TEXT_RULES): 1, queries as sent; 2, normalize_query.
+TEXT_RULES_IMPLEMENTED = (1, 2)
 DEFAULT_KEYWORD_CACHE = 20_000  # keywords encoded on the fly that are kept (384 floats each: 1.5 KB)
 ENCODER_CHUNK = 256  # texts per encoder call, sorted by length so that a chunk pads little
 
@@ -153,6 +164,7 @@ class TextFeatures:
 
         folder = Path(folder)
         self.text = _load_module(folder, "amc_text.py", "amc_client.text")
+        self.text_rules, self.emoji_names = self._text_rules(folder)
         self.wordpiece = self.text.load_wordpiece((folder / "tokenizer.json").read_text(encoding="utf-8"))
         self.matcher = self.text.LexicalMatcher(
             self.text.TermWeights.from_json((folder / "term_weights.json").read_text(encoding="utf-8")))
@@ -180,6 +192,35 @@ class TextFeatures:
         self.store_words = None if self.store_keywords is None else self.text.StoreWords(
             self.matcher.weights, self.store_keywords.reshape(-1).tolist())
 
+    def _text_rules(self, folder: Path) -> tuple[int, Any]:
+        """The version's declared query rules and, from rules 2 on, its emoji names; a ValueError naming the rules
+        where this code or its text module does not implement them."""
+        declared = json.loads((folder / "version.json").read_text()) if (folder / "version.json").is_file() else {}
+        rules = declared.get("text_rules", 1)
+        module_rules = getattr(self.text, "TEXT_RULES", 1)  # a text module older than the rules implements 1
+        if not isinstance(rules, int) or rules not in TEXT_RULES_IMPLEMENTED or rules > module_rules:
+            raise ValueError(
+                f"{folder} needs text rules {rules!r} (version.json), but this text step implements text rules "
+                f"{', '.join(map(str, TEXT_RULES_IMPLEMENTED))} and its text module {self.text.__file__} text rules "
+                f"up to {module_rules}: its model was trained to read queries by those rules, and other rules would "
+                "score them otherwise; serve it with the step code of a release that implements them")
+        if rules == 1:
+            return rules, None
+        names = folder / self.text.EMOJI_NAMES_FILE
+        if not names.is_file():
+            raise ValueError(f"{folder} needs text rules {rules} but has no {names.name} (its emoji names)")
+        return rules, self.text.load_emoji_names(names.read_text(encoding="utf-8"))
+
+    def normalize(self, queries: Sequence[str]) -> list[str]:
+        """(B,) query strings as this version reads them: unchanged under text rules 1, else
+        ``amc_text.normalize_query`` with the version's emoji names ("" where nothing is left)."""
+        if self.emoji_names is None:
+            return list(queries)
+        return [self.text.normalize_query(q, self.emoji_names) for q in queries]
+
+    def _read(self, queries: Sequence[str], normalized: bool) -> list[str]:
+        return list(queries) if normalized else self.normalize(queries)
+
     def encode(self, texts: Sequence[str], max_tokens: int) -> np.ndarray:
         """(n,) texts -> (n, E) float32 sentence embeddings, tokenized by ``amc_text.wordpiece_ids``."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)
@@ -193,20 +234,22 @@ class TextFeatures:
             out[rows] = self.session.run(None, {self.tokens_name: ids[rows, : lengths[rows].max()]})[0]
         return out
 
-    def query_text(self, queries: Sequence[str]) -> np.ndarray:
+    # The query methods below read their queries by the version's text rules (:meth:`normalize`); ``normalized``:
+    # the caller has already (the served step normalizes each query once, when it checks it).
+    def query_text(self, queries: Sequence[str], *, normalized: bool = False) -> np.ndarray:
         """(B,) query strings -> (B, E)."""
-        return self.encode(queries, self.text.QUERY_MAX_TOKENS)
+        return self.encode(self._read(queries, normalized), self.text.QUERY_MAX_TOKENS)
 
-    def query_tokens(self, queries: Sequence[str]) -> np.ndarray:
+    def query_tokens(self, queries: Sequence[str], *, normalized: bool = False) -> np.ndarray:
         """(B,) query strings -> (B, L) WordPiece ids, padded as the fused store graphs read them."""
-        return self.text.query_tokens(self.wordpiece, queries)
+        return self.text.query_tokens(self.wordpiece, self._read(queries, normalized))
 
-    def query_words(self, queries: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def query_words(self, queries: Sequence[str], *, normalized: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(B,) query strings -> their content words numbered as the store's, (B, W), and their IDFs, (B, W)
         (needs ``store.json``)."""
         if self.store_words is None:
             raise ValueError("this text step has no candidate store (store.json)")
-        return self.store_words.query(queries)
+        return self.store_words.query(self._read(queries, normalized))
 
     def keyword_vectors(self, keywords: Sequence[str]) -> np.ndarray:
         """(U,) keyword strings -> (U, E): the zero vector for "", else the table's, the cache's or a new one."""
@@ -240,15 +283,17 @@ class TextFeatures:
         vectors = self.keyword_vectors(distinct.tolist())
         return vectors[inverse.reshape(-1)].reshape(*np.shape(keywords), self.dim)
 
-    def lexical(self, queries: Sequence[str], keywords: np.ndarray) -> np.ndarray:
+    def lexical(self, queries: Sequence[str], keywords: np.ndarray, *, normalized: bool = False) -> np.ndarray:
         """(B,) queries against their candidates' keywords (B, N, K) ("" pads) -> (B, N, K, 3) float32."""
+        queries = self._read(queries, normalized)
         return np.stack([self.matcher.features(q, k) for q, k in zip(queries, keywords, strict=True)])
 
-    def store_lexical(self, queries: Sequence[str], ids: np.ndarray | None) -> np.ndarray:
+    def store_lexical(self, queries: Sequence[str], ids: np.ndarray | None, *, normalized: bool = False) -> np.ndarray:
         """(B,) queries against the stored rows ``ids`` (B, N), None for every row -> (B, N, K_store, 3) float32
         (needs ``store.json``); equal to ``lexical(queries, store_rows(ids))``, through the store's keyword index."""
         if self.store_index is None:
             raise ValueError("this text step has no candidate store (store.json)")
+        queries = self._read(queries, normalized)
         rows = [None] * len(queries) if ids is None else ids
         features = [self.store_index.features(q, row) for q, row in zip(queries, rows, strict=True)]
         return features[0][None] if len(features) == 1 else np.stack(features)  # one query: no copy
@@ -264,7 +309,7 @@ class TextFeatures:
 class _Parsed:
     """One request after validation: its query texts and its candidates."""
 
-    texts: list[str]
+    texts: list[str]  # normalized by the version's text rules (TextFeatures.normalize)
     keywords: np.ndarray | None = None  # raw: (B, N, K) decoded keyword strings
     ids: np.ndarray | None = None  # store: (B, N) candidate ids
     whole_store: bool = False  # store: no ids were sent, ``ids`` is every row
@@ -336,8 +381,8 @@ class TritonPythonModel:
             else:
                 pb_utils.Logger.log_warn(f"{self.model_name}: no amc_admission.py in {here}: no admission control")
         pb_utils.Logger.log_info(f"{self.model_name} v{self.version} ({self.mode}): {detail}, encoder on "
-                                 f"{self.features.session.get_providers()}, text rules from "
-                                 f"{self.features.text.__file__}")
+                                 f"{self.features.session.get_providers()}, text rules "
+                                 f"{self.features.text_rules} from {self.features.text.__file__}")
 
     def _names(self, config: dict[str, Any], kind: str, expected: tuple[tuple[str, int], ...]) -> list[str]:
         """Tensor names of ``config[kind]`` after checking their count, dtypes and ranks match the mode."""
@@ -366,7 +411,7 @@ class TritonPythonModel:
         encoded = [isinstance(p, _Parsed) and p.asks(self.output_names[0]) for p in parsed]
         texts = [t for p, e in zip(parsed, encoded, strict=True) if e for t in p.texts]
         try:
-            query_text = self.features.query_text(texts)
+            query_text = self.features.query_text(texts, normalized=True)
         except Exception as e:  # noqa: BLE001
             self._release(sum(isinstance(p, _Parsed) and p.counted for p, x in zip(parsed, encoded) if x))
             parsed = [e if x else p for p, x in zip(parsed, encoded, strict=True)]
@@ -459,7 +504,12 @@ class TritonPythonModel:
             text = _decode(query[b, 0], where)
             if not text.strip():
                 raise RequestError(f"{where} is empty")
-            parsed.texts.append(text)
+            normalized = self.features.normalize([text])[0]
+            if not normalized:  # text rules 2: only punctuation and spaces
+                shown = repr(text) if len(text) <= 60 else repr(text[:60]) + "..."
+                raise RequestError(f"{where} {shown} normalizes to nothing: it has no letter, digit or emoji to search "
+                                   f"for (text rules {self.features.text_rules})")
+            parsed.texts.append(normalized)
         return parsed
 
     def _check_candidates(self, n: int) -> None:
@@ -557,14 +607,14 @@ class TritonPythonModel:
         version = np.full((len(p.texts), 1), self.version, dtype=np.int64)
         if self.mode == "raw":
             arrays = {0: query_text, 1: self.features.keyword_embeddings(p.keywords),  # (B, N, K, E)
-                      2: self.features.lexical(p.texts, p.keywords), 3: version}  # (B, N, K, 3)
+                      2: self.features.lexical(p.texts, p.keywords, normalized=True), 3: version}  # (B, N, K, 3)
         else:  # each output only where the request's ensemble maps it
             wanted = [p.asks(name) for name in self.output_names]
             arrays = {}
             if wanted[0]:
                 arrays[0] = query_text
             if wanted[1]:  # the lexical features of the stored rows' keywords: (B, N, K_store, 3)
-                arrays[1] = self.features.store_lexical(p.texts, None if p.whole_store else p.ids)
+                arrays[1] = self.features.store_lexical(p.texts, None if p.whole_store else p.ids, normalized=True)
             if wanted[2]:
                 arrays[2] = version
             if wanted[3]:
@@ -572,9 +622,9 @@ class TritonPythonModel:
             if wanted[4]:
                 arrays[4] = np.full((len(p.texts), 1), p.ids.shape[1] if p.top_k is None else p.top_k, np.int64)
             if wanted[5]:
-                arrays[5] = self.features.query_tokens(p.texts)
+                arrays[5] = self.features.query_tokens(p.texts, normalized=True)
             if wanted[6] or wanted[7]:
-                arrays[6], arrays[7] = self.features.query_words(p.texts)
+                arrays[6], arrays[7] = self.features.query_words(p.texts, normalized=True)
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(self.output_names[i], np.ascontiguousarray(a)) for i, a in arrays.items()])
 

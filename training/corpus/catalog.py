@@ -7,12 +7,14 @@ import json
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import features
 
+from amc_client.text import EmojiNames
 from training.corpus import SPLITS, CorpusConfig, MissingDataError, render
 from training.corpus.cache import check_fingerprint, file_id, key, read_cache, version, write_json
 
@@ -20,6 +22,8 @@ from training.corpus.cache import check_fingerprint, file_id, key, read_cache, v
 CLDR_ANNOTATIONS = "/usr/share/unicode/cldr/common/annotations/en.xml"
 CLDR_DERIVED_ANNOTATIONS = "/usr/share/unicode/cldr/common/annotationsDerived/en.xml"
 CLDR_PACKAGE = "unicode-cldr-core"
+# CLDR's character labels (emoji categories: "Smileys & People", "Flags", ...): which annotated characters are emoji.
+CLDR_LABELS = "/usr/share/unicode/cldr/common/properties/labels.txt"
 
 # Bump when the build logic changes in a way that makes old cache files wrong.
 CATALOG_FORMAT = 1
@@ -53,6 +57,56 @@ def _parse_cldr() -> dict[str, dict[str, Any]]:
                 kws = list(dict.fromkeys(k.strip() for k in text.split("|") if k.strip()))
                 entry.setdefault("keywords", kws)
     return entries
+
+
+def _unicode_set(text: str) -> set[str]:
+    """The strings of a CLDR UnicodeSet as labels.txt writes them: ``[a-cd{xyz}]`` (ranges, characters, {strings})."""
+    body, out, i = text.strip()[1:-1], set(), 0
+    while i < len(body):
+        if body[i] == "{":
+            end = body.index("}", i)
+            out.add(body[i + 1:end])
+            i = end + 1
+        elif i + 2 < len(body) and body[i + 1] == "-":
+            out.update(chr(c) for c in range(ord(body[i]), ord(body[i + 2]) + 1))
+            i += 3
+        else:
+            out.add(body[i])
+            i += 1
+    return out
+
+
+def _labelled_emoji() -> set[str]:
+    """Every character or sequence labels.txt gives an emoji category, without U+FE0F."""
+    out: set[str] = set()
+    for line in Path(CLDR_LABELS).read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            out.update(s.replace("\ufe0f", "") for s in _unicode_set(line.split(";")[0]))
+    return out
+
+
+@lru_cache(maxsize=1)
+def emoji_names() -> EmojiNames:
+    """Emoji -> CLDR English name (type="tts") from the annotations (en.xml, then annotationsDerived/en.xml: skin
+    tones, flags, keycaps, ZWJ sequences): the table queries are normalized with (``amc_client.text.normalize_query``,
+    text rules 2), in training and in every version publish ships (``emoji_names.json``).
+
+    Only emoji: the annotations also name punctuation, math and currency signs ("_" "low line", "$" "dollar"),
+    which stay punctuation. An entry is an emoji where it is a sequence of several code points (every such
+    annotation is an emoji sequence), a code point from U+1F000 on (emoji and pictographs), or one CLDR's
+    labels.txt gives an emoji category (the older emoji of the BMP: "❤" "red heart", "☕", "™").
+    """
+    for path, what in ((CLDR_ANNOTATIONS, "Unicode CLDR English annotations"),
+                       (CLDR_DERIVED_ANNOTATIONS, "Unicode CLDR English derived annotations"),
+                       (CLDR_LABELS, "Unicode CLDR character labels")):
+        render.require(path, what, CLDR_PACKAGE)
+    labelled = _labelled_emoji()
+    names = {}
+    for cp, entry in _parse_cldr().items():
+        key = cp.replace("\ufe0f", "")
+        if "name" in entry and (len(key) > 1 or ord(key) >= 0x1F000 or key in labelled):
+            names[key] = entry["name"]
+    return EmojiNames(names)
 
 
 def render_fingerprint() -> dict[str, Any]:
