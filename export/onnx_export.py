@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from amc_client import signatures as sig
-from training.model import AMC
+from training.model import AMC, AMCConfig
 
 OPSET = 17
 TOLERANCE = 1e-4
@@ -121,6 +121,45 @@ VALIDATION_SHAPES = [Shape(b, n, r, k, t) for (b, n), (r, k, t) in zip(
     itertools.product(BATCHES, CANDIDATES), itertools.cycle([(49, 6, 5), (49, 1, 3), (10, 12, 48)]))]
 
 
+def model_sizes(config: AMCConfig) -> dict[str, int]:
+    """The numbers of ``sig.MODEL_AXES`` for a model of ``config``: what its exported graphs fix there, and so
+    what its Triton configs declare (``export.repository``)."""
+    return {"query_dim": config.query_embedding_dim, "hidden": config.hidden,
+            "keyword_hidden": config.keyword_vector_dim}
+
+
+def graph_dims(proto: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Every input's and output's shape as the graph declares it: the number where it fixes a dim, None where the
+    dim is symbolic (or unknown)."""
+    def dims(value: onnx.ValueInfoProto) -> tuple[int | None, ...]:
+        return tuple(d.dim_value if d.HasField("dim_value") else None
+                     for d in value.type.tensor_type.shape.dim)
+
+    return {v.name: dims(v) for v in (*proto.graph.input, *proto.graph.output)}
+
+
+def dims_disagree(declared: tuple[int | None, ...], graph: tuple[int | None, ...]) -> bool:
+    """Triton's ONNX Runtime backend's rule (``declared`` None for -1): the same rank, and every dim the graph
+    fixes declared as that same number (a symbolic dim of the graph accepts any)."""
+    return len(declared) != len(graph) or any(g is not None and d != g for d, g in zip(declared, graph))
+
+
+def check_graph_dims(proto: onnx.ModelProto, signature: sig.StepSignature, sizes: dict[str, int], name: str) -> None:
+    """Every tensor of ``signature``, with the model axes of ``sizes``, has the shape the exported graph declares
+    (:func:`dims_disagree`): what the config generator writes from the same signature and sizes is what the
+    graph takes and gives. Raises ExportError naming the tensor."""
+    have = graph_dims(proto)
+    for spec in (*signature.inputs, *signature.outputs):
+        want = spec.fixed_dims(sizes)
+        if dims_disagree(want, have[spec.name]):
+            raise ExportError(f"{name}.{spec.name}: the graph's shape {_shape(have[spec.name])} differs from the "
+                              f"signature's {_shape(want)} (sizes {sizes})")
+
+
+def _shape(dims: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
 def unit_rows(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """float32 vectors of unit L2 norm along the last axis, as the sentence encoder emits them."""
     x = rng.normal(size=shape)
@@ -145,10 +184,8 @@ def random_inputs(signature: sig.StepSignature, model: AMC, shape: Shape, versio
     first slot of every candidate is a real keyword; lexical features lie in [0, 1] and are 0 on padding, the
     third one equal over a candidate's keywords (it is the candidate's share of the query).
     """
-    cfg = model.config
     sizes = {"batch": shape.batch, "candidates": shape.candidates, "regions": shape.regions,
-             "keywords": shape.keywords, "tokens": shape.tokens, "query_dim": cfg.query_embedding_dim,
-             "hidden": cfg.hidden, "keyword_hidden": cfg.keyword_vector_dim}
+             "keywords": shape.keywords, "tokens": shape.tokens, **model_sizes(model.config)}
     out = {}
     for spec in signature.inputs:
         dims = tuple(d if isinstance(d, int) else sizes[d] for d in spec.dims)
@@ -186,7 +223,7 @@ def export_network(model: AMC, name: str, path: Path, *, version: int, fingerpri
     signature, wrapper = GRAPHS[name]
     example = random_inputs(signature, model, Shape(2, 3), version, np.random.default_rng(0))
     write_onnx(wrapper(model, version), signature, example, path, version=version, fingerprint=fingerprint,
-               name=name)
+               name=name, sizes=model_sizes(model.config))
 
 
 def export_text_encoder(encoder: nn.Module, path: Path, *, version: int, fingerprint: str) -> None:
@@ -197,8 +234,9 @@ def export_text_encoder(encoder: nn.Module, path: Path, *, version: int, fingerp
 
 
 def write_onnx(graph: nn.Module, signature: sig.StepSignature, example: dict[str, np.ndarray], path: Path, *,
-               version: int, fingerprint: str, name: str) -> None:
-    """Export ``graph`` traced on ``example`` with the signature's names and axes, stamp it, check it."""
+               version: int, fingerprint: str, name: str, sizes: dict[str, int] | None = None) -> None:
+    """Export ``graph`` traced on ``example`` with the signature's names and axes, stamp it, check it (its
+    tensors' shapes against the signature's, with ``sizes`` for the model axes: :func:`check_graph_dims`)."""
     graph = graph.eval()
     args = tuple(torch.from_numpy(example[n]) for n in signature.input_names)
     dynamic_axes = {t.name: t.onnx_dynamic_axes for t in (*signature.inputs, *signature.outputs) if t.onnx_dynamic_axes}
@@ -214,6 +252,7 @@ def write_onnx(graph: nn.Module, signature: sig.StepSignature, example: dict[str
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto, full_check=True)
+    check_graph_dims(proto, signature, sizes or {}, name)
     onnx.save(proto, str(path))
 
 

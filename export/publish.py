@@ -45,7 +45,7 @@ import numpy as np
 
 from amc_client import signatures as sig
 from amc_client.text import TEXT_RULES, TermWeights
-from export.onnx_export import TEXT_ENCODER_FILE, ExportError, export_all
+from export.onnx_export import TEXT_ENCODER_FILE, ExportError, export_all, model_sizes
 from export.reference import Reference
 from export.repository import (
     FLAVOURS,
@@ -190,21 +190,28 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
     ``store``: also build the version's candidate store from this gallery (whole-store search, ``amc_search``),
     validated like the networks, before the version is marked published; the store ensembles serve it at once
     only where the version itself serves (a repository's first version), else from ``amc-rollout promote`` on.
-    ``device_kind`` ("gpu", "cpu"; default this machine's): the instances of the store path's steps where the
-    repository has no config for them yet (``export.repository.STORE_INSTANCES``).
+    ``device_kind`` ("gpu", "cpu"; default this machine's): the machine that serves, where a step's config is
+    new: the onnxruntime flavour's instance kind (``KIND_GPU``, ``KIND_CPU``) and the instances of the store
+    path's steps (``export.repository.STORE_INSTANCES``). The networks' configs declare this checkpoint's dims
+    (``model_sizes``), the ones the export checks its graphs against; a repository whose steps have versions
+    of other dims is refused before anything is written.
     """
+    from export.repository import device_kind as machine_kind
     from training.text_encoder import ENCODER_NAME, PACKAGE, tokenizer_json
 
     repository = Path(repository)
     ckpt = load_checkpoint(checkpoint)  # refuses other encoders' checkpoints: "encoder mismatch"
     check_text_rules(ckpt)
-    instances = store_instances(device_kind) if device_kind and store is not None else None  # None: this machine's
-    if device_kind is not None and store is None:
-        log(f"device kind {device_kind!r} ignored: it sizes the candidate store's steps, and no store is published")
+    kind = device_kind or machine_kind()
+    instances = store_instances(kind) if store is not None else None
+    sizes = model_sizes(ckpt.model_config)
     with repository_lock(repository):
         if flavour is None:
             flavour = repository_flavour(repository) if (repository / sig.QEN.model_name).exists() else "python"
-        init_repository(repository, flavour)
+        if device_kind is not None and store is None and flavour == "python":
+            log(f"device kind {device_kind!r} ignored: it sizes the candidate store's steps and places the "
+                "onnxruntime flavour's networks, and this publish has neither")
+        init_repository(repository, flavour, sizes=sizes, kind=kind)
         version = _highest_version_on_disk(repository) + 1
         staging = repository / ".staging" / f"v{version}-{time.time_ns()}"
         staging.mkdir(parents=True)
@@ -245,7 +252,7 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
                 (tree / step.model_name / str(version)).rename(target)
                 moved.append(target)
             if store is not None:
-                _publish_store(repository, version, ckpt, store, flavour, instances, log)
+                _publish_store(repository, version, ckpt, store, flavour, instances, kind, log)
             ensemble.rename(repository / ensemble.name)
         except BaseException:
             for path in moved + store_paths(repository, version):
@@ -262,13 +269,13 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
 
 
 def _publish_store(repository: Path, version: int, ckpt: Checkpoint, gallery: Gallery, flavour: str,
-                   instances: int | None, log) -> None:
+                   instances: int | None, kind: str, log) -> None:
     """The version's candidate store, its keywords embedded from the version's keyword table (not served yet)."""
     started = time.perf_counter()
     table = repository / sig.TOKENIZER.model_name / str(version) / KEYWORD_TABLE
     publish_store(repository, version, ckpt.build_model(), ckpt.term_weights, gallery.regions, gallery.keywords,
                   ids=gallery.ids, fingerprint=ckpt.fingerprint, flavour=flavour, serve=False,
-                  embed=keyword_table_embed(table), instances=instances, log=log)
+                  embed=keyword_table_embed(table), instances=instances, kind=kind, log=log)
     log(f"candidate store of {len(gallery.ids)} images built in {time.perf_counter() - started:.0f} s")
 
 
@@ -283,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also build the candidate store for whole-store search (amc-client search) from every "
                              "image of the checkpoint's training corpus")
     parser.add_argument("--device-kind", choices=sorted(STORE_INSTANCES), default=None,
-                        help="the machine that will serve, for the store steps' instances (default: this one's: gpu "
-                             "where onnxruntime has its CUDA provider)")
+                        help="the machine that will serve, for the store steps' instances and the onnxruntime "
+                             "flavour's KIND_GPU / KIND_CPU (default: this one's: gpu where onnxruntime has its CUDA "
+                             "provider)")
     args = parser.parse_args(argv)
     try:
         metrics = json.loads(args.eval_json.read_text()) if args.eval_json else None

@@ -16,11 +16,13 @@ with ``text_format``. Layout of a serving repository::
 
 Two flavours come from the same code: ``python`` (each network is a Python-backend model running
 onnxruntime, with the CUDA execution provider when a GPU is present; runs on the tritonserver from the
-nvidia-pytriton wheel) and ``onnxruntime`` (``platform: onnxruntime_onnx`` on ``KIND_GPU``, for NVIDIA's
-Triton container). The text step (``serving/backends/text_step.py``: WordPiece, the sentence encoder
-``text_encoder.onnx`` under onnxruntime, the lexical features) is a Python-backend model in both; one module
-serves the raw ensemble (``amc_tokenizer``, parameter ``mode: raw``) and the store ensembles
-(``amc_store_tokenizer``, ``mode: store``).
+nvidia-pytriton wheel) and ``onnxruntime`` (``platform: onnxruntime_onnx``, for NVIDIA's Triton container;
+``KIND_GPU``, or ``KIND_CPU`` for a CPU server: ``kind``). A network's dims are the signature's with the
+model's numbers on its model axes (``sizes``, ``export.onnx_export.model_sizes``), the same the export checks
+the graph against: that backend refuses a config that declares -1 where the graph fixes a dim. The text step
+(``serving/backends/text_step.py``: WordPiece, the sentence encoder ``text_encoder.onnx`` under onnxruntime,
+the lexical features) is a Python-backend model in both; one module serves the raw ensemble (``amc_tokenizer``,
+parameter ``mode: raw``) and the store ensembles (``amc_store_tokenizer``, ``mode: store``).
 
 Why pinned ensembles: an ensemble step with ``model_version: -1`` resolves to the latest loaded version at
 request time, so during a rollout one request could run VAN of one version and MTN of another. Every
@@ -31,11 +33,12 @@ ensemble it was sent to.
 from __future__ import annotations
 
 import compileall
+import functools
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,26 +119,44 @@ def routing_parameters(routing: Routing) -> dict[str, str]:
     return params
 
 
-def _tensor(spec: sig.TensorSpec, cls):
-    tensor = cls(name=spec.name, data_type=mc.DataType.Value(spec.triton_dtype), dims=spec.triton_dims)
+def _tensor(spec: sig.TensorSpec, cls, sizes: Mapping[str, int] | None):
+    tensor = cls(name=spec.name, data_type=mc.DataType.Value(spec.triton_dtype), dims=spec.triton_dims(sizes))
     if spec.optional:
         tensor.optional = True
     return tensor
 
 
-def _io(config: mc.ModelConfig, signature: sig.StepSignature) -> None:
-    config.input.extend(_tensor(t, mc.ModelInput) for t in signature.inputs)
-    config.output.extend(_tensor(t, mc.ModelOutput) for t in signature.outputs)
+def _io(config: mc.ModelConfig, signature: sig.StepSignature, sizes: Mapping[str, int] | None = None) -> None:
+    config.input.extend(_tensor(t, mc.ModelInput, sizes) for t in signature.inputs)
+    config.output.extend(_tensor(t, mc.ModelOutput, sizes) for t in signature.outputs)
 
 
-def step_config(signature: sig.StepSignature, flavour: str) -> mc.ModelConfig:
-    """Config of one step model; version-independent (every version directory shares it)."""
+DEVICE_KINDS = ("gpu", "cpu")
+
+
+def _onnxruntime_instances(config: mc.ModelConfig, kind: str, count: int) -> None:
+    """The onnxruntime flavour's network: Triton's ONNX Runtime backend on ``kind``'s instances."""
+    if kind not in DEVICE_KINDS:
+        raise ValueError(f"unknown device kind {kind!r}; expected one of {sorted(DEVICE_KINDS)}")
+    config.platform = "onnxruntime_onnx"
+    config.default_model_filename = ONNX_FILE
+    group = mc.ModelInstanceGroup.KIND_GPU if kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU
+    config.instance_group.add(kind=group, count=count)
+
+
+def step_config(signature: sig.StepSignature, flavour: str, *, sizes: Mapping[str, int] | None = None,
+                kind: str = "gpu") -> mc.ModelConfig:
+    """Config of one step model, shared by every version directory: ``sizes`` are the numbers of the model
+    axes (``sig.MODEL_AXES``) of its versions' graphs (default :func:`template_sizes`, the default model's);
+    ``kind`` the machine that serves the onnxruntime flavour's networks (the python flavour's are Python
+    processes)."""
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown flavour {flavour!r}; expected one of {FLAVOURS}")
+    sizes = template_sizes() if sizes is None else sizes
     config = mc.ModelConfig(name=signature.model_name, max_batch_size=sig.MAX_BATCH)
     # Every version on disk is loaded; the rollout tool decides which directories exist.
     config.version_policy.all.SetInParent()
-    _io(config, signature)
+    _io(config, signature, sizes)
     if signature is sig.TOKENIZER:
         # Dynamic batching without delay: the step takes whatever requests are waiting (its execute() encodes
         # their queries in one call) and its queue gets the bounds of queue_policy().
@@ -156,9 +177,7 @@ def step_config(signature: sig.StepSignature, flavour: str) -> mc.ModelConfig:
         if signature is sig.VAN:  # refuses what the text step let in (NaN regions): frees the request's slot
             config.parameters[ADMISSION].string_value = "raw"
     else:
-        config.platform = "onnxruntime_onnx"
-        config.default_model_filename = ONNX_FILE
-        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
+        _onnxruntime_instances(config, kind, 1)
     return config
 
 
@@ -257,12 +276,23 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     os.replace(tmp.name, path)
 
 
-def template_files(flavour: str) -> dict[str, str]:
-    """The version-independent configs of a fresh repository: what ``model_repository/<flavour>/`` holds.
+@functools.cache
+def template_sizes() -> dict[str, int]:
+    """The model axes' numbers in ``model_repository/``: the default ``AMCConfig``'s. A publish writes its own
+    model's (:func:`init_repository`)."""
+    from export.onnx_export import model_sizes
+    from training.model import AMCConfig
+
+    return model_sizes(AMCConfig())
+
+
+def template_files(flavour: str, *, sizes: Mapping[str, int] | None = None, kind: str = "gpu") -> dict[str, str]:
+    """The version-independent configs of a fresh repository for a model of ``sizes`` (default
+    :func:`template_sizes`) served on ``kind``: what ``model_repository/<flavour>/`` holds with the defaults.
 
     ``amc`` starts pinned to version 1, the first version a publish writes.
     """
-    files = {f"{s.model_name}/config.pbtxt": to_text(step_config(s, flavour)) for s in STEPS}
+    files = {f"{s.model_name}/config.pbtxt": to_text(step_config(s, flavour, sizes=sizes, kind=kind)) for s in STEPS}
     files[f"{sig.ENSEMBLE_NAME}/config.pbtxt"] = to_text(ensemble_config(sig.ENSEMBLE_NAME, 1, Routing(1)))
     return files
 
@@ -272,15 +302,48 @@ def write_template(repository: Path, flavour: str) -> None:
         write_atomic(repository / rel, text)
 
 
-def init_repository(repository: Path, flavour: str) -> None:
-    """Create a serving repository from the generated template if it has none yet (idempotent)."""
-    # Missing configs only: a repository made before a step existed gets that step's config; ``amc``'s (which
-    # holds the routing) is never overwritten.
-    for rel, text in template_files(flavour).items():
-        if not (repository / rel).exists():
+def init_repository(repository: Path, flavour: str, *, sizes: Mapping[str, int] | None = None,
+                    kind: str = "gpu") -> None:
+    """Make ``repository`` ready for a version of a model of ``sizes`` served on ``kind`` (idempotent).
+
+    A step without a version on disk gets its config written (a repository made from the committed templates
+    takes the model's dims and the device kind); a step with versions keeps its own, whose tensors must have
+    the same dims (:func:`check_step_configs`: ValueError before anything is written); ``amc``'s (which holds
+    the routing) is only written where missing.
+    """
+    sizes = template_sizes() if sizes is None else sizes
+    check_step_configs(repository, STEPS, sizes=sizes)
+    for rel, text in template_files(flavour, sizes=sizes, kind=kind).items():
+        model = rel.split("/")[0]
+        if not (repository / rel).exists() or (model != sig.ENSEMBLE_NAME and not has_versions(repository / model)):
             write_atomic(repository / rel, text)
     # An ensemble still needs a version directory (empty) before Triton will load it.
     (repository / sig.ENSEMBLE_NAME / "1").mkdir(exist_ok=True)
+
+
+def has_versions(model_dir: Path) -> bool:
+    """Whether a model folder holds a version directory (its config then has a version to fit)."""
+    return any(p.is_dir() and p.name.isdigit() for p in model_dir.glob("*"))
+
+
+def check_step_configs(repository: Path, steps: Sequence[sig.StepSignature], *,
+                       sizes: Mapping[str, int]) -> None:
+    """Refuse a repository where a step of ``steps`` that has versions declares other dims than a version of a
+    model of ``sizes`` needs: every version of a step shares its config, and Triton's ONNX Runtime backend
+    refuses a version whose graph fixes a dim otherwise (a model of other sizes, or a config of an older
+    release, which wrote -1 there). Raises ValueError naming the tensor and the remedy."""
+    for step in steps:
+        path = repository / step.model_name / "config.pbtxt"
+        if not path.exists() or not has_versions(path.parent):
+            continue
+        config = parse_config(path.read_text())
+        declared = {t.name: list(t.dims) for t in (*config.input, *config.output)}
+        for spec in (*step.inputs, *step.outputs):
+            want = spec.triton_dims(sizes)
+            if spec.name in declared and declared[spec.name] != want:
+                raise ValueError(f"{path} declares {spec.name} dims {declared[spec.name]}, but this model's graph "
+                                 f"needs {want}: every version of {step.model_name} shares that config; publish "
+                                 "into a new repository")
 
 
 def repository_flavour(repository: Path) -> str:
@@ -451,15 +514,16 @@ def store_instances(kind: str | None = None) -> int:
 
 
 def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: int = 1,
-                      max_batch: int | None = None,
-                      batch_delay_us: int = STORE_BATCH_DELAY_US) -> mc.ModelConfig:
+                      max_batch: int | None = None, batch_delay_us: int = STORE_BATCH_DELAY_US,
+                      sizes: Mapping[str, int] | None = None, kind: str = "gpu") -> mc.ModelConfig:
     """Config of a store step or a fused graph (``STORE_STEPS`` / ``FUSED_STEPS``); version-independent.
 
     Like :func:`step_config`, with ``instances`` per step and dynamic batching on every step, the store
     text step included (it encodes the queries of all the requests Triton hands it in one encoder call, so
     merging requests is what lets it keep up). ``max_batch`` defaults to ``sig.STORE_MAX_BATCH`` (ids and
     fixed-size text features only), ``sig.MAX_BATCH`` for ``amc_fused`` (raw features). onnxruntime's CUDA
-    provider runs without TF32 (``use_tf32: 0``), as fp32 as the CPU path.
+    provider runs without TF32 (``use_tf32: 0``), as fp32 as the CPU path. ``sizes`` and ``kind`` as for
+    :func:`step_config`.
     """
     if signature not in ALL_STORE_STEPS:
         raise ValueError(f"{signature.model_name} is not a store step or fused graph")
@@ -467,9 +531,10 @@ def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: 
         raise ValueError(f"unknown flavour {flavour!r}; expected one of {FLAVOURS}")
     if max_batch is None:
         max_batch = sig.MAX_BATCH if signature is sig.FUSED else sig.STORE_MAX_BATCH
+    sizes = template_sizes() if sizes is None else sizes
     config = mc.ModelConfig(name=signature.model_name, max_batch_size=max_batch)
     config.version_policy.all.SetInParent()
-    _io(config, signature)
+    _io(config, signature, sizes)
     if signature is sig.STORE_TOPK:
         _top_k_step(config, "store")
         return config
@@ -490,9 +555,7 @@ def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: 
             # would count once, silently. The text step never repeats one; a direct caller gets INVALID_ARGUMENT.
             config.parameters["distinct"].string_value = sig.QUERY_WORDS.name
     else:
-        config.platform = "onnxruntime_onnx"
-        config.default_model_filename = ONNX_FILE
-        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=instances)
+        _onnxruntime_instances(config, kind, instances)
     return config
 
 
@@ -510,27 +573,31 @@ def store_ensemble_config(name: str, version: int, max_batch: int = sig.MAX_BATC
 
 
 def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_dir: Path, text: TextStepFiles,
-                        store_json: str, fused: bool = True, instances: int | None = None) -> list[Path]:
+                        store_json: str, fused: bool = True, instances: int | None = None,
+                        sizes: Mapping[str, int] | None = None, kind: str | None = None) -> list[Path]:
     """Write version ``version``'s store steps (and fused graphs) into ``repository``; returns what was written.
 
     ``onnx_dir`` holds ``van_store.onnx``, ``lan_store.onnx`` (and ``fused.onnx``, ``fused_store.onnx``,
     ``search_store.onnx``: with them come the search steps and ``amc_search_v<N>``);
     ``text`` the store text step's files (those of the version's raw text step); step configs are written if
-    the step has none yet, :data:`TUNED_STORE_STEPS` with ``instances`` each (default :func:`store_instances` of
-    this machine); existing ones are the caller's to check first (:func:`check_store_configs`, as
+    the step has none yet or no version, for a model of ``sizes`` served on ``kind`` (default this machine's
+    :func:`device_kind`), :data:`TUNED_STORE_STEPS` with ``instances`` each (default :func:`store_instances` of
+    ``kind``); existing ones are the caller's to check first (:func:`check_store_configs`, as
     ``export.store.publish_store`` does before it builds the store). The pinned ``amc_store_v<N>`` comes last; ``amc_store`` is pinned to ``version`` by
     :func:`set_store_serving`.
     """
     if instances is not None and instances < 1:
         raise ValueError(f"store step instances must be >= 1, got {instances}")
-    tuned = instances or store_instances()
+    kind = kind or device_kind()
+    tuned = instances or store_instances(kind)
     written: list[Path] = []
     steps = STORE_STEPS + (FUSED_STEPS + SEARCH_STEPS if fused else ())
     for step in steps:
         config_path = repository / step.model_name / "config.pbtxt"
-        if not config_path.exists():
+        if not config_path.exists() or not has_versions(config_path.parent):
             count = tuned if step in TUNED_STORE_STEPS else 1
-            write_atomic(config_path, to_text(store_step_config(step, flavour, instances=count)))
+            write_atomic(config_path, to_text(store_step_config(step, flavour, instances=count, sizes=sizes,
+                                                                kind=kind)))
         version_dir = repository / step.model_name / str(version)
         if step is sig.STORE_TOKENIZER:
             write_text_step(version_dir, version=version, files=text, store_json=store_json)
@@ -556,11 +623,13 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
     return written
 
 
-def check_store_configs(repository: Path, steps: Sequence[sig.StepSignature] = ALL_STORE_STEPS) -> None:
+def check_store_configs(repository: Path, steps: Sequence[sig.StepSignature] = ALL_STORE_STEPS, *,
+                        sizes: Mapping[str, int] | None = None) -> None:
     """Refuse a repository whose config of one of ``steps`` declares other tensors than this release's: every
     version of a step shares its config, so a version added beside it would not load, and ensembles written for
     this release's tensors would not load over it (a repository whose store steps an older release published,
-    before the fused store graphs took the query's tokens). Raises ValueError naming the step and the remedy."""
+    before the fused store graphs took the query's tokens). Raises ValueError naming the step and the remedy.
+    With ``sizes``, also other dims than a version of a model of those sizes needs (:func:`check_step_configs`)."""
     for step in steps:
         path = repository / step.model_name / "config.pbtxt"
         if not path.exists():
@@ -571,6 +640,8 @@ def check_store_configs(repository: Path, steps: Sequence[sig.StepSignature] = A
             raise ValueError(f"{path} declares tensors {have[0]} -> {have[1]}, but this release's "
                              f"{step.model_name} has {step.input_names} -> {step.output_names}: its versions "
                              "were published by an older release; publish into a new repository")
+    if sizes is not None:
+        check_step_configs(repository, steps, sizes=sizes)
 
 
 def search_ensemble_config(name: str, version: int) -> mc.ModelConfig:

@@ -50,6 +50,7 @@ from export.onnx_export import (
     Shape,
     _version_column,
     check_parity,
+    model_sizes,
     random_inputs,
     read_metadata,
     relative_error,
@@ -406,11 +407,11 @@ def export_store_graphs(model: AMC, store: Store, matcher: LexicalMatcher, out_d
         example = _example(signature, model, store, matcher, batch=2, candidates=3, rng=rng, text=text)
         graph = text.graph(cls, model, store, version) if name in FUSED_ONLY else cls(model, store, version)
         write_onnx(graph, signature, example, out_dir / f"{name}.onnx", version=version,
-                   fingerprint=fingerprint, name=name)
+                   fingerprint=fingerprint, name=name, sizes=model_sizes(model.config))
     if fused:
         example = random_inputs(sig.FUSED, model, Shape(2, 3), version, rng)
         write_onnx(FusedGraph(model, version), sig.FUSED, example, out_dir / "fused.onnx", version=version,
-                   fingerprint=fingerprint, name="fused")
+                   fingerprint=fingerprint, name="fused", sizes=model_sizes(model.config))
 
 
 def validate_store(model: AMC, store: Store, matcher: LexicalMatcher, regions: np.ndarray, onnx_dir: Path, *,
@@ -470,16 +471,20 @@ def validate_store(model: AMC, store: Store, matcher: LexicalMatcher, regions: n
 def publish_store(repository: Path, version: int, model: AMC, term_weights: str, regions: np.ndarray,
                   keywords, *, fingerprint: str, ids: list[str] | None = None, flavour: str = "python",
                   fused: bool = True, serve: bool = True, embed: Callable[[list[str]], np.ndarray] | None = None,
-                  instances: int | None = None, log=print) -> Store:
+                  instances: int | None = None, kind: str | None = None, log=print) -> Store:
     """Add the store variant (built from the gallery ``regions``/``keywords``) to published version ``version``.
 
     ``term_weights``: the checkpoint's :class:`amc_client.text.TermWeights` JSON; the store text step reuses
     the version's text encoder and tokenizer (``amc_tokenizer/<version>/``). ``instances``: of the store text
-    step and the fused store graph where their configs are new (default by device kind, ``store_instances``).
+    step and the fused store graph where their configs are new (default by device kind, ``store_instances``);
+    ``kind`` ("gpu", "cpu"; default this machine's): the machine that serves, for those configs (instances, and
+    the onnxruntime flavour's instance kind). Their dims are the model's (``model_sizes``).
     """
     import tempfile
 
-    check_store_configs(repository, STORE_STEPS + (FUSED_STEPS + SEARCH_STEPS if fused else ()))  # fail early
+    sizes = model_sizes(model.config)
+    check_store_configs(repository, STORE_STEPS + (FUSED_STEPS + SEARCH_STEPS if fused else ()),  # fail early
+                        sizes=sizes)
     matcher = LexicalMatcher(TermWeights.from_json(term_weights))
     store = build_store(model, regions, keywords, ids, embed=embed)
     text = TextStepFiles.of_version(repository / sig.TOKENIZER.model_name / str(version))
@@ -492,7 +497,8 @@ def publish_store(repository: Path, version: int, model: AMC, term_weights: str,
         log(f"store of {len(store)} candidates exported for version {version} "
             f"(worst relative error against the raw path {worst:.1e})")
         stage_store_version(repository, version=version, flavour=flavour, onnx_dir=onnx_dir, text=text,
-                            store_json=store.manifest(version), fused=fused, instances=instances)
+                            store_json=store.manifest(version), fused=fused, instances=instances, sizes=sizes,
+                            kind=kind)
     if serve:
         set_store_serving(repository, version)
     return store

@@ -501,8 +501,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="with a candidate store of every image of the checkpoint's training corpus (whole-store "
                         "search follows the serving version from promote on)")
     p.add_argument("--device-kind", choices=sorted(STORE_INSTANCES), default=None,
-                   help="the machine that serves, for the store steps' instances where they are new (default: this "
-                        "one's: gpu where onnxruntime has its CUDA provider)")
+                   help="the machine that serves, for the store steps' instances and the onnxruntime flavour's "
+                        "KIND_GPU / KIND_CPU where configs are new (default: this one's: gpu where onnxruntime has "
+                        "its CUDA provider)")
     p = sub.add_parser("canary", help="send a share of client traffic to a version")
     p.add_argument("version", type=int)
     p.add_argument("--share", type=float, default=0.1)

@@ -5,9 +5,11 @@ builds every ``config.pbtxt`` from here, and the client builds its requests from
 a tensor name.
 
 Dims are ints (fixed) or strings (symbolic). A symbolic dim listed in :data:`DYNAMIC_AXES` varies per
-request (batch, candidates, ...) and is a dynamic axis of the ONNX graph; any other symbolic dim (``hidden``)
-is fixed by the trained model's configuration and is written as ``-1`` in Triton configs, which accept any
-size there. The first dim of every tensor is ``batch`` (queries in one request): Triton's batch dimension.
+request (batch, candidates, ...) and is a dynamic axis of the ONNX graph; one listed in :data:`MODEL_AXES`
+(``hidden``) is fixed by the trained model's configuration: the exported graph fixes it, so the export checks
+the graph against :meth:`TensorSpec.fixed_dims` and the Triton configs write that number there
+(:meth:`TensorSpec.triton_dims`), as Triton's ONNX Runtime backend requires. The first dim of every tensor is
+``batch`` (queries in one request): Triton's batch dimension.
 
 Axes: B queries, N candidates per query, R regions per image, D region-feature channels, K keywords per
 candidate, E text-embedding size (384, all-MiniLM-L6-v2), F lexical features per keyword
@@ -16,6 +18,7 @@ candidate, E text-embedding size (384, all-MiniLM-L6-v2), F lexical features per
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +29,9 @@ REGIONS_PER_IMAGE = 49
 FEATURE_MAP_SIDE = 7
 
 DYNAMIC_AXES = ("batch", "candidates", "regions", "keywords", "tokens", "query_words")
+# Symbolic dims a model version fixes (its AMCConfig: ``query_dim`` = QEN's output, ``hidden`` = the AMC space,
+# ``keyword_hidden`` = LAN's k^q); their numbers come from ``export.onnx_export.model_sizes``.
+MODEL_AXES = ("query_dim", "hidden", "keyword_hidden")
 # The sentence encoder's embedding size and the lexical features per keyword (fixed by the model).
 TEXT_EMBEDDING_DIM = 384
 LEXICAL_DIM = 3
@@ -50,10 +56,23 @@ class TensorSpec:
         """The wire name tritonclient uses (``FP32``, ``BYTES``)."""
         return _TRITON_DTYPE[self.dtype].removeprefix("TYPE_").replace("STRING", "BYTES")
 
-    @property
-    def triton_dims(self) -> list[int]:
-        """Dims after the batch dim, -1 where symbolic."""
-        return [d if isinstance(d, int) else -1 for d in self.dims[1:]]
+    def fixed_dims(self, sizes: Mapping[str, int] | None = None) -> tuple[int | None, ...]:
+        """Full shape, batch first, as a graph of a model of ``sizes`` (the numbers of :data:`MODEL_AXES`) fixes
+        it: the number of every fixed dim, None for the per-request ones. ValueError for a model axis not in
+        ``sizes``: a config or a check cannot be written without the model's number."""
+        out: list[int | None] = []
+        for d in self.dims:
+            if isinstance(d, str) and d in MODEL_AXES:
+                if not sizes or d not in sizes:
+                    raise ValueError(f"{self.name}: the model fixes its {d!r} axis; its size is needed (sizes "
+                                     f"given: {dict(sizes or {})})")
+                d = int(sizes[d])
+            out.append(d if isinstance(d, int) else None)
+        return tuple(out)
+
+    def triton_dims(self, sizes: Mapping[str, int] | None = None) -> list[int]:
+        """Dims after the batch dim for a Triton config: :meth:`fixed_dims`, -1 where per request."""
+        return [-1 if d is None else d for d in self.fixed_dims(sizes)[1:]]
 
     @property
     def onnx_dynamic_axes(self) -> dict[int, str]:
