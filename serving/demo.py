@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nquery {query.text!r}: {len(candidates)} candidates in {ms:.0f} ms, NDCG@10 {ndcg:.3f}, "
                   f"model version {results[0].model_version}")
             print(format_table(results[:5]))
-        for text in [picks[0].text, "cat face", "red heart"]:
+        # "thumbs up" and "red heart" once put images first whose only link to the query was a wrong auto-tag
+        # (issue 21); "🐱" and "thumbs_up" are read as "cat face" and "thumbs up" (amc_client.text.normalize_query).
+        for text in [picks[0].text, "thumbs up", "red heart", "🐱", "thumbs_up"]:
             t0 = time.perf_counter()
             found = client.search(text, top_k=5)
             ms = (time.perf_counter() - t0) * 1000

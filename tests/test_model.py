@@ -46,8 +46,8 @@ def test_masked_softmax_sums_to_one_and_zeroes_padding():
     assert torch.equal(w[1], torch.zeros(3))  # nothing unmasked: zeros, not NaN
 
 
-VARIANTS = [{}, {"lexical_pool": "attention", "gate_lexical": False, "lexical_monotone": False},
-            {"query_skip": False, "lexical_axis": False, "gate_lexical": False, "mtn_guide": "separate"}]
+VARIANTS = [{}, {"lexical_pool": "attention", "gate_lexical": False, "visual_agreement": False, "lexical_monotone": False},
+            {"query_skip": False, "lexical_axis": False, "gate_lexical": False, "visual_agreement": False, "mtn_guide": "separate"}]
 
 
 @pytest.mark.parametrize("options", VARIANTS)
@@ -207,7 +207,7 @@ def test_lexical_max_pool_counts_an_exact_match_in_full_whatever_the_other_keywo
 def test_lexical_gate_moves_weight_to_the_keywords_of_an_exact_match_only():
     """gate_lexical: the candidate's lexical evidence (k^q's last coordinate) adds trust(q) * evidence to MTN's
     language logit; a candidate without evidence keeps the weights of the model without the gate."""
-    model = _model(lexical_pool="max", gate_lexical=True)
+    model = _model(lexical_pool="max", gate_lexical=True, visual_agreement=False)
     with torch.no_grad():
         model.lan.lexical_vector.weight.zero_()  # the lexical features reach k^q only as its evidence axis
         model.lan.lexical_logit.weight.zero_()
@@ -222,13 +222,57 @@ def test_lexical_gate_moves_weight_to_the_keywords_of_an_exact_match_only():
     lexical[0, 1, 0] = 1.0  # ... but the second has an exact match
     with torch.no_grad():
         weights = model(query, regions, region_mask, keywords, lexical).modality_weights
-        plain = _model(lexical_pool="max", gate_lexical=False)
+        plain = _model(lexical_pool="max", gate_lexical=False, visual_agreement=False)
         plain.load_state_dict({k: v for k, v in model.state_dict().items() if "gate_lexical" not in k})
         without_gate = plain(query, regions, region_mask, keywords, lexical).modality_weights
     moved = weights[0, 1, 1] - weights[0, 0, 1]
     moved_without = without_gate[0, 1, 1] - without_gate[0, 0, 1]  # the evidence only lengthens k^q there
     assert moved > moved_without + 0.2  # the gate moved weight to the keywords of the exact match
     assert torch.allclose(weights[0, 0], without_gate[0, 0])  # no evidence: as without the gate
+
+
+def test_a_tag_match_on_a_picture_that_disagrees_moves_weight_to_the_picture():
+    """visual_agreement: the gate's trust in a tag match is signed by whether the image agrees with the query; the
+    same exact match on an image that matches the query moves weight to the keywords, on one that does not (tag
+    spam), away from them; checkpoints from before the option (``visual_agreement`` absent) trust every match."""
+    model = _model(lexical_pool="max")
+    with torch.no_grad():
+        model.lan.lexical_vector.weight.zero_()
+        model.lan.lexical_logit.weight.zero_()
+        model.lan.lexical_score.weight.fill_(1.0)
+        model.mtn.log_temperature.zero_()
+        model.mtn.gate_lexical.weight.zero_()
+        model.mtn.gate_lexical.bias.fill_(2.0)
+        model.mtn.agreement.copy_(torch.tensor([3.0, 0.0]))  # agree = sigmoid(softplus(3) * cos(q', v^q))
+    q = model.qen(_inputs(b=1)[0])
+    q_guide, _ = model.mtn.query_vectors(q)  # (1, H + 1)
+    keyword = torch.rand(1, 2, q_guide.shape[1])
+    keyword[..., -1] = 1.0  # both candidates: an exact tag match
+    agreeing = q_guide[:, :-1]  # a picture along the query
+    visual = torch.stack([agreeing, -agreeing], dim=1)  # candidate 0 agrees, candidate 1 points away
+    with torch.no_grad():
+        weights = model.mtn._weights(q, q_guide.unsqueeze(1), torch.nn.functional.pad(visual, (0, 1)), keyword)
+        model.mtn.agreement = None  # the plain gate: every match trusted alike
+        plain = model.mtn._weights(q, q_guide.unsqueeze(1), torch.nn.functional.pad(visual, (0, 1)), keyword)
+    assert weights[0, 0, 1] > weights[0, 1, 1] + 0.1  # the disagreeing picture keeps more of the weight
+    assert plain[0, 1, 1] > weights[0, 1, 1] + 0.3  # where the plain gate handed it to the tag
+    assert plain[0, 0, 1] >= weights[0, 0, 1]  # agreement only ever takes trust away from the plain gate
+
+
+def test_checkpoint_from_before_the_visual_agreement_loads_with_the_plain_gate(tmp_path):
+    model = _model(visual_agreement=False)
+    weights = TermWeights.from_documents([["cat"]]).to_json()
+    save_checkpoint(tmp_path / "c.pt", model, weights, train_config={})
+    payload = torch.load(tmp_path / "c.pt", weights_only=True)
+    del payload["model_config"]["visual_agreement"]
+    payload["fingerprint"] = fingerprint(payload["model_config"], weights, payload["state_dict"])
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    assert loaded.model_config.gate_lexical and not loaded.model_config.visual_agreement
+    inputs = _inputs()
+    assert torch.equal(loaded.build_model()(*inputs).scores, model(*inputs).scores)
+    with pytest.raises(ValueError, match="visual_agreement needs gate_lexical"):
+        AMCConfig(gate_lexical=False)
 
 
 def test_lexical_evidence_never_falls_as_the_match_grows():
@@ -258,11 +302,11 @@ def test_lexical_gate_starts_at_the_configured_trust():
     for bad in (0.0, float("nan"), 1e4):
         with pytest.raises(ValueError, match="initial trust must be in"):
             model.mtn.start_gate_at(bad)
-    _model(gate_lexical=False).mtn.start_gate_at(2.0)  # no gate: nothing to start
+    _model(gate_lexical=False, visual_agreement=False).mtn.start_gate_at(2.0)  # no gate: nothing to start
 
 
 def test_checkpoint_from_before_the_mtn_guide_option_loads_with_the_papers_separate_guide(tmp_path):
-    model = _model(mtn_guide="separate", lexical_pool="attention", gate_lexical=False, lexical_monotone=False)
+    model = _model(mtn_guide="separate", lexical_pool="attention", gate_lexical=False, visual_agreement=False, lexical_monotone=False)
     weights = TermWeights.from_documents([["cat"]]).to_json()
     save_checkpoint(tmp_path / "c.pt", model, weights, train_config={})
     payload = torch.load(tmp_path / "c.pt", weights_only=True)
@@ -308,3 +352,20 @@ def test_shared_mtn_guide_weighs_the_modality_that_matches_the_query():
         keyword_first = model.mtn(q, orthogonal[..., :model.config.hidden], aligned)[1]
     # (w_v, w_k): the modality along q_m gets the larger weight, whichever it is.
     assert visual_first[0, 0, 0] > 0.6 and keyword_first[0, 0, 1] > 0.6
+
+
+@pytest.mark.parametrize("options", VARIANTS)
+def test_shared_candidates_score_as_per_query_lists(options):
+    """training.retrieval.score_shared (LAN's forward_shared: the keys split into a shared and a low-rank lexical
+    part) equals the full model over the same candidates repeated for every query."""
+    from training.retrieval import score_shared
+
+    model = _model(**options)
+    query, regions, region_mask, keywords, lexical = _inputs(b=3, n=4)
+    shared_regions, shared_keywords = regions[0], keywords[0]
+    region_mask = torch.ones_like(region_mask)  # a store's images: every region real
+    with torch.no_grad():
+        expected = model(query, shared_regions.expand(3, *shared_regions.shape), region_mask,
+                         shared_keywords.expand(3, *shared_keywords.shape), lexical).scores
+        scores, _ = score_shared(model, query, model.van.reduce(shared_regions), shared_keywords, lexical)
+    assert torch.allclose(scores, expected, atol=1e-5)

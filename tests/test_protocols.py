@@ -92,3 +92,48 @@ def test_seeds_in_parallel_processes_report_every_seed(tmp_path):
     report = json.loads((tmp_path / "eval.json").read_text())
     assert set(report["ndcg@10"]) >= set(LEARNED) and report["mtn_visual_weight"]["clean_keywords"] > 0
     assert "seeds [0, 1]" in (tmp_path / "eval.md").read_text()
+
+
+def test_variant_key_groups_skin_tones_but_not_flags():
+    assert protocols.variant_key("thumbs up: light skin tone") == protocols.variant_key("thumbs up") == "thumbs up"
+    assert protocols.variant_key("kiss: person, person, light skin tone, dark skin tone") == "kiss: person, person"
+    assert protocols.variant_key("flag: Japan") != protocols.variant_key("flag: France")
+
+
+def test_whole_store_ranks_every_image_with_the_target_and_its_variants_relevant(small_corpus):
+    lists = protocols.whole_store(small_corpus)
+    assert len(lists) == len(small_corpus.queries["test"])
+    for rl in lists:
+        assert np.array_equal(rl.candidates, np.arange(len(small_corpus.chars)))
+        if rl.target is not None:
+            assert rl.relevance[rl.target] == 2 and rl.noisy == bool(small_corpus.noisy[rl.target])
+            key = protocols.variant_key(small_corpus.names[rl.target])
+            variants = [i for i, n in enumerate(small_corpus.names) if protocols.variant_key(n) == key]
+            assert (rl.relevance[variants] >= 1).all()
+        else:
+            assert (rl.relevance == 2).any()  # a keyword query: every image carrying the tag
+
+
+def test_store_metrics_by_hand():
+    from training.metrics import store_metrics
+
+    relevance = [np.array([2, 1, 0, 0]), np.array([0, 2, 0, 0]), np.array([2, 0, 0, 0])]
+    scores = [np.array([0.1, 0.9, 0.5, 0.2]),  # a variant first: a hit, not the target
+              np.array([0.1, 0.2, 0.9, 0.3]),  # image 2 first, wrong; the target third
+              np.array([0.1, 0.2, 0.9, 0.3])]  # image 2 first again, wrong; the target last
+    spam = [np.zeros(4, bool), np.array([0, 0, 1, 0], bool), np.zeros(4, bool)]
+    m = store_metrics(scores, relevance, [0, 1, None], spam)
+    assert m["r@1"] == pytest.approx(1 / 3) and m["r@10"] == 1.0
+    assert m["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 4) / 3)
+    assert m["target_r@1"] == 0.0  # of the two queries with a target, neither had it first
+    assert m["tag_spam_top1_rate"] == pytest.approx(1 / 3)  # query 2 only: its wrong first result carries the words
+    assert m["hub_share"] == 1.0  # both wrong first results are image 2
+
+
+def test_bm25_scores_every_document_as_one_at_a_time():
+    from training.metrics import BM25
+
+    docs = [["cat", "face"], ["cat", "cat", "pet"], ["dog"], []]
+    bm25 = BM25(docs)
+    for query in (["cat"], ["cat", "pet", "unknown"], []):
+        assert np.allclose(bm25.score_all(query), [bm25.score(query, d) for d in range(len(docs))])

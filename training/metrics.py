@@ -40,6 +40,23 @@ class BM25:
         n = len(documents)
         self.idf = {w: math.log(1 + (n - f + 0.5) / (f + 0.5)) for w, f in df.items()}
 
+    def score_all(self, query_words: list[str]) -> np.ndarray:
+        """(documents,) scores of every document: :meth:`score` of each, from the query words' postings."""
+        if not hasattr(self, "_postings"):
+            postings: dict[str, tuple[list[int], list[int]]] = {}
+            for d, counts in enumerate(self.counts):
+                for w, tf in counts.items():
+                    postings.setdefault(w, ([], []))[0].append(d)
+                    postings[w][1].append(tf)
+            self._postings = {w: (np.array(ds), np.array(tfs, dtype=np.float64)) for w, (ds, tfs) in postings.items()}
+            self._norm = self.k1 * (1 - self.b + self.b * self.lengths / max(self.avg_length, 1e-12))
+        total = np.zeros(len(self.counts))
+        for w in query_words:
+            if w in self._postings:
+                docs, tf = self._postings[w]
+                total[docs] += self.idf[w] * tf * (self.k1 + 1) / (tf + self._norm[docs])
+        return total
+
     def score(self, query_words: list[str], doc: int) -> float:
         counts, norm = self.counts[doc], self.k1 * (1 - self.b + self.b * self.lengths[doc] / self.avg_length)
         total = 0.0
@@ -68,6 +85,41 @@ def target_metrics(score_lists: list[np.ndarray], relevance_lists: list[np.ndarr
 
 
 TARGET_METRICS = ("r@1", "r@10", "mrr", "ndcg@10")
+STORE_METRICS = (*TARGET_METRICS, "target_r@1", "tag_spam_top1_rate", "hub_share")
+
+
+def first_hit_rank(scores: np.ndarray, relevance: np.ndarray) -> int:
+    """1-based rank of the best-ranked candidate of grade >= 1 (ties keep the given order); len + 1 if none."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    hits = np.flatnonzero(np.asarray(relevance)[order] >= 1)
+    return int(hits[0]) + 1 if len(hits) else len(order) + 1
+
+
+def store_metrics(score_lists: list[np.ndarray], relevance_lists: list[np.ndarray], targets: list[int | None],
+                  spam: list[np.ndarray]) -> dict[str, float]:
+    """Whole-store search figures over queries (each ranks every image):
+
+    * ``r@1``, ``r@10``, ``mrr``: by the first result of grade >= 1 (the target, a skin-tone variant, or another
+      image the log's rules call relevant); ``ndcg@10`` of the graded relevance;
+    * ``target_r@1``: the target itself first (queries with one target only);
+    * ``tag_spam_top1_rate``: share of queries whose first result is a grade-0 image carrying every content word
+      of the query among its auto-tags (``spam[i]``: that mask over the images, for query i);
+    * ``hub_share``: of the queries whose first result is grade 0, the share taken by the single most frequent
+      such image (1 wrong answer that wins everywhere: 1.0; all different: 1 / wrong queries).
+    """
+    if not score_lists:
+        return {k: float("nan") for k in STORE_METRICS}
+    ranks = np.array([first_hit_rank(s, r) for s, r in zip(score_lists, relevance_lists, strict=True)])
+    tops = np.array([int(np.argmax(s)) for s in score_lists])
+    wrong = np.array([r[t] == 0 for r, t in zip(relevance_lists, tops, strict=True)])
+    spammed = np.array([bool(m[t]) and w for m, t, w in zip(spam, tops, wrong, strict=True)])
+    with_target = [(t, top) for t, top in zip(targets, tops, strict=True) if t is not None]
+    counts = np.bincount(tops[wrong]) if wrong.any() else np.zeros(1)
+    return {"r@1": float(np.mean(ranks <= 1)), "r@10": float(np.mean(ranks <= 10)), "mrr": float(np.mean(1.0 / ranks)),
+            "ndcg@10": float(np.mean([ndcg_at_k(s, r, 10) for s, r in zip(score_lists, relevance_lists, strict=True)])),
+            "target_r@1": float(np.mean([t == top for t, top in with_target])) if with_target else float("nan"),
+            "tag_spam_top1_rate": float(np.mean(spammed)),
+            "hub_share": float(counts.max() / wrong.sum()) if wrong.any() else 0.0}
 
 
 def reciprocal_rank_fusion(score_lists: list[np.ndarray], k: float = 60.0) -> np.ndarray:

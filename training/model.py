@@ -109,6 +109,12 @@ class AMCConfig:
     # lowered the keywords' weight and score) once the gate trusted the evidence; checkpoints that predate the
     # option have a free c.
     lexical_monotone: bool = True
+    # The trust in an exact tag match depends on whether the image agrees with the query (issue 21): the gate's term
+    # is ``trust(q) * e * (2 * agree - 1)``, ``agree = sigmoid(s * cos(q', v^q) + b)`` with ``s >= 0``: a tag match on
+    # an image that looks like the query moves weight to the keywords, the same match on an image that does not
+    # (a wrong auto-tag: tag spam) moves weight away from them, to the picture. Checkpoints that predate the option
+    # trusted every match alike (``trust(q) * e``).
+    visual_agreement: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -117,6 +123,8 @@ class AMCConfig:
             raise ValueError(f"unknown lexical_pool {self.lexical_pool!r}; expected one of {LEXICAL_POOLS}")
         if self.gate_lexical and not self.lexical_axis:
             raise ValueError("gate_lexical needs lexical_axis: the gate reads the lexical evidence on that axis")
+        if self.visual_agreement and not self.gate_lexical:
+            raise ValueError("visual_agreement needs gate_lexical: it scales the gate's trust in a tag match")
         if self.mtn_guide not in MTN_GUIDES:
             raise ValueError(f"unknown mtn_guide {self.mtn_guide!r}; expected one of {MTN_GUIDES}")
 
@@ -229,15 +237,36 @@ class LanguageAttention(nn.Module):
         attention = masked_softmax(logits, keyword_mask)  # (B, N, K)
         keyword_vector = (attention.unsqueeze(-1) * k).sum(2)  # (B, N, H)
         if self.lexical_score is not None:
-            c = self.lexical_score.weight.abs() if self.lexical_monotone else self.lexical_score.weight  # (1, 3)
-            per_keyword = F.linear(keyword_lexical, c).squeeze(-1)  # (B, N, K)
-            if self.lexical_pool == "max":
-                evidence = per_keyword.masked_fill(~keyword_mask, _NEG).amax(-1, keepdim=True)  # (B, N, 1)
-                evidence = evidence * keyword_mask.any(-1, keepdim=True)  # a candidate without keywords: 0
-            else:
-                evidence = (attention * per_keyword).sum(-1, keepdim=True)  # (B, N, 1)
-            keyword_vector = torch.cat([keyword_vector, evidence], dim=-1)  # (B, N, H + 1)
+            keyword_vector = torch.cat([keyword_vector, self._evidence(keyword_lexical, attention, keyword_mask)],
+                                       dim=-1)  # (B, N, H + 1)
         return keyword_vector, attention
+
+    def forward_shared(self, query_embedding: torch.Tensor, projected: torch.Tensor, keyword_mask: torch.Tensor,
+                       keyword_lexical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward_projected` for B queries against the same N candidates: ``projected`` (N, K, H) and
+        ``keyword_mask`` (N, K) once, ``keyword_lexical`` (B, N, K, F) per query. The same function, computed
+        without the (B, N, K, H) keys: ``k_i = P_i + U f_i`` is split into its shared and its low-rank (F = 3)
+        part, so whole-store scoring costs one matrix product per query over the stored keywords."""
+        q = self.query(query_embedding)  # (B, H)
+        u_q = q @ self.lexical_vector.weight  # (B, F): U^T q
+        logits = (torch.einsum("nkh,bh->bnk", projected, q) + torch.einsum("bnkf,bf->bnk", keyword_lexical, u_q)) \
+            * self.scale + self.lexical_logit(keyword_lexical).squeeze(-1)  # (B, N, K)
+        mask = keyword_mask.expand(logits.shape)
+        attention = masked_softmax(logits, mask)  # (B, N, K)
+        keyword_vector = torch.einsum("bnk,nkh->bnh", attention, projected) + self.lexical_vector(
+            torch.einsum("bnk,bnkf->bnf", attention, keyword_lexical))  # (B, N, H)
+        if self.lexical_score is not None:
+            keyword_vector = torch.cat([keyword_vector, self._evidence(keyword_lexical, attention, mask)], dim=-1)
+        return keyword_vector, attention
+
+    def _evidence(self, keyword_lexical: torch.Tensor, attention: torch.Tensor, keyword_mask: torch.Tensor):
+        """The lexical axis of k^q (B, N, 1): the strongest keyword's evidence, or LAN's attention-weighted one."""
+        c = self.lexical_score.weight.abs() if self.lexical_monotone else self.lexical_score.weight  # (1, 3)
+        per_keyword = F.linear(keyword_lexical, c).squeeze(-1)  # (B, N, K)
+        if self.lexical_pool == "max":
+            evidence = per_keyword.masked_fill(~keyword_mask, _NEG).amax(-1, keepdim=True)  # (B, N, 1)
+            return evidence * keyword_mask.any(-1, keepdim=True)  # a candidate without keywords: 0
+        return (attention * per_keyword).sum(-1, keepdim=True)  # (B, N, 1)
 
 
 class ModalityFusion(nn.Module):
@@ -252,6 +281,9 @@ class ModalityFusion(nn.Module):
         # The lexical axis's weight in q' and q_m (softplus: >= 0), one per query.
         self.lexical = nn.Linear(cfg.query_embedding_dim, 2) if cfg.lexical_axis else None
         self.gate_lexical = nn.Linear(cfg.query_embedding_dim, 1) if cfg.gate_lexical else None  # g: trust(q)
+        # agree = sigmoid(softplus(s) * cos(q', v^q) + b): starts near 1 for every image (b = 3), so training starts
+        # from the plain gate and learns how much a disagreeing picture takes away.
+        self.agreement = nn.Parameter(torch.tensor([0.5413, 3.0])) if cfg.visual_agreement else None  # s, b
 
     def start_gate_at(self, trust: float) -> None:
         """Initialise the lexical gate so that every query's trust ``softplus(g . q)`` starts near ``trust`` (g's
@@ -291,10 +323,15 @@ class ModalityFusion(nn.Module):
                  keyword: torch.Tensor) -> torch.Tensor:
         if self.mode == "amc":
             temperature = self.log_temperature.exp()
+            visual_match = cosine(q_guide, visual)  # (B, N)
             language = cosine(q_guide, keyword) * temperature
             if self.gate_lexical is not None:  # trust(q) (B, 1) x the candidates' lexical evidence (B, N)
-                language = language + F.softplus(self.gate_lexical(query_embedding)) * keyword[..., -1]
-            return torch.softmax(torch.stack([cosine(q_guide, visual) * temperature, language], dim=-1), dim=-1)
+                evidence = F.softplus(self.gate_lexical(query_embedding)) * keyword[..., -1]
+                if self.agreement is not None:  # signed by whether the picture agrees with the query
+                    agree = torch.sigmoid(F.softplus(self.agreement[0]) * visual_match + self.agreement[1])
+                    evidence = evidence * (2 * agree - 1)
+                language = language + evidence
+            return torch.softmax(torch.stack([visual_match * temperature, language], dim=-1), dim=-1)
         fixed = {"visual_only": (1.0, 0.0), "keywords_only": (0.0, 1.0), "equal_fusion": (0.5, 0.5)}[self.mode]
         return visual.new_tensor(fixed).expand(*visual.shape[:-1], 2)
 

@@ -8,6 +8,10 @@
   English annotations (``en_GB``, ``en_AU``, ``en_CA``, ``en_001``) give an emoji where they differ from
   ``en.xml``'s ("full stop" for "period", "shooshing face" for "shushing face"), for test-split targets
   only. These texts never appear in training: a generalization set.
+* ``whole_store``: what ``AMCClient.search`` does: each test query against every image of the corpus. Graded
+  relevance: the log's rules (:func:`training.corpus.relevance_oracle`), with a name query's target 2 and its
+  skin-tone variants (:func:`variant_key`) at least 1. Measured by the first result of grade >= 1
+  (:func:`training.metrics.store_metrics`), so keyword queries count too.
 
 A list's ``target`` is the candidate whose rank R@k and MRR measure; ``noisy`` says whether the target's
 auto-tagger keywords are noise (results are split by it). A test-log keyword query has no single target
@@ -25,7 +29,7 @@ import numpy as np
 from amc_client.text import words
 from training.corpus import CLDR_ANNOTATIONS, CLDR_DERIVED_ANNOTATIONS, Corpus, relevance_oracle, split_of
 
-PROTOCOLS = ("test_lists", "random100", "regional_names")
+PROTOCOLS = ("test_lists", "random100", "regional_names", "whole_store")
 REGIONAL_LOCALES = ("en_GB", "en_AU", "en_CA", "en_001")
 LIST_SIZE = 100
 
@@ -115,5 +119,36 @@ def regional_names(corpus: Corpus, table: dict[str, list[str]] | None = None) ->
     return out
 
 
+def variant_key(name: str) -> str:
+    """A CLDR name without its skin-tone qualifiers: "thumbs up: light skin tone" and "thumbs up" share
+    "thumbs up", "kiss: person, person, light skin tone, dark skin tone" is "kiss: person, person"; "flag: Japan"
+    stays itself (a flag is not a variant of another flag)."""
+    head, colon, rest = name.partition(":")
+    kept = [part.strip() for part in rest.split(",") if part.strip() and "skin tone" not in part]
+    return f"{head.strip()}: {', '.join(kept)}" if colon and kept else head.strip()
+
+
+def whole_store(corpus: Corpus) -> list[RankingList]:
+    """Every test query against every image; relevance as the module docstring says."""
+    oracle = relevance_oracle(corpus)
+    char_index = {c: i for i, c in enumerate(corpus.chars)}
+    variants: dict[str, list[int]] = {}
+    for i, name in enumerate(corpus.names):
+        variants.setdefault(variant_key(name), []).append(i)
+    everything = np.arange(len(corpus.chars), dtype=np.int64)
+    out = []
+    for q in corpus.queries["test"]:
+        relevance = oracle(q).copy()
+        image = char_index.get(q.target) if q.kind == "name" else None
+        if image is not None:
+            same = variants[variant_key(corpus.names[image])]
+            relevance[same] = np.maximum(relevance[same], 1)
+            relevance[image] = 2
+        out.append(RankingList(q.text, everything, relevance, image,
+                               bool(corpus.noisy[image]) if image is not None else None))
+    return out
+
+
 def build(corpus: Corpus) -> dict[str, list[RankingList]]:
-    return {"test_lists": test_lists(corpus), "random100": random100(corpus), "regional_names": regional_names(corpus)}
+    return {"test_lists": test_lists(corpus), "random100": random100(corpus), "regional_names": regional_names(corpus),
+            "whole_store": whole_store(corpus)}

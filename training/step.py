@@ -11,13 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from training.data import CorpusTensors, LoggedPairs
 from training.distributed import upload
 from training.model import AMC, cosine, masked_softmax, ranking_loss
+from training.retrieval import score_shared
 
 if TYPE_CHECKING:
+    from training.collection import CollectionNegatives
     from training.train import TrainConfig
 
 
@@ -85,6 +88,20 @@ def auxiliary_losses(model: AMC, data: CorpusTensors, out, index: torch.Tensor, 
     return loss
 
 
+def collection_loss(model: AMC, data: CorpusTensors, negatives: CollectionNegatives, query_text: torch.Tensor,
+                    qids: np.ndarray, positives: np.ndarray, cfg: TrainConfig) -> torch.Tensor:
+    """Softmax of each query's clicked image against negatives from the whole collection, all scored by the full
+    model (``training.collection`` says which): what whole-store search asks of the model."""
+    device = query_text.device
+    sample = negatives.sample(qids, positives, cfg.collection_hard, cfg.collection_random)
+    shared = upload(torch.from_numpy(sample.shared), device)
+    scores, _ = score_shared(model, query_text, data.reduced[shared], data.keyword_embeddings[shared],
+                             upload(negatives.lexical(qids, sample.shared), device))  # (B, P)
+    logits = scores.masked_fill(upload(torch.from_numpy(sample.excluded), device), -1e4)
+    target = upload(torch.from_numpy(sample.positive_slot), device)
+    return torch.nn.functional.cross_entropy(logits / cfg.collection_temperature, target)
+
+
 class StepLoss(torch.nn.Module):
     """One step's training loss as a module, the thing DistributedDataParallel wraps.
 
@@ -94,12 +111,14 @@ class StepLoss(torch.nn.Module):
     device), query embeddings and lexical features are gathered from it instead of computed.
     """
 
-    def __init__(self, model: AMC, data: CorpusTensors, cfg: TrainConfig, pairs: LoggedPairs | None = None) -> None:
+    def __init__(self, model: AMC, data: CorpusTensors, cfg: TrainConfig, pairs: LoggedPairs | None = None,
+                 negatives: CollectionNegatives | None = None) -> None:
         super().__init__()
         self.model = model
         self.data = data
         self.cfg = cfg
         self.pairs = pairs
+        self.negatives = negatives
         self.use_visual = cfg.mode in ("amc", "equal_fusion", "visual_only")
 
     def forward(self, texts: list[str] | None, index: torch.Tensor, positives: torch.Tensor | None = None,
@@ -119,6 +138,9 @@ class StepLoss(torch.nn.Module):
                                                                    device=out.scores.device))
         if self.use_visual:
             loss = loss + auxiliary_losses(self.model, data, out, index, cfg, positives, offset)
+        if self.negatives is not None and qids is not None:
+            loss = loss + cfg.collection_weight * collection_loss(
+                self.model, data, self.negatives, query, qids.cpu().numpy(), index[:, 0].cpu().numpy(), cfg)
         return loss
 
 

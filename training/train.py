@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from amc_client.text import TermWeights
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.collection import CollectionNegatives
 from training.config import add_dataclass_args, config_from_args
 from training.corpus import Corpus, CorpusConfig, Query, load_corpus
 from training.data import (
@@ -83,6 +84,7 @@ class TrainConfig:
     # (reports/eval_history.md, rows 35-37). Initialisation only, so not part of the model's configuration.
     init_lexical_gate: float = 4.0
     lexical_monotone: bool = True  # AMCConfig.lexical_monotone
+    visual_agreement: bool = True  # AMCConfig.visual_agreement (needs gate_lexical; off where the gate is)
     hidden: int = 128
     pca_dim: int = 256
     # Visual-only auxiliary losses (issue 8: VAN was weak where keywords are noise, because the fused loss lets
@@ -97,6 +99,13 @@ class TrainConfig:
     # top after the margin is met, which is what NDCG@1 rewards.
     listwise_weight: float = 0.0
     listwise_temperature: float = 0.05
+    # Negatives from the whole collection (training.collection), scored by the full model in a softmax against the
+    # clicked image: what whole-store search needs and the logged lists' 30 candidates never show (issue 21).
+    collection_weight: float = 1.0  # 0 turns it off
+    collection_hard: int = 4  # per query: tag-spam, visual-neighbour and model-mined negatives (shared by the batch)
+    collection_random: int = 32  # per batch: random images every query of the batch is scored against
+    collection_temperature: float = 0.05
+    mine_every: int = 3  # epochs between minings of what the current model ranks first (0: never mine)
     # Train on long-dwell clicks as positives, short clicks as negatives (see training.sampling.training_pairs).
     dwell: bool = True
     # Validation figure that picks the best epoch: NDCG@10, or "ndcg@1+10" (their mean).
@@ -125,7 +134,8 @@ class TrainConfig:
                          pca_dim=self.pca_dim, mode=self.mode, init_temperature=self.init_temperature,
                          lexical_axis=self.lexical_axis, projection_bias=self.projection_bias,
                          mtn_guide=self.mtn_guide, lexical_pool=self.lexical_pool,
-                         gate_lexical=self.gate_lexical, lexical_monotone=self.lexical_monotone)
+                         gate_lexical=self.gate_lexical, lexical_monotone=self.lexical_monotone,
+                         visual_agreement=self.visual_agreement and self.gate_lexical)
 
 
 @dataclass
@@ -222,8 +232,11 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
     if cfg.precompute_lexical:
         pairs_table = LoggedPairs(data, train_texts, [q.candidates for q in train_queries], d.device,
                                   progress=progress)
+    negatives = CollectionNegatives(corpus, data, train_queries, seed=cfg.seed) if cfg.collection_weight else None
     data = DeviceTensors.of(data, d.device)
-    step_loss = StepLoss(model, data, cfg, pairs_table)
+    if negatives is not None:
+        negatives.data = data
+    step_loss = StepLoss(model, data, cfg, pairs_table, negatives)
     ddp, unused = None, []
     if d.enabled:
         probe = batch_indices(pairs[:2], np.random.default_rng(0), cfg.negatives)  # its own rng: rng untouched
@@ -231,7 +244,7 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
     # Graphs where they are valid (training.graphed): fixed-shape batches, no CPU features, and under DDP no
     # parameter left without a gradient (find_unused_parameters walks the autograd graph in Python each step).
     graphed = (cfg.cuda_graph and d.device.type == "cuda" and pairs_table is not None and not unused
-               and len(pairs) >= cfg.batch_size)
+               and len(pairs) >= cfg.batch_size and negatives is None)  # the collection loss matches on the CPU
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, capturable=graphed)
 
@@ -265,6 +278,8 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"train {cfg.mode}", unit="step",
                disable=not progress, file=sys.stderr)
     for epoch in range(1, cfg.epochs + 1):
+        if negatives is not None and cfg.mine_every and epoch > 1 and (epoch - 1) % cfg.mine_every == 0:
+            negatives.mine(model)
         model.train()
         order = rng.permutation(len(pairs))
         losses, shown = [], []
@@ -280,7 +295,7 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
             if graph_step is not None:
                 loss = graph_step(torch.as_tensor(qids), index)
             else:
-                texts, rows = [train_texts[i] for i in qids], None
+                texts, rows = [train_texts[i] for i in qids], torch.as_tensor(qids)
                 if pairs_table is not None:  # the step's indices go to the device once; features are gathered there
                     rows, index = upload(torch.as_tensor(qids), d.device), upload(index, d.device)
                 loss = global_loss(texts, rows, index)

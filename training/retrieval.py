@@ -1,0 +1,90 @@
+"""Whole-collection scoring: every query against a shared set of images (the whole store), with the full model.
+
+A whole-store search scores each query against every stored image, and training against the collection scores each
+query of a batch against images drawn from it. Both share candidates across queries, so the parts of VAN and LAN
+that depend on the image alone (``u = W_v PCA(regions)``, ``W_kl k``) are computed once per image, not once per
+(query, image) pair as :meth:`training.model.AMC.forward` does for per-query candidate lists:
+
+* :func:`score_shared`: queries (B,) x images (N,) -> the full model's scores (B, N), MTN included, with autograd
+  (training's collection loss);
+* :class:`CollectionScorer`: every image of a corpus, projected once; ``scores(texts)`` (Q, G) in chunks, no
+  autograd (the ``whole_store`` protocol, and mining the images the current model wrongly ranks first).
+
+The lexical features of a (query, image) pair come from :class:`amc_client.text.KeywordIndex`, which equals
+:meth:`amc_client.text.LexicalMatcher.features` (what the serving text step computes) over many rows at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from amc_client.text import KeywordIndex
+from training.data import CorpusTensors
+from training.model import AMC, masked_softmax
+
+
+def keyword_index(data: CorpusTensors) -> KeywordIndex:
+    """The corpus's keywords indexed by word, with the matcher (and so the term weights) of ``data``."""
+    return KeywordIndex(data.matcher, data.keywords)
+
+
+def lexical_rows(index: KeywordIndex, texts: list[str], rows: np.ndarray | None = None) -> torch.Tensor:
+    """(B,) query texts x ``rows`` (N,) of the collection (None: all) -> (B, N, K, F) lexical features."""
+    return torch.from_numpy(np.stack([index.features(t, rows) for t in texts]))
+
+
+def score_shared(model: AMC, query_text: torch.Tensor, reduced: torch.Tensor, keyword_embeddings: torch.Tensor,
+                 keyword_lexical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full model's scores of B queries against the same N images (every region and keyword real).
+
+    query_text (B, E) sentence embeddings; reduced (N, R, P) PCA-reduced regions; keyword_embeddings (N, K, E), zero
+    vectors pad; keyword_lexical (B, N, K, F). Returns scores (B, N) and MTN's weights (B, N, 2); equal to
+    ``model(query_text, reduced[None].expand(B, ...), ..., reduced=True)`` without repeating the per-image work.
+    """
+    q = model.qen(query_text)  # (B, Q)
+    u = model.van.project(reduced)  # (N, R, H): once per image
+    s_q = model.van.kernel(q)  # (B, H)
+    logits = torch.einsum("nrh,bh->bnr", torch.tanh(u), s_q)  # (B, N, R)
+    attention = torch.softmax(logits, dim=-1)  # every region real
+    visual = torch.einsum("bnr,nrh->bnh", attention, u)  # (B, N, H)
+    keyword_mask = (keyword_embeddings != 0).any(-1)  # (N, K)
+    projected = model.lan.project(keyword_embeddings)  # (N, K, H): once per image
+    keyword, _ = model.lan.forward_shared(q, projected, keyword_mask, keyword_lexical)
+    return model.mtn(q, visual, keyword)
+
+
+class CollectionScorer:
+    """Scores queries against every image of ``data`` with ``model`` (eval mode, no autograd), ``batch`` queries at a
+    time; the images' projections are computed once, here."""
+
+    def __init__(self, model: AMC, data: CorpusTensors, *, batch: int = 8) -> None:
+        model.eval()
+        self.model, self.data, self.batch = model, data, batch
+        self.index = keyword_index(data)
+        with torch.no_grad():
+            self.u = torch.cat([model.van.project(data.reduced[s:s + 512]) for s in range(0, len(data.reduced), 512)])
+            self.tanh_u = torch.tanh(self.u)  # (G, R, H)
+            self.keyword_projected = model.lan.project(data.keyword_embeddings)  # (G, K, H)
+        self.keyword_mask = (data.keyword_embeddings != 0).any(-1)  # (G, K)
+        self.region_mask = torch.ones(self.u.shape[:2], dtype=torch.bool, device=self.u.device)
+
+    @torch.no_grad()
+    def scores(self, texts: list[str]) -> np.ndarray:
+        """(Q,) query texts -> (Q, G) float32 scores of every image."""
+        out = np.zeros((len(texts), len(self.u)), dtype=np.float32)
+        for start in range(0, len(texts), self.batch):
+            chunk = list(texts[start:start + self.batch])
+            out[start:start + len(chunk)] = self._chunk(chunk).cpu().numpy()
+        return out
+
+    def _chunk(self, texts: list[str]) -> torch.Tensor:
+        model, b = self.model, len(texts)
+        q = model.qen(self.data.query_text(texts))  # (b, Q)
+        logits = torch.einsum("grh,bh->bgr", self.tanh_u, model.van.kernel(q))  # (b, G, R)
+        attention = masked_softmax(logits, self.region_mask.expand(b, *self.region_mask.shape))
+        visual = torch.einsum("bgr,grh->bgh", attention, self.u)  # (b, G, H)
+        lexical = lexical_rows(self.index, self.data.normalized(texts)).to(q.device)  # (b, G, K, F)
+        keyword, _ = model.lan.forward_shared(q, self.keyword_projected, self.keyword_mask, lexical)
+        scores, _ = model.mtn(q, visual, keyword)
+        return scores  # (b, G)
