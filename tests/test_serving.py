@@ -229,6 +229,23 @@ def test_queries_as_people_type_them_rank_as_their_clean_form(client, small_corp
     np.testing.assert_allclose([r.score for r in ranked], [r.score for r in clean_ranked], rtol=1e-6)
 
 
+def test_the_published_version_carries_its_text_rules(served):
+    """Both text steps of the version declare the checkpoint's rules and hold the emoji names they normalize with;
+    the manifest says the rules too."""
+    import json
+
+    from amc_client.text import TEXT_RULES, load_emoji_names
+    from export.publish import read_manifest
+    from training.corpus.catalog import emoji_names
+
+    server, version = served
+    for step in (sig.TOKENIZER, sig.STORE_TOKENIZER):
+        folder = server.repository / step.model_name / str(version)
+        assert json.loads((folder / "version.json").read_text()) == {"version": version, "text_rules": TEXT_RULES}
+        assert load_emoji_names((folder / "emoji_names.json").read_text(encoding="utf-8")) == emoji_names()
+    assert read_manifest(server.repository, version)["text_rules"] == TEXT_RULES == 2
+
+
 @pytest.mark.usefixtures("still_serving")
 def test_empty_candidate_set(client, served):
     with pytest.raises(InvalidInputError, match="empty"):
