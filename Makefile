@@ -47,8 +47,9 @@ $(CHECKPOINT): | setup
 train: setup ## Train the default AMC model into runs/amc/checkpoint.pt
 	$(PY) -m training.train --out $(RUN) $(TRAIN_ARGS)
 
-eval: setup ## Train AMC and the baselines on 3 seeds; write reports/eval.{json,md} and plots
+eval: setup ## Train AMC and the baselines on 3 seeds; write reports/eval.{json,md}, plots and the README's table
 	$(PY) -m training.evaluate --out-dir reports --jobs $(EVAL_JOBS)
+	$(PY) -m training.readme_eval
 
 export: setup $(CHECKPOINT) ## Export the checkpoint to ONNX, validate it and publish a new version (with a candidate store of the corpus) into REPOSITORY (default runs/repository; DEVICE_KIND=gpu sizes the store steps for a GPU server)
 	$(PY) -m export.publish --checkpoint $(CHECKPOINT) --repository $(REPOSITORY) --store-corpus $(if $(DEVICE_KIND),--device-kind $(DEVICE_KIND))

@@ -137,3 +137,16 @@ def test_bm25_scores_every_document_as_one_at_a_time():
     bm25 = BM25(docs)
     for query in (["cat"], ["cat", "pet", "unknown"], []):
         assert np.allclose(bm25.score_all(query), [bm25.score(query, d) for d in range(len(docs))])
+
+
+def test_readme_evaluation_table_is_generated_from_eval_json(tmp_path):
+    from training import readme_eval
+
+    assert readme_eval.main(["--check"]) == 0
+    readme = (readme_eval.ROOT / "README.md").read_text(encoding="utf-8")
+    stale = tmp_path / "README.md"
+    stale.write_text(readme.replace(readme_eval.END, "| typed by hand | 0.999 |\n" + readme_eval.END), encoding="utf-8")
+    assert readme_eval.main(["--check", "--readme", str(stale)]) == 1
+    assert readme_eval.main(["--readme", str(stale)]) == 0 and stale.read_text(encoding="utf-8") == readme
+    with pytest.raises(ValueError, match="no generated evaluation block"):
+        readme_eval.render("# a README\n", {"protocols": {}})
