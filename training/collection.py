@@ -9,7 +9,8 @@ against the clicked image:
 * the batch's clicked images (in-batch negatives) and ``collection_random`` images drawn at random from the collection;
 * ``collection_hard`` hard negatives per query, from its pool: images whose auto-tags carry the most of the query's
   content words (:meth:`_tag_pool`), the clicked image's visual near neighbours (:func:`visual_neighbours`), and what
-  the current model ranks first over the whole collection (:meth:`mine`, every ``mine_every`` epochs: hubs included).
+  the current model ranks first over the whole collection (:meth:`mine`, every ``mine_every`` epochs, for
+  ``mine_queries`` queries at a time: hubs included).
 
 All of them are scored against every query of the batch (:func:`training.retrieval.score_shared` computes each
 image's projections once), so a query also meets the hard negatives of its neighbours in the batch.
@@ -72,16 +73,20 @@ class CollectionNegatives:
         order = np.argsort(-covered[candidates], kind="stable")[:TAG_POOL]
         return candidates[order]
 
-    def mine(self, model, batch: int = 16) -> None:
-        """Keep, per distinct training query, the irrelevant images the current model ranks highest in the whole
-        collection."""
+    def mine(self, model, queries: int | None = None, batch: int = 16) -> None:
+        """Keep, per distinct training query (``queries`` of them drawn at random, None: all), the irrelevant images
+        the current model ranks highest in the whole collection; the others keep what an earlier mining found."""
         scorer = CollectionScorer(model, self.data, batch=batch)
-        for start in range(0, len(self.distinct), 256):
-            stop = min(start + 256, len(self.distinct))
-            scores = scorer.scores(self.distinct[start:stop])  # (b, G)
-            scores[self.relevant[start:stop]] = -np.inf
+        chosen = np.arange(len(self.distinct))
+        if queries is not None and queries < len(chosen):
+            chosen = np.sort(self.rng.choice(chosen, size=queries, replace=False))
+        for start in range(0, len(chosen), 256):
+            rows = chosen[start:start + 256]
+            scores = scorer.scores([self.distinct[r] for r in rows])  # (b, G)
+            scores[self.relevant[rows]] = -np.inf
             top = np.argpartition(-scores, MINED, axis=1)[:, :MINED]
-            self.mined[start:stop] = list(top.astype(np.int64))
+            for r, found in zip(rows, top.astype(np.int64), strict=True):
+                self.mined[r] = found
         model.train()
 
     def sample(self, qids: np.ndarray, positives: np.ndarray, hard: int, random: int) -> CollectionSample:

@@ -106,6 +106,7 @@ class TrainConfig:
     collection_random: int = 32  # per batch: random images every query of the batch is scored against
     collection_temperature: float = 0.05
     mine_every: int = 3  # epochs between minings of what the current model ranks first (0: never mine)
+    mine_queries: int = 1024  # distinct training queries mined each time (drawn at random; 0: all of them)
     # Train on long-dwell clicks as positives, short clicks as negatives (see training.sampling.training_pairs).
     dwell: bool = True
     # Validation figure that picks the best epoch: NDCG@10, or "ndcg@1+10" (their mean).
@@ -279,7 +280,7 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
                disable=not progress, file=sys.stderr)
     for epoch in range(1, cfg.epochs + 1):
         if negatives is not None and cfg.mine_every and epoch > 1 and (epoch - 1) % cfg.mine_every == 0:
-            negatives.mine(model)
+            negatives.mine(model, cfg.mine_queries or None)
         model.train()
         order = rng.permutation(len(pairs))
         losses, shown = [], []
