@@ -35,6 +35,17 @@ Where the paper leaves a detail open, the choice made here:
   its image. Training starts that trust at 4 for every query (``TrainConfig.init_lexical_gate``). MTN's
   noisy/clean visual weight ratio over 3 seeds: 1.52x without the gate, 1.89x with it, 2.50x with its trust
   starting at 4 and monotone evidence (reports/eval_history.md, rows 33-37).
+* A wrong tag must not beat the picture (``visual_agreement``, issue 21). An auto-tagger adds wrong tags, and a
+  wrong tag that names the query is, to LAN, exactly a right one: the keyword vector of a boar tagged "thumbs up"
+  matches the query "thumbs up" as well as the real thumbs-up's does. With a trust that depends on the query alone,
+  MTN handed both ~0.9 language weight, and the fused score of the boar, nearly all keyword vector, beat the real
+  image's, whose visual half (a weaker match than an exact tag) pulled it down: tag spam came first for 16% of
+  whole-store test queries. Only the picture tells the two apart, so the trust is signed by whether the picture
+  agrees with the query: ``trust(q) * e * (2 * agree - 1)``, ``agree = sigmoid(softplus(s) * cos(q', v^q) + b)``. An
+  exact match on an image that looks like the query moves weight to its keywords as before; on one that does not,
+  it moves weight to the picture, whose vector does not match the query, so the candidate falls. ``softplus(s)``
+  keeps it monotone (a picture that agrees more never earns less trust); ``b`` starts at 3 (agree near 1, the plain
+  gate) and training against whole-collection negatives (``training.collection``) sets both.
 
 Masks: every softmax is over unmasked items only; padding gets exactly 0 weight. A candidate with nothing
 unmasked (padding) gets zero vectors and a score of 0.

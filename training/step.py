@@ -89,24 +89,29 @@ def auxiliary_losses(model: AMC, data: CorpusTensors, out, index: torch.Tensor, 
 
 
 def collection_loss(model: AMC, data: CorpusTensors, negatives: CollectionNegatives, query_text: torch.Tensor,
-                    qids: np.ndarray, positives: np.ndarray, cfg: TrainConfig) -> torch.Tensor:
+                    qids: np.ndarray, positives: np.ndarray, cfg: TrainConfig, offset: int = 0) -> torch.Tensor:
     """Softmax of each query's clicked image against negatives from the whole collection, all scored by the full
-    model (``training.collection`` says which): what whole-store search asks of the model."""
+    model (``training.collection`` says which): what whole-store search asks of the model.
+
+    ``qids`` and ``positives`` are the whole (global) batch's, so that every DDP rank draws the same negatives as one
+    process; ``query_text`` holds this rank's queries, from position ``offset`` of the batch on."""
     device = query_text.device
     sample = negatives.sample(qids, positives, cfg.collection_hard, cfg.collection_random)
+    local = slice(offset, offset + len(query_text))
     shared = upload(torch.from_numpy(sample.shared), device)
     scores, _ = score_shared(model, query_text, data.reduced[shared], data.keyword_embeddings[shared],
-                             upload(negatives.lexical(qids, sample.shared), device))  # (B, P)
-    logits = scores.masked_fill(upload(torch.from_numpy(sample.excluded), device), -1e4)
-    target = upload(torch.from_numpy(sample.positive_slot), device)
+                             upload(negatives.lexical(qids[local], sample.shared), device))  # (b, P)
+    logits = scores.masked_fill(upload(torch.from_numpy(sample.excluded[local]), device), -1e4)
+    target = upload(torch.from_numpy(sample.positive_slot[local]), device)
     return torch.nn.functional.cross_entropy(logits / cfg.collection_temperature, target)
 
 
 class StepLoss(torch.nn.Module):
     """One step's training loss as a module, the thing DistributedDataParallel wraps.
 
-    ``forward(texts, index, positives, offset, qids)``: the loss of queries ``texts`` with candidate rows
-    ``index`` (b, 1 + t), column 0 the clicked image; ``positives``/``offset`` as in :func:`auxiliary_losses`.
+    ``forward(texts, index, positives, offset, qids, batch_qids)``: the loss of queries ``texts`` with candidate rows
+    ``index`` (b, 1 + t), column 0 the clicked image; ``positives``/``offset`` as in :func:`auxiliary_losses`, and
+    under DDP ``batch_qids`` the global batch's query rows (:func:`collection_loss` draws its negatives for it).
     With ``pairs`` (the training split's :class:`LoggedPairs`) and ``qids`` (the queries' rows in it, on the
     device), query embeddings and lexical features are gathered from it instead of computed.
     """
@@ -122,7 +127,8 @@ class StepLoss(torch.nn.Module):
         self.use_visual = cfg.mode in ("amc", "equal_fusion", "visual_only")
 
     def forward(self, texts: list[str] | None, index: torch.Tensor, positives: torch.Tensor | None = None,
-                offset: int = 0, qids: torch.Tensor | None = None) -> torch.Tensor:
+                offset: int = 0, qids: torch.Tensor | None = None,
+                batch_qids: torch.Tensor | None = None) -> torch.Tensor:
         cfg, data = self.cfg, self.data
         if self.pairs is None or qids is None:
             if texts is None:
@@ -139,8 +145,9 @@ class StepLoss(torch.nn.Module):
         if self.use_visual:
             loss = loss + auxiliary_losses(self.model, data, out, index, cfg, positives, offset)
         if self.negatives is not None and qids is not None:
+            whole = (qids, index[:, 0]) if batch_qids is None else (batch_qids, positives)  # the global batch's
             loss = loss + cfg.collection_weight * collection_loss(
-                self.model, data, self.negatives, query, qids.cpu().numpy(), index[:, 0].cpu().numpy(), cfg)
+                self.model, data, self.negatives, query, whole[0].cpu().numpy(), whole[1].cpu().numpy(), cfg, offset)
         return loss
 
 

@@ -16,9 +16,16 @@ the same negatives as in one process. What differs is floating-point summation o
 shows the progress bar, evaluates (the others wait for its figures, so early stopping agrees) and writes the
 checkpoint, in the same format.
 
+Besides the logged lists, each step scores its queries against negatives drawn from the whole collection
+(``training.collection``: random images, and per query images whose auto-tags carry its words, the clicked image's
+visual neighbours and what the model ranks first, mined every ``mine_every`` epochs), so that the model learns to
+rank the clicked image above the thousands of images a whole-store search passes (``collection_weight``; 0 turns it
+off and gives the loss of the logged lists alone, which the CUDA-graph replay needs).
+
 Where the parts are: the batches from the click log in ``training.sampling``, a step's loss (the module DDP
-wraps) in ``training.step``, the CUDA-graph replay of a whole step in ``training.graphed``; this module holds the
-configuration, the epoch loop with validation and early stopping, and the command line.
+wraps) in ``training.step``, the negatives from the whole collection in ``training.collection``, the CUDA-graph
+replay of a whole step in ``training.graphed``; this module holds the configuration, the epoch loop with
+validation and early stopping, and the command line.
 """
 
 from __future__ import annotations
@@ -258,7 +265,7 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
         if stop == start:  # a last batch smaller than the world: a weightless query keeps DDP in step
             start, stop, scale = 0, 1, 0.0
         return ddp(None if texts is None else texts[start:stop], index[start:stop], index[:, 0], start,
-                   None if rows is None else rows[start:stop]) * scale
+                   None if rows is None else rows[start:stop], rows) * scale
 
     graph_step = GraphedStep(lambda rows, index: global_loss(None, rows, index), optimizer, d.device) \
         if graphed else None
