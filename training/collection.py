@@ -16,9 +16,12 @@ All of them are scored against every query of the batch (:func:`training.retriev
 image's projections once), so a query also meets the hard negatives of its neighbours in the batch.
 
 No relevant image is a negative: a training query's graded relevance over the whole collection comes from the
-log's own rules (:func:`training.corpus.relevance_oracle`, the judgments the simulated clicks are drawn from), and an
-image of grade >= 1 is never drawn or is masked out of the softmax. Test and validation targets are never training
-queries' targets (the split is by target), so this uses no held-out judgment.
+log's own rules (:func:`training.protocols.store_relevance`: the judgments the simulated clicks are drawn from, which
+read the clean CLDR keywords of every image, with skin-tone variants of a name query's target), and an image of
+grade >= 1 for any training query of the same text is never drawn or is masked out of the softmax. Test and
+validation targets are never training queries' targets (the split is by target), but a few test texts are also
+training texts of another target (a name that is also a keyword): those texts are trained against the whole
+collection like any other.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import numpy as np
 import torch
 
 from amc_client.text import KeywordIndex
-from training.corpus import Corpus, Query, relevance_oracle
+from training.corpus import Corpus, Query
+from training.protocols import store_relevance
 from training.data import CorpusTensors
 from training.retrieval import CollectionScorer, keyword_index
 
@@ -53,12 +57,16 @@ class CollectionNegatives:
         self.texts = data.normalized([q.text for q in queries])
         distinct = {t: i for i, t in enumerate(dict.fromkeys(self.texts))}
         self.row = np.array([distinct[t] for t in self.texts])  # query -> its distinct text
-        first = {}
-        for q, t in zip(queries, self.texts, strict=True):
-            first.setdefault(t, q)
-        oracle = relevance_oracle(corpus)
         self.distinct = list(distinct)
-        self.relevant = np.stack([oracle(first[t]) >= 1 for t in self.distinct])  # (T, G)
+        # Per distinct text, every image relevant to any query of that text (a CLDR name is often a keyword query's
+        # text too, with other relevant images), by the whole-store protocol's rules (skin-tone variants included).
+        relevance = store_relevance(corpus)
+        self.relevant = np.zeros((len(distinct), len(corpus.chars)), dtype=bool)  # (T, G)
+        seen: set[tuple[str, str]] = set()
+        for q, t in zip(queries, self.texts, strict=True):
+            if (q.kind, q.target) not in seen:
+                seen.add((q.kind, q.target))
+                self.relevant[distinct[t]] |= relevance(q) >= 1
         self.images = self.relevant.shape[1]
         self.index: KeywordIndex = keyword_index(data)
         self.tag = [self._tag_pool(t, r) for t, r in zip(self.distinct, self.relevant, strict=True)]
@@ -84,7 +92,8 @@ class CollectionNegatives:
             rows = chosen[start:start + 256]
             scores = scorer.scores([self.distinct[r] for r in rows])  # (b, G)
             scores[self.relevant[rows]] = -np.inf
-            top = np.argpartition(-scores, MINED, axis=1)[:, :MINED]
+            k = min(MINED, scores.shape[1] - 1)
+            top = np.argpartition(-scores, k, axis=1)[:, :k]
             for r, found in zip(rows, top.astype(np.int64), strict=True):
                 self.mined[r] = found
         model.train()
@@ -116,7 +125,7 @@ class CollectionNegatives:
 
 def visual_neighbours(reduced: torch.Tensor, k: int = VISUAL_NEIGHBOURS) -> np.ndarray:
     """(G, R, P) reduced region features -> (G, k) each image's nearest other images by its mean region vector."""
-    pooled = torch.nn.functional.normalize(reduced.float().mean(1), dim=-1)  # (G, P)
+    pooled = torch.nn.functional.normalize(reduced.mean(1, dtype=torch.float32), dim=-1)  # (G, P)
     out = []
     with torch.no_grad():
         for start in range(0, len(pooled), 1024):

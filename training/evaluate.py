@@ -78,7 +78,7 @@ def text_baselines(corpus: Corpus, data: CorpusTensors, lists: list[protocols.Ra
     return out
 
 
-def tag_spam_masks(corpus: Corpus, lists: list[protocols.RankingList]) -> list[np.ndarray]:
+def tag_spam_masks(corpus: Corpus, data: CorpusTensors, lists: list[protocols.RankingList]) -> list[np.ndarray]:
     """Per whole-store query, the images whose auto-tags carry every content word of the query (grade aside)."""
     holders: dict[str, set[int]] = {}
     for i, tags in enumerate(corpus.keywords):
@@ -87,7 +87,7 @@ def tag_spam_masks(corpus: Corpus, lists: list[protocols.RankingList]) -> list[n
     out = []
     for rl in lists:
         mask = np.zeros(len(corpus.keywords), dtype=bool)
-        query_words = content_words(rl.text)
+        query_words = content_words(data.normalized([rl.text])[0])
         if query_words:
             mask[list(set.intersection(*(holders.get(w, set()) for w in query_words)))] = True
         out.append(mask[rl.candidates])
@@ -117,8 +117,9 @@ def list_metrics(name: str, lists: list[protocols.RankingList], scores: list[np.
 def learned_scores(model, data: CorpusTensors, name: str, lists: list[protocols.RankingList]) -> list[dict]:
     """A learned model's scores of each list; the whole store through :class:`CollectionScorer` (the images'
     projections once, not once per query)."""
-    if name == "whole_store":
-        return [{"scores": s} for s in CollectionScorer(model, data).scores([rl.text for rl in lists])]
+    if name == "whole_store":  # every image, in the order of each list's candidates
+        every = CollectionScorer(model, data).scores([rl.text for rl in lists])
+        return [{"scores": s[rl.candidates]} for s, rl in zip(every, lists, strict=True)]
     return score_lists(model, data, [rl.text for rl in lists], [rl.candidates for rl in lists])
 
 
@@ -191,7 +192,7 @@ def run(base: TrainConfig, seeds: list[int], out: Path, *, methods=LEARNED, log=
             log(f"seed {seed}: resumed from {out / 'eval_details.json'}")
             continue
         sizes[seed] = {p: len(v) for p, v in evaluation.items()}
-        spam = tag_spam_masks(corpus, evaluation["whole_store"])
+        spam = None
         data = None
         for method in methods:
             cfg = dataclasses.replace(base, seed=seed, mode=method, out=str(out / "runs" / f"{method}-seed{seed}"))
@@ -199,6 +200,7 @@ def run(base: TrainConfig, seeds: list[int], out: Path, *, methods=LEARNED, log=
             timings.setdefault(method, []).append(result.seconds)
             model = load_checkpoint(result.checkpoint).build_model()
             data = corpus_tensors(corpus, model, term_weights(corpus))
+            spam = spam or tag_spam_masks(corpus, data, evaluation["whole_store"])
             for name, lists in evaluation.items():
                 scored = learned_scores(model, data, name, lists)
                 record(name, method, list_metrics(name, lists, [s["scores"] for s in scored], spam))

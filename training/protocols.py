@@ -128,23 +128,38 @@ def variant_key(name: str) -> str:
     return f"{head.strip()}: {', '.join(kept)}" if colon and kept else head.strip()
 
 
-def whole_store(corpus: Corpus) -> list[RankingList]:
-    """Every test query against every image; relevance as the module docstring says."""
+def store_relevance(corpus: Corpus):
+    """query -> graded relevance (G,) of every image: the log's rules, a name query's target 2 and its skin-tone
+    variants at least 1. The whole-store protocol's judgments, and what training against the collection masks."""
     oracle = relevance_oracle(corpus)
     char_index = {c: i for i, c in enumerate(corpus.chars)}
     variants: dict[str, list[int]] = {}
     for i, name in enumerate(corpus.names):
         variants.setdefault(variant_key(name), []).append(i)
-    everything = np.arange(len(corpus.chars), dtype=np.int64)
-    out = []
-    for q in corpus.queries["test"]:
-        relevance = oracle(q).copy()
+
+    def relevance(q) -> np.ndarray:
+        out = oracle(q).copy()
         image = char_index.get(q.target) if q.kind == "name" else None
         if image is not None:
             same = variants[variant_key(corpus.names[image])]
-            relevance[same] = np.maximum(relevance[same], 1)
-            relevance[image] = 2
-        out.append(RankingList(q.text, everything, relevance, image,
+            out[same] = np.maximum(out[same], 1)
+            out[image] = 2
+        return out
+
+    return relevance
+
+
+def whole_store(corpus: Corpus) -> list[RankingList]:
+    """Every test query against every image (in one seeded random order, so that ties are not broken by the
+    catalog's order, which keeps related emoji together); relevance by :func:`store_relevance`."""
+    relevance = store_relevance(corpus)
+    char_index = {c: i for i, c in enumerate(corpus.chars)}
+    order = np.random.default_rng([corpus.config.seed, 102]).permutation(len(corpus.chars)).astype(np.int64)
+    out = []
+    for q in corpus.queries["test"]:
+        image = char_index.get(q.target) if q.kind == "name" else None
+        out.append(RankingList(q.text, order, relevance(q)[order],
+                               _target_position(order, image) if image is not None else None,
                                bool(corpus.noisy[image]) if image is not None else None))
     return out
 

@@ -90,20 +90,26 @@ def auxiliary_losses(model: AMC, data: CorpusTensors, out, index: torch.Tensor, 
 
 def collection_loss(model: AMC, data: CorpusTensors, negatives: CollectionNegatives, query_text: torch.Tensor,
                     qids: np.ndarray, positives: np.ndarray, cfg: TrainConfig, offset: int = 0) -> torch.Tensor:
-    """Softmax of each query's clicked image against negatives from the whole collection, all scored by the full
-    model (``training.collection`` says which): what whole-store search asks of the model.
+    """Softmax of a query's clicked image against negatives from the whole collection, all scored by the full model
+    (``training.collection`` says which), for the batch's first ``cfg.collection_queries`` queries (the batch is in
+    random order; the cost grows with queries x negatives): what whole-store search asks of the model.
 
     ``qids`` and ``positives`` are the whole (global) batch's, so that every DDP rank draws the same negatives as one
-    process; ``query_text`` holds this rank's queries, from position ``offset`` of the batch on."""
+    process; ``query_text`` holds this rank's queries, from position ``offset`` of the batch on. The value is scaled
+    so that DDP's average of the ranks' scaled losses (``training.train``) is the mean over the chosen queries."""
     device = query_text.device
-    sample = negatives.sample(qids, positives, cfg.collection_hard, cfg.collection_random)
-    local = slice(offset, offset + len(query_text))
+    chosen = min(cfg.collection_queries, len(qids)) if cfg.collection_queries > 0 else len(qids)
+    start, stop = offset, min(offset + len(query_text), chosen)
+    if stop <= start:  # none of this rank's queries is chosen
+        return query_text.new_zeros(())
+    sample = negatives.sample(qids[:chosen], positives[:chosen], cfg.collection_hard, cfg.collection_random)
     shared = upload(torch.from_numpy(sample.shared), device)
-    scores, _ = score_shared(model, query_text, data.reduced[shared], data.keyword_embeddings[shared],
-                             upload(negatives.lexical(qids[local], sample.shared), device))  # (b, P)
-    logits = scores.masked_fill(upload(torch.from_numpy(sample.excluded[local]), device), -1e4)
-    target = upload(torch.from_numpy(sample.positive_slot[local]), device)
-    return torch.nn.functional.cross_entropy(logits / cfg.collection_temperature, target)
+    scores, _ = score_shared(model, query_text[: stop - start], data.reduced[shared], data.keyword_embeddings[shared],
+                             upload(negatives.lexical(qids[start:stop], sample.shared), device))  # (c, P)
+    logits = scores.masked_fill(upload(torch.from_numpy(sample.excluded[start:stop]), device), -1e4)
+    target = upload(torch.from_numpy(sample.positive_slot[start:stop]), device)
+    total = torch.nn.functional.cross_entropy(logits / cfg.collection_temperature, target, reduction="sum")
+    return total * len(qids) / (len(query_text) * chosen)
 
 
 class StepLoss(torch.nn.Module):

@@ -91,7 +91,7 @@ class TrainConfig:
     # (reports/eval_history.md, rows 35-37). Initialisation only, so not part of the model's configuration.
     init_lexical_gate: float = 4.0
     lexical_monotone: bool = True  # AMCConfig.lexical_monotone
-    visual_agreement: bool = True  # AMCConfig.visual_agreement (needs gate_lexical; off where the gate is)
+    visual_agreement: bool = True  # AMCConfig.visual_agreement (needs gate_lexical; off where the gate is off)
     hidden: int = 128
     pca_dim: int = 256
     # Visual-only auxiliary losses (issue 8: VAN was weak where keywords are noise, because the fused loss lets
@@ -109,8 +109,11 @@ class TrainConfig:
     # Negatives from the whole collection (training.collection), scored by the full model in a softmax against the
     # clicked image: what whole-store search needs and the logged lists' 30 candidates never show (issue 21).
     collection_weight: float = 1.0  # 0 turns it off
+    # Queries of each batch that get it (0: all): its cost grows with queries x negatives; 32 of 64 kept a step at
+    # about 1.5x the logged lists' cost on the CPU.
+    collection_queries: int = 32
     collection_hard: int = 4  # per query: tag-spam, visual-neighbour and model-mined negatives (shared by the batch)
-    collection_random: int = 32  # per batch: random images every query of the batch is scored against
+    collection_random: int = 32  # per step: random images every chosen query is scored against
     collection_temperature: float = 0.05
     mine_every: int = 3  # epochs between minings of what the current model ranks first (0: never mine)
     mine_queries: int = 1024  # distinct training queries mined each time (drawn at random; 0: all of them)
@@ -252,7 +255,7 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
     # Graphs where they are valid (training.graphed): fixed-shape batches, no CPU features, and under DDP no
     # parameter left without a gradient (find_unused_parameters walks the autograd graph in Python each step).
     graphed = (cfg.cuda_graph and d.device.type == "cuda" and pairs_table is not None and not unused
-               and len(pairs) >= cfg.batch_size and negatives is None)  # the collection loss matches on the CPU
+               and len(pairs) >= cfg.batch_size and negatives is None)  # the collection loss samples on the CPU
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, capturable=graphed)
 
