@@ -30,7 +30,10 @@ from training.train import TrainConfig, train
 TINY = replace(SMALL_CORPUS, max_images=60)
 CONFIG = TrainConfig(epochs=2, patience=10, batch_size=32, progress=False, corpus=TINY)
 LOSS_RTOL = 1e-5
-WEIGHT_RTOL = 1e-2
+# Losses agree to 1e-5; weights drift further in floating point: Adam turns the summation-order noise of a weight
+# with a near-zero gradient into full-size steps, and the collection loss's softmax at temperature 0.05 magnifies that
+# noise 20x (lan.lexical_logit drifted 1.3% over the two epochs on this tiny corpus).
+WEIGHT_RTOL = 3e-2
 
 
 def test_shard_covers_the_batch_once():
