@@ -1,4 +1,5 @@
-"""One training step's loss: the paper's ranking loss plus the auxiliary losses, as the module DDP wraps.
+"""One training step's loss: the paper's ranking loss plus the auxiliary losses and the softmax against negatives
+from the whole collection (:func:`collection_loss`), as the module DDP wraps.
 
 :class:`StepLoss` scores a batch's candidates (features from :class:`DeviceTensors`, or gathered from
 :class:`~training.data.LoggedPairs` on the device) and adds the single-modality auxiliary losses
