@@ -33,8 +33,8 @@ import torch
 
 from amc_client.text import KeywordIndex
 from training.corpus import Corpus, Query
-from training.protocols import store_relevance
 from training.data import CorpusTensors
+from training.protocols import store_relevance
 from training.retrieval import CollectionScorer, keyword_index
 
 VISUAL_NEIGHBOURS = 16  # per image, its nearest images by mean region feature (cosine)

@@ -39,20 +39,21 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def block(report: dict) -> str:
-    return "\n".join([START, "From `reports/eval.json` (`make eval`; [`reports/eval.md`](reports/eval.md) has every "
+def block(report: dict, seeds: list[int] | None = None) -> str:
+    over = f", seeds {', '.join(map(str, seeds))}" if seeds else ""
+    return "\n".join([START, f"From `reports/eval.json` (`make eval`{over}; [`reports/eval.md`](reports/eval.md) has every "
                       "figure, split by clean / noisy-keyword targets). `bm25_clean_reference` ranks by the clean CLDR "
                       "names and keywords, which no method sees: a reference ceiling, not a baseline.", "",
                       table(report), END])
 
 
-def render(readme: str, report: dict) -> str:
+def render(readme: str, report: dict, seeds: list[int] | None = None) -> str:
     """``readme`` with its generated block replaced; a README without the markers is an error, not a no-op."""
     if START not in readme or END not in readme:
         raise ValueError(f"README.md has no generated evaluation block (markers {START!r} ... {END!r})")
     head, rest = readme.split(START, 1)
     _, tail = rest.split(END, 1)
-    return head + block(report) + tail
+    return head + block(report, seeds) + tail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, default=ROOT / "reports" / "eval.json")
     args = parser.parse_args(argv)
     readme = args.readme.read_text(encoding="utf-8")
-    fresh = render(readme, json.loads(args.report.read_text()))
+    details = args.report.with_name("eval_details.json")
+    seeds = json.loads(details.read_text()).get("seeds") if details.is_file() else None
+    fresh = render(readme, json.loads(args.report.read_text()), seeds)
     if args.check:
         if fresh != readme:
             print(f"{args.readme}: the evaluation block differs from {args.report}; run python -m training.readme_eval",
