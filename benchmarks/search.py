@@ -103,6 +103,7 @@ def reference_scores(ckpt, gallery: Gallery, store, query: str, rows: np.ndarray
     from export.reference import Reference
 
     reference = reference_scores.__dict__.setdefault("model", Reference(ckpt))
+    query = reference.queries([query])[0]  # as the served text step reads it (the checkpoint's text rules)
     query_text = torch.from_numpy(reference.encoder.encode([query]))
     images = np.unique(rows)  # store rows below len(gallery) are the gallery's images, in order
     scores = np.empty(len(gallery), dtype=np.float32)
