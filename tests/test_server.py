@@ -427,7 +427,7 @@ def test_store_text_step_computes_only_the_outputs_asked_for(repository: Path, m
     step.initialize({"model_config": json.dumps(config), "model_name": STORE_TOKENIZER, "model_version": "1",
                      "model_repository": str(here)})
 
-    def broken(_queries):
+    def broken(_queries, **_options):
         raise RuntimeError("encoder down")
 
     monkeypatch.setattr(step.features, "query_text", broken)
