@@ -21,7 +21,7 @@ import torch
 
 from amc_client.text import KeywordIndex
 from training.data import CorpusTensors
-from training.model import AMC, masked_softmax
+from training.model import AMC
 
 
 def keyword_index(data: CorpusTensors) -> KeywordIndex:
@@ -42,15 +42,21 @@ def score_shared(model: AMC, query_text: torch.Tensor, reduced: torch.Tensor, ke
     vectors pad; keyword_lexical (B, N, K, F). Returns scores (B, N) and MTN's weights (B, N, 2); equal to
     ``model(query_text, reduced[None].expand(B, ...), ..., reduced=True)`` without repeating the per-image work.
     """
-    q = model.qen(query_text)  # (B, Q)
     u = model.van.project(reduced)  # (N, R, H): once per image
-    s_q = model.van.kernel(q)  # (B, H)
-    logits = torch.einsum("nrh,bh->bnr", torch.tanh(u), s_q)  # (B, N, R)
+    return score_projected(model, model.qen(query_text), u, torch.tanh(u), model.lan.project(keyword_embeddings),
+                           (keyword_embeddings != 0).any(-1), keyword_lexical)
+
+
+def score_projected(model: AMC, q: torch.Tensor, u: torch.Tensor, tanh_u: torch.Tensor,
+                    keyword_projected: torch.Tensor, keyword_mask: torch.Tensor,
+                    keyword_lexical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAN, LAN and MTN from the images' projections: q (B, Q) query embeddings; u = W_v PCA(regions) (N, R, H) and
+    its tanh; keyword_projected (N, K, H) and keyword_mask (N, K); keyword_lexical (B, N, K, F) -> scores (B, N),
+    MTN's weights (B, N, 2)."""
+    logits = torch.einsum("nrh,bh->bnr", tanh_u, model.van.kernel(q))  # (B, N, R)
     attention = torch.softmax(logits, dim=-1)  # every region real
     visual = torch.einsum("bnr,nrh->bnh", attention, u)  # (B, N, H)
-    keyword_mask = (keyword_embeddings != 0).any(-1)  # (N, K)
-    projected = model.lan.project(keyword_embeddings)  # (N, K, H): once per image
-    keyword, _ = model.lan.forward_shared(q, projected, keyword_mask, keyword_lexical)
+    keyword, _ = model.lan.forward_shared(q, keyword_projected, keyword_mask, keyword_lexical)
     return model.mtn(q, visual, keyword)
 
 
@@ -67,7 +73,6 @@ class CollectionScorer:
             self.tanh_u = torch.tanh(self.u)  # (G, R, H)
             self.keyword_projected = model.lan.project(data.keyword_embeddings)  # (G, K, H)
         self.keyword_mask = (data.keyword_embeddings != 0).any(-1)  # (G, K)
-        self.region_mask = torch.ones(self.u.shape[:2], dtype=torch.bool, device=self.u.device)
 
     @torch.no_grad()
     def scores(self, texts: list[str]) -> np.ndarray:
@@ -79,12 +84,8 @@ class CollectionScorer:
         return out
 
     def _chunk(self, texts: list[str]) -> torch.Tensor:
-        model, b = self.model, len(texts)
-        q = model.qen(self.data.query_text(texts))  # (b, Q)
-        logits = torch.einsum("grh,bh->bgr", self.tanh_u, model.van.kernel(q))  # (b, G, R)
-        attention = masked_softmax(logits, self.region_mask.expand(b, *self.region_mask.shape))
-        visual = torch.einsum("bgr,grh->bgh", attention, self.u)  # (b, G, H)
+        q = self.model.qen(self.data.query_text(texts))  # (b, Q)
         lexical = lexical_rows(self.index, self.data.normalized(texts)).to(q.device)  # (b, G, K, F)
-        keyword, _ = model.lan.forward_shared(q, self.keyword_projected, self.keyword_mask, lexical)
-        scores, _ = model.mtn(q, visual, keyword)
+        scores, _ = score_projected(self.model, q, self.u, self.tanh_u, self.keyword_projected, self.keyword_mask,
+                                    lexical)
         return scores  # (b, G)
