@@ -47,13 +47,30 @@ def block(report: dict, seeds: list[int] | None = None) -> str:
                       table(report), END])
 
 
+def replace_block(readme: str, start: str, end: str, block: str, what: str) -> str:
+    """``readme`` with the text from marker ``start`` to marker ``end`` replaced by ``block`` (which holds both); a
+    README without the markers is an error, not a no-op. Shared with ``benchmarks.readme_gpu``."""
+    if start not in readme or end not in readme:
+        raise ValueError(f"README.md has no generated {what} block (markers {start!r} ... {end!r})")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return head + block + tail
+
+
+def write_or_check(readme: Path, fresh: str, *, check: bool, stale: str) -> int:
+    """Write ``fresh`` to ``readme``, or with ``check`` only compare: exit code 1 (``stale`` said) when they differ."""
+    if check:
+        if fresh != readme.read_text(encoding="utf-8"):
+            print(stale, file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(fresh, encoding="utf-8")
+    return 0
+
+
 def render(readme: str, report: dict, seeds: list[int] | None = None) -> str:
-    """``readme`` with its generated block replaced; a README without the markers is an error, not a no-op."""
-    if START not in readme or END not in readme:
-        raise ValueError(f"README.md has no generated evaluation block (markers {START!r} ... {END!r})")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return head + block(report, seeds) + tail
+    """``readme`` with its generated block replaced."""
+    return replace_block(readme, START, END, block(report, seeds), "evaluation")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,15 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     details = args.report.with_name("eval_details.json")
     seeds = json.loads(details.read_text()).get("seeds") if details.is_file() else None
     fresh = render(readme, json.loads(args.report.read_text()), seeds)
-    if args.check:
-        if fresh != readme:
-            print(f"{args.readme}: the evaluation block differs from {args.report}; run python -m training.readme_eval",
-                  file=sys.stderr)
-            return 1
-        return 0
-    args.readme.write_text(fresh, encoding="utf-8")
-    return 0
-
+    return write_or_check(args.readme, fresh, check=args.check, stale=f"{args.readme}: the evaluation block differs "
+                          f"from {args.report}; run python -m training.readme_eval")
 
 if __name__ == "__main__":
     sys.exit(main())
