@@ -110,7 +110,7 @@ class TrainConfig:
     # clicked image: what whole-store search needs and the logged lists' 30 candidates never show (issue 21).
     collection_weight: float = 1.0  # 0 turns it off
     # Queries of each batch that get it (0: all): its cost grows with queries x negatives; 32 of 64 kept a step at
-    # about 1.5x the logged lists' cost on the CPU.
+    # about 1.4x the logged lists' cost on the CPU.
     collection_queries: int = 32
     collection_hard: int = 4  # per query: tag-spam, visual-neighbour and model-mined negatives (shared by the batch)
     collection_random: int = 32  # per step: random images every chosen query is scored against
@@ -243,10 +243,8 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
     if cfg.precompute_lexical:
         pairs_table = LoggedPairs(data, train_texts, [q.candidates for q in train_queries], d.device,
                                   progress=progress)
-    negatives = CollectionNegatives(corpus, data, train_queries, seed=cfg.seed) if cfg.collection_weight else None
     data = DeviceTensors.of(data, d.device)
-    if negatives is not None:
-        negatives.data = data
+    negatives = CollectionNegatives(corpus, data, train_queries, seed=cfg.seed) if cfg.collection_weight else None
     step_loss = StepLoss(model, data, cfg, pairs_table, negatives)
     ddp, unused = None, []
     if d.enabled:
