@@ -63,6 +63,7 @@ from export.repository import (
     store_paths,
 )
 from export.store import Gallery, keyword_table_embed, publish_store
+from export.thumbnails import thumbnail_dir, write_thumbnails
 from training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 
 MANIFEST = "manifest.json"
@@ -276,6 +277,11 @@ def _publish_store(repository: Path, version: int, ckpt: Checkpoint, gallery: Ga
     publish_store(repository, version, ckpt.build_model(), ckpt.term_weights, gallery.regions, gallery.keywords,
                   ids=gallery.ids, fingerprint=ckpt.fingerprint, flavour=flavour, serve=False,
                   embed=keyword_table_embed(table), instances=instances, kind=kind, log=log)
+    if gallery.images is not None:  # the search page's pictures, removed with the store if the publish fails
+        if len(gallery.images) != len(gallery.ids):
+            raise ValueError(f"the gallery has {len(gallery.ids)} images but {len(gallery.images)} pictures")
+        kept = write_thumbnails(thumbnail_dir(repository, version), gallery.images, version=version)
+        log(f"kept {kept} thumbnails of the store's {len(gallery.ids)} rows")
     log(f"candidate store of {len(gallery.ids)} images built in {time.perf_counter() - started:.0f} s")
 
 

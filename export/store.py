@@ -111,12 +111,18 @@ class Gallery:
     regions: np.ndarray  # (G, R, D) float16/32 region features
     keywords: Sequence[Sequence[str]] | np.ndarray  # per image, its keyword strings
     ids: list[str]  # per image, the id search returns
+    # Per image, its picture (a file path or a PIL image; None: none), kept with the version as the store's
+    # thumbnails (export.thumbnails) for the search page; None: a store without pictures.
+    images: Sequence[Any] | None = None
 
     @classmethod
     def of_corpus(cls, corpus) -> Gallery:
-        """Every image of a :class:`training.corpus.Corpus`, its id the emoji and the start of its name."""
+        """Every image of a :class:`training.corpus.Corpus`, its id the emoji and the start of its name, its
+        picture the emoji's rendering (the one its features were computed from)."""
+        from export.thumbnails import RenderedEmoji
+
         ids = [f"{c} {n[:28]}" for c, n in zip(corpus.chars, corpus.names, strict=True)]
-        return cls(corpus.regions, corpus.keywords, ids)
+        return cls(corpus.regions, corpus.keywords, ids, RenderedEmoji(corpus.chars))
 
 
 def padded(keywords: Sequence[Sequence[str]] | np.ndarray) -> np.ndarray:
