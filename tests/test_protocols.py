@@ -66,6 +66,26 @@ def test_resumed_evaluation_refuses_a_partial_run_of_another_configuration(tmp_p
         _resumed(tmp_path, dataclasses.replace(base, margin=0.3), [0, 1], LEARNED)
     with pytest.raises(ValueError, match="another configuration"):
         _resumed(tmp_path, base, [0, 1, 2], LEARNED)
+    # a progress bar changes no figure: a run started without one resumes one started with it
+    assert _resumed(tmp_path, dataclasses.replace(base, progress=not base.progress), [0, 1], LEARNED)[3] == [0]
+
+
+def test_an_ablation_trains_only_the_methods_asked_for(tmp_path):
+    """``--methods amc``: AMC alone (and the text baselines, which cost no training), for an ablation of one flag."""
+    import json
+
+    from conftest import SMALL_CORPUS
+
+    from training.evaluate import main
+
+    common = ["--seeds", "0", "--out-dir", str(tmp_path), "--epochs", "1", "--batch_size", "32", "--progress", "false",
+              "--corpus.max_images", "60", "--corpus.cache_dir", SMALL_CORPUS.cache_dir]
+    with pytest.raises(SystemExit):  # the report's MTN weights and attention examples need AMC
+        main([*common, "--methods", "keywords_only"])
+    assert main([*common, "--methods", "amc", "--visual_agreement", "false"]) == 0
+    details = json.loads((tmp_path / "eval_details.json").read_text())
+    assert list(details["train_seconds"]) == ["amc"] and details["config"]["visual_agreement"] is False
+    assert set(json.loads((tmp_path / "eval.json").read_text())["ndcg@10"]) == {"amc", "bm25", "dense", "hybrid"}
 
 
 def test_seeds_in_parallel_processes_report_every_seed(tmp_path):

@@ -56,6 +56,7 @@ REFERENCE = "bm25_clean_reference"
 METHODS = (*LEARNED, *TEXT_BASELINES)
 NDCG_KEYS = tuple(f"ndcg@{k}" for k in NDCG_KS)
 GROUPS = ("all", "noisy", "clean")
+RESULT_NEUTRAL = ("progress",)  # TrainConfig fields that change no figure: a resumed run may differ in them
 
 
 def text_baselines(corpus: Corpus, data: CorpusTensors, lists: list[protocols.RankingList], *,
@@ -137,6 +138,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
 
 
+def _affecting_results(config: dict) -> dict:
+    """A run's configuration without the fields that change no figure (a progress bar), for comparing runs."""
+    return {k: v for k, v in config.items() if k not in RESULT_NEUTRAL}
+
+
 def _resumed(out: Path, base: TrainConfig, seeds: list[int], methods) -> tuple[dict, dict, dict, list[int]]:
     """What a partial run in ``out`` left (per_seed, timings, sizes, seeds done), if it had this configuration.
 
@@ -148,7 +154,8 @@ def _resumed(out: Path, base: TrainConfig, seeds: list[int], methods) -> tuple[d
         return {}, {}, {}, []
     details = json.loads(path.read_text())
     config = json.loads(json.dumps(dataclasses.asdict(base)))
-    if details.get("config") != config or details.get("seeds_requested") != seeds:
+    if (_affecting_results(details.get("config") or {}) != _affecting_results(config)
+            or details.get("seeds_requested") != seeds):
         raise ValueError(f"--resume-seeds: {path} is from another configuration or seed list; use another --out-dir")
     done = [s for s in details["seeds"] if s in seeds]
     if set(details["train_seconds"]) != set(methods):
@@ -224,7 +231,7 @@ def run(base: TrainConfig, seeds: list[int], out: Path, *, methods=LEARNED, log=
     return write(seeds)
 
 
-def run_in_processes(base: TrainConfig, seeds: list[int], out: Path, jobs: int, *, log=print,
+def run_in_processes(base: TrainConfig, seeds: list[int], out: Path, jobs: int, *, methods=LEARNED, log=print,
                      resume: bool = False) -> dict:
     """``run`` with each seed in a process of its own, at most ``jobs`` at a time; the reports over all seeds are
     then written from the seeds' details by ``run``'s resume path (which reloads each seed's AMC checkpoint for
@@ -240,7 +247,8 @@ def run_in_processes(base: TrainConfig, seeds: list[int], out: Path, jobs: int, 
         while waiting and len(running) < jobs:
             seed = waiting.pop(0)
             cmd = [sys.executable, "-m", "training.evaluate", "--seeds", str(seed), "--out-dir",
-                   str(parts / f"seed{seed}"), "--config", str(config_file), *(["--resume-seeds"] if resume else [])]
+                   str(parts / f"seed{seed}"), "--config", str(config_file), "--methods", *methods,
+                   *(["--resume-seeds"] if resume else [])]
             log_file = parts / f"seed{seed}.log"
             with open(log_file, "w") as f:
                 running[seed] = (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), time.time())
@@ -261,8 +269,8 @@ def run_in_processes(base: TrainConfig, seeds: list[int], out: Path, jobs: int, 
         part = json.loads((parts / f"seed{seed}" / "eval_details.json").read_text())
         for protocol, groups in part["per_seed"].items():
             for group, metrics in groups.items():
-                for metric, methods in metrics.items():
-                    for method, values in methods.items():
+                for metric, by_method in metrics.items():
+                    for method, values in by_method.items():
                         merged["per_seed"].setdefault(protocol, {}).setdefault(group, {}).setdefault(metric, {}) \
                             .setdefault(method, []).extend(values)
         for method, seconds in part["train_seconds"].items():
@@ -273,7 +281,7 @@ def run_in_processes(base: TrainConfig, seeds: list[int], out: Path, jobs: int, 
             shutil.copytree(run_dir, out / "runs" / run_dir.name)
     merged |= {"seeds": seeds, "seeds_requested": seeds, "config": json.loads(config_file.read_text())}
     (out / "eval_details.json").write_text(json.dumps(merged, indent=2) + "\n")
-    return run(base, seeds, out, log=log, resume=True)
+    return run(base, seeds, out, methods=methods, log=log, resume=True)
 
 
 def write_reports(out: Path, report: dict, details: dict, examples) -> None:
@@ -430,19 +438,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume-seeds", dest="resume_seeds", action="store_true",
                         help="keep the seeds a stopped run of the same configuration finished in --out-dir")
     parser.add_argument("--jobs", type=int, default=1, help="seeds evaluated at once, each in its own process")
+    parser.add_argument("--methods", nargs="+", choices=LEARNED, default=list(LEARNED),
+                        help="learned methods to train (amc always among them); fewer for an ablation of AMC alone")
     add_dataclass_args(parser, TrainConfig)
     args = parser.parse_args(argv)
     seeds, out_dir, resume, jobs = args.seeds, args.out_dir, args.resume_seeds, args.jobs
-    del args.seeds, args.out_dir, args.resume_seeds, args.jobs
+    methods = tuple(m for m in LEARNED if m in args.methods)  # the report's order, whatever the command line's
+    del args.seeds, args.out_dir, args.resume_seeds, args.jobs, args.methods
     if jobs < 1:
         parser.error(f"--jobs must be >= 1, got {jobs}")
+    if "amc" not in methods:
+        parser.error("--methods must include amc (the report's MTN weights and attention examples are AMC's)")
     try:
         base = config_from_args(TrainConfig, args)
         started = time.perf_counter()
         if jobs > 1 and len(seeds) > 1:
-            report = run_in_processes(base, seeds, out_dir, jobs, resume=resume)
+            report = run_in_processes(base, seeds, out_dir, jobs, methods=methods, resume=resume)
         else:
-            report = run(base, seeds, out_dir, resume=resume)
+            report = run(base, seeds, out_dir, methods=methods, resume=resume)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
