@@ -102,6 +102,9 @@ KEYWORD_CACHE_SIZE = 20_000
 ADMISSION_FILE = "admission.py"  # serving/backends/admission.py, copied as amc_admission.py beside the steps
 TEXT_STEP_FILE = "text_step.py"
 TOP_K_FILE = "top_k.py"
+# The search graph beside the search step (a Python step in both flavours: not model.onnx, which Triton's ONNX Runtime
+# backend would take for its own).
+SEARCH_GRAPH_FILE = "search_store.onnx"
 STORE_FILE = "store.json"  # in amc_store_tokenizer/<N>/: {"version": N, "size": G, "ids": [...], "keywords": [...]}
 # A text step version's query rules: version.json's "text_rules" (absent: 1, queries as sent) and, from rules 2 on,
 # its emoji names (amc_client.text.EMOJI_NAMES_FILE). KNOWN_TEXT_RULES: the rules this release's text step implements.
@@ -209,8 +212,9 @@ def _text_step(config: mc.ModelConfig, mode: str, *, instances: int) -> None:
     config.parameters["mode"].string_value = mode
     for key, value in request_bounds().items():
         config.parameters[key].string_value = str(value)
-    for key, value in admission_parameters(mode).items():
-        config.parameters[key].string_value = value
+    if mode == "raw":  # the store path counts nothing (text_step.py): its ensembles end in no step that frees a slot
+        for key, value in admission_parameters(mode).items():
+            config.parameters[key].string_value = value
     config.parameters["keyword_cache_size"].string_value = str(KEYWORD_CACHE_SIZE)
 
 
@@ -376,8 +380,10 @@ class TextStepFiles:
                    emoji_names_json=names.read_text(encoding="utf-8") if names.is_file() else None)
 
 
-def write_text_step(version_dir: Path, *, version: int, files: TextStepFiles, store_json: str | None = None) -> None:
-    """Lay out one text-step version directory: the module as ``model.py`` and the files it reads."""
+def write_text_step(version_dir: Path, *, version: int, files: TextStepFiles, store_json: str | None = None,
+                    encoder: bool = True) -> None:
+    """Lay out one text-step version directory: the module as ``model.py`` and the files it reads (``encoder``:
+    with ``text_encoder.onnx``; the search step's graph holds the encoder instead)."""
     version_dir.mkdir(parents=True)
     shutil.copy(BACKENDS_DIR / TEXT_STEP_FILE, version_dir / "model.py")
     # The Python backend stub only sees site-packages, so the step gets the shared text rules and the
@@ -386,7 +392,8 @@ def write_text_step(version_dir: Path, *, version: int, files: TextStepFiles, st
     shutil.copy(BACKENDS_DIR / "onnx_runner.py", version_dir / "amc_onnx_runner.py")
     shutil.copy(BACKENDS_DIR / TOP_K_FILE, version_dir / "amc_top_k.py")
     shutil.copy(BACKENDS_DIR / ADMISSION_FILE, version_dir / "amc_admission.py")
-    shutil.copy(files.text_encoder, version_dir / "text_encoder.onnx")
+    if encoder:
+        shutil.copy(files.text_encoder, version_dir / "text_encoder.onnx")
     if files.keyword_table is not None:
         shutil.copy(files.keyword_table, version_dir / "keyword_table.npz")
     (version_dir / "tokenizer.json").write_text(files.tokenizer_json, encoding="utf-8")
@@ -479,8 +486,9 @@ if __name__ == "__main__":
 # shared with the raw ensemble.
 STORE_STEPS: tuple[sig.StepSignature, ...] = (sig.STORE_TOKENIZER, *sig.STORE_NETWORKS)
 FUSED_STEPS: tuple[sig.StepSignature, ...] = (sig.FUSED, sig.FUSED_STORE)
-# Whole-store search (written with the fused graphs): the search graph and the store top-k step.
-SEARCH_STEPS: tuple[sig.StepSignature, ...] = (sig.SEARCH_STORE, sig.STORE_TOPK)
+# Whole-store search (written with the fused graphs): one Python step that checks, tokenizes, runs the search graph
+# and adds the store's strings (text_step.py, mode search; issue 23: before, three steps).
+SEARCH_STEPS: tuple[sig.StepSignature, ...] = (sig.SEARCH_STEP,)
 # Every step a version's candidate store can have (what gc, quarantine and rollouts look for).
 ALL_STORE_STEPS: tuple[sig.StepSignature, ...] = STORE_STEPS + FUSED_STEPS + SEARCH_STEPS
 
@@ -494,6 +502,34 @@ STORE_BATCH_DELAY_US = 100  # store steps: requests are cheap to merge, so wait 
 # store's projections (~1.25 GB in fp16 for 100,000 images) and of the sentence encoder (~90 MB).
 STORE_INSTANCES = {"gpu": 4, "cpu": 1}
 TUNED_STORE_STEPS: tuple[sig.StepSignature, ...] = (sig.STORE_TOKENIZER, sig.FUSED_STORE)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How ``amc_search_step`` runs on one kind of machine (config of :func:`store_step_config`)."""
+
+    instances: int  # Python processes, each with its own session, store copy and CUDA context
+    batch_delay_us: int  # the dynamic batcher's wait for more requests to merge into one graph call
+    io_binding: bool  # onnx_runner.BoundSession: inputs and outputs bound on the device
+    cuda_graph: bool  # capture each batch shape's run (where onnxruntime allows it for the graph)
+    intra_op_threads: int | None  # onnxruntime's CPU pool per instance (None: its default, the machine's cores)
+
+
+# The search step by the kind of machine that will serve (issue 23, "fast by default"). GPU: what the sweep of
+# ``benchmarks.search_gpu`` found best on one H100 (reports/gpu.json, ``search_defaults``, which a test checks against
+# this); the graph's work is on the device, so one onnxruntime thread per instance (its CPU pool only runs shape ops)
+# leaves the cores to the other instances and to Triton. CPU: one instance with onnxruntime's own pool (more
+# processes would split the same cores), bound host buffers (the same code path as the GPU's), no graphs.
+SEARCH_SETTINGS = {"gpu": SearchSettings(instances=2, batch_delay_us=200, io_binding=True, cuda_graph=True,
+                                         intra_op_threads=1),
+                   "cpu": SearchSettings(instances=1, batch_delay_us=100, io_binding=True, cuda_graph=False,
+                                         intra_op_threads=None)}
+# Requests the search step lets wait (each execution takes up to sig.SEARCH_MAX_BATCH queries); more are answered
+# UNAVAILABLE at once by Triton, which the client backs off from. Only the one step: no later step to stall.
+SEARCH_QUEUE_SIZE = 256
+# Queries x rows per graph call at most: the graph holds (B, N, R, hidden) float32 tensors, ~2.5 GB per query of a
+# 100,000-row store, so a whole-store search runs one query per call, a search among 1,000 rows up to 64.
+SEARCH_ROWS_PER_RUN = 131_072
 
 
 def device_kind() -> str:
@@ -535,11 +571,10 @@ def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: 
     config = mc.ModelConfig(name=signature.model_name, max_batch_size=max_batch)
     config.version_policy.all.SetInParent()
     _io(config, signature, sizes)
-    if signature is sig.STORE_TOPK:
-        _top_k_step(config, "store")
+    if signature is sig.SEARCH_STEP:
+        _search_step(config, SEARCH_SETTINGS[kind], instances, max_batch)
         return config
-    if signature is not sig.SEARCH_STORE:  # the search graph takes one k per execution: requests run alone
-        config.dynamic_batching.max_queue_delay_microseconds = batch_delay_us
+    config.dynamic_batching.max_queue_delay_microseconds = batch_delay_us
     if signature is sig.STORE_TOKENIZER:
         queue_policy(config, max_queue_size=max(MAX_QUEUE_SIZE, 2 * max_batch))
         _text_step(config, "store", instances=instances)
@@ -557,6 +592,25 @@ def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: 
     else:
         _onnxruntime_instances(config, kind, instances)
     return config
+
+
+def _search_step(config: mc.ModelConfig, settings: SearchSettings, instances: int, max_batch: int) -> None:
+    """``amc_search_step``: the text step's module in mode search, with the search graph's parameters
+    (``text_step.SearchGraph`` reads them)."""
+    config.backend = "python"
+    # KIND_CPU: the instance is a Python process; onnxruntime inside it picks the CUDA provider itself.
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
+    config.dynamic_batching.max_queue_delay_microseconds = settings.batch_delay_us
+    queue_policy(config, max_queue_size=SEARCH_QUEUE_SIZE)
+    params = {"mode": "search", **{k: str(v) for k, v in request_bounds().items()}, "onnx_file": SEARCH_GRAPH_FILE,
+              "use_tf32": "0",
+              "graph_inputs": ",".join(sig.SEARCH_STORE.input_names),
+              "io_binding": str(int(settings.io_binding)), "cuda_graph": str(int(settings.cuda_graph)),
+              "max_rows_per_run": str(SEARCH_ROWS_PER_RUN), "max_graph_batch": str(max_batch)}
+    if settings.intra_op_threads is not None:
+        params["intra_op_num_threads"] = str(settings.intra_op_threads)
+    for key, value in params.items():
+        config.parameters[key].string_value = value
 
 
 def store_ensemble_config(name: str, version: int, max_batch: int = sig.MAX_BATCH) -> mc.ModelConfig:
@@ -590,19 +644,21 @@ def stage_store_version(repository: Path, *, version: int, flavour: str, onnx_di
         raise ValueError(f"store step instances must be >= 1, got {instances}")
     kind = kind or device_kind()
     tuned = instances or store_instances(kind)
+    searching = instances or SEARCH_SETTINGS[kind].instances
     written: list[Path] = []
     steps = STORE_STEPS + (FUSED_STEPS + SEARCH_STEPS if fused else ())
     for step in steps:
         config_path = repository / step.model_name / "config.pbtxt"
         if not config_path.exists() or not has_versions(config_path.parent):
-            count = tuned if step in TUNED_STORE_STEPS else 1
+            count = searching if step is sig.SEARCH_STEP else tuned if step in TUNED_STORE_STEPS else 1
             write_atomic(config_path, to_text(store_step_config(step, flavour, instances=count, sizes=sizes,
                                                                 kind=kind)))
         version_dir = repository / step.model_name / str(version)
         if step is sig.STORE_TOKENIZER:
             write_text_step(version_dir, version=version, files=text, store_json=store_json)
-        elif step is sig.STORE_TOPK:
-            write_top_k_step(version_dir, store_json=store_json)
+        elif step is sig.SEARCH_STEP:  # the text step's files, the search graph, no sentence encoder of its own
+            write_text_step(version_dir, version=version, files=text, store_json=store_json, encoder=False)
+            shutil.copy(onnx_dir / SEARCH_GRAPH_FILE, version_dir / SEARCH_GRAPH_FILE)
         else:
             version_dir.mkdir(parents=True)
             short = step.model_name.removeprefix("amc_")
@@ -645,23 +701,16 @@ def check_store_configs(repository: Path, steps: Sequence[sig.StepSignature] = A
 
 
 def search_ensemble_config(name: str, version: int) -> mc.ModelConfig:
-    """Whole-store search, pinned to ``version``: store text step (every row of the store, or the rows of the
-    optional ``candidate_ids`` filter; it checks ``top_k``) -> ``amc_search_store`` over those rows, which keeps
-    the top ``search_k`` -> the store top-k step, which adds the kept rows' store ids and keywords (see
-    ``serving/backends/top_k.py``).
+    """Whole-store search, pinned to ``version``: one step, ``amc_search_step`` (checks the request, tokenizes, runs
+    the search graph over every row of the store or the rows of the optional ``candidate_ids`` filter, adds the kept
+    rows' store ids and keywords; ``serving/backends/text_step.py``, mode search).
 
-    Why one graph with the selection inside: the four networks run in one step, and only the k rows kept leave
-    it, so the per-row tensors of a whole store (a search of 100,000 images: 20 MB of region attention) never
-    cross the Python backend's shared memory."""
-    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=sig.MAX_BATCH)
+    Why one step (issue 23): each Python step costs CPU per request in the stub and the shared-memory hand-off
+    (reports/gpu.md, run 8), and the graph keeps only the top k rows, so no per-row tensor of a whole store
+    crosses the Python backend. The ensemble stays so that a version's search is pinned by name, as before."""
+    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=sig.SEARCH_MAX_BATCH)
     _io(config, sig.SEARCH_ENSEMBLE)
-    used = [n for n in sig.STORE_TOKENIZER.output_names if n in sig.SEARCH_STORE.input_names or
-            n == sig.CANDIDATE_ROWS.name]
-    _add_step(config, sig.STORE_TOKENIZER, version, {n: n for n in used})
-    _add_step(config, sig.SEARCH_STORE, version,
-              {**_renamed(sig.SEARCH_STORE), sig.CANDIDATE_INDEX.name: sig.RANKED_ROWS.name},
-              inputs={sig.CANDIDATE_IDS.name: sig.CANDIDATE_ROWS.name})
-    _add_step(config, sig.STORE_TOPK, version, inputs={sig.CANDIDATE_ROWS.name: sig.RANKED_ROWS.name})
+    _add_step(config, sig.SEARCH_STEP, version)
     return config
 
 
@@ -759,7 +808,7 @@ def set_store_serving(repository: Path, version: int) -> str:
         write_atomic(repository / sig.STORE_FUSED_ENSEMBLE_NAME / "config.pbtxt",
                      to_text(store_fused_ensemble_config(sig.STORE_FUSED_ENSEMBLE_NAME, version)))
         (repository / sig.STORE_FUSED_ENSEMBLE_NAME / "1").mkdir(exist_ok=True)
-    if (repository / sig.STORE_TOPK.model_name / str(version)).is_dir():
+    if (repository / sig.SEARCH_STEP.model_name / str(version)).is_dir():
         write_atomic(repository / sig.SEARCH_ENSEMBLE_NAME / "config.pbtxt",
                      to_text(search_ensemble_config(sig.SEARCH_ENSEMBLE_NAME, version)))
         (repository / sig.SEARCH_ENSEMBLE_NAME / "1").mkdir(exist_ok=True)

@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("== 4/4 serve with tritonserver and query through the client")
     models = [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]
-    models += [sig.STORE_TOKENIZER.model_name, sig.SEARCH_STORE.model_name, sig.STORE_TOPK.model_name,
-               sig.versioned_search_ensemble_name(version), sig.SEARCH_ENSEMBLE_NAME]
+    models += [sig.SEARCH_STEP.model_name, sig.versioned_search_ensemble_name(version), sig.SEARCH_ENSEMBLE_NAME]
     with TritonServer(args.repository, models=models) as server, AMCClient(server.grpc_url, timeout_s=60) as client:
         print(f"tritonserver ready at {server.grpc_url} (pid {server.pid})")
         test = corpus.queries["test"]

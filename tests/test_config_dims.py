@@ -34,8 +34,8 @@ from export.store import publish_store
 from training.model import AMC, AMCConfig
 
 # Every step that Triton serves from an ONNX graph (model.onnx; the text step's encoder runs inside Python).
-ONNX_STEPS = {s.model_name for s in (*sig.NETWORKS, *sig.STORE_NETWORKS, sig.FUSED, sig.FUSED_STORE,
-                                     sig.SEARCH_STORE)}
+# (The search graph runs inside the search step, a Python step in both flavours.)
+ONNX_STEPS = {s.model_name for s in (*sig.NETWORKS, *sig.STORE_NETWORKS, sig.FUSED, sig.FUSED_STORE)}
 
 
 def graph_shapes(path) -> dict[str, list[int]]:

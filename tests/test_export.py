@@ -19,6 +19,7 @@ from export.publish import publish, published_versions
 from export.repository import (
     ALL_STORE_STEPS,
     FLAVOURS,
+    SEARCH_GRAPH_FILE,
     STEPS,
     STORE_FILE,
     STORE_INSTANCES,
@@ -222,18 +223,20 @@ def test_store_graphs_equal_the_raw_path(tmp_path, checkpoint):
     keywords = [list(rng.choice(KEYWORDS, size=int(rng.integers(1, 4)), replace=False)) for _ in range(12)]
     store = publish_store(repo, version, tiny_model(), TERM_WEIGHTS, regions, keywords, fingerprint="fp",
                           instances=3, log=quiet)
-    # The store path's text step and fused graph get the device kind's instances (here given), the rest one.
+    # The store path's text step, fused graph and search step get the instances given, the rest one.
     counts = {s.model_name: parse_config((repo / s.model_name / "config.pbtxt").read_text()).instance_group[0].count
               for s in ALL_STORE_STEPS}
-    assert counts == {s.model_name: 3 if s in TUNED_STORE_STEPS else 1 for s in ALL_STORE_STEPS}
+    assert counts == {s.model_name: 3 if s in (*TUNED_STORE_STEPS, sig.SEARCH_STEP) else 1 for s in ALL_STORE_STEPS}
     with pytest.raises(ValueError, match="unknown device kind 'tpu'"):
         store_instances("tpu")
     assert store.keyword_projected.shape == (12, store.keywords.shape[1], 12)
     assert np.array_equal(store.keyword_mask, store.keywords != "")
     manifest = json.loads((repo / sig.STORE_TOKENIZER.model_name / str(version) / STORE_FILE).read_text())
     assert manifest["size"] == 12 and manifest["keywords"] == keywords
-    for name in ("van_store", "lan_store", "fused_store", "search_store", "fused"):
+    for name in ("van_store", "lan_store", "fused_store", "fused"):
         assert (repo / f"amc_{name}" / str(version) / "model.onnx").is_file()
+    search = repo / sig.SEARCH_STEP.model_name / str(version)  # one step: the search graph, no encoder of its own
+    assert (search / SEARCH_GRAPH_FILE).is_file() and not (search / "text_encoder.onnx").exists()
     # A store step config of other tensors (an older release's fused store graph took the query's embedding) is
     # refused before anything is written: every version of a step shares its config.
     config = repo / sig.FUSED_STORE.model_name / "config.pbtxt"

@@ -170,8 +170,7 @@ def test_search_follows_promote_and_rollback(trained, trained_other, small_corpu
     v1 = publish(trained.checkpoint, repository, store=_gallery(small_corpus), log=lambda *_: None)
     assert store_serving_version(repository) == v1
     models = [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(v1), sig.ENSEMBLE_NAME]
-    models += [sig.STORE_TOKENIZER.model_name, sig.SEARCH_STORE.model_name, sig.STORE_TOPK.model_name,
-               sig.versioned_search_ensemble_name(v1), sig.SEARCH_ENSEMBLE_NAME]
+    models += [sig.SEARCH_STEP.model_name, sig.versioned_search_ensemble_name(v1), sig.SEARCH_ENSEMBLE_NAME]
     with TritonServer(repository, models=models, admin_key=KEY) as server, \
             AMCClient(server.grpc_url, timeout_s=60) as client, \
             Rollout(repository, server.grpc_url, admin_key=KEY, ndcg_margin=1.0, log=lambda *_: None) as rollout:

@@ -47,7 +47,8 @@ TOLERANCE = 1e-4
 
 
 # Whole-store search: the version also gets a candidate store of the small corpus's images, ids "s<row>".
-SEARCH_MODELS = [sig.STORE_TOKENIZER.model_name, sig.SEARCH_STORE.model_name, sig.STORE_TOPK.model_name]
+# amc_search is one step (amc_search_step); amc_fused_store is here for the direct-caller check of its graph input.
+SEARCH_MODELS = [sig.SEARCH_STEP.model_name, sig.FUSED_STORE.model_name]
 
 
 @pytest.fixture(scope="module")
@@ -476,7 +477,7 @@ def test_search_bad_inputs_are_invalid_arguments_and_search_still_works(served, 
 
 
 def test_a_repeated_query_word_sent_to_a_store_graph_is_an_invalid_argument(served):
-    """The search graph's lexical match scatters the query's word weights by word number, so a repeated number
+    """The fused store graphs' lexical match scatters the query's word weights by word number, so a repeated number
     would count once: a direct caller who repeats one gets INVALID_ARGUMENT naming it, and the same request
     without the repeat is answered."""
     client = grpcclient.InferenceServerClient(served[0].grpc_url)
@@ -485,15 +486,14 @@ def test_a_repeated_query_word_sent_to_a_store_graph_is_an_invalid_argument(serv
     request = {sig.QUERY_TOKENS.name: tokens,
                sig.QUERY_WORDS.name: np.array([[5, 9, 5, -1, -1, -1, -1, -1]], dtype=np.int64),
                sig.QUERY_WORD_WEIGHTS.name: np.array([[1.0, 2.0, 3.0, 0, 0, 0, 0, 0]], dtype=np.float32),
-               sig.CANDIDATE_IDS.name: np.array([[0, 1, 2]], dtype=np.int64),
-               sig.SEARCH_K.name: np.array([[2]], dtype=np.int64)}
+               sig.CANDIDATE_IDS.name: np.array([[0, 1, 2]], dtype=np.int64)}
     with pytest.raises(InferenceServerException) as info:
-        client.infer(sig.SEARCH_STORE.model_name, raw_inputs(request), client_timeout=60)
+        client.infer(sig.FUSED_STORE.model_name, raw_inputs(request), client_timeout=60)
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "query_words[0] repeats 5; each value may appear once" in info.value.message()
     request[sig.QUERY_WORDS.name][0, 2] = 7
-    answer = client.infer(sig.SEARCH_STORE.model_name, raw_inputs(request), client_timeout=60)
-    assert answer.as_numpy(sig.SCORES.name).shape == (1, 2)
+    answer = client.infer(sig.FUSED_STORE.model_name, raw_inputs(request), client_timeout=60)
+    assert answer.as_numpy(sig.SCORES.name).shape == (1, 3)
     # The store text step numbers the words the store lacks one each, so a query of several is still served.
     with AMCClient(served[0].grpc_url, timeout_s=60) as amc:
         assert len(amc.search("blorptastic frumious cat snarkle", top_k=2)) == 2

@@ -366,3 +366,15 @@ SEARCH_ENSEMBLE = StepSignature(SEARCH_ENSEMBLE_NAME, (QUERY, TOP_K, SEARCH_IDS)
 def versioned_search_ensemble_name(version: int) -> str:
     """Name of the search ensemble pinned to one model version (``amc_search_v3``)."""
     return f"{SEARCH_ENSEMBLE_NAME}_v{version}"
+
+
+# ---- one-step search (issue 23): what amc_search runs since, in one Python step per request ---------------------
+# amc_search_step (serving/backends/text_step.py, mode search): checks the request, tokenizes the query and numbers
+# its words, runs the search graph (SEARCH_STORE's: the sentence encoder, the lexical match, the four networks and
+# TopK over the rows searched) through onnxruntime with its inputs and outputs bound on the device, and answers the
+# kept rows with their store ids and keywords: amc_search's request and response, one Python step instead of three.
+# Its inputs in the store text step's order (query, candidate_ids, top_k), which that module parses.
+SEARCH_STEP = StepSignature("amc_search_step", STORE_TOKENIZER.inputs, SEARCH_ENSEMBLE.outputs)
+# Most queries one search request carries (the step's and the search ensembles' max_batch_size):
+# ``AMCClient.search_many`` sends a queue of queries in requests of at most this many.
+SEARCH_MAX_BATCH = STORE_MAX_BATCH

@@ -12,7 +12,8 @@ repository flavour). Everything model-specific comes from the model's ``config.p
   (default): CUDA when onnxruntime offers it, else CPU; or ``cpu``/``cuda``),
   ``use_tf32`` (``0`` (default) or ``1``: the CUDA provider's ``use_tf32`` option; with 0 its float32 MatMuls
   stay float32, as on the CPU path; onnxruntime's own default is TF32 on, about 1e-3 relative off fp32),
-  ``distinct`` (comma-separated input names: in each query's row of these, a value of 0 or more may appear only
+  ``cuda_graph`` (``0`` (default) or ``1``: the CUDA provider's ``enable_cuda_graph``; only the search step sets it,
+  which runs its session through :class:`BoundSession`), ``distinct`` (comma-separated input names: in each query's row of these, a value of 0 or more may appear only
   once, negative values pad; the fused store graphs set it on ``query_words``, whose weights their lexical match
   scatters by word number, so that a repeated word would silently count once).
 
@@ -156,8 +157,86 @@ def execution_providers(params: dict[str, str], args: dict[str, str], model_name
         tf32 = (params.get("use_tf32") or "0").strip()
         if tf32 not in ("0", "1"):
             raise ValueError(f"{model_name}: use_tf32 must be 0 or 1, not {tf32!r}")
-        return [("CUDAExecutionProvider", {"device_id": device, "use_tf32": tf32}), "CPUExecutionProvider"]
+        options = {"device_id": device, "use_tf32": tf32}
+        if (params.get("cuda_graph") or "0").strip() == "1":  # only a BoundSession can run such a session
+            options["enable_cuda_graph"] = "1"
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+# Batch sizes a BoundSession pads a call's queries up to (at most 1.5x the work): a few shapes, so a few bound buffer
+# sets and CUDA graphs serve every batch the dynamic batcher forms.
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def bucket(n: int) -> int:
+    """The smallest of :data:`BATCH_BUCKETS` that holds ``n`` queries (``n`` itself above the largest)."""
+    return next((b for b in BATCH_BUCKETS if b >= n), n)
+
+
+class BoundSession:
+    """``session`` run through onnxruntime's IOBinding, its inputs and outputs in buffers on the session's device
+    that are allocated once per set of input shapes (a "bucket") and bound once; with ``cuda_graph`` (the session was
+    made with the CUDA provider's ``enable_cuda_graph``) each bucket's run is also captured as a CUDA graph (run
+    option ``gpu_graph_id``) and replayed.
+
+    Why: ``session.run`` with host arrays allocates every output and copies every input and output per call, and
+    launches each of the graph's kernels from the calling thread; here a call copies the inputs into the bound
+    buffers (``OrtValue.update_inplace``), runs, and copies the outputs back once, and with a graph the launches are
+    one replay. The same code runs on the CPU provider (device ``cpu``), so the CPU tests cover it.
+
+    ``host_inputs``: inputs bound in host memory whatever the device, and part of a bucket's key by value: the
+    search graph's ``search_k``, which ONNX TopK reads on the host (bound on the GPU, onnxruntime would copy it back
+    inside the graph, and a graph with a copy cannot be captured). ``max_graphs``: buckets captured at most; calls of
+    further shapes run uncaptured (``gpu_graph_id`` -1), since a captured graph keeps its memory for good.
+    """
+
+    def __init__(self, session: Any, *, device: str = "cpu", device_id: int = 0, host_inputs: tuple[str, ...] = (),
+                 cuda_graph: bool = False, max_graphs: int = 64) -> None:
+        self.session, self.device, self.device_id = session, device, device_id
+        self.host_inputs, self.cuda_graph, self.max_graphs = set(host_inputs), cuda_graph, max_graphs
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.buckets: dict[tuple, tuple[Any, dict[str, Any], list[Any], Any]] = {}
+        self.graphs = 0
+
+    def _key(self, feeds: dict[str, np.ndarray]) -> tuple:
+        return tuple((n, a.shape, a.tobytes() if n in self.host_inputs else b"") for n, a in feeds.items())
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call: ``feeds`` (host arrays) -> every output as a host array of its own (not a view of a buffer
+        the next call overwrites)."""
+        import onnxruntime as ort
+
+        key = self._key(feeds)
+        found = self.buckets.get(key)
+        if found is not None:
+            io, inputs, outputs, options = found
+            for name, value in inputs.items():
+                value.update_inplace(np.ascontiguousarray(feeds[name]))  # into the bound buffer, same address
+            self.session.run_with_iobinding(io, options)
+        else:
+            io = self.session.io_binding()
+            inputs = {}
+            for name, array in feeds.items():
+                where = "cpu" if name in self.host_inputs else self.device
+                inputs[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), where, self.device_id)
+                io.bind_ortvalue_input(name, inputs[name])
+            options = ort.RunOptions()
+            if self.cuda_graph:
+                graph = self.graphs + 1 if self.graphs < self.max_graphs else -1  # -1: run without capturing
+                self.graphs += graph > 0
+                options.add_run_config_entry("gpu_graph_id", str(graph))
+            # The first call lets onnxruntime allocate the outputs on the device (it knows their shapes); those
+            # buffers then stay bound, so later calls (and a captured graph) write into the same addresses.
+            for name in self.output_names:
+                io.bind_output(name, self.device, self.device_id)
+            self.session.run_with_iobinding(io, options)
+            outputs = io.get_outputs()
+            io.clear_binding_outputs()
+            for name, value in zip(self.output_names, outputs, strict=True):
+                io.bind_ortvalue_output(name, value)
+            self.buckets[key] = (io, inputs, outputs, options)
+        return {name: np.array(value.numpy()) for name, value in zip(self.output_names, outputs, strict=True)}
 
 
 def error_response(model_name: str, error: BaseException, *, invalid_argument: bool) -> Any:

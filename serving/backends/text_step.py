@@ -1,9 +1,10 @@
 """The text step of the ensembles: query and keyword strings to what the steps after it read (sentence-encoder
 features and lexical matches; for the fused store graphs, the query's tokens and numbered words).
 
-One module, two Triton models: the config generator copies it as ``model.py`` into ``amc_tokenizer/<N>/``
-(config parameter ``mode: raw``) and into ``amc_store_tokenizer/<N>/`` (``mode: store``). Files beside it
-(written by ``export.repository``):
+One module, three Triton models: the config generator copies it as ``model.py`` into ``amc_tokenizer/<N>/``
+(config parameter ``mode: raw``), into ``amc_store_tokenizer/<N>/`` (``mode: store``) and into
+``amc_search_step/<N>/`` (``mode: search``: the whole of ``amc_search`` in this one step, see :class:`SearchGraph`).
+Files beside it (written by ``export.repository``):
 
     amc_text.py          copy of amc_client/text.py: WordPiece ids, words, IDF term weights, lexical matches
     amc_onnx_runner.py   copy of onnx_runner.py, for its execution-provider choice and error responses
@@ -14,7 +15,8 @@ One module, two Triton models: the config generator copies it as ``model.py`` in
     term_weights.json    the checkpoint's IDF over the candidate collection (amc_client.text.TermWeights)
     keyword_table.npz    raw mode: keyword strings and their embeddings, precomputed at export for the
                          training corpus's keywords (texts (U,), vectors (U, E)); may be absent or empty
-    store.json           store mode: {"version", "size", "ids", "keywords": one list of strings per row}
+    store.json           store and search modes: {"version", "size", "ids", "keywords": one list of strings per row}
+    search_store.onnx    search mode: the search graph (no text_encoder.onnx: the graph runs the encoder)
     version.json         {"version": N, "text_rules": R} (no "text_rules": R = 1)
     emoji_names.json     from text rules 2 on: the emoji -> CLDR name table queries are normalized with
 
@@ -31,6 +33,14 @@ Tensors (names and order from config.pbtxt, generated from ``amc_client.signatur
                 query_tokens INT64 [B, L] (WordPiece ids, 0 padded to a multiple of 16),
                 query_words INT64 [B, W], query_word_weights FP32 [B, W] (the query's content words numbered as
                 the store's keyword words, amc_text.StoreWords, and their IDFs; -1 and 0 padded to a multiple of 8)
+
+    search in:  as store; out: scores FP32 [B, k], modality_weights FP32 [B, k, 2], region_attention FP32 [B, k, R],
+                keyword_attention FP32 [B, k, K_store], model_version INT64 [B, 1], candidate_index INT64 [B, k] (store
+                rows, best first), stored_ids BYTES [B, k], stored_keywords BYTES [B, k, K_store]
+
+Search mode is one Python step per request (issue 23): it checks the request as store mode does, tokenizes, and runs
+the search graph itself; the dynamic batcher's requests that search as many rows share graph calls. It takes no slot
+of an in-flight counter (nothing after it would free one): its own queue's bound (Triton's) refuses the excess.
 
 Store mode computes only the outputs a request's ensemble maps (``requested_output_names``): the 5-step
 ``amc_store`` reads the query's embedding and the lexical features (its networks take them); the fused store
@@ -66,8 +76,8 @@ Overload: each valid request takes a slot of its version's in-flight counter (``
 with ``max_in_flight`` taken, the request is answered UNAVAILABLE "overloaded: ... in flight" at once instead of
 waiting in the slow steps' queues. Refusals and the caller's mistakes are sent through each request's response
 sender before the batch's admitted queries are encoded (their places in ``execute``'s list are None), so that
-a refusal never waits for the encoder. Store mode counts only the requests of ``amc_search`` (asked for
-``candidate_rows``: its top-k step frees the slot); ``amc_store`` and ``amc_store_fused`` have no such step.
+a refusal never waits for the encoder. Only raw mode counts: the store and search modes' ensembles end in no step
+that frees a slot (``amc_store`` and ``amc_store_fused`` in an ONNX step; search answers in this step).
 
 With dynamic batching Triton hands several requests to one :meth:`TritonPythonModel.execute`: the queries of
 those that ask for the query's embedding are encoded in one encoder call; each request is validated and answered
@@ -92,9 +102,12 @@ try:
 except ImportError:  # imported outside Triton (benchmarks, tests): TextFeatures only
     pb_utils = None
 
-MODES = ("raw", "store")
+MODES = ("raw", "store", "search")
 # (data_type, rank after the batch dim) of the step's tensors, in the signatures' order; names come from config.
 _KINDS = {
+    "search": ((("TYPE_STRING", 1), ("TYPE_INT64", 1), ("TYPE_INT64", 1)),
+               (("TYPE_FP32", 1), ("TYPE_FP32", 2), ("TYPE_FP32", 2), ("TYPE_FP32", 2), ("TYPE_INT64", 1),
+                ("TYPE_INT64", 1), ("TYPE_STRING", 1), ("TYPE_STRING", 2))),
     "raw": ((("TYPE_STRING", 1), ("TYPE_STRING", 2), ("TYPE_BOOL", 2)),
             (("TYPE_FP32", 1), ("TYPE_FP32", 3), ("TYPE_FP32", 3), ("TYPE_INT64", 1))),
     "store": ((("TYPE_STRING", 1), ("TYPE_INT64", 1), ("TYPE_INT64", 1)),
@@ -156,10 +169,12 @@ class TextFeatures:
 
     ``providers``: onnxruntime execution providers for the encoder (default CPU); ``options``: its
     ``SessionOptions`` (default onnxruntime's; the served step passes ``onnx_runner.session_options``).
+    ``encoder=False``: no sentence encoder (the search step's graph runs it; its folder holds no text_encoder.onnx):
+    only the tokens, words and lexical matches, no embeddings.
     """
 
     def __init__(self, folder: str | Path, *, providers: Sequence[Any] | None = None, options: Any = None,
-                 cache_size: int = DEFAULT_KEYWORD_CACHE) -> None:
+                 cache_size: int = DEFAULT_KEYWORD_CACHE, encoder: bool = True) -> None:
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -168,10 +183,13 @@ class TextFeatures:
         self.wordpiece = self.text.load_wordpiece((folder / "tokenizer.json").read_text(encoding="utf-8"))
         self.matcher = self.text.LexicalMatcher(
             self.text.TermWeights.from_json((folder / "term_weights.json").read_text(encoding="utf-8")))
-        self.session = ort.InferenceSession(str(folder / "text_encoder.onnx"), sess_options=options,
-                                            providers=list(providers or ["CPUExecutionProvider"]))
-        self.tokens_name = self.session.get_inputs()[0].name
-        self.dim = int(self.session.get_outputs()[0].shape[-1])
+        self.session = None
+        self.dim = 0
+        if encoder:
+            self.session = ort.InferenceSession(str(folder / "text_encoder.onnx"), sess_options=options,
+                                                providers=list(providers or ["CPUExecutionProvider"]))
+            self.tokens_name = self.session.get_inputs()[0].name
+            self.dim = int(self.session.get_outputs()[0].shape[-1])
         self.table: dict[str, np.ndarray] = {}
         if (folder / "keyword_table.npz").is_file():
             with np.load(folder / "keyword_table.npz", allow_pickle=False) as data:
@@ -305,6 +323,111 @@ class TextFeatures:
         return self.store_keywords[ids]
 
 
+class SearchGraph:
+    """Mode search's graph call: ``model.onnx`` beside the step (the search graph, ``export.store.SearchStoreGraph``:
+    the sentence encoder, the lexical match, the four networks and TopK over the rows searched) on this process's
+    onnxruntime, fed the queries' tokens and numbered words, with the store's id and keyword strings of the rows it
+    keeps. Config parameters (the generator writes them, ``export.repository``):
+
+    - ``graph_inputs``: the graph's input names, in the order tokens, words, word weights, rows, k (the signatures');
+    - ``io_binding`` (``1`` default): run through ``onnx_runner.BoundSession`` (inputs and outputs bound in buffers on
+      the session's device, a few batch shapes); ``0``: ``session.run`` with host arrays (the A/B's "off");
+    - ``cuda_graph`` (``0`` default): also capture each shape's run as a CUDA graph; where onnxruntime refuses it for
+      this graph (a node it cannot capture), the session runs without, and :meth:`describe` says why;
+    - ``max_rows_per_run`` (131072): queries x rows per graph call at most (the graph's (B, N, R, hidden) tensors:
+      a whole store of 100,000 rows is ~2.5 GB of them per query), ``max_graph_batch`` (64) queries at most;
+    - ``intra_op_num_threads``, ``allow_spinning``, ``execution_provider``, ``use_tf32``: as ``onnx_runner.py``.
+    """
+
+    def __init__(self, folder: Path, params: dict[str, str], args: dict[str, str], runner: Any, model_name: str,
+                 store_keywords: np.ndarray) -> None:
+        import onnxruntime as ort
+
+        self.names = [n.strip() for n in (params.get("graph_inputs") or "").split(",") if n.strip()]
+        self.max_rows = int(params.get("max_rows_per_run") or 131072)
+        self.max_batch = int(params.get("max_graph_batch") or 64)
+        path = folder / (params.get("onnx_file") or "search_store.onnx")
+        graph = (params.get("cuda_graph") or "0").strip() == "1"
+        self.graph_refused = ""
+
+        def open_session(p: dict[str, str]) -> Any:
+            return ort.InferenceSession(str(path), sess_options=runner.session_options(p, model_name),
+                                        providers=runner.execution_providers(p, args, model_name))
+        try:
+            session = open_session(params)
+        except Exception as e:  # noqa: BLE001 - onnxruntime refuses CUDA graphs for some graphs: serve without
+            if not graph:
+                raise
+            self.graph_refused = f"{type(e).__name__}: {e}"
+            graph = False
+            session = open_session({**params, "cuda_graph": "0"})
+        have = [i.name for i in session.get_inputs()]
+        if len(self.names) != 5 or sorted(have) != sorted(self.names):
+            raise ValueError(f"{model_name}: config parameter graph_inputs {self.names} does not name {path.name}'s "
+                             f"inputs {have}")
+        self.session = session
+        on_cuda = session.get_providers()[0] == "CUDAExecutionProvider"
+        device_id = int(session.get_provider_options().get("CUDAExecutionProvider", {}).get("device_id", 0))
+        self.cuda_graph = graph and on_cuda
+        self.bound = None
+        if (params.get("io_binding") or "1").strip() == "1" or self.cuda_graph:
+            self.bound = runner.BoundSession(session, device="cuda" if on_cuda else "cpu", device_id=device_id,
+                                             host_inputs=(self.names[4],), cuda_graph=self.cuda_graph)
+        self.bucket = runner.bucket
+        store = json.loads((folder / "store.json").read_text(encoding="utf-8"))
+        self.ids = np.array([i.encode("utf-8") for i in store["ids"]], dtype=object)  # (G,) UTF-8
+        self.keywords = np.vectorize(lambda k: k.encode("utf-8"), otypes=[object])(store_keywords)  # (G, K)
+
+    def describe(self) -> str:
+        how = "IOBinding" if self.bound is not None else "host arrays"
+        graphs = "CUDA graphs" if self.cuda_graph else ("no CUDA graphs (" + self.graph_refused + ")"
+                                                         if self.graph_refused else "no CUDA graphs")
+        return f"search graph on {self.session.get_providers()[0]}, {how}, {graphs}"
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.bound is not None:
+            return self.bound.run(feeds)
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, feeds), strict=True))
+
+    def search(self, requests: list[_Parsed], features: TextFeatures,
+               names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+        """Requests that search the same number of rows -> each one's outputs by name (``names``: the step's, in the
+        signature's order): the graph's for its top k (``top_k``, else every row), and the store's ids and keywords
+        of the rows kept (``candidate_index``)."""
+        texts = [t for p in requests for t in p.texts]
+        tokens = features.query_tokens(texts, normalized=True)  # (Q, L), one width for all
+        words, weights = features.query_words(texts, normalized=True)  # (Q, W)
+        rows = np.concatenate([p.ids for p in requests])  # (Q, N)
+        n = rows.shape[1]
+        wanted = [p.top_k or n for p in requests]
+        # One k for the whole call, rounded up (TopK's first k of a larger k are the same rows): fewer shapes.
+        k = n if max(wanted) >= n else min(n, 1 << (max(16, max(wanted)) - 1).bit_length())
+        step = max(1, min(self.max_batch, self.max_rows // n))
+        parts = []
+        for start in range(0, len(texts), step):
+            stop = min(len(texts), start + step)
+            size = self.bucket(stop - start)
+            size = size if size <= step else stop - start
+            pad = np.r_[np.arange(start, stop), np.full(size - (stop - start), stop - 1)]  # repeat the last query
+            feeds = dict(zip(self.names, (tokens[pad], words[pad], weights[pad], rows[pad],
+                                          np.full((size, 1), k, dtype=np.int64)), strict=True))
+            out = self.run(feeds)
+            parts.append({name: value[: stop - start] for name, value in out.items()})
+        merged = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        index, ids, keywords = names[5:8]  # candidate_index (the store rows kept), stored_ids, stored_keywords
+        answers, start = [], 0
+        for p, want in zip(requests, wanted, strict=True):
+            stop = start + len(p.texts)
+            out = {name: value[start:stop, :want] if value.ndim > 1 and value.shape[1] == k else value[start:stop]
+                   for name, value in merged.items()}
+            kept = out[index]
+            out[ids], out[keywords] = self.ids[kept], self.keywords[kept]
+            answers.append(out)
+            start = stop
+        return answers
+
+
 @dataclass
 class _Parsed:
     """One request after validation: its query texts and its candidates."""
@@ -350,15 +473,16 @@ class TritonPythonModel:
         self.max_keyword_bytes = bounds["max_keyword_bytes"]
         # onnx_runner.py's provider choice and error responses (INVALID_ARGUMENT for the caller's mistakes).
         self.runner = _load_module(here, "amc_onnx_runner.py")
+        searching = self.mode == "search"
         self.features = TextFeatures(
             here, providers=self.runner.execution_providers(params, args, self.model_name),
             options=self.runner.session_options(params, self.model_name),
-            cache_size=int(params.get("keyword_cache_size") or DEFAULT_KEYWORD_CACHE))
-        if self.features.dim != config["output"][0]["dims"][0]:
+            cache_size=int(params.get("keyword_cache_size") or DEFAULT_KEYWORD_CACHE), encoder=not searching)
+        if not searching and self.features.dim != config["output"][0]["dims"][0]:
             raise ValueError(f"{self.model_name}: text_encoder.onnx gives {self.features.dim}-d embeddings, the "
                              f"config declares {config['output'][0]['dims'][0]}")
         detail = f"{len(self.features.table)} keywords precomputed"
-        if self.mode == "store":
+        if self.mode != "raw":
             store = self.features.store_keywords
             if store is None:
                 raise ValueError(f"{self.model_name}: mode store needs store.json in {here}")
@@ -366,6 +490,9 @@ class TritonPythonModel:
             self.all_rows = np.arange(len(store), dtype=np.int64)[None]  # (1, G): the rows of a whole-store search
             # top_k's checks, as the top-k step makes them (amc_top_k.py beside this file): INVALID_ARGUMENT here.
             self.top_k_rule = _load_module(here, "amc_top_k.py")
+        if searching:
+            self.search = SearchGraph(here, params, args, self.runner, self.model_name, self.features.store_keywords)
+            detail += f", {self.search.describe()}"
         self.in_flight = None
         self.early_refusals = True  # answered through the response sender (_answer_now) until a stub lacks it
         self.max_in_flight = int(params.get("max_in_flight") or 0)
@@ -380,8 +507,9 @@ class TritonPythonModel:
                 detail += f", at most {self.max_in_flight} requests in flight ({self.in_flight.path})"
             else:
                 pb_utils.Logger.log_warn(f"{self.model_name}: no amc_admission.py in {here}: no admission control")
+        encoder = self.features.session.get_providers() if self.features.session is not None else "the graph"
         pb_utils.Logger.log_info(f"{self.model_name} v{self.version} ({self.mode}): {detail}, encoder on "
-                                 f"{self.features.session.get_providers()}, text rules "
+                                 f"{encoder}, text rules "
                                  f"{self.features.text_rules} from {self.features.text.__file__}")
 
     def _names(self, config: dict[str, Any], kind: str, expected: tuple[tuple[str, int], ...]) -> list[str]:
@@ -406,6 +534,8 @@ class TritonPythonModel:
         # not after the batch's queries are encoded: under overload the encoding of the admitted requests
         # would otherwise hold every rejection of the batch. Their place in the returned list is None.
         answered = [self._answer_now(r, p) for r, p in zip(requests, parsed, strict=True)]
+        if self.mode == "search":
+            return self._search(parsed, answered)
         # One encoder call for the queries of every request that asks for their embedding (the fused store
         # ensembles do not: their graph runs the encoder).
         encoded = [isinstance(p, _Parsed) and p.asks(self.output_names[0]) for p in parsed]
@@ -494,7 +624,7 @@ class TritonPythonModel:
         qn = self.input_names[0]
         if query.ndim != 2 or query.shape[1] != 1:
             raise RequestError(f"{qn} must have shape [batch, 1], got {list(query.shape)}")
-        parsed = self._parse_store(request, query) if self.mode == "store" else self._parse_raw(request, query)
+        parsed = self._parse_raw(request, query) if self.mode == "raw" else self._parse_store(request, query)
         for b in range(query.shape[0]):
             where = qn if query.shape[0] == 1 else f"{qn} {b} of the batch"
             size = len(query[b, 0])
@@ -569,7 +699,10 @@ class TritonPythonModel:
         # frees their slot; amc_store's and amc_store_fused's do not ask for it.
         names = getattr(request, "requested_output_names", None)
         parsed.wants = None if names is None else frozenset(names())
-        parsed.counted = parsed.wants is not None and self.output_names[3] in parsed.wants
+        # No store-path request takes a slot of the in-flight counter: amc_store and amc_store_fused end in an ONNX
+        # step, which cannot free one, and the search step answers its requests itself (Triton's bound on its queue
+        # refuses the excess).
+        parsed.counted = False
         top_k = pb_utils.get_input_tensor_by_name(request, self.input_names[2])
         if top_k is not None:  # the top-k step's rule, here before any row is scored
             try:
@@ -602,6 +735,30 @@ class TritonPythonModel:
             raise RequestError(f"{idn}[{b}] repeats store row {row} (at positions {at[0]} and {at[1]}); each "
                                "candidate may appear once")
         return _Parsed([], ids=ids)
+
+    def _search(self, parsed: list[_Parsed | Exception], answered: list[bool]) -> list[Any]:
+        """Mode search: the admitted requests' queries scored in as few graph calls as their shapes allow (requests
+        that search as many rows run together), each answered with its top k and their store ids and keywords."""
+        responses: list[Any] = [None] * len(parsed)
+        groups: dict[int, list[int]] = {}
+        for i, (p, done) in enumerate(zip(parsed, answered, strict=True)):
+            if done:
+                continue
+            if isinstance(p, Exception):
+                responses[i] = self._refusal(p)
+                continue
+            groups.setdefault(p.ids.shape[1], []).append(i)
+        for members in groups.values():
+            try:
+                found = self.search.search([parsed[i] for i in members], self.features, self.output_names)
+            except Exception as e:  # noqa: BLE001 - the group's requests fail, the instance keeps serving
+                for i in members:
+                    responses[i] = self._error(e)
+                continue
+            for i, outputs in zip(members, found, strict=True):
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor(name, np.ascontiguousarray(outputs[name])) for name in self.output_names])
+        return responses
 
     def _respond(self, p: _Parsed, query_text: np.ndarray | None) -> Any:
         version = np.full((len(p.texts), 1), self.version, dtype=np.int64)
