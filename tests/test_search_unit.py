@@ -104,6 +104,25 @@ def test_unpack_search_reads_the_store_strings():
     assert [(r.candidate_id, r.store_row, r.rank) for r in results] == [("dog", 4, 1), ("cat 🐱", 12, 2)]
     assert results[1].top_keywords == [("pet", pytest.approx(0.7)), ("cat", pytest.approx(0.3))]
     assert results[0].top_keywords == [("dog", 1.0)] and results[0].visual_weight == pytest.approx(0.6)
-    packed = _search.pack_search("cat", 5, np.array([3, 1]))
+    packed = _search.pack_search(["cat"], 5, np.array([3, 1]))
     assert packed["top_k"].tolist() == [[5]] and packed["candidate_ids"].tolist() == [[3, 1]]
-    assert set(_search.pack_search("cat", None, None)) == {"query"}
+    assert set(_search.pack_search(["cat"], None, None)) == {"query"}
+    many = _search.pack_search(["cat", "dog", "red heart"], 4, np.array([3, 1, 7, 9]))  # one request, shared filter
+    assert many["query"].tolist() == [[b"cat"], [b"dog"], [b"red heart"]] and many["top_k"].tolist() == [[4]] * 3
+    assert many["candidate_ids"].tolist() == [[3, 1, 7, 9]] * 3
+
+
+@pytest.mark.parametrize(("queries", "top_k", "ids", "message"), [
+    (["cat", "  ", "dog"], 3, None, r"queries\[1\]: query is empty"),
+    (["cat", 7], 3, None, r"queries\[1\]: query must be a string, got int"),
+    ([], 3, None, "queries is empty"),
+    ("cat", 3, None, "queries must be a list of strings, got str"),
+    (["cat", "dog"], 0, None, "top_k must be a positive int or None, got 0"),
+    (["cat", "dog"], 3, [4, 4, 1], "store row 4 appears more than once in ids"),
+    (["cat", "dog"], 3, [4, 1], "top_k 3 is more than the 2 candidates"),
+])
+def test_search_many_names_the_bad_query_or_argument(queries, top_k, ids, message):
+    with pytest.raises(InvalidInputError, match=message):
+        _search.check_search_many(queries, top_k, ids)
+    texts, rows = _search.check_search_many(["cat", "dog"], 2, [5, 1])
+    assert texts == ["cat", "dog"] and rows.tolist() == [5, 1]

@@ -10,6 +10,7 @@ server keeps answering.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -452,6 +453,46 @@ def test_search_async_and_cli(served, client, capsys):
     assert [r["store_row"] for r in doc["results"]] == [r.store_row for r in client.search("cat face", top_k=3)]
     assert cli.main(["search", "cat face", "--ids", "4", "4", "--url", server.grpc_url]) == 2
     assert "store row 4 appears more than once" in capsys.readouterr().err
+
+
+def test_search_many_equals_one_search_per_query(served, client, small_corpus, tmp_path, capsys):
+    """Several queries per request (issue 23): each query's answer is what its own search gives, over the whole
+    store and among a filter, across the requests of more than SEARCH_MAX_BATCH queries; the CLI reads a file."""
+    from amc_client import cli
+
+    server, version = served
+    queries = [q.text for q in small_corpus.queries["test"][:5]] + ["cat face", "red heart 🐱"]
+    many = queries * (sig.SEARCH_MAX_BATCH // len(queries) + 2)  # two requests
+    found = client.search_many(many, top_k=5)
+    assert len(found) == len(many)
+    for query, results in zip(many, found, strict=True):
+        single = client.search(query, top_k=5)
+        assert [r.store_row for r in results] == [r.store_row for r in single]
+        np.testing.assert_allclose([r.score for r in results], [r.score for r in single], rtol=1e-6)
+        assert all(r.model_version == version for r in results)
+    rows = [5, 17, 42, 99, 3, 150]
+    among = client.search_many(queries[:3], top_k=2, ids=rows)
+    assert [[r.store_row for r in rs] for rs in among] == [[r.store_row for r in client.search(q, top_k=2, ids=rows)]
+                                                           for q in queries[:3]]
+    file = tmp_path / "queries.txt"
+    file.write_text("\n".join(queries[:3]) + "\n\n", encoding="utf-8")
+    assert cli.main(["search", "--queries-file", str(file), "--top-k", "2", "--url", server.grpc_url, "--json"]) == 0
+    docs = json.loads(capsys.readouterr().out)
+    assert [d["query"] for d in docs] == queries[:3]
+    assert [[r["store_row"] for r in d["results"]] for d in docs] == [[r.store_row for r in rs[:2]] for rs in found[:3]]
+
+
+@pytest.mark.usefixtures("still_serving")
+def test_search_many_with_a_bad_query_fails_that_call_naming_it(served, client):
+    """One bad query fails its call with its index, client-side or (validate=False) from the server; the server
+    keeps serving, the same client too."""
+    with pytest.raises(InvalidInputError, match=r"queries\[2\]: query is empty"):
+        client.search_many(["cat", "dog", "  ", "red heart"], top_k=2)
+    with pytest.raises(InvalidInputError, match="INVALID_ARGUMENT.*query 2 of the batch is empty"):
+        client.search_many(["cat", "dog", "  ", "red heart"], top_k=2, validate=False)
+    with pytest.raises(InvalidInputError, match=r"the request of queries\[64:66\].*query 1 of the batch is empty"):
+        client.search_many(["cat"] * 65 + [" "], top_k=2, validate=False)
+    assert [len(r) for r in client.search_many(["cat", "dog"], top_k=2)] == [2, 2]
 
 
 @pytest.mark.usefixtures("still_serving")

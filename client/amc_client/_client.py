@@ -261,12 +261,29 @@ class _Core:
     def _search(self, query: str, top_k: int | None, ids: Any, validate: bool) -> _Steps:
         """Whole-store search (``_search.py`` has the design): one request to ``amc_search`` (or its pinned twin)."""
         text, rows = _search.check_search(query, top_k, ids, validate)
-        inputs = self._inputs(_search.pack_search(text, top_k, rows), sig.SEARCH_ENSEMBLE)
+        return (yield from self._search_request([text], top_k, rows))[0]
+
+    def _search_many(self, queries: Sequence[str], top_k: int | None, ids: Any, validate: bool) -> _Steps:
+        """Several searches in requests of up to ``sig.SEARCH_MAX_BATCH`` queries each, one after the other."""
+        texts, rows = _search.check_search_many(queries, top_k, ids, validate)
+        found: list[list[RankedResult]] = []
+        for start in range(0, len(texts), sig.SEARCH_MAX_BATCH):
+            part = texts[start:start + sig.SEARCH_MAX_BATCH]
+            try:
+                found += yield from self._search_request(part, top_k, rows)
+            except InvalidInputError as e:  # the server names a query by its place in the request
+                if len(part) == len(texts):
+                    raise
+                raise InvalidInputError(f"the request of queries[{start}:{start + len(part)}]: {e}") from e
+        return found
+
+    def _search_request(self, texts: list[str], top_k: int | None, rows: np.ndarray | None) -> _Steps:
+        inputs = self._inputs(_search.pack_search(texts, top_k, rows), sig.SEARCH_ENSEMBLE)
         deadline = _calls.Deadline(self.timeout_s)
         model, version = yield from self._choose_search(deadline)
         result = yield from self._call("infer", model, deadline, model_name=model, inputs=inputs,
                                        outputs=self._outputs(sig.SEARCH_ENSEMBLE))
-        return _search.results(result, model, version)
+        return _search.results(result, model, version, len(texts))
 
     def _choose_search(self, deadline: _calls.Deadline) -> _Steps:
         """``amc_search``, its pinned twin, or (its canary share of the searches) the canary version's."""
@@ -542,6 +559,15 @@ class AMCClient(_Core):
         model version published with a store (``export.publish --store-corpus``); one request, whatever its size."""
         return self._drive(self._search(query, top_k, ids, validate))
 
+    def search_many(
+        self, queries: Sequence[str], top_k: int | None = 10, ids: Sequence[int] | None = None, *,
+        validate: bool = True
+    ) -> list[list[RankedResult]]:
+        """:meth:`search` for each of ``queries`` (sharing ``top_k`` and ``ids``), in requests of up to
+        ``signatures.SEARCH_MAX_BATCH`` queries: a caller with a queue of queries pays each request's cost once per
+        request, not per query. One bad query fails the call, its index in the message; the server keeps serving."""
+        return self._drive(self._search_many(queries, top_k, ids, validate))
+
     def server_ready(self) -> bool:
         """True if the server answers that it is ready; False if it is not, or cannot be reached."""
         return self._drive(self._probe("is_server_ready"))
@@ -660,6 +686,13 @@ class AsyncAMCClient(_Core):
     ) -> list[RankedResult]:
         """See :meth:`AMCClient.search`."""
         return await self._drive(self._search(query, top_k, ids, validate))
+
+    async def search_many(
+        self, queries: Sequence[str], top_k: int | None = 10, ids: Sequence[int] | None = None, *,
+        validate: bool = True
+    ) -> list[list[RankedResult]]:
+        """See :meth:`AMCClient.search_many`."""
+        return await self._drive(self._search_many(queries, top_k, ids, validate))
 
     async def server_ready(self) -> bool:
         """See :meth:`AMCClient.server_ready`."""

@@ -63,39 +63,65 @@ def check_search(query: object, top_k: object, ids: Sequence[int] | np.ndarray |
     return text, rows
 
 
-def pack_search(query: str, top_k: int | None, rows: np.ndarray | None) -> dict[str, np.ndarray]:
-    """``amc_search``'s inputs (by tensor name) for one query."""
-    arrays = {sig.QUERY.name: np.array([[query.encode("utf-8")]], dtype=object)}
+def check_search_many(queries: Sequence[str], top_k: object, ids: Sequence[int] | np.ndarray | None,
+                      validate: bool = True) -> tuple[list[str], np.ndarray | None]:
+    """:func:`check_search` for several queries that share ``top_k`` and the filter ``ids``; a bad query is named by
+    its index (``queries[3]: query is empty``)."""
+    if isinstance(queries, str | bytes) or not isinstance(queries, Sequence | np.ndarray):
+        raise InvalidInputError(f"queries must be a list of strings, got {type(queries).__name__}")
+    if not len(queries):
+        raise InvalidInputError("queries is empty: give at least one query")
+    texts, rows = [], None
+    for i, query in enumerate(queries):
+        try:
+            text, rows = check_search(query, top_k, ids if i == 0 else rows, validate)
+        except InvalidInputError as e:
+            if i == 0 and "query" not in str(e):  # top_k's or the filter's problem: not the query's
+                raise
+            raise InvalidInputError(f"queries[{i}]: {e}") from e
+        texts.append(text)
+    return texts, rows
+
+
+def pack_search(queries: Sequence[str], top_k: int | None, rows: np.ndarray | None) -> dict[str, np.ndarray]:
+    """``amc_search``'s inputs (by tensor name) for one request of ``queries`` (at most sig.SEARCH_MAX_BATCH),
+    which share ``top_k`` and the filter ``rows``."""
+    count = len(queries)
+    arrays = {sig.QUERY.name: np.array([[q.encode("utf-8")] for q in queries], dtype=object)}
     if top_k is not None:
-        arrays[sig.TOP_K.name] = np.array([[top_k]], dtype=np.int64)
+        arrays[sig.TOP_K.name] = np.full((count, 1), top_k, dtype=np.int64)
     if rows is not None:
-        arrays[sig.SEARCH_IDS.name] = rows.reshape(1, -1)
+        arrays[sig.SEARCH_IDS.name] = np.ascontiguousarray(np.broadcast_to(rows, (count, len(rows))))
     return arrays
 
 
-def results(result: Any, model: str, pinned: int | None) -> list[RankedResult]:
-    """tritonclient's answer of ``model`` -> the results, after checking every output came and the version."""
+def results(result: Any, model: str, pinned: int | None, count: int = 1) -> list[list[RankedResult]]:
+    """tritonclient's answer of ``model`` to ``count`` queries -> each query's results, after checking every output
+    came and the version."""
     outputs = {name: result.as_numpy(name) for name in sig.SEARCH_ENSEMBLE.output_names}
     missing = [name for name, value in outputs.items() if value is None]
     if missing:
         raise AMCError(f"{model!r} answered without the outputs {missing}")
-    answered = int(outputs[sig.MODEL_VERSION.name].reshape(-1)[0])
-    if answered == sig.MIXED_VERSION or (pinned is not None and answered != pinned):
-        raise MixedVersionError(f"{model!r} answered with model version {answered}"
-                                + ("" if pinned is None else f", not the pinned {pinned}"))
-    return unpack_search(outputs, answered)
+    if outputs[sig.SCORES.name].shape[0] != count:
+        raise AMCError(f"{model!r} answered {outputs[sig.SCORES.name].shape[0]} queries, not the {count} sent")
+    answered = outputs[sig.MODEL_VERSION.name].reshape(-1)
+    for version in answered.tolist():
+        if version == sig.MIXED_VERSION or (pinned is not None and version != pinned):
+            raise MixedVersionError(f"{model!r} answered with model version {version}"
+                                    + ("" if pinned is None else f", not the pinned {pinned}"))
+    return [unpack_search(outputs, int(answered[b]), b) for b in range(count)]
 
 
-def unpack_search(outputs: Mapping[str, np.ndarray], version: int) -> list[RankedResult]:
-    """``amc_search``'s outputs for one query -> its results, best first."""
-    ids = outputs[sig.STORED_IDS.name][0]
-    keywords = outputs[sig.STORED_KEYWORDS.name][0]
-    rows = outputs[sig.CANDIDATE_INDEX.name][0]
-    scores = outputs[sig.SCORES.name][0]
+def unpack_search(outputs: Mapping[str, np.ndarray], version: int, b: int = 0) -> list[RankedResult]:
+    """``amc_search``'s outputs for query ``b`` of the request -> its results, best first."""
+    ids = outputs[sig.STORED_IDS.name][b]
+    keywords = outputs[sig.STORED_KEYWORDS.name][b]
+    rows = outputs[sig.CANDIDATE_INDEX.name][b]
+    scores = outputs[sig.SCORES.name][b]
     order = np.argsort(-scores, kind="stable")  # the server answers best first with top_k; all rows otherwise
-    return [explained(_text(ids[j]), rank, float(scores[j]), outputs[sig.MODALITY_WEIGHTS.name][0, j],
-                      [_text(k) for k in keywords[j]], outputs[sig.KEYWORD_ATTENTION.name][0, j],
-                      outputs[sig.REGION_ATTENTION.name][0, j], version, store_row=int(rows[j]))
+    return [explained(_text(ids[j]), rank, float(scores[j]), outputs[sig.MODALITY_WEIGHTS.name][b, j],
+                      [_text(k) for k in keywords[j]], outputs[sig.KEYWORD_ATTENTION.name][b, j],
+                      outputs[sig.REGION_ATTENTION.name][b, j], version, store_row=int(rows[j]))
             for rank, j in enumerate(order.tolist(), start=1)]
 
 

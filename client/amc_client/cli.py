@@ -116,15 +116,34 @@ def _rank(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def read_queries(path: str) -> list[str]:
+    """One query per line of a UTF-8 file (``-``: standard input); blank lines are skipped."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidInputError(f"cannot read queries from {path}: {e}") from e
+    queries = [line.strip() for line in text.splitlines() if line.strip()]
+    if not queries:
+        raise InvalidInputError(f"{path} holds no query (one per line)")
+    return queries
+
+
 def _search(args: argparse.Namespace) -> int:
+    if (args.query is None) == (args.queries_file is None):
+        raise InvalidInputError("give one query, or --queries-file with one query per line (not both)")
+    queries = [args.query] if args.queries_file is None else read_queries(args.queries_file)
     with AMCClient(args.url, timeout_s=args.timeout, model_version=args.model_version) as client:
-        results = client.search(args.query, top_k=args.top_k, ids=args.ids)
+        # A file's queries go in requests of many queries each (search_many): each request's cost once per request.
+        found = ([client.search(args.query, top_k=args.top_k, ids=args.ids)] if args.queries_file is None
+                 else client.search_many(queries, top_k=args.top_k, ids=args.ids))
     if args.json:
-        print(_as_json(args.query, results))
-    else:
+        docs = [json.loads(_as_json(q, results)) for q, results in zip(queries, found, strict=True)]
+        print(json.dumps(docs[0] if args.queries_file is None else docs, indent=2))
+        return EXIT_OK
+    where = "the whole candidate store" if args.ids is None else f"{len(args.ids)} store rows"
+    for query, results in zip(queries, found, strict=True):
         version = results[0].model_version if results else "-"
-        where = "the whole candidate store" if args.ids is None else f"{len(args.ids)} store rows"
-        print(f"query {args.query!r}: top {len(results)} of {where}, model version {version}")
+        print(f"query {query!r}: top {len(results)} of {where}, model version {version}")
         print(format_table(results))
     return EXIT_OK
 
@@ -201,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     rank.set_defaults(run=_rank)
 
     search = commands.add_parser("search", help="the best images of the server's candidate store for a query")
-    search.add_argument("query")
+    search.add_argument("query", nargs="?", help="the query (or --queries-file)")
+    search.add_argument("--queries-file", metavar="FILE", help="one query per line (- for stdin), searched in "
+                                                               "requests of many queries each")
     search.add_argument("--top-k", type=int, default=10, help="results (default: %(default)s)")
     search.add_argument("--ids", type=int, nargs="+", metavar="ROW", help="search only these store rows")
     search.add_argument("--model-version", type=int, default=None, metavar="N", help="pin to amc_search_vN")
