@@ -6,22 +6,26 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SYSTEM_PACKAGES := fonts-noto-color-emoji unicode-cldr-core
+# The emoji font and CLDR keywords (the corpus); Chromium and its WebDriver (the search page's browser test).
+SYSTEM_PACKAGES := fonts-noto-color-emoji unicode-cldr-core chromium chromium-driver
 RUN ?= runs/amc
 CHECKPOINT := $(RUN)/checkpoint.pt
 # The serving repository publish writes into (model_repository/ holds only the generated templates).
 REPOSITORY ?= runs/repository
 TRAIN_ARGS ?=
+# The search page: the Triton gRPC address it searches, and the repository make ui-report publishes and serves.
+URL ?= 127.0.0.1:8001
+UI_REPOSITORY ?= runs/ui-repository
 # Seeds make eval trains at once, each in a process of its own (one OpenMP thread each on 2 cores).
 EVAL_JOBS ?= 3
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps data train eval export serve demo test test-fast rollout-report fleet-report bench k8s lint format clean
+.PHONY: help setup system-deps data train eval export serve demo ui ui-report test test-fast rollout-report fleet-report bench k8s lint format clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
-system-deps: ## Install the Debian packages with the emoji font and CLDR keywords (apt-get, only if missing)
+system-deps: ## Install the Debian packages: emoji font, CLDR keywords, chromium + chromium-driver (apt-get, only if missing)
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
@@ -59,6 +63,13 @@ serve: setup ## Start tritonserver on the model repository (Ctrl-C stops it)
 
 demo: setup ## The main job: data, train a small model, export, serve with Triton, rank queries through the client
 	$(PY) -m serving.demo --run $(RUN)
+
+ui: setup ## Start the search page for the server at URL (default 127.0.0.1:8001) serving REPOSITORY; open http://127.0.0.1:8080/
+	$(VENV)/bin/amc-ui --url $(URL) --repository $(REPOSITORY)
+
+ui-report: setup $(CHECKPOINT) ## Search page in headless Chromium, 20 queries over the corpus store -> reports/ui.json, reports/ui.png
+	test -d $(UI_REPOSITORY)/amc_v1 || $(PY) -m export.publish --checkpoint $(CHECKPOINT) --repository $(UI_REPOSITORY) --store-corpus
+	$(PY) -m ui.report --repository $(UI_REPOSITORY) --out reports/ui.json --screenshot reports/ui.png
 
 test: setup ## Run all tests, integration tests against a real tritonserver included
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
