@@ -7,7 +7,7 @@ repository with a candidate store of every corpus image, starts tritonserver on 
 few test queries' candidate lists through :class:`amc_client.AMCClient`, prints each ranking with its modality
 weights and top keywords, searches the whole store for a few queries (``AMCClient.search``: the top 5 of every
 image, server-side), writes the CLI's candidate file for one query (so ``amc-client rank`` can be tried by
-hand), and stops the server.
+hand), stops the server, and ends by saying how to open the search page (``make ui``, ``ui/``) on this repository.
 """
 
 from __future__ import annotations
@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
               f"  .venv/bin/amc-client rank {picks[-1].text!r} --candidates {example} --url <grpc url>\n"
               f"  .venv/bin/amc-client search 'cat face' --top-k 5 --url <grpc url>")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; server stopped")
+    print(f"\nsee the results in a browser (the search page, with the model's explanations):\n"
+          f"  make serve REPOSITORY={args.repository}      # the server, in one shell\n"
+          f"  make ui REPOSITORY={args.repository}         # the page, in another; then open http://127.0.0.1:8080/")
     return 0
 
 
