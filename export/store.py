@@ -68,7 +68,7 @@ from export.repository import (
     set_store_serving,
     stage_store_version,
 )
-from training.model import AMC, masked_softmax
+from training.model import AMC
 
 CHUNK = 256  # gallery images projected per torch call at export time
 
@@ -178,15 +178,6 @@ def build_store(model: AMC, regions: np.ndarray, keywords: Sequence[Sequence[str
                  embeddings, keyword_projected, strings != "")
 
 
-def _visual_from_projected(model: AMC, query_embedding: torch.Tensor, u: torch.Tensor,
-                           mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAN after its projection (``VisualAttention.forward_reduced`` from ``u`` on): (B, N, H), (B, N, R)."""
-    s_q = model.van.kernel(query_embedding)[:, None, None, :]  # (B, 1, 1, H)
-    logits = (torch.tanh(u) * s_q).sum(-1)  # (B, N, R)
-    attention = masked_softmax(logits, mask)  # (B, N, R)
-    return (attention.unsqueeze(-1) * u).sum(2), attention  # (B, N, H), (B, N, R)
-
-
 class _StoreBuffers(nn.Module):
     def __init__(self, store: Store, with_visual: bool = True, with_keywords: bool = True) -> None:
         super().__init__()
@@ -205,7 +196,7 @@ class VANStoreGraph(_StoreBuffers):
 
     def forward(self, query_embedding, candidate_ids):
         u = self.projected[candidate_ids]  # (B, N, R, H)
-        visual, attention = _visual_from_projected(self.model, query_embedding, u, self.region_mask[candidate_ids])
+        visual, attention = self.model.van.forward_projected(query_embedding, u, self.region_mask[candidate_ids])
         return visual, attention, _version_column(query_embedding, self.version)
 
 
@@ -296,8 +287,8 @@ class FusedStoreGraph(_StoreBuffers):
                                         self.keyword_words[candidate_ids], self.keyword_mass[candidate_ids],
                                         self.keyword_mask[candidate_ids], self.row_words[candidate_ids])
         q = self.model.qen(query_text)
-        visual, region_attention = _visual_from_projected(self.model, q, _fp32(self.projected[candidate_ids]),
-                                                          self.region_mask[candidate_ids])
+        visual, region_attention = self.model.van.forward_projected(q, _fp32(self.projected[candidate_ids]),
+                                                                    self.region_mask[candidate_ids])
         keyword, keyword_attention = self.model.lan.forward_projected(
             q, _fp32(self.keyword_projected[candidate_ids]), self.keyword_mask[candidate_ids], keyword_lexical)
         scores, weights = self.model.mtn(q, visual, keyword)

@@ -207,12 +207,25 @@ class VisualAttention(nn.Module):
 
     def forward_reduced(self, query_embedding: torch.Tensor, reduced: torch.Tensor,
                         region_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        u = self.project(reduced)  # (B, N, R, H)
+        return self.forward_projected(query_embedding, self.project(reduced), region_mask)
+
+    def forward_projected(self, query_embedding: torch.Tensor, u: torch.Tensor,
+                          region_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAN from the regions' projection ``u = W_v PCA(regions)`` (B, N, R, H) on: a store keeps ``u`` per image
+        at publish, so its steps start here -> visual vectors (B, N, H), region attention (B, N, R)."""
         s_q = self.kernel(query_embedding)[:, None, None, :]  # (B, 1, 1, H)
         logits = (torch.tanh(u) * s_q).sum(-1)  # (B, N, R)
         attention = masked_softmax(logits, region_mask)  # (B, N, R)
         visual = (attention.unsqueeze(-1) * u).sum(2)  # (B, N, H)
         return visual, attention
+
+    def forward_shared(self, query_embedding: torch.Tensor, u: torch.Tensor,
+                       tanh_u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward_projected` for B queries against the same N images, every region real: ``u`` (N, R, H)
+        (and its tanh, when the caller keeps it) once, not repeated per query -> (B, N, H), (B, N, R)."""
+        logits = torch.einsum("nrh,bh->bnr", torch.tanh(u) if tanh_u is None else tanh_u, self.kernel(query_embedding))
+        attention = torch.softmax(logits, dim=-1)  # (B, N, R)
+        return torch.einsum("bnr,nrh->bnh", attention, u), attention
 
 
 class LanguageAttention(nn.Module):

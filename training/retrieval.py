@@ -53,9 +53,7 @@ def score_projected(model: AMC, q: torch.Tensor, u: torch.Tensor, tanh_u: torch.
     """VAN, LAN and MTN from the images' projections: q (B, Q) query embeddings; u = W_v PCA(regions) (N, R, H) and
     its tanh; keyword_projected (N, K, H) and keyword_mask (N, K); keyword_lexical (B, N, K, F) -> scores (B, N),
     MTN's weights (B, N, 2)."""
-    logits = torch.einsum("nrh,bh->bnr", tanh_u, model.van.kernel(q))  # (B, N, R)
-    attention = torch.softmax(logits, dim=-1)  # every region real
-    visual = torch.einsum("bnr,nrh->bnh", attention, u)  # (B, N, H)
+    visual, _ = model.van.forward_shared(q, u, tanh_u)  # (B, N, H)
     keyword, _ = model.lan.forward_shared(q, keyword_projected, keyword_mask, keyword_lexical)
     return model.mtn(q, visual, keyword)
 

@@ -17,7 +17,7 @@ import torch
 
 from training.data import CorpusTensors, LoggedPairs
 from training.distributed import upload
-from training.model import AMC, cosine, masked_softmax, ranking_loss
+from training.model import AMC, cosine, ranking_loss
 from training.retrieval import score_shared
 
 if TYPE_CHECKING:
@@ -75,10 +75,7 @@ def auxiliary_losses(model: AMC, data: CorpusTensors, out, index: torch.Tensor, 
         local = upload(index[:, 0], device)  # (b,) this rank's queries' clicked images
         positives = local if positives is None else upload(positives, device)  # (B,) the global batch's
         u = model.van.project(data.reduced[positives])  # (B images, R, H)
-        s_q = model.van.kernel(out.query_embedding)  # (b queries, H)
-        logits = torch.einsum("irh,qh->qir", torch.tanh(u), s_q)  # (b queries, B images, R)
-        attention = masked_softmax(logits, torch.ones_like(logits, dtype=torch.bool))
-        visual = torch.einsum("qir,irh->qih", attention, u)  # (b, B, H)
+        visual, _ = model.van.forward_shared(out.query_embedding, u)  # (b queries, B images, H)
         similarity = cosine(q_match.unsqueeze(1), visual) / cfg.contrastive_temperature  # (b, B)
         # The same image can be two queries' positive: it is not a negative for either.
         target = torch.arange(len(local), device=device) + offset  # each query's own column
