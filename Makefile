@@ -67,9 +67,10 @@ demo: setup ## The main job: data, train a small model, export, serve with Trito
 ui: setup ## Start the search page for the server at URL (default 127.0.0.1:8001) serving REPOSITORY; open http://127.0.0.1:8080/
 	$(VENV)/bin/amc-ui --url $(URL) --repository $(REPOSITORY)
 
-ui-report: setup $(CHECKPOINT) ## Search page in headless Chromium, 20 queries over the corpus store -> reports/ui.json, reports/ui.png
+ui-report: setup $(CHECKPOINT) ## Search page in headless Chromium, 20 queries over the corpus store -> reports/ui.json, ui.png, README figures
 	test -d $(UI_REPOSITORY)/amc_v1 || $(PY) -m export.publish --checkpoint $(CHECKPOINT) --repository $(UI_REPOSITORY) --store-corpus
 	$(PY) -m ui.report --repository $(UI_REPOSITORY) --out reports/ui.json --screenshot reports/ui.png
+	$(PY) -m ui.readme
 
 test: setup ## Run all tests, integration tests against a real tritonserver included
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

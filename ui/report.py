@@ -44,8 +44,7 @@ FIGURES = ("queries", "p50_ms", "p95_ms", "images_loaded", "errors")
 def search_models(version: int) -> list[str]:
     """What serves whole-store search of ``version`` (and ``amc``, whose config carries the routing)."""
     return ([s.model_name for s in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]
-            + [sig.STORE_TOKENIZER.model_name, sig.SEARCH_STORE.model_name, sig.STORE_TOPK.model_name,
-               sig.versioned_search_ensemble_name(version), sig.SEARCH_ENSEMBLE_NAME])
+            + [sig.SEARCH_STEP.model_name, sig.versioned_search_ensemble_name(version), sig.SEARCH_ENSEMBLE_NAME])
 
 
 @contextmanager
