@@ -292,9 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flavour", choices=FLAVOURS, default=None,
                         help="for a new repository (default python); an existing one keeps its own")
     parser.add_argument("--eval-json", type=Path, default=None, help="evaluation figures to put in the manifest")
-    parser.add_argument("--store-corpus", action="store_true",
+    stores = parser.add_mutually_exclusive_group()
+    stores.add_argument("--store-corpus", action="store_true",
                         help="also build the candidate store for whole-store search (amc-client search) from every "
                              "image of the checkpoint's training corpus")
+    stores.add_argument("--store-candidates", type=Path, metavar="FILE.npz",
+                        help="the same from your own images: a file of amc-client make-candidates (its pictures "
+                             "become the store's thumbnails)")
     parser.add_argument("--device-kind", choices=sorted(STORE_INSTANCES), default=None,
                         help="the machine that will serve, for the store steps' instances and the onnxruntime "
                              "flavour's KIND_GPU / KIND_CPU (default: this one's: gpu where onnxruntime has its CUDA "
@@ -303,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics = json.loads(args.eval_json.read_text()) if args.eval_json else None
         store = corpus_gallery(args.checkpoint) if args.store_corpus else None
+        if args.store_candidates is not None:
+            store = Gallery.of_candidates(args.store_candidates)
         publish(args.checkpoint, args.repository, flavour=args.flavour, eval_metrics=metrics, store=store,
                 device_kind=args.device_kind)
     except (CheckpointError, ExportError, OSError, ValueError) as e:

@@ -124,6 +124,18 @@ class Gallery:
         ids = [f"{c} {n[:28]}" for c, n in zip(corpus.chars, corpus.names, strict=True)]
         return cls(corpus.regions, corpus.keywords, ids, RenderedEmoji(corpus.chars))
 
+    @classmethod
+    def of_candidates(cls, path: str | Path) -> Gallery:
+        """The images of a candidates ``.npz`` (``amc-client make-candidates``: ids, regions, keywords, and the
+        picture files it was made from, if it kept them)."""
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        missing = [k for k in ("ids", "regions", "keywords") if k not in arrays]
+        if missing:
+            raise ValueError(f"candidates file {str(path)!r} lacks the arrays {missing}")
+        images = arrays["images"].tolist() if "images" in arrays else None
+        return cls(arrays["regions"], arrays["keywords"].astype(object), arrays["ids"].tolist(), images)
+
 
 def padded(keywords: Sequence[Sequence[str]] | np.ndarray) -> np.ndarray:
     """Per-image keyword lists (or an (G, K) array) -> (G, K) object array, "" pads."""

@@ -62,3 +62,25 @@ def test_an_unreadable_picture_names_its_row(tmp_path: Path) -> None:
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="store row 1"):
         write_thumbnails(tmp_path / "t", [None, tmp_path / "bad.png"], version=1)
+
+
+def test_make_candidates_keeps_its_picture_files_for_the_stores_thumbnails(tmp_path: Path) -> None:
+    """``amc-client make-candidates`` records the files; ``Gallery.of_candidates`` (``export.publish
+    --store-candidates``) hands them to the store's thumbnails."""
+    from amc_client import cli
+    from export.store import Gallery
+
+    files = []
+    for name, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        Image.new("RGB", (64, 48), colour).save(tmp_path / f"{name}.png")
+        files.append(str(tmp_path / f"{name}.png"))
+    (tmp_path / "keywords.txt").write_text("red | warm\nblue\n")
+    out = tmp_path / "mine.npz"
+    assert cli.main(["make-candidates", *files, "--keywords-file", str(tmp_path / "keywords.txt"), "-o", str(out)]) == 0
+    gallery = Gallery.of_candidates(out)
+    assert gallery.ids == ["red", "blue"] and gallery.images == files and gallery.regions.shape == (2, 49, 1280)
+    assert gallery.keywords.tolist() == [["red", "warm"], ["blue", ""]]
+    assert cli.load_candidates(out).ids == ("red", "blue")  # the file still reads as candidates
+    repo = tmp_path / "repo"
+    assert write_thumbnails(thumbnail_dir(repo, 1), gallery.images, version=1) == 2
+    assert Image.open(thumbnail_file(repo, 1, 1)).getpixel((0, 0)) == (0, 0, 255)

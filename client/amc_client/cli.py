@@ -54,15 +54,19 @@ def load_candidates(path: str | Path) -> CandidateArrays:
     return CandidateArrays(arrays["ids"], arrays["regions"], arrays["keywords"], arrays.get("region_mask"))
 
 
-def save_candidates(path: str | Path, candidates: Sequence[Candidate]) -> None:
-    """Write candidates (equal region counts) as the ``.npz`` that :func:`load_candidates` reads."""
+def save_candidates(path: str | Path, candidates: Sequence[Candidate], images: Sequence[str] | None = None) -> None:
+    """Write candidates (equal region counts) as the ``.npz`` that :func:`load_candidates` reads; ``images``: each
+    candidate's picture file, kept as ``images`` (a store published from the file keeps them as its thumbnails:
+    ``export.publish --store-candidates``)."""
     k = max((len(c.keywords) for c in candidates), default=0)
     keywords = np.array([list(c.keywords) + [""] * (k - len(c.keywords)) for c in candidates], dtype=str)
+    pictures = {} if images is None else {"images": np.array([str(i) for i in images], dtype=str)}
     np.savez(
         path,
         ids=np.array([c.id for c in candidates], dtype=str),
         regions=np.stack([c.regions for c in candidates]),
         keywords=keywords.reshape(len(candidates), k),
+        **pictures,
     )
 
 
@@ -189,7 +193,7 @@ def _make_candidates(args: argparse.Namespace) -> int:
             raise InvalidInputError(f"cannot read keywords file {args.keywords_file!r}: {e}") from e
         keywords = [[k.strip() for k in line.split("|") if k.strip()] for line in lines]
     candidates = candidates_from_images(args.images, keywords=keywords)
-    save_candidates(args.output, candidates)
+    save_candidates(args.output, candidates, images=[str(Path(p).resolve()) for p in args.images])
     print(f"wrote {len(candidates)} candidates to {args.output}")
     return EXIT_OK
 
