@@ -350,7 +350,7 @@ def measure_served(state: Path, args, results: dict) -> None:
     settings = variants(args)
     ab_c = {"n100": args.ab_concurrency[0], "n1000": args.ab_concurrency[1]}
     for tag, s in settings.items():
-        if tag == "base":
+        if tag == "base" or args.headline_only:
             continue
         try:
             with serve(small, s, workdir, tag) as server:
@@ -579,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--c1-requests", type=int, default=300)
     parser.add_argument("--many-batch", type=int, default=8, help="queries per request of the search_many point")
     parser.add_argument("--ab-concurrency", type=int, nargs=2, default=[64, 16], metavar=("N100", "N1000"))
+    parser.add_argument("--headline-only", action="store_true", help="served: the default settings only, no A/B "
+                                                                      "(a second run of the headline)")
     parser.add_argument("--quick", action="store_true", help="a CPU dry run: small store, short and few points")
     parser.add_argument("--merge", type=Path, nargs="+", help="gpu_search.json of runs -> reports/gpu.json, gpu.md")
     parser.add_argument("--reports", type=Path, default=Path("reports"))
@@ -598,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     args.state.mkdir(parents=True, exist_ok=True)
     path = args.state / "results.json"
     results = json.loads(path.read_text()) if path.exists() and "build" not in args.phases else {}
+    if args.headline_only:  # a run of its own, on the state (the build, the ceiling) of the same machine start
+        results = {k: v for k, v in results.items() if k in ("build", "ceiling")}
+        path = args.state / "results-headline.json"
     results.setdefault("date", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     results.setdefault("machine", f"{platform.node()} ({os.environ.get('MACHINE_NOTE', 'one machine start')})")
     results["gpu"] = gpu_memory_mib().get("name") if args.device == "cuda" else None

@@ -107,3 +107,47 @@ def test_publish_refuses_to_write_unknown_text_rules(tmp_path) -> None:
         _publish_text_files(tmp_path / "a" / "1", text_rules=3, names={})
     with pytest.raises(ValueError, match="text rules 2 need the emoji names"):
         _publish_text_files(tmp_path / "b" / "1", text_rules=2)
+
+
+# ---- onnx_runner.BoundSession: the search step's device-resident I/O, on the CPU provider ---------------------------
+def _topk_graph(path) -> None:
+    """scores = x * 2; the k best of each row (ONNX TopK, k read on the host): the shape of the search graph's end."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Mul", ["x", "two"], ["scaled"]),
+             helper.make_node("Gather", ["k", "scalar0"], ["k0"], axis=1),
+             helper.make_node("Gather", ["k0", "zero"], ["k1"], axis=0),
+             helper.make_node("TopK", ["scaled", "k1"], ["best", "rows"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "topk", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "n"]),
+                        helper.make_tensor_value_info("k", TensorProto.INT64, ["b", 1])],
+        [helper.make_tensor_value_info("best", TensorProto.FLOAT, ["b", "k"]),
+         helper.make_tensor_value_info("rows", TensorProto.INT64, ["b", "k"])],
+        [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]), helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+         helper.make_tensor("scalar0", TensorProto.INT64, [], [0])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_bound_session_answers_what_session_run_does_and_keeps_no_alias(tmp_path) -> None:
+    """Bound buffers per shape bucket (and per host input value: k), reused call after call: each call's outputs are
+    session.run's, and the arrays of an earlier call are not overwritten by a later one."""
+    import onnxruntime as ort
+
+    from serving.backends.onnx_runner import BoundSession, bucket
+
+    _topk_graph(tmp_path / "topk.onnx")
+    session = ort.InferenceSession(str(tmp_path / "topk.onnx"), providers=["CPUExecutionProvider"])
+    bound = BoundSession(session, host_inputs=("k",))
+    rng = np.random.default_rng(0)
+    kept = []
+    for batch, n, k in [(3, 10, 4), (3, 10, 4), (2, 10, 4), (3, 10, 2), (3, 12, 4)]:
+        feeds = {"x": rng.normal(size=(batch, n)).astype(np.float32), "k": np.full((batch, 1), k, np.int64)}
+        got, want = bound.run(feeds), dict(zip(["best", "rows"], session.run(None, feeds), strict=True))
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+        kept.append((got, want))
+    for got, want in kept:  # earlier answers intact after later calls into the same buffers
+        np.testing.assert_array_equal(got["best"], want["best"])
+    assert len(bound.buckets) == 4  # (3, 10, k 4) twice: one bucket
+    assert [bucket(n) for n in (1, 5, 7, 13, 64, 65, 300)] == [1, 6, 8, 16, 64, 96, 300]

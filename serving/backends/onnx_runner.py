@@ -198,6 +198,7 @@ class BoundSession:
         self.output_names = [o.name for o in session.get_outputs()]
         self.buckets: dict[tuple, tuple[Any, dict[str, Any], list[Any], Any]] = {}
         self.graphs = 0
+        self.graph_error = ""  # why capturing stopped, where a capture failed
 
     def _key(self, feeds: dict[str, np.ndarray]) -> tuple:
         return tuple((n, a.shape, a.tobytes() if n in self.host_inputs else b"") for n, a in feeds.items())
@@ -221,22 +222,35 @@ class BoundSession:
                 where = "cpu" if name in self.host_inputs else self.device
                 inputs[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), where, self.device_id)
                 io.bind_ortvalue_input(name, inputs[name])
-            options = ort.RunOptions()
-            if self.cuda_graph:
-                graph = self.graphs + 1 if self.graphs < self.max_graphs else -1  # -1: run without capturing
-                self.graphs += graph > 0
-                options.add_run_config_entry("gpu_graph_id", str(graph))
+            options = self._options(capture=True)
             # The first call lets onnxruntime allocate the outputs on the device (it knows their shapes); those
             # buffers then stay bound, so later calls (and a captured graph) write into the same addresses.
             for name in self.output_names:
                 io.bind_output(name, self.device, self.device_id)
-            self.session.run_with_iobinding(io, options)
+            try:
+                self.session.run_with_iobinding(io, options)
+            except Exception as e:  # a capture onnxruntime could not make: this shape and later ones run uncaptured
+                if not self.cuda_graph or self.graph_error:
+                    raise
+                self.graph_error, self.max_graphs = f"{type(e).__name__}: {str(e)[:300]}", 0
+                options = self._options(capture=True)
+                self.session.run_with_iobinding(io, options)
             outputs = io.get_outputs()
             io.clear_binding_outputs()
             for name, value in zip(self.output_names, outputs, strict=True):
                 io.bind_ortvalue_output(name, value)
             self.buckets[key] = (io, inputs, outputs, options)
         return {name: np.array(value.numpy()) for name, value in zip(self.output_names, outputs, strict=True)}
+
+    def _options(self, capture: bool) -> Any:
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        if self.cuda_graph:
+            graph = self.graphs + 1 if capture and self.graphs < self.max_graphs else -1  # -1: run uncaptured
+            self.graphs += graph > 0
+            options.add_run_config_entry("gpu_graph_id", str(graph))
+        return options
 
 
 def error_response(model_name: str, error: BaseException, *, invalid_argument: bool) -> Any:

@@ -381,8 +381,10 @@ class SearchGraph:
 
     def describe(self) -> str:
         how = "IOBinding" if self.bound is not None else "host arrays"
-        graphs = "CUDA graphs" if self.cuda_graph else ("no CUDA graphs (" + self.graph_refused + ")"
-                                                         if self.graph_refused else "no CUDA graphs")
+        failed = self.bound.graph_error if self.bound is not None else ""
+        graphs = ("CUDA graphs" + (f" (a capture failed, later shapes uncaptured: {failed})" if failed else "")
+                  if self.cuda_graph else "no CUDA graphs (" + self.graph_refused + ")" if self.graph_refused
+                  else "no CUDA graphs")
         return f"search graph on {self.session.get_providers()[0]}, {how}, {graphs}"
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
