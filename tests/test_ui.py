@@ -8,20 +8,22 @@ The model and corpus are conftest's ``trained`` and ``small_corpus`` (160 images
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from test_ui_unit import FakeClient, result
 
-from amc_client import AMCClient
+from amc_client import AMCClient, Routing
 from export.publish import publish
 from export.store import Gallery
 from export.thumbnails import has_thumbnails, thumbnail_dir
 from serving.server import TritonServer
 from ui.answers import EMPTY, TOP_K, Searcher
 from ui.app import make_server
-from ui.browser import chromium, type_and_search
+from ui.browser import chromium, type_and_search, wait_for_search
 from ui.report import FIGURES, app_url, measure, running_app, screenshot, search_models
 
 pytestmark = pytest.mark.integration
@@ -137,8 +139,6 @@ def test_keyboard_only_tab_reaches_the_results_and_enter_refines(page):
     before = int(js(page, "return document.body.dataset.searches"))
     shown = js(page, "return [...document.querySelectorAll('#results .id')].map(e => e.textContent)")
     ActionChains(page).send_keys(Keys.ENTER).perform()  # click the focused result: search among these rows
-    from ui.browser import wait_for_search
-
     refined = wait_for_search(page, before)
     assert refined["error"] is None and 1 <= refined["results"] <= TOP_K
     again = js(page, "return [...document.querySelectorAll('#results .id')].map(e => e.textContent)")
@@ -163,6 +163,32 @@ def test_a_version_without_thumbnails_shows_ids(served, browser, tmp_path):
     assert answer["error"] is None and answer["images"] == 0
     assert len(js(browser, "return [...document.querySelectorAll('.no-picture')]")) == TOP_K
     assert "no pictures: showing ids" in js(browser, "return document.getElementById('status').textContent")
+
+
+def test_the_canary_and_a_version_rolled_out_under_the_page_are_said(browser):
+    """The page's own wording of what the app answers (the app's side: tests/test_ui_unit.py), with a stand-in
+    client: version 1 answers, then version 2 as the canary, then a click on a version-2 result finds version 3."""
+    canary = Routing(serving_version=1, canary_version=2, canary_share=0.25, canary_search=True)
+    client = FakeClient([result(1)], [result(2)], [result(3)], [result(3)], routing=canary)
+    server = make_server(client, None, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        browser.get(app_url(server))
+        status = "return document.getElementById('status').textContent"
+        note = "return document.getElementById('note').hidden ? '' : document.getElementById('note').textContent"
+        type_and_search(browser, "cat")
+        assert "answered by model version 1 " in js(browser, status) and js(browser, note) == ""
+        type_and_search(browser, "cat")
+        assert "answered by the canary, model version 2 (25% of searches)" in js(browser, status)
+        assert "version 1 answered before, version 2 now" in js(browser, note)
+        client.routing_now = Routing(serving_version=3)
+        before = int(js(browser, "return document.body.dataset.searches"))
+        browser.find_element("css selector", "#results .pick").click()  # rows of version 2; version 3 answers
+        assert wait_for_search(browser, before)["error"] is None
+        assert "rolled out under the page" in js(browser, note) and "whole store" in js(browser, status)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_server_that_is_down_is_a_line_on_the_page(browser, tmp_path):
