@@ -144,6 +144,7 @@ def test_keyboard_only_tab_reaches_the_results_and_enter_refines(page):
     again = js(page, "return [...document.querySelectorAll('#results .id')].map(e => e.textContent)")
     assert set(again) <= set(shown)  # the search ran among the previous results only
     assert f"the {TOP_K} previous results" in js(page, "return document.getElementById('status').textContent")
+    assert js(page, "return document.activeElement === document.querySelector('#results .pick')")  # still in the results
 
 
 def test_a_result_opens_at_full_size(page):
@@ -189,6 +190,17 @@ def test_the_canary_and_a_version_rolled_out_under_the_page_are_said(browser):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_query_too_long_for_a_url_is_a_line_on_the_page(page):
+    from selenium.webdriver.common.keys import Keys
+
+    box, before = page.find_element("id", "q"), int(js(page, "return document.body.dataset.searches"))
+    js(page, "arguments[0].value = arguments[1]", box, "cat " * 17_000)  # past http.server's 64 KiB request line
+    box.send_keys(Keys.ENTER)
+    answer = wait_for_search(page, before)
+    assert answer["error"] == "The page's server answered HTTP 414 without results (the query is far too long)."
+    assert type_and_search(page, "cat")["error"] is None
 
 
 def test_a_server_that_is_down_is_a_line_on_the_page(browser, tmp_path):

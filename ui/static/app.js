@@ -142,11 +142,15 @@ async function search(query, among, clicked) {
   }
   document.body.dataset.busy = "true";
   let answer;
+  let response = null;
   try {
-    const response = await fetch(`/api/search?${params}`);
+    response = await fetch(`/api/search?${params}`);
     answer = await response.json();
   } catch (e) {
-    answer = { error: "The page cannot reach its own server (amc-ui stopped?): reload when it is back.", kind: "app" };
+    answer = response === null
+      ? { error: "The page cannot reach its own server (amc-ui stopped?): reload when it is back.", kind: "app" }
+      : { error: `The page's server answered HTTP ${response.status} without results` +
+                 (response.status === 414 ? " (the query is far too long)." : "."), kind: "app" };
   }
   if (mine !== sequence) return;  // a newer search was started meanwhile
   list.replaceChildren();
@@ -163,6 +167,8 @@ async function search(query, among, clicked) {
     lastVersion = answer.version;
     current = answer;
     list.append(...answer.results.map((r) => card(r, answer)));
+    // A result clicked (or Enter on it) is gone with the old list: keep the keyboard in the results.
+    if (clicked && list.querySelector(".pick")) list.querySelector(".pick").focus();
     images = [...list.querySelectorAll("img")];
     // Painted means with its pictures: wait until each is decoded (or failed), then for the next frame.
     await Promise.all(images.map((img) => img.decode().catch(() => null)));
