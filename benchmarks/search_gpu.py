@@ -18,12 +18,13 @@ Phases (state under ``--state``, so that phases of one machine start can run in 
   threads x B queries per call, features (tokens, words) computed beforehand by the step's own code: the graph's
   cost alone. The best point with p99 under the bound (50 ms; 100 ms for the whole store) is the ceiling. Also which
   nodes onnxruntime places off the GPU (its verbose log), the reason CUDA graphs are refused where they are.
-- **served**: tritonserver with S: each A/B variant of the step's settings (``export.repository.SearchSettings``:
-  IOBinding, CUDA graphs, one intra-op thread, instances, batch delay) measured by perf_analyzer at fixed
-  concurrency; then the default settings: parity of the served top 10 against the same graph on ORT-CPU (the CPU
-  path), p99 at concurrency 1 through ``AMCClient.search``, perf_analyzer sweeps at 100 and 1,000 ids and with 8
-  queries per request (``search_many``), Triton's step statistics and the GPU's utilization; then L: parity, c1,
-  and a sweep over the whole store.
+- **served**: tritonserver with S and the default settings: parity of the served top 10 against the same graph on
+  ORT-CPU (the CPU path), p99 at concurrency 1 through ``AMCClient.search``, perf_analyzer sweeps at 100 and 1,000
+  ids and with 8 queries per request (``search_many``), Triton's step statistics and the GPU's utilization; then L:
+  parity, c1 and a sweep over the whole store; then each A/B variant of the step's settings
+  (``export.repository.SearchSettings``: IOBinding, CUDA graphs, one intra-op thread, instances, batch delay), one
+  lever away from the default, by perf_analyzer at a fixed concurrency (in that order: a run cut short loses the
+  A/B first).
 
 Everything is written to ``--out``/gpu_search.json (and a summary .md) after each phase. Without perf_analyzer (the
 CPU machine) the sweeps use tritonclient threads instead, which the CPU dry run exercises.
@@ -336,34 +337,12 @@ LEVERS = (("io_binding (no CUDA graphs)", "host_arrays", "no_graph"), ("cuda_gra
           ("one intra-op thread", "ort_threads", "base"), ("dynamic batching delay 0 -> base", "delay_0", "base"))
 
 
-def measure_served(state: Path, args, results: dict) -> None:
+def headline(small: Path, large: Path, build: dict, base, pools: dict, ab: dict, ab_c: dict, head: dict,
+             workdir: Path, args, results: dict) -> None:
+    """The default settings on S (parity, c1, sweeps, several queries per request), then on L (the whole store)."""
     from amc_client import AMCClient
 
-    build = json.loads((state / "build.json").read_text())
     queries = build["queries"]
-    small, large = Path(build["small"]), Path(build["large"])
-    workdir = state / "served"
-    workdir.mkdir(exist_ok=True)
-    pools = {key: requests(queries, build["gallery_size"], n, 64, seed=3) for key, n in SIZES.items()}
-    served: dict = results.setdefault("served", {})
-    ab: dict = served.setdefault("variants", {})
-    settings = variants(args)
-    ab_c = {"n100": args.ab_concurrency[0], "n1000": args.ab_concurrency[1]}
-    for tag, s in settings.items():
-        if tag == "base" or args.headline_only:
-            continue
-        try:
-            with serve(small, s, workdir, tag) as server:
-                triton.wait_models(server.grpc_url, SEARCH_MODELS, timeout_s=300)
-                ab[tag] = {"settings": dataclasses.asdict(s), "step": step_log(workdir, tag)}
-                for key, n in SIZES.items():
-                    ab[tag][key] = load_points(server.grpc_url, pools[key], n, [ab_c[key]], workdir, args, tag=tag)[0]
-        except Exception as e:  # noqa: BLE001
-            ab[tag] = {"settings": dataclasses.asdict(s), "error": f"{type(e).__name__}: {str(e)[:400]}"}
-            log(f"variant {tag}: {ab[tag]['error']}")
-        write(results, args)
-    base = settings["base"]
-    head: dict = served.setdefault("base", {"settings": dataclasses.asdict(base)})
     cpu = CpuPath(small / sig.SEARCH_STEP.model_name / str(build["version"]))
     with serve(small, base, workdir, "base") as server, AMCClient(server.grpc_url, timeout_s=120) as client:
         triton.wait_models(server.grpc_url, SEARCH_MODELS, timeout_s=300)
@@ -397,6 +376,42 @@ def measure_served(state: Path, args, results: dict) -> None:
                                               args, tag="whole")
         head["whole_gpu"] = busy.summary()
     write(results, args)
+
+
+def measure_served(state: Path, args, results: dict) -> None:
+
+    build = json.loads((state / "build.json").read_text())
+    queries = build["queries"]
+    small, large = Path(build["small"]), Path(build["large"])
+    workdir = state / "served"
+    workdir.mkdir(exist_ok=True)
+    pools = {key: requests(queries, build["gallery_size"], n, 64, seed=3) for key, n in SIZES.items()}
+    served: dict = results.setdefault("served", {})
+    ab: dict = served.setdefault("variants", {})
+    settings = variants(args)
+    ab_c = {"n100": args.ab_concurrency[0], "n1000": args.ab_concurrency[1]}
+    # The headline first (the default settings), then the whole store, then the A/B: what a cut-off run loses last.
+    base = settings["base"]
+    head: dict = served.setdefault("base", {"settings": dataclasses.asdict(base)})
+    try:
+        headline(small, large, build, base, pools, ab, ab_c, head, workdir, args, results)
+    except Exception as e:  # noqa: BLE001 - recorded; the A/B still runs
+        head["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+        log(f"headline: {head['error']}")
+    write(results, args)
+    for tag, s in settings.items():
+        if tag == "base" or args.headline_only:
+            continue
+        try:
+            with serve(small, s, workdir, tag) as server:
+                triton.wait_models(server.grpc_url, SEARCH_MODELS, timeout_s=300)
+                ab[tag] = {"settings": dataclasses.asdict(s), "step": step_log(workdir, tag)}
+                for key, n in SIZES.items():
+                    ab[tag][key] = load_points(server.grpc_url, pools[key], n, [ab_c[key]], workdir, args, tag=tag)[0]
+        except Exception as e:  # noqa: BLE001
+            ab[tag] = {"settings": dataclasses.asdict(s), "error": f"{type(e).__name__}: {str(e)[:400]}"}
+            log(f"variant {tag}: {ab[tag]['error']}")
+        write(results, args)
 
 
 # ---- phases ---------------------------------------------------------------------------------------------------
@@ -583,12 +598,14 @@ def main(argv: list[str] | None = None) -> int:
                                                                       "(a second run of the headline)")
     parser.add_argument("--quick", action="store_true", help="a CPU dry run: small store, short and few points")
     parser.add_argument("--merge", type=Path, nargs="+", help="gpu_search.json of runs -> reports/gpu.json, gpu.md")
-    parser.add_argument("--reports", type=Path, default=Path("reports"))
+    parser.add_argument("--reports", type=Path, default=Path("reports"), help="--merge: where gpu.json and gpu.md are")
+    parser.add_argument("--readme", type=Path, default=None, help="--merge: the README to regenerate (default the "
+                                                                   "project's)")
     args = parser.parse_args(argv)
     if args.merge:
         from .search_report import merge
 
-        return merge(args.merge, args.reports)
+        return merge(args.merge, args.reports, args.readme)
     args.concurrency = {"n100": [16, 32, 64, 128, 256], "n1000": [4, 8, 16, 32, 64], "whole": [1, 2, 4, 8]}
     args.ceiling_combos = {"n100": [(1, 64), (1, 256), (2, 64), (4, 64)], "n1000": [(1, 16), (1, 64), (2, 32), (4, 16)],
                            "whole": [(1, 1), (2, 1)]}

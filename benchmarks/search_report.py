@@ -106,7 +106,7 @@ def markdown(entry: dict) -> str:
     return "\n".join(lines)
 
 
-def merge(files: list[Path], reports: Path) -> int:
+def merge(files: list[Path], reports: Path, readme: Path | None = None) -> int:
     from training.readme_eval import replace_block
 
     from . import readme_gpu
@@ -124,7 +124,7 @@ def merge(files: list[Path], reports: Path) -> int:
     block = markdown(entry)
     md = replace_block(md, START, END, block, "search-gpu") if START in md else block + "\n\n" + md
     md_path.write_text(md)
-    return readme_gpu.main([])
+    return readme_gpu.main(["--gpu-json", str(gpu_path), *(["--readme", str(readme)] if readme else [])])
 
 
 def _n(x) -> str:
