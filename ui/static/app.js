@@ -87,6 +87,7 @@ function card(result, answer) {
   const most = Math.max(...result.keywords.map(([, w]) => w), 1e-9);
   for (const [word, weight] of result.keywords) {
     const chip = element("li", "", word);
+    chip.append(element("small", "", ` ${percent(weight)}`));  // the weight itself: a flat LAN reads as flat
     chip.style.setProperty("--attention", (weight / most).toFixed(3));
     chip.title = `LAN attention ${percent(weight)}`;
     keywords.append(chip);
