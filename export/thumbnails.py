@@ -4,7 +4,7 @@ Layout: ``<repository>/amc_search_v<N>/thumbnails/`` holds ``index.json`` (``{"v
 ``files[row]`` is the row's file name, or null for a row given no picture) and one image per row, ``<row>.png``
 (or ``.jpg`` for a large photo). The folder lives in the version's pinned search ensemble, so it is published,
 garbage-collected and quarantined with the version's store (``export.repository.store_paths``); Triton ignores a
-model folder's non-numeric entries. A version published without pictures has no such folder and still serves.
+model folder's non-numeric entries (its log says so once per load: "ignore version directory 'thumbnails'"). A version published without pictures has no such folder and still serves.
 
 Pictures are fitted into ``MAX_SIDE`` pixels (never enlarged): the corpus's 136x128 emoji renders are kept as they
 are, a user's photo is kept at a size a page shows at full size without sending megabytes.
