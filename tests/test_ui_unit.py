@@ -73,6 +73,7 @@ def test_the_canary_is_named() -> None:
                        "amc_search_step: query '?!' normalizes to nothing"), 400,
      "The server refused the query (INVALID_ARGUMENT): query '?!' normalizes to nothing"),
     (ServerUnavailableError("overloaded: 8 requests in flight", status="UNAVAILABLE"), 503, "busy (overloaded)"),
+    (ServerUnavailableError("Exceeds maximum queue size", status="UNAVAILABLE"), 503, "busy (overloaded)"),
     (ServerUnavailableError("failed to connect to all addresses"), 503, "127.0.0.1:9 is not answering"),
     (DeadlineExceededError("no answer in 10 s"), 504, "did not answer within 10 s"),
     (ModelVersionError("unknown model amc_search"), 503, "No model with a candidate store is loaded"),

@@ -113,7 +113,9 @@ class Searcher:
             return 504, {"error": f"The server did not answer within {self.client.timeout_s:g} s: it may be busy; "
                                   "search again in a moment.", "kind": "timeout"}
         except ServerUnavailableError as e:
-            busy = "overloaded" in str(e)
+            # The server's own words for a full queue or in-flight limit (as amc_client._calls.overloaded reads them).
+            busy = e.status == "RESOURCE_EXHAUSTED" or any(
+                words in str(e) for words in ("overloaded", "queue size", "requests in flight"))
             what = ("The server is busy (overloaded)" if busy
                     else f"The search server at {self.client.url} is not answering")
             return 503, {"error": f"{what}: search again in a moment. ({_reason(e)})", "kind": "unavailable"}
