@@ -278,8 +278,6 @@ def _publish_store(repository: Path, version: int, ckpt: Checkpoint, gallery: Ga
                   ids=gallery.ids, fingerprint=ckpt.fingerprint, flavour=flavour, serve=False,
                   embed=keyword_table_embed(table), instances=instances, kind=kind, log=log)
     if gallery.images is not None:  # the search page's pictures, removed with the store if the publish fails
-        if len(gallery.images) != len(gallery.ids):
-            raise ValueError(f"the gallery has {len(gallery.ids)} images but {len(gallery.images)} pictures")
         kept = write_thumbnails(thumbnail_dir(repository, version), gallery.images, version=version)
         log(f"kept {kept} thumbnails of the store's {len(gallery.ids)} rows")
     log(f"candidate store of {len(gallery.ids)} images built in {time.perf_counter() - started:.0f} s")

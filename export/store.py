@@ -115,6 +115,10 @@ class Gallery:
     # thumbnails (export.thumbnails) for the search page; None: a store without pictures.
     images: Sequence[Any] | None = None
 
+    def __post_init__(self) -> None:
+        if self.images is not None and len(self.images) != len(self.ids):  # before any store is built
+            raise ValueError(f"the gallery has {len(self.ids)} images but {len(self.images)} pictures")
+
     @classmethod
     def of_corpus(cls, corpus) -> Gallery:
         """Every image of a :class:`training.corpus.Corpus`, its id the emoji and the start of its name, its

@@ -84,3 +84,12 @@ def test_make_candidates_keeps_its_picture_files_for_the_stores_thumbnails(tmp_p
     repo = tmp_path / "repo"
     assert write_thumbnails(thumbnail_dir(repo, 1), gallery.images, version=1) == 2
     assert Image.open(thumbnail_file(repo, 1, 1)).getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_a_gallery_with_pictures_for_some_rows_only_is_refused_at_once() -> None:
+    import numpy as np
+
+    from export.store import Gallery
+
+    with pytest.raises(ValueError, match="2 images but 1 pictures"):
+        Gallery(np.zeros((2, 49, 1280), np.float16), [["a"], ["b"]], ["x", "y"], images=[None])
