@@ -413,14 +413,12 @@ def write_text_step(version_dir: Path, *, version: int, files: TextStepFiles, st
         (version_dir / STORE_FILE).write_text(store_json, encoding="utf-8")
 
 
-def write_top_k_step(version_dir: Path, *, store_json: str | None = None) -> None:
-    """Lay out one top-k step version directory (``serving/backends/top_k.py``; store mode: with ``store.json``)."""
+def write_top_k_step(version_dir: Path) -> None:
+    """Lay out one top-k step version directory (``serving/backends/top_k.py``)."""
     version_dir.mkdir(parents=True)
     shutil.copy(BACKENDS_DIR / TOP_K_FILE, version_dir / "model.py")
     shutil.copy(BACKENDS_DIR / "onnx_runner.py", version_dir / "amc_onnx_runner.py")
     shutil.copy(BACKENDS_DIR / ADMISSION_FILE, version_dir / "amc_admission.py")
-    if store_json is not None:
-        (version_dir / STORE_FILE).write_text(store_json, encoding="utf-8")
 
 
 def stage_version(stage: Path, *, version: int, flavour: str, onnx_dir: Path, text: TextStepFiles) -> None:

@@ -342,22 +342,17 @@ STORE_FUSED_ENSEMBLE = StepSignature(STORE_FUSED_ENSEMBLE_NAME, STORE_ENSEMBLE.i
 
 
 # ---- whole-store search (appended): a query, an optional filter of store rows, top_k -> the top k with explanations ----
-# amc_search: store text step -> amc_search_store (over candidate_rows) -> the store top-k step, which also answers
-# the store's id and keyword strings of the returned rows (the client holds no copy of the store). See
-# serving/backends/top_k.py for the design and its costs.
+# amc_search answers the kept rows with the store's id and keyword strings (the client holds no copy of the store).
 STORED_IDS = _t("stored_ids", "bytes", "batch", "results", doc="the candidate store's id of each returned row")
 STORED_KEYWORDS = _t("stored_keywords", "bytes", "batch", "results", "keywords",
                      doc="the stored keywords of each returned row, '' pads (keyword_attention's order)")
-STORE_TOPK = StepSignature("amc_store_topk", (*TOPK.inputs[:4], CANDIDATE_ROWS, TOP_K),
-                           (*TOPK.outputs, STORED_IDS, STORED_KEYWORDS))
 # The search graph: amc_fused_store's networks plus the top-k selection (ONNX TopK, k = search_k), so that only k
-# rows leave the GPU; candidate_index holds the store rows kept, best first. In amc_search its outputs feed the
-# store top-k step (renamed by TOP_K_FEEDS; candidate_index under RANKED_ROWS), which adds the store's strings.
+# rows leave the GPU; candidate_index holds the store rows kept, best first. The search step (SEARCH_STEP below)
+# runs it and adds the store's strings.
 SEARCH_STORE = StepSignature("amc_search_store", (QUERY_TOKENS, QUERY_WORDS, QUERY_WORD_WEIGHTS, CANDIDATE_IDS,
                                                     SEARCH_K),
                              (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION,
                               CANDIDATE_INDEX))
-RANKED_ROWS = _t("ranked_rows", "int64", "batch", "results", doc="the search graph's candidate_index, in amc_search")
 SEARCH_ENSEMBLE_NAME = "amc_search"
 SEARCH_ENSEMBLE = StepSignature(SEARCH_ENSEMBLE_NAME, (QUERY, TOP_K, SEARCH_IDS),
                                 (*ENSEMBLE.outputs, STORED_IDS, STORED_KEYWORDS))

@@ -24,10 +24,8 @@ steps of an ensemble. Only the count matters for admission, so which slot goes i
 leaked slot (the oldest) is the first a release clears.
 
 Counters (``counter_path``): ``raw`` for ``amc`` and ``amc_v<N>`` (text step ``amc_tokenizer`` -> ... ->
-``amc_topk``), ``store`` for ``amc_search`` and ``amc_search_v<N>`` (``amc_store_tokenizer`` -> ... ->
-``amc_store_topk``). The store ensembles without a top-k step (``amc_store``, ``amc_store_fused``) end in an
-ONNX network that cannot release a slot; their requests are not counted (the store text step tells them apart
-by the outputs it is asked for).
+``amc_topk``). The store path counts nothing: ``amc_store`` and ``amc_store_fused`` end in an ONNX network that
+cannot release a slot, and ``amc_search`` is one step (``amc_search_step``), bounded by Triton's limit on its queue.
 """
 
 from __future__ import annotations

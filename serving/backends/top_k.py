@@ -7,29 +7,22 @@ weights, region and keyword attention and ``candidate_index`` (which candidate e
 that does not ask for top-k gets what the ensembles answered before this step existed. What it saves: the
 response carries k rows instead of N, and the client sorts nothing.
 
-One module, two Triton models (the config generator copies it as ``model.py``, with ``onnx_runner.py`` beside
-it as ``amc_onnx_runner.py`` for its error responses and ``admission.py`` as ``amc_admission.py``):
+The Triton model ``amc_topk`` (config parameter ``mode: raw``), the end of ``amc`` / ``amc_v<N>``; the config
+generator copies this file as its ``model.py``, with ``onnx_runner.py`` beside it as ``amc_onnx_runner.py`` for its
+error responses and ``admission.py`` as ``amc_admission.py``. ``candidate_index`` is the position in the request.
+(Whole-store search keeps its top k inside its graph, ONNX TopK, in its one step: ``text_step.py``, mode search.)
 
-    amc_topk        (mode raw)   end of ``amc`` / ``amc_v<N>``; ``candidate_index`` is the position in the request
-    amc_store_topk  (mode store) end of ``amc_search`` / ``amc_search_v<N>``; takes ``candidate_rows`` (store rows)
-                                 and answers ``candidate_index`` as store rows, plus the store's id and keyword
-                                 strings of each returned row (``store.json`` beside it), so that a client that holds
-                                 no copy of the store can show the explanation. In ``amc_search`` the search graph
-                                 has already kept the top k (ONNX TopK, so that the per-row tensors of a whole store
-                                 never leave it): this step gets those k rows, best first, and keeps them as they are.
-
-Tensors (names and order from config.pbtxt, generated from ``amc_client.signatures`` TOPK / STORE_TOPK)::
+Tensors (names and order from config.pbtxt, generated from ``amc_client.signatures`` TOPK)::
 
     in:  candidate_scores FP32 [B, N], candidate_modality_weights FP32 [B, N, 2],
          candidate_region_attention FP32 [B, N, R], candidate_keyword_attention FP32 [B, N, K],
-         (store: candidate_rows INT64 [B, N]), top_k INT64 [B, 1] (optional)
+         top_k INT64 [B, 1] (optional)
     out: scores FP32 [B, k], modality_weights FP32 [B, k, 2], region_attention FP32 [B, k, R],
-         keyword_attention FP32 [B, k, K], candidate_index INT64 [B, k],
-         (store: stored_ids BYTES [B, k], stored_keywords BYTES [B, k, K])
+         keyword_attention FP32 [B, k, K], candidate_index INT64 [B, k]
 
 Refused with INVALID_ARGUMENT, the problem named: ``top_k`` below 1, above the request's N candidates, or
 different between the queries of one request (the response is one [B, k] tensor). :func:`check_top_k` is also the
-store text step's rule (a copy of this file is ``amc_top_k.py`` beside it), so ``amc_search`` refuses a bad
+store and search steps' rule (a copy of this file is ``amc_top_k.py`` beside them), so ``amc_search`` refuses a bad
 ``top_k`` before any row is scored. Each request is answered on
 its own; the instance never raises out of :meth:`TritonPythonModel.execute`. Selection is ``argpartition`` and a
 sort of the k chosen: O(N + k log k) per query.
@@ -53,7 +46,7 @@ try:
 except ImportError:  # imported outside Triton (unit tests): best_first only
     pb_utils = None
 
-MODES = ("raw", "store")
+MODES = ("raw",)
 
 
 class RequestError(ValueError):
@@ -113,7 +106,7 @@ class TritonPythonModel:
             raise ValueError(f"{self.model_name}: config parameter mode must be one of {MODES}, got {self.mode!r}")
         self.input_names = [t["name"] for t in config["input"]]
         self.output_names = [t["name"] for t in config["output"]]
-        expected = (6, 7) if self.mode == "store" else (5, 5)
+        expected = (5, 5)
         if (len(self.input_names), len(self.output_names)) != expected:
             raise ValueError(f"{self.model_name}: mode {self.mode} needs {expected[0]} inputs and {expected[1]} "
                              f"outputs, the config has {self.input_names} and {self.output_names}")
@@ -125,17 +118,7 @@ class TritonPythonModel:
             admission = self.runner.load_sibling(here, "amc_admission.py")
             self.in_flight = admission.InFlight(
                 admission.counter_path(Path(args["model_repository"]).parent, counter, args["model_version"]))
-        detail = ""
-        if self.mode == "store":
-            store = json.loads((here / "store.json").read_text(encoding="utf-8"))
-            rows = store["keywords"]
-            self.ids = np.empty(len(store["ids"]), dtype=object)  # (G,) the store's ids, UTF-8
-            self.ids[:] = [i.encode("utf-8") for i in store["ids"]]
-            self.keywords = np.full((len(rows), max([1, *map(len, rows)])), b"", dtype=object)  # (G, K_store)
-            for g, row in enumerate(rows):
-                self.keywords[g, : len(row)] = [k.encode("utf-8") for k in row]
-            detail = f": store of {len(self.ids)} candidates"
-        pb_utils.Logger.log_info(f"{self.model_name} v{args['model_version']} ({self.mode}){detail}")
+        pb_utils.Logger.log_info(f"{self.model_name} v{args['model_version']} ({self.mode})")
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []
@@ -157,7 +140,7 @@ class TritonPythonModel:
         missing = [n for n, t in zip(self.input_names[:-1], tensors[:-1], strict=True) if t is None]
         if missing:
             raise RequestError(f"inputs {missing} are missing")
-        scores, weights, regions, keywords, *rest = (t.as_numpy() for t in tensors[:-1])  # (B, N), (B, N, ...)
+        scores, weights, regions, keywords = (t.as_numpy() for t in tensors[:-1])  # (B, N), (B, N, ...)
         batch, n = scores.shape
         top_k = tensors[-1]
         if top_k is None:
@@ -166,12 +149,8 @@ class TritonPythonModel:
             k = check_top_k(top_k.as_numpy(), batch, n)
             order = np.stack([best_first(scores[b], k) for b in range(batch)])  # (B, k)
         out = [np.take_along_axis(scores, order, 1), np.take_along_axis(weights, order[..., None], 1),
-               np.take_along_axis(regions, order[..., None], 1), np.take_along_axis(keywords, order[..., None], 1)]
-        if self.mode == "raw":
-            out.append(order.astype(np.int64))
-        else:
-            rows = np.take_along_axis(rest[0], order, 1).astype(np.int64)  # (B, k) store rows
-            out += [rows, self.ids[rows], self.keywords[rows]]
+               np.take_along_axis(regions, order[..., None], 1), np.take_along_axis(keywords, order[..., None], 1),
+               order.astype(np.int64)]
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(name, np.ascontiguousarray(a)) for name, a in zip(self.output_names, out, strict=True)])
 
