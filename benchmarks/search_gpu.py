@@ -230,7 +230,9 @@ def ceiling_points(path: Path, device: str, cpu: CpuPath, queries: list[str], n:
                 if way == "cuda_graph":  # a captured graph belongs to one session: one per thread
                     sessions = [session(path, device, cuda_graph=True) for _ in range(threads)]
                 else:
-                    sessions = [shared.setdefault(way, session(path, device, cuda_graph=False))] * threads
+                    if "plain" not in shared:  # one session for both ways (an IOBinding is the caller's, per thread)
+                        shared["plain"] = session(path, device, cuda_graph=False)
+                    sessions = [shared["plain"]] * threads
                 groups = []
                 for _ in range(4):
                     picked = [queries[int(i)] for i in rng.integers(len(queries), size=batch)]
