@@ -59,7 +59,7 @@ export: setup $(CHECKPOINT) ## Export the checkpoint to ONNX, validate it and pu
 	$(PY) -m export.publish --checkpoint $(CHECKPOINT) --repository $(REPOSITORY) --store-corpus $(if $(DEVICE_KIND),--device-kind $(DEVICE_KIND))
 
 serve: setup ## Start tritonserver on the model repository (Ctrl-C stops it)
-	$(PY) -m serving.server --repository $(REPOSITORY)
+	$(PY) -m serving.serve --repository $(REPOSITORY)
 
 demo: setup ## The main job: data, train a small model, export, serve with Triton, rank queries through the client
 	$(PY) -m serving.demo --run $(RUN)

@@ -58,7 +58,7 @@ def pack(out: Path, sessions: int, cache_dir: str) -> None:
     from training.corpus import load_corpus
     from training.data import corpus_tensors, fit_region_pca, padded_keywords, term_weights
     from training.model import AMC
-    from training.train import TrainConfig
+    from training.train_config import TrainConfig
 
     cfg = TrainConfig(corpus=CorpusConfig(cache_dir=cache_dir, log_sessions=sessions))
     corpus = load_corpus(cfg.corpus, progress=True)
@@ -207,7 +207,8 @@ def cpu_breakdown(corpus: Corpus, prepared, cfg, repeats: int = 10) -> dict[str,
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from training.train import TrainConfig, train
+    from training.train import train
+    from training.train_config import TrainConfig
 
     started = time.perf_counter()
     corpus, prepared = unpack(Path(args.pack))

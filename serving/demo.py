@@ -29,7 +29,8 @@ from export.store import Gallery
 from serving.server import TritonServer
 from training.corpus import CorpusConfig, load_corpus
 from training.metrics import ndcg_at_k
-from training.train import TrainConfig, train
+from training.train import train
+from training.train_config import TrainConfig
 
 DEMO_MARKER = ".amc-demo-repository"
 

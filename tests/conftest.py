@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from training.corpus import CorpusConfig, load_corpus
-from training.train import TrainConfig, TrainResult, train
+from training.train import TrainResult, train
+from training.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 # The repository's own feature cache, so a second test run skips feature extraction.

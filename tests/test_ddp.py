@@ -24,7 +24,8 @@ import torch
 from tests.conftest import ROOT, SMALL_CORPUS
 from training.checkpoint import load_checkpoint
 from training.distributed import Dist
-from training.train import TrainConfig, train
+from training.train import train
+from training.train_config import TrainConfig
 
 # 60 images: 73 training queries, so batch 32 gives batches of 32, 32 and 9; the last is split 5 / 4.
 TINY = replace(SMALL_CORPUS, max_images=60)

@@ -73,7 +73,8 @@ def test_training_with_graphed_steps_equals_eager_training(tmp_path, monkeypatch
     another order than the default one: 3e-5 apart in the first epoch's loss): the same losses and validation
     NDCG to the last digit. Passed on an H200, 2026-11-26."""
     from benchmarks.ddp import unpack
-    from training.train import TrainConfig, train
+    from training.train import train
+    from training.train_config import TrainConfig
 
     adamw = torch.optim.AdamW
     monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: adamw(*a, **{**kw, "capturable": True}))

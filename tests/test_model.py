@@ -12,7 +12,7 @@ from training.checkpoint import CheckpointError, fingerprint, load_checkpoint, s
 from training.config import ConfigError, add_dataclass_args, config_from_args
 from training.metrics import BM25, dcg, ndcg_at_k
 from training.model import AMC, AMCConfig, masked_softmax, ranking_loss
-from training.train import TrainConfig
+from training.train_config import TrainConfig
 
 
 def _model(mode="amc", seed=0, **options) -> AMC:

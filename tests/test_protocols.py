@@ -52,7 +52,7 @@ def test_resumed_evaluation_refuses_a_partial_run_of_another_configuration(tmp_p
     import json
 
     from training.evaluate import LEARNED, _resumed
-    from training.train import TrainConfig
+    from training.train_config import TrainConfig
 
     base = TrainConfig()
     assert _resumed(tmp_path, base, [0, 1], LEARNED) == ({}, {}, {}, [])  # nothing to resume: start afresh

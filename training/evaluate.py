@@ -46,7 +46,8 @@ from training.metrics import (
     target_metrics,
 )
 from training.retrieval import CollectionScorer
-from training.train import TrainConfig, score_lists, train
+from training.train import score_lists, train
+from training.train_config import TrainConfig
 
 LEARNED = ("amc", "keywords_only", "visual_only", "equal_fusion")
 TEXT_BASELINES = ("bm25", "dense", "hybrid")

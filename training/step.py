@@ -22,7 +22,7 @@ from training.retrieval import score_shared
 
 if TYPE_CHECKING:
     from training.collection import CollectionNegatives
-    from training.train import TrainConfig
+    from training.train_config import TrainConfig
 
 
 @dataclass

@@ -150,7 +150,7 @@ def _load_module(here: Path, filename: str, fallback: str | None = None) -> Any:
         return importlib.import_module(fallback)
     except ImportError as e:
         raise ImportError(f"no {filename} in {here} and {fallback} is not importable by the Python backend stub "
-                          "(start the server with serving.server so the stub uses the project venv)") from e
+                          "(start the server with serving.serve or serving.server.TritonServer so the stub uses the project venv)") from e
 
 
 def _decode(value: bytes | str, what: str) -> str:
