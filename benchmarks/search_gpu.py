@@ -592,8 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store-size", type=int, default=100_000)
     parser.add_argument("--instances", type=int, nargs="+", default=[1, 4], help="instance counts of the A/B")
     parser.add_argument("--duration-s", type=float, default=2.0, help="each in-process / thread-load point")
-    parser.add_argument("--interval-ms", type=int, default=1500, help="perf_analyzer's measurement interval")
-    parser.add_argument("--c1-requests", type=int, default=300)
+    parser.add_argument("--interval-ms", type=int, default=1000, help="perf_analyzer's measurement interval")
+    parser.add_argument("--c1-requests", type=int, default=200)
     parser.add_argument("--many-batch", type=int, default=8, help="queries per request of the search_many point")
     parser.add_argument("--ab-concurrency", type=int, nargs=2, default=[64, 16], metavar=("N100", "N1000"))
     parser.add_argument("--headline-only", action="store_true", help="served: the default settings only, no A/B "
@@ -608,8 +608,9 @@ def main(argv: list[str] | None = None) -> int:
         from .search_report import merge
 
         return merge(args.merge, args.reports, args.readme)
-    args.concurrency = {"n100": [16, 32, 64, 128, 256], "n1000": [4, 8, 16, 32, 64], "whole": [1, 2, 4, 8]}
-    args.ceiling_combos = {"n100": [(1, 64), (1, 256), (2, 64), (4, 64)], "n1000": [(1, 16), (1, 64), (2, 32), (4, 16)],
+    # Sized for the device tool's 10-minute calls (build + ceiling in one, served in another).
+    args.concurrency = {"n100": [16, 64, 128, 256], "n1000": [8, 16, 32, 64], "whole": [1, 2, 4]}
+    args.ceiling_combos = {"n100": [(1, 64), (2, 64), (4, 64)], "n1000": [(1, 32), (2, 32), (4, 16)],
                            "whole": [(1, 1), (2, 1)]}
     if args.quick:
         args.store_size, args.gallery_size, args.c1_requests, args.duration_s = 3000, 1200, 20, 1.0
