@@ -51,11 +51,10 @@ from amc_client import signatures as sig
 from . import harness, perf, triton
 from .run import gpu_memory_mib
 from .search import SEARCH_MODELS, add_search, gallery_store
+from .search_report import SIZES, merge, summarize, summary_md
 from .workloads import Request, collection_words, synthetic_gallery
 
-P99_BOUND_MS = {"n100": 50.0, "n1000": 50.0, "whole": 100.0}
 TOP_K = 10
-SIZES = {"n100": 100, "n1000": 1000}
 
 
 def log(msg: str) -> None:
@@ -131,11 +130,6 @@ def load_points(url: str, pool: list[Request], n: int, concurrency: list[int], w
         log(f"threads n{n} c{c} b{batch}: {point['candidates_per_s']:,.0f} cand/s, p99 {point.get('p99_ms', 0):.1f} ms")
         points.append(point)
     return points
-
-
-def best(points: list[dict], bound_ms: float) -> dict | None:
-    ok = [p for p in points if p.get("p99_ms") is not None and p["p99_ms"] < bound_ms and not p.get("errors")]
-    return max(ok, key=lambda p: p["candidates_per_s"]) if ok else None
 
 
 # ---- the CPU path's reference and parity ---------------------------------------------------------------------
@@ -334,11 +328,6 @@ def variants(args) -> dict:
     return out
 
 
-# Each lever: (name, the variant without it, the variant with it).
-LEVERS = (("io_binding (no CUDA graphs)", "host_arrays", "no_graph"), ("cuda_graph", "no_graph", "base"),
-          ("one intra-op thread", "ort_threads", "base"), ("dynamic batching delay 0 -> base", "delay_0", "base"))
-
-
 def headline(small: Path, large: Path, build: dict, base, pools: dict, ab: dict, ab_c: dict, head: dict,
              workdir: Path, args, results: dict) -> None:
     """The default settings on S (parity, c1, sweeps, several queries per request), then on L (the whole store)."""
@@ -462,121 +451,6 @@ def write(results: dict, args) -> None:
     (args.out / "gpu_search.md").write_text(summary_md(summarize(results)))
 
 
-def summarize(results: dict) -> dict:
-    """The issue's keys for this run (before merging with other runs): search_n100, search_n1000, search_100k, ab."""
-    served = results.get("served", {})
-    head, ceiling = served.get("base", {}), results.get("ceiling", {})
-    out: dict = {}
-    for key, name in (("n100", "search_n100"), ("n1000", "search_n1000"), ("whole", "search_100k")):
-        top = best(head.get(f"{key}_sweep", []), P99_BOUND_MS[key])
-        roof = best(ceiling.get(key, []), P99_BOUND_MS[key])
-        out[name] = {
-            "best_candidates_per_s": top and top["candidates_per_s"],
-            "best_p99_ms": top and top["p99_ms"], "best_concurrency": top and top["concurrency"],
-            "p99_ms_c1": head.get(f"{key}_c1", {}).get("p99_ms"),
-            "inprocess_ceiling_candidates_per_s": roof and roof["candidates_per_s"],
-            "ceiling_config": roof and {k: roof[k] for k in ("way", "threads", "batch", "p99_ms")},
-            "over_ceiling": top and roof and top["candidates_per_s"] / roof["candidates_per_s"],
-            "p99_bound_ms": P99_BOUND_MS[key],
-            "runs": [{"date": results.get("date"), "machine": results.get("machine"),
-                      "best_candidates_per_s": top and top["candidates_per_s"]}]}
-    variants_ = served.get("variants", {})
-
-    def point(tag: str, key: str) -> dict | None:
-        return variants_.get(f"base_{key}") if tag == "base" else variants_.get(tag, {}).get(key)
-
-    ab = []
-    for lever, off, on in LEVERS:
-        for key in SIZES:
-            a, b = point(off, key), point(on, key)
-            if a and b and "candidates_per_s" in a and "candidates_per_s" in b:
-                ab.append({"lever": f"{lever}, {key} c{a.get('concurrency')}", "off": a["candidates_per_s"],
-                           "on": b["candidates_per_s"], "unit": "candidates/s", "p99_ms_off": a.get("p99_ms"),
-                           "p99_ms_on": b.get("p99_ms")})
-    for tag in variants_:
-        if tag.startswith("instances_"):
-            for key in SIZES:
-                a, b = point("base", key), point(tag, key)
-                if a and b and "candidates_per_s" in a and "candidates_per_s" in b:
-                    base_count = served.get("base", {}).get("settings", {}).get("instances")
-                    ab.append({"lever": f"instances {base_count} -> {tag.split('_')[1]}, {key} c{a.get('concurrency')}",
-                               "off": a["candidates_per_s"], "on": b["candidates_per_s"], "unit": "candidates/s",
-                               "p99_ms_off": a.get("p99_ms"), "p99_ms_on": b.get("p99_ms")})
-    many, single = head.get("n100_many"), point("base", "n100")
-    if many and single and "candidates_per_s" in many and "candidates_per_s" in single:
-        ab.append({"lever": f"{many.get('queries_per_request')} queries per request (search_many), n100, "
-                            f"{single.get('concurrency')} queries in flight", "off": single["candidates_per_s"],
-                   "on": many["candidates_per_s"], "unit": "candidates/s", "p99_ms_off": single.get("p99_ms"),
-                   "p99_ms_on": many.get("p99_ms")})
-    for key in SIZES:  # the same lever in-process: bound buffers and graphs against host arrays
-        points = ceiling.get(key, [])
-        for lever, off, on in (("io_binding in-process", "host_arrays", "io_binding"),
-                               ("cuda_graph in-process", "io_binding", "cuda_graph")):
-            a = best([p for p in points if p.get("way") == off], P99_BOUND_MS[key])
-            b = best([p for p in points if p.get("way") == on], P99_BOUND_MS[key])
-            if a and b:
-                ab.append({"lever": f"{lever}, {key} best point", "off": a["candidates_per_s"],
-                           "on": b["candidates_per_s"], "unit": "candidates/s"})
-    out["ab"] = ab
-    # The sweep's choice: the variant (one lever from the base) that answered the most at 100 ids.
-    scored = {tag: v.get("n100", {}).get("candidates_per_s") for tag, v in variants_.items()
-              if not tag.startswith("base_") and isinstance(v, dict) and v.get("n100")}
-    if point("base", "n100"):
-        scored["base"] = point("base", "n100").get("candidates_per_s")
-    scored = {t: c for t, c in scored.items() if c}
-    if scored:
-        winner = max(scored, key=scored.get)
-        settings = served["base"]["settings"] if winner == "base" else variants_[winner]["settings"]
-        out["search_defaults"] = {"best_variant": winner, "settings": settings, "n100_candidates_per_s": scored}
-    out["parity"] = {k: v for k, v in head.items() if "parity" in k}
-    out["step"] = head.get("step")
-    out["ceiling_refusals"] = sorted({p["error"] for pts in ceiling.values() if isinstance(pts, list)
-                                      for p in pts if p.get("error")})
-    out["placement"] = ceiling.get("placement", {}).get("lines", [])[:40]
-    out["profile"] = {key: profile(head.get(f"{key}_sweep", []), P99_BOUND_MS[key], head.get(f"{key}_gpu"))
-                      for key in (*SIZES, "whole")}
-    return out
-
-
-def profile(points: list[dict], bound: float, gpu: dict | None) -> dict | None:
-    """Where the best point's time goes, from Triton's statistics of the search step: per execution."""
-    top = best(points, bound)
-    if not top:
-        return None
-    step = top.get("steps", {}).get(sig.SEARCH_STEP.model_name, {})
-    return {"concurrency": top["concurrency"], "queries_per_execution": step.get("mean_batch"),
-            "queue_ms": step.get("queue_ms"), "compute_infer_ms_per_execution": step.get("compute_infer_ms"),
-            "compute_input_ms": step.get("compute_input_ms"), "compute_output_ms": step.get("compute_output_ms"),
-            "gpu": gpu}
-
-
-def summary_md(s: dict) -> str:
-    lines = ["| target | served best cand/s (p99 ms) | p99 at c1 ms | in-process ceiling cand/s (config) | served / ceiling |",
-             "| --- | --- | --- | --- | --- |"]
-    for name in ("search_n100", "search_n1000", "search_100k"):
-        v = s.get(name, {})
-        cfg = v.get("ceiling_config") or {}
-        lines.append(f"| {name} | {_n(v.get('best_candidates_per_s'))} ({_f(v.get('best_p99_ms'))}) | "
-                     f"{_f(v.get('p99_ms_c1'))} | {_n(v.get('inprocess_ceiling_candidates_per_s'))} "
-                     f"({cfg.get('way', '-')}, T{cfg.get('threads', '-')} B{cfg.get('batch', '-')}) | "
-                     f"{_f(v.get('over_ceiling'), 3)} |")
-    lines += ["", "| lever | off | on | unit |", "| --- | --- | --- | --- |"]
-    lines += [f"| {a['lever']} | {_n(a['off'])} | {_n(a['on'])} | {a['unit']} |" for a in s.get("ab", [])]
-    lines += ["", f"search_defaults: {json.dumps(s.get('search_defaults'))}", "",
-              f"parity: {json.dumps(s.get('parity'))}", "", f"step: {json.dumps(s.get('step'))}", "",
-              f"profile: {json.dumps(s.get('profile'))}", "", f"CUDA graphs refused: {s.get('ceiling_refusals')}", "",
-              "placement:", *[f"    {line}" for line in s.get("placement", [])]]
-    return "\n".join(lines) + "\n"
-
-
-def _n(x) -> str:
-    return "-" if x is None else f"{x:,.0f}"
-
-
-def _f(x, digits: int = 1) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
 START = time.monotonic()
 
 
@@ -605,8 +479,6 @@ def main(argv: list[str] | None = None) -> int:
                                                                    "project's)")
     args = parser.parse_args(argv)
     if args.merge:
-        from .search_report import merge
-
         return merge(args.merge, args.reports, args.readme)
     # Sized for the device tool's 10-minute calls (build + ceiling in one, served in another).
     args.concurrency = {"n100": [16, 64, 128, 256], "n1000": [8, 16, 32, 64], "whole": [1, 2, 4]}
