@@ -75,6 +75,30 @@ def merged(runs: list[dict]) -> dict:
     return out
 
 
+SHAPE = ("best_candidates_per_s", "best_p99_ms", "p99_ms_c1", "inprocess_ceiling_candidates_per_s", "ceiling_config",
+         "over_ceiling")
+
+
+def issue_shape(entry: dict) -> dict:
+    """gpu.json's keys in exactly the shape issue 23 names (``search_*``: SHAPE and ``runs`` of date, machine, best
+    cand/s; ``ab``: lever, off, on, unit); what else a reader needs (targets met, per-run c1 and ceiling, p99 at each
+    lever) goes under ``search_targets`` and ``search_ab_p99_ms``, and the rest of ``merged`` as it is."""
+    out = {k: v for k, v in entry.items() if k not in TARGETS and k != "ab"}
+    out["search_targets"] = {}
+    for name in TARGETS:
+        row = entry[name]
+        out[name] = {k: row.get(k) for k in SHAPE}
+        out[name]["runs"] = [{"date": r["date"], "machine": f"{r.get('gpu') or 'no GPU'}, {r['machine']}",
+                              "best_candidates_per_s": r["best_candidates_per_s"]} for r in row["runs"]]
+        out["search_targets"][name] = {"target": row["target"], "target_met": row["target_met"],
+                                       "best_concurrency": row.get("best_concurrency"),
+                                       "p99_bound_ms": row.get("p99_bound_ms"), "runs": row["runs"]}
+    out["ab"] = [{k: a[k] for k in ("lever", "off", "on", "unit")} for a in entry["ab"]]
+    out["search_ab_p99_ms"] = [{"lever": a["lever"], "off": a.get("p99_ms_off"), "on": a.get("p99_ms_on")}
+                               for a in entry["ab"] if "p99_ms_off" in a]
+    return out
+
+
 def markdown(entry: dict) -> str:
     """gpu.md's block: the targets, the levers, the profile, the parity, how it was run."""
     lines = [START, "# Run 9: amc_search in one Python step (issue 23)", "",
@@ -234,7 +258,7 @@ def merge(files: list[Path], reports: Path, readme: Path | None = None) -> int:
     gpu_path = reports / "gpu.json"
     gpu = json.loads(gpu_path.read_text())
     entry = merged(runs)
-    gpu.update(entry)
+    gpu.update(issue_shape(entry))
     gpu_path.write_text(json.dumps(gpu, indent=2, default=float) + "\n")
     (reports / RUNS_FILE).write_text(json.dumps({"what": "issue 23: benchmarks.search_gpu, one entry per machine "
                                                          "start", "runs": runs}, indent=1, default=float) + "\n")
