@@ -72,9 +72,8 @@ BATCH_DELAY_US = 200
 # core#509 in 2026-07, after 2.51). With the bound on the text step alone: no stall.
 #
 # 2. That bound alone does not hold latency: the text step is fast, so requests pass it and wait in the
-# unbounded queue of the slow step behind it. Measured with Triton's statistics (64 closed-loop threads, 20
-# candidates a request, 30 s on the 2-core CPU): per request, amc_van 3,210 ms in its queue and 550 ms computing,
-# the text step 139 + 122 ms, every other step under 15 ms; p50 4.4 s, 7 rejections in 464 requests. So the
+# unbounded queue of the slow step behind it (Triton's statistics under overload on the 2-core CPU: almost all of a
+# request's latency was amc_van's queue; the run is in commit 5fac526's message). So the
 # text step also bounds the requests in flight through its version's pipeline (admitted by it, not yet answered
 # by the top-k step at the end) to sig.MAX_IN_FLIGHT, through a counter that the text step, the top-k step and
 # VAN share (serving/backends/admission.py); beyond it the text step answers UNAVAILABLE "overloaded: ... in
@@ -82,20 +81,15 @@ BATCH_DELAY_US = 200
 # most MAX_IN_FLIGHT requests. Counted: amc, amc_v<N> (counter "raw") and amc_search, amc_search_v<N>
 # ("store"); amc_store and amc_store_fused end in an ONNX network, which cannot free a slot, so the store text
 # step does not count their requests (they keep the entrance queue bound only).
-# Measured (benchmarks.reliability; reports/overload_runs.json, device_runs_early_refusals): with the load generator
-# on other CPUs than a 2-CPU server, 64 threads backing off as the client does, refusals answered early and the
-# networks niced (NETWORK_NICE), a refusal takes p50 19-24 ms / p99 50-73 ms in the server from the start of its
-# intake to the answer sent (Triton's trace), 24-28 ms (p50) / 136-212 ms (p99) as the clients see it (the
-# difference is spent in the clients: packing and serializing 5 MB, and the wire); accepted p99 199-273 ms. With the clients on the same 2 cores, their packing
-# takes as much CPU as the server's work, and the figures are several times worse.
+# What a refusal and an answered request then take, in the server and at the clients: reports/overload_runs.json
+# (device_runs_early_refusals) and docs/reliability.md. With the clients on the same 2 cores as the server, their
+# packing takes as much CPU as the server's work.
 MAX_QUEUE_SIZE = 16
 # What the raw pipeline's network steps add to their niceness (config parameter ``nice``,
 # onnx_runner.lower_cpu_priority): on a CPU server their compute yields to Triton's gRPC intake and to the text step,
-# which refuses the excess, so under overload a refusal does not wait behind the networks' compute. Measured
-# (reports/overload_runs.json, device_runs_early_refusals: a 2-CPU server, 64 clients on other CPUs, interleaved
-# runs on one machine each): the server's mean time per refusal 9.8-11.6 ms at 10 against 19.7-21.7 ms at 0, and
-# the refusals' p99 in the server (Triton's trace) 51-55 ms against 79 ms; answered 3,540-3,700 requests a minute
-# against 3,444-3,744.
+# which refuses the excess, so under overload a refusal does not wait behind the networks' compute. The A/B of 10
+# against 0 (a refusal's time in the server, answered requests a minute): reports/overload_runs.json,
+# device_runs_early_refusals.
 # Other processes on the same CPUs (outside the server's container) also take precedence over the networks.
 NETWORK_NICE = 10
 # Keywords the text step encodes on the fly (not in the version's keyword table) and keeps: 1.5 KB each.
@@ -494,9 +488,8 @@ ALL_STORE_STEPS: tuple[sig.StepSignature, ...] = STORE_STEPS + FUSED_STEPS + SEA
 
 STORE_BATCH_DELAY_US = 100  # store steps: requests are cheap to merge, so wait less for company at low load
 # Instances of the store path's text step and fused graph by the kind of machine that will serve (issue 10, "fast by
-# default"). On an H100, with the sentence encoder inside the fused graph (reports/gpu.md, run 6, one machine start;
-# best cand/s with p99 < 50 ms at 100 / 1,000 candidates): 4:4 412,862 / 1,190,850, 2:4 389,170 / 1,223,410, 4:2
-# 364,448 / 1,259,790, 4:8 348,063 / 936,330, 4:1 236,630 / 931,965; 4:4 stays. On a CPU one each: more processes
+# default"). GPU: 4:4, what answered the most at 100 candidates of the instance counts tried on an H100 (the sweep:
+# reports/gpu_instances_run6.json; reports/gpu.md, run 6). On a CPU one each: more processes
 # only split the same cores. The other store steps keep one. Each fused-graph instance holds its own copy of the
 # store's projections (~1.25 GB in fp16 for 100,000 images) and of the sentence encoder (~90 MB).
 STORE_INSTANCES = {"gpu": 4, "cpu": 1}
