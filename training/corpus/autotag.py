@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.corpus import CorpusConfig
+from training.corpus.datatypes import CorpusConfig
 
 
 def auto_tag(

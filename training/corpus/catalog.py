@@ -15,8 +15,9 @@ import numpy as np
 from PIL import features
 
 from amc_client.text import EmojiNames
-from training.corpus import SPLITS, CorpusConfig, MissingDataError, render
+from training.corpus import render
 from training.corpus.cache import check_fingerprint, file_id, key, read_cache, version, write_json
+from training.corpus.datatypes import SPLITS, CorpusConfig, MissingDataError
 
 # Data locations (module constants so tests can point them elsewhere).
 CLDR_ANNOTATIONS = "/usr/share/unicode/cldr/common/annotations/en.xml"

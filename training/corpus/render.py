@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from training.corpus import MissingDataError
+from training.corpus.datatypes import MissingDataError
 
 # Data location (a module constant so tests can point it elsewhere).
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"

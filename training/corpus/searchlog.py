@@ -8,8 +8,8 @@ from collections import defaultdict
 import numpy as np
 
 from amc_client.text import words  # the serving tokenizer's rules: vocabulary and queries split alike
-from training.corpus import SPLITS, CorpusConfig, Query
 from training.corpus.catalog import keyword_targets, split_of
+from training.corpus.datatypes import SPLITS, CorpusConfig, Query
 
 # Function words that carry no search intent. Deliberately short: "face", "hand", "man" etc. are
 # content words (they distinguish emoji).
