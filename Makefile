@@ -51,7 +51,7 @@ $(CHECKPOINT): | setup
 train: setup ## Train the default AMC model into runs/amc/checkpoint.pt
 	$(PY) -m training.train --out $(RUN) $(TRAIN_ARGS)
 
-eval: setup ## Train AMC and the baselines on 3 seeds; write reports/eval.{json,md}, plots and the README's table
+eval: setup ## Train AMC and the baselines on 3 seeds; write reports/eval.{json,md}, plots and the table of docs/evaluation.md
 	$(PY) -m training.evaluate --out-dir reports --jobs $(EVAL_JOBS)
 	$(PY) -m training.readme_eval
 
@@ -67,7 +67,7 @@ demo: setup ## The main job: data, train a small model, export, serve with Trito
 ui: setup ## Start the search page for the server at URL (default 127.0.0.1:8001) serving REPOSITORY; open http://127.0.0.1:8080/
 	$(VENV)/bin/amc-ui --url $(URL) --repository $(REPOSITORY)
 
-ui-report: setup $(CHECKPOINT) ## Search page in headless Chromium, 20 queries over the corpus store -> reports/ui.json, ui.png, README figures
+ui-report: setup $(CHECKPOINT) ## Search page in headless Chromium, 20 queries over the corpus store -> reports/ui.json, ui.png, the figures of docs/search.md
 	test -d $(UI_REPOSITORY)/amc_v1 || $(PY) -m export.publish --checkpoint $(CHECKPOINT) --repository $(UI_REPOSITORY) --store-corpus
 	$(PY) -m ui.report --repository $(UI_REPOSITORY) --out reports/ui.json --screenshot reports/ui.png
 	$(PY) -m ui.readme

@@ -224,12 +224,12 @@ def test_ort_ceiling_on_cpu_at_a_tiny_size(trained, tmp_path):
 
 
 def test_readme_gpu_table_is_generated_from_gpu_json(tmp_path):
-    """The README's GPU figures are reports/gpu.json's (issue 10): a stale block fails here; a README without the
+    """docs/gpu.md's GPU figures are reports/gpu.json's (issue 10): a stale block fails here; a page without the
     markers is an error, not a silent no-op."""
     from benchmarks import readme_gpu
 
     assert readme_gpu.main(["--check"]) == 0
-    readme = (readme_gpu.ROOT / "README.md").read_text(encoding="utf-8")
+    readme = readme_gpu.PAGE.read_text(encoding="utf-8")
     stale = tmp_path / "README.md"
     stale.write_text(readme.replace(readme_gpu.END, "| 100 | 99,999,999 | typed by hand |\n" + readme_gpu.END))
     assert readme_gpu.main(["--check", "--readme", str(stale)]) == 1

@@ -164,7 +164,7 @@ def test_readme_evaluation_table_is_generated_from_eval_json(tmp_path):
     from training import readme_eval
 
     assert readme_eval.main(["--check"]) == 0
-    readme = (readme_eval.ROOT / "README.md").read_text(encoding="utf-8")
+    readme = readme_eval.PAGE.read_text(encoding="utf-8")
     stale = tmp_path / "README.md"
     stale.write_text(readme.replace(readme_eval.END, "| typed by hand | 0.999 |\n" + readme_eval.END), encoding="utf-8")
     assert readme_eval.main(["--check", "--readme", str(stale)]) == 1

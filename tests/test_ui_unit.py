@@ -1,5 +1,5 @@
 """Unit tests of the search page's answers (no server, no browser): each failure of a search is one line a person
-can act on, the app imports no torch, and the README's figures are generated from reports/ui.json."""
+can act on, the app imports no torch, and the figures of docs/search.md are generated from reports/ui.json."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def test_readme_figures_are_generated_from_ui_json(tmp_path) -> None:
     from ui import readme
 
     assert readme.main(["--check"]) == 0
-    text = (readme.ROOT / "README.md").read_text(encoding="utf-8")
+    text = readme.PAGE.read_text(encoding="utf-8")
     stale = tmp_path / "README.md"
     stale.write_text(text.replace(readme.END, "p50 1 ms, typed by hand\n" + readme.END), encoding="utf-8")
     assert readme.main(["--check", "--readme", str(stale)]) == 1
