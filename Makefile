@@ -72,11 +72,11 @@ ui-report: setup $(CHECKPOINT) ## Search page in headless Chromium, 20 queries o
 	$(PY) -m ui.report --repository $(UI_REPOSITORY) --out reports/ui.json --screenshot reports/ui.png
 	$(PY) -m ui.readme
 
-test: setup ## Run all tests, integration tests against a real tritonserver included
+test: setup ## Run every tier: tests/unit, tests/parity (ONNX against PyTorch) and tests/integration (real tritonserver)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
-test-fast: setup ## Unit tests only (no tritonserver)
-	$(PY) -m pytest -q -ra -m "not integration" $(PYTEST_ARGS)
+test-fast: setup ## The fast tier, tests/unit: no tritonserver, no browser, no process of its own
+	$(PY) -m pytest -q -ra tests/unit $(PYTEST_ARGS)
 
 rollout-report: setup ## Rollout load test (4 clients; publish, 10% canary, promote, roll back) -> reports/rollout.json
 	test -f $(CHECKPOINT) || $(PY) -m training.train --out $(RUN)
@@ -98,7 +98,7 @@ bench: setup ## CPU serving benchmark: writes reports/serving_cpu.json
 k8s: setup ## Render deploy/k8s/rendered and monitoring/ from deploy/k8s/values.yaml and validate them offline
 	$(PY) -m deploy.k8s.render
 	$(PY) -m monitoring.render
-	$(PY) -m pytest -q -m "not integration" tests/test_k8s.py tests/test_metrics.py
+	$(PY) -m pytest -q tests/unit/test_k8s.py tests/unit/test_metrics.py
 
 reliability-report: setup ## Bad inputs, stub/server kill, 64-thread overload, 10-min soak, TLS -> reports/reliability.json
 	$(PY) -m benchmarks.reliability --out reports/reliability.json

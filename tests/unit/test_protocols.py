@@ -74,8 +74,7 @@ def test_an_ablation_trains_only_the_methods_asked_for(tmp_path):
     """``--methods amc``: AMC alone (and the text baselines, which cost no training), for an ablation of one flag."""
     import json
 
-    from conftest import SMALL_CORPUS
-
+    from tests.conftest import SMALL_CORPUS
     from training.evaluate import main
 
     common = ["--seeds", "0", "--out-dir", str(tmp_path), "--epochs", "1", "--batch_size", "32", "--progress", "false",
@@ -86,32 +85,6 @@ def test_an_ablation_trains_only_the_methods_asked_for(tmp_path):
     details = json.loads((tmp_path / "eval_details.json").read_text())
     assert list(details["train_seconds"]) == ["amc"] and details["config"]["visual_agreement"] is False
     assert set(json.loads((tmp_path / "eval.json").read_text())["ndcg@10"]) == {"amc", "bm25", "dense", "hybrid"}
-
-
-def test_seeds_in_parallel_processes_report_every_seed(tmp_path):
-    """``--jobs 2``: two seed processes, then the reports over both from their details (the resume path)."""
-    import json
-
-    from conftest import SMALL_CORPUS
-
-    from training.evaluate import LEARNED, main
-
-    args = ["--seeds", "0", "1", "--jobs", "2", "--out-dir", str(tmp_path), "--epochs", "1", "--batch_size", "32",
-            "--progress", "false", "--corpus.max_images", "60", "--corpus.cache_dir", SMALL_CORPUS.cache_dir]
-    assert main(args) == 0
-    details = json.loads((tmp_path / "eval_details.json").read_text())
-    assert details["seeds"] == [0, 1] and set(details["list_counts"]) == {"0", "1"}
-    for seed in (0, 1):  # each seed's figures are its own process's, in seed order
-        part = json.loads((tmp_path / "seeds" / f"seed{seed}" / "eval_details.json").read_text())
-        for protocol, groups in part["per_seed"].items():
-            metric = "ndcg@10" if protocol == "test_lists" else "r@1"
-            for method in (*LEARNED, "bm25"):
-                merged, own = details["per_seed"][protocol]["all"][metric][method][seed], groups["all"][metric][method][0]
-                assert np.array_equal(merged, own, equal_nan=True)  # regional names: NaN where a seed has no list
-        assert (tmp_path / "runs" / f"amc-seed{seed}" / "checkpoint.pt").is_file()
-    report = json.loads((tmp_path / "eval.json").read_text())
-    assert set(report["ndcg@10"]) >= set(LEARNED) and report["mtn_visual_weight"]["clean_keywords"] > 0
-    assert "seeds [0, 1]" in (tmp_path / "eval.md").read_text()
 
 
 def test_variant_key_groups_skin_tones_but_not_flags():

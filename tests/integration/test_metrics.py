@@ -1,7 +1,7 @@
-"""monitoring/: the Prometheus config and the Grafana dashboard are current and consistent, and every series the
-dashboard (and the HPA's adapter rule) reads exists, with the labels it expects, on a real tritonserver.
+"""monitoring/: every series the Grafana dashboard (and the HPA's adapter rule) reads exists, with the labels it
+expects, on a real tritonserver (that the files are current and consistent: tests/unit/test_metrics.py).
 
-The integration part publishes two versions of a tiny, untrained AMC model (no training: export and parity
+The test publishes two versions of a tiny, untrained AMC model (no training: export and parity
 only), serves them with a 50% canary of version 2, ranks through ``AMCClient`` (which follows the canary routing),
 sends one invalid request, and scrapes ``/metrics``. Labels that Prometheus attaches at scrape time (``instance``,
 ``job``, and ``namespace``/``pod`` from prometheus.yml's relabelling) are not on Triton's page; matchers on them
@@ -11,7 +11,6 @@ on a machine without one, ``test_dashboard_gpu_series_exist`` is skipped and say
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import urllib.request
@@ -31,48 +30,19 @@ from export.repository import STEPS, set_routing
 from monitoring import render
 from serving import server as srv
 from serving.server import TritonServer
+from tests.unit.test_metrics import CANARY, SERVING, VALUES, grouping, selectors, targets
 from training.checkpoint import save_checkpoint
 from training.model import AMC, AMCConfig
 
-VALUES = k8s.load_values()
 # Labels a scrape adds (not on Triton's page): Prometheus's own, and the k8s job's relabelling.
 TARGET_LABELS = {"instance", "job", "namespace", "pod"}
-# What the dashboard's variables stand for in the check: everything, and the versions this test serves.
-SERVING, CANARY = 1, 2
-SUBSTITUTE = {"$__rate_interval": "1m", "$model": ".*", "$version": ".*", "$instance": ".*",
-              "$serving": str(SERVING), "$canary": str(CANARY)}
-SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^{}]*)\}")
-MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*,?')
-BY = re.compile(r"\bby \(([^)]*)\)")
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 DOCUMENTS = [["cat", "face"], ["grinning face"], ["dog", "pet"], ["red heart", "love"]]
 KEYWORDS = sorted({k for d in DOCUMENTS for k in d})
 
 
-# ---- reading expressions and the metrics page ----------------------------------------------------------------
-def targets() -> list[tuple[str, dict]]:
-    """``(panel title, target)`` for every query of the committed dashboard."""
-    dashboard = json.loads(render.DASHBOARD.read_text())
-    return [(p["title"], t) for p in dashboard["panels"] for t in p.get("targets", [])]
-
-
-def selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
-    """``[(metric, [(label, op, value)])]`` of every ``metric{...}`` in a PromQL expression."""
-    for key, value in SUBSTITUTE.items():
-        expr = expr.replace(key, value)
-    found = []
-    for name, body in SELECTOR.findall(expr):
-        matchers = MATCHER.findall(body)
-        assert "".join(f'{k}{op}"{v}",' for k, op, v in matchers).rstrip(",") == re.sub(r"\s", "", body), body
-        found.append((name, matchers))
-    return found
-
-
-def grouping(expr: str) -> set[str]:
-    return {label.strip() for labels in BY.findall(expr) for label in labels.split(",") if label.strip()}
-
-
+# ---- reading the metrics page ---------------------------------------------------------------------------------
 def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
     out = []
     for line in text.splitlines():
@@ -95,60 +65,6 @@ def matching(series, name: str, matchers) -> list[dict[str, str]]:
         return True
 
     return [labels for n, labels, _ in series if n == name and ok(labels)]
-
-
-# ---- static: files and consistency ----------------------------------------------------------------------------
-def test_monitoring_files_equal_the_renderer():
-    for path, text in render.rendered_files().items():
-        assert path.read_text() == text, f"{path} differs: run `make k8s`"
-
-
-def test_prometheus_config_scrapes_the_servers_metrics_port_and_the_pods_of_deploy_k8s():
-    config = yaml.safe_load(render.PROMETHEUS.read_text())
-    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
-    local, pods = jobs[render.LOCAL_JOB], jobs[render.K8S_JOB]
-    metrics_port = srv.DEFAULT_PORTS["metrics"]
-    assert local["static_configs"][0]["targets"] == [f"{VALUES['prometheus']['local_host']}:{metrics_port}"]
-    assert local["metrics_path"] == pods["metrics_path"] == srv.METRICS_PATH
-    relabel = pods["relabel_configs"]
-    keep = {r["source_labels"][0]: r["regex"] for r in relabel if r.get("action") == "keep"}
-    assert keep["__meta_kubernetes_pod_label_app_kubernetes_io_name"] == VALUES["name"]
-    # The port the pods' containers name "metrics" is Triton's metrics port, in both variants.
-    for variant in k8s.VARIANTS:
-        for doc in (k8s.RENDERED / variant).glob("*.yaml"):
-            for r in yaml.safe_load_all(doc.read_text()):
-                if r and r["kind"] in ("Deployment", "InferenceService"):
-                    spec = r["spec"]["template"]["spec"] if r["kind"] == "Deployment" else r["spec"]["predictor"]
-                    labels = (r["spec"]["template"]["metadata"]["labels"] if r["kind"] == "Deployment"
-                              else r["spec"]["predictor"]["labels"])
-                    assert labels["app.kubernetes.io/name"] == VALUES["name"]
-                    ports = {p["name"]: p["containerPort"] for p in spec["containers"][0]["ports"]}
-                    assert ports[keep["__meta_kubernetes_pod_container_port_name"]] == metrics_port
-    # The labels the Prometheus adapter maps to pods are the ones the relabelling writes.
-    written = {r["target_label"] for r in relabel if "target_label" in r}
-    assert {"namespace", "pod"} <= written
-    adapter = yaml.safe_load(k8s.adapter_rules(VALUES)["data"]["config.yaml"])["rules"][0]
-    assert set(adapter["resources"]["overrides"]) <= written
-
-
-def test_dashboard_is_well_formed():
-    dashboard = json.loads(render.DASHBOARD.read_text())
-    ids = [p["id"] for p in dashboard["panels"]]
-    assert len(ids) == len(set(ids))
-    variables = {v["name"] for v in dashboard["templating"]["list"]}
-    assert {"datasource", "instance", "model", "version", "serving", "canary"} <= variables
-    for title, target in targets():
-        used = set(re.findall(r"\$(\w+)", target["expr"])) - {"__rate_interval"}
-        assert used <= variables, f"{title}: undefined variables {used - variables}"
-        assert target["datasource"]["uid"] == "${datasource}"
-        # A legend names only labels the query keeps.
-        legend = set(re.findall(r"\{\{(\w+)\}\}", target["legendFormat"]))
-        assert legend <= grouping(target["expr"]), f"{title}: legend {legend} not in by ({grouping(target['expr'])})"
-        assert selectors(target["expr"]), title
-    titles = " ".join(t for t, _ in targets()).lower()
-    for needed in ("requests", "failures", "queue time p50", "queue time p99", "compute time p50",
-                   "compute time p99", "gpu utilisation", "gpu memory", "canary"):
-        assert needed in titles, needed
 
 
 # ---- live: a real tritonserver --------------------------------------------------------------------------------
@@ -205,17 +121,14 @@ def _check_targets(series, *, gpu: bool) -> int:
     return checked
 
 
-@pytest.mark.integration
 def test_probe_paths_answer(scraped):
     assert scraped["health"] == {srv.HEALTH_LIVE_PATH: 200, srv.HEALTH_READY_PATH: 200}
 
 
-@pytest.mark.integration
 def test_dashboard_series_exist(scraped):
     assert _check_targets(scraped["series"], gpu=False) >= 20
 
 
-@pytest.mark.integration
 def test_dashboard_gpu_series_exist(scraped):
     if not any(name.startswith("nv_gpu_") for name, _, _ in scraped["series"]):
         pytest.skip("no nv_gpu_* series: Triton exports GPU utilisation and memory only where DCGM sees an NVIDIA "
@@ -223,7 +136,6 @@ def test_dashboard_gpu_series_exist(scraped):
     assert _check_targets(scraped["series"], gpu=True) >= 3
 
 
-@pytest.mark.integration
 def test_canary_panels_see_both_versions_and_the_failure(scraped):
     series = scraped["series"]
     assert set(scraped["versions"]) == {SERVING, CANARY}  # the client split the traffic
@@ -240,7 +152,6 @@ def test_canary_panels_see_both_versions_and_the_failure(scraped):
     assert failures >= 1  # Triton 2.51 counts an ensemble's refused request twice (seen: 2.0 for one request)
 
 
-@pytest.mark.integration
 def test_hpa_adapter_query_series_exist(scraped):
     """The Prometheus adapter's query for the HPA reads series that exist, with the models it names."""
     rule = yaml.safe_load(k8s.adapter_rules(VALUES)["data"]["config.yaml"])["rules"][0]

@@ -8,7 +8,7 @@ import pytest
 from amc_client.text import LexicalMatcher, TermWeights, load_wordpiece, wordpiece_ids
 from training.text_encoder import TextEncoder, tokenizer_json
 
-REFERENCE = Path(__file__).resolve().parent / "data" / "minilm_reference.npz"
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "minilm_reference.npz"
 CLS, SEP = 101, 102
 
 

@@ -1,11 +1,14 @@
-"""The Python-backend steps' request checks, in-process and without a server (tests/test_serving.py sends the
-same mistakes to a real tritonserver)."""
+"""The Python-backend steps' request checks, in-process and without a server (tests/integration/test_serving.py
+sends the same mistakes to a real tritonserver)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 
+from amc_client import signatures as sig
 from serving.backends.onnx_runner import RequestError, TritonPythonModel
 
 
@@ -151,3 +154,132 @@ def test_bound_session_answers_what_session_run_does_and_keeps_no_alias(tmp_path
         np.testing.assert_array_equal(got["best"], want["best"])
     assert len(bound.buckets) == 4  # (3, 10, k 4) twice: one bucket
     assert [bucket(n) for n in (1, 5, 7, 13, 64, 65, 300)] == [1, 6, 8, 16, 64, 96, 300]
+
+
+# ---- the store text step in-process: only the outputs asked for are computed ---------------------------------------
+
+
+def _stand_in_encoder(path) -> None:
+    """An ONNX graph with the sentence encoder's input and output (text_tokens -> 384-d text_embedding): the test
+    below breaks the encoder anyway, so what it computes does not matter, only that the step loads it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    tokens, embedding = sig.TEXT_TOKENS.name, sig.TEXT_EMBEDDING.name
+    nodes = [helper.make_node("Cast", [tokens], ["as_float"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["as_float", "axis1"], ["total"], keepdims=1),
+             helper.make_node("Mul", ["total", "ones"], [embedding])]
+    graph = helper.make_graph(
+        nodes, "stand_in_encoder",
+        [helper.make_tensor_value_info(tokens, TensorProto.INT64, ["batch", "tokens"])],
+        [helper.make_tensor_value_info(embedding, TensorProto.FLOAT, ["batch", sig.TEXT_EMBEDDING_DIM])],
+        initializer=[helper.make_tensor("axis1", TensorProto.INT64, [1], [1]),
+                     helper.make_tensor("ones", TensorProto.FLOAT, [1, sig.TEXT_EMBEDDING_DIM],
+                                        [1.0] * sig.TEXT_EMBEDDING_DIM)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _store_text_step(root):
+    """The store text step's model directory as publish lays it out (its generated config, version 1 over a
+    4-row store), with the real WordPiece tokenizer and a stand-in encoder."""
+    from google.protobuf import text_format
+
+    from amc_client.text import TermWeights
+    from export.repository import TextStepFiles, store_step_config, write_text_step
+    from training.text_encoder import tokenizer_json
+
+    keywords = [["cat", "face"], ["dog"], ["red heart", "love", "heart"], ["kiwi fruit"]]
+    _stand_in_encoder(root / "text_encoder.onnx")
+    files = TextStepFiles(tokenizer_json(), TermWeights.from_documents(keywords).to_json(), root / "text_encoder.onnx")
+    here = root / sig.STORE_TOKENIZER.model_name
+    config = store_step_config(sig.STORE_TOKENIZER, "python")
+    config.parameters["max_in_flight"].string_value = "0"  # no ensemble's top-k step frees slots here
+    here.mkdir()
+    (here / "config.pbtxt").write_text(text_format.MessageToString(config))
+    store = {"version": 1, "size": len(keywords), "ids": list("abcd"), "keywords": keywords}
+    write_text_step(here / "1", version=1, files=files, store_json=json.dumps(store))
+    return here
+
+
+class _FakeBackend:
+    """What text_step.py uses of triton_python_backend_utils, in-process (for the store text step's test below)."""
+
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+    class Tensor:
+        def __init__(self, name: str, array: np.ndarray) -> None:
+            self._name, self.array = name, array
+
+        def name(self) -> str:
+            return self._name
+
+        def as_numpy(self) -> np.ndarray:
+            return self.array
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=None, error=None) -> None:
+            self.output_tensors, self.error = output_tensors or [], error
+
+    class TritonError:
+        INVALID_ARG = UNAVAILABLE = INTERNAL = 0
+
+        def __init__(self, message: str, code: int = 0) -> None:
+            self.message = message
+
+    class Logger:
+        @staticmethod
+        def log_info(_: str) -> None:
+            pass
+
+        log_warn = log_error = log_info
+
+    class Request:
+        def __init__(self, inputs: dict[str, np.ndarray], asked: list[str]) -> None:
+            self.inputs, self.asked = inputs, asked
+
+        def requested_output_names(self) -> list[str]:
+            return self.asked
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name: str):
+        return _FakeBackend.Tensor(name, request.inputs[name]) if name in request.inputs else None
+
+
+def test_store_text_step_computes_only_the_outputs_asked_for(tmp_path, monkeypatch) -> None:
+    """In one batch, a request of the fused store ensembles (tokens and words) and one of amc_store (the query's
+    embedding): with the encoder broken, the first is answered and only the second fails, so the first never
+    reached the encoder. The step runs in-process here, with a stand-in for Triton's backend utilities."""
+    import importlib.util
+    import sys
+
+    from google.protobuf import json_format
+
+    from export.repository import parse_config
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakeBackend)
+    here = _store_text_step(tmp_path)
+    spec = importlib.util.spec_from_file_location("_store_text_step_under_test", here / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    step = module.TritonPythonModel()
+    config = json_format.MessageToDict(parse_config((here / "config.pbtxt").read_text()),
+                                       preserving_proto_field_name=True)
+    for tensor in config["input"] + config["output"]:  # protobuf's JSON writes int64 as strings, Triton's as numbers
+        tensor["dims"] = [int(d) for d in tensor["dims"]]
+    step.initialize({"model_config": json.dumps(config), "model_name": sig.STORE_TOKENIZER.model_name,
+                     "model_version": "1", "model_repository": str(here)})
+
+    def broken(_queries, **_options):
+        raise RuntimeError("encoder down")
+
+    monkeypatch.setattr(step.features, "query_text", broken)
+    inputs = {sig.QUERY.name: np.array([[b"red heart"]], dtype=object),
+              sig.CANDIDATE_IDS.name: np.array([[2, 0]], dtype=np.int64)}
+    fused = [sig.QUERY_TOKENS.name, sig.QUERY_WORDS.name, sig.QUERY_WORD_WEIGHTS.name]
+    five_step = [sig.QUERY_TEXT.name, sig.KEYWORD_LEXICAL.name, sig.TOKENIZER_VERSION.name]
+    answers = step.execute([_FakeBackend.Request(inputs, fused), _FakeBackend.Request(inputs, five_step)])
+    assert answers[0].error is None and [t.name() for t in answers[0].output_tensors] == fused
+    assert answers[1].error is not None and "encoder down" in answers[1].error.message

@@ -42,9 +42,7 @@ from export.reference import keyword_embeddings
 from export.repository import TextStepFiles, step_config, store_step_config, write_text_step
 from serving.server import ADMIN_KEY_HEADER, GRPC_ADMIN_KEY_HEADER, ServerStartError, TritonServer
 
-pytestmark = pytest.mark.integration
-
-BACKENDS = Path(__file__).resolve().parent.parent / "serving" / "backends"
+BACKENDS = Path(__file__).resolve().parents[2] / "serving" / "backends"
 DOCUMENTS = [["cat", "face", "grinning face with smiling eyes"], ["dog", "red heart"], ["smiling", "eyes"],
              ["heart", "love"], ["kiwi fruit", "food"]]
 TABLE = ["cat", "face", "dog", "red heart", "heart"]  # precomputed; every other keyword is encoded when served
@@ -356,88 +354,6 @@ def test_store_text_step_matches_training_code(client: grpcclient.InferenceServe
     np.testing.assert_allclose(out[sig.QUERY_WORD_WEIGHTS.name], idf)
     assert words.shape == (2, 8) and words[0, :3].tolist() == [store.number["red"], store.number["heart"], -1]
     assert words[1, :2].tolist() == [store.number["cat"], -1]  # "кошка" is no word of amc_text.words
-
-
-class _FakeBackend:
-    """What text_step.py uses of triton_python_backend_utils, in-process (for :func:`test_store_text_step_...`)."""
-
-    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
-
-    class Tensor:
-        def __init__(self, name: str, array: np.ndarray) -> None:
-            self._name, self.array = name, array
-
-        def name(self) -> str:
-            return self._name
-
-        def as_numpy(self) -> np.ndarray:
-            return self.array
-
-    class InferenceResponse:
-        def __init__(self, output_tensors=None, error=None) -> None:
-            self.output_tensors, self.error = output_tensors or [], error
-
-    class TritonError:
-        INVALID_ARG = UNAVAILABLE = INTERNAL = 0
-
-        def __init__(self, message: str, code: int = 0) -> None:
-            self.message = message
-
-    class Logger:
-        @staticmethod
-        def log_info(_: str) -> None:
-            pass
-
-        log_warn = log_error = log_info
-
-    class Request:
-        def __init__(self, inputs: dict[str, np.ndarray], asked: list[str]) -> None:
-            self.inputs, self.asked = inputs, asked
-
-        def requested_output_names(self) -> list[str]:
-            return self.asked
-
-    @staticmethod
-    def get_input_tensor_by_name(request, name: str):
-        return _FakeBackend.Tensor(name, request.inputs[name]) if name in request.inputs else None
-
-
-def test_store_text_step_computes_only_the_outputs_asked_for(repository: Path, monkeypatch) -> None:
-    """In one batch, a request of the fused store ensembles (tokens and words) and one of amc_store (the query's
-    embedding): with the encoder broken, the first is answered and only the second fails, so the first never
-    reached the encoder. The step runs in-process here, with a stand-in for Triton's backend utilities."""
-    import importlib.util
-    import sys
-
-    from google.protobuf import json_format
-
-    from export.repository import parse_config
-
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakeBackend)
-    here = repository / STORE_TOKENIZER
-    spec = importlib.util.spec_from_file_location("_store_text_step_under_test", here / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    step = module.TritonPythonModel()
-    config = json_format.MessageToDict(parse_config((here / "config.pbtxt").read_text()),
-                                       preserving_proto_field_name=True)
-    for tensor in config["input"] + config["output"]:  # protobuf's JSON writes int64 as strings, Triton's as numbers
-        tensor["dims"] = [int(d) for d in tensor["dims"]]
-    step.initialize({"model_config": json.dumps(config), "model_name": STORE_TOKENIZER, "model_version": "1",
-                     "model_repository": str(here)})
-
-    def broken(_queries, **_options):
-        raise RuntimeError("encoder down")
-
-    monkeypatch.setattr(step.features, "query_text", broken)
-    inputs = {sig.QUERY.name: np.array([[b"red heart"]], dtype=object),
-              sig.CANDIDATE_IDS.name: np.array([[2, 0]], dtype=np.int64)}
-    fused = [sig.QUERY_TOKENS.name, sig.QUERY_WORDS.name, sig.QUERY_WORD_WEIGHTS.name]
-    five_step = [sig.QUERY_TEXT.name, sig.KEYWORD_LEXICAL.name, sig.TOKENIZER_VERSION.name]
-    answers = step.execute([_FakeBackend.Request(inputs, fused), _FakeBackend.Request(inputs, five_step)])
-    assert answers[0].error is None and [t.name() for t in answers[0].output_tensors] == fused
-    assert answers[1].error is not None and "encoder down" in answers[1].error.message
 
 
 def test_store_text_step_answers_the_outputs_asked_for(client: grpcclient.InferenceServerClient) -> None:

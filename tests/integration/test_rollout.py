@@ -1,4 +1,5 @@
-"""Integration: version rollouts against a real tritonserver under continuous client load."""
+"""Version rollouts against a real tritonserver under continuous client load (the repository side without a
+server: tests/parity/test_rollout.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ from amc_client import signatures as sig
 from export.onnx_export import export_network
 from export.publish import publish, published_versions
 from export.repository import ALL_STORE_STEPS, STEPS, store_serving_version
-from export.store import Gallery
 from serving import loadtest
 from serving.rollout import Rollout, RolloutError, admin_headers
 from serving.server import TritonServer
+from tests.parity.test_rollout import store_gallery
 from training.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.integration
 KEY = "rollout-test-key"
 
 
@@ -155,11 +155,6 @@ def test_status_gc_and_rollback_without_history(serving_v1, trained):
 
 
 # ---- whole-store search follows the serving version ---------------------------------------------------------
-def _gallery(small_corpus, channels: int = sig.REGION_FEATURE_DIM) -> Gallery:
-    regions = small_corpus.regions[..., :channels]
-    return Gallery(regions, small_corpus.keywords, [f"s{g}" for g in range(len(regions))])
-
-
 def test_search_follows_promote_and_rollback(trained, trained_other, small_corpus, tmp_path):
     """Versions published with a candidate store: the first one's search serves at once; a later one's takes the
     canary's share of the searches, then all of them from promote on (publish loads and readies it, no traffic);
@@ -167,7 +162,7 @@ def test_search_follows_promote_and_rollback(trained, trained_other, small_corpu
     from amc_client import AMCClient
 
     repository = tmp_path / "repository"
-    v1 = publish(trained.checkpoint, repository, store=_gallery(small_corpus), log=lambda *_: None)
+    v1 = publish(trained.checkpoint, repository, store=store_gallery(small_corpus), log=lambda *_: None)
     assert store_serving_version(repository) == v1
     models = [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(v1), sig.ENSEMBLE_NAME]
     models += [sig.SEARCH_STEP.model_name, sig.versioned_search_ensemble_name(v1), sig.SEARCH_ENSEMBLE_NAME]
@@ -181,7 +176,7 @@ def test_search_follows_promote_and_rollback(trained, trained_other, small_corpu
             return found[0].model_version
 
         assert search_version() == v1
-        v2 = rollout.publish(trained_other.checkpoint, store=_gallery(small_corpus))
+        v2 = rollout.publish(trained_other.checkpoint, store=store_gallery(small_corpus))
         assert rollout.ready(v2) and search_version() == v1  # loaded and verified, no traffic yet
         assert client.search("cat", top_k=2) and store_serving_version(repository) == v1
         rollout.canary(v2, 0.5)
@@ -204,36 +199,3 @@ def test_search_follows_promote_and_rollback(trained, trained_other, small_corpu
         config.write_text(text)
         assert rollout.gc(keep=1) == []  # v1 serves (and its store), v2 is the newest
         assert sorted(published_versions(repository)) == [v1, v2]
-
-
-def test_publish_with_a_gallery_that_fails_leaves_the_repository_as_it_was(trained, small_corpus, tmp_path):
-    repository = tmp_path / "repository"
-    v1 = publish(trained.checkpoint, repository, log=lambda *_: None)
-    before = sorted(p.relative_to(repository) for p in repository.rglob("*"))
-    with pytest.raises(RuntimeError):  # 640-channel region features: the store's projection cannot take them
-        publish(trained.checkpoint, repository, store=_gallery(small_corpus, channels=640), log=lambda *_: None)
-    assert published_versions(repository) == [v1]
-    assert sorted(p.relative_to(repository) for p in repository.rglob("*")) == before
-    assert store_serving_version(repository) is None
-
-
-def test_a_failed_search_re_pin_leaves_the_store_ensembles_as_they_were(trained, small_corpus, tmp_path,
-                                                                        monkeypatch):
-    """Promote re-pins whole-store search to the new version's store; where Triton refuses that reload, the
-    repository keeps what it had: here no store served before, so the store ensembles written for the re-pin
-    are removed again (a later load must not pick up a half-done re-pin)."""
-    repository = tmp_path / "repository"
-    v1 = publish(trained.checkpoint, repository, log=lambda *_: None)  # no store: search serves nothing
-    v2 = publish(trained.checkpoint, repository, store=_gallery(small_corpus), log=lambda *_: None)
-    assert store_serving_version(repository) is None and v2 == v1 + 1
-    before = sorted(p.name for p in repository.iterdir())
-
-    def refuse(model, config=None):
-        raise InferenceServerException(f"failed to load '{model}'", status="StatusCode.INTERNAL")
-
-    with Rollout(repository, "127.0.0.1:1", log=lambda *_: None) as rollout:
-        monkeypatch.setattr(rollout, "_load", refuse)
-        with pytest.raises(RolloutError, match="re-pinning whole-store search .* failed"):
-            rollout._follow_with_store(v2)
-    assert sorted(p.name for p in repository.iterdir()) == before
-    assert store_serving_version(repository) is None

@@ -14,19 +14,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_ui_unit import FakeClient, result
 
 from amc_client import AMCClient, Routing
 from export.publish import publish
 from export.store import Gallery
 from export.thumbnails import has_thumbnails, thumbnail_dir
 from serving.server import TritonServer
+from tests.unit.test_ui import FakeClient, result
 from ui.answers import EMPTY, TOP_K, Searcher
 from ui.app import make_server
 from ui.browser import chromium, type_and_search, wait_for_search
 from ui.report import FIGURES, app_url, measure, running_app, screenshot, search_models
-
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +166,7 @@ def test_a_version_without_thumbnails_shows_ids(served, browser, tmp_path):
 
 
 def test_the_canary_and_a_version_rolled_out_under_the_page_are_said(browser):
-    """The page's own wording of what the app answers (the app's side: tests/test_ui_unit.py), with a stand-in
+    """The page's own wording of what the app answers (the app's side: tests/unit/test_ui.py), with a stand-in
     client: version 1 answers, then version 2 as the canary, then a click on a version-2 result finds version 3."""
     canary = Routing(serving_version=1, canary_version=2, canary_share=0.25, canary_search=True)
     client = FakeClient([result(1)], [result(2)], [result(3)], [result(3)], routing=canary)

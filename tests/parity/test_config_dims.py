@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from test_export import KEYWORDS, TERM_WEIGHTS, checkpoint, quiet, tiny_model  # noqa: F401 - checkpoint: a fixture
 from tritonclient.grpc import model_config_pb2 as mc
 
 from amc_client import signatures as sig
@@ -31,6 +30,7 @@ from export.repository import (
     template_files,
 )
 from export.store import publish_store
+from tests.parity.test_export import KEYWORDS, TERM_WEIGHTS, checkpoint, quiet, tiny_model  # noqa: F401 - checkpoint: a fixture
 from training.model import AMC, AMCConfig
 
 # Every step that Triton serves from an ONNX graph (model.onnx; the text step's encoder runs inside Python).

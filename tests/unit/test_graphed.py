@@ -1,7 +1,7 @@
 """training.graphed: a step replayed from a CUDA graph trains exactly what eager steps train.
 
 The GPU test runs where CUDA is (on the GPU machine, which lacks the client package that conftest imports:
-``python3 -m pytest --noconftest tests/test_graphed.py``; passed on 2x H200, 2026-11-26); on the CPU the
+``python3 -m pytest --noconftest tests/unit/test_graphed.py``; passed on 2x H200, 2026-11-26); on the CPU the
 refusals are what can be checked.
 """
 
@@ -63,7 +63,7 @@ def test_graph_replays_train_the_same_weights_as_eager_steps():
         step(batches[0][0][:4], batches[0][1][:4])
 
 
-PACK = Path(__file__).resolve().parent.parent / ".cache" / "ddp" / "pack.npz"
+PACK = Path(__file__).resolve().parents[2] / ".cache" / "ddp" / "pack.npz"
 
 
 @pytest.mark.skipif(not CUDA or not PACK.exists(), reason="needs a CUDA device and the DDP pack (make ddp-pack)")
