@@ -6,9 +6,10 @@ has none, found at most two levels below the repository root (``training``, ``ex
 later), minus ``tests`` and build outputs. Folders inside a package without an ``__init__.py`` (``serving/backends``)
 are namespace packages: their files are modules too.
 
-The rule, read with ``ast`` from every import statement of a file, at module level or inside a function alike (a
-lazy import is still a cycle, only deferred); imports under ``if TYPE_CHECKING:`` are skipped, as they never run.
-An edge goes from the importing module to the project module whose code must run for the import to succeed:
+The rule, read with ``ast`` from every import statement of a file, at module level, inside a function or under
+``if TYPE_CHECKING:`` alike: a lazy import is still a cycle, only deferred, and a type-only one still ties the two
+modules together (issue 22 counted ``training.step`` <-> ``training.train``, a type-only import, as a circle). An
+edge goes from the importing module to the project module whose code must run for the import to succeed:
 
 - ``import a.b.c`` -> ``a.b.c``; ``import a`` -> ``a`` (the package's ``__init__``);
 - ``from a.b import name`` -> ``a.b.name`` where that is a module (a submodule imported by name), else ``a.b``
@@ -60,38 +61,15 @@ def project_modules(root: Path = ROOT) -> dict[str, Path]:
     return modules
 
 
-class _Imports(ast.NodeVisitor):
-    """Every import statement of a file, with its line, except those under ``if TYPE_CHECKING:``."""
-
-    def __init__(self) -> None:
-        self.found: list[ast.Import | ast.ImportFrom] = []
-
-    def visit_If(self, node: ast.If) -> None:
-        test = node.test
-        if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-                isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"):
-            for child in node.orelse:  # the else branch does run
-                self.visit(child)
-            return
-        self.generic_visit(node)
-
-    def visit_Import(self, node: ast.Import) -> None:
-        self.found.append(node)
-
-    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
-        self.found.append(node)
-
-
 def import_graph(modules: dict[str, Path], root: Path = ROOT) -> dict[str, dict[str, str]]:
     """module -> {imported project module: "file:line" of the first import statement making that edge}."""
     graph: dict[str, dict[str, str]] = {name: {} for name in modules}
     for name, path in modules.items():
         is_package = path.name == "__init__.py"
         package = name if is_package else name.rpartition(".")[0]
-        visitor = _Imports()
-        visitor.visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         where = f"{path.relative_to(root)}"
-        for node in visitor.found:
+        for node in (n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names if alias.name in modules]
@@ -221,7 +199,7 @@ def test_the_cycle_finder_reports_cycles_and_only_cycles(tmp_path):
         # A submodule taking a name from its package's __init__, which imports it: a cycle through the __init__.
         "init/__init__.py": "from .sub import helper\nNAME = 1\n",
         "init/sub.py": "from init import NAME\n\ndef helper():\n    return NAME\n",
-        # Type-only imports never run: no cycle.
+        # A type-only import closes a cycle too: reported.
         "typed/__init__.py": "",
         "typed/x.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from typed.y import Y\n",
         "typed/y.py": "from typed.x import TYPE_CHECKING\nY = 1\n",
@@ -238,10 +216,10 @@ def test_the_cycle_finder_reports_cycles_and_only_cycles(tmp_path):
     graph = import_graph(modules, tmp_path)
     assert graph["pkg"] == {"pkg.a": "pkg/__init__.py:1", "pkg.b": "pkg/__init__.py:2"}
     assert set(graph["pkg.a"]) == {"pkg.b", "pkg.c"} and set(graph["pkg.b"]) == {"pkg.c"}
-    assert graph["init.sub"] == {"init": "init/sub.py:1"} and graph["typed.x"] == {}
+    assert graph["init.sub"] == {"init": "init/sub.py:1"} and graph["typed.x"] == {"typed.y": "typed/x.py:3"}
     cycles = find_cycles(graph)
     assert sorted(cycles) == [["init", "init.sub", "init"], ["lazy.one", "lazy.two", "lazy.one"],
-                              ["ns.inner.deep", "ns.top", "ns.inner.deep"]]
+                              ["ns.inner.deep", "ns.top", "ns.inner.deep"], ["typed.x", "typed.y", "typed.x"]]
     message = describe(["lazy.one", "lazy.two", "lazy.one"], graph)
     assert message.startswith("lazy.one -> lazy.two -> lazy.one")
     assert "lazy.two -> lazy.one (lazy/two.py:2)" in message
