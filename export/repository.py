@@ -508,8 +508,10 @@ class SearchSettings:
 
 
 # The search step by the kind of machine that will serve (issue 23, "fast by default"). GPU: what the sweep of
-# ``benchmarks.search_gpu`` found best on one H100 (reports/gpu.json, ``search_defaults``, which a test checks against
-# this); the graph's work is on the device, so one onnxruntime thread per instance (its CPU pool only runs shape ops)
+# ``benchmarks.search_gpu`` chose on one H100 (reports/gpu.json, ``search_defaults``, which a test checks against
+# this: no lever gained past the run's noise at both sizes, so these stay). CUDA graphs are asked for but onnxruntime
+# refuses to capture this graph (it places shape ops on the CPU; ``search_cuda_graph_refusals``), and the step then
+# runs it uncaptured, as the step's description says. The graph's work is on the device, so one onnxruntime thread per instance (its CPU pool only runs shape ops)
 # leaves the cores to the other instances and to Triton. CPU: one instance with onnxruntime's own pool (more
 # processes would split the same cores), bound host buffers (the same code path as the GPU's), no graphs.
 SEARCH_SETTINGS = {"gpu": SearchSettings(instances=2, batch_delay_us=200, io_binding=True, cuda_graph=True,
