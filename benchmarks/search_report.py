@@ -65,8 +65,9 @@ def merged(runs: list[dict]) -> dict:
         head["target_met"] = met(name, head)
         out[name] = head
     full = max(sums, key=lambda s: len(s["ab"]))  # the run that measured the levers (the others: headline only)
+    levers = {a["lever"] for a in full["ab"]}
     out["ab"] = full["ab"] + [a for s in sums if s is not full for a in s["ab"]  # search_many at other batch sizes
-                              if "queries per request" in a["lever"] and a not in full["ab"]]
+                              if "queries per request" in a["lever"] and a["lever"] not in levers]
     out["search_defaults"] = full.get("search_defaults")
     out["search_parity"] = [s["parity"] for s in sums]
     out["search_profile"] = [s["profile"] for s in sums]
@@ -106,7 +107,7 @@ def markdown(entry: dict) -> str:
     lines = [START, "# Run 9: amc_search in one Python step (issue 23)", "",
              "`AMCClient.search` -> `amc_search` -> one Python step (`amc_search_step`: checks, tokenizes, runs the "
              "search graph through IOBinding, adds the store's strings). Measured by `bash benchmarks/gpu.sh` "
-             "(`python -m benchmarks.search_gpu`), one machine start per run; the headline is the lower run. "
+             "(`python -m benchmarks.search_gpu`); each run's machine start is in its `machine`; the headline is the lower run. "
              "Load: perf_analyzer (gRPC, top_k 10). Ceiling: the same graph file in one process (onnxruntime, "
              "CUDA provider), the best of host arrays / IOBinding / CUDA graphs x threads x batch, p99 under the bound.",
              "", "| target | best cand/s (p99 ms) | runs | p99 at c1 ms | in-process ceiling cand/s (config) | "
@@ -134,6 +135,17 @@ def markdown(entry: dict) -> str:
               "utilization sampled during the sweep):", ""]
     for i, profile in enumerate(entry["search_profile"]):
         lines.append(f"- run {i + 1}: `{json.dumps(profile)}`")
+    lines += ["", "Where the gap is (run 1's best points): the step's time per execution against the same graph alone "
+              "for a call of about as many queries:", ""]
+    for key, p in (entry["search_profile"][0] or {}).items():
+        if p and p.get("graph_alone") and p.get("compute_infer_ms_per_execution"):
+            g = p["graph_alone"]
+            lines.append(f"- {key}: {p['compute_infer_ms_per_execution']:.1f} ms per execution of "
+                         f"{p['queries_per_execution']:.1f} queries (of it, {p['compute_output_ms']:.1f} ms building "
+                         f"the outputs, {p['compute_input_ms']:.1f} ms reading the inputs) against "
+                         f"{g['ms_per_call']:.1f} ms for the graph alone at {g['batch']} queries per call: "
+                         f"{p['compute_infer_ms_per_execution'] / g['ms_per_call']:.1f}x; the GPU busy "
+                         f"{(p.get('gpu') or {}).get('gpu_util_mean_pct', float('nan')):.0f}% of the sweep.")
     lines += ["", f"Parity (served top 10 against the same graph on ORT-CPU, the CPU path): "
               f"`{json.dumps(entry['search_parity'])}`", "",
               f"How the step ran: `{json.dumps(entry.get('search_step'))}`", "",
@@ -224,21 +236,30 @@ def summarize(results: dict) -> dict:
     out["ceiling_refusals"] = sorted({p["error"] for pts in ceiling.values() if isinstance(pts, list)
                                       for p in pts if p.get("error")})
     out["placement"] = ceiling.get("placement", {}).get("lines", [])[:40]
-    out["profile"] = {key: profile(head.get(f"{key}_sweep", []), P99_BOUND_MS[key], head.get(f"{key}_gpu"))
+    out["profile"] = {key: profile(head.get(f"{key}_sweep", []), P99_BOUND_MS[key], head.get(f"{key}_gpu"),
+                                   ceiling.get(key) if isinstance(ceiling.get(key), list) else [])
                       for key in (*SIZES, "whole")}
     return out
 
 
-def profile(points: list[dict], bound: float, gpu: dict | None) -> dict | None:
-    """Where the best point's time goes, from Triton's statistics of the search step: per execution."""
+def profile(points: list[dict], bound: float, gpu: dict | None, ceiling: list[dict]) -> dict | None:
+    """Where the best point's time goes, from Triton's statistics of the search step: per execution; beside it the
+    graph alone for a call of about as many queries (in-process, one thread, bound buffers), which is the gap the
+    step's own work (checks, tokenizing, copies, the output tensors) adds."""
     top = best(points, bound)
     if not top:
         return None
     step = top.get("steps", {}).get(sig.SEARCH_STEP.model_name, {})
+    alone = [p for p in ceiling if p.get("threads") == 1 and p.get("way") == "io_binding" and p.get("candidates_per_s")]
+    graph = None
+    if alone and step.get("mean_batch"):
+        p = min(alone, key=lambda p: abs(p["batch"] - step["mean_batch"]))
+        graph = {"batch": p["batch"], "ms_per_call": p["mean_ms"] if "mean_ms" in p
+                 else 1000.0 * p["batch"] * p["n"] / p["candidates_per_s"]}
     return {"concurrency": top["concurrency"], "queries_per_execution": step.get("mean_batch"),
             "queue_ms": step.get("queue_ms"), "compute_infer_ms_per_execution": step.get("compute_infer_ms"),
             "compute_input_ms": step.get("compute_input_ms"), "compute_output_ms": step.get("compute_output_ms"),
-            "gpu": gpu}
+            "graph_alone": graph, "gpu": gpu}
 
 
 def summary_md(s: dict) -> str:
