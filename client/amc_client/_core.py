@@ -32,7 +32,7 @@ from ._calls import Steps as _Steps
 from ._fleet import ReplicaStatus
 from ._packing import CandidateSet
 from ._types import RankedResult, Routing
-from .errors import AMCError, DeadlineExceededError, InvalidInputError, MixedVersionError, ModelVersionError
+from .errors import AMCError, DeadlineExceededError, InvalidInputError, ModelVersionError
 
 # The deadline of a routing refresh in the background (close() waits for one in flight).
 REFRESH_TIMEOUT_S = 2.0
@@ -54,7 +54,7 @@ def _channel_args() -> list[tuple[str, Any]]:
 
 class _Core:
     """What the sync and async clients share: options, request preparation, the request paths, routing cache,
-    retries, error translation and result checks. See the module docstring."""
+    retries, error translation and result checks (``_packing.results``). See the module docstring."""
 
     def __init__(
         self,
@@ -131,7 +131,7 @@ class _Core:
         """The first replica's client (the only one when the client has one URL)."""
         return self._client_of(self._fleet.replicas[0])
 
-    # ---- request preparation and results (no I/O) --------------------------------------------------------
+    # ---- request preparation and errors (no I/O) ---------------------------------------------------------
     def _prepare(
         self,
         queries: Sequence[str],
@@ -204,28 +204,6 @@ class _Core:
             loaded=loaded,
         )
 
-    @staticmethod
-    def _results(
-        result: Any, model: str, expected: int | None, sets: Sequence[_packing._Set], top_k: int | None
-    ) -> list[list[RankedResult]]:
-        outputs = {name: result.as_numpy(name) for name in sig.ENSEMBLE.output_names}
-        # candidate_index is absent from servers without the top-k step: their rows are the request's order.
-        missing = [name for name, value in outputs.items() if value is None and name != sig.CANDIDATE_INDEX.name]
-        if missing:
-            raise AMCError(f"{model!r} answered without the outputs {missing}")
-        versions = outputs[sig.MODEL_VERSION.name].reshape(-1)[: len(sets)]
-        if (versions == -1).any():
-            raise MixedVersionError(
-                f"{model!r} answered with a mixed-version response (model_version -1: its steps "
-                "ran different model versions, as during a rollout); retry the request"
-            )
-        if expected is not None and (versions != expected).any():
-            raise MixedVersionError(
-                f"{model!r} should answer with model version {expected}, "
-                f"but version {int(versions[versions != expected][0])} answered"
-            )
-        return _packing.unpack(outputs, sets, versions.tolist(), top_k)
-
     # ---- the request paths: generators of _Call / _Sleep / _Detach, run by a face's _drive --------------------
     def _rank_many(
         self,
@@ -249,7 +227,7 @@ class _Core:
                 result = yield from self._call(
                     "infer", model, deadline, model_name=model, inputs=inputs, outputs=outputs
                 )
-                return self._results(result, model, expected, sets, top_k)
+                return _packing.results(result, model, expected, sets, top_k)
             except ModelVersionError as e:
                 if not reread and self.model_version is None and expected is not None:
                     continue  # the canary went away since routing was read: read it again
