@@ -29,7 +29,7 @@ from deploy.k8s import render as k8s
 from export.publish import publish
 from export.repository import STEPS, set_routing
 from monitoring import render
-from serving import server as srv
+from serving import endpoints
 from serving.server import TritonServer
 from training.checkpoint import save_checkpoint
 from training.model import AMC, AMCConfig
@@ -107,9 +107,9 @@ def test_prometheus_config_scrapes_the_servers_metrics_port_and_the_pods_of_depl
     config = yaml.safe_load(render.PROMETHEUS.read_text())
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
     local, pods = jobs[render.LOCAL_JOB], jobs[render.K8S_JOB]
-    metrics_port = srv.DEFAULT_PORTS["metrics"]
+    metrics_port = endpoints.DEFAULT_PORTS["metrics"]
     assert local["static_configs"][0]["targets"] == [f"{VALUES['prometheus']['local_host']}:{metrics_port}"]
-    assert local["metrics_path"] == pods["metrics_path"] == srv.METRICS_PATH
+    assert local["metrics_path"] == pods["metrics_path"] == endpoints.METRICS_PATH
     relabel = pods["relabel_configs"]
     keep = {r["source_labels"][0]: r["regex"] for r in relabel if r.get("action") == "keep"}
     assert keep["__meta_kubernetes_pod_label_app_kubernetes_io_name"] == VALUES["name"]
@@ -177,7 +177,7 @@ def scraped(tmp_path_factory) -> dict:
     with TritonServer(repository, models=[*models, sig.ENSEMBLE_NAME], admin_key="metrics-test",
                       log_file=root / "tritonserver.log") as server:
         health = {path: urllib.request.urlopen(f"http://{server.http_url}{path}", timeout=10).status
-                  for path in (srv.HEALTH_LIVE_PATH, srv.HEALTH_READY_PATH)}
+                  for path in (endpoints.HEALTH_LIVE_PATH, endpoints.HEALTH_READY_PATH)}
         versions = []
         with AMCClient(server.grpc_url, timeout_s=60) as client:
             for i in range(24):
@@ -207,7 +207,7 @@ def _check_targets(series, *, gpu: bool) -> int:
 
 @pytest.mark.integration
 def test_probe_paths_answer(scraped):
-    assert scraped["health"] == {srv.HEALTH_LIVE_PATH: 200, srv.HEALTH_READY_PATH: 200}
+    assert scraped["health"] == {endpoints.HEALTH_LIVE_PATH: 200, endpoints.HEALTH_READY_PATH: 200}
 
 
 @pytest.mark.integration
