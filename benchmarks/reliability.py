@@ -398,7 +398,7 @@ def _slope_mb_per_min(rss: list[tuple[float, float]]) -> float:
 
 
 def tls_check(repository: Path, models: list[str], folder: Path) -> dict:
-    from serving.server import TLSFiles
+    from serving.endpoints import TLSFiles
 
     folder.mkdir(parents=True, exist_ok=True)
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]

@@ -2,7 +2,7 @@
 
 Same sources as ``deploy/k8s/render.py``: ``deploy/k8s/values.yaml`` (namespace, app label, scrape interval)
 and the project's code (model names from :mod:`amc_client.signatures` and ``export.repository.STEPS``; the
-metrics port and path from :mod:`serving.server`). Output, checked in and tested for equality::
+metrics port and path from :mod:`serving.endpoints`). Output, checked in and tested for equality::
 
     monitoring/prometheus.yml            two jobs: `make serve` on this machine, and the pods of deploy/k8s
     monitoring/grafana/amc-triton.json   the dashboard (import it, pick the Prometheus data source)
@@ -11,7 +11,7 @@ What the dashboard reads (Triton 2.51; ``tests/integration/test_metrics.py`` che
 counters ``nv_inference_request_success``, ``nv_inference_request_failure`` (label ``reason``),
 ``nv_inference_count``, ``nv_inference_exec_count``, ``nv_inference_request_duration_us``; the gauge
 ``nv_inference_pending_request_count``; the summaries ``nv_inference_queue_summary_us`` and
-``nv_inference_compute_infer_summary_us`` (label ``quantile``; enabled by ``serving.server.METRICS_ARGS``), all per
+``nv_inference_compute_infer_summary_us`` (label ``quantile``; enabled by ``serving.endpoints.METRICS_ARGS``), all per
 ``model`` and ``version``; ``nv_gpu_utilization``, ``nv_gpu_memory_used_bytes`` and ``nv_gpu_memory_total_bytes``
 per ``gpu_uuid`` (only where Triton sees a GPU); ``nv_cpu_utilization`` and ``nv_cpu_memory_used_bytes``.
 
@@ -34,7 +34,7 @@ from typing import Any
 from amc_client import signatures as sig
 from deploy.k8s import render as k8s
 from export.repository import STEPS
-from serving import server
+from serving import endpoints
 
 HERE = Path(__file__).resolve().parent
 PROMETHEUS = HERE / "prometheus.yml"
@@ -55,16 +55,16 @@ QUANTILES = ("0.5", "0.99")
 
 # ---- Prometheus ------------------------------------------------------------------------------------------------
 def prometheus_config(values: dict[str, Any]) -> dict[str, Any]:
-    metrics = server.DEFAULT_PORTS["metrics"]
+    metrics = endpoints.DEFAULT_PORTS["metrics"]
     interval = values["prometheus"]["scrape_interval"]
     label = "app.kubernetes.io/name"
     sd_label = "__meta_kubernetes_pod_label_" + "".join(c if c.isalnum() else "_" for c in label)
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "scrape_configs": [
-            {"job_name": LOCAL_JOB, "metrics_path": server.METRICS_PATH,
+            {"job_name": LOCAL_JOB, "metrics_path": endpoints.METRICS_PATH,
              "static_configs": [{"targets": [f"{values['prometheus']['local_host']}:{metrics}"]}]},
-            {"job_name": K8S_JOB, "metrics_path": server.METRICS_PATH,
+            {"job_name": K8S_JOB, "metrics_path": endpoints.METRICS_PATH,
              "kubernetes_sd_configs": [{"role": "pod", "namespaces": {"names": [values["namespace"]]}}],
              "relabel_configs": [
                  # The pods of deploy/k8s (Deployment or KServe predictor), their metrics port only.

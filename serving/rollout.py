@@ -76,7 +76,7 @@ from export.repository import (
     write_atomic,
 )
 from export.store import Gallery
-from serving.server import GRPC_ADMIN_KEY_HEADER
+from serving.endpoints import GRPC_ADMIN_KEY_HEADER
 
 HISTORY = ".rollout-history.json"
 GOLDEN_TOLERANCE = 1e-4

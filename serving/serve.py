@@ -18,16 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-from serving.server import (
+from serving.endpoints import (
     ADMIN_KEY_HEADER,
     DEFAULT_HEALTH_PORT,
     DEFAULT_PORTS,
     GRPC_ADMIN_KEY_HEADER,
     LOOPBACK,
-    ServerStartError,
     TLSFiles,
-    TritonServer,
 )
+from serving.server import ServerStartError, TritonServer
 from serving.supervisor import HealthServer, Supervisor
 
 

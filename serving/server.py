@@ -1,20 +1,8 @@
-"""Launch the real ``tritonserver`` that ships inside the ``nvidia-pytriton`` wheel, without Docker.
+"""Launch the real ``tritonserver`` that ships inside the ``nvidia-pytriton`` wheel, without Docker: pick its
+ports, start it (its command line, its log), wait until it and its models are ready, stop it and its stubs.
 
-The wheel carries ``pytriton/tritonserver/bin/tritonserver`` (Triton 2.51), the Python backend
-(``backends/python/libtriton_python.so``) and one ``triton_python_backend_stub`` per Python version
-(``python_backend_stubs/3.X/``), but not a ready-to-use backend directory: the stub must sit beside
-``libtriton_python.so`` in ``<backend-directory>/python/``. :func:`python_backend_directory` assembles that
-tree once per (wheel, Python version) under a cache directory, the way pytriton itself does in its workspace.
-
-How the stub finds its Python environment: the stub embeds ``libpython3.X.so`` and, like any embedded
-interpreter without a program name, computes ``sys.prefix`` from the first ``python3`` on ``PATH``. So the
-server is started with this interpreter's ``bin/`` first on ``PATH``: a stub then sees this venv's
-site-packages, editable installs (``amc``, ``amc_client``) included, and its numpy < 2. ``PYTHONPATH`` is
-not how to extend it: the stub's interpreter runs isolated (``sys.flags.ignore_environment == 1``), so no
-``PYTHON*`` variable reaches it (``PYTHONDONTWRITEBYTECODE`` neither: importing ``model.py`` writes
-``<version>/__pycache__``, which Triton then sees as a changed version; precompile version directories with
-``python -m compileall`` before loading them). The wheel's bundled shared libraries (``nvidia_pytriton.libs``) go on
-``LD_LIBRARY_PATH`` for both the server and the stubs.
+Finding the wheel's binary, the Python-backend directory it needs and its environment: ``triton_wheel.py``.
+What the server exposes (ports, health and metrics paths, the admin-key header, TLS files): ``endpoints.py``.
 
 Usage::
 
@@ -33,90 +21,41 @@ stays on loopback, and this launcher reads readiness there, so it needs no clien
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from .endpoints import (
+    ADMIN_KEY_HEADER,
+    GRPC_ADMIN_KEY_HEADER,
+    HEALTH_LIVE_PATH,
+    HEALTH_READY_PATH,
+    LOOPBACK,
+    METRICS_ARGS,
+    METRICS_PATH,
+    TLSFiles,
+)
+from .triton_wheel import (
+    EXPECTED_TRITON_VERSION,
+    find_tritonserver,
+    python_backend_directory,
+    server_environment,
+)
+
 __all__ = [
-    "ADMIN_KEY_HEADER",
-    "TLSFiles",
-    "GRPC_ADMIN_KEY_HEADER",
     "ServerStartError",
-    "TritonNotFoundError",
     "TritonServer",
-    "find_tritonserver",
-    "python_backend_directory",
 ]
 
-# Header a model-repository request (load / unload / index) must carry when the server has an admin key.
-# Triton checks it as given on HTTP but prefixes it with "triton-grpc-protocol-" on gRPC (verified on 2.51:
-# "This protocol is restricted, expecting header 'triton-grpc-protocol-amc-admin-key'"), so gRPC clients
-# send GRPC_ADMIN_KEY_HEADER.
-ADMIN_KEY_HEADER = "amc-admin-key"
-GRPC_ADMIN_KEY_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
-# The Triton release the wheel carries; tests check the server reports it.
-EXPECTED_TRITON_VERSION = "2.51.0"
-LOOPBACK = "127.0.0.1"
-# Triton's default ports, what `make serve` uses and what the Kubernetes manifests (deploy/k8s) expose.
-DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
-# The KServe v2 health endpoints on the HTTP port (Kubernetes probes) and the Prometheus endpoint on the metrics port.
-HEALTH_LIVE_PATH = "/v2/health/live"
-HEALTH_READY_PATH = "/v2/health/ready"
-METRICS_PATH = "/metrics"
-# The supervisor's readiness endpoint (GET /ready on this port): unlike Triton's /v2/health/ready, it turns false
-# when a step cannot serve (serving/supervisor.py).
-DEFAULT_HEALTH_PORT = 8003
-# Latency summaries (p50/p90/p95/p99/p99.9 per model and version: nv_inference_*_summary_us) besides the default
-# counters; the Grafana dashboard (monitoring/) reads them. Every launch passes these, the manifests too.
-METRICS_ARGS = ("--metrics-config=summary_latencies=true",)
-# Files of the wheel's ``backends/python`` that the server loads (the stub is added per Python version).
-_PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
-_STUB = "triton_python_backend_stub"
-_DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "triton-backends"
 _LOG_TAIL_LINES = 40
 _START_ATTEMPTS = 3  # fresh free ports after a port clash
-
-
-@dataclass(frozen=True)
-class TLSFiles:
-    """PEM files for gRPC over TLS: the server's certificate chain and key, and optionally the CA whose
-    client certificates are accepted (mutual TLS: clients without one are refused)."""
-
-    cert: Path
-    key: Path
-    ca: Path | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("cert", "key", "ca"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            path = Path(value).resolve()
-            if not path.is_file():
-                raise FileNotFoundError(f"TLS {name} file {path} does not exist")
-            object.__setattr__(self, name, path)
-
-    def args(self) -> list[str]:
-        """tritonserver's flags for these files."""
-        out = ["--grpc-use-ssl=true", f"--grpc-server-cert={self.cert}", f"--grpc-server-key={self.key}"]
-        if self.ca is not None:
-            out += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.ca}"]
-        return out
-
-
-class TritonNotFoundError(RuntimeError):
-    """The nvidia-pytriton wheel, its tritonserver binary or the stub for this Python is missing."""
 
 
 class ServerStartError(RuntimeError):
@@ -126,85 +65,6 @@ class ServerStartError(RuntimeError):
         super().__init__(f"{message}\n--- last lines of the tritonserver log ---\n{log_tail}" if log_tail
                          else message)
         self.log_tail = log_tail
-
-
-def _pytriton_root() -> Path:
-    # find_spec, not import: importing pytriton pulls in its whole client stack for nothing.
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise TritonNotFoundError(
-            "the nvidia-pytriton wheel is not installed in this Python environment "
-            f"({sys.executable}); `pip install nvidia-pytriton==0.7.0` brings tritonserver")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def find_tritonserver() -> Path:
-    """Path of the ``tritonserver`` binary inside the nvidia-pytriton wheel."""
-    binary = _pytriton_root() / "tritonserver" / "bin" / "tritonserver"
-    if not binary.is_file() or not os.access(binary, os.X_OK):
-        raise TritonNotFoundError(f"no executable tritonserver at {binary}; is nvidia-pytriton fully installed?")
-    return binary
-
-
-def _server_libs() -> Path:
-    """The wheel's bundled shared libraries (auditwheel puts them beside the package)."""
-    libs = _pytriton_root().parent / "nvidia_pytriton.libs"
-    if not libs.is_dir():
-        raise TritonNotFoundError(f"the nvidia-pytriton wheel has no bundled libraries at {libs}")
-    return libs
-
-
-def _python_tag() -> str:
-    return f"{sys.version_info.major}.{sys.version_info.minor}"
-
-
-def _wheel_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("nvidia-pytriton")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def python_backend_directory(cache_dir: Path | None = None) -> Path:
-    """The ``--backend-directory`` for tritonserver: ``<dir>/python/`` with the backend and this Python's stub.
-
-    Built once per (wheel version, Python major.minor) under ``cache_dir`` (default ``.cache/triton-backends``
-    in the project, or ``$AMC_TRITON_BACKENDS``) and reused; concurrent builders do not collide because the
-    tree is assembled in a temporary directory and renamed into place.
-    """
-    root = _pytriton_root() / "tritonserver"
-    tag = _python_tag()
-    stub = root / "python_backend_stubs" / tag / _STUB
-    if not stub.is_file():
-        have = sorted(p.name for p in (root / "python_backend_stubs").glob("*")) or ["none"]
-        raise TritonNotFoundError(
-            f"nvidia-pytriton has no Python backend stub for Python {tag} at {stub} (it has: {', '.join(have)})")
-    sources = [root / "backends" / "python" / name for name in _PYTHON_BACKEND_FILES]
-    missing = [str(p) for p in sources if not p.is_file()]
-    if missing:
-        raise TritonNotFoundError(f"the nvidia-pytriton wheel lacks the Python backend files {missing}")
-
-    cache = Path(cache_dir or os.environ.get("AMC_TRITON_BACKENDS") or _DEFAULT_CACHE)
-    target = cache / f"pytriton-{_wheel_version()}-py{tag}" / "backends"
-    if (target / "python" / _STUB).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".backends-", dir=target.parent))
-    try:
-        (staging / "python").mkdir()
-        for source in [*sources, stub]:
-            shutil.copy2(source, staging / "python" / source.name)
-        try:
-            staging.rename(target)
-        except OSError:
-            # Another process finished the same build first: its tree is identical, keep it.
-            if not (target / "python" / _STUB).is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _free_port() -> int:
@@ -220,16 +80,6 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
             return "".join(deque(f, maxlen=lines))
     except OSError:
         return ""
-
-
-def server_environment() -> dict[str, str]:
-    """Environment for tritonserver: bundled libs on LD_LIBRARY_PATH, this interpreter's bin/ first on PATH."""
-    env = dict(os.environ)
-    libs = str(_server_libs())
-    env["LD_LIBRARY_PATH"] = f"{libs}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else libs
-    # sys.prefix/bin of a venv holds its `python3`; the stub derives its sys.path from the first one on PATH.
-    env["PATH"] = f"{Path(sys.prefix) / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 class TritonServer:

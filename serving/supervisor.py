@@ -46,8 +46,9 @@ from typing import Any
 
 from amc_client import signatures as sig
 
+from .endpoints import LOOPBACK
 from .faults import instance_model
-from .server import LOOPBACK, TritonServer
+from .server import TritonServer
 
 __all__ = ["HealthServer", "Repair", "Supervisor", "golden_request", "is_search_ensemble"]
 

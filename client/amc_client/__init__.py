@@ -5,7 +5,8 @@
 ...         print(r.rank, r.candidate_id, r.score, r.visual_weight, r.top_keywords[:3])
 """
 
-from ._client import AMCClient, AsyncAMCClient
+from ._async_client import AsyncAMCClient
+from ._client import AMCClient
 from ._fleet import ReplicaStatus
 from ._packing import pack_request
 from ._types import Candidate, CandidateArrays, RankedResult, Routing

@@ -120,7 +120,7 @@ class Deadline:
         return self._end - time.monotonic()
 
 
-# ---- what the client core's request paths yield (see amc_client._client) ------------------------------------
+# ---- what the client core's request paths yield (see amc_client._core) --------------------------------------
 @dataclass(frozen=True)
 class Call:
     """One call of tritonclient's API: ``method`` with ``kwargs``, at most ``remaining`` seconds, on ``replica``

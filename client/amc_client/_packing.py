@@ -1,16 +1,18 @@
-"""Request packing and response unpacking: candidates <-> the `amc` ensemble's padded tensors."""
+"""Request packing and response unpacking: candidates <-> the `amc` ensemble's padded tensors; the answer's checks
+(every output came, the model version) before it is unpacked."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from . import signatures as sig
 from ._types import Candidate, CandidateArrays, RankedResult
-from .errors import InvalidInputError
+from .errors import AMCError, InvalidInputError, MixedVersionError
 
 CandidateSet = Sequence[Candidate] | CandidateArrays
 
@@ -201,6 +203,30 @@ def groups(sets: Sequence[_Set]) -> list[range]:
     if start < len(sets):
         out.append(range(start, len(sets)))
     return out
+
+
+def results(
+    result: Any, model: str, expected: int | None, sets: Sequence[_Set], top_k: int | None
+) -> list[list[RankedResult]]:
+    """tritonclient's answer of ``model`` to a rank request -> each query's results, after checking that every
+    output came and the model version (``expected``: the pinned or canary version asked for, or None)."""
+    outputs = {name: result.as_numpy(name) for name in sig.ENSEMBLE.output_names}
+    # candidate_index is absent from servers without the top-k step: their rows are the request's order.
+    missing = [name for name, value in outputs.items() if value is None and name != sig.CANDIDATE_INDEX.name]
+    if missing:
+        raise AMCError(f"{model!r} answered without the outputs {missing}")
+    versions = outputs[sig.MODEL_VERSION.name].reshape(-1)[: len(sets)]
+    if (versions == -1).any():
+        raise MixedVersionError(
+            f"{model!r} answered with a mixed-version response (model_version -1: its steps "
+            "ran different model versions, as during a rollout); retry the request"
+        )
+    if expected is not None and (versions != expected).any():
+        raise MixedVersionError(
+            f"{model!r} should answer with model version {expected}, "
+            f"but version {int(versions[versions != expected][0])} answered"
+        )
+    return unpack(outputs, sets, versions.tolist(), top_k)
 
 
 def unpack(

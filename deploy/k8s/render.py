@@ -7,7 +7,7 @@ and this module reads it from there instead of copying it:
 - model names: :mod:`amc_client.signatures` (``amc``, ``amc_v<N>``) and ``export.repository.STEPS`` (the text
   step and the four networks), in the ``onnxruntime`` flavour's layout (``platform: onnxruntime_onnx`` on
   ``KIND_GPU``; the text step stays a Python-backend model);
-- ports, probe paths, the metrics flags and the admin-key header: :mod:`serving.server`.
+- ports, probe paths, the metrics flags and the admin-key header: :mod:`serving.endpoints`.
 
 Output, checked in and tested for equality with this renderer (like ``model_repository/``)::
 
@@ -30,7 +30,7 @@ import yaml
 
 from amc_client import signatures as sig
 from export.repository import STEPS
-from serving import server
+from serving import endpoints
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -44,7 +44,7 @@ KSERVE_CONTAINER = "kserve-container"  # the name KServe expects for a custom pr
 ADMIN_KEY_ENV = "AMC_ADMIN_KEY"
 GPU_RESOURCE = "nvidia.com/gpu"
 SHM_VOLUME, REPOSITORY_VOLUME = "dshm", "model-repository"
-# Port names: the keys of serving.server.DEFAULT_PORTS. KServe's raw mode exposes the first container port as
+# Port names: the keys of serving.endpoints.DEFAULT_PORTS. KServe's raw mode exposes the first container port as
 # the InferenceService's own port, so gRPC (what the client speaks) comes first.
 PORT_ORDER = ("grpc", "http", "metrics")
 APP_PROTOCOL = {"grpc": "kubernetes.io/h2c", "http": "http", "metrics": "http"}
@@ -75,7 +75,7 @@ def load_values(path: Path = VALUES) -> dict[str, Any]:
 
 # ---- what the project defines ------------------------------------------------------------------------------
 def ports() -> dict[str, int]:
-    return {name: server.DEFAULT_PORTS[name] for name in PORT_ORDER}
+    return {name: endpoints.DEFAULT_PORTS[name] for name in PORT_ORDER}
 
 
 def models_at_start(values: dict[str, Any]) -> list[str]:
@@ -87,14 +87,14 @@ def models_at_start(values: dict[str, Any]) -> list[str]:
 def triton_args(values: dict[str, Any]) -> list[str]:
     """tritonserver's arguments in the pod: serving.server's flags, on all interfaces instead of loopback."""
     p = ports()
-    rule = f"model-repository:{server.ADMIN_KEY_HEADER}=$({ADMIN_KEY_ENV})"  # the kubelet expands $(VAR)
+    rule = f"model-repository:{endpoints.ADMIN_KEY_HEADER}=$({ADMIN_KEY_ENV})"  # the kubelet expands $(VAR)
     return [
         f"--model-repository={values['model_repository']['mount_path']}",
         "--model-control-mode=explicit",
         *(f"--load-model={m}" for m in models_at_start(values)),
         f"--grpc-port={p['grpc']}", f"--http-port={p['http']}", f"--metrics-port={p['metrics']}",
         f"--exit-timeout-secs={values['exit_timeout_s']}",
-        *server.METRICS_ARGS,
+        *endpoints.METRICS_ARGS,
         f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}",
     ]
 
@@ -142,9 +142,9 @@ def container(values: dict[str, Any], name: str = CONTAINER) -> dict[str, Any]:
             "name": values["admin_key_secret"]["name"], "key": values["admin_key_secret"]["key"]}}}],
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports().items()],
         # Triton answers on its HTTP port only once the models given with --load-model are loaded.
-        "startupProbe": probe(server.HEALTH_LIVE_PATH, probes["startup_failure_threshold"]),
-        "livenessProbe": probe(server.HEALTH_LIVE_PATH, probes["liveness_failure_threshold"]),
-        "readinessProbe": probe(server.HEALTH_READY_PATH, probes["readiness_failure_threshold"]),
+        "startupProbe": probe(endpoints.HEALTH_LIVE_PATH, probes["startup_failure_threshold"]),
+        "livenessProbe": probe(endpoints.HEALTH_LIVE_PATH, probes["liveness_failure_threshold"]),
+        "readinessProbe": probe(endpoints.HEALTH_READY_PATH, probes["readiness_failure_threshold"]),
         # GPUs are requested through limits (extended resources cannot be overcommitted: requests == limits).
         "resources": {"requests": dict(limits), "limits": dict(limits)},
         "volumeMounts": [
@@ -170,7 +170,7 @@ def pod_spec_fields(values: dict[str, Any]) -> dict[str, Any]:
 
 def prometheus_annotations() -> dict[str, str]:
     return {"prometheus.io/scrape": "true", "prometheus.io/port": str(ports()["metrics"]),
-            "prometheus.io/path": server.METRICS_PATH}
+            "prometheus.io/path": endpoints.METRICS_PATH}
 
 
 def pvc(values: dict[str, Any]) -> dict[str, Any]:
@@ -279,7 +279,7 @@ def inference_service(values: dict[str, Any]) -> dict[str, Any]:
         "serving.kserve.io/autoscalerClass": k["autoscaler_class"],
         "serving.kserve.io/enable-prometheus-scraping": "true",
         "prometheus.kserve.io/port": str(ports()["metrics"]),
-        "prometheus.kserve.io/path": server.METRICS_PATH,
+        "prometheus.kserve.io/path": endpoints.METRICS_PATH,
     }
     return {
         "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",

@@ -28,7 +28,7 @@ from deploy.k8s import render as k8s
 from export.publish import publish
 from export.repository import STEPS, set_routing
 from monitoring import render
-from serving import server as srv
+from serving import endpoints
 from serving.server import TritonServer
 from tests.unit.test_metrics import CANARY, SERVING, VALUES, grouping, selectors, targets
 from training.checkpoint import save_checkpoint
@@ -93,7 +93,7 @@ def scraped(tmp_path_factory) -> dict:
     with TritonServer(repository, models=[*models, sig.ENSEMBLE_NAME], admin_key="metrics-test",
                       log_file=root / "tritonserver.log") as server:
         health = {path: urllib.request.urlopen(f"http://{server.http_url}{path}", timeout=10).status
-                  for path in (srv.HEALTH_LIVE_PATH, srv.HEALTH_READY_PATH)}
+                  for path in (endpoints.HEALTH_LIVE_PATH, endpoints.HEALTH_READY_PATH)}
         versions = []
         with AMCClient(server.grpc_url, timeout_s=60) as client:
             for i in range(24):
@@ -122,7 +122,7 @@ def _check_targets(series, *, gpu: bool) -> int:
 
 
 def test_probe_paths_answer(scraped):
-    assert scraped["health"] == {srv.HEALTH_LIVE_PATH: 200, srv.HEALTH_READY_PATH: 200}
+    assert scraped["health"] == {endpoints.HEALTH_LIVE_PATH: 200, endpoints.HEALTH_READY_PATH: 200}
 
 
 def test_dashboard_series_exist(scraped):

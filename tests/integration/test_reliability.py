@@ -350,7 +350,7 @@ def _certificates(folder: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
 def test_grpc_over_tls_and_plaintext_is_refused(repository: tuple[Path, int], tmp_path: Path, mutual: bool) -> None:
     from amc_client import ServerUnavailableError
-    from serving.server import TLSFiles
+    from serving.endpoints import TLSFiles
 
     repo, version = repository
     pem = _certificates(tmp_path / "pki")

@@ -40,7 +40,8 @@ from amc_client import signatures as sig
 from amc_client import text as amc_text
 from export.reference import keyword_embeddings
 from export.repository import TextStepFiles, step_config, store_step_config, write_text_step
-from serving.server import ADMIN_KEY_HEADER, GRPC_ADMIN_KEY_HEADER, ServerStartError, TritonServer
+from serving.endpoints import ADMIN_KEY_HEADER, GRPC_ADMIN_KEY_HEADER
+from serving.server import ServerStartError, TritonServer
 
 BACKENDS = Path(__file__).resolve().parents[2] / "serving" / "backends"
 DOCUMENTS = [["cat", "face", "grinning face with smiling eyes"], ["dog", "red heart"], ["smiling", "eyes"],

@@ -23,7 +23,7 @@ from amc_client import AMCClient
 from amc_client import signatures as sig
 from deploy.k8s import render
 from export.repository import STEPS, parse_config, template_files
-from serving import server
+from serving import endpoints
 
 VALUES = render.load_values()
 KINDS = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "PersistentVolumeClaim",
@@ -125,21 +125,21 @@ def test_inference_service_validates():
 def test_ports_and_probes_are_the_servers(variant):
     c = _container(variant)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == server.DEFAULT_PORTS
+    assert ports == endpoints.DEFAULT_PORTS
     assert c["ports"][0]["name"] == "grpc"  # KServe's raw mode exposes the first port: what the client speaks
-    assert c["readinessProbe"]["httpGet"] == {"path": server.HEALTH_READY_PATH, "port": "http"}
-    assert c["livenessProbe"]["httpGet"] == {"path": server.HEALTH_LIVE_PATH, "port": "http"}
-    assert c["startupProbe"]["httpGet"]["path"] == server.HEALTH_LIVE_PATH
+    assert c["readinessProbe"]["httpGet"] == {"path": endpoints.HEALTH_READY_PATH, "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": endpoints.HEALTH_LIVE_PATH, "port": "http"}
+    assert c["startupProbe"]["httpGet"]["path"] == endpoints.HEALTH_LIVE_PATH
     args = c["args"]
-    for kind, port in server.DEFAULT_PORTS.items():
+    for kind, port in endpoints.DEFAULT_PORTS.items():
         assert f"--{kind}-port={port}" in args
     # The client's default URL is the gRPC port the pods listen on.
     default_url = inspect.signature(AMCClient).parameters["url"].default
-    assert default_url.endswith(f":{server.DEFAULT_PORTS['grpc']}")
+    assert default_url.endswith(f":{endpoints.DEFAULT_PORTS['grpc']}")
     annotations = (_one("triton", "Deployment")["spec"]["template"]["metadata"]["annotations"] if variant == "triton"
                    else _one("kserve", "InferenceService")["metadata"]["annotations"])
-    assert str(server.DEFAULT_PORTS["metrics"]) in annotations.values()
-    assert server.METRICS_PATH in annotations.values()
+    assert str(endpoints.DEFAULT_PORTS["metrics"]) in annotations.values()
+    assert endpoints.METRICS_PATH in annotations.values()
 
 
 @pytest.mark.parametrize("variant", render.VARIANTS)
@@ -159,9 +159,9 @@ def test_models_flags_and_resources(variant):
     assert f"{sig.ENSEMBLE_NAME}/config.pbtxt" in configs
     assert "--model-control-mode=explicit" in args
     assert f"--model-repository={VALUES['model_repository']['mount_path']}" in args
-    for flag in server.METRICS_ARGS:
+    for flag in endpoints.METRICS_ARGS:
         assert flag in args
-    rule = f"model-repository:{server.ADMIN_KEY_HEADER}=$({render.ADMIN_KEY_ENV})"
+    rule = f"model-repository:{endpoints.ADMIN_KEY_HEADER}=$({render.ADMIN_KEY_ENV})"
     assert f"--grpc-restricted-protocol={rule}" in args and f"--http-restricted-api={rule}" in args
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
     assert env[render.ADMIN_KEY_ENV] == {"name": VALUES["admin_key_secret"]["name"],
@@ -181,7 +181,7 @@ def test_services_hpa_pdb_and_adapter_fit_together():
     assert {s["spec"].get("clusterIP") for s in services} == {None, "None"}  # ClusterIP + headless
     for service in services:
         assert service["spec"]["selector"].items() <= pod_labels.items()
-        assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == server.DEFAULT_PORTS
+        assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == endpoints.DEFAULT_PORTS
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
     for variant, target in (("triton", VALUES["name"]), ("kserve", render.kserve_predictor_name(VALUES))):
         hpa = _one(variant, "HorizontalPodAutoscaler")

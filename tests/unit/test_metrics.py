@@ -11,7 +11,7 @@ import yaml
 
 from deploy.k8s import render as k8s
 from monitoring import render
-from serving import server as srv
+from serving import endpoints
 
 VALUES = k8s.load_values()
 # What the dashboard's variables stand for in the check: everything, and the versions the integration test serves.
@@ -56,9 +56,9 @@ def test_prometheus_config_scrapes_the_servers_metrics_port_and_the_pods_of_depl
     config = yaml.safe_load(render.PROMETHEUS.read_text())
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
     local, pods = jobs[render.LOCAL_JOB], jobs[render.K8S_JOB]
-    metrics_port = srv.DEFAULT_PORTS["metrics"]
+    metrics_port = endpoints.DEFAULT_PORTS["metrics"]
     assert local["static_configs"][0]["targets"] == [f"{VALUES['prometheus']['local_host']}:{metrics_port}"]
-    assert local["metrics_path"] == pods["metrics_path"] == srv.METRICS_PATH
+    assert local["metrics_path"] == pods["metrics_path"] == endpoints.METRICS_PATH
     relabel = pods["relabel_configs"]
     keep = {r["source_labels"][0]: r["regex"] for r in relabel if r.get("action") == "keep"}
     assert keep["__meta_kubernetes_pod_label_app_kubernetes_io_name"] == VALUES["name"]
