@@ -1,4 +1,4 @@
-"""Fault-injection helpers shared by the reliability tests and benchmark (``tests/test_reliability.py``,
+"""Fault-injection helpers shared by the reliability tests and benchmark (``tests/integration/test_reliability.py``,
 ``benchmarks/reliability.py``): a servable model without training, the Python-backend stub processes of a
 running server, and the catalogue of malformed requests every replica must answer with INVALID_ARGUMENT.
 
