@@ -1,14 +1,17 @@
-"""The benchmark suite's code on tiny sizes (no timed assertions), and the candidate store's correctness:
-store-path scores equal raw-path scores for the same candidates, in-process and through a real tritonserver."""
+"""The benchmark suite's code on tiny sizes (no timed assertions), and the correctness of the store ensembles the
+benchmarks build into their own repository (``benchmarks.store_models``): store-path scores equal raw-path scores
+for the same candidates, in-process and through a real tritonserver."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from benchmarks import floor, harness, inprocess, report, triton
+from amc_client import signatures as sig
+from benchmarks import floor, harness, inprocess, report, store_models, triton
+from benchmarks import store_signatures as bench_sig
 from benchmarks.workloads import Gallery, make_requests
-from export.repository import STORE_STEPS, parse_config, store_step_config, to_text
+from export.configs import STEPS, parse_config, to_text
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +21,25 @@ def bench_repo(trained, small_corpus, tmp_path_factory):
     repo, version = triton.build_repository(tmp_path_factory.mktemp("bench"), trained.checkpoint, gallery,
                                             log=lambda *_: None)
     return repo, version, gallery
+
+
+def test_the_benchmark_repository_adds_its_store_models_to_a_publish(bench_repo):
+    """build_repository's repository: what a publish writes (amc, amc_v<N> and their steps; no store) and the
+    benchmarks' store models, each config the generator's for its signature."""
+    repo, version, _ = bench_repo
+    folders = {p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    assert folders == set(triton.model_names(version))
+    assert folders >= {s.model_name for s in STEPS} | {sig.ENSEMBLE_NAME, sig.versioned_ensemble_name(version)}
+    assert not {sig.SEARCH_ENSEMBLE_NAME, sig.SEARCH_STEP.model_name} & folders
+    for step in bench_sig.STEPS:
+        config = parse_config((repo / step.model_name / "config.pbtxt").read_text())
+        assert [t.name for t in config.input] == step.input_names, step.model_name
+        assert [t.name for t in config.output] == step.output_names, step.model_name
+        assert (repo / step.model_name / str(version)).is_dir()
+    for name in (bench_sig.STORE_ENSEMBLE_NAME, bench_sig.versioned_store_ensemble_name(version),
+                 bench_sig.STORE_FUSED_ENSEMBLE_NAME):
+        config = parse_config((repo / name / "config.pbtxt").read_text())
+        assert {s.model_version for s in config.ensemble_scheduling.step} == {version}, name
 
 
 def _flat(repo, version, tmp_path, store):
@@ -58,8 +80,8 @@ def test_workloads_and_perf_input_data(bench_repo, trained, tmp_path):
     for kind, feeds in (("raw", None), ("store", None), ("fused", inprocess.TextFeeds(repo, version, "cpu")),
                         ("fused_store", inprocess.TextFeeds(repo, version, "cpu", store=True))):
         rows = json.loads(perf.input_data(requests, kind, tmp_path / f"{kind}.json", feeds).read_text())["data"]
-        signature = {"raw": triton.sig.ENSEMBLE, "store": triton.sig.STORE_ENSEMBLE, "fused": triton.sig.FUSED,
-                     "fused_store": triton.sig.FUSED_STORE}[kind]
+        signature = {"raw": sig.ENSEMBLE, "store": bench_sig.STORE_ENSEMBLE, "fused": bench_sig.FUSED,
+                     "fused_store": bench_sig.FUSED_STORE}[kind]
         assert len(rows) == 2 and set(rows[0]) == {s.name for s in signature.inputs if not s.optional}, kind
     with pytest.raises(ValueError, match="text step"):
         perf.input_data(requests, "fused", tmp_path / "x.json")
@@ -79,10 +101,31 @@ def test_harness_and_report_on_tiny_runs(tmp_path):
 
 
 def test_store_configs_round_trip():
-    for step in STORE_STEPS:
-        config = store_step_config(step, "python", instances=3)
+    for step in bench_sig.STEPS:
+        config = store_models.store_step_config(step, "python", instances=3)
         assert parse_config(to_text(config)) == config
         assert config.instance_group[0].count == 3 and config.dynamic_batching.max_queue_delay_microseconds > 0
+    with pytest.raises(ValueError, match="not one of the benchmarks' store steps"):
+        store_models.store_step_config(sig.SEARCH_STEP, "python")
+
+
+def test_a_store_graph_off_the_raw_path_is_caught(tmp_path):
+    """The benchmarks' store graphs are validated against PyTorch's raw path like the search graph: a store whose
+    keyword projections are off fails loudly, naming the graph."""
+    from test_export import KEYWORDS, TERM_WEIGHTS, tiny_model
+
+    from amc_client.text import LexicalMatcher, TermWeights
+    from export.onnx_export import ExportError
+    from export.store import build_store
+
+    rng = np.random.default_rng(0)
+    regions = np.abs(rng.normal(0, 1.5, size=(12, sig.REGIONS_PER_IMAGE, sig.REGION_FEATURE_DIM))).astype(np.float16)
+    keywords = [list(rng.choice(KEYWORDS, size=int(rng.integers(1, 4)), replace=False)) for _ in range(12)]
+    broken = build_store(tiny_model(), regions, keywords)
+    broken.keyword_projected = broken.keyword_projected * 1.5
+    with pytest.raises(ExportError, match="lan_store"):
+        store_models.export_graphs(tiny_model(), broken, LexicalMatcher(TermWeights.from_json(TERM_WEIGHTS)), regions,
+                                   tmp_path, version=1, fingerprint="fp")
 
 
 @pytest.mark.integration
@@ -91,7 +134,7 @@ def test_store_ensemble_equals_raw_ensemble_through_tritonserver(bench_repo):
 
     repo, version, gallery = bench_repo
     requests = make_requests(gallery, 9, count=2)
-    models = triton.model_names(version, repo)
+    models = triton.model_names(version)
     assert triton.STORE_FUSED in models
     with TritonServer(repo, models=models) as server:
         triton.wait_models(server.grpc_url, models)
@@ -101,11 +144,37 @@ def test_store_ensemble_equals_raw_ensemble_through_tritonserver(bench_repo):
             by_id = {x.candidate_id: x.score for x in ranked}
             raw = np.array([by_id[str(i)] if str(i) in by_id else by_id[f"{j}-{i}"]
                             for j, i in enumerate(r.ids.tolist())])
-            for model in (triton.sig.STORE_ENSEMBLE_NAME, triton.STORE_FUSED):
+            for model in (bench_sig.STORE_ENSEMBLE_NAME, triton.STORE_FUSED):
                 store = triton.store_worker(server.grpc_url, [r], model=model)(0)(0)[0]
                 np.testing.assert_allclose(store, raw, rtol=1e-4, atol=1e-5)
-            fused = triton.fused_worker(server.grpc_url, [r], feeds)(0)(0).as_numpy(triton.sig.SCORES.name)[0]
+            fused = triton.fused_worker(server.grpc_url, [r], feeds)(0)(0).as_numpy(sig.SCORES.name)[0]
             np.testing.assert_allclose(fused, raw, rtol=1e-4, atol=1e-5)
+        _repeated_query_word_is_refused(server.grpc_url)
+
+
+def _repeated_query_word_is_refused(url: str) -> None:
+    """The fused store graph's lexical match scatters the query's word weights by word number, so a repeated number
+    would count once: a direct caller of amc_fused_store who repeats one gets INVALID_ARGUMENT naming it, and the
+    same request without the repeat is answered."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from serving.faults import raw_inputs
+
+    tokens = np.zeros((1, 16), dtype=np.int64)
+    tokens[0, :3] = [101, 4937, 102]  # [CLS] cat [SEP]
+    request = {sig.QUERY_TOKENS.name: tokens,
+               sig.QUERY_WORDS.name: np.array([[5, 9, 5, -1, -1, -1, -1, -1]], dtype=np.int64),
+               sig.QUERY_WORD_WEIGHTS.name: np.array([[1.0, 2.0, 3.0, 0, 0, 0, 0, 0]], dtype=np.float32),
+               sig.CANDIDATE_IDS.name: np.array([[0, 1, 2]], dtype=np.int64)}
+    with grpcclient.InferenceServerClient(url) as client:
+        with pytest.raises(InferenceServerException) as info:
+            client.infer(bench_sig.FUSED_STORE.model_name, raw_inputs(request), client_timeout=60)
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "query_words[0] repeats 5; each value may appear once" in info.value.message()
+        request[sig.QUERY_WORDS.name][0, 2] = 7
+        answer = client.infer(bench_sig.FUSED_STORE.model_name, raw_inputs(request), client_timeout=60)
+        assert answer.as_numpy(sig.SCORES.name).shape == (1, 3)
 
 
 @pytest.mark.integration
@@ -124,7 +193,7 @@ def test_serving_bound_null_graph_answers_the_real_shapes_with_zeros(bench_repo,
     serving_bound.use_null_graph(copy, version)
     requests = make_requests(gallery, 7, count=3)
     feeds = inprocess.TextFeeds(repo, version, "cpu", store=True)
-    signature = triton.sig.FUSED_STORE
+    signature = bench_sig.FUSED_STORE
     models = list(store_fused.STEP_MODELS)
     with TritonServer(repo, models=models) as real_server, TritonServer(copy, models=models) as null_server:
         for server in (real_server, null_server):
@@ -141,18 +210,18 @@ def test_serving_bound_null_graph_answers_the_real_shapes_with_zeros(bench_repo,
                                    queries_per_request=2)(0)(0)
         direct = triton.fused_worker(null_server.grpc_url, other_n, feeds)(0)(0)
     assert pair.shape == (2, 4) and not pair.any()
-    assert direct.as_numpy(triton.sig.REGION_ATTENTION.name).shape[:2] == (1, 4)
-    assert direct.as_numpy(triton.sig.MODEL_VERSION.name).tolist() == [[version]]
+    assert direct.as_numpy(sig.REGION_ATTENTION.name).shape[:2] == (1, 4)
+    assert direct.as_numpy(sig.MODEL_VERSION.name).tolist() == [[version]]
     first, *later = answers["null"]
     for o in signature.output_names:
         np.testing.assert_allclose(first[o], answers["real"][0][o], rtol=1e-5)  # the one real call
         for got, want in zip(later, answers["real"][1:], strict=True):
             assert got[o].shape == want[o].shape and got[o].dtype == want[o].dtype, o
-            if o == triton.sig.MODEL_VERSION.name:
+            if o == sig.MODEL_VERSION.name:
                 np.testing.assert_array_equal(got[o], want[o])
             else:
                 assert not got[o].any(), o
-    assert ensemble.shape == answers["real"][1][triton.sig.SCORES.name].shape and not ensemble.any()
+    assert ensemble.shape == answers["real"][1][sig.SCORES.name].shape and not ensemble.any()
 
 
 @pytest.mark.integration
@@ -178,7 +247,7 @@ def test_serving_bound_on_cpu_at_a_tiny_size(trained, tmp_path):
             (cost,) = r["cpu_costs"]
             # Every request the loop counted, and no other, reached the target (Triton's own count).
             assert cost["triton_requests"] == cost["requests"] > 0, (graph, label, cost)
-            assert triton.sig.FUSED_STORE.model_name in cost["mean_batch"]
+            assert bench_sig.FUSED_STORE.model_name in cost["mean_batch"]
         assert targets["ensemble_b2"]["cpu_costs"][0]["mean_batch"][triton.STORE_FUSED] == 2.0
         summary = results["summary"]["5"][f"ensemble_{graph}"]
         assert summary["cpu_bound_candidates_per_s"] > 0

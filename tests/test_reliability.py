@@ -113,11 +113,11 @@ def test_bounds_are_enforced_by_the_client_and_the_server_alike(server: TritonSe
 
 # ---- overload -------------------------------------------------------------------------------------------
 def test_every_step_queue_is_bounded_in_the_generated_configs() -> None:
-    from export.repository import MAX_QUEUE_SIZE, step_config
+    from export.configs import MAX_QUEUE_SIZE, step_config
 
     for flavour in ("python", "onnxruntime"):
         # The entrance of the ensemble is bounded, without a queue timeout; the steps behind it are not (a
-        # bounded queue or a queue timeout there stalls Triton 2.51's batcher for good: export/repository.py).
+        # bounded queue or a queue timeout there stalls Triton 2.51's batcher for good: export/configs.py).
         policy = step_config(sig.TOKENIZER, flavour).dynamic_batching.default_queue_policy
         assert policy.max_queue_size == MAX_QUEUE_SIZE
         assert policy.default_timeout_microseconds == 0 and not policy.allow_timeout_override
@@ -128,14 +128,18 @@ def test_every_step_queue_is_bounded_in_the_generated_configs() -> None:
 def test_admission_control_is_in_the_generated_configs() -> None:
     """The raw text step takes in-flight slots with the limit of the signatures module; the top-k step at the end of
     its ensembles frees them, and VAN (python flavour) frees the slot of each request it refuses. The store path
-    counts nothing (no step at the end of its ensembles frees a slot; search is one step, bounded by its queue)."""
-    from export.repository import ADMISSION, SEARCH_QUEUE_SIZE, step_config, store_step_config
+    counts nothing (search is one step, bounded by its queue; no step at the end of the benchmarks' store ensembles
+    frees a slot)."""
+    from benchmarks.store_models import store_step_config
+    from benchmarks.store_signatures import STORE_TOKENIZER
+    from export.configs import ADMISSION, SEARCH_QUEUE_SIZE, SEARCH_SETTINGS, search_step_config, step_config
 
-    for flavour in ("python", "onnxruntime"):
-        assert ADMISSION not in store_step_config(sig.STORE_TOKENIZER, flavour).parameters
-        search = store_step_config(sig.SEARCH_STEP, flavour)
+    for settings in SEARCH_SETTINGS.values():
+        search = search_step_config(settings)
         assert ADMISSION not in search.parameters
         assert search.dynamic_batching.default_queue_policy.max_queue_size == SEARCH_QUEUE_SIZE
+    for flavour in ("python", "onnxruntime"):
+        assert ADMISSION not in store_step_config(STORE_TOKENIZER, flavour).parameters
         for text, topk, counter in ((step_config(sig.TOKENIZER, flavour), step_config(sig.TOPK, flavour), "raw"),):
             params = {k: v.string_value for k, v in text.parameters.items()}
             assert params[ADMISSION] == counter and params["max_in_flight"] == str(sig.MAX_IN_FLIGHT)
@@ -178,7 +182,7 @@ def test_network_steps_yield_the_cpu_to_the_entrance(server: TritonServer) -> No
     priority. A bad niceness names itself."""
     import os
 
-    from export.repository import NETWORK_NICE
+    from export.configs import NETWORK_NICE
     from serving.backends.onnx_runner import lower_cpu_priority
 
     base = os.getpriority(os.PRIO_PROCESS, server.pid)
@@ -278,7 +282,7 @@ def test_in_flight_limit_rejects_at_once_and_frees_every_slot(repository: tuple[
     import shutil
 
     from amc_client import ServerUnavailableError, _calls
-    from export.repository import step_config, to_text
+    from export.configs import step_config, to_text
     from serving.backends.admission import InFlight, counter_path
 
     repo, version = repository
@@ -316,12 +320,14 @@ def test_in_flight_limit_rejects_at_once_and_frees_every_slot(repository: tuple[
 
 
 def test_store_path_requests_take_no_in_flight_slot(repository: tuple[Path, int], tmp_path: Path) -> None:
-    """Concurrent amc_search_v<N> requests (one step, which answers them itself) and amc_store_v<N> requests (no
-    step could free a slot) take no slot of an in-flight counter: 8 threads each are all answered, and a lone
-    search afterwards too."""
+    """Concurrent amc_search_v<N> requests (one step, which answers them itself) and requests of the benchmarks'
+    amc_store_v<N> (no step could free a slot; built by ``benchmarks.store_models``) take no slot of an in-flight
+    counter: 8 threads each are all answered, and a lone search afterwards too."""
     import shutil
     import threading
 
+    from benchmarks import store_signatures as bench_sig
+    from benchmarks.store_models import add_store_models
     from export.store import publish_store
     from training.checkpoint import load_checkpoint
 
@@ -331,12 +337,13 @@ def test_store_path_requests_take_no_in_flight_slot(repository: tuple[Path, int]
     checkpoint = load_checkpoint(repo.parent / "untrained-0.pt")
     rng = np.random.default_rng(0)
     regions = np.abs(rng.normal(size=(12, 4, sig.REGION_FEATURE_DIM))).astype(np.float32)
-    publish_store(store_repo, version, checkpoint.build_model(), checkpoint.term_weights, regions,
-                  [["cat", "face"][: g % 2 + 1] for g in range(12)], ids=[f"s{g}" for g in range(12)],
-                  fingerprint=checkpoint.fingerprint, instances=1, log=lambda *_: None)
-    search, store = sig.versioned_search_ensemble_name(version), sig.versioned_store_ensemble_name(version)
-    models = [sig.STORE_TOKENIZER.model_name, sig.QEN.model_name, sig.VAN_STORE.model_name, sig.LAN_STORE.model_name,
-              sig.MTN.model_name, sig.SEARCH_STEP.model_name, search, store]
+    keywords = [["cat", "face"][: g % 2 + 1] for g in range(12)]
+    for add in (publish_store, add_store_models):
+        add(store_repo, version, checkpoint.build_model(), checkpoint.term_weights, regions, keywords,
+            ids=[f"s{g}" for g in range(12)], fingerprint=checkpoint.fingerprint, instances=1, log=lambda *_: None)
+    search, store = sig.versioned_search_ensemble_name(version), bench_sig.versioned_store_ensemble_name(version)
+    models = [bench_sig.STORE_TOKENIZER.model_name, sig.QEN.model_name, bench_sig.VAN_STORE.model_name,
+              bench_sig.LAN_STORE.model_name, sig.MTN.model_name, sig.SEARCH_STEP.model_name, search, store]
 
     def inputs(ids: bool) -> list:
         query = grpcclient.InferInput(sig.QUERY.name, [1, 1], "BYTES")

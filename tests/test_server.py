@@ -6,7 +6,8 @@ One server serves a tiny repository built in a temporary directory:
   encoder, a small keyword table and term weights; version 1 carries ``amc_text.py`` beside model.py, version 2
   does not and so imports the installed ``amc_client.text`` (checks that the stub sees the venv's editable
   installs);
-- ``amc_store_tokenizer``: the same module in mode store, over a 4-row store, with dynamic batching;
+- ``amc_store_tokenizer``: the same module in mode store (the benchmarks' store ensembles run it,
+  ``benchmarks.store_models``; its request checks are the search step's), over a 4-row store, with dynamic batching;
 - ``toy_net``: a three-node ONNX graph run by ``serving/backends/onnx_runner.py`` with dynamic batching;
 - ``toy_late``: the same, not loaded at start, for the admin-key checks.
 
@@ -38,8 +39,11 @@ from tritonclient.utils import InferenceServerException
 
 from amc_client import signatures as sig
 from amc_client import text as amc_text
+from benchmarks import store_signatures as bench_sig
+from benchmarks.store_models import store_step_config
+from export.configs import step_config
 from export.reference import keyword_embeddings
-from export.repository import TextStepFiles, step_config, store_step_config, write_text_step
+from export.repository import TextStepFiles, write_text_step
 from serving.server import ADMIN_KEY_HEADER, GRPC_ADMIN_KEY_HEADER, ServerStartError, TritonServer
 
 pytestmark = pytest.mark.integration
@@ -51,7 +55,7 @@ TABLE = ["cat", "face", "dog", "red heart", "heart"]  # precomputed; every other
 STORE_KEYWORDS = [["cat", "face"], ["dog"], ["red heart", "love", "heart"], ["kiwi fruit"]]
 ADMIN_KEY = "test-admin-key"
 TOY, TOY_LATE = "toy_net", "toy_late"
-TOKENIZER, STORE_TOKENIZER = sig.TOKENIZER.model_name, sig.STORE_TOKENIZER.model_name
+TOKENIZER, STORE_TOKENIZER = sig.TOKENIZER.model_name, bench_sig.STORE_TOKENIZER.model_name
 # The toy reuses real tensor names, so its error messages read like the served networks'.
 REGIONS, MASK, SCORES = sig.REGIONS.name, sig.REGION_MASK.name, sig.SCORES.name
 TOTAL = "total"
@@ -125,7 +129,7 @@ def _build_repository(root: Path) -> Path:
     for version in (1, 2):
         write_text_step(repo / TOKENIZER / str(version), version=version, files=files)
     (repo / TOKENIZER / "2" / "amc_text.py").unlink()  # version 2 must find amc_client instead
-    config = store_step_config(sig.STORE_TOKENIZER, "python")
+    config = store_step_config(bench_sig.STORE_TOKENIZER, "python")
     config.dynamic_batching.max_queue_delay_microseconds = 100_000  # so that concurrent requests meet
     config.parameters["max_in_flight"].string_value = "0"  # as the raw text step above
     (repo / STORE_TOKENIZER).mkdir()
@@ -192,7 +196,7 @@ def _store_inputs(queries: list[bytes | str], ids: np.ndarray) -> list[grpcclien
 def _store_step(client: grpcclient.InferenceServerClient, queries: list[bytes | str],
                 ids: np.ndarray) -> dict[str, np.ndarray]:
     result = client.infer(STORE_TOKENIZER, _store_inputs(queries, ids), client_timeout=60)
-    return {name: result.as_numpy(name) for name in sig.STORE_TOKENIZER.output_names}
+    return {name: result.as_numpy(name) for name in bench_sig.STORE_TOKENIZER.output_names}
 
 
 def _keywords(rows: list[list[list[str]]]) -> np.ndarray:
@@ -337,7 +341,7 @@ def test_store_text_step_matches_training_code(client: grpcclient.InferenceServe
     ids = np.array([[2, 0, 3, 1], [1, 3, 0, 2]])
     queries = ["red heart", "кошка cat"]
     out = _store_step(client, queries, ids)
-    np.testing.assert_array_equal(out[sig.CANDIDATE_ROWS.name], ids)
+    np.testing.assert_array_equal(out[bench_sig.CANDIDATE_ROWS.name], ids)
     width = max(map(len, STORE_KEYWORDS))
     store = np.array([row + [""] * (width - len(row)) for row in STORE_KEYWORDS], dtype=object)
     _assert_features_match(out, queries, store[ids])
@@ -411,7 +415,7 @@ def test_store_text_step_computes_only_the_outputs_asked_for(repository: Path, m
 
     from google.protobuf import json_format
 
-    from export.repository import parse_config
+    from export.configs import parse_config
 
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakeBackend)
     here = repository / STORE_TOKENIZER
