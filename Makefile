@@ -55,7 +55,7 @@ eval: setup ## Train AMC and the baselines on 3 seeds; write reports/eval.{json,
 	$(PY) -m training.evaluate --out-dir reports --jobs $(EVAL_JOBS)
 	$(PY) -m training.readme_eval
 
-export: setup $(CHECKPOINT) ## Export the checkpoint to ONNX, validate it and publish a new version (with a candidate store of the corpus) into REPOSITORY (default runs/repository; DEVICE_KIND=gpu sizes the store steps for a GPU server)
+export: setup $(CHECKPOINT) ## Export the checkpoint to ONNX, validate it and publish a new version (with a candidate store of the corpus) into REPOSITORY (default runs/repository; DEVICE_KIND=gpu sizes the search step for a GPU server)
 	$(PY) -m export.publish --checkpoint $(CHECKPOINT) --repository $(REPOSITORY) --store-corpus $(if $(DEVICE_KIND),--device-kind $(DEVICE_KIND))
 
 serve: setup ## Start tritonserver on the model repository (Ctrl-C stops it)

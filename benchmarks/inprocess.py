@@ -17,6 +17,7 @@ import numpy as np
 from amc_client import signatures as sig
 from serving.backends.text_step import TextFeatures
 
+from .store_signatures import FUSED, FUSED_STORE, LAN_STORE, STORE_TOKENIZER, VAN_STORE
 from .workloads import Request
 
 # The CUDA provider's TF32 switch, as the served steps use it (onnx_runner.py's ``use_tf32`` parameter,
@@ -73,7 +74,7 @@ class TextFeeds:
 
     def __init__(self, repo: Path, version: int | str, device: str, *, store: bool = False,
                  threads: int | None = None) -> None:
-        step = sig.STORE_TOKENIZER if store else sig.TOKENIZER
+        step = STORE_TOKENIZER if store else sig.TOKENIZER
         self.store = store
         self.text = TextFeatures(repo / step.model_name / str(version), providers=ort_providers(device),
                                  options=_options(threads))
@@ -81,7 +82,7 @@ class TextFeeds:
     def __call__(self, requests: list[Request], wanted: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         queries = [r.query for r in requests]
         if self.store:
-            wants = set(sig.STORE_TOKENIZER.output_names if wanted is None else wanted)
+            wants = set(STORE_TOKENIZER.output_names if wanted is None else wanted)
             out = {sig.CANDIDATE_IDS.name: np.stack([r.ids for r in requests])}
             if sig.QUERY_TEXT.name in wants:
                 out[sig.QUERY_TEXT.name] = self.text.query_text(queries)
@@ -125,7 +126,7 @@ class OrtPipeline:
 
     def __init__(self, onnx_dir: Path, feeds: TextFeeds, device: str, threads: int | None = None) -> None:
         self.feeds = feeds
-        self.van, self.lan = (sig.VAN_STORE, sig.LAN_STORE) if feeds.store else (sig.VAN, sig.LAN)
+        self.van, self.lan = (VAN_STORE, LAN_STORE) if feeds.store else (sig.VAN, sig.LAN)
         self.s = {s.model_name: _session(onnx_dir / s.model_name / "model.onnx", device, threads)
                   for s in (sig.QEN, self.van, self.lan, sig.MTN)}
 
@@ -138,7 +139,7 @@ class OrtFused:
 
     def __init__(self, path: Path, feeds: TextFeeds, device: str, threads: int | None = None) -> None:
         self.feeds, self.store = feeds, feeds.store
-        self.signature = sig.FUSED_STORE if feeds.store else sig.FUSED
+        self.signature = FUSED_STORE if feeds.store else FUSED
         self.session = _session(path, device, threads)
 
     def __call__(self, requests: list[Request]) -> np.ndarray:
@@ -162,5 +163,5 @@ class TorchRunner:
         torch = self.torch
         have = self.feeds(requests)
         with torch.inference_mode():
-            args = [torch.from_numpy(have[n]).to(self.device) for n in sig.FUSED.input_names]
+            args = [torch.from_numpy(have[n]).to(self.device) for n in FUSED.input_names]
             return self.model(*args).scores.cpu().numpy()

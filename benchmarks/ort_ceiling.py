@@ -7,10 +7,10 @@
 
 Steps (each writes into ``ort_ceiling.json`` under ``--out`` as soon as it ends; ``ort_ceiling.md`` at the end):
 
-1. **The graph.** The checkpoint is published into a temp repository with its candidate store (synthetic gallery
-   of ``--gallery-size`` images, as ``benchmarks.store_fused``): ``amc_fused_store/<N>/model.onnx`` is the graph
-   export writes and ``amc_store_fused`` serves, the store's projected features held in it as constants (on the
-   GPU under the CUDA provider). fp16: that file converted by onnxconverter-common (``keep_io_types``: the same
+1. **The graph.** The checkpoint is published into a temp repository and the benchmarks' store models added
+   (``benchmarks.store_models``; synthetic gallery of ``--gallery-size`` images, as ``benchmarks.store_fused``):
+   ``amc_fused_store/<N>/model.onnx`` is the graph they export and ``amc_store_fused`` serves, the store's
+   projected features held in it as constants (on the GPU under the CUDA provider). fp16: that file converted by onnxconverter-common (``keep_io_types``: the same
    fp32/int64 inputs and outputs, every constant and every op inside in fp16).
 2. **Parity.** On ``--check-requests`` requests per size, every output of each precision on ``--device`` against
    the fp32 graph on ORT-CPU (the CPU serving path): relative L2 error, identical ranking, identical top 10.
@@ -57,11 +57,12 @@ from amc_client import signatures as sig
 from . import floor, harness, perf, triton
 from .run import DEFAULT_CHECKPOINT, gpu_memory_mib, log, rel_err
 from .store_fused import serving_store_fused
+from .store_signatures import FUSED_STORE, STORE_TOKENIZER
 from .workloads import Request, collection_words, synthetic_gallery
 
 PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-3}
-OUTPUTS = sig.FUSED_STORE.output_names
-INPUTS = sig.FUSED_STORE.input_names
+OUTPUTS = FUSED_STORE.output_names
+INPUTS = FUSED_STORE.input_names
 
 
 # ---- workload ---------------------------------------------------------------------------------------------
@@ -427,7 +428,7 @@ def measure_floor(device: str, repo: Path, version: int, checkpoint: Path, feeds
         torch.cuda.empty_cache()
     hidden = load_checkpoint(checkpoint).model_config.hidden
     keywords = int(feeds.text.store_keywords.shape[1])
-    encoder = repo / sig.STORE_TOKENIZER.model_name / str(version) / "text_encoder.onnx"
+    encoder = repo / STORE_TOKENIZER.model_name / str(version) / "text_encoder.onnx"
     per_token = floor.matmul_flops_per_row(encoder)
     text = feeds.text
     out = {"rates": rates, "hidden": hidden, "keyword_slots": keywords,

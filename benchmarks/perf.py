@@ -13,6 +13,7 @@ import numpy as np
 
 from amc_client import signatures as sig
 
+from .store_signatures import FUSED, FUSED_STORE
 from .triton import breakdown, snapshot
 from .workloads import Request
 
@@ -40,7 +41,7 @@ def input_data(requests: list[Request], kind: str, path: Path, feeds=None) -> Pa
         elif kind == "store":
             row = {sig.QUERY.name: {"content": [r.query], "shape": [1]}, sig.CANDIDATE_IDS.name: _b64(r.ids)}
         else:
-            signature = sig.FUSED_STORE if kind == "fused_store" else sig.FUSED
+            signature = FUSED_STORE if kind == "fused_store" else FUSED
             if feeds is None or feeds.store != (kind == "fused_store"):
                 raise ValueError(f"input data of {kind} needs the {'store' if kind == 'fused_store' else 'raw'} "
                                  "text step's features (feeds)")

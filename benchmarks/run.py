@@ -10,8 +10,9 @@ Methods, all on the same requests (N candidates per query, batch 1 per request u
   ort             the same exported graphs in-process (QEN -> VAN, LAN -> MTN) + the same text step code
   ort_store       the store graphs in-process
   torch           training.model.AMC from the checkpoint, in-process (text features by the text step code)
-The server is started here on a freshly published temp repository (raw + store built from the gallery +
-fused graphs). Writes ``serving_cpu.json`` + ``serving.md`` (cpu) or ``gpu.json`` + ``gpu.md`` + plots (cuda).
+The server is started here on a freshly published temp repository with the benchmarks' store models added
+(``benchmarks.store_models``: the store ensembles over a store built from the gallery, the fused graphs).
+Writes ``serving_cpu.json`` + ``serving.md`` (cpu) or ``gpu.json`` + ``gpu.md`` + plots (cuda).
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def run(args, results: dict) -> dict:
     # ---- Triton ----------------------------------------------------------------------------------------
     from serving.server import TritonServer
 
-    models = triton.model_names(version, repo)
+    models = triton.model_names(version)
     args.models = models
     log("starting tritonserver")
     t0 = time.monotonic()

@@ -9,7 +9,8 @@ the in-process ceiling. Runs 6 and 7 (``reports/gpu.md``) put the limit in the P
 not in the graph. This measures that directly. One tritonserver per graph serves the python-flavour store path
 (``--config`` instances of the text step and the graph step), and each of these targets is measured at each size:
 
-- ``ensemble``: ``amc_store_fused`` as published (query string and candidate ids in: text step, then graph step);
+- ``ensemble``: ``amc_store_fused`` as ``benchmarks.store_models`` builds it (query string and candidate ids in:
+  text step, then graph step);
 - ``ensemble_b8``: the same with 8 queries per request (``--client-batch``), as ``AMCClient.rank_many`` sends
   them: the per-request costs shared by 8 queries;
 - ``graph_step``: ``amc_fused_store`` alone, fed the query's tokens and numbered words (what the text step would
@@ -40,15 +41,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from amc_client import signatures as sig
-
 from . import harness, perf, triton
 from .ort_ceiling import _concurrency, _triton_config, id_requests
 from .run import DEFAULT_CHECKPOINT, gpu_memory_mib, log
 from .store_fused import best, serving_store_fused
+from .store_signatures import FUSED_STORE
 from .workloads import collection_words, synthetic_gallery
 
-GRAPH_STEP = sig.FUSED_STORE.model_name
+GRAPH_STEP = FUSED_STORE.model_name
 NULL_STEP = Path(__file__).with_name("null_graph_step.py")
 
 

@@ -2,7 +2,8 @@
 
     python -m benchmarks.store_fused --out $OUT [--configs 4:4 4:8] [--concurrency 128 192 256]
 
-Publishes the checkpoint with its candidate store (synthetic gallery, as ``benchmarks.run --device cuda``),
+Publishes the checkpoint and adds the benchmarks' store models (``benchmarks.store_models``; synthetic gallery, as
+``benchmarks.run --device cuda``),
 then for each ``TOK:FUSED`` instance config starts a fresh tritonserver with only ``amc_store_tokenizer``,
 ``amc_fused_store`` and ``amc_store_fused`` loaded and measures, at 100 candidates per query:
 

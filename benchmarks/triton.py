@@ -1,4 +1,5 @@
-"""Triton side: publish a temp repository (raw + store + fused), start tritonserver, drive it, read its statistics."""
+"""Triton side: publish a temp repository and add the benchmarks' store models to it (raw + store + fused), start
+tritonserver, drive it, read its statistics."""
 
 from __future__ import annotations
 
@@ -11,25 +12,35 @@ import numpy as np
 
 from amc_client import signatures as sig
 
+from .store_signatures import (
+    FUSED,
+    FUSED_STORE,
+    STORE_ENSEMBLE,
+    STORE_ENSEMBLE_NAME,
+    STORE_FUSED_ENSEMBLE_NAME,
+)
+from .store_signatures import model_names as store_model_names
 from .workloads import Gallery, Request
 
 STAT_KEYS = ("queue", "compute_input", "compute_infer", "compute_output")
 
 
 def build_repository(workdir: Path, checkpoint: Path, gallery: Gallery, *, log=print) -> tuple[Path, int]:
-    """Publish ``checkpoint`` as version N of a fresh python-flavour repository, with its candidate store built
-    from ``gallery`` and the fused graphs; returns (repository, N). The raw text step's keyword table holds the
-    gallery's keywords, as a deployment's would hold its collection's."""
+    """Publish ``checkpoint`` as version N of a fresh python-flavour repository under ``workdir`` (a temp folder) and
+    add the benchmarks' store models of a store built from ``gallery`` (``store_models.add_store_models``: the store
+    ensembles, the fused graphs); returns (repository, N). The raw text step's keyword table holds the gallery's
+    keywords, as a deployment's would hold its collection's."""
     from export.publish import publish
-    from export.store import publish_store
     from training.checkpoint import load_checkpoint
+
+    from .store_models import add_store_models
 
     repo = workdir / "repository"
     keywords = sorted({k for kws in gallery.keywords for k in kws if k})
     version = publish(checkpoint, repo, flavour="python", keywords=keywords, log=log)
     ckpt = load_checkpoint(checkpoint)
-    publish_store(repo, version, ckpt.build_model(), ckpt.term_weights, gallery.regions, gallery.keywords,
-                  fingerprint=ckpt.fingerprint, instances=1, log=log)  # the benchmarks set instances themselves
+    add_store_models(repo, version, ckpt.build_model(), ckpt.term_weights, gallery.regions, gallery.keywords,
+                     fingerprint=ckpt.fingerprint, instances=1, log=log)  # the benchmarks set instances themselves
     return repo, version
 
 
@@ -129,7 +140,7 @@ def _input(name: str, array: np.ndarray, datatype: str):
     return t
 
 
-def store_worker(url: str, requests: list[Request], model: str = sig.STORE_ENSEMBLE_NAME,
+def store_worker(url: str, requests: list[Request], model: str = STORE_ENSEMBLE_NAME,
                  outputs: tuple[str, ...] | None = None, queries_per_request: int = 1):
     """tritonclient on the store ensemble: query text + candidate ids (all outputs, or only ``outputs``);
     ``queries_per_request`` consecutive requests of the pool in one (their candidate counts must agree)."""
@@ -139,7 +150,7 @@ def store_worker(url: str, requests: list[Request], model: str = sig.STORE_ENSEM
 
     def make(w: int):
         client = grpcclient.InferenceServerClient(url)
-        outputs = _outputs(sig.STORE_ENSEMBLE, names)
+        outputs = _outputs(STORE_ENSEMBLE, names)
 
         def call(i: int):
             start = (i + w) * queries_per_request
@@ -157,7 +168,7 @@ def fused_worker(url: str, requests: list[Request], feeds, outputs: tuple[str, .
     ``outputs``)."""
     import tritonclient.grpc as grpcclient
 
-    signature = sig.FUSED_STORE if feeds.store else sig.FUSED
+    signature = FUSED_STORE if feeds.store else FUSED
     names = outputs
 
     def make(w: int):
@@ -200,20 +211,18 @@ def client_serialization_ms(request: Request, repeats: int = 5) -> dict[str, flo
             "protobuf_serialize_ms": float(np.median(proto)) * 1e3, "request_bytes": len(data)}
 
 
-STORE_FUSED = sig.STORE_FUSED_ENSEMBLE_NAME
-# Every step of the two store ensembles (amc_store: 5 steps; amc_store_fused: text step + amc_fused_store).
+STORE_FUSED = STORE_FUSED_ENSEMBLE_NAME
+# Every step of the 5-step store ensemble amc_store (amc_store_fused: the text step + amc_fused_store).
 STORE_STEP_MODELS = ("amc_store_tokenizer", "amc_qen", "amc_van_store", "amc_lan_store", "amc_mtn")
 
 
-def model_names(version: int, repo: Path | None = None) -> list[str]:
-    from export.repository import FUSED_STEPS, STEPS, STORE_STEPS
+def model_names(version: int) -> list[str]:
+    """What :func:`build_repository`'s repository serves the benchmarks: ``amc`` and its steps, then the store
+    models (``store_signatures.model_names``)."""
+    from export.configs import STEPS
 
-    names = [s.model_name for s in (*STEPS, *STORE_STEPS, *FUSED_STEPS)] + [
-        sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME,
-        sig.versioned_store_ensemble_name(version), sig.STORE_ENSEMBLE_NAME]
-    if repo is not None and (repo / STORE_FUSED / "config.pbtxt").exists():
-        names.append(STORE_FUSED)
-    return names
+    return ([s.model_name for s in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]
+            + store_model_names(version))
 
 
 def wait_models(url: str, names: list[str], timeout_s: float = 120) -> None:

@@ -18,6 +18,9 @@ features computed by :class:`export.reference.Reference`, the text step's rules 
 ``--store-corpus`` also builds the version's candidate store (whole-store search, ``amc_search``) from every image
 of the checkpoint's training corpus, inside the same publish (see :func:`publish`).
 
+A publish writes only the models :class:`amc_client.AMCClient` calls (``amc``, ``amc_v<N>``, ``amc_search``,
+``amc_search_v<N>``) and the steps they run; :mod:`export.repository` lists them.
+
 A checkpoint trained with another text encoder (format 1: GloVe) is refused with the checkpoint loader's
 "encoder mismatch" message, before anything is written; so is one trained with query rules this release does not
 implement (``Checkpoint.text_rules`` above ``amc_client.text.TEXT_RULES``). The version's text step gets the
@@ -45,13 +48,11 @@ import numpy as np
 
 from amc_client import signatures as sig
 from amc_client.text import TEXT_RULES, TermWeights
+from export.configs import DEVICE_KINDS, FLAVOURS, STEPS
 from export.onnx_export import TEXT_ENCODER_FILE, ExportError, export_all, model_sizes
 from export.reference import Reference
 from export.repository import (
-    FLAVOURS,
     KNOWN_TEXT_RULES,
-    STEPS,
-    STORE_INSTANCES,
     TextStepFiles,
     init_repository,
     published_versions,
@@ -59,7 +60,6 @@ from export.repository import (
     repository_flavour,
     set_store_serving,
     stage_version,
-    store_instances,
     store_paths,
 )
 from export.store import Gallery, keyword_table_embed, publish_store
@@ -189,22 +189,21 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
 
     ``keywords``: what the text step's keyword table holds; default every keyword of the training corpus.
     ``store``: also build the version's candidate store from this gallery (whole-store search, ``amc_search``),
-    validated like the networks, before the version is marked published; the store ensembles serve it at once
+    validated like the networks, before the version is marked published; ``amc_search`` serves it at once
     only where the version itself serves (a repository's first version), else from ``amc-rollout promote`` on.
     ``device_kind`` ("gpu", "cpu"; default this machine's): the machine that serves, where a step's config is
-    new: the onnxruntime flavour's instance kind (``KIND_GPU``, ``KIND_CPU``) and the instances of the store
-    path's steps (``export.repository.STORE_INSTANCES``). The networks' configs declare this checkpoint's dims
+    new: the onnxruntime flavour's instance kind (``KIND_GPU``, ``KIND_CPU``) and how the search step runs
+    (``export.configs.SEARCH_SETTINGS``). The networks' configs declare this checkpoint's dims
     (``model_sizes``), the ones the export checks its graphs against; a repository whose steps have versions
     of other dims is refused before anything is written.
     """
-    from export.repository import device_kind as machine_kind
+    from export.configs import device_kind as machine_kind
     from training.text_encoder import ENCODER_NAME, PACKAGE, tokenizer_json
 
     repository = Path(repository)
     ckpt = load_checkpoint(checkpoint)  # refuses other encoders' checkpoints: "encoder mismatch"
     check_text_rules(ckpt)
     kind = device_kind or machine_kind()
-    instances = store_instances(kind) if store is not None else None
     sizes = model_sizes(ckpt.model_config)
     with repository_lock(repository):
         if flavour is None:
@@ -253,7 +252,7 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
                 (tree / step.model_name / str(version)).rename(target)
                 moved.append(target)
             if store is not None:
-                _publish_store(repository, version, ckpt, store, flavour, instances, kind, log)
+                _publish_store(repository, version, ckpt, store, kind, log)
             ensemble.rename(repository / ensemble.name)
         except BaseException:
             for path in moved + store_paths(repository, version):
@@ -269,14 +268,13 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
     return version
 
 
-def _publish_store(repository: Path, version: int, ckpt: Checkpoint, gallery: Gallery, flavour: str,
-                   instances: int | None, kind: str, log) -> None:
+def _publish_store(repository: Path, version: int, ckpt: Checkpoint, gallery: Gallery, kind: str, log) -> None:
     """The version's candidate store, its keywords embedded from the version's keyword table (not served yet)."""
     started = time.perf_counter()
     table = repository / sig.TOKENIZER.model_name / str(version) / KEYWORD_TABLE
     publish_store(repository, version, ckpt.build_model(), ckpt.term_weights, gallery.regions, gallery.keywords,
-                  ids=gallery.ids, fingerprint=ckpt.fingerprint, flavour=flavour, serve=False,
-                  embed=keyword_table_embed(table), instances=instances, kind=kind, log=log)
+                  ids=gallery.ids, fingerprint=ckpt.fingerprint, serve=False, embed=keyword_table_embed(table),
+                  kind=kind, log=log)
     if gallery.images is not None:  # the search page's pictures, removed with the store if the publish fails
         kept = write_thumbnails(thumbnail_dir(repository, version), gallery.images, version=version)
         log(f"kept {kept} thumbnails of the store's {len(gallery.ids)} rows")
@@ -297,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     stores.add_argument("--store-candidates", type=Path, metavar="FILE.npz",
                         help="the same from your own images: a file of amc-client make-candidates (its pictures "
                              "become the store's thumbnails)")
-    parser.add_argument("--device-kind", choices=sorted(STORE_INSTANCES), default=None,
-                        help="the machine that will serve, for the store steps' instances and the onnxruntime "
+    parser.add_argument("--device-kind", choices=sorted(DEVICE_KINDS), default=None,
+                        help="the machine that will serve, for how the search step runs and the onnxruntime "
                              "flavour's KIND_GPU / KIND_CPU (default: this one's: gpu where onnxruntime has its CUDA "
                              "provider)")
     args = parser.parse_args(argv)

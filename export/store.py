@@ -1,32 +1,25 @@
-"""Candidate store and fused graphs: export-time precomputation of the candidates' features, versioned with the model.
+"""Candidate store: export-time precomputation of the candidates' features, versioned with the model (whole-store
+search, ``amc_search``).
 
 Why: the raw ``amc`` ensemble takes each candidate's 49 x 1280 float32 region features with every query
 (25 MB for 100 candidates), so serving time goes into moving and copying those bytes, not into the model.
 A search engine's candidates come from its gallery, which is known at export time, so the parts of VAN and
 LAN that depend on the candidate alone can be computed once per model version: ``u = W_v PCA(regions)``
 (G, R, hidden) and ``W_kl k`` of every keyword's sentence embedding (G, K, hidden), with the region and
-keyword masks. The store-variant graphs hold them as constants (ORT keeps them on the GPU with the CUDA
-execution provider) and take ``candidate_ids`` (rows of the store) instead:
+keyword masks (:func:`build_store`). The store graphs hold them as constants (ORT keeps them on the GPU with the
+CUDA execution provider) and take ``candidate_ids`` (rows of the store) instead of the candidates' features.
 
-    van_store.onnx    (query_embedding, candidate_ids) -> (visual_vector, region_attention, van_version)
-    lan_store.onnx    (query_embedding, keyword_lexical, candidate_ids) -> (keyword_vector, keyword_attention,
-                                                                           lan_version)
-
-The lexical features depend on the query, so for ``amc_store`` the store text step
-(``serving/backends/text_step.py``, mode store) computes them per request from the stored rows' keyword strings
-(``store.json``), with the same :class:`amc_client.text.LexicalMatcher` as training. The ensemble ``amc_store``
-(store text step -> QEN -> VAN store, LAN store -> MTN) serves ``(query, candidate_ids)``. The raw path stays as
-it was. Also here: ``fused.onnx`` (all four networks in one graph, text features in) and ``fused_store.onnx``
-(model ``amc_fused_store``, served by the ensemble ``amc_store_fused``: the same over the store, with the
-sentence encoder and the lexical match inside, so the
-text step only tokenizes and nothing per candidate crosses a Python step: the query's WordPiece ids and its
-content words, numbered as the store's keyword words by :class:`amc_client.text.StoreWords`, go in; the stored
-keywords' word numbers and IDF mass are constants of the graph); ``search_store.onnx`` (the fused store graph
-and the top-k selection, ONNX TopK: whole-store search, ``amc_search``).
+A publish exports one, the search graph ``search_store.onnx`` (:class:`SearchStoreGraph`): the sentence encoder,
+the lexical match against every stored keyword, QEN, VAN, LAN and MTN over the store (:class:`FusedStoreGraph`) and
+the top-k selection (ONNX TopK). It takes the query's WordPiece ids and its content words, numbered as the store's
+keyword words by :class:`amc_client.text.StoreWords`; the stored keywords' word numbers and IDF mass are constants
+of the graph. The search step (``serving/backends/text_step.py``, mode search) tokenizes and runs it. The
+benchmarks export their store graphs (per network, fused without top-k) with the same code
+(``benchmarks.store_models``: :func:`export_store_graphs` and :func:`validate_store` take a table of graphs).
 
 Correctness: :func:`validate_store` compares every store graph with the PyTorch raw path on the same
 candidates (the gallery rows gathered by id, keywords as sentence embeddings): relative error <
-:data:`export.onnx_export.TOLERANCE`; ``fused.onnx`` is checked against PyTorch like the networks.
+:data:`export.onnx_export.TOLERANCE`.
 """
 
 from __future__ import annotations
@@ -47,22 +40,15 @@ from amc_client.text import LexicalMatcher, StoreWords, TermWeights, load_wordpi
 from export.onnx_export import (
     TOLERANCE,
     ExportError,
-    Shape,
     _version_column,
-    check_parity,
     model_sizes,
-    random_inputs,
-    read_metadata,
     relative_error,
     unit_rows,
-    validate_graph,
     write_onnx,
 )
 from export.reference import keyword_embeddings
 from export.repository import (
-    FUSED_STEPS,
     SEARCH_STEPS,
-    STORE_STEPS,
     TextStepFiles,
     check_store_configs,
     set_store_serving,
@@ -99,7 +85,7 @@ class Store:
                      self.keyword_mask[rows])
 
     def manifest(self, version: int) -> str:
-        """``store.json`` of the store text step: ids and each row's keyword strings."""
+        """``store.json`` of the search step: ids and each row's keyword strings."""
         rows = [[k for k in row if k] for row in self.keywords.tolist()]
         return json.dumps({"version": version, "size": len(self), "ids": self.ids, "keywords": rows})
 
@@ -194,7 +180,9 @@ def build_store(model: AMC, regions: np.ndarray, keywords: Sequence[Sequence[str
                  embeddings, keyword_projected, strings != "")
 
 
-class _StoreBuffers(nn.Module):
+class StoreBuffers(nn.Module):
+    """A store's projected features as buffers of a graph (constants of its ONNX export)."""
+
     def __init__(self, store: Store, with_visual: bool = True, with_keywords: bool = True) -> None:
         super().__init__()
         if with_visual:
@@ -203,41 +191,6 @@ class _StoreBuffers(nn.Module):
         if with_keywords:
             self.register_buffer("keyword_projected", torch.from_numpy(store.keyword_projected))
             self.register_buffer("keyword_mask", torch.from_numpy(store.keyword_mask))
-
-
-class VANStoreGraph(_StoreBuffers):
-    def __init__(self, model: AMC, store: Store, version: int) -> None:
-        super().__init__(store, with_keywords=False)
-        self.model, self.version = model, version
-
-    def forward(self, query_embedding, candidate_ids):
-        u = self.projected[candidate_ids]  # (B, N, R, H)
-        visual, attention = self.model.van.forward_projected(query_embedding, u, self.region_mask[candidate_ids])
-        return visual, attention, _version_column(query_embedding, self.version)
-
-
-class LANStoreGraph(_StoreBuffers):
-    def __init__(self, model: AMC, store: Store, version: int) -> None:
-        super().__init__(store, with_visual=False)
-        self.model, self.version = model, version
-
-    def forward(self, query_embedding, keyword_lexical, candidate_ids):
-        keyword, attention = self.model.lan.forward_projected(
-            query_embedding, self.keyword_projected[candidate_ids], self.keyword_mask[candidate_ids], keyword_lexical)
-        return keyword, attention, _version_column(query_embedding, self.version)
-
-
-class FusedGraph(nn.Module):
-    """QEN + VAN + LAN + MTN in one graph over raw features (text features in)."""
-
-    def __init__(self, model: AMC, version: int) -> None:
-        super().__init__()
-        self.model, self.version = model, version
-
-    def forward(self, query_text, regions, region_mask, keyword_embeddings, keyword_lexical):
-        out = self.model(query_text, regions, region_mask, keyword_embeddings, keyword_lexical)
-        return (out.scores, out.modality_weights, out.region_attention, out.keyword_attention,
-                _version_column(query_text, self.version))
 
 
 def _fp32(gathered: torch.Tensor) -> torch.Tensor:
@@ -280,10 +233,10 @@ def lexical_match(words: torch.Tensor, weights: torch.Tensor, vocabulary: int, k
     return torch.stack([in_query, of_query, in_candidate], dim=-1)
 
 
-class FusedStoreGraph(_StoreBuffers):
+class FusedStoreGraph(StoreBuffers):
     """The sentence encoder, the lexical match and QEN + VAN + LAN + MTN in one graph over the candidate store:
-    the query's WordPiece ids and numbered content words in (``sig.FUSED_STORE``), nothing computed per
-    candidate outside the graph.
+    the query's WordPiece ids and numbered content words in, nothing computed per candidate outside the graph
+    (:class:`SearchStoreGraph` adds the top-k; ``benchmarks.store_models.FUSED_STORE`` serves it alone).
 
     ``encoder``: the sentence encoder (``training.text_encoder.MiniLM``); ``words``: the store's word numbering
     under the version's term weights (which give each stored keyword's IDF mass)."""
@@ -400,50 +353,51 @@ def _raw_reference(model: AMC, store: Store, values: dict[str, np.ndarray], regi
         return {sig.KEYWORD_VECTOR.name: keyword, sig.KEYWORD_ATTENTION.name: ka}
 
 
-STORE_GRAPHS = {"van_store": (sig.VAN_STORE, VANStoreGraph), "lan_store": (sig.LAN_STORE, LANStoreGraph),
-                "fused_store": (sig.FUSED_STORE, FusedStoreGraph), "search_store": (sig.SEARCH_STORE, SearchStoreGraph)}
-FUSED_ONLY = ("fused_store", "search_store")  # written with fused=True
-FUSED_SHAPES = [Shape(1, 1), Shape(3, 7, 10, 12), Shape(2, 100, 49, 1)]
+# The graphs a store is exported as: name -> (signature, graph class), written as ``<name>.onnx``. A publish
+# exports the search graph only; the benchmarks pass their own table (``benchmarks.store_models``) to the same code.
+# A graph class that takes the query's tokens and words (a FusedStoreGraph) is built with the store's StoreText.
+SEARCH_GRAPHS: dict[str, tuple[sig.StepSignature, type[nn.Module]]] = {
+    "search_store": (sig.SEARCH_STORE, SearchStoreGraph)}
+
+
+def _with_text(cls: type[nn.Module]) -> bool:
+    return issubclass(cls, FusedStoreGraph)
 
 
 def export_store_graphs(model: AMC, store: Store, matcher: LexicalMatcher, out_dir: Path, *, version: int,
-                        fingerprint: str, fused: bool = True, text: StoreText | None = None) -> None:
-    """Write ``van_store.onnx``, ``lan_store.onnx`` (and ``fused.onnx``, ``fused_store.onnx``,
-    ``search_store.onnx``) into ``out_dir``. ``text``: the fused store graphs' (default ``StoreText.of``)."""
+                        fingerprint: str, graphs: dict[str, tuple[sig.StepSignature, type[nn.Module]]] = SEARCH_GRAPHS,
+                        text: StoreText | None = None) -> None:
+    """Write ``<name>.onnx`` of each of ``graphs`` (default the search graph, ``search_store.onnx``) into
+    ``out_dir``. ``text``: the store's text for the graphs that read the query's tokens (default ``StoreText.of``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    if fused and text is None:
-        text = StoreText.of(store, matcher.weights)
-    for name, (signature, cls) in STORE_GRAPHS.items():
-        if name in FUSED_ONLY and not fused:
-            continue
+    for name, (signature, cls) in graphs.items():
+        if _with_text(cls) and text is None:
+            text = StoreText.of(store, matcher.weights)
         example = _example(signature, model, store, matcher, batch=2, candidates=3, rng=rng, text=text)
-        graph = text.graph(cls, model, store, version) if name in FUSED_ONLY else cls(model, store, version)
+        graph = text.graph(cls, model, store, version) if _with_text(cls) else cls(model, store, version)
         write_onnx(graph, signature, example, out_dir / f"{name}.onnx", version=version,
                    fingerprint=fingerprint, name=name, sizes=model_sizes(model.config))
-    if fused:
-        example = random_inputs(sig.FUSED, model, Shape(2, 3), version, rng)
-        write_onnx(FusedGraph(model, version), sig.FUSED, example, out_dir / "fused.onnx", version=version,
-                   fingerprint=fingerprint, name="fused", sizes=model_sizes(model.config))
 
 
 def validate_store(model: AMC, store: Store, matcher: LexicalMatcher, regions: np.ndarray, onnx_dir: Path, *,
-                   seed: int = 0, shapes: tuple[tuple[int, int], ...] = ((1, 1), (3, 7), (2, 100)),
+                   graphs: dict[str, tuple[sig.StepSignature, type[nn.Module]]] = SEARCH_GRAPHS, seed: int = 0,
+                   shapes: tuple[tuple[int, int], ...] = ((1, 1), (3, 7), (2, 100)),
                    text: StoreText | None = None) -> float:
-    """Store graphs (ORT CPU) against the PyTorch raw path on the same gallery candidates, and ``fused.onnx``
-    against PyTorch on random inputs; returns the worst relative error. The fused store graphs are fed query
-    strings as the store text step feeds them (WordPiece ids, numbered words): the reference embeds the queries
-    with ``text.encoder`` in PyTorch and matches their words with :class:`LexicalMatcher`.
+    """The store graphs of ``graphs`` found in ``onnx_dir`` (ORT CPU) against the PyTorch raw path on the same gallery
+    candidates; returns the worst relative error. The graphs that read the query's tokens are fed query strings as
+    the search step feeds them (WordPiece ids, numbered words): the reference embeds the queries with
+    ``text.encoder`` in PyTorch and matches their words with :class:`LexicalMatcher`.
 
     Raises :class:`ExportError` when any output differs by more than ``TOLERANCE`` (relative).
     """
     rng = np.random.default_rng(seed)
     worst = 0.0
-    for name, (signature, _) in STORE_GRAPHS.items():
+    for name, (signature, cls) in graphs.items():
         path = onnx_dir / f"{name}.onnx"
         if not path.exists():
             continue
-        if name in FUSED_ONLY and text is None:
+        if _with_text(cls) and text is None:
             text = StoreText.of(store, matcher.weights)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         for batch, n in shapes:
@@ -470,48 +424,38 @@ def validate_store(model: AMC, store: Store, matcher: LexicalMatcher, regions: n
                 if not err < TOLERANCE:
                     raise ExportError(f"{name}.{out_name} at batch {batch}, {n} candidates: relative error "
                                       f"{err:.2e} against the raw path (tolerance {TOLERANCE:g})")
-    fused = onnx_dir / "fused.onnx"
-    if fused.exists():
-        version = int(read_metadata(fused)["amc_version"])
-        results = validate_graph(FusedGraph(model, version), sig.FUSED, "fused", fused,
-                                 lambda shape, r: random_inputs(sig.FUSED, model, shape, version, r),
-                                 shapes=FUSED_SHAPES, seed=seed)
-        check_parity("fused", results)
-        worst = max([worst, *(r.max_relative_error for r in results)])
     return worst
 
 
 def publish_store(repository: Path, version: int, model: AMC, term_weights: str, regions: np.ndarray,
-                  keywords, *, fingerprint: str, ids: list[str] | None = None, flavour: str = "python",
-                  fused: bool = True, serve: bool = True, embed: Callable[[list[str]], np.ndarray] | None = None,
-                  instances: int | None = None, kind: str | None = None, log=print) -> Store:
-    """Add the store variant (built from the gallery ``regions``/``keywords``) to published version ``version``.
+                  keywords, *, fingerprint: str, ids: list[str] | None = None, serve: bool = True,
+                  embed: Callable[[list[str]], np.ndarray] | None = None, instances: int | None = None,
+                  kind: str | None = None, log=print) -> Store:
+    """Add whole-store search (built from the gallery ``regions``/``keywords``) to published version ``version``:
+    the search graph, validated against the PyTorch raw path, in ``amc_search_step/<N>`` and ``amc_search_v<N>``
+    (``serve``: ``amc_search`` pinned to it too).
 
-    ``term_weights``: the checkpoint's :class:`amc_client.text.TermWeights` JSON; the store text step reuses
-    the version's text encoder and tokenizer (``amc_tokenizer/<version>/``). ``instances``: of the store text
-    step and the fused store graph where their configs are new (default by device kind, ``store_instances``);
-    ``kind`` ("gpu", "cpu"; default this machine's): the machine that serves, for those configs (instances, and
-    the onnxruntime flavour's instance kind). Their dims are the model's (``model_sizes``).
+    ``term_weights``: the checkpoint's :class:`amc_client.text.TermWeights` JSON; the search step reuses the
+    version's tokenizer and text rules (``amc_tokenizer/<version>/``). ``instances``: of the search step where its
+    config is new (default by device kind, ``export.configs.SEARCH_SETTINGS``); ``kind`` ("gpu", "cpu"; default
+    this machine's): the machine that serves, for that config. Its dims are the model's (``model_sizes``).
     """
     import tempfile
 
     sizes = model_sizes(model.config)
-    check_store_configs(repository, STORE_STEPS + (FUSED_STEPS + SEARCH_STEPS if fused else ()),  # fail early
-                        sizes=sizes)
+    check_store_configs(repository, SEARCH_STEPS, sizes=sizes)  # fail early
     matcher = LexicalMatcher(TermWeights.from_json(term_weights))
     store = build_store(model, regions, keywords, ids, embed=embed)
     text = TextStepFiles.of_version(repository / sig.TOKENIZER.model_name / str(version))
     with tempfile.TemporaryDirectory(prefix="amc-store-") as tmp:
         onnx_dir = Path(tmp)
-        store_text = StoreText.of(store, matcher.weights) if fused else None
-        export_store_graphs(model, store, matcher, onnx_dir, version=version, fingerprint=fingerprint, fused=fused,
-                            text=store_text)
+        store_text = StoreText.of(store, matcher.weights)
+        export_store_graphs(model, store, matcher, onnx_dir, version=version, fingerprint=fingerprint, text=store_text)
         worst = validate_store(model, store, matcher, regions, onnx_dir, text=store_text)
         log(f"store of {len(store)} candidates exported for version {version} "
             f"(worst relative error against the raw path {worst:.1e})")
-        stage_store_version(repository, version=version, flavour=flavour, onnx_dir=onnx_dir, text=text,
-                            store_json=store.manifest(version), fused=fused, instances=instances, sizes=sizes,
-                            kind=kind)
+        stage_store_version(repository, version=version, onnx_dir=onnx_dir, text=text,
+                            store_json=store.manifest(version), instances=instances, sizes=sizes, kind=kind)
     if serve:
         set_store_serving(repository, version)
     return store

@@ -56,13 +56,13 @@ from tritonclient.utils import InferenceServerException
 
 from amc_client import Routing
 from amc_client import signatures as sig
+from export.configs import DEVICE_KINDS, STEPS
 from export.onnx_export import relative_error
 from export.publish import GOLDEN, corpus_gallery, published_versions, read_manifest, repository_lock
 from export.publish import publish as publish_checkpoint
 from export.repository import (
-    STEPS,
-    STORE_INSTANCES,
     check_store_configs,
+    legacy_ensembles,
     read_routing,
     set_routing,
     set_store_serving,
@@ -198,8 +198,7 @@ class Rollout:
         return all(self._model_ready(m) for m in self._ensembles(version))
 
     def _ensembles(self, version: int) -> list[str]:
-        """Version N's pinned ensembles: ``amc_v<N>``, then ``amc_store_v<N>`` and ``amc_search_v<N>`` if it has a
-        candidate store."""
+        """Version N's pinned ensembles: ``amc_v<N>``, then ``amc_search_v<N>`` if it has a candidate store."""
         return [sig.versioned_ensemble_name(version), *store_models(self.repository, version)[1]]
 
     def status(self) -> dict:
@@ -301,6 +300,7 @@ class Rollout:
             return
         target = self.repository / ".failed" / f"v{version}-{time.time_ns()}"
         ensembles = self._ensembles(version)
+        legacy = legacy_ensembles(self.repository, version)  # an earlier release's, removed with the version
         store_steps = store_models(self.repository, version)[0]
         for source in self._version_paths(version):
             if source.exists():
@@ -308,7 +308,7 @@ class Rollout:
                 name = source.parent.name if source.parent != self.repository else source.name
                 (target / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(source), str(target / name))
-        self._unload(ensembles)
+        self._unload(ensembles + legacy)
         for step in [s.model_name for s in STEPS] + store_steps:  # reload from disk: the removed version is
             try:                                                   # unloaded, the others stay as they are
                 self._load(step)
@@ -317,7 +317,8 @@ class Rollout:
         self.log(f"version {version} unloaded and moved to {target}")
 
     def _version_paths(self, version: int) -> list[Path]:
-        """Every folder version N has in the repository: step versions, store, pinned ensemble."""
+        """Every folder version N has in the repository: step versions, store (an earlier release's store models of
+        the version too), pinned ensemble."""
         return ([self.repository / s.model_name / str(version) for s in STEPS] + store_paths(self.repository, version)
                 + [self.repository / sig.versioned_ensemble_name(version)])
 
@@ -355,10 +356,9 @@ class Rollout:
             self._follow_with_store(routing.serving_version)
 
     def _follow_with_store(self, version: int) -> None:
-        """Whole-store search follows the serving version: re-pin ``amc_store``, ``amc_store_fused`` and
-        ``amc_search`` to version N's store, if it has one (else they keep the store they serve, with a log line).
-        A reload that fails puts the previous configs back; ``amc`` keeps its new pin (search is the secondary
-        path, and its error says so)."""
+        """Whole-store search follows the serving version: re-pin ``amc_search`` to version N's store, if it has one
+        (else it keeps the store it serves, with a log line). A reload that fails puts the previous config back;
+        ``amc`` keeps its new pin (search is the secondary path, and its error says so)."""
         if not store_models(self.repository, version)[1]:
             serving = store_serving_version(self.repository)
             if serving is not None:
@@ -469,7 +469,7 @@ class Rollout:
             # Folders of a version without its amc_v<N> are left by an interrupted publish: never published.
             orphans = unpublished_paths(self.repository, versions)
             for v in removed:
-                self._unload(self._ensembles(v))
+                self._unload(self._ensembles(v) + legacy_ensembles(self.repository, v))
                 for path in self._version_paths(v):
                     shutil.rmtree(path, ignore_errors=True)
             for path in orphans:
@@ -500,8 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store-corpus", action="store_true",
                    help="with a candidate store of every image of the checkpoint's training corpus (whole-store "
                         "search follows the serving version from promote on)")
-    p.add_argument("--device-kind", choices=sorted(STORE_INSTANCES), default=None,
-                   help="the machine that serves, for the store steps' instances and the onnxruntime flavour's "
+    p.add_argument("--device-kind", choices=sorted(DEVICE_KINDS), default=None,
+                   help="the machine that serves, for how the search step runs and the onnxruntime flavour's "
                         "KIND_GPU / KIND_CPU where configs are new (default: this one's: gpu where onnxruntime has "
                         "its CUDA provider)")
     p = sub.add_parser("canary", help="send a share of client traffic to a version")

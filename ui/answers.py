@@ -146,7 +146,7 @@ class Searcher:
 
 
 # The client's wording around the server's reason: "server rejected the request to 'amc_search' (INVALID_ARGUMENT):
-# in ensemble 'amc_search', amc_store_tokenizer: <reason>". A person needs the status and the reason only.
+# in ensemble 'amc_search', amc_search_step: <reason>". A person needs the status and the reason only.
 _PLUMBING = re.compile(r"^server rejected the request to '[^']*' \((?P<status>[A-Z_]+)\): (in ensemble '[^']*', \w+: )?")
 
 

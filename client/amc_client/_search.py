@@ -3,24 +3,23 @@
 Design. A model version published with a candidate store (``export.store.publish_store``: every gallery image's
 projected region features and keyword projections, precomputed and held by the version's graphs) serves the
 ensemble ``amc_search`` (``amc_search_v<N>`` pinned): the request is the query, ``top_k`` and, optionally,
-``candidate_ids`` (store rows to search among); no candidate list means the whole store. One request scores
-every row in one pass of each step:
+``candidate_ids`` (store rows to search among); no candidate list means the whole store. One request is one
+Python step on the server, ``amc_search_step`` (issue 23), which scores every row in one pass:
 
-    store text step    checks the request; the query's WordPiece ids and its content words, numbered as the
-                       store numbers its keywords' words (``amc_text.StoreWords``), with their IDFs
-    amc_search_store   the sentence encoder, the lexical match against every stored keyword, QEN, VAN, LAN and
-                       MTN in one ONNX graph over all the rows (batched gathers of the stored projections and
-                       keyword word numbers) and the top-k selection (ONNX TopK) in the same graph: only the k
-                       rows kept leave it, so no per-row tensor of the store crosses the Python backend
-    amc_store_topk     the store's id and keyword strings of the k rows: what the client needs to explain a
-                       result without a copy of the store
+    checks the request; the query's WordPiece ids and its content words, numbered as the store numbers its
+    keywords' words (``amc_text.StoreWords``), with their IDFs; then the search graph: the sentence encoder, the
+    lexical match against every stored keyword, QEN, VAN, LAN and MTN over all the rows (batched gathers of the
+    stored projections and keyword word numbers) and the top-k selection (ONNX TopK): only the k rows kept leave
+    it, so no per-row tensor of the store crosses the Python backend; last the store's id and keyword strings of
+    the k rows: what the client needs to explain a result without a copy of the store
 
 The response is k rows, whatever the store size. The client sends a few bytes and validates what it can
 (query, ``top_k`` >= 1, the filter's rows distinct and non-negative, ``top_k`` within the filter); the store's
-size is the server's to check (the store text step, before any row is scored: ``top_k`` above the rows searched,
+size is the server's to check (the search step, before any row is scored: ``top_k`` above the rows searched,
 rows outside the store or repeated: INVALID_ARGUMENT naming the problem).
-Canary routing does not apply: ``search`` goes to ``amc_search`` (the version :func:`export.repository.set_store_serving`
-pinned), or to ``amc_search_v<N>`` with ``model_version``.
+``search`` goes to ``amc_search`` (the version :func:`export.repository.set_store_serving` pinned, which follows the
+serving version), a canary's share to ``amc_search_v<canary>`` where the canary has a store (``canary_search`` in
+``amc``'s routing), or to ``amc_search_v<N>`` with ``model_version``.
 """
 
 from __future__ import annotations

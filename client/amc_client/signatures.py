@@ -2,7 +2,8 @@
 
 ONNX export takes ``input_names``/``output_names``/``dynamic_axes`` from here, the Triton config generator
 builds every ``config.pbtxt`` from here, and the client builds its requests from here. Nothing else spells
-a tensor name.
+a tensor name. The steps here are those a publish writes (what the client calls and what those models run); the
+store ensembles only the benchmarks measure declare theirs in ``benchmarks/store_models.py``, from these tensors.
 
 Dims are ints (fixed) or strings (symbolic). A symbolic dim listed in :data:`DYNAMIC_AXES` varies per
 request (batch, candidates, ...) and is a dynamic axis of the ONNX graph; one listed in :data:`MODEL_AXES`
@@ -267,28 +268,22 @@ def parse_versioned_ensemble_name(name: str) -> int | None:
     return int(rest) if rest.isdigit() else None
 
 
-# ---- candidate store (appended): candidates sent by id, their features resident with the model version ---------
+# ---- candidate store: candidates sent by id, their features resident with the model version -------------------
 # At export time each candidate image of a gallery gets its VAN-projected regions ``W_v(PCA(regions))``
 # (G, R, hidden) and its keywords' LAN projections ``W_kl k`` (G, K, hidden), stored as constants of the
-# store-variant graphs of that version; the store text step holds the keyword strings for the lexical features. A request then carries the query and G-row indices instead of R x D floats per candidate.
+# search graph of that version; the search step holds the keyword strings and ids. A request then carries the query
+# (and optionally store rows) instead of R x D floats per candidate.
 CANDIDATE_IDS = _t("candidate_ids", "int64", "batch", "candidates",
                    doc="row of each candidate in the version's candidate store (0 <= id < store size)")
-
-# The store text step turns the query into what the graphs after it read (for amc_store its embedding and the lexical
-# features of the stored candidates' keywords; for the fused store graphs its tokens and numbered words); it rejects
-# ids outside the store and repeated ids with a clear error before a graph gathers them. Without
-# candidate_ids (whole-store search) it scores every row of the store; ``candidate_rows`` says which rows it took.
-CANDIDATE_ROWS = _t("candidate_rows", "int64", "batch", "candidates",
-                    doc="the store rows a request scores: its candidate_ids, or every row when it sent none")
 SEARCH_IDS = TensorSpec(CANDIDATE_IDS.name, CANDIDATE_IDS.dtype, CANDIDATE_IDS.dims, optional=True,
                         doc="optional filter: the store rows to search (distinct); absent: the whole store")
-# How many rows the search graph keeps per query: the request's top_k (checked by the store text step: 1 <= top_k
+# How many rows the search graph keeps per query: the request's top_k (checked by the search step: 1 <= top_k
 # <= rows searched, one value per request), or every row searched when the request gave none.
 SEARCH_K = _t("search_k", "int64", "batch", 1)
-# What the fused store graphs take instead of the query's embedding and the lexical features: the query's
-# WordPiece ids (the graph runs the sentence encoder) and its content words, numbered as the store numbers its
-# keywords' words (amc_client.text.StoreWords), with their IDFs (the graph matches them against the stored
-# keywords). Both padded to widths that let Triton batch requests of similar queries together.
+# What the search graph takes instead of the query's embedding and the lexical features: the query's WordPiece ids
+# (the graph runs the sentence encoder) and its content words, numbered as the store numbers its keywords' words
+# (amc_client.text.StoreWords), with their IDFs (the graph matches them against the stored keywords). Both padded to
+# widths that let Triton batch requests of similar queries together.
 QUERY_TOKENS = _t("query_tokens", "int64", "batch", "tokens",
                   doc="the query's WordPiece ids with [CLS] and [SEP], 0 pads (to a multiple of 16)")
 QUERY_WORDS = _t("query_words", "int64", "batch", "query_words",
@@ -296,49 +291,6 @@ QUERY_WORDS = _t("query_words", "int64", "batch", "query_words",
                      "-1 pads; a repeated number is refused (INVALID_ARGUMENT, the python flavour)")
 QUERY_WORD_WEIGHTS = _t("query_word_weights", "float32", "batch", "query_words",
                         doc="the IDF of each of query_words, 0 on padding")
-# Outputs a request's ensemble does not map are not computed (the step reads each request's requested outputs):
-# amc_store asks for query_text and keyword_lexical, the fused store ensembles for the query's tokens and words.
-STORE_TOKENIZER = StepSignature("amc_store_tokenizer", (QUERY, SEARCH_IDS, TOP_K),
-                                (QUERY_TEXT, KEYWORD_LEXICAL, TOKENIZER_VERSION, CANDIDATE_ROWS, SEARCH_K,
-                                 QUERY_TOKENS, QUERY_WORDS, QUERY_WORD_WEIGHTS))
-VAN_STORE = StepSignature("amc_van_store", (QUERY_EMBEDDING, CANDIDATE_IDS),
-                          (VISUAL_VECTOR, REGION_ATTENTION, VAN_VERSION))
-LAN_STORE = StepSignature("amc_lan_store", (QUERY_EMBEDDING, KEYWORD_LEXICAL, CANDIDATE_IDS),
-                          (KEYWORD_VECTOR, KEYWORD_ATTENTION, LAN_VERSION))
-# The store ensemble reuses QEN and MTN of the same version.
-STORE_NETWORKS = (VAN_STORE, LAN_STORE)
-
-STORE_ENSEMBLE_NAME = "amc_store"
-STORE_ENSEMBLE = StepSignature(
-    STORE_ENSEMBLE_NAME,
-    (QUERY, CANDIDATE_IDS),
-    (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION),
-)
-
-
-def versioned_store_ensemble_name(version: int) -> str:
-    """Name of the store ensemble pinned to one model version (``amc_store_v3``)."""
-    return f"{STORE_ENSEMBLE_NAME}_v{version}"
-
-
-# ---- fused graphs (appended): all four networks in one ONNX graph. amc_fused (text features in) prices the raw
-# ensemble's steps; amc_fused_store (the query's tokens and words in) serves amc_store_fused ---------------------------
-FUSED = StepSignature("amc_fused", (QUERY_TEXT, REGIONS, REGION_MASK, KEYWORD_EMBEDDINGS, KEYWORD_LEXICAL),
-                      (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION))
-# The fused store graph: the sentence encoder, the lexical match and the four networks over the candidate store.
-FUSED_STORE = StepSignature("amc_fused_store", (QUERY_TOKENS, QUERY_WORDS, QUERY_WORD_WEIGHTS, CANDIDATE_IDS),
-                            (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION))
-
-
-# ---- store-path batching (appended) ------------------------------------------------------------------------------
-# The store steps carry query tokens and candidate ids, not region features, so merging many requests into one
-# execution is cheap: their max_batch_size (and that of the 2-step store ensemble) is STORE_MAX_BATCH, while
-# MAX_BATCH stays the raw path's (and QEN's and MTN's, which the 5-step store ensemble shares with it).
-STORE_MAX_BATCH = 64
-
-# store tokenizer -> amc_fused_store: the same request and response as amc_store, in 2 steps instead of 5.
-STORE_FUSED_ENSEMBLE_NAME = "amc_store_fused"
-STORE_FUSED_ENSEMBLE = StepSignature(STORE_FUSED_ENSEMBLE_NAME, STORE_ENSEMBLE.inputs, STORE_ENSEMBLE.outputs)
 
 
 # ---- whole-store search (appended): a query, an optional filter of store rows, top_k -> the top k with explanations ----
@@ -346,9 +298,9 @@ STORE_FUSED_ENSEMBLE = StepSignature(STORE_FUSED_ENSEMBLE_NAME, STORE_ENSEMBLE.i
 STORED_IDS = _t("stored_ids", "bytes", "batch", "results", doc="the candidate store's id of each returned row")
 STORED_KEYWORDS = _t("stored_keywords", "bytes", "batch", "results", "keywords",
                      doc="the stored keywords of each returned row, '' pads (keyword_attention's order)")
-# The search graph: amc_fused_store's networks plus the top-k selection (ONNX TopK, k = search_k), so that only k
-# rows leave the GPU; candidate_index holds the store rows kept, best first. The search step (SEARCH_STEP below)
-# runs it and adds the store's strings.
+# The search graph: the sentence encoder, the lexical match and the four networks over the store plus the top-k
+# selection (ONNX TopK, k = search_k), so that only k rows leave the GPU; candidate_index holds the store rows kept,
+# best first. The search step (SEARCH_STEP below) runs it and adds the store's strings.
 SEARCH_STORE = StepSignature("amc_search_store", (QUERY_TOKENS, QUERY_WORDS, QUERY_WORD_WEIGHTS, CANDIDATE_IDS,
                                                     SEARCH_K),
                              (SCORES, MODALITY_WEIGHTS, REGION_ATTENTION, KEYWORD_ATTENTION, MODEL_VERSION,
@@ -368,8 +320,9 @@ def versioned_search_ensemble_name(version: int) -> str:
 # its words, runs the search graph (SEARCH_STORE's: the sentence encoder, the lexical match, the four networks and
 # TopK over the rows searched) through onnxruntime with its inputs and outputs bound on the device, and answers the
 # kept rows with their store ids and keywords: amc_search's request and response, one Python step instead of three.
-# Its inputs in the store text step's order (query, candidate_ids, top_k), which that module parses.
-SEARCH_STEP = StepSignature("amc_search_step", STORE_TOKENIZER.inputs, SEARCH_ENSEMBLE.outputs)
-# Most queries one search request carries (the step's and the search ensembles' max_batch_size):
+# Its inputs in the order that module parses (query, candidate_ids, top_k).
+SEARCH_STEP = StepSignature("amc_search_step", (QUERY, SEARCH_IDS, TOP_K), SEARCH_ENSEMBLE.outputs)
+# Most queries one search request carries (the step's and the search ensembles' max_batch_size): the step carries
+# query strings and store rows, not region features, so merging many requests into one graph call is cheap.
 # ``AMCClient.search_many`` sends a queue of queries in requests of at most this many.
-SEARCH_MAX_BATCH = STORE_MAX_BATCH
+SEARCH_MAX_BATCH = 64

@@ -24,8 +24,9 @@ steps of an ensemble. Only the count matters for admission, so which slot goes i
 leaked slot (the oldest) is the first a release clears.
 
 Counters (``counter_path``): ``raw`` for ``amc`` and ``amc_v<N>`` (text step ``amc_tokenizer`` -> ... ->
-``amc_topk``). The store path counts nothing: ``amc_store`` and ``amc_store_fused`` end in an ONNX network that
-cannot release a slot, and ``amc_search`` is one step (``amc_search_step``), bounded by Triton's limit on its queue.
+``amc_topk``). Whole-store search counts nothing: ``amc_search`` is one step (``amc_search_step``), bounded by
+Triton's limit on its queue (as are the benchmarks' store ensembles, ``benchmarks.store_models``, which end in an
+ONNX network that cannot release a slot).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The text step of the ensembles: query and keyword strings to what the steps after it read (sentence-encoder
 features and lexical matches; for the fused store graphs, the query's tokens and numbered words).
 
-One module, three Triton models: the config generator copies it as ``model.py`` into ``amc_tokenizer/<N>/``
-(config parameter ``mode: raw``), into ``amc_store_tokenizer/<N>/`` (``mode: store``) and into
-``amc_search_step/<N>/`` (``mode: search``: the whole of ``amc_search`` in this one step, see :class:`SearchGraph`).
-Files beside it (written by ``export.repository``):
+One module, three Triton models: a publish copies it as ``model.py`` into ``amc_tokenizer/<N>/`` (config parameter
+``mode: raw``) and into ``amc_search_step/<N>/`` (``mode: search``: the whole of ``amc_search`` in this one step, see
+:class:`SearchGraph`); the benchmarks into ``amc_store_tokenizer/<N>/`` (``mode: store``: the text step of their
+store ensembles, ``benchmarks.store_models``). Files beside it (written by ``export.repository``):
 
     amc_text.py          copy of amc_client/text.py: WordPiece ids, words, IDF term weights, lexical matches
     amc_onnx_runner.py   copy of onnx_runner.py, for its execution-provider choice and error responses
@@ -42,10 +42,11 @@ Search mode is one Python step per request (issue 23): it checks the request as 
 the search graph itself; the dynamic batcher's requests that search as many rows share graph calls. It takes no slot
 of an in-flight counter (nothing after it would free one): its own queue's bound (Triton's) refuses the excess.
 
-Store mode computes only the outputs a request's ensemble maps (``requested_output_names``): the 5-step
-``amc_store`` reads the query's embedding and the lexical features (its networks take them); the fused store
-graphs (``amc_store_fused``, ``amc_search``) run the sentence encoder and the lexical match themselves, on
-the GPU where there is one, so for them this step only tokenizes: no encoder call, nothing per candidate.
+Store mode (the benchmarks' ``amc_store`` and ``amc_store_fused``) computes only the outputs a request's ensemble
+maps (``requested_output_names``): the 5-step ``amc_store`` reads the query's embedding and the lexical features (its
+networks take them); the fused store graph (``amc_store_fused``; the search graph likewise) runs the sentence encoder
+and the lexical match itself, on the GPU where there is one, so for it this step only tokenizes: no encoder call,
+nothing per candidate.
 Token and word widths are padded so that requests of similar queries have equal shapes, which Triton's
 dynamic batcher needs to merge them into one execution of the graph.
 
@@ -77,7 +78,8 @@ with ``max_in_flight`` taken, the request is answered UNAVAILABLE "overloaded: .
 waiting in the slow steps' queues. Refusals and the caller's mistakes are sent through each request's response
 sender before the batch's admitted queries are encoded (their places in ``execute``'s list are None), so that
 a refusal never waits for the encoder. Only raw mode counts: the store and search modes' ensembles end in no step
-that frees a slot (``amc_store`` and ``amc_store_fused`` in an ONNX step; search answers in this step).
+that frees a slot (search answers in this step; the benchmarks' ``amc_store`` and ``amc_store_fused`` in an ONNX
+step).
 
 With dynamic batching Triton hands several requests to one :meth:`TritonPythonModel.execute`: the queries of
 those that ask for the query's embedding are encoded in one encoder call; each request is validated and answered
@@ -698,13 +700,11 @@ class TritonPythonModel:
 
     def _parse_store(self, request: Any, query: np.ndarray) -> _Parsed:
         parsed = self._parse_store_ids(request, query)
-        # Only amc_search's requests (they ask for candidate_rows, which its top-k step reads) end in a step that
-        # frees their slot; amc_store's and amc_store_fused's do not ask for it.
         names = getattr(request, "requested_output_names", None)
         parsed.wants = None if names is None else frozenset(names())
-        # No store-path request takes a slot of the in-flight counter: amc_store and amc_store_fused end in an ONNX
-        # step, which cannot free one, and the search step answers its requests itself (Triton's bound on its queue
-        # refuses the excess).
+        # No store-path request takes a slot of the in-flight counter: the search step answers its requests itself
+        # (Triton's bound on its queue refuses the excess), and the benchmarks' amc_store and amc_store_fused end in
+        # an ONNX step, which cannot free one.
         parsed.counted = False
         top_k = pb_utils.get_input_tensor_by_name(request, self.input_names[2])
         if top_k is not None:  # the top-k step's rule, here before any row is scored

@@ -117,7 +117,7 @@ def test_network_steps_yield_the_cpu_to_the_entrance(server: TritonServer) -> No
     priority (a bad niceness: tests/unit/test_reliability.py)."""
     import os
 
-    from export.repository import NETWORK_NICE
+    from export.configs import NETWORK_NICE
 
     base = os.getpriority(os.PRIO_PROCESS, server.pid)
     niceness = {stub.model: os.getpriority(os.PRIO_PROCESS, stub.pid) for stub in faults.stubs(server.pid)}
@@ -194,7 +194,7 @@ def test_in_flight_limit_rejects_at_once_and_frees_every_slot(repository: tuple[
     import shutil
 
     from amc_client import ServerUnavailableError, _calls
-    from export.repository import step_config, to_text
+    from export.configs import step_config, to_text
     from serving.backends.admission import InFlight, counter_path
 
     repo, version = repository
@@ -232,12 +232,14 @@ def test_in_flight_limit_rejects_at_once_and_frees_every_slot(repository: tuple[
 
 
 def test_store_path_requests_take_no_in_flight_slot(repository: tuple[Path, int], tmp_path: Path) -> None:
-    """Concurrent amc_search_v<N> requests (one step, which answers them itself) and amc_store_v<N> requests (no
-    step could free a slot) take no slot of an in-flight counter: 8 threads each are all answered, and a lone
-    search afterwards too."""
+    """Concurrent amc_search_v<N> requests (one step, which answers them itself) and requests of the benchmarks'
+    amc_store_v<N> (no step could free a slot; built by ``benchmarks.store_models``) take no slot of an in-flight
+    counter: 8 threads each are all answered, and a lone search afterwards too."""
     import shutil
     import threading
 
+    from benchmarks import store_signatures as bench_sig
+    from benchmarks.store_models import add_store_models
     from export.store import publish_store
     from training.checkpoint import load_checkpoint
 
@@ -247,12 +249,13 @@ def test_store_path_requests_take_no_in_flight_slot(repository: tuple[Path, int]
     checkpoint = load_checkpoint(repo.parent / "untrained-0.pt")
     rng = np.random.default_rng(0)
     regions = np.abs(rng.normal(size=(12, 4, sig.REGION_FEATURE_DIM))).astype(np.float32)
-    publish_store(store_repo, version, checkpoint.build_model(), checkpoint.term_weights, regions,
-                  [["cat", "face"][: g % 2 + 1] for g in range(12)], ids=[f"s{g}" for g in range(12)],
-                  fingerprint=checkpoint.fingerprint, instances=1, log=lambda *_: None)
-    search, store = sig.versioned_search_ensemble_name(version), sig.versioned_store_ensemble_name(version)
-    models = [sig.STORE_TOKENIZER.model_name, sig.QEN.model_name, sig.VAN_STORE.model_name, sig.LAN_STORE.model_name,
-              sig.MTN.model_name, sig.SEARCH_STEP.model_name, search, store]
+    keywords = [["cat", "face"][: g % 2 + 1] for g in range(12)]
+    for add in (publish_store, add_store_models):
+        add(store_repo, version, checkpoint.build_model(), checkpoint.term_weights, regions, keywords,
+            ids=[f"s{g}" for g in range(12)], fingerprint=checkpoint.fingerprint, instances=1, log=lambda *_: None)
+    search, store = sig.versioned_search_ensemble_name(version), bench_sig.versioned_store_ensemble_name(version)
+    models = [bench_sig.STORE_TOKENIZER.model_name, sig.QEN.model_name, bench_sig.VAN_STORE.model_name,
+              bench_sig.LAN_STORE.model_name, sig.MTN.model_name, sig.SEARCH_STEP.model_name, search, store]
 
     def inputs(ids: bool) -> list:
         query = grpcclient.InferInput(sig.QUERY.name, [1, 1], "BYTES")

@@ -12,9 +12,11 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from amc_client import signatures as sig
+from benchmarks.store_models import store_ensemble_config
+from export.configs import STEPS, to_text
 from export.onnx_export import export_network
 from export.publish import publish, published_versions
-from export.repository import ALL_STORE_STEPS, STEPS, store_serving_version
+from export.repository import SEARCH_STEPS, store_serving_version
 from serving import loadtest
 from serving.rollout import Rollout, RolloutError, admin_headers
 from serving.server import TritonServer
@@ -140,13 +142,24 @@ def test_status_gc_and_rollback_without_history(serving_v1, trained):
     assert all(v["ready"] and v["fingerprint"] for v in status["versions"])
     # What a publish killed before it marked version 99 published leaves: step versions (ranking and store) and
     # a pinned store ensemble; gc removes them with the old versions, and nothing else.
-    leftovers = [repository / STEPS[0].model_name / "99", repository / ALL_STORE_STEPS[0].model_name / "99",
+    leftovers = [repository / STEPS[0].model_name / "99", repository / SEARCH_STEPS[0].model_name / "99",
                  repository / sig.versioned_search_ensemble_name(99)]
-    for path in leftovers:
+    # What an earlier release published beside a version for the benchmarks (issue 22: no longer): gc removes the
+    # removed version's folders of it, amc_store pinned to it included, and leaves those of the versions it keeps.
+    gone, kept = versions[0], versions[1]
+    legacy = [repository / "amc_store_tokenizer" / str(gone), repository / "amc_van_store" / str(gone),
+              repository / f"amc_store_v{gone}", repository / "amc_store_fused" / "1"]
+    staying = [repository / "amc_store_tokenizer" / str(kept), repository / f"amc_store_v{kept}",
+               repository / "amc_store" / "1"]
+    for path in leftovers + legacy + staying:
         path.mkdir(parents=True)
+    for name, version in (("amc_store_fused", gone), ("amc_store", kept)):
+        pinned = store_ensemble_config(name, version)
+        (repository / name / "config.pbtxt").write_text(to_text(pinned))
     removed = rollout.gc(keep=1)
-    assert removed == [versions[0]] and published_versions(repository) == [1, versions[1]]
-    assert not any(p.exists() for p in leftovers)
+    assert removed == [gone] and published_versions(repository) == [1, kept]
+    assert not any(p.exists() for p in leftovers + legacy) and not (repository / "amc_store_fused").exists()
+    assert all(p.exists() for p in staying)
     assert (repository / STEPS[0].model_name / str(versions[1])).is_dir()
     load.stop()
     assert [r.error for r in load.records if r.error] == []
@@ -189,10 +202,10 @@ def test_search_follows_promote_and_rollback(trained, trained_other, small_corpu
         rollout.rollback()
         time.sleep(1.2)  # the client re-reads routing every second: until then it may still follow the canary
         assert search_version() == v1
-        # A store step config of another release (its tensors differ) is refused before anything changes.
-        config = repository / sig.FUSED_STORE.model_name / "config.pbtxt"
+        # A search step config of another release (its tensors differ) is refused before anything changes.
+        config = repository / sig.SEARCH_STEP.model_name / "config.pbtxt"
         text = config.read_text()
-        config.write_text(text.replace(sig.QUERY_TOKENS.name, sig.QUERY_TEXT.name))
+        config.write_text(text.replace(sig.STORED_IDS.name, "stored_names"))
         with pytest.raises(RolloutError, match=f"version {v2} cannot serve whole-store search here, nothing changed"):
             rollout.promote(v2)
         assert rollout.routing().serving_version == v1 and store_serving_version(repository) == v1

@@ -38,8 +38,11 @@ from tritonclient.utils import InferenceServerException
 
 from amc_client import signatures as sig
 from amc_client import text as amc_text
+from benchmarks import store_signatures as bench_sig
+from benchmarks.store_models import store_step_config
+from export.configs import step_config
 from export.reference import keyword_embeddings
-from export.repository import TextStepFiles, step_config, store_step_config, write_text_step
+from export.repository import TextStepFiles, write_text_step
 from serving.endpoints import ADMIN_KEY_HEADER, GRPC_ADMIN_KEY_HEADER
 from serving.server import ServerStartError, TritonServer
 
@@ -50,7 +53,7 @@ TABLE = ["cat", "face", "dog", "red heart", "heart"]  # precomputed; every other
 STORE_KEYWORDS = [["cat", "face"], ["dog"], ["red heart", "love", "heart"], ["kiwi fruit"]]
 ADMIN_KEY = "test-admin-key"
 TOY, TOY_LATE = "toy_net", "toy_late"
-TOKENIZER, STORE_TOKENIZER = sig.TOKENIZER.model_name, sig.STORE_TOKENIZER.model_name
+TOKENIZER, STORE_TOKENIZER = sig.TOKENIZER.model_name, bench_sig.STORE_TOKENIZER.model_name
 # The toy reuses real tensor names, so its error messages read like the served networks'.
 REGIONS, MASK, SCORES = sig.REGIONS.name, sig.REGION_MASK.name, sig.SCORES.name
 TOTAL = "total"
@@ -124,7 +127,7 @@ def _build_repository(root: Path) -> Path:
     for version in (1, 2):
         write_text_step(repo / TOKENIZER / str(version), version=version, files=files)
     (repo / TOKENIZER / "2" / "amc_text.py").unlink()  # version 2 must find amc_client instead
-    config = store_step_config(sig.STORE_TOKENIZER, "python")
+    config = store_step_config(bench_sig.STORE_TOKENIZER, "python")
     config.dynamic_batching.max_queue_delay_microseconds = 100_000  # so that concurrent requests meet
     config.parameters["max_in_flight"].string_value = "0"  # as the raw text step above
     (repo / STORE_TOKENIZER).mkdir()
@@ -191,7 +194,7 @@ def _store_inputs(queries: list[bytes | str], ids: np.ndarray) -> list[grpcclien
 def _store_step(client: grpcclient.InferenceServerClient, queries: list[bytes | str],
                 ids: np.ndarray) -> dict[str, np.ndarray]:
     result = client.infer(STORE_TOKENIZER, _store_inputs(queries, ids), client_timeout=60)
-    return {name: result.as_numpy(name) for name in sig.STORE_TOKENIZER.output_names}
+    return {name: result.as_numpy(name) for name in bench_sig.STORE_TOKENIZER.output_names}
 
 
 def _keywords(rows: list[list[list[str]]]) -> np.ndarray:
@@ -336,7 +339,7 @@ def test_store_text_step_matches_training_code(client: grpcclient.InferenceServe
     ids = np.array([[2, 0, 3, 1], [1, 3, 0, 2]])
     queries = ["red heart", "кошка cat"]
     out = _store_step(client, queries, ids)
-    np.testing.assert_array_equal(out[sig.CANDIDATE_ROWS.name], ids)
+    np.testing.assert_array_equal(out[bench_sig.CANDIDATE_ROWS.name], ids)
     width = max(map(len, STORE_KEYWORDS))
     store = np.array([row + [""] * (width - len(row)) for row in STORE_KEYWORDS], dtype=object)
     _assert_features_match(out, queries, store[ids])

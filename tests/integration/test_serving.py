@@ -44,8 +44,8 @@ TOLERANCE = 1e-4
 
 
 # Whole-store search: the version also gets a candidate store of the small corpus's images, ids "s<row>".
-# amc_search is one step (amc_search_step); amc_fused_store is here for the direct-caller check of its graph input.
-SEARCH_MODELS = [sig.SEARCH_STEP.model_name, sig.FUSED_STORE.model_name]
+# amc_search is one step (amc_search_step).
+SEARCH_MODELS = [sig.SEARCH_STEP.model_name]
 
 
 @pytest.fixture(scope="module")
@@ -228,8 +228,8 @@ def test_queries_as_people_type_them_rank_as_their_clean_form(client, small_corp
 
 
 def test_the_published_version_carries_its_text_rules(served):
-    """Both text steps of the version declare the checkpoint's rules and hold the emoji names they normalize with;
-    the manifest says the rules too."""
+    """Both text steps of the version (the ranking's and the search step) declare the checkpoint's rules and hold the
+    emoji names they normalize with; the manifest says the rules too."""
     import json
 
     from amc_client.text import TEXT_RULES, load_emoji_names
@@ -237,7 +237,7 @@ def test_the_published_version_carries_its_text_rules(served):
     from training.corpus.catalog import emoji_names
 
     server, version = served
-    for step in (sig.TOKENIZER, sig.STORE_TOKENIZER):
+    for step in (sig.TOKENIZER, sig.SEARCH_STEP):
         folder = server.repository / step.model_name / str(version)
         assert json.loads((folder / "version.json").read_text()) == {"version": version, "text_rules": TEXT_RULES}
         assert load_emoji_names((folder / "emoji_names.json").read_text(encoding="utf-8")) == emoji_names()
@@ -503,25 +503,9 @@ def test_search_bad_inputs_are_invalid_arguments_and_search_still_works(served, 
         assert len(c.search("cat", top_k=2)) == 2
 
 
-def test_a_repeated_query_word_sent_to_a_store_graph_is_an_invalid_argument(served):
-    """The fused store graphs' lexical match scatters the query's word weights by word number, so a repeated number
-    would count once: a direct caller who repeats one gets INVALID_ARGUMENT naming it, and the same request
-    without the repeat is answered."""
-    client = grpcclient.InferenceServerClient(served[0].grpc_url)
-    tokens = np.zeros((1, 16), dtype=np.int64)
-    tokens[0, :3] = [101, 4937, 102]  # [CLS] cat [SEP]
-    request = {sig.QUERY_TOKENS.name: tokens,
-               sig.QUERY_WORDS.name: np.array([[5, 9, 5, -1, -1, -1, -1, -1]], dtype=np.int64),
-               sig.QUERY_WORD_WEIGHTS.name: np.array([[1.0, 2.0, 3.0, 0, 0, 0, 0, 0]], dtype=np.float32),
-               sig.CANDIDATE_IDS.name: np.array([[0, 1, 2]], dtype=np.int64)}
-    with pytest.raises(InferenceServerException) as info:
-        client.infer(sig.FUSED_STORE.model_name, raw_inputs(request), client_timeout=60)
-    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert "query_words[0] repeats 5; each value may appear once" in info.value.message()
-    request[sig.QUERY_WORDS.name][0, 2] = 7
-    answer = client.infer(sig.FUSED_STORE.model_name, raw_inputs(request), client_timeout=60)
-    assert answer.as_numpy(sig.SCORES.name).shape == (1, 3)
-    # The store text step numbers the words the store lacks one each, so a query of several is still served.
+def test_a_query_of_words_the_store_lacks_is_searched(served):
+    """The search step numbers the words the store lacks one each (the search graph's lexical match must not see a
+    number twice), so a query of several is still served."""
     with AMCClient(served[0].grpc_url, timeout_s=60) as amc:
         assert len(amc.search("blorptastic frumious cat snarkle", top_k=2)) == 2
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks import floor, inprocess, triton
+from amc_client import signatures as sig
+from benchmarks import floor, inprocess, store_models, triton
+from benchmarks import store_signatures as bench_sig
 from benchmarks.workloads import make_requests
+from export.configs import STEPS, parse_config
 
 
 def _flat(repo, version, tmp_path, store):
@@ -50,8 +53,8 @@ def test_workloads_and_perf_input_data(bench_repo, trained, tmp_path):
     for kind, feeds in (("raw", None), ("store", None), ("fused", inprocess.TextFeeds(repo, version, "cpu")),
                         ("fused_store", inprocess.TextFeeds(repo, version, "cpu", store=True))):
         rows = json.loads(perf.input_data(requests, kind, tmp_path / f"{kind}.json", feeds).read_text())["data"]
-        signature = {"raw": triton.sig.ENSEMBLE, "store": triton.sig.STORE_ENSEMBLE, "fused": triton.sig.FUSED,
-                     "fused_store": triton.sig.FUSED_STORE}[kind]
+        signature = {"raw": sig.ENSEMBLE, "store": bench_sig.STORE_ENSEMBLE, "fused": bench_sig.FUSED,
+                     "fused_store": bench_sig.FUSED_STORE}[kind]
         assert len(rows) == 2 and set(rows[0]) == {s.name for s in signature.inputs if not s.optional}, kind
     with pytest.raises(ValueError, match="text step"):
         perf.input_data(requests, "fused", tmp_path / "x.json")
@@ -78,3 +81,40 @@ def test_ort_ceiling_on_cpu_at_a_tiny_size(trained, tmp_path):
     assert results["ort_e2e"] and (out / "ort_ceiling.md").exists()
     cost = floor.store_candidate_cost(hidden=128, keywords=6)
     assert cost["device_bytes"] > cost["stored_bytes"] > 49 * 128 * 4
+
+
+def test_the_benchmark_repository_adds_its_store_models_to_a_publish(bench_repo):
+    """build_repository's repository: what a publish writes (amc, amc_v<N> and their steps; no store) and the
+    benchmarks' store models, each config the generator's for its signature."""
+    repo, version, _ = bench_repo
+    folders = {p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    assert folders == set(triton.model_names(version))
+    assert folders >= {s.model_name for s in STEPS} | {sig.ENSEMBLE_NAME, sig.versioned_ensemble_name(version)}
+    assert not {sig.SEARCH_ENSEMBLE_NAME, sig.SEARCH_STEP.model_name} & folders
+    for step in bench_sig.STEPS:
+        config = parse_config((repo / step.model_name / "config.pbtxt").read_text())
+        assert [t.name for t in config.input] == step.input_names, step.model_name
+        assert [t.name for t in config.output] == step.output_names, step.model_name
+        assert (repo / step.model_name / str(version)).is_dir()
+    for name in (bench_sig.STORE_ENSEMBLE_NAME, bench_sig.versioned_store_ensemble_name(version),
+                 bench_sig.STORE_FUSED_ENSEMBLE_NAME):
+        config = parse_config((repo / name / "config.pbtxt").read_text())
+        assert {s.model_version for s in config.ensemble_scheduling.step} == {version}, name
+
+
+def test_a_store_graph_off_the_raw_path_is_caught(tmp_path):
+    """The benchmarks' store graphs are validated against PyTorch's raw path like the search graph: a store whose
+    keyword projections are off fails loudly, naming the graph."""
+    from amc_client.text import LexicalMatcher, TermWeights
+    from export.onnx_export import ExportError
+    from export.store import build_store
+    from tests.parity.test_export import KEYWORDS, TERM_WEIGHTS, tiny_model
+
+    rng = np.random.default_rng(0)
+    regions = np.abs(rng.normal(0, 1.5, size=(12, sig.REGIONS_PER_IMAGE, sig.REGION_FEATURE_DIM))).astype(np.float16)
+    keywords = [list(rng.choice(KEYWORDS, size=int(rng.integers(1, 4)), replace=False)) for _ in range(12)]
+    broken = build_store(tiny_model(), regions, keywords)
+    broken.keyword_projected = broken.keyword_projected * 1.5
+    with pytest.raises(ExportError, match="lan_store"):
+        store_models.export_graphs(tiny_model(), broken, LexicalMatcher(TermWeights.from_json(TERM_WEIGHTS)), regions,
+                                   tmp_path, version=1, fingerprint="fp")

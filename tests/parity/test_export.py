@@ -14,23 +14,21 @@ from amc_client import signatures as sig
 from amc_client.text import TermWeights
 from export import onnx_export
 from export import publish as publish_module
-from export.onnx_export import ExportError, export_all, read_metadata
-from export.publish import publish, published_versions
-from export.repository import (
-    ALL_STORE_STEPS,
+from export.configs import (
     FLAVOURS,
     SEARCH_GRAPH_FILE,
+    SEARCH_SETTINGS,
     STEPS,
-    STORE_FILE,
-    STORE_INSTANCES,
     TEMPLATE_ROOT,
-    TUNED_STORE_STEPS,
     device_kind,
     parse_config,
-    set_store_serving,
-    store_instances,
+    search_settings,
     template_files,
 )
+from export.onnx_export import ExportError, export_all, read_metadata
+from export.publish import publish, published_versions
+from export.repository import SEARCH_STEPS, STORE_FILE, set_store_serving
+from export.store import Gallery
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.model import AMC, AMCConfig
 
@@ -60,7 +58,7 @@ def test_committed_configs_equal_the_generator():
     for flavour in FLAVOURS:
         for rel, text in template_files(flavour).items():
             path = TEMPLATE_ROOT / flavour / rel
-            assert path.read_text() == text, f"{path} differs: run python -m export.repository"
+            assert path.read_text() == text, f"{path} differs: run python -m export.configs"
 
 
 def test_text_encoder_and_every_network_match_pytorch_at_every_shape(tmp_path):
@@ -211,41 +209,72 @@ def test_text_step_features_equal_the_pytorch_reference(tmp_path, checkpoint):
     assert features.encoded_keywords == 3  # the cache answered the second time
 
 
+def _gallery(size: int = 12, seed: int = 0) -> tuple[np.ndarray, list[list[str]]]:
+    rng = np.random.default_rng(seed)
+    regions = np.abs(rng.normal(0, 1.5, size=(size, sig.REGIONS_PER_IMAGE, sig.REGION_FEATURE_DIM))).astype(np.float16)
+    keywords = [list(rng.choice(KEYWORDS, size=int(rng.integers(1, 4)), replace=False)) for _ in range(size)]
+    return regions, keywords
+
+
+def client_models(repo) -> set[str]:
+    """What the client calls in ``repo`` (``amc``, ``amc_search`` and their pinned twins, as far as they exist) and
+    every model their configs pin as a step."""
+    versions = published_versions(repo)
+    called = {sig.ENSEMBLE_NAME, sig.SEARCH_ENSEMBLE_NAME} | {
+        name(v) for v in versions for name in (sig.versioned_ensemble_name, sig.versioned_search_ensemble_name)}
+    called = {n for n in called if (repo / n / "config.pbtxt").is_file()}
+    return called | {step.model_name for n in called
+                     for step in parse_config((repo / n / "config.pbtxt").read_text()).ensemble_scheduling.step}
+
+
+def model_folders(repo) -> set[str]:
+    return {p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+
+def test_a_publish_writes_only_what_the_client_calls(tmp_path, checkpoint):
+    """The model folders of a published repository are the ensembles AMCClient calls (amc, amc_v<N>, with a store
+    amc_search, amc_search_v<N>) and the steps they pin: nothing only a benchmark calls (issue 22)."""
+    _, path = checkpoint
+    repo = tmp_path / "repo"
+    regions, keywords = _gallery()
+    publish(path, repo, keywords=KEYWORDS, log=quiet, store=Gallery(regions, keywords, [f"g{i}" for i in range(12)]))
+    ranking = {s.model_name for s in STEPS} | {sig.ENSEMBLE_NAME, sig.versioned_ensemble_name(1)}
+    search = {sig.SEARCH_STEP.model_name, sig.SEARCH_ENSEMBLE_NAME, sig.versioned_search_ensemble_name(1)}
+    assert model_folders(repo) == client_models(repo) == ranking | search
+    publish(path, repo, keywords=KEYWORDS, log=quiet)  # without a store: amc_v2 and its steps' versions
+    assert model_folders(repo) == client_models(repo) == ranking | search | {sig.versioned_ensemble_name(2)}
+    assert (repo / sig.QEN.model_name / "2").is_dir() and not (repo / sig.SEARCH_STEP.model_name / "2").exists()
+
+
 def test_store_graphs_equal_the_raw_path(tmp_path, checkpoint):
-    """The store's LAN holds W_kl k of the keywords' sentence embeddings; its graphs match PyTorch's raw path."""
+    """The store's LAN holds W_kl k of the keywords' sentence embeddings; the search graph matches PyTorch's raw
+    path; the search step gets the instances asked for."""
     from export.store import build_store, export_store_graphs, publish_store, validate_store
 
     ckpt, path = checkpoint
     repo = tmp_path / "repo"
     version = publish(path, repo, keywords=KEYWORDS, log=quiet)
-    rng = np.random.default_rng(0)
-    regions = np.abs(rng.normal(0, 1.5, size=(12, sig.REGIONS_PER_IMAGE, sig.REGION_FEATURE_DIM))).astype(np.float16)
-    keywords = [list(rng.choice(KEYWORDS, size=int(rng.integers(1, 4)), replace=False)) for _ in range(12)]
+    regions, keywords = _gallery()
     store = publish_store(repo, version, tiny_model(), TERM_WEIGHTS, regions, keywords, fingerprint="fp",
                           instances=3, log=quiet)
-    # The store path's text step, fused graph and search step get the instances given, the rest one.
     counts = {s.model_name: parse_config((repo / s.model_name / "config.pbtxt").read_text()).instance_group[0].count
-              for s in ALL_STORE_STEPS}
-    assert counts == {s.model_name: 3 if s in (*TUNED_STORE_STEPS, sig.SEARCH_STEP) else 1 for s in ALL_STORE_STEPS}
-    with pytest.raises(ValueError, match="unknown device kind 'tpu'"):
-        store_instances("tpu")
+              for s in SEARCH_STEPS}
+    assert counts == {sig.SEARCH_STEP.model_name: 3}
     assert store.keyword_projected.shape == (12, store.keywords.shape[1], 12)
     assert np.array_equal(store.keyword_mask, store.keywords != "")
-    manifest = json.loads((repo / sig.STORE_TOKENIZER.model_name / str(version) / STORE_FILE).read_text())
-    assert manifest["size"] == 12 and manifest["keywords"] == keywords
-    for name in ("van_store", "lan_store", "fused_store", "fused"):
-        assert (repo / f"amc_{name}" / str(version) / "model.onnx").is_file()
     search = repo / sig.SEARCH_STEP.model_name / str(version)  # one step: the search graph, no encoder of its own
+    manifest = json.loads((search / STORE_FILE).read_text())
+    assert manifest["size"] == 12 and manifest["keywords"] == keywords
     assert (search / SEARCH_GRAPH_FILE).is_file() and not (search / "text_encoder.onnx").exists()
-    # A store step config of other tensors (an older release's fused store graph took the query's embedding) is
-    # refused before anything is written: every version of a step shares its config.
-    config = repo / sig.FUSED_STORE.model_name / "config.pbtxt"
-    config.write_text(config.read_text().replace(sig.QUERY_TOKENS.name, sig.QUERY_TEXT.name))
+    # A search step config of other tensors (another release's) is refused before anything is written: every
+    # version of a step shares its config.
+    config = repo / sig.SEARCH_STEP.model_name / "config.pbtxt"
+    config.write_text(config.read_text().replace(sig.STORED_IDS.name, "stored_names"))
     before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
-    stale = r"amc_fused_store.*published by an older release; publish into a new"
+    stale = r"amc_search_step.*published by an older release; publish into a new"
     with pytest.raises(ValueError, match=stale):  # the next version: refused before its store is built
         publish_store(repo, version + 1, tiny_model(), TERM_WEIGHTS, regions, keywords, fingerprint="fp", log=quiet)
-    with pytest.raises(ValueError, match=stale):  # a promote or rollback re-pinning the store ensembles
+    with pytest.raises(ValueError, match=stale):  # a promote or rollback re-pinning amc_search
         set_store_serving(repo, version)
     assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
     # The validation fails loudly when the store's keyword projections are off.
@@ -254,15 +283,21 @@ def test_store_graphs_equal_the_raw_path(tmp_path, checkpoint):
     matcher = LexicalMatcher(TermWeights.from_json(TERM_WEIGHTS))
     broken = build_store(tiny_model(), regions, keywords)
     broken.keyword_projected = broken.keyword_projected * 1.5
-    export_store_graphs(tiny_model(), broken, matcher, tmp_path / "onnx", version=1, fingerprint="fp", fused=False)
-    with pytest.raises(ExportError, match="lan_store"):
+    export_store_graphs(tiny_model(), broken, matcher, tmp_path / "onnx", version=1, fingerprint="fp")
+    with pytest.raises(ExportError, match="search_store"):
         validate_store(tiny_model(), broken, matcher, regions, tmp_path / "onnx")
 
 
-def test_store_instances_follow_the_device_kind(monkeypatch):
+def test_the_search_step_runs_as_the_device_kind_says(monkeypatch):
     import onnxruntime as ort
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert device_kind() == "gpu" and store_instances() == STORE_INSTANCES["gpu"] > 1
+    assert device_kind() == "gpu" and search_settings() == SEARCH_SETTINGS["gpu"]
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    assert device_kind() == "cpu" and store_instances() == 1 and store_instances("gpu") == STORE_INSTANCES["gpu"]
+    assert device_kind() == "cpu" and search_settings() == SEARCH_SETTINGS["cpu"]
+    assert search_settings("gpu", instances=3).instances == 3
+    assert search_settings("gpu", instances=3).cuda_graph == SEARCH_SETTINGS["gpu"].cuda_graph
+    with pytest.raises(ValueError, match="unknown device kind 'tpu'"):
+        search_settings("tpu")
+    with pytest.raises(ValueError, match="instances must be >= 1"):
+        search_settings("cpu", instances=0)

@@ -187,14 +187,16 @@ def _store_text_step(root):
     from google.protobuf import text_format
 
     from amc_client.text import TermWeights
-    from export.repository import TextStepFiles, store_step_config, write_text_step
+    from benchmarks.store_models import store_step_config
+    from benchmarks.store_signatures import STORE_TOKENIZER
+    from export.repository import TextStepFiles, write_text_step
     from training.text_encoder import tokenizer_json
 
     keywords = [["cat", "face"], ["dog"], ["red heart", "love", "heart"], ["kiwi fruit"]]
     _stand_in_encoder(root / "text_encoder.onnx")
     files = TextStepFiles(tokenizer_json(), TermWeights.from_documents(keywords).to_json(), root / "text_encoder.onnx")
-    here = root / sig.STORE_TOKENIZER.model_name
-    config = store_step_config(sig.STORE_TOKENIZER, "python")
+    here = root / STORE_TOKENIZER.model_name
+    config = store_step_config(STORE_TOKENIZER, "python")
     config.parameters["max_in_flight"].string_value = "0"  # no ensemble's top-k step frees slots here
     here.mkdir()
     (here / "config.pbtxt").write_text(text_format.MessageToString(config))
@@ -256,7 +258,8 @@ def test_store_text_step_computes_only_the_outputs_asked_for(tmp_path, monkeypat
 
     from google.protobuf import json_format
 
-    from export.repository import parse_config
+    from benchmarks.store_signatures import STORE_TOKENIZER
+    from export.configs import parse_config
 
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakeBackend)
     here = _store_text_step(tmp_path)
@@ -269,7 +272,7 @@ def test_store_text_step_computes_only_the_outputs_asked_for(tmp_path, monkeypat
                                        preserving_proto_field_name=True)
     for tensor in config["input"] + config["output"]:  # protobuf's JSON writes int64 as strings, Triton's as numbers
         tensor["dims"] = [int(d) for d in tensor["dims"]]
-    step.initialize({"model_config": json.dumps(config), "model_name": sig.STORE_TOKENIZER.model_name,
+    step.initialize({"model_config": json.dumps(config), "model_name": STORE_TOKENIZER.model_name,
                      "model_version": "1", "model_repository": str(here)})
 
     def broken(_queries, **_options):

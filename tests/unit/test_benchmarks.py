@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import floor, harness, report
-from export.repository import STORE_STEPS, parse_config, store_step_config, to_text
+from amc_client import signatures as sig
+from benchmarks import floor, harness, report, store_models
+from benchmarks import store_signatures as bench_sig
+from export.configs import parse_config, to_text
 
 
 def test_harness_and_report_on_tiny_runs(tmp_path):
@@ -29,10 +31,12 @@ def test_harness_and_report_on_tiny_runs(tmp_path):
 
 
 def test_store_configs_round_trip():
-    for step in STORE_STEPS:
-        config = store_step_config(step, "python", instances=3)
+    for step in bench_sig.STEPS:
+        config = store_models.store_step_config(step, "python", instances=3)
         assert parse_config(to_text(config)) == config
         assert config.instance_group[0].count == 3 and config.dynamic_batching.max_queue_delay_microseconds > 0
+    with pytest.raises(ValueError, match="not one of the benchmarks' store steps"):
+        store_models.store_step_config(sig.SEARCH_STEP, "python")
 
 
 def test_gpu_json_serving_machinery_figures_are_the_reports_own():

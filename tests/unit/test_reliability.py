@@ -12,11 +12,11 @@ from amc_client import signatures as sig
 
 
 def test_every_step_queue_is_bounded_in_the_generated_configs() -> None:
-    from export.repository import MAX_QUEUE_SIZE, step_config
+    from export.configs import MAX_QUEUE_SIZE, step_config
 
     for flavour in ("python", "onnxruntime"):
         # The entrance of the ensemble is bounded, without a queue timeout; the steps behind it are not (a
-        # bounded queue or a queue timeout there stalls Triton 2.51's batcher for good: export/repository.py).
+        # bounded queue or a queue timeout there stalls Triton 2.51's batcher for good: export/configs.py).
         policy = step_config(sig.TOKENIZER, flavour).dynamic_batching.default_queue_policy
         assert policy.max_queue_size == MAX_QUEUE_SIZE
         assert policy.default_timeout_microseconds == 0 and not policy.allow_timeout_override
@@ -27,14 +27,18 @@ def test_every_step_queue_is_bounded_in_the_generated_configs() -> None:
 def test_admission_control_is_in_the_generated_configs() -> None:
     """The raw text step takes in-flight slots with the limit of the signatures module; the top-k step at the end of
     its ensembles frees them, and VAN (python flavour) frees the slot of each request it refuses. The store path
-    counts nothing (no step at the end of its ensembles frees a slot; search is one step, bounded by its queue)."""
-    from export.repository import ADMISSION, SEARCH_QUEUE_SIZE, step_config, store_step_config
+    counts nothing (search is one step, bounded by its queue; no step at the end of the benchmarks' store ensembles
+    frees a slot)."""
+    from benchmarks.store_models import store_step_config
+    from benchmarks.store_signatures import STORE_TOKENIZER
+    from export.configs import ADMISSION, SEARCH_QUEUE_SIZE, SEARCH_SETTINGS, search_step_config, step_config
 
-    for flavour in ("python", "onnxruntime"):
-        assert ADMISSION not in store_step_config(sig.STORE_TOKENIZER, flavour).parameters
-        search = store_step_config(sig.SEARCH_STEP, flavour)
+    for settings in SEARCH_SETTINGS.values():
+        search = search_step_config(settings)
         assert ADMISSION not in search.parameters
         assert search.dynamic_batching.default_queue_policy.max_queue_size == SEARCH_QUEUE_SIZE
+    for flavour in ("python", "onnxruntime"):
+        assert ADMISSION not in store_step_config(STORE_TOKENIZER, flavour).parameters
         for text, topk, counter in ((step_config(sig.TOKENIZER, flavour), step_config(sig.TOPK, flavour), "raw"),):
             params = {k: v.string_value for k, v in text.parameters.items()}
             assert params[ADMISSION] == counter and params["max_in_flight"] == str(sig.MAX_IN_FLIGHT)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from benchmarks.search_report import NOISE, summarize
-from export.repository import SEARCH_SETTINGS
+from export.configs import SEARCH_SETTINGS
 
 REPORTS = Path(__file__).resolve().parents[2] / "reports"
 
