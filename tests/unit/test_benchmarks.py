@@ -39,21 +39,6 @@ def test_store_configs_round_trip():
         store_models.store_step_config(sig.SEARCH_STEP, "python")
 
 
-def test_gpu_json_serving_machinery_figures_are_the_reports_own():
-    """reports/gpu.json's serving_machinery_cpu figures are those of the serving_bound files it names (typed
-    figures would drift from the runs)."""
-    import json
-    from pathlib import Path
-
-    from benchmarks.serving_bound import report_entry
-
-    reports = Path(__file__).resolve().parents[2] / "reports"
-    entry = json.loads((reports / "gpu.json").read_text())["serving_machinery_cpu"]
-    runs = [json.loads((reports / name).read_text()) for name in entry["files"]]
-    assert len(runs) >= 2 and entry["dates"] == [r["date"] for r in runs]
-    assert entry["server_cpu_ms_per_query"] == report_entry(runs)
-
-
 def test_readme_gpu_table_is_generated_from_gpu_json(tmp_path):
     """docs/gpu.md's GPU figures are reports/gpu.json's (issue 10): a stale block fails here; a page without the
     markers is an error, not a silent no-op."""
