@@ -180,28 +180,27 @@ def summarize(results: dict) -> dict:
         return variants_.get(f"base_{key}") if tag == "base" else variants_.get(tag, {}).get(key)
 
     ab = []
+
+    def served_pair(lever: str, a: dict | None, b: dict | None) -> None:
+        """One served A/B row (lever off: ``a``, on: ``b``), where both points were measured."""
+        if a and b and "candidates_per_s" in a and "candidates_per_s" in b:
+            ab.append({"lever": lever, "off": a["candidates_per_s"], "on": b["candidates_per_s"],
+                       "unit": "candidates/s", "p99_ms_off": a.get("p99_ms"), "p99_ms_on": b.get("p99_ms")})
+
     for lever, off, on in LEVERS:
         for key in SIZES:
-            a, b = point(off, key), point(on, key)
-            if a and b and "candidates_per_s" in a and "candidates_per_s" in b:
-                ab.append({"lever": f"{lever}, {key} c{a.get('concurrency')}", "off": a["candidates_per_s"],
-                           "on": b["candidates_per_s"], "unit": "candidates/s", "p99_ms_off": a.get("p99_ms"),
-                           "p99_ms_on": b.get("p99_ms")})
+            a = point(off, key)
+            served_pair(f"{lever}, {key} c{(a or {}).get('concurrency')}", a, point(on, key))
+    base_count = served.get("base", {}).get("settings", {}).get("instances")
     for tag in variants_:
         if tag.startswith("instances_"):
             for key in SIZES:
-                a, b = point("base", key), point(tag, key)
-                if a and b and "candidates_per_s" in a and "candidates_per_s" in b:
-                    base_count = served.get("base", {}).get("settings", {}).get("instances")
-                    ab.append({"lever": f"instances {base_count} -> {tag.split('_')[1]}, {key} c{a.get('concurrency')}",
-                               "off": a["candidates_per_s"], "on": b["candidates_per_s"], "unit": "candidates/s",
-                               "p99_ms_off": a.get("p99_ms"), "p99_ms_on": b.get("p99_ms")})
+                a = point("base", key)
+                served_pair(f"instances {base_count} -> {tag.split('_')[1]}, {key} c{(a or {}).get('concurrency')}",
+                            a, point(tag, key))
     many, single = head.get("n100_many"), point("base", "n100")
-    if many and single and "candidates_per_s" in many and "candidates_per_s" in single:
-        ab.append({"lever": f"{many.get('queries_per_request')} queries per request (search_many), n100, "
-                            f"{single.get('concurrency')} queries in flight", "off": single["candidates_per_s"],
-                   "on": many["candidates_per_s"], "unit": "candidates/s", "p99_ms_off": single.get("p99_ms"),
-                   "p99_ms_on": many.get("p99_ms")})
+    served_pair(f"{(many or {}).get('queries_per_request')} queries per request (search_many), n100, "
+                f"{(single or {}).get('concurrency')} queries in flight", single, many)
     for key in SIZES:  # the same lever in-process: bound buffers and graphs against host arrays
         points = ceiling.get(key, [])
         for lever, off, on in (("io_binding in-process", "host_arrays", "io_binding"),
@@ -254,8 +253,7 @@ def profile(points: list[dict], bound: float, gpu: dict | None, ceiling: list[di
     graph = None
     if alone and step.get("mean_batch"):
         p = min(alone, key=lambda p: abs(p["batch"] - step["mean_batch"]))
-        graph = {"batch": p["batch"], "ms_per_call": p["mean_ms"] if "mean_ms" in p
-                 else 1000.0 * p["batch"] * p["n"] / p["candidates_per_s"]}
+        graph = {"batch": p["batch"], "ms_per_call": p["mean_ms"]}
     return {"concurrency": top["concurrency"], "queries_per_execution": step.get("mean_batch"),
             "queue_ms": step.get("queue_ms"), "compute_infer_ms_per_execution": step.get("compute_infer_ms"),
             "compute_input_ms": step.get("compute_input_ms"), "compute_output_ms": step.get("compute_output_ms"),
