@@ -135,6 +135,28 @@ def load(version_dir: Path, config: dict, pb):
     return step
 
 
+# What each ablation turns off in a step that has it (``--ablate``), to measure what that part saves.
+ABLATIONS = {
+    "bytes": "BYTES outputs serialized by the stub's serialize_byte_tensor, element by element",
+    "words": "every query through the tokenizer and StoreWords.query (no table of words)",
+    "ids": "each request's ids checked on its own (no check of all requests' ids at once)",
+}
+
+
+def ablate(step, pb, what: list[str]) -> list[str]:
+    done = []
+    if "bytes" in what and hasattr(step, "bytes"):
+        step.bytes.tensor = lambda name, array, serialized: pb.Tensor(name, array)
+        done.append("bytes")
+    if "words" in what and hasattr(step, "queries"):
+        step.queries.cls_sep = None
+        done.append("words")
+    if "ids" in what and hasattr(step, "search_module"):
+        step.search_module.proven_ids = lambda ids, size: [False] * len(ids)
+        done.append("ids")
+    return done
+
+
 # ---- the requests --------------------------------------------------------------------------------------------
 def queries(store: dict, count: int, seed: int, unknown_share: float) -> list[str]:
     """``count`` distinct queries of 1-3 words of the store's keywords; in ``unknown_share`` of them one word is made
@@ -241,6 +263,7 @@ def measure(args) -> dict:
         config = step_config(source, args.ort_threads)
         with fake.installed() as pb:
             step = load(version_dir, config, pb)
+            ablated = ablate(step, pb, args.ablate)
             try:
                 plain, timed, per, found, first_digest = rounds(args, step, pb, config, store)
             finally:
@@ -254,6 +277,7 @@ def measure(args) -> dict:
         "load_average_1m": os.getloadavg()[0], "source": str(source), "store_rows": store["size"],
         "keyword_slots": max(map(len, store["keywords"])), "requests": args.requests, "ids": args.ids,
         "top_k": args.top_k, "unknown_share": args.unknown_share, "graph": args.graph,
+        "outputs": args.outputs or "every one", "ablated": {a: ABLATIONS[a] for a in ablated},
         "executions": args.executions, "warmup": args.warmup, "ort_threads": args.ort_threads,
         "ms_per_execution": {"median": float(np.median(ms)), "mean": float(ms.mean()), "min": float(ms.min()),
                              "p90": float(np.percentile(ms, 90))},
@@ -271,7 +295,7 @@ def rounds(args, step, pb, config: dict, store: dict):
     """The warm-up executions (the first one's answers digested), ``--executions`` timed as they are, then as many
     with the phases timed. Returns the plain ms, the instrumented ms, their phases' ms, what was wrapped, the digest."""
     fake = fake_backend()
-    names, outputs = [t["name"] for t in config["input"]], [t["name"] for t in config["output"]]
+    names, outputs = [t["name"] for t in config["input"]], args.outputs or [t["name"] for t in config["output"]]
     count = args.warmup + 2 * args.executions
     texts = queries(store, count * args.requests, args.seed, args.unknown_share)
     rng = np.random.default_rng(args.seed)
@@ -321,22 +345,40 @@ def checkout(code: str, dest: Path) -> tuple[Path, dict]:
     return dest, {"revision": code, "commit": git("rev-parse", code)}
 
 
-def add_to_report(path: Path, run: dict, command: str) -> dict:
-    """``run`` added to the report at ``path``; its label's summary (medians over that label's runs) updated."""
-    report = json.loads(path.read_text()) if path.is_file() else {"command": command, "before": {}, "after": {},
-                                                                     "runs": []}
+def add_to_report(path: Path, run: dict, argv: list[str]) -> dict:
+    """``run`` added to the report at ``path`` (made if missing); its label's summary (each figure over that label's
+    runs) updated: ``before`` and ``after`` at the top, other labels (ablations) under ``other``."""
+    command = "python -m benchmarks.search_step " + " ".join(_without(argv, ("--code", "--label", "--ablate")))
+    report = json.loads(path.read_text()) if path.is_file() else {
+        "command": command + " --code REVISION --label before|after [--ablate PART]", "before": {}, "after": {},
+        "runs": []}
     report["runs"].append(run)
     same = [r for r in report["runs"] if r["label"] == run["label"]]
-    phases = run["instrumented"]["breakdown_ms"]
-    report[run["label"]] = {
-        "runs": len(same), "code": run["code"]["commit"],
-        "ms_per_execution_median": [r["ms_per_execution"]["median"] for r in same],
+    summary = {
+        "runs": len(same), "code": sorted({r["code"]["commit"] for r in same}),
+        "ablated": run["ablated"], "ms_per_execution_median": [r["ms_per_execution"]["median"] for r in same],
         "us_per_request": [r["us_per_request"] for r in same],
-        "instrumented_breakdown_ms": {p: [r["instrumented"]["breakdown_ms"][p] for r in same] for p in phases},
+        "instrumented_breakdown_ms": {p: [r["instrumented"]["breakdown_ms"][p] for r in same]
+                                      for p in run["instrumented"]["breakdown_ms"]},
         "outputs_digests": sorted({r["outputs_digest"] for r in same}),
     }
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    if run["label"] in ("before", "after"):
+        report[run["label"]] = summary
+    else:
+        report.setdefault("other", {})[run["label"]] = summary
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
+
+
+def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` less ``options`` and their values."""
+    out, skipping = [], False
+    for arg in argv:
+        if arg.startswith("--"):
+            skipping = arg in options
+        if not skipping:
+            out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="after the warm-up, run the graph (real) or replay its outputs (replay)")
     parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime's intra-op threads for the graph")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--outputs", nargs="+", help="the outputs each request asks for (default: every one, as the "
+                                                     "ensemble asks)")
+    parser.add_argument("--ablate", nargs="+", default=[], choices=sorted(ABLATIONS),
+                        help="turn a part of the step off: " + "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()))
     parser.add_argument("--code", default=str(ROOT), help="the tree whose step is measured, or a git revision")
     parser.add_argument("--unknown-share", type=float, default=0.1,
                         help="share of queries with one made-up word (looked up while the step runs)")
@@ -363,8 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.state.mkdir(parents=True, exist_ok=True)
     run = measure(args)
-    command = "python -m benchmarks.search_step " + " ".join(sys.argv[1:] if argv is None else argv)
-    run["command"] = command
+    argv = sys.argv[1:] if argv is None else argv
+    run["command"] = "python -m benchmarks.search_step " + " ".join(argv)
     b = run["instrumented"]["breakdown_ms"]
     log(f"{args.requests} requests x {args.ids} ids, top {args.top_k}, graph {args.graph}: "
         f"{run['ms_per_execution']['median']:.2f} ms per execution (median of {args.executions}); instrumented "
@@ -373,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(run, indent=2) + "\n")
     if args.report is not None:
-        add_to_report(args.report, run, command)
+        add_to_report(args.report, run, argv)
     return 0
 
 

@@ -376,8 +376,14 @@ def test_the_step_benchmark_runs_and_reports(step_dir, tmp_path):
         assert search_step.main(["--source", str(here / "1"), "--requests", "4", "--ids", "3", "--top-k", "2",
                                  "--executions", "2", "--warmup", "1", "--label", label, "--report", str(report),
                                  "--state", str(tmp_path / "state")]) == 0
+    assert search_step.main(["--source", str(here / "1"), "--requests", "4", "--ids", "3", "--top-k", "2",
+                             "--executions", "2", "--warmup", "1", "--label", "ablated", "--report", str(report),
+                             "--state", str(tmp_path / "state"), "--ablate", "bytes", "words", "ids"]) == 0
     data = json.loads(report.read_text())
-    assert set(data) == {"command", "before", "after", "runs"} and len(data["runs"]) == 2
+    assert set(data) == {"command", "before", "after", "other", "runs"} and len(data["runs"]) == 3
+    assert set(data["other"]["ablated"]["ablated"]) == {"bytes", "words", "ids"}
+    assert data["other"]["ablated"]["outputs_digests"] == data["after"]["outputs_digests"]  # the same answers
+    assert "--label" not in data["command"].split("--code")[0]
     run = data["runs"][0]
     assert run["requests"] == 4 and run["store_rows"] == len(IDS) and len(run["ms_per_execution"]) == 4
     assert set(run["instrumented"]["breakdown_ms"]) == {"parse", "tokenize", "graph", "outputs", "other"}
