@@ -66,7 +66,8 @@ def log(msg: str) -> None:
 
 
 def fake_backend():
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:  # tests/ is not installed: the shared fake is read from this checkout
+        sys.path.insert(0, str(ROOT))
     from tests import fake_pb_utils
 
     return fake_pb_utils
@@ -357,6 +358,7 @@ def add_to_report(path: Path, run: dict, argv: list[str]) -> dict:
     summary = {
         "runs": len(same), "code": sorted({r["code"]["commit"] for r in same}),
         "ablated": run["ablated"], "ms_per_execution_median": [r["ms_per_execution"]["median"] for r in same],
+        "ms_per_execution_min": [r["ms_per_execution"]["min"] for r in same],
         "us_per_request": [r["us_per_request"] for r in same],
         "instrumented_breakdown_ms": {p: [r["instrumented"]["breakdown_ms"][p] for r in same]
                                       for p in run["instrumented"]["breakdown_ms"]},
