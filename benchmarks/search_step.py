@@ -346,13 +346,21 @@ def checkout(code: str, dest: Path) -> tuple[Path, dict]:
     return dest, {"revision": code, "commit": git("rev-parse", code)}
 
 
+WHAT = ("The search step's execute in-process (tests/fake_pb_utils.py: Triton's own serialize_byte_tensor for BYTES), "
+        "on batches of requests of one query each, every output asked for; after the warm-up the graph's outputs are "
+        "replayed, so an execution costs the step's own Python. Per run: the median and fastest of the executions "
+        "timed as they are, and the per-phase medians of as many executions timed with wrapped callables (which add "
+        "their own cost). 'other' holds ablations of the step of 'after' and a run asking three outputs. Runs "
+        "alternate before/after on one machine; each run records its load average.")
+
+
 def add_to_report(path: Path, run: dict, argv: list[str]) -> dict:
     """``run`` added to the report at ``path`` (made if missing); its label's summary (each figure over that label's
     runs) updated: ``before`` and ``after`` at the top, other labels (ablations) under ``other``."""
     command = "python -m benchmarks.search_step " + " ".join(_without(argv, ("--code", "--label", "--ablate")))
     report = json.loads(path.read_text()) if path.is_file() else {
-        "command": command + " --code REVISION --label before|after [--ablate PART]", "before": {}, "after": {},
-        "runs": []}
+        "command": command + " --code REVISION --label before|after [--ablate PART]", "what": WHAT, "before": {},
+        "after": {}, "runs": []}
     report["runs"].append(run)
     same = [r for r in report["runs"] if r["label"] == run["label"]]
     summary = {

@@ -380,7 +380,7 @@ def test_the_step_benchmark_runs_and_reports(step_dir, tmp_path):
                              "--executions", "2", "--warmup", "1", "--label", "ablated", "--report", str(report),
                              "--state", str(tmp_path / "state"), "--ablate", "bytes", "words", "ids"]) == 0
     data = json.loads(report.read_text())
-    assert set(data) == {"command", "before", "after", "other", "runs"} and len(data["runs"]) == 3
+    assert set(data) == {"command", "what", "before", "after", "other", "runs"} and len(data["runs"]) == 3
     assert set(data["other"]["ablated"]["ablated"]) == {"bytes", "words", "ids"}
     assert data["other"]["ablated"]["outputs_digests"] == data["after"]["outputs_digests"]  # the same answers
     assert "--label" not in data["command"].split("--code")[0]
