@@ -55,9 +55,9 @@ from training.data import CorpusTensors, TextEmbeddings  # noqa: E402
 
 
 def pack(out: Path, sessions: int, cache_dir: str) -> None:
+    from amc_model.model import AMC
     from training.corpus import load_corpus
     from training.data import corpus_tensors, fit_region_pca, padded_keywords, term_weights
-    from training.model import AMC
     from training.train_config import TrainConfig
 
     cfg = TrainConfig(corpus=CorpusConfig(cache_dir=cache_dir, log_sessions=sessions))

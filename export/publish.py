@@ -48,6 +48,7 @@ import numpy as np
 
 from amc_client import signatures as sig
 from amc_client.text import TEXT_RULES, TermWeights
+from amc_model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from export.configs import DEVICE_KINDS, FLAVOURS, STEPS
 from export.onnx_export import TEXT_ENCODER_FILE, ExportError, export_all, model_sizes
 from export.reference import Reference
@@ -64,7 +65,6 @@ from export.repository import (
 )
 from export.store import Gallery, keyword_table_embed, publish_store
 from export.thumbnails import thumbnail_dir, write_thumbnails
-from training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 
 MANIFEST = "manifest.json"
 GOLDEN = "golden.npz"
@@ -197,8 +197,8 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
     (``model_sizes``), the ones the export checks its graphs against; a repository whose steps have versions
     of other dims is refused before anything is written.
     """
+    from amc_model.text_encoder import ENCODER_NAME, PACKAGE, tokenizer_json
     from export.configs import device_kind as machine_kind
-    from training.text_encoder import ENCODER_NAME, PACKAGE, tokenizer_json
 
     repository = Path(repository)
     ckpt = load_checkpoint(checkpoint)  # refuses other encoders' checkpoints: "encoder mismatch"

@@ -37,6 +37,7 @@ from torch import nn
 
 from amc_client import signatures as sig
 from amc_client.text import LexicalMatcher, StoreWords, TermWeights, load_wordpiece, query_tokens, words
+from amc_model.model import AMC
 from export.onnx_export import (
     TOLERANCE,
     ExportError,
@@ -54,7 +55,6 @@ from export.repository import (
     set_store_serving,
     stage_store_version,
 )
-from training.model import AMC
 
 CHUNK = 256  # gallery images projected per torch call at export time
 
@@ -138,7 +138,7 @@ def padded(keywords: Sequence[Sequence[str]] | np.ndarray) -> np.ndarray:
 
 def pytorch_keywords() -> Callable[[list[str]], np.ndarray]:
     """The reference keyword embedding: the PyTorch encoder, tokenized as the text step tokenizes."""
-    from training.text_encoder import TextEncoder
+    from amc_model.text_encoder import TextEncoder
 
     return TextEncoder().encode_keywords
 
@@ -238,7 +238,7 @@ class FusedStoreGraph(StoreBuffers):
     the query's WordPiece ids and numbered content words in, nothing computed per candidate outside the graph
     (:class:`SearchStoreGraph` adds the top-k; ``benchmarks.store_models.FUSED_STORE`` serves it alone).
 
-    ``encoder``: the sentence encoder (``training.text_encoder.MiniLM``); ``words``: the store's word numbering
+    ``encoder``: the sentence encoder (``amc_model.text_encoder.MiniLM``); ``words``: the store's word numbering
     under the version's term weights (which give each stored keyword's IDF mass)."""
 
     def __init__(self, model: AMC, store: Store, version: int, *, encoder: nn.Module, words: StoreWords) -> None:
@@ -294,7 +294,7 @@ class StoreText:
     @classmethod
     def of(cls, store: Store, weights: TermWeights, encoder: nn.Module | None = None) -> StoreText:
         """``encoder`` defaults to the pretrained MiniLM every checkpoint of this release was trained with."""
-        from training.text_encoder import load_minilm, tokenizer_json
+        from amc_model.text_encoder import load_minilm, tokenizer_json
 
         return cls(encoder if encoder is not None else load_minilm(), load_wordpiece(tokenizer_json()),
                    StoreWords(weights, store.keywords.reshape(-1).tolist()))

@@ -35,8 +35,8 @@ from amc_client.text import (
     TermWeights,
     normalize_query,
 )
+from amc_model.model import AMC, TEXT_DIM
 from training.corpus import Corpus
-from training.model import AMC, TEXT_DIM
 
 
 class TextEmbeddings:
@@ -53,7 +53,7 @@ class TextEmbeddings:
         self._encoder = None
 
     def _path(self, kind: str) -> Path:
-        from training.text_encoder import PACKAGE
+        from amc_model.text_encoder import PACKAGE
 
         tag = hashlib.sha256(f"{PACKAGE}={metadata.version(PACKAGE)}/{kind}".encode()).hexdigest()[:12]
         return self.cache_dir / f"text-{kind}-{tag}.npz"
@@ -77,7 +77,7 @@ class TextEmbeddings:
         missing = sorted({t for t in texts if t not in table})
         if missing:
             if self._encoder is None:
-                from training.text_encoder import TextEncoder
+                from amc_model.text_encoder import TextEncoder
 
                 self._encoder = TextEncoder()
             budget = QUERY_MAX_TOKENS if kind == "query" else KEYWORD_MAX_TOKENS

@@ -3,7 +3,7 @@
 A whole-store search scores each query against every stored image, and training against the collection scores each
 query of a batch against images drawn from it. Both share candidates across queries, so the parts of VAN and LAN
 that depend on the image alone (``u = W_v PCA(regions)``, ``W_kl k``) are computed once per image, not once per
-(query, image) pair as :meth:`training.model.AMC.forward` does for per-query candidate lists:
+(query, image) pair as :meth:`amc_model.model.AMC.forward` does for per-query candidate lists:
 
 * :func:`score_shared`: queries (B,) x images (N,) -> the full model's scores (B, N), MTN included, with autograd
   (training's collection loss);
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from amc_client.text import KeywordIndex
+from amc_model.model import AMC
 from training.data import CorpusTensors
-from training.model import AMC
 
 
 def keyword_index(data: CorpusTensors) -> KeywordIndex:

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from amc_model.model import AMC, cosine, ranking_loss
 from training.data import CorpusTensors, LoggedPairs
 from training.distributed import upload
-from training.model import AMC, cosine, ranking_loss
 from training.retrieval import score_shared
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from amc_client.text import LexicalMatcher, TermWeights, load_wordpiece, wordpiece_ids
-from training.text_encoder import TextEncoder, tokenizer_json
+from amc_model.text_encoder import TextEncoder, tokenizer_json
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "minilm_reference.npz"
 CLS, SEP = 101, 102
@@ -219,9 +219,9 @@ def test_checkpoints_record_their_text_rules(tmp_path):
     import torch
 
     from amc_client.text import TEXT_RULES
+    from amc_model.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+    from amc_model.model import AMC, AMCConfig
     from export.publish import check_text_rules
-    from training.checkpoint import fingerprint, load_checkpoint, save_checkpoint
-    from training.model import AMC, AMCConfig
 
     assert TEXT_RULES == 2
     model = AMC(AMCConfig())

@@ -8,7 +8,7 @@ so that it exports to plain ONNX and its weights load from the package's ``model
 
 Why this encoder (issue 8): WordPiece subwords mean no query word is ever out of vocabulary ("kiwifruit",
 "guardsman", any script), and sentence embeddings put paraphrases close ("kiwifruit" / "kiwi fruit").
-It is frozen: AMC's query encoder trains a small head on top (``training.model.QueryEncoder``), and the
+It is frozen: AMC's query encoder trains a small head on top (``amc_model.model.QueryEncoder``), and the
 keywords of every image are encoded once and cached.
 
 Tokenization is :func:`amc_client.text.wordpiece_ids`, the function the serving text step runs too.
