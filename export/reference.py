@@ -51,7 +51,7 @@ class Reference:
         self.text_rules = ckpt.text_rules
         self.emoji_names = None
         if self.text_rules >= 2:
-            if emoji_names is None:
+            if emoji_names is None:  # CLDR's, read by the corpus builder's CLDR parser (the corpus's names too)
                 from training.corpus.catalog import emoji_names as cldr_emoji_names
 
                 emoji_names = cldr_emoji_names()

@@ -36,7 +36,15 @@ import torch
 from torch import nn
 
 from amc_client import signatures as sig
-from amc_client.text import LexicalMatcher, StoreWords, TermWeights, load_wordpiece, query_tokens, words
+from amc_client.text import (
+    LexicalMatcher,
+    StoreWords,
+    TermWeights,
+    load_wordpiece,
+    padded_keywords,
+    query_tokens,
+    words,
+)
 from amc_model.model import AMC
 from export.onnx_export import (
     TOLERANCE,
@@ -131,9 +139,7 @@ def padded(keywords: Sequence[Sequence[str]] | np.ndarray) -> np.ndarray:
     """Per-image keyword lists (or an (G, K) array) -> (G, K) object array, "" pads."""
     if isinstance(keywords, np.ndarray) and keywords.ndim == 2:
         return keywords.astype(object)
-    from training.data import padded_keywords
-
-    return padded_keywords([list(k) for k in keywords])
+    return padded_keywords(keywords)
 
 
 def pytorch_keywords() -> Callable[[list[str]], np.ndarray]:

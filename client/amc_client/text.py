@@ -227,6 +227,16 @@ class TermWeights:
         return cls(data["document_frequency"], data["documents"])
 
 
+def padded_keywords(keywords: Iterable[Sequence[str]]) -> np.ndarray:
+    """Per-image keyword lists -> (images, K) object array, "" pads (K at least 1): the layout the lexical match
+    below reads (:class:`LexicalMatcher`, :class:`KeywordIndex`, :class:`StoreWords`)."""
+    rows = [list(kw) for kw in keywords]
+    out = np.full((len(rows), max([1, *map(len, rows)])), "", dtype=object)
+    for i, kw in enumerate(rows):
+        out[i, : len(kw)] = kw
+    return out
+
+
 class LexicalMatcher:
     """The ``keyword_lexical`` features of candidates for one query (see :data:`LEXICAL_FEATURES`).
 
