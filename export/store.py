@@ -207,7 +207,9 @@ def _fp32(gathered: torch.Tensor) -> torch.Tensor:
 def lexical_match(words: torch.Tensor, weights: torch.Tensor, vocabulary: int, keyword_words: torch.Tensor,
                   keyword_mass: torch.Tensor, keyword_real: torch.Tensor, row_words: torch.Tensor) -> torch.Tensor:
     """:meth:`amc_client.text.LexicalMatcher.features` as tensor operations, for candidates whose keywords'
-    words are numbered (:class:`amc_client.text.StoreWords`, ``vocabulary`` words).
+    words are numbered (:class:`amc_client.text.StoreWords`, ``vocabulary`` words): the search graph's lexical match.
+    The graph holds no strings, so it finds the shared words by number, then takes the same three ratios as
+    :func:`amc_client.text.lexical_features`, the numpy definition (``tests/unit/test_text.py`` holds the two equal).
 
     ``words``, ``weights``: (B, W) the query's word numbers (distinct, as :meth:`StoreWords.query` gives them: a
     number repeated counts once, with one of its weights, so the python-flavour steps refuse one; ``vocabulary``

@@ -2,10 +2,11 @@
 
 Text goes through the frozen sentence encoder once: every query text and every keyword string is embedded
 by :class:`amc_model.text_encoder.TextEmbeddings` and cached on disk (keyed by the encoder package's version, so a
-new encoder never reuses old vectors). The lexical features of a (query, candidate) pair are computed with
-:class:`amc_client.text.LexicalMatcher`, the code the serving text step runs: per batch
-(:meth:`CorpusTensors.lexical`), or for training's logged pairs once before the first step (:class:`LoggedPairs`,
-``TrainConfig.precompute_lexical``).
+new encoder never reuses old vectors). Every lexical feature of a (query, image) pair that training and evaluation
+use comes from :meth:`CorpusTensors.lexical`: the corpus's keywords indexed once (:class:`amc_client.text.KeywordIndex`,
+equal to the bit to the :class:`~amc_client.text.LexicalMatcher` the serving text step runs), per batch, for
+training's logged pairs once before the first step (:class:`LoggedPairs`, ``TrainConfig.precompute_lexical``), and
+against the whole collection (``training.collection``, ``training.retrieval``).
 
 Queries enter through :meth:`CorpusTensors.query_text` and :meth:`CorpusTensors.lexical` (and :class:`LoggedPairs`,
 which uses both), where they are read as the served text step reads them: :func:`amc_client.text.normalize_query`
@@ -16,6 +17,7 @@ they are.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
@@ -24,6 +26,7 @@ import torch
 from amc_client.text import (
     LEXICAL_FEATURES,
     EmojiNames,
+    KeywordIndex,
     LexicalMatcher,
     TermWeights,
     normalize_query,
@@ -65,13 +68,22 @@ class CorpusTensors:
     def query_text(self, texts: list[str]) -> torch.Tensor:
         return torch.from_numpy(self.text.get(self.normalized(list(texts)), "query"))  # (B, E)
 
-    def lexical(self, texts: list[str], index: torch.Tensor) -> torch.Tensor:
-        """(B,) query texts, (B, N) image indices (-1 pads) -> (B, N, K, F) lexical features."""
-        index = index.numpy()
-        out = np.zeros((*index.shape, self.keywords.shape[1], len(LEXICAL_FEATURES)), dtype=np.float32)
-        for b, text in enumerate(self.normalized(list(texts))):
-            valid = index[b] >= 0
-            out[b, valid] = self.matcher.features(text, self.keywords[index[b, valid]])
+    @cached_property
+    def index(self) -> KeywordIndex:
+        """The corpus's keywords indexed by word, under the matcher's term weights (built on first use)."""
+        return KeywordIndex(self.matcher, self.keywords)
+
+    def lexical(self, texts: list[str], index: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+        """(B,) query texts x images -> (B, N, K, F) lexical features. ``index``: (B, N) each query's images, -1 pads
+        (all 0 there); (N,) images every query is matched against; None: the whole collection."""
+        texts = self.normalized(list(texts))
+        rows = None if index is None else np.asarray(index)
+        if rows is None or rows.ndim == 1:
+            return torch.from_numpy(np.stack([self.index.features(text, rows) for text in texts]))
+        out = np.zeros((*rows.shape, self.keywords.shape[1], len(LEXICAL_FEATURES)), dtype=np.float32)
+        for b, text in enumerate(texts):
+            valid = rows[b] >= 0
+            out[b, valid] = self.index.features(text, rows[b, valid])
         return torch.from_numpy(out)
 
     def candidates(self, texts: list[str], index: torch.Tensor, lexical: torch.Tensor | None = None):

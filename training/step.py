@@ -103,7 +103,7 @@ def collection_loss(model: AMC, data: CorpusTensors, negatives: CollectionNegati
     sample = negatives.sample(qids[:chosen], positives[:chosen], cfg.collection_hard, cfg.collection_random)
     shared = upload(torch.from_numpy(sample.shared), device)
     scores, _ = score_shared(model, query_text[: stop - start], data.reduced[shared], data.keyword_embeddings[shared],
-                             upload(negatives.lexical(qids[start:stop], sample.shared), device))  # (c, P)
+                             upload(data.lexical(negatives.texts_of(qids[start:stop]), sample.shared), device))
     logits = scores.masked_fill(upload(torch.from_numpy(sample.excluded[start:stop]), device), -1e4)
     target = upload(torch.from_numpy(sample.positive_slot[start:stop]), device)
     total = torch.nn.functional.cross_entropy(logits / cfg.collection_temperature, target, reduction="sum")
