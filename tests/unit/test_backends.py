@@ -187,10 +187,10 @@ def _store_text_step(root):
     from google.protobuf import text_format
 
     from amc_client.text import TermWeights
+    from amc_model.text_encoder import tokenizer_json
     from benchmarks.store_models import store_step_config
     from benchmarks.store_signatures import STORE_TOKENIZER
     from export.repository import TextStepFiles, write_text_step
-    from training.text_encoder import tokenizer_json
 
     keywords = [["cat", "face"], ["dog"], ["red heart", "love", "heart"], ["kiwi fruit"]]
     _stand_in_encoder(root / "text_encoder.onnx")
