@@ -50,14 +50,16 @@ if importlib.util.find_spec("amc_client") is None:
 import torch  # noqa: E402
 
 from amc_client.text import LexicalMatcher, TermWeights  # noqa: E402
+from amc_model.text_encoder import TextEmbeddings  # noqa: E402
 from training.corpus import SPLITS, Corpus, CorpusConfig, Query  # noqa: E402
-from training.data import CorpusTensors, TextEmbeddings  # noqa: E402
+from training.data import CorpusTensors  # noqa: E402
 
 
 def pack(out: Path, sessions: int, cache_dir: str) -> None:
+    from amc_client.text import padded_keywords
+    from amc_model.model import AMC
     from training.corpus import load_corpus
-    from training.data import corpus_tensors, fit_region_pca, padded_keywords, term_weights
-    from training.model import AMC
+    from training.data import corpus_tensors, fit_region_pca, term_weights
     from training.train_config import TrainConfig
 
     cfg = TrainConfig(corpus=CorpusConfig(cache_dir=cache_dir, log_sessions=sessions))

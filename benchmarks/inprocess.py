@@ -148,13 +148,13 @@ class OrtFused:
 
 
 class TorchRunner:
-    """``training.model.AMC`` from the checkpoint, in-process on ``device`` (text features from ``feeds``,
+    """``amc_model.model.AMC`` from the checkpoint, in-process on ``device`` (text features from ``feeds``,
     inputs copied from the host)."""
 
     def __init__(self, checkpoint: Path, feeds: TextFeeds, device: str) -> None:
         import torch
 
-        from training.checkpoint import load_checkpoint
+        from amc_model.checkpoint import load_checkpoint
 
         self.torch, self.device, self.feeds = torch, torch.device(device), feeds
         self.model = load_checkpoint(checkpoint).build_model().to(self.device)

@@ -419,7 +419,7 @@ def measure_triton(repo: Path, workdir: Path, pools: dict[int, list[Request]], r
 
 
 def measure_floor(device: str, repo: Path, version: int, checkpoint: Path, feeds, pools) -> dict:
-    from training.checkpoint import load_checkpoint
+    from amc_model.checkpoint import load_checkpoint
 
     rates = floor.measure_cuda() if device == "cuda" else floor.measure_cpu()
     if device == "cuda":
@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(triton.dump(results))
 
     try:
-        from training.checkpoint import load_checkpoint
+        from amc_model.checkpoint import load_checkpoint
 
         results["fingerprint"] = load_checkpoint(args.checkpoint).fingerprint
         gallery = synthetic_gallery(collection_words(args.checkpoint), size=args.gallery_size)

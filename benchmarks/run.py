@@ -9,7 +9,7 @@ Methods, all on the same requests (N candidates per query, batch 1 per request u
   triton_fused    ``amc_fused`` (one graph, text features in) / ``amc_fused_store`` served by Triton
   ort             the same exported graphs in-process (QEN -> VAN, LAN -> MTN) + the same text step code
   ort_store       the store graphs in-process
-  torch           training.model.AMC from the checkpoint, in-process (text features by the text step code)
+  torch           amc_model.model.AMC from the checkpoint, in-process (text features by the text step code)
 The server is started here on a freshly published temp repository with the benchmarks' store models added
 (``benchmarks.store_models``: the store ensembles over a store built from the gallery, the fused graphs).
 Writes ``serving_cpu.json`` + ``serving.md`` (cpu) or ``gpu.json`` + ``gpu.md`` + plots (cuda).

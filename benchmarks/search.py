@@ -40,8 +40,8 @@ def log(msg: str) -> None:
 
 def build(workdir: Path, checkpoint: Path, gallery: Gallery, size: int, dtype: str, *, settings=None):
     """A repository serving ``amc_search`` over the store; returns (repository, version, store, ckpt)."""
+    from amc_model.checkpoint import load_checkpoint
     from export.publish import publish
-    from training.checkpoint import load_checkpoint
 
     repo = workdir / "repository"
     keywords = sorted({k for kws in gallery.keywords for k in kws if k})
@@ -109,7 +109,7 @@ def add_search(repo: Path, version: int, ckpt, store, text_dir: Path, *, setting
 
 
 def reference_scores(ckpt, gallery: Gallery, store, query: str, rows: np.ndarray, chunk: int = 512) -> np.ndarray:
-    """PyTorch's scores (the raw path, fp32: ``training.model.AMC`` on the gallery's region features) of the images
+    """PyTorch's scores (the raw path, fp32: ``amc_model.model.AMC`` on the gallery's region features) of the images
     behind store ``rows`` for ``query``; keyword embeddings are the store's (the PyTorch encoder's, from publish)."""
     import torch
 

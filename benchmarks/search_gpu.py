@@ -407,8 +407,8 @@ def measure_served(state: Path, args, results: dict) -> None:
 
 # ---- phases ---------------------------------------------------------------------------------------------------
 def phase_build(state: Path, args, results: dict) -> None:
+    from amc_model.checkpoint import load_checkpoint
     from export.publish import publish
-    from training.checkpoint import load_checkpoint
 
     gallery = synthetic_gallery(collection_words(args.checkpoint), size=args.gallery_size)
     ckpt = load_checkpoint(args.checkpoint)

@@ -32,6 +32,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from amc_client import signatures as sig
 from amc_client.text import LexicalMatcher, TermWeights
+from amc_model.model import AMC
 from export import configs
 from export.onnx_export import (
     Shape,
@@ -59,7 +60,6 @@ from export.store import (
     export_store_graphs,
     validate_store,
 )
-from training.model import AMC
 
 from .store_signatures import (
     CANDIDATE_ROWS,

@@ -30,8 +30,8 @@ def build_repository(workdir: Path, checkpoint: Path, gallery: Gallery, *, log=p
     add the benchmarks' store models of a store built from ``gallery`` (``store_models.add_store_models``: the store
     ensembles, the fused graphs); returns (repository, N). The raw text step's keyword table holds the gallery's
     keywords, as a deployment's would hold its collection's."""
+    from amc_model.checkpoint import load_checkpoint
     from export.publish import publish
-    from training.checkpoint import load_checkpoint
 
     from .store_models import add_store_models
 

@@ -50,7 +50,7 @@ def synthetic_gallery(words: list[str], size: int = 2000, seed: int = 0, queries
 def collection_words(checkpoint) -> list[str]:
     """The words of the candidate collection the checkpoint's term weights were counted over."""
     from amc_client.text import TermWeights
-    from training.checkpoint import load_checkpoint
+    from amc_model.checkpoint import load_checkpoint
 
     return sorted(TermWeights.from_json(load_checkpoint(checkpoint).term_weights).df) or ["cat", "face"]
 

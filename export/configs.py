@@ -350,8 +350,8 @@ def parse_config(text: str) -> mc.ModelConfig:
 def template_sizes() -> dict[str, int]:
     """The model axes' numbers in ``model_repository/``: the default ``AMCConfig``'s. A publish writes its own
     model's (``export.repository.init_repository``)."""
+    from amc_model.model import AMCConfig
     from export.onnx_export import model_sizes
-    from training.model import AMCConfig
 
     return model_sizes(AMCConfig())
 

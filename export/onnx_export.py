@@ -5,7 +5,7 @@ that it also emits its model version as a (B, 1) int64 tensor; MTN receives the 
 QEN, VAN and LAN and returns ``model_version`` = its own version if all agree, else -1. A response scored by
 parts of two versions is therefore visible in the response itself, not only prevented by configuration.
 
-The text encoder (all-MiniLM-L6-v2, ``training.text_encoder.MiniLM``, frozen) is exported with every version
+The text encoder (all-MiniLM-L6-v2, ``amc_model.text_encoder.MiniLM``, frozen) is exported with every version
 as ``text_encoder.onnx`` (signature ``TEXT_ENCODER``): the serving text step runs it for queries and for
 keywords that are not in the version's precomputed keyword table.
 
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from amc_client import signatures as sig
-from training.model import AMC, AMCConfig
+from amc_model.model import AMC, AMCConfig
 
 OPSET = 17
 TOLERANCE = 1e-4
@@ -336,10 +336,10 @@ def export_all(model: AMC, out_dir: Path, *, version: int, fingerprint: str,
     """Export and validate the text encoder and every network into ``out_dir``; raises ExportError on any failure.
 
     Files: ``text_encoder.onnx`` and ``<network>.onnx``. ``encoder`` defaults to the pretrained MiniLM
-    (``training.text_encoder.load_minilm``), the one every checkpoint of this release was trained with.
+    (``amc_model.text_encoder.load_minilm``), the one every checkpoint of this release was trained with.
     """
     if encoder is None:
-        from training.text_encoder import load_minilm
+        from amc_model.text_encoder import load_minilm
 
         encoder = load_minilm()
     out_dir.mkdir(parents=True, exist_ok=True)

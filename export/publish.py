@@ -48,6 +48,8 @@ import numpy as np
 
 from amc_client import signatures as sig
 from amc_client.text import TEXT_RULES, TermWeights
+from amc_model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from amc_model.text_encoder import ENCODER_NAME, PACKAGE, TextEmbeddings, tokenizer_json
 from export.configs import DEVICE_KINDS, FLAVOURS, STEPS
 from export.onnx_export import TEXT_ENCODER_FILE, ExportError, export_all, model_sizes
 from export.reference import Reference
@@ -64,7 +66,6 @@ from export.repository import (
 )
 from export.store import Gallery, keyword_table_embed, publish_store
 from export.thumbnails import thumbnail_dir, write_thumbnails
-from training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 
 MANIFEST = "manifest.json"
 GOLDEN = "golden.npz"
@@ -96,6 +97,8 @@ def training_corpus(ckpt: Checkpoint):
     """The corpus described by the checkpoint's training config (loaded from its cache, or built)."""
     from dataclasses import fields
 
+    # The data set, not the trainer: export reads it only here (--store-corpus, the default keyword table), so export
+    # loads without training (tests/unit/test_layout.py).
     from training.corpus import CorpusConfig, load_corpus
 
     values = dict(ckpt.train_config.get("corpus") or {})
@@ -138,8 +141,6 @@ def write_keyword_table(path: Path, ckpt: Checkpoint, reference: Reference, keyw
     if not distinct:
         vectors = np.zeros((0, sig.TEXT_EMBEDDING_DIM), dtype=np.float32)
     elif cache_dir:
-        from training.data import TextEmbeddings
-
         vectors = TextEmbeddings(cache_dir).get(distinct, "keyword")
     else:
         vectors = reference.encoder.encode_keywords(distinct)
@@ -198,7 +199,6 @@ def publish(checkpoint: str | Path, repository: str | Path, *, flavour: str | No
     of other dims is refused before anything is written.
     """
     from export.configs import device_kind as machine_kind
-    from training.text_encoder import ENCODER_NAME, PACKAGE, tokenizer_json
 
     repository = Path(repository)
     ckpt = load_checkpoint(checkpoint)  # refuses other encoders' checkpoints: "encoder mismatch"

@@ -1,7 +1,7 @@
 """The PyTorch reference of a served request: what the served ensemble must answer, computed without Triton.
 
 The text features are computed as the serving text step (``serving/backends/text_step.py``) computes them:
-WordPiece ids by ``amc_client.text.wordpiece_ids`` (inside :class:`training.text_encoder.TextEncoder`), the
+WordPiece ids by ``amc_client.text.wordpiece_ids`` (inside :class:`amc_model.text_encoder.TextEncoder`), the
 zero vector for padded ("") keywords, lexical features by ``amc_client.text.LexicalMatcher`` with the
 checkpoint's term weights, after the query rules the checkpoint was trained with (``Checkpoint.text_rules``: from
 rules 2 on, ``amc_client.text.normalize_query`` with CLDR's emoji names, as the version's text step applies them).
@@ -19,8 +19,8 @@ import torch
 
 from amc_client import signatures as sig
 from amc_client.text import EmojiNames, LexicalMatcher, TermWeights, normalize_query
-from training.checkpoint import Checkpoint
-from training.model import AMCOutput
+from amc_model.checkpoint import Checkpoint
+from amc_model.model import AMCOutput
 
 
 def keyword_embeddings(keywords: np.ndarray, embed: Callable[[list[str]], np.ndarray]) -> np.ndarray:
@@ -43,7 +43,7 @@ class Reference:
     """
 
     def __init__(self, ckpt: Checkpoint, *, emoji_names: EmojiNames | None = None) -> None:
-        from training.text_encoder import TextEncoder
+        from amc_model.text_encoder import TextEncoder
 
         self.model = ckpt.build_model()
         self.encoder = TextEncoder()
@@ -51,7 +51,7 @@ class Reference:
         self.text_rules = ckpt.text_rules
         self.emoji_names = None
         if self.text_rules >= 2:
-            if emoji_names is None:
+            if emoji_names is None:  # CLDR's, read by the corpus builder's CLDR parser (the corpus's names too)
                 from training.corpus.catalog import emoji_names as cldr_emoji_names
 
                 emoji_names = cldr_emoji_names()

@@ -36,7 +36,16 @@ import torch
 from torch import nn
 
 from amc_client import signatures as sig
-from amc_client.text import LexicalMatcher, StoreWords, TermWeights, load_wordpiece, query_tokens, words
+from amc_client.text import (
+    LexicalMatcher,
+    StoreWords,
+    TermWeights,
+    load_wordpiece,
+    padded_keywords,
+    query_tokens,
+    words,
+)
+from amc_model.model import AMC
 from export.onnx_export import (
     TOLERANCE,
     ExportError,
@@ -54,7 +63,6 @@ from export.repository import (
     set_store_serving,
     stage_store_version,
 )
-from training.model import AMC
 
 CHUNK = 256  # gallery images projected per torch call at export time
 
@@ -131,14 +139,12 @@ def padded(keywords: Sequence[Sequence[str]] | np.ndarray) -> np.ndarray:
     """Per-image keyword lists (or an (G, K) array) -> (G, K) object array, "" pads."""
     if isinstance(keywords, np.ndarray) and keywords.ndim == 2:
         return keywords.astype(object)
-    from training.data import padded_keywords
-
-    return padded_keywords([list(k) for k in keywords])
+    return padded_keywords(keywords)
 
 
 def pytorch_keywords() -> Callable[[list[str]], np.ndarray]:
     """The reference keyword embedding: the PyTorch encoder, tokenized as the text step tokenizes."""
-    from training.text_encoder import TextEncoder
+    from amc_model.text_encoder import TextEncoder
 
     return TextEncoder().encode_keywords
 
@@ -201,7 +207,9 @@ def _fp32(gathered: torch.Tensor) -> torch.Tensor:
 def lexical_match(words: torch.Tensor, weights: torch.Tensor, vocabulary: int, keyword_words: torch.Tensor,
                   keyword_mass: torch.Tensor, keyword_real: torch.Tensor, row_words: torch.Tensor) -> torch.Tensor:
     """:meth:`amc_client.text.LexicalMatcher.features` as tensor operations, for candidates whose keywords'
-    words are numbered (:class:`amc_client.text.StoreWords`, ``vocabulary`` words).
+    words are numbered (:class:`amc_client.text.StoreWords`, ``vocabulary`` words): the search graph's lexical match.
+    The graph holds no strings, so it finds the shared words by number, then takes the same three ratios as
+    :func:`amc_client.text.lexical_features`, the numpy definition (``tests/unit/test_text.py`` holds the two equal).
 
     ``words``, ``weights``: (B, W) the query's word numbers (distinct, as :meth:`StoreWords.query` gives them: a
     number repeated counts once, with one of its weights, so the python-flavour steps refuse one; ``vocabulary``
@@ -238,7 +246,7 @@ class FusedStoreGraph(StoreBuffers):
     the query's WordPiece ids and numbered content words in, nothing computed per candidate outside the graph
     (:class:`SearchStoreGraph` adds the top-k; ``benchmarks.store_models.FUSED_STORE`` serves it alone).
 
-    ``encoder``: the sentence encoder (``training.text_encoder.MiniLM``); ``words``: the store's word numbering
+    ``encoder``: the sentence encoder (``amc_model.text_encoder.MiniLM``); ``words``: the store's word numbering
     under the version's term weights (which give each stored keyword's IDF mass)."""
 
     def __init__(self, model: AMC, store: Store, version: int, *, encoder: nn.Module, words: StoreWords) -> None:
@@ -294,7 +302,7 @@ class StoreText:
     @classmethod
     def of(cls, store: Store, weights: TermWeights, encoder: nn.Module | None = None) -> StoreText:
         """``encoder`` defaults to the pretrained MiniLM every checkpoint of this release was trained with."""
-        from training.text_encoder import load_minilm, tokenizer_json
+        from amc_model.text_encoder import load_minilm, tokenizer_json
 
         return cls(encoder if encoder is not None else load_minilm(), load_wordpiece(tokenizer_json()),
                    StoreWords(weights, store.keywords.reshape(-1).tolist()))

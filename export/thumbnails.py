@@ -116,7 +116,7 @@ class RenderedEmoji(Sequence):
         return len(self.chars)
 
     def __getitem__(self, row):  # type: ignore[override]
-        from training.corpus.render import render_emoji
+        from training.corpus.render import render_emoji  # the corpus's own renderer: its features' pictures
 
         if isinstance(row, slice):
             return RenderedEmoji(self.chars[row])

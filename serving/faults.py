@@ -29,8 +29,8 @@ def untrained_checkpoint(path: str | Path, *, seed: int = 0) -> Path:
     import torch
 
     from amc_client.text import TermWeights
-    from training.checkpoint import save_checkpoint
-    from training.model import AMC, AMCConfig
+    from amc_model.checkpoint import save_checkpoint
+    from amc_model.model import AMC, AMCConfig
 
     torch.manual_seed(seed)
     model = AMC(AMCConfig()).eval()

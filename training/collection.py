@@ -31,11 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from amc_client.text import KeywordIndex
 from training.corpus import Corpus, Query
 from training.data import CorpusTensors
 from training.protocols import store_relevance
-from training.retrieval import CollectionScorer, keyword_index
+from training.retrieval import CollectionScorer
 
 VISUAL_NEIGHBOURS = 16  # per image, its nearest images by mean region feature (cosine)
 TAG_POOL = 32  # per query, at most this many tag-spam candidates (the most covering first)
@@ -68,7 +67,6 @@ class CollectionNegatives:
                 seen.add((q.kind, q.target))
                 self.relevant[distinct[t]] |= relevance(q) >= 1
         self.images = self.relevant.shape[1]
-        self.index: KeywordIndex = keyword_index(data)
         self.tag = [self._tag_pool(t, r) for t, r in zip(self.distinct, self.relevant, strict=True)]
         self.mined: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(self.distinct)
         self.neighbours = visual_neighbours(data.reduced)
@@ -76,7 +74,7 @@ class CollectionNegatives:
 
     def _tag_pool(self, text: str, relevant: np.ndarray) -> np.ndarray:
         """Irrelevant images whose auto-tags cover the most of the query's words (all of them first)."""
-        covered = self.index.features(text)[..., 2].max(1)  # (G,): IDF share of the query's words the image's tags carry
+        covered = self.data.index.features(text)[..., 2].max(1)  # (G,): IDF share of the query's words the image's tags carry
         candidates = np.flatnonzero((covered > 0) & ~relevant)
         order = np.argsort(-covered[candidates], kind="stable")[:TAG_POOL]
         return candidates[order]
@@ -117,10 +115,6 @@ class CollectionNegatives:
 
     def texts_of(self, qids: np.ndarray) -> list[str]:
         return [self.texts[i] for i in qids]
-
-    def lexical(self, qids: np.ndarray, rows: np.ndarray) -> torch.Tensor:
-        """(B,) queries x rows (P,) of the collection -> (B, P, K, F) lexical features."""
-        return torch.from_numpy(np.stack([self.index.features(t, rows) for t in self.texts_of(qids)]))
 
 
 def visual_neighbours(reduced: torch.Tensor, k: int = VISUAL_NEIGHBOURS) -> np.ndarray:

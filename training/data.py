@@ -1,11 +1,12 @@
 """Turns a :class:`~training.corpus.Corpus` into the tensors training and evaluation feed the model.
 
 Text goes through the frozen sentence encoder once: every query text and every keyword string is embedded
-by :class:`TextEmbeddings` and cached on disk (keyed by the encoder package's version, so a new encoder never
-reuses old vectors). The lexical features of a (query, candidate) pair are computed with
-:class:`amc_client.text.LexicalMatcher`, the code the serving text step runs: per batch
-(:meth:`CorpusTensors.lexical`), or for training's logged pairs once before the first step (:class:`LoggedPairs`,
-``TrainConfig.precompute_lexical``).
+by :class:`amc_model.text_encoder.TextEmbeddings` and cached on disk (keyed by the encoder package's version, so a
+new encoder never reuses old vectors). Every lexical feature of a (query, image) pair that training and evaluation
+use comes from :meth:`CorpusTensors.lexical`: the corpus's keywords indexed once (:class:`amc_client.text.KeywordIndex`,
+equal to the bit to the :class:`~amc_client.text.LexicalMatcher` the serving text step runs), per batch, for
+training's logged pairs once before the first step (:class:`LoggedPairs`, ``TrainConfig.precompute_lexical``), and
+against the whole collection (``training.collection``, ``training.retrieval``).
 
 Queries enter through :meth:`CorpusTensors.query_text` and :meth:`CorpusTensors.lexical` (and :class:`LoggedPairs`,
 which uses both), where they are read as the served text step reads them: :func:`amc_client.text.normalize_query`
@@ -15,89 +16,25 @@ they are.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
-from importlib import metadata
-from pathlib import Path
+from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
 import torch
 
 from amc_client.text import (
-    KEYWORD_MAX_TOKENS,
     LEXICAL_FEATURES,
-    QUERY_MAX_TOKENS,
     EmojiNames,
+    KeywordIndex,
     LexicalMatcher,
     TermWeights,
     normalize_query,
+    padded_keywords,
 )
+from amc_model.model import AMC, TEXT_DIM
+from amc_model.text_encoder import TextEmbeddings
 from training.corpus import Corpus
-from training.model import AMC, TEXT_DIM
-
-
-class TextEmbeddings:
-    """Sentence embeddings of texts, computed once per text and kept in ``cache_dir`` across runs.
-
-    ``kind`` is "query" or "keyword": they are tokenized with different budgets
-    (``QUERY_MAX_TOKENS`` / ``KEYWORD_MAX_TOKENS``), so each kind has its own cache file.
-    """
-
-    def __init__(self, cache_dir: str | Path, *, progress: bool = False) -> None:
-        self.cache_dir = Path(cache_dir)
-        self.progress = progress
-        self._tables: dict[str, dict[str, np.ndarray]] = {}
-        self._encoder = None
-
-    def _path(self, kind: str) -> Path:
-        from training.text_encoder import PACKAGE
-
-        tag = hashlib.sha256(f"{PACKAGE}={metadata.version(PACKAGE)}/{kind}".encode()).hexdigest()[:12]
-        return self.cache_dir / f"text-{kind}-{tag}.npz"
-
-    def _table(self, kind: str) -> dict[str, np.ndarray]:
-        if kind not in self._tables:
-            table: dict[str, np.ndarray] = {}
-            path = self._path(kind)
-            if path.exists():
-                try:
-                    with np.load(path, allow_pickle=False) as data:
-                        table = dict(zip(data["texts"].tolist(), data["vectors"], strict=True))
-                except Exception as e:  # noqa: BLE001 - an unreadable cache is rebuilt, not crashed on
-                    print(f"[text] rebuilding {path}: unreadable ({type(e).__name__}: {e})", flush=True)
-            self._tables[kind] = table
-        return self._tables[kind]
-
-    def get(self, texts: list[str], kind: str = "query") -> np.ndarray:
-        """(n, E) float32, one row per text."""
-        table = self._table(kind)
-        missing = sorted({t for t in texts if t not in table})
-        if missing:
-            if self._encoder is None:
-                from training.text_encoder import TextEncoder
-
-                self._encoder = TextEncoder()
-            budget = QUERY_MAX_TOKENS if kind == "query" else KEYWORD_MAX_TOKENS
-            vectors = self._encoder.encode(missing, max_tokens=budget, progress=self.progress and len(missing) > 2000)
-            table.update(zip(missing, vectors, strict=True))
-            self._save(kind, table)
-        if not texts:
-            return np.zeros((0, TEXT_DIM), dtype=np.float32)
-        return np.stack([table[t] for t in texts]).astype(np.float32)
-
-    def _save(self, kind: str, table: dict[str, np.ndarray]) -> None:
-        path = self._path(kind)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, texts=np.array(list(table), dtype=str), vectors=np.stack(list(table.values())))
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
 
 
 @dataclass
@@ -131,13 +68,22 @@ class CorpusTensors:
     def query_text(self, texts: list[str]) -> torch.Tensor:
         return torch.from_numpy(self.text.get(self.normalized(list(texts)), "query"))  # (B, E)
 
-    def lexical(self, texts: list[str], index: torch.Tensor) -> torch.Tensor:
-        """(B,) query texts, (B, N) image indices (-1 pads) -> (B, N, K, F) lexical features."""
-        index = index.numpy()
-        out = np.zeros((*index.shape, self.keywords.shape[1], len(LEXICAL_FEATURES)), dtype=np.float32)
-        for b, text in enumerate(self.normalized(list(texts))):
-            valid = index[b] >= 0
-            out[b, valid] = self.matcher.features(text, self.keywords[index[b, valid]])
+    @cached_property
+    def index(self) -> KeywordIndex:
+        """The corpus's keywords indexed by word, under the matcher's term weights (built on first use)."""
+        return KeywordIndex(self.matcher, self.keywords)
+
+    def lexical(self, texts: list[str], index: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+        """(B,) query texts x images -> (B, N, K, F) lexical features. ``index``: (B, N) each query's images, -1 pads
+        (all 0 there); (N,) images every query is matched against; None: the whole collection."""
+        texts = self.normalized(list(texts))
+        rows = None if index is None else np.asarray(index)
+        if rows is None or rows.ndim == 1:
+            return torch.from_numpy(np.stack([self.index.features(text, rows) for text in texts]))
+        out = np.zeros((*rows.shape, self.keywords.shape[1], len(LEXICAL_FEATURES)), dtype=np.float32)
+        for b, text in enumerate(texts):
+            valid = rows[b] >= 0
+            out[b, valid] = self.index.features(text, rows[b, valid])
         return torch.from_numpy(out)
 
     def candidates(self, texts: list[str], index: torch.Tensor, lexical: torch.Tensor | None = None):
@@ -173,15 +119,6 @@ def fit_region_pca(regions: np.ndarray, dim: int, *, seed: int = 0,
 def term_weights(corpus: Corpus) -> TermWeights:
     """IDF over the candidate collection: every image's auto-tagger keywords (what a served store holds)."""
     return TermWeights.from_documents(corpus.keywords)
-
-
-def padded_keywords(keywords: list[list[str]]) -> np.ndarray:
-    """Per-image keyword lists -> (images, K) object array, '' pads."""
-    k = max([1, *map(len, keywords)])
-    out = np.full((len(keywords), k), "", dtype=object)
-    for i, kw in enumerate(keywords):
-        out[i, : len(kw)] = kw
-    return out
 
 
 def corpus_tensors(corpus: Corpus, model: AMC, weights: TermWeights, *, progress: bool = False) -> CorpusTensors:

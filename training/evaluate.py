@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from amc_client.text import content_words, words
+from amc_model.checkpoint import load_checkpoint
 from training import protocols
-from training.checkpoint import load_checkpoint
 from training.corpus import Corpus, load_corpus
 from training.data import CorpusTensors, corpus_tensors, term_weights
 from training.metrics import (

@@ -3,15 +3,14 @@
 A whole-store search scores each query against every stored image, and training against the collection scores each
 query of a batch against images drawn from it. Both share candidates across queries, so the parts of VAN and LAN
 that depend on the image alone (``u = W_v PCA(regions)``, ``W_kl k``) are computed once per image, not once per
-(query, image) pair as :meth:`training.model.AMC.forward` does for per-query candidate lists:
+(query, image) pair as :meth:`amc_model.model.AMC.forward` does for per-query candidate lists:
 
 * :func:`score_shared`: queries (B,) x images (N,) -> the full model's scores (B, N), MTN included, with autograd
   (training's collection loss);
 * :class:`CollectionScorer`: every image of a corpus, projected once; ``scores(texts)`` (Q, G) in chunks, no
   autograd (the ``whole_store`` protocol, and mining the images the current model wrongly ranks first).
 
-The lexical features of a (query, image) pair come from :class:`amc_client.text.KeywordIndex`, which equals
-:meth:`amc_client.text.LexicalMatcher.features` (what the serving text step computes) over many rows at once.
+The lexical features of a (query, image) pair come from :meth:`training.data.CorpusTensors.lexical`.
 """
 
 from __future__ import annotations
@@ -19,19 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from amc_client.text import KeywordIndex
+from amc_model.model import AMC
 from training.data import CorpusTensors
-from training.model import AMC
-
-
-def keyword_index(data: CorpusTensors) -> KeywordIndex:
-    """The corpus's keywords indexed by word, with the matcher (and so the term weights) of ``data``."""
-    return KeywordIndex(data.matcher, data.keywords)
-
-
-def lexical_rows(index: KeywordIndex, texts: list[str], rows: np.ndarray | None = None) -> torch.Tensor:
-    """(B,) query texts x ``rows`` (N,) of the collection (None: all) -> (B, N, K, F) lexical features."""
-    return torch.from_numpy(np.stack([index.features(t, rows) for t in texts]))
 
 
 def score_shared(model: AMC, query_text: torch.Tensor, reduced: torch.Tensor, keyword_embeddings: torch.Tensor,
@@ -65,7 +53,6 @@ class CollectionScorer:
     def __init__(self, model: AMC, data: CorpusTensors, *, batch: int = 8) -> None:
         model.eval()
         self.model, self.data, self.batch = model, data, batch
-        self.index = keyword_index(data)
         with torch.no_grad():
             self.u = torch.cat([model.van.project(data.reduced[s:s + 512]) for s in range(0, len(data.reduced), 512)])
             self.tanh_u = torch.tanh(self.u)  # (G, R, H)
@@ -83,7 +70,7 @@ class CollectionScorer:
 
     def _chunk(self, texts: list[str]) -> torch.Tensor:
         q = self.model.qen(self.data.query_text(texts))  # (b, Q)
-        lexical = lexical_rows(self.index, self.data.normalized(texts)).to(q.device)  # (b, G, K, F)
+        lexical = self.data.lexical(texts).to(q.device)  # (b, G, K, F)
         scores, _ = score_projected(self.model, q, self.u, self.tanh_u, self.keyword_projected, self.keyword_mask,
                                     lexical)
         return scores  # (b, G)

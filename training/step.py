@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from amc_model.model import AMC, cosine, ranking_loss
 from training.data import CorpusTensors, LoggedPairs
 from training.distributed import upload
-from training.model import AMC, cosine, ranking_loss
 from training.retrieval import score_shared
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ def collection_loss(model: AMC, data: CorpusTensors, negatives: CollectionNegati
     sample = negatives.sample(qids[:chosen], positives[:chosen], cfg.collection_hard, cfg.collection_random)
     shared = upload(torch.from_numpy(sample.shared), device)
     scores, _ = score_shared(model, query_text[: stop - start], data.reduced[shared], data.keyword_embeddings[shared],
-                             upload(negatives.lexical(qids[start:stop], sample.shared), device))  # (c, P)
+                             upload(data.lexical(negatives.texts_of(qids[start:stop]), sample.shared), device))
     logits = scores.masked_fill(upload(torch.from_numpy(sample.excluded[start:stop]), device), -1e4)
     target = upload(torch.from_numpy(sample.positive_slot[start:stop]), device)
     total = torch.nn.functional.cross_entropy(logits / cfg.collection_temperature, target, reduction="sum")

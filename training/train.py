@@ -46,7 +46,8 @@ import torch
 from tqdm import tqdm
 
 from amc_client.text import TermWeights
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from amc_model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from amc_model.model import AMC
 from training.collection import CollectionNegatives
 from training.config import add_dataclass_args, config_from_args
 from training.corpus import Corpus, Query, load_corpus
@@ -61,7 +62,6 @@ from training.data import (
 from training.distributed import Dist, no_buffer_sync, setup, teardown, upload
 from training.graphed import GraphedStep
 from training.metrics import mean_ndcg
-from training.model import AMC
 from training.sampling import BatchSampler, batch_indices, training_pairs
 from training.step import DeviceTensors, StepLoss, unused_parameters
 from training.train_config import TrainConfig

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from amc_model.model import AMCConfig
 from training.corpus import CorpusConfig
-from training.model import AMCConfig
 
 
 @dataclass(frozen=True)

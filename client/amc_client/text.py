@@ -13,6 +13,13 @@ Two views of text:
   (:class:`TermWeights`, stored with the model version). This is what BM25 does well and embeddings blur:
   "face" occurs on hundreds of images and counts little, "kiwi" on two and counts a lot.
 
+The lexical match has one definition, :func:`lexical_features` (three IDF ratios per keyword), and one way per
+place it runs to find the words a query shares with keywords: :class:`LexicalMatcher` loops over a request's
+keywords (the ``amc`` text step, the PyTorch reference), :class:`KeywordIndex` looks the query's words up in a fixed
+collection's postings (training, a store), and the search graph matches words by number (:class:`StoreWords`;
+``export.store.lexical_match``, in torch). The first two agree to the bit, the graph to float32 rounding
+(``tests/unit/test_text.py``).
+
 Queries as people type them (text rules 2, :data:`TEXT_RULES`): before either view, a query goes through
 :func:`normalize_query`: every emoji becomes its CLDR English name ("🐱" -> "cat face", "🇯🇵" -> "flag japan"),
 then case, underscores and stray punctuation stop mattering ("thumbs_up" = "Thumbs up!" = "thumbs up"). The
@@ -227,15 +234,56 @@ class TermWeights:
         return cls(data["document_frequency"], data["documents"])
 
 
-class LexicalMatcher:
-    """The ``keyword_lexical`` features of candidates for one query (see :data:`LEXICAL_FEATURES`).
+def padded_keywords(keywords: Iterable[Sequence[str]]) -> np.ndarray:
+    """Per-image keyword lists -> (images, K) object array, "" pads (K at least 1): the layout the lexical match
+    below reads (:class:`LexicalMatcher`, :class:`KeywordIndex`, :class:`StoreWords`)."""
+    rows = [list(kw) for kw in keywords]
+    out = np.full((len(rows), max([1, *map(len, rows)])), "", dtype=object)
+    for i, kw in enumerate(rows):
+        out[i, : len(kw)] = kw
+    return out
 
-    Keeps each keyword's weighted words, so that candidate sets that repeat tags cost one lookup per tag.
+
+def lexical_features(matched: np.ndarray, mass: np.ndarray, real: np.ndarray, covered: np.ndarray,
+                     total: float) -> np.ndarray:
+    """The lexical features (:data:`LEXICAL_FEATURES`) of N candidates from what one query shares with their keywords:
+    the one definition the engines below end in (``export.store.lexical_match`` restates it in torch, inside the
+    search graph; ``tests/unit/test_text.py`` holds them equal).
+
+    ``matched`` (N, K): IDF mass of the query's words each keyword has; ``mass`` (N, K): the keyword's own IDF mass;
+    ``real`` (N, K): a keyword, not padding; ``covered`` (N,): IDF mass of the query's words that any keyword of the
+    candidate has; ``total``: the query's IDF mass -> (N, K, 3) float32: 0 on padding and on keywords that match
+    nothing, and everywhere for a query without content words.
+    """
+    out = np.zeros((*matched.shape, len(LEXICAL_FEATURES)), dtype=np.float32)
+    if total <= 0:
+        return out
+    # Written where they are not 0 only: a whole-store search has a few matches among tens of thousands of keywords.
+    slots = np.flatnonzero(matched > 0)
+    found = matched.reshape(-1)[slots]
+    flat = out.reshape(-1, len(LEXICAL_FEATURES))
+    flat[slots, 0] = found / mass.reshape(-1)[slots]  # keyword_in_query
+    flat[slots, 1] = found / total  # query_in_keyword
+    hit = np.flatnonzero(covered > 0)
+    out[hit, :, 2] = np.where(real[hit], covered[hit, None] / total, 0.0)  # query_in_candidate
+    return out
+
+
+class LexicalMatcher:
+    """The ``keyword_lexical`` features of candidates for one query (see :data:`LEXICAL_FEATURES`): keywords sent with
+    a request, matched by a loop over them. :class:`KeywordIndex` does the same for a fixed collection from an index.
+
+    Keeps each keyword's weighted words, so that candidate sets that repeat tags cost one lookup per tag. Every sum
+    of IDFs runs in the query's word order, as :class:`KeywordIndex`'s do, so the two agree to the bit.
     """
 
     def __init__(self, weights: TermWeights) -> None:
         self.weights = weights
         self._keyword_cache: dict[str, dict[str, float]] = {}
+
+    def query_weights(self, query: str) -> dict[str, float]:
+        """The query's content words and their IDFs, in order."""
+        return {w: self.weights.idf(w) for w in content_words(query)}
 
     def _weighted(self, text: str) -> dict[str, float]:
         found = self._keyword_cache.get(text)
@@ -248,96 +296,73 @@ class LexicalMatcher:
     def features(self, query: str, keywords: np.ndarray) -> np.ndarray:
         """``keywords`` (N, K) strings, '' pads -> (N, K, 3) float32; padding and word-less keywords get 0."""
         keywords = np.asarray(keywords, dtype=object)
-        out = np.zeros((*keywords.shape, len(LEXICAL_FEATURES)), dtype=np.float32)
-        q = {w: self.weights.idf(w) for w in content_words(query)}
-        q_total = sum(q.values())
-        if q_total <= 0:
-            return out
-        for c in range(keywords.shape[0]):
-            covered: set[str] = set()
-            real = []
-            for k, text in enumerate(keywords[c]):
-                if not text:
-                    continue
-                real.append(k)
-                kw = self._weighted(text)
-                shared = [w for w in kw if w in q]
-                if not shared:
-                    continue
-                covered.update(shared)
-                matched = sum(kw[w] for w in shared)
-                out[c, k, 0] = matched / sum(kw.values())
-                out[c, k, 1] = matched / q_total
-            if covered:
-                out[c, real, 2] = sum(q[w] for w in covered) / q_total
-        return out
+        q = self.query_weights(query)
+        total = sum(q.values())
+        if total <= 0:
+            return np.zeros((*keywords.shape, len(LEXICAL_FEATURES)), dtype=np.float32)
+        matched, mass = np.zeros(keywords.shape), np.zeros(keywords.shape)
+        covered = np.zeros(len(keywords))
+        words = q.keys()
+        for c, row in enumerate(keywords.tolist()):
+            seen: set[str] = set()
+            for k, text in enumerate(row):
+                kw = self._weighted(text) if text else {}
+                if not words.isdisjoint(kw):
+                    seen.update(kw)
+                    matched[c, k] = sum(idf for w, idf in q.items() if w in kw)
+                    mass[c, k] = sum(kw.values())
+            if seen:
+                covered[c] = sum(idf for w, idf in q.items() if w in seen)
+        return lexical_features(matched, mass, keywords != "", covered, total)
 
 
 class KeywordIndex:
-    """A fixed collection's keywords (a candidate store's) indexed by word, for :meth:`LexicalMatcher.features`
-    over many candidates at once.
+    """A fixed collection's keywords (a candidate store's, a training corpus's) indexed by word: the features of
+    :meth:`LexicalMatcher.features` over many of its rows at once.
 
-    ``features(query, rows)`` equals ``matcher.features(query, keywords[rows])`` but costs one pass over the
-    postings of the query's words plus numpy gathers, instead of a Python loop over every keyword of every
-    candidate: whole-store search scores every stored image for each query. A keyword's words are weighted by
-    the same IDF as the query's, so a keyword's matched weight is the sum of the IDFs of the query words it has.
+    ``features(query, rows)`` equals ``matcher.features(query, keywords[rows])`` to the bit, but costs a pass over the
+    postings of the query's words plus numpy gathers, instead of a Python loop over every keyword of every candidate:
+    whole-store search and training against the collection score every stored image for each query.
     """
-
-    MAX_QUERY_WORDS = 62  # coverage is tracked as one bit per distinct query word in an int64
 
     def __init__(self, matcher: LexicalMatcher, keywords: np.ndarray) -> None:
         keywords = np.asarray(keywords, dtype=object)  # (G, K), "" pads
         self.matcher = matcher
         self.keywords = keywords
         distinct, inverse = np.unique(keywords.reshape(-1), return_inverse=True)
+        self.distinct = len(distinct)
         self.index = inverse.reshape(keywords.shape)  # (G, K) -> distinct keyword
         self.real = keywords != ""  # (G, K)
-        self.total = np.zeros(len(distinct))  # IDF mass of each distinct keyword's words
-        postings: dict[str, list[int]] = {}
-        for u, text in enumerate(distinct.tolist()):
-            if not text:
-                continue
-            weighted = matcher._weighted(text)
-            self.total[u] = sum(weighted.values())
-            for w in weighted:
-                postings.setdefault(w, []).append(u)
-        self.postings = {w: np.array(us, dtype=np.int64) for w, us in postings.items()}
+        weighted = [matcher._weighted(text) if text else {} for text in distinct.tolist()]
+        self.mass = np.array([sum(kw.values()) for kw in weighted], dtype=np.float64)[self.index]  # (G, K)
+        keyword_postings: dict[str, list[int]] = {}  # word -> the distinct keywords that have it
+        for u, kw in enumerate(weighted):
+            for w in kw:
+                keyword_postings.setdefault(w, []).append(u)
+        row_postings: dict[str, list[int]] = {}  # word -> the rows any of whose keywords has it, each row once
+        for g, row in enumerate(self.index.tolist()):
+            for w in {w for u in row for w in weighted[u]}:
+                row_postings.setdefault(w, []).append(g)
+        self.postings = {w: (np.array(us, dtype=np.int64), np.array(row_postings[w], dtype=np.int64))
+                         for w, us in keyword_postings.items()}
 
     def features(self, query: str, rows: np.ndarray | None = None) -> np.ndarray:
         """(N,) rows of the collection (None: all of them) -> (N, K, 3) float32, as ``LexicalMatcher.features``."""
         index = self.index if rows is None else self.index[rows]  # (N, K)
-        real = self.real if rows is None else self.real[rows]
-        out = np.zeros((*index.shape, len(LEXICAL_FEATURES)), dtype=np.float32)
-        q = {w: self.matcher.weights.idf(w) for w in content_words(query)}
-        q_total = sum(q.values())
-        if q_total <= 0:
-            return out
-        if len(q) > self.MAX_QUERY_WORDS:  # rare (a 1 KB query): the reference loop
-            return self.matcher.features(query, self.keywords if rows is None else self.keywords[rows])
-        matched = np.zeros(len(self.total))
-        bits = np.zeros(len(self.total), dtype=np.int64)
-        weights = []
-        for j, (w, idf) in enumerate(q.items()):
-            us = self.postings.get(w)
-            weights.append(idf)
-            if us is not None:
-                matched[us] += idf  # postings hold each keyword once per word
-                bits[us] |= np.int64(1) << j
-        # Only keywords that share a word with the query get non-zero features: find their slots and fill those
-        # (a whole-store search touches every slot once, in the gather below, and the matches alone after it).
-        flat = np.flatnonzero((matched > 0)[index].ravel())  # slots (candidate, keyword) of matching keywords
-        cand, slot = np.divmod(flat, index.shape[1])
-        u = index[cand, slot]
-        out[cand, slot, 0] = matched[u] / self.total[u]
-        out[cand, slot, 1] = matched[u] / q_total
-        covered = np.zeros(index.shape[0], dtype=np.int64)  # query words any keyword of the candidate has
-        np.bitwise_or.at(covered, cand, bits[u])
-        hit = np.flatnonzero(covered)
-        share = np.zeros(len(hit))
-        for j, idf in enumerate(weights):
-            share += ((covered[hit] >> j) & 1) * idf
-        out[hit, :, 2] = np.where(real[hit], (share / q_total)[:, None], 0.0)
-        return out
+        q = self.matcher.query_weights(query)
+        total = sum(q.values())
+        if total <= 0:
+            return np.zeros((*index.shape, len(LEXICAL_FEATURES)), dtype=np.float32)
+        matched = np.zeros(self.distinct)  # per distinct keyword
+        covered = np.zeros(len(self.index))  # per row
+        for w, idf in q.items():
+            found = self.postings.get(w)
+            if found is not None:  # each keyword and each row is in a word's postings once
+                matched[found[0]] += idf
+                covered[found[1]] += idf
+        if rows is None:
+            return lexical_features(matched[index], self.mass, self.real, covered, total)
+        return lexical_features(matched[index], self.mass[rows], self.real[rows], covered[rows], total)
 
 
 def padded_width(n: int, step: int, most: int | None = None) -> int:

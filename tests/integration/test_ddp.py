@@ -25,9 +25,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from amc_model.checkpoint import load_checkpoint
 from tests.conftest import ROOT
 from tests.unit.test_ddp import CONFIG, TINY
-from training.checkpoint import load_checkpoint
 from training.train import train
 
 LOSS_RTOL = 1e-5

@@ -24,6 +24,8 @@ import yaml
 from amc_client import AMCClient, Candidate, InvalidInputError, Routing
 from amc_client import signatures as sig
 from amc_client.text import TermWeights
+from amc_model.checkpoint import save_checkpoint
+from amc_model.model import AMC, AMCConfig
 from deploy.k8s import render as k8s
 from export.publish import publish
 from export.repository import STEPS, set_routing
@@ -31,8 +33,6 @@ from monitoring import render
 from serving import endpoints
 from serving.server import TritonServer
 from tests.unit.test_metrics import CANARY, SERVING, VALUES, grouping, selectors, targets
-from training.checkpoint import save_checkpoint
-from training.model import AMC, AMCConfig
 
 # Labels a scrape adds (not on Triton's page): Prometheus's own, and the k8s job's relabelling.
 TARGET_LABELS = {"instance", "job", "namespace", "pod"}

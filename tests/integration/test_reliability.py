@@ -238,10 +238,10 @@ def test_store_path_requests_take_no_in_flight_slot(repository: tuple[Path, int]
     import shutil
     import threading
 
+    from amc_model.checkpoint import load_checkpoint
     from benchmarks import store_signatures as bench_sig
     from benchmarks.store_models import add_store_models
     from export.store import publish_store
-    from training.checkpoint import load_checkpoint
 
     repo, version = repository
     store_repo = tmp_path / "repository"

@@ -12,6 +12,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from amc_client import signatures as sig
+from amc_model.checkpoint import load_checkpoint
 from benchmarks.store_models import store_ensemble_config
 from export.configs import STEPS, to_text
 from export.onnx_export import export_network
@@ -21,7 +22,6 @@ from serving import loadtest
 from serving.rollout import Rollout, RolloutError, admin_headers
 from serving.server import TritonServer
 from tests.parity.test_rollout import store_gallery
-from training.checkpoint import load_checkpoint
 
 KEY = "rollout-test-key"
 

@@ -62,7 +62,7 @@ TOLERANCE = 1e-4
 
 @functools.cache
 def encoder():
-    from training.text_encoder import TextEncoder
+    from amc_model.text_encoder import TextEncoder
 
     return TextEncoder()
 
@@ -109,8 +109,8 @@ def _toy_config(name: str) -> str:
 
 
 def _build_repository(root: Path) -> Path:
+    from amc_model.text_encoder import tokenizer_json
     from export.onnx_export import export_text_encoder
-    from training.text_encoder import tokenizer_json
 
     repo = root / "repo"
     export_text_encoder(encoder().model, root / "text_encoder.onnx", version=1, fingerprint="test")
@@ -347,7 +347,7 @@ def test_store_text_step_matches_training_code(client: grpcclient.InferenceServe
     np.testing.assert_array_equal(out[sig.TOKENIZER_VERSION.name], [[1], [1]])
     # What the fused store graphs read instead: the queries' WordPiece ids and their words, numbered as the store
     # numbers its keywords' words, with their IDFs.
-    from training.text_encoder import tokenizer_json
+    from amc_model.text_encoder import tokenizer_json
 
     tokens = amc_text.query_tokens(amc_text.load_wordpiece(tokenizer_json()), queries)
     np.testing.assert_array_equal(out[sig.QUERY_TOKENS.name], tokens)

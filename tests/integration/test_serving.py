@@ -30,6 +30,7 @@ from amc_client import (
     pack_request,
 )
 from amc_client import signatures as sig
+from amc_model.checkpoint import load_checkpoint
 from export.publish import publish
 from export.reference import Reference
 from export.repository import STEPS
@@ -38,7 +39,6 @@ from serving.faults import raw_inputs
 from serving.rollout import infer_arrays
 from serving.server import TritonServer
 from serving.supervisor import Supervisor, is_search_ensemble
-from training.checkpoint import load_checkpoint
 
 TOLERANCE = 1e-4
 

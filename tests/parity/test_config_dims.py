@@ -17,6 +17,7 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
 from amc_client import signatures as sig
+from amc_model.model import AMC, AMCConfig
 from benchmarks.store_models import add_store_models
 from benchmarks.store_signatures import FUSED, FUSED_STORE, STORE_NETWORKS
 from export import onnx_export
@@ -26,7 +27,6 @@ from export.onnx_export import ExportError
 from export.publish import publish
 from export.repository import init_repository
 from tests.parity.test_export import KEYWORDS, TERM_WEIGHTS, checkpoint, quiet, tiny_model  # noqa: F401 - checkpoint: a fixture
-from training.model import AMC, AMCConfig
 
 # Every step that Triton serves from an ONNX graph (model.onnx; the text step's encoder runs inside Python): the
 # networks a publish writes and the benchmarks' store graphs. (The search graph runs inside the search step, a Python

@@ -12,6 +12,8 @@ import torch
 
 from amc_client import signatures as sig
 from amc_client.text import TermWeights
+from amc_model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from amc_model.model import AMC, AMCConfig
 from export import onnx_export
 from export import publish as publish_module
 from export.configs import (
@@ -29,8 +31,6 @@ from export.onnx_export import ExportError, export_all, read_metadata
 from export.publish import publish, published_versions
 from export.repository import SEARCH_STEPS, STORE_FILE, set_store_serving
 from export.store import Gallery
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from training.model import AMC, AMCConfig
 
 DOCUMENTS = [["cat", "face"], ["grinning face"], ["dog", "pet"], ["red heart", "love"], ["kiwi fruit", "food"]]
 TERM_WEIGHTS = TermWeights.from_documents(DOCUMENTS).to_json()

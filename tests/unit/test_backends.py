@@ -187,10 +187,10 @@ def _store_text_step(root):
     from google.protobuf import text_format
 
     from amc_client.text import TermWeights
+    from amc_model.text_encoder import tokenizer_json
     from benchmarks.store_models import store_step_config
     from benchmarks.store_signatures import STORE_TOKENIZER
     from export.repository import TextStepFiles, write_text_step
-    from training.text_encoder import tokenizer_json
 
     keywords = [["cat", "face"], ["dog"], ["red heart", "love", "heart"], ["kiwi fruit"]]
     _stand_in_encoder(root / "text_encoder.onnx")
@@ -247,7 +247,7 @@ def test_the_ranking_text_step_reads_queries_by_its_rules_in_process(tmp_path) -
     from export.configs import step_config
     from export.repository import TextStepFiles, write_text_step
     from tests import fake_pb_utils
-    from training.text_encoder import tokenizer_json
+    from amc_model.text_encoder import tokenizer_json
 
     here = tmp_path / sig.TOKENIZER.model_name
     _stand_in_encoder(tmp_path / "text_encoder.onnx")

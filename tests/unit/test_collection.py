@@ -4,9 +4,9 @@ and the whole-collection scorer agrees with the full model."""
 import numpy as np
 import torch
 
+from amc_model.model import AMC, AMCConfig
 from training.collection import CollectionNegatives, visual_neighbours
 from training.data import corpus_tensors, fit_region_pca, term_weights
-from training.model import AMC, AMCConfig
 from training.retrieval import CollectionScorer
 from training.sampling import training_pairs
 

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from amc_model.checkpoint import load_checkpoint
 from tests.conftest import SMALL_CORPUS
-from training.checkpoint import load_checkpoint
 from training.distributed import Dist
 from training.train import train
 from training.train_config import TrainConfig

@@ -1,7 +1,7 @@
-"""No import cycles among the project's modules (issue 22).
+"""No import cycles among the project's modules, and the model apart from training (issue 22).
 
 The modules are every ``.py`` file of the project's packages: each directory with an ``__init__.py`` whose parent
-has none, found at most two levels below the repository root (``training``, ``export``, ``serving``,
+has none, found at most two levels below the repository root (``amc_model``, ``training``, ``export``, ``serving``,
 ``benchmarks``, ``ui``, ``deploy``, ``monitoring``, ``client/amc_client`` as ``amc_client``, and any package added
 later), minus ``tests`` and build outputs. Folders inside a package without an ``__init__.py`` (``serving/backends``)
 are namespace packages: their files are modules too.
@@ -24,6 +24,9 @@ from its package's ``__init__`` (``from pkg import name``, ``name`` not a submod
 
 A cycle is a strongly connected component of this graph with more than one module; the failure names one shortest
 cycle in each, with the file and line of every import on it. Imports by string (``importlib``) are not seen.
+
+The same graph shows what the model package, export and serving take from ``training``: nothing, but for the edges
+``FROM_TRAINING`` lists with their reason (the corpus, and the demo); export's modules also load without it.
 """
 
 from __future__ import annotations
@@ -169,11 +172,60 @@ def describe(cycle: list[str], graph: dict[str, dict[str, str]]) -> str:
 
 def test_the_projects_modules_import_no_cycle():
     modules = project_modules()
-    for package in ("training", "export", "serving", "benchmarks", "ui", "amc_client"):
+    for package in ("amc_model", "training", "export", "serving", "benchmarks", "ui", "amc_client"):
         assert package in modules, f"package {package} not found below {ROOT}"
     graph = import_graph(modules)
     cycles = find_cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(describe(c, graph) for c in cycles)
+
+
+# The model apart from training (issue 22, item 4): amc_model imports nothing from training, and export and serving
+# import the model package, not the trainer. What they may still take from training, each with why; anything else,
+# or an entry here that no longer happens, fails the test below.
+FROM_TRAINING = {
+    # The data set, not the trainer: --store-corpus and the default keyword table read the checkpoint's corpus.
+    ("export.publish", "training.corpus"),
+    # CLDR's emoji names (what text rules 2 read queries with) come from the corpus builder's CLDR parser.
+    ("export.reference", "training.corpus.catalog"),
+    # A corpus store's thumbnails: the corpus's own renderer draws the pictures its features were taken from.
+    ("export.thumbnails", "training.corpus.render"),
+    # make demo trains the model it then serves: the whole pipeline, not a serving module.
+    ("serving.demo", "training.corpus"),
+    ("serving.demo", "training.metrics"),
+    ("serving.demo", "training.train"),
+    ("serving.demo", "training.train_config"),
+}
+
+
+def _module_level_imports(path: Path) -> list[str]:
+    """The modules ``path`` imports when it is loaded: module level statements and the branches of module-level
+    ``if``/``try`` blocks, not the bodies of functions or classes."""
+    out, todo = [], list(ast.parse(path.read_text(encoding="utf-8")).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            out.append(node.module or "")
+        elif isinstance(node, ast.If | ast.Try):
+            todo += [*node.body, *node.orelse, *getattr(node, "finalbody", []),
+                     *(s for h in getattr(node, "handlers", []) for s in h.body)]
+    return out
+
+
+def test_the_model_package_export_and_serving_import_nothing_from_training():
+    modules = project_modules()
+    assert "amc_model.model" in modules and "amc_model.checkpoint" in modules and "amc_model.text_encoder" in modules
+    graph = import_graph(modules)
+    found = {(a, b): where for a, edges in graph.items() for b, where in edges.items()
+             if a.split(".")[0] in ("amc_model", "export", "serving") and b.split(".")[0] == "training"}
+    unexpected = [f"{a} -> {b} ({where})" for (a, b), where in sorted(found.items()) if (a, b) not in FROM_TRAINING]
+    assert not unexpected, "imports from training outside FROM_TRAINING:\n    " + "\n    ".join(unexpected)
+    assert not FROM_TRAINING - set(found), f"FROM_TRAINING lists imports that no longer happen: {FROM_TRAINING - set(found)}"
+    # And export loads without training: its reads of the corpus sit inside the functions that need them.
+    eager = {name: [m for m in _module_level_imports(path) if m.split(".")[0] == "training"]
+             for name, path in modules.items() if name.split(".")[0] == "export"}
+    assert not any(eager.values()), f"export modules importing training when loaded: { {k: v for k, v in eager.items() if v} }"
 
 
 def _write(root: Path, files: dict[str, str]) -> None:

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from amc_client.text import TermWeights
-from training.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
+from amc_model.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
+from amc_model.model import AMC, AMCConfig, masked_softmax, ranking_loss
 from training.config import ConfigError, add_dataclass_args, config_from_args
 from training.metrics import BM25, dcg, ndcg_at_k
-from training.model import AMC, AMCConfig, masked_softmax, ranking_loss
 from training.train_config import TrainConfig
 
 

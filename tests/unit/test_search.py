@@ -1,5 +1,5 @@
-"""Server-side top-k and whole-store search without a server: the top-k step's selection and checks, the store's
-keyword index against the reference lexical matcher, and the client's validation, packing and unpacking."""
+"""Server-side top-k and whole-store search without a server: the top-k step's selection and checks, and the client's
+validation, packing and unpacking (the store's keyword index against the lexical matcher: ``test_text.py``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 
 from amc_client import AMCClient, Candidate, InvalidInputError, _packing, _search
 from amc_client import signatures as sig
-from amc_client.text import KeywordIndex, LexicalMatcher, TermWeights
 from serving.backends.top_k import RequestError, best_first, check_top_k
 
 D = sig.REGION_FEATURE_DIM
@@ -34,25 +33,6 @@ def test_top_k_step_checks(top_k, message):
     with pytest.raises(RequestError, match=message):
         check_top_k(array, len(array) if array.shape[1] == 1 else 1, 5)
     assert check_top_k(np.array([[5], [5]]), 2, 5) == 5
-
-
-def test_keyword_index_equals_the_reference_matcher():
-    rng = np.random.default_rng(0)
-    vocabulary = [f"w{i}" for i in range(50)] + ["cat", "face", "the", "red heart", "猫"]
-    docs = [[" ".join(rng.choice(vocabulary, size=int(rng.integers(1, 3)))) for _ in range(int(rng.integers(0, 5)))]
-            for _ in range(400)]
-    matcher = LexicalMatcher(TermWeights.from_documents(docs))
-    keywords = np.full((len(docs), max(map(len, docs))), "", dtype=object)
-    for g, doc in enumerate(docs):
-        keywords[g, : len(doc)] = doc
-    index = KeywordIndex(matcher, keywords)
-    rows = rng.choice(len(docs), size=37, replace=False)
-    long_query = " ".join(f"x{i}" for i in range(70)) + " cat"  # more words than the bitmask: reference loop
-    for query in ["cat face w1", "w3 w3 w7", "the", "unseen words", "Red HEART", long_query]:
-        np.testing.assert_allclose(index.features(query), matcher.features(query, keywords), rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(index.features(query, rows), matcher.features(query, keywords[rows]), rtol=1e-6,
-                                   atol=1e-7)
-    assert index.features("cat face", rows)[..., 0].any()  # the test does exercise matches
 
 
 @pytest.mark.parametrize(("top_k", "ids", "message"), [

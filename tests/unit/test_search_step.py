@@ -29,14 +29,14 @@ STEP_NAMES = tuple(t.name for t in sig.SEARCH_STEP.inputs)
 
 @pytest.fixture(scope="module")
 def wordpiece():
-    from training.text_encoder import tokenizer_json
+    from amc_model.text_encoder import tokenizer_json
 
     return amc_text.load_wordpiece(tokenizer_json())
 
 
 @pytest.fixture(scope="module")
 def query_text(wordpiece):
-    from training.text_encoder import tokenizer_json
+    from amc_model.text_encoder import tokenizer_json
 
     weights = amc_text.TermWeights.from_documents(KEYWORDS)
     words = amc_text.StoreWords(weights, [k for row in KEYWORDS for k in row])
@@ -196,7 +196,7 @@ def test_query_features_equal_the_reference(query_text, wordpiece):
 
 
 def test_words_queries_bring_are_kept_within_a_bound(query_text, wordpiece):
-    from training.text_encoder import tokenizer_json
+    from amc_model.text_encoder import tokenizer_json
 
     small = search.QueryText(amc_text, wordpiece, query_text.store_words, None, tokenizer_json=tokenizer_json(),
                              max_words=3)
@@ -266,7 +266,7 @@ def step_dir(tmp_path):
 
     from export.configs import SEARCH_SETTINGS, search_step_config
     from export.repository import SEARCH_GRAPH_FILE, TextStepFiles, write_text_step
-    from training.text_encoder import tokenizer_json
+    from amc_model.text_encoder import tokenizer_json
 
     here = tmp_path / sig.SEARCH_STEP.model_name
     files = TextStepFiles(tokenizer_json(), amc_text.TermWeights.from_documents(KEYWORDS).to_json(),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from amc_client.text import LexicalMatcher, TermWeights, load_wordpiece, wordpiece_ids
-from training.text_encoder import TextEncoder, tokenizer_json
+from amc_model.text_encoder import TextEncoder, tokenizer_json
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "minilm_reference.npz"
 CLS, SEP = 101, 102
@@ -66,6 +66,29 @@ def test_lexical_features_weigh_informative_words():
     assert (matcher.features("!!!", keywords) == 0).all()  # no word: no lexical evidence, but no error
 
 
+def test_the_keyword_index_equals_the_matcher_to_the_bit():
+    """The lexical match's two numpy engines (a request's keywords by a loop, a fixed collection's by its postings)
+    give the same float32 features bit for bit, over all rows, some rows (repeated too) and edge-case queries."""
+    from amc_client.text import KeywordIndex
+
+    rng = np.random.default_rng(0)
+    vocabulary = [f"w{i}" for i in range(50)] + ["cat", "face", "the", "red heart", "猫"]
+    docs = [[" ".join(rng.choice(vocabulary, size=int(rng.integers(1, 4)))) for _ in range(int(rng.integers(0, 5)))]
+            for _ in range(400)]
+    matcher = LexicalMatcher(TermWeights.from_documents(docs))
+    keywords = np.full((len(docs), max(map(len, docs))), "", dtype=object)
+    for g, doc in enumerate(docs):
+        keywords[g, : len(doc)] = doc
+    index = KeywordIndex(matcher, keywords)
+    rows = np.concatenate([rng.choice(len(docs), size=37, replace=False), [5, 5]])
+    long_query = " ".join(f"x{i}" for i in range(70)) + " cat w1 w2 w3"  # many words the collection lacks
+    for query in ["cat face w1", "w3 w3 w7", "w1 w2 w3 w4 w5", "the", "unseen words", "Red HEART", "", long_query]:
+        np.testing.assert_array_equal(index.features(query), matcher.features(query, keywords))
+        np.testing.assert_array_equal(index.features(query, rows), matcher.features(query, keywords[rows]))
+    assert index.features("cat face", rows)[..., 0].any()  # the test does exercise matches
+    assert matcher.features("cat", keywords[:0]).shape == (0, keywords.shape[1], 3)
+
+
 def test_the_store_graphs_lexical_match_equals_the_matcher():
     """export.store.lexical_match on StoreWords' numbers equals LexicalMatcher.features, edge cases included: a
     query word the store lacks (counts in the query's total, matches nothing), a stopword-only query (all 0), a
@@ -82,7 +105,7 @@ def test_the_store_graphs_lexical_match_equals_the_matcher():
     store = StoreWords(weights, keywords.reshape(-1).tolist())
     numbers, mass = store.keyword_words(keywords)
     assert numbers.shape[:2] == keywords.shape and (numbers[2] == StoreWords.PAD).all() and mass[1, 0] == 0
-    long = " ".join(f"w{i}" for i in range(70)) + " apple fruit"  # past KeywordIndex's 62 query words
+    long = " ".join(f"w{i}" for i in range(70)) + " apple fruit"  # a long query: 70 words the store lacks
     queries = ["red heart", "quokka kiwi", "the of", "cat cat face quokka", " ".join(f"w{i}" for i in range(9)), long]
     words, idf = store.query(queries)
     assert words.shape == idf.shape == (6, 72)  # 72 content words, a multiple of 8
@@ -219,9 +242,9 @@ def test_checkpoints_record_their_text_rules(tmp_path):
     import torch
 
     from amc_client.text import TEXT_RULES
+    from amc_model.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+    from amc_model.model import AMC, AMCConfig
     from export.publish import check_text_rules
-    from training.checkpoint import fingerprint, load_checkpoint, save_checkpoint
-    from training.model import AMC, AMCConfig
 
     assert TEXT_RULES == 2
     model = AMC(AMCConfig())

@@ -8,7 +8,7 @@ installs offline (see shared/design/amc.md, "Real data that installs offline"):
   (:func:`extract_region_features`), both in ``render``;
 * names and keywords: Unicode CLDR English annotations (Debian ``unicode-cldr-core``): a spoken name
   ("grinning cat with smiling eyes") and a human keyword list ("cat | face | pet") per emoji.
-  (Text is embedded later, by the sentence encoder: ``training.data.TextEmbeddings``.)
+  (Text is embedded later, by the sentence encoder: ``amc_model.text_encoder.TextEmbeddings``.)
 
 From these, :func:`load_corpus` derives (deterministically from ``CorpusConfig.seed``):
 

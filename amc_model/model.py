@@ -3,7 +3,7 @@
 Follows Chen et al., "AMC: Attention guided Multi-modal Correlation Learning for Image Search" (CVPR 2017).
 Where the paper leaves a detail open, the choice made here:
 
-* QEN: the query's sentence embedding from the frozen, pretrained all-MiniLM-L6-v2 (``training.text_encoder``:
+* QEN: the query's sentence embedding from the frozen, pretrained all-MiniLM-L6-v2 (``amc_model.text_encoder``:
   WordPiece subwords, so any English query has an embedding, paraphrases included), then a trainable two-layer
   MLP to ``query_dim``, with the sentence embedding itself appended (``query_skip``: q = [MLP(t), t]), so the
   later linear maps read the encoder's full semantics. The transformer runs in the serving text step; QEN's
@@ -102,7 +102,7 @@ class AMCConfig:
     # MTN's guide vector q': "match" shares q_m (each modality is weighed by how well it alone matches the query in
     # the space where the score is taken), "separate" is the paper's own q' = relu(W' q). Sharing it lifted
     # random100 R@1 from 0.688 to 0.738 over 3 seeds (reports/eval_history.md, row 15); checkpoints that predate
-    # the option were trained with "separate" (training.checkpoint fills it in).
+    # the option were trained with "separate" (amc_model.checkpoint fills it in).
     mtn_guide: str = "match"
     # How the lexical axis pools its keywords' evidence: "attention" weighs each keyword's c . f_i by LAN's
     # attention, "max" takes the strongest keyword's (an exact tag match counts in full however many other tags

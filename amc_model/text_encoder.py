@@ -8,17 +8,21 @@ so that it exports to plain ONNX and its weights load from the package's ``model
 
 Why this encoder (issue 8): WordPiece subwords mean no query word is ever out of vocabulary ("kiwifruit",
 "guardsman", any script), and sentence embeddings put paraphrases close ("kiwifruit" / "kiwi fruit").
-It is frozen: AMC's query encoder trains a small head on top (``training.model.QueryEncoder``), and the
-keywords of every image are encoded once and cached.
+It is frozen: AMC's query encoder trains a small head on top (``amc_model.model.QueryEncoder``), and the
+keywords of every image are encoded once and cached (:class:`TextEmbeddings`).
 
 Tokenization is :func:`amc_client.text.wordpiece_ids`, the function the serving text step runs too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import tempfile
 from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +162,62 @@ class TextEncoder:
 
     def encode_keywords(self, keywords: list[str], **kw) -> np.ndarray:
         return self.encode(keywords, max_tokens=KEYWORD_MAX_TOKENS, **kw)
+
+
+class TextEmbeddings:
+    """Sentence embeddings of texts, computed once per text and kept in ``cache_dir`` across runs: training embeds
+    every query and keyword of its corpus through it, and publish reads the same vectors back for the version's
+    keyword table. A cache file is keyed by the encoder package's version, so a new encoder never reuses old vectors.
+
+    ``kind`` is "query" or "keyword": they are tokenized with different budgets
+    (``QUERY_MAX_TOKENS`` / ``KEYWORD_MAX_TOKENS``), so each kind has its own cache file.
+    """
+
+    def __init__(self, cache_dir: str | Path, *, progress: bool = False) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.progress = progress
+        self._tables: dict[str, dict[str, np.ndarray]] = {}
+        self._encoder = None
+
+    def _path(self, kind: str) -> Path:
+        tag = hashlib.sha256(f"{PACKAGE}={metadata.version(PACKAGE)}/{kind}".encode()).hexdigest()[:12]
+        return self.cache_dir / f"text-{kind}-{tag}.npz"
+
+    def _table(self, kind: str) -> dict[str, np.ndarray]:
+        if kind not in self._tables:
+            table: dict[str, np.ndarray] = {}
+            path = self._path(kind)
+            if path.exists():
+                try:
+                    with np.load(path, allow_pickle=False) as data:
+                        table = dict(zip(data["texts"].tolist(), data["vectors"], strict=True))
+                except Exception as e:  # noqa: BLE001 - an unreadable cache is rebuilt, not crashed on
+                    print(f"[text] rebuilding {path}: unreadable ({type(e).__name__}: {e})", flush=True)
+            self._tables[kind] = table
+        return self._tables[kind]
+
+    def get(self, texts: list[str], kind: str = "query") -> np.ndarray:
+        """(n, E) float32, one row per text."""
+        table = self._table(kind)
+        missing = sorted({t for t in texts if t not in table})
+        if missing:
+            if self._encoder is None:  # loaded only when a text is missing: a warm cache needs no encoder
+                self._encoder = TextEncoder()
+            budget = QUERY_MAX_TOKENS if kind == "query" else KEYWORD_MAX_TOKENS
+            vectors = self._encoder.encode(missing, max_tokens=budget, progress=self.progress and len(missing) > 2000)
+            table.update(zip(missing, vectors, strict=True))
+            self._save(kind, table)
+        if not texts:
+            return np.zeros((0, TEXT_DIM), dtype=np.float32)
+        return np.stack([table[t] for t in texts]).astype(np.float32)
+
+    def _save(self, kind: str, table: dict[str, np.ndarray]) -> None:
+        path = self._path(kind)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
+        os.close(fd)
+        try:
+            np.savez(tmp, texts=np.array(list(table), dtype=str), vectors=np.stack(list(table.values())))
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from amc_client.text import TEXT_RULES
-from training.model import AMC, ENCODER, AMCConfig
+from amc_model.model import AMC, ENCODER, AMCConfig
 
 FORMAT = "amc-checkpoint/2"
 # Format 1 held a GloVe vocabulary: its QEN and LAN read 50-d word vectors, which this code no longer has.
