@@ -301,7 +301,7 @@ def ensemble_config(name: str, version: int, routing: Routing | None = None) -> 
 def search_step_config(settings: SearchSettings, *, sizes: Mapping[str, int] | None = None,
                        max_batch: int = sig.SEARCH_MAX_BATCH) -> mc.ModelConfig:
     """``amc_search_step``'s config: the text step's module in mode search, run as ``settings`` say (the
-    benchmarks write their A/B variants with it), with the search graph's parameters (``text_step.SearchGraph``).
+    benchmarks write their A/B variants with it), with the search graph's parameters (``SearchGraph`` of ``serving/backends/search.py``).
     The same in both flavours (the graph runs inside the Python step)."""
     config = mc.ModelConfig(name=sig.SEARCH_STEP.model_name, max_batch_size=max_batch)
     config.version_policy.all.SetInParent()

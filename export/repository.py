@@ -4,7 +4,7 @@ The configs themselves come from :mod:`export.configs`. A publish writes only wh
 calls and the steps those models run::
 
     amc_tokenizer/config.pbtxt   amc_tokenizer/<N>/{model.py, amc_text.py, amc_onnx_runner.py, amc_top_k.py,
-                                                    amc_admission.py, tokenizer.json,
+                                                    amc_admission.py, amc_search.py, tokenizer.json,
                                                     text_encoder.onnx, term_weights.json, keyword_table.npz,
                                                     version.json}        (the text step, mode raw)
     amc_qen/config.pbtxt         amc_qen/<N>/{model.onnx [, model.py, amc_admission.py]}
@@ -62,6 +62,7 @@ BACKENDS_DIR = Path(__file__).resolve().parent.parent / "serving" / "backends"
 ADMISSION_FILE = "admission.py"  # serving/backends/admission.py, copied as amc_admission.py beside the steps
 TEXT_STEP_FILE = "text_step.py"
 TOP_K_FILE = "top_k.py"
+SEARCH_FILE = "search.py"  # serving/backends/search.py, copied as amc_search.py beside the text steps
 STORE_FILE = "store.json"  # in amc_search_step/<N>/: {"version": N, "size": G, "ids": [...], "keywords": [...]}
 # A text step version's query rules: version.json's "text_rules" (absent: 1, queries as sent) and, from rules 2 on,
 # its emoji names (amc_client.text.EMOJI_NAMES_FILE). KNOWN_TEXT_RULES: the rules this release's text step implements.
@@ -174,6 +175,7 @@ def write_text_step(version_dir: Path, *, version: int, files: TextStepFiles, st
     shutil.copy(BACKENDS_DIR / "onnx_runner.py", version_dir / "amc_onnx_runner.py")
     shutil.copy(BACKENDS_DIR / TOP_K_FILE, version_dir / "amc_top_k.py")
     shutil.copy(BACKENDS_DIR / ADMISSION_FILE, version_dir / "amc_admission.py")
+    shutil.copy(BACKENDS_DIR / SEARCH_FILE, version_dir / "amc_search.py")
     if encoder:
         shutil.copy(files.text_encoder, version_dir / "text_encoder.onnx")
     if files.keyword_table is not None:

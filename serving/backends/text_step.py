@@ -2,14 +2,15 @@
 features and lexical matches; for the fused store graphs, the query's tokens and numbered words).
 
 One module, three Triton models: a publish copies it as ``model.py`` into ``amc_tokenizer/<N>/`` (config parameter
-``mode: raw``) and into ``amc_search_step/<N>/`` (``mode: search``: the whole of ``amc_search`` in this one step, see
-:class:`SearchGraph`); the benchmarks into ``amc_store_tokenizer/<N>/`` (``mode: store``: the text step of their
-store ensembles, ``benchmarks.store_models``). Files beside it (written by ``export.repository``):
+``mode: raw``) and into ``amc_search_step/<N>/`` (``mode: search``: the whole of ``amc_search`` in this one step,
+whose logic is ``search.py``'s functions); the benchmarks into ``amc_store_tokenizer/<N>/`` (``mode: store``: the
+text step of their store ensembles, ``benchmarks.store_models``). Files beside it (written by ``export.repository``):
 
     amc_text.py          copy of amc_client/text.py: WordPiece ids, words, IDF term weights, lexical matches
     amc_onnx_runner.py   copy of onnx_runner.py, for its execution-provider choice and error responses
     amc_top_k.py         copy of top_k.py: store mode checks top_k with its rule before any row is scored
     amc_admission.py     copy of admission.py: the in-flight counter this step admits requests through
+    amc_search.py        copy of search.py: the request rules every mode reads queries by; search mode's logic
     tokenizer.json       the sentence encoder's WordPiece tokenizer
     text_encoder.onnx    all-MiniLM-L6-v2 (signature TEXT_ENCODER): WordPiece ids -> unit-norm embedding
     term_weights.json    the checkpoint's IDF over the candidate collection (amc_client.text.TermWeights)
@@ -40,7 +41,9 @@ Tensors (names and order from config.pbtxt, generated from ``amc_client.signatur
 
 Search mode is one Python step per request (issue 23): it checks the request as store mode does, tokenizes, and runs
 the search graph itself; the dynamic batcher's requests that search as many rows share graph calls. It takes no slot
-of an in-flight counter (nothing after it would free one): its own queue's bound (Triton's) refuses the excess.
+of an in-flight counter (nothing after it would free one): its own queue's bound (Triton's) refuses the excess. Here
+it only moves tensors: ``search.py`` (``amc_search.py``) checks, tokenizes, runs the graph and cuts the answers, as
+functions of numpy arrays; each request gets the outputs it asked for.
 
 Store mode (the benchmarks' ``amc_store`` and ``amc_store_fused``) computes only the outputs a request's ensemble
 maps (``requested_output_names``): the 5-step ``amc_store`` reads the query's embedding and the lexical features (its
@@ -126,10 +129,6 @@ DEFAULT_KEYWORD_CACHE = 20_000  # keywords encoded on the fly that are kept (384
 ENCODER_CHUNK = 256  # texts per encoder call, sorted by length so that a chunk pads little
 
 
-class RequestError(ValueError):
-    """A problem with one request's inputs; becomes that request's INVALID_ARGUMENT error response."""
-
-
 def _load_module(here: Path, filename: str, fallback: str | None = None) -> Any:
     """``filename`` beside this file, loaded by path; else the installed module ``fallback``."""
     local = here / filename
@@ -138,6 +137,7 @@ def _load_module(here: Path, filename: str, fallback: str | None = None) -> Any:
         spec = importlib.util.spec_from_file_location(f"_{local.stem}_{abs(hash(str(local)))}", local)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
         # No __pycache__ in the version directory: Triton would count a new file there as a changed version
         # and re-initialize it on the next load_model.
         before, sys.dont_write_bytecode = sys.dont_write_bytecode, True
@@ -155,15 +155,11 @@ def _load_module(here: Path, filename: str, fallback: str | None = None) -> Any:
                           "(start the server with serving.serve or serving.server.TritonServer so the stub uses the project venv)") from e
 
 
-def _decode(value: bytes | str, what: str) -> str:
-    """UTF-8 text of one BYTES element; ``what`` names it in the error ("query", "keywords[0, 2, 1]")."""
-    if isinstance(value, str):
-        return value
-    try:
-        return bytes(value).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RequestError(f"{what} is not valid UTF-8 (byte 0x{e.object[e.start]:02x} at position {e.start})") \
-            from None
+# The search step's logic and the request rules every mode shares (amc_search.py beside this file; search.py of
+# serving/backends where this file is imported from there): one RequestError for both.
+search_logic = _load_module(Path(__file__).resolve().parent, "amc_search.py", "serving.backends.search")
+RequestError = search_logic.RequestError
+_decode = search_logic.decode
 
 
 class TextFeatures:
@@ -326,113 +322,6 @@ class TextFeatures:
         return self.store_keywords[ids]
 
 
-class SearchGraph:
-    """Mode search's graph call: ``model.onnx`` beside the step (the search graph, ``export.store.SearchStoreGraph``:
-    the sentence encoder, the lexical match, the four networks and TopK over the rows searched) on this process's
-    onnxruntime, fed the queries' tokens and numbered words, with the store's id and keyword strings of the rows it
-    keeps. Config parameters (the generator writes them, ``export.repository``):
-
-    - ``graph_inputs``: the graph's input names, in the order tokens, words, word weights, rows, k (the signatures');
-    - ``io_binding`` (``1`` default): run through ``onnx_runner.BoundSession`` (inputs and outputs bound in buffers on
-      the session's device, a few batch shapes); ``0``: ``session.run`` with host arrays (the A/B's "off");
-    - ``cuda_graph`` (``0`` default): also capture each shape's run as a CUDA graph; where onnxruntime refuses it for
-      this graph (a node it cannot capture), the session runs without, and :meth:`describe` says why;
-    - ``max_rows_per_run`` (131072): queries x rows per graph call at most (the graph's (B, N, R, hidden) tensors:
-      a whole store of 100,000 rows is ~2.5 GB of them per query), ``max_graph_batch`` (64) queries at most;
-    - ``intra_op_num_threads``, ``allow_spinning``, ``execution_provider``, ``use_tf32``: as ``onnx_runner.py``.
-    """
-
-    def __init__(self, folder: Path, params: dict[str, str], args: dict[str, str], runner: Any, model_name: str,
-                 store_keywords: np.ndarray) -> None:
-        import onnxruntime as ort
-
-        self.names = [n.strip() for n in (params.get("graph_inputs") or "").split(",") if n.strip()]
-        self.max_rows = int(params.get("max_rows_per_run") or 131072)
-        self.max_batch = int(params.get("max_graph_batch") or 64)
-        path = folder / (params.get("onnx_file") or "search_store.onnx")
-        graph = (params.get("cuda_graph") or "0").strip() == "1"
-        self.graph_refused = ""
-
-        def open_session(p: dict[str, str]) -> Any:
-            return ort.InferenceSession(str(path), sess_options=runner.session_options(p, model_name),
-                                        providers=runner.execution_providers(p, args, model_name))
-        try:
-            session = open_session(params)
-        except Exception as e:  # noqa: BLE001 - onnxruntime refuses CUDA graphs for some graphs: serve without
-            if not graph:
-                raise
-            self.graph_refused = f"{type(e).__name__}: {e}"
-            graph = False
-            session = open_session({**params, "cuda_graph": "0"})
-        have = [i.name for i in session.get_inputs()]
-        if len(self.names) != 5 or sorted(have) != sorted(self.names):
-            raise ValueError(f"{model_name}: config parameter graph_inputs {self.names} does not name {path.name}'s "
-                             f"inputs {have}")
-        self.session = session
-        on_cuda = session.get_providers()[0] == "CUDAExecutionProvider"
-        device_id = int(session.get_provider_options().get("CUDAExecutionProvider", {}).get("device_id", 0))
-        self.cuda_graph = graph and on_cuda
-        self.bound = None
-        if (params.get("io_binding") or "1").strip() == "1" or self.cuda_graph:
-            self.bound = runner.BoundSession(session, device="cuda" if on_cuda else "cpu", device_id=device_id,
-                                             host_inputs=(self.names[4],), cuda_graph=self.cuda_graph)
-        self.bucket = runner.bucket
-        store = json.loads((folder / "store.json").read_text(encoding="utf-8"))
-        self.ids = np.array([i.encode("utf-8") for i in store["ids"]], dtype=object)  # (G,) UTF-8
-        self.keywords = np.vectorize(lambda k: k.encode("utf-8"), otypes=[object])(store_keywords)  # (G, K)
-
-    def describe(self) -> str:
-        how = "IOBinding" if self.bound is not None else "host arrays"
-        failed = self.bound.graph_error if self.bound is not None else ""
-        graphs = ("CUDA graphs" + (f" (a capture failed, later shapes uncaptured: {failed})" if failed else "")
-                  if self.cuda_graph else "no CUDA graphs (" + self.graph_refused + ")" if self.graph_refused
-                  else "no CUDA graphs")
-        return f"search graph on {self.session.get_providers()[0]}, {how}, {graphs}"
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.bound is not None:
-            return self.bound.run(feeds)
-        names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, feeds), strict=True))
-
-    def search(self, requests: list[_Parsed], features: TextFeatures,
-               names: Sequence[str]) -> list[dict[str, np.ndarray]]:
-        """Requests that search the same number of rows -> each one's outputs by name (``names``: the step's, in the
-        signature's order): the graph's for its top k (``top_k``, else every row), and the store's ids and keywords
-        of the rows kept (``candidate_index``)."""
-        texts = [t for p in requests for t in p.texts]
-        tokens = features.query_tokens(texts, normalized=True)  # (Q, L), one width for all
-        words, weights = features.query_words(texts, normalized=True)  # (Q, W)
-        rows = np.concatenate([p.ids for p in requests])  # (Q, N)
-        n = rows.shape[1]
-        wanted = [p.top_k or n for p in requests]
-        # One k for the whole call, rounded up (TopK's first k of a larger k are the same rows): fewer shapes.
-        k = n if max(wanted) >= n else min(n, 1 << (max(16, max(wanted)) - 1).bit_length())
-        step = max(1, min(self.max_batch, self.max_rows // n))
-        parts = []
-        for start in range(0, len(texts), step):
-            stop = min(len(texts), start + step)
-            size = self.bucket(stop - start)
-            size = size if size <= step else stop - start
-            pad = np.r_[np.arange(start, stop), np.full(size - (stop - start), stop - 1)]  # repeat the last query
-            feeds = dict(zip(self.names, (tokens[pad], words[pad], weights[pad], rows[pad],
-                                          np.full((size, 1), k, dtype=np.int64)), strict=True))
-            out = self.run(feeds)
-            parts.append({name: value[: stop - start] for name, value in out.items()})
-        merged = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-        index, ids, keywords = names[5:8]  # candidate_index (the store rows kept), stored_ids, stored_keywords
-        answers, start = [], 0
-        for p, want in zip(requests, wanted, strict=True):
-            stop = start + len(p.texts)
-            out = {name: value[start:stop, :want] if value.ndim > 1 and value.shape[1] == k else value[start:stop]
-                   for name, value in merged.items()}
-            kept = out[index]
-            out[ids], out[keywords] = self.ids[kept], self.keywords[kept]
-            answers.append(out)
-            start = stop
-        return answers
-
-
 @dataclass
 class _Parsed:
     """One request after validation: its query texts and its candidates."""
@@ -487,16 +376,27 @@ class TritonPythonModel:
             raise ValueError(f"{self.model_name}: text_encoder.onnx gives {self.features.dim}-d embeddings, the "
                              f"config declares {config['output'][0]['dims'][0]}")
         detail = f"{len(self.features.table)} keywords precomputed"
+        # The version's query reading (and, over a store, the search graph's query features).
+        self.queries = search_logic.QueryText(
+            self.features.text, self.features.wordpiece, self.features.store_words, self.features.emoji_names,
+            tokenizer_json=(here / "tokenizer.json").read_text(encoding="utf-8"))
         if self.mode != "raw":
             store = self.features.store_keywords
             if store is None:
                 raise ValueError(f"{self.model_name}: mode store needs store.json in {here}")
             detail = f"store of {len(store)} candidates, {store.shape[1]} keyword slots each"
-            self.all_rows = np.arange(len(store), dtype=np.int64)[None]  # (1, G): the rows of a whole-store search
             # top_k's checks, as the top-k step makes them (amc_top_k.py beside this file): INVALID_ARGUMENT here.
-            self.top_k_rule = _load_module(here, "amc_top_k.py")
+            top_k_rule = _load_module(here, "amc_top_k.py")
+            self.rules = search_logic.Rules(
+                names=tuple(self.input_names), version=self.version, store_size=len(store),
+                max_query_bytes=self.max_query_bytes, normalize=self.queries.normalize,
+                text_rules=self.features.text_rules, check_top_k=top_k_rule.check_top_k,
+                top_k_error=top_k_rule.RequestError, first_repeat=self.runner.first_repeat)
         if searching:
-            self.search = SearchGraph(here, params, args, self.runner, self.model_name, self.features.store_keywords)
+            self.search_module = search_logic
+            self.search = search_logic.SearchGraph(here, params, args, self.runner, self.model_name)
+            self.strings = search_logic.StoreStrings.of((here / "store.json").read_text(encoding="utf-8"))
+            self.bytes = search_logic.SerializedBytes(pb_utils)
             detail += f", {self.search.describe()}"
         self.in_flight = None
         self.early_refusals = True  # answered through the response sender (_answer_now) until a stub lacks it
@@ -528,6 +428,8 @@ class TritonPythonModel:
 
     # ---- serving ---------------------------------------------------------------------------------------
     def execute(self, requests: list[Any]) -> list[Any]:
+        if self.mode == "search":
+            return self._search(requests)
         parsed: list[_Parsed | Exception] = []
         for request in requests:
             try:
@@ -539,8 +441,6 @@ class TritonPythonModel:
         # not after the batch's queries are encoded: under overload the encoding of the admitted requests
         # would otherwise hold every rejection of the batch. Their place in the returned list is None.
         answered = [self._answer_now(r, p) for r, p in zip(requests, parsed, strict=True)]
-        if self.mode == "search":
-            return self._search(parsed, answered)
         # One encoder call for the queries of every request that asks for their embedding (the fused store
         # ensembles do not: their graph runs the encoder).
         encoded = [isinstance(p, _Parsed) and p.asks(self.output_names[0]) for p in parsed]
@@ -625,26 +525,17 @@ class TritonPythonModel:
                 pb_utils.Logger.log_warn(f"{self.model_name}: in-flight counter unusable ({e})")
 
     def _parse(self, request: Any) -> _Parsed:
+        if self.mode == "store":
+            return self._parse_store(request)
         query = self._input(request, self.input_names[0])
         qn = self.input_names[0]
         if query.ndim != 2 or query.shape[1] != 1:
             raise RequestError(f"{qn} must have shape [batch, 1], got {list(query.shape)}")
-        parsed = self._parse_raw(request, query) if self.mode == "raw" else self._parse_store(request, query)
+        parsed = self._parse_raw(request, query)
         for b in range(query.shape[0]):
-            where = qn if query.shape[0] == 1 else f"{qn} {b} of the batch"
-            size = len(query[b, 0])
-            if size > self.max_query_bytes:
-                raise RequestError(f"{where} is {size} bytes long, more than the maximum of {self.max_query_bytes} "
-                                   "bytes of UTF-8")
-            text = _decode(query[b, 0], where)
-            if not text.strip():
-                raise RequestError(f"{where} is empty")
-            normalized = self.features.normalize([text])[0]
-            if not normalized:  # text rules 2: only punctuation and spaces
-                shown = repr(text) if len(text) <= 60 else repr(text[:60]) + "..."
-                raise RequestError(f"{where} {shown} normalizes to nothing: it has no letter, digit or emoji to search "
-                                   f"for (text rules {self.features.text_rules})")
-            parsed.texts.append(normalized)
+            parsed.texts.append(search_logic.read_query(
+                query[b, 0], qn if query.shape[0] == 1 else f"{qn} {b} of the batch", max_bytes=self.max_query_bytes,
+                normalize=self.queries.normalize, rules=self.features.text_rules))
         return parsed
 
     def _check_candidates(self, n: int) -> None:
@@ -698,69 +589,51 @@ class TritonPythonModel:
                 raise RequestError(str(e).replace(kn, f"{kn}[{where}]", 1)) from None
         return _Parsed([], keywords=np.array(decoded, dtype=object)[inverse.reshape(-1)].reshape(keywords.shape))
 
-    def _parse_store(self, request: Any, query: np.ndarray) -> _Parsed:
-        parsed = self._parse_store_ids(request, query)
+    def _parse_store(self, request: Any) -> _Parsed:
+        """Store mode: the search step's checks (:func:`search_logic.parse_request`), and the outputs asked for."""
+        qn, idn, kn = self.input_names
+        found = {t.name(): t.as_numpy() for t in request.inputs()}
+        checked = search_logic.parse_request(found.get(qn), found.get(idn), found.get(kn), self.rules)
         names = getattr(request, "requested_output_names", None)
-        parsed.wants = None if names is None else frozenset(names())
         # No store-path request takes a slot of the in-flight counter: the search step answers its requests itself
         # (Triton's bound on its queue refuses the excess), and the benchmarks' amc_store and amc_store_fused end in
         # an ONNX step, which cannot free one.
-        parsed.counted = False
-        top_k = pb_utils.get_input_tensor_by_name(request, self.input_names[2])
-        if top_k is not None:  # the top-k step's rule, here before any row is scored
-            try:
-                parsed.top_k = self.top_k_rule.check_top_k(top_k.as_numpy(), query.shape[0], parsed.ids.shape[1])
-            except self.top_k_rule.RequestError as e:
-                raise RequestError(str(e)) from None
-        return parsed
+        return _Parsed(checked.texts, ids=checked.rows, whole_store=idn not in found, top_k=checked.top_k,
+                       counted=False, wants=None if names is None else frozenset(names()))
 
-    def _parse_store_ids(self, request: Any, query: np.ndarray) -> _Parsed:
-        qn, idn, _ = self.input_names
-        size = len(self.features.store_keywords)
-        tensor = pb_utils.get_input_tensor_by_name(request, idn)
-        if tensor is None:  # no candidate list: search the whole store
-            return _Parsed([], ids=np.broadcast_to(self.all_rows, (query.shape[0], size)), whole_store=True)
-        ids = tensor.as_numpy()
-        if ids.ndim != 2 or ids.shape[0] != query.shape[0]:
-            raise RequestError(f"{idn} must have shape [batch, candidates] with the {qn}'s batch size "
-                               f"{query.shape[0]}, got {list(ids.shape)}")
-        if ids.shape[1] == 0:
-            raise RequestError("candidate set is empty")
-        bad = (ids < 0) | (ids >= size)
-        if bad.any():
-            where = np.argwhere(bad)[0]
-            raise RequestError(f"{idn}[{where[0]}, {where[1]}] = {int(ids[tuple(where)])} is outside the candidate "
-                               f"store of version {self.version} (0 .. {size - 1})")
-        repeat = self.runner.first_repeat(ids)  # every id is >= 0 by now
-        if repeat is not None:
-            b, row = repeat
-            at = np.flatnonzero(ids[b] == row)[:2].tolist()
-            raise RequestError(f"{idn}[{b}] repeats store row {row} (at positions {at[0]} and {at[1]}); each "
-                               "candidate may appear once")
-        return _Parsed([], ids=ids)
-
-    def _search(self, parsed: list[_Parsed | Exception], answered: list[bool]) -> list[Any]:
-        """Mode search: the admitted requests' queries scored in as few graph calls as their shapes allow (requests
-        that search as many rows run together), each answered with its top k and their store ids and keywords."""
-        responses: list[Any] = [None] * len(parsed)
-        groups: dict[int, list[int]] = {}
-        for i, (p, done) in enumerate(zip(parsed, answered, strict=True)):
-            if done:
-                continue
-            if isinstance(p, Exception):
-                responses[i] = self._refusal(p)
-                continue
-            groups.setdefault(p.ids.shape[1], []).append(i)
-        for members in groups.values():
+    def _search(self, requests: list[Any]) -> list[Any]:
+        """Mode search: each request checked (refusals answered at once), the others searched together
+        (:func:`search_logic.search`), each answered with the outputs it asked for."""
+        names = self.input_names
+        inputs: list[dict[str, np.ndarray] | Exception] = []
+        for request in requests:
             try:
-                found = self.search.search([parsed[i] for i in members], self.features, self.output_names)
-            except Exception as e:  # noqa: BLE001 - the group's requests fail, the instance keeps serving
-                for i in members:
-                    responses[i] = self._error(e)
-                continue
-            for i, outputs in zip(members, found, strict=True):
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor(name, np.ascontiguousarray(outputs[name])) for name in self.output_names])
+                inputs.append({t.name(): t.as_numpy() for t in request.inputs()})
+            except Exception as e:  # noqa: BLE001 - any problem is this request's error, never the instance's
+                inputs.append(e)
+        proven = search_logic.proven_ids([None if isinstance(i, Exception) else i.get(names[1]) for i in inputs],
+                                         self.rules.store_size)
+        parsed: list[Any] = []
+        for request, found, ok in zip(requests, inputs, proven, strict=True):
+            try:
+                if isinstance(found, Exception):
+                    raise found
+                asked = getattr(request, "requested_output_names", None)
+                parsed.append(search_logic.parse_request(found.get(names[0]), found.get(names[1]), found.get(names[2]),
+                                                         self.rules, wants=None if asked is None else asked(),
+                                                         ids_proven=ok))
+            except Exception as e:  # noqa: BLE001
+                parsed.append(e)
+        # Refusals are answered now, through each request's response sender (their place in the list is None).
+        responses = [None if self._answer_now(r, p) else self._refusal(p) if isinstance(p, Exception) else p
+                     for r, p in zip(requests, parsed, strict=True)]
+        todo = [i for i, r in enumerate(responses) if isinstance(r, search_logic.Request)]
+        found = search_logic.search([responses[i] for i in todo], self.search, self.queries, self.strings,
+                                    self.output_names)
+        for i, answer in zip(todo, found, strict=True):
+            responses[i] = self._error(answer) if isinstance(answer, Exception) else pb_utils.InferenceResponse(
+                output_tensors=[self.bytes.tensor(name, array, answer.serialized[name]) if name in answer.serialized
+                                else pb_utils.Tensor(name, array) for name, array in answer.arrays.items()])
         return responses
 
     def _respond(self, p: _Parsed, query_text: np.ndarray | None) -> Any:

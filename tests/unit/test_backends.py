@@ -205,84 +205,76 @@ def _store_text_step(root):
     return here
 
 
-class _FakeBackend:
-    """What text_step.py uses of triton_python_backend_utils, in-process (for the store text step's test below)."""
-
-    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
-
-    class Tensor:
-        def __init__(self, name: str, array: np.ndarray) -> None:
-            self._name, self.array = name, array
-
-        def name(self) -> str:
-            return self._name
-
-        def as_numpy(self) -> np.ndarray:
-            return self.array
-
-    class InferenceResponse:
-        def __init__(self, output_tensors=None, error=None) -> None:
-            self.output_tensors, self.error = output_tensors or [], error
-
-    class TritonError:
-        INVALID_ARG = UNAVAILABLE = INTERNAL = 0
-
-        def __init__(self, message: str, code: int = 0) -> None:
-            self.message = message
-
-    class Logger:
-        @staticmethod
-        def log_info(_: str) -> None:
-            pass
-
-        log_warn = log_error = log_info
-
-    class Request:
-        def __init__(self, inputs: dict[str, np.ndarray], asked: list[str]) -> None:
-            self.inputs, self.asked = inputs, asked
-
-        def requested_output_names(self) -> list[str]:
-            return self.asked
-
-    @staticmethod
-    def get_input_tensor_by_name(request, name: str):
-        return _FakeBackend.Tensor(name, request.inputs[name]) if name in request.inputs else None
-
-
 def test_store_text_step_computes_only_the_outputs_asked_for(tmp_path, monkeypatch) -> None:
     """In one batch, a request of the fused store ensembles (tokens and words) and one of amc_store (the query's
     embedding): with the encoder broken, the first is answered and only the second fails, so the first never
-    reached the encoder. The step runs in-process here, with a stand-in for Triton's backend utilities."""
-    import importlib.util
-    import sys
-
+    reached the encoder. The step runs in-process here, with the shared stand-in for Triton's backend utilities."""
     from google.protobuf import json_format
 
     from benchmarks.store_signatures import STORE_TOKENIZER
     from export.configs import parse_config
+    from tests import fake_pb_utils
 
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakeBackend)
     here = _store_text_step(tmp_path)
-    spec = importlib.util.spec_from_file_location("_store_text_step_under_test", here / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    step = module.TritonPythonModel()
     config = json_format.MessageToDict(parse_config((here / "config.pbtxt").read_text()),
                                        preserving_proto_field_name=True)
     for tensor in config["input"] + config["output"]:  # protobuf's JSON writes int64 as strings, Triton's as numbers
         tensor["dims"] = [int(d) for d in tensor["dims"]]
-    step.initialize({"model_config": json.dumps(config), "model_name": STORE_TOKENIZER.model_name,
-                     "model_version": "1", "model_repository": str(here)})
+    with fake_pb_utils.installed() as pb_utils:
+        step = fake_pb_utils.load_step(here / "1" / "model.py").TritonPythonModel()
+        step.initialize({"model_config": json.dumps(config), "model_name": STORE_TOKENIZER.model_name,
+                         "model_version": "1", "model_repository": str(here)})
 
-    def broken(_queries, **_options):
-        raise RuntimeError("encoder down")
+        def broken(_queries, **_options):
+            raise RuntimeError("encoder down")
 
-    monkeypatch.setattr(step.features, "query_text", broken)
-    inputs = {sig.QUERY.name: np.array([[b"red heart"]], dtype=object),
-              sig.CANDIDATE_IDS.name: np.array([[2, 0]], dtype=np.int64)}
-    fused = [sig.QUERY_TOKENS.name, sig.QUERY_WORDS.name, sig.QUERY_WORD_WEIGHTS.name]
-    five_step = [sig.QUERY_TEXT.name, sig.KEYWORD_LEXICAL.name, sig.TOKENIZER_VERSION.name]
-    answers = step.execute([_FakeBackend.Request(inputs, fused), _FakeBackend.Request(inputs, five_step)])
-    assert answers[0].error is None and [t.name() for t in answers[0].output_tensors] == fused
-    assert answers[1].error is not None and "encoder down" in answers[1].error.message
+        monkeypatch.setattr(step.features, "query_text", broken)
+        inputs = {sig.QUERY.name: np.array([[b"red heart"]], dtype=object),
+                  sig.CANDIDATE_IDS.name: np.array([[2, 0]], dtype=np.int64)}
+        fused = [sig.QUERY_TOKENS.name, sig.QUERY_WORDS.name, sig.QUERY_WORD_WEIGHTS.name]
+        five_step = [sig.QUERY_TEXT.name, sig.KEYWORD_LEXICAL.name, sig.TOKENIZER_VERSION.name]
+        answers = step.execute([pb_utils.InferenceRequest(inputs, fused), pb_utils.InferenceRequest(inputs, five_step)])
+    assert not answers[0].has_error() and list(fake_pb_utils.outputs(answers[0])) == fused
+    assert answers[1].has_error() and "encoder down" in answers[1].error().message()
+
+
+def test_the_ranking_text_step_reads_queries_by_its_rules_in_process(tmp_path) -> None:
+    """The raw text step (amc_tokenizer) in-process: a query is read by the version's text rules (emoji names, case,
+    punctuation), and one that normalizes to nothing or is not UTF-8 is refused with the message a server gives."""
+    from google.protobuf import json_format
+
+    from amc_client.text import EmojiNames, TermWeights
+    from export.configs import step_config
+    from export.repository import TextStepFiles, write_text_step
+    from tests import fake_pb_utils
+    from amc_model.text_encoder import tokenizer_json
+
+    here = tmp_path / sig.TOKENIZER.model_name
+    _stand_in_encoder(tmp_path / "text_encoder.onnx")
+    files = TextStepFiles(tokenizer_json(), TermWeights.from_documents([["cat", "face"], ["thumbs up"]]).to_json(),
+                          tmp_path / "text_encoder.onnx", text_rules=2,
+                          emoji_names_json=EmojiNames({"🐱": "cat face"}).to_json())
+    write_text_step(here / "1", version=1, files=files)
+    config = step_config(sig.TOKENIZER, "python")
+    config.parameters["max_in_flight"].string_value = "0"  # no top-k step frees slots here
+    config = json_format.MessageToDict(config, preserving_proto_field_name=True)
+    for tensor in config["input"] + config["output"]:
+        tensor["dims"] = [int(d) for d in tensor["dims"]]
+    with fake_pb_utils.installed() as pb_utils:
+        step = fake_pb_utils.load_step(here / "1" / "model.py").TritonPythonModel()
+        step.initialize({"model_config": json.dumps(config), "model_name": sig.TOKENIZER.model_name,
+                         "model_version": "1", "model_repository": str(here)})
+
+        def request(query: bytes):
+            return pb_utils.InferenceRequest({sig.QUERY.name: np.array([[query]], dtype=object),
+                                              sig.KEYWORDS.name: np.array([[[b"cat face", b""]]], dtype=object),
+                                              sig.REGION_MASK.name: np.ones((1, 1, 2), dtype=bool)})
+
+        requests = [request("🐱 Thumbs_Up!".encode()), request(b"?!"), request(b"\xff\xfecat")]
+        answers = [fake_pb_utils.answer(r, a) for r, a in zip(requests, step.execute(requests), strict=True)]
+    assert not answers[0].has_error()
+    lexical = fake_pb_utils.outputs(answers[0])[sig.KEYWORD_LEXICAL.name]  # "cat face" read in the query
+    assert lexical.shape == (1, 1, 2, 3) and lexical[0, 0, 0, 0] == 1.0
+    assert "query '?!' normalizes to nothing" in answers[1].error().message()
+    assert "query is not valid UTF-8 (byte 0xff at position 0)" in answers[2].error().message()
+    assert answers[2].error().code() == pb_utils.TritonError.INVALID_ARG
