@@ -47,6 +47,14 @@ Where the paper leaves a detail open, the choice made here:
   keeps it monotone (a picture that agrees more never earns less trust); both start where the sign flips at a
   picture match of about 0 (see ``ModalityFusion.__init__``), and training against whole-collection negatives
   (``training.collection``) sets them.
+* The picture is not the only witness (``tag_agreement``, issue 21). For a concept the visual half never saw in
+  training (a test-split emoji), no picture matches the query, so the agreement above flipped the sign of every
+  exact match on it, the true ones included: "heavy equals sign", whose image carries those very tags, came 321st of
+  3,635 while BM25 put it first. A wrong auto-tag has a second tell that needs no picture: it is an outsider among
+  the image's other tags, where a true tag has kin. Each keyword's coherence ``h`` (its best cosine with another
+  keyword of the same image, :func:`keyword_coherence`) joins the agreement's logit,
+  ``+ softplus(r) * (h - t)``, for the keyword that carries the evidence (max pooling; the attention's mix
+  otherwise). It depends on the keywords alone, so a store computes it once at publish.
 
 Masks: every softmax is over unmasked items only; padding gets exactly 0 weight. A candidate with nothing
 unmasked (padding) gets zero vectors and a score of 0.
