@@ -49,7 +49,7 @@ Where the paper leaves a detail open, the choice made here:
   (``training.collection``) sets them.
 * The picture is not the only witness (``tag_agreement``, issue 21). For a concept the visual half never saw in
   training (a test-split emoji), no picture matches the query, so the agreement above flipped the sign of every
-  exact match on it, the true ones included: "heavy equals sign", whose image carries those very tags, came 321st of
+  exact match on it, the true ones included: "heavy equals sign", whose image carries those very tags, came 322nd of
   3,635 while BM25 put it first. A wrong auto-tag has a second tell that needs no picture: it is an outsider among
   the image's other tags, where a true tag has kin. Each keyword's coherence ``h`` (its best cosine with another
   keyword of the same image, :func:`keyword_coherence`) joins the agreement's logit,
