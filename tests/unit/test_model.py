@@ -405,3 +405,23 @@ def test_shared_candidates_score_as_per_query_lists(options):
                          shared_keywords.expand(3, *shared_keywords.shape), lexical).scores
         scores, _ = score_shared(model, query, model.van.reduce(shared_regions), shared_keywords, lexical)
     assert torch.allclose(scores, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["keywords_only", "visual_only", "equal_fusion"])
+def test_the_tags_witness_changes_no_baseline(mode):
+    """tag_agreement is read by MTN's learned weights only: a baseline (fixed weights) scores, and gets gradients,
+    exactly as without it, from the same initialisation (its parameters are created in the same order and the
+    witness draws no random numbers), so its training and figures are unchanged."""
+    inputs = _inputs()
+    results = []
+    for tag in (True, False):
+        model = _model(mode, tag_agreement=tag).train()
+        out = model(*inputs)
+        out.scores.sum().backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((out.scores.detach(), grads, {k: v for k, v in model.state_dict().items()}))
+    (with_scores, with_grads, with_state), (plain_scores, plain_grads, plain_state) = results
+    assert torch.equal(with_scores, plain_scores)
+    assert with_grads.keys() == plain_grads.keys() and all(torch.equal(with_grads[k], plain_grads[k]) for k in plain_grads)
+    assert set(with_state) - set(plain_state) == {"mtn.tag_witness"}
+    assert all(torch.equal(with_state[k], plain_state[k]) for k in plain_state)
