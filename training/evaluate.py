@@ -321,11 +321,12 @@ def add_earlier_baselines(out: Path, earlier: Path) -> list[str]:
     missing = [m for m in taken if m not in then["train_seconds"]]
     if missing:
         raise ValueError(f"--baselines-from {earlier}: it has no figures for {missing}")
+    order = (*LEARNED, *TEXT_BASELINES, REFERENCE)  # the tables' rows in the order a full run writes them
     for protocol, groups in now["per_seed"].items():
         for group, metrics in groups.items():
             for metric, by_method in metrics.items():
-                for method in taken:
-                    by_method[method] = then["per_seed"][protocol][group][metric][method]
+                merged = {**by_method, **{m: then["per_seed"][protocol][group][metric][m] for m in taken}}
+                metrics[metric] = {m: merged[m] for m in order if m in merged}
     for method in taken:
         now["train_seconds"][method] = then["train_seconds"][method]
     now["baselines_from"] = {"path": str(earlier), "methods": taken, "differing_fields": list(AMC_ONLY_FIELDS)}
@@ -472,10 +473,11 @@ def markdown(report: dict, details: dict) -> str:
         f"{w['clean_keywords']:.3f}, noisy keywords {w['noisy_keywords']:.3f} "
         f"(ratio {w['noisy_keywords'] / w['clean_keywords']:.2f}).", "",
         f"Mean training time per model in seconds: {seconds}.", "",
-        *([f"The learned baselines {', '.join(details['baselines_from']['methods'])} are those of an earlier run "
-           f"(`{details['baselines_from']['path']}`, `--baselines-from`) whose configuration differed only in "
-           f"{', '.join(details['baselines_from']['differing_fields'])}, which only AMC reads; its text baselines "
-           "agreed with this run's to the last digit.", ""] if details.get("baselines_from") else []),
+        *([f"The learned baselines {', '.join(details['baselines_from']['methods'])} are those of the earlier run "
+           f"whose details this run read from `{details['baselines_from']['path']}` (`--baselines-from`; git keeps "
+           f"that file): its configuration differed only in {', '.join(details['baselines_from']['differing_fields'])}"
+           ", which only AMC reads, and its text baselines agreed with this run's to the last digit.", ""]
+          if details.get("baselines_from") else []),
         "![NDCG@k per method](ndcg.png)", "", "![Attention on test queries](attention.png)", "",
         "What was tried to get here, step by step with figures: [eval_history.md](eval_history.md).", "",
         "## Corpus", "", "```", details["summary"], "```", ""]
