@@ -103,9 +103,10 @@ def load_checkpoint(path: str | Path, *, expect: AMCConfig | None = None) -> Che
     try:
         # Checkpoints written before MTN's guide, the lexical pooling, MTN's lexical gate and monotone evidence
         # became options used the paper's separate W', attention pooling, no gate and a free evidence weight c;
-        # those before the visual agreement trusted every tag match alike.
+        # those before the visual agreement trusted every tag match alike, those before the tags' witness asked the
+        # picture alone.
         config = AMCConfig.from_dict({"mtn_guide": "separate", "lexical_pool": "attention", "gate_lexical": False,
-                                      "lexical_monotone": False, "visual_agreement": False,
+                                      "lexical_monotone": False, "visual_agreement": False, "tag_agreement": False,
                                       **payload["model_config"]})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid model configuration: {e}") from e

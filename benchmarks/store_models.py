@@ -159,7 +159,8 @@ class LANStoreGraph(StoreBuffers):
 
     def forward(self, query_embedding, keyword_lexical, candidate_ids):
         keyword, attention = self.model.lan.forward_projected(
-            query_embedding, self.keyword_projected[candidate_ids], self.keyword_mask[candidate_ids], keyword_lexical)
+            query_embedding, self.keyword_projected[candidate_ids], self.keyword_mask[candidate_ids], keyword_lexical,
+            self.coherence(self.model, candidate_ids))
         return keyword, attention, _version_column(query_embedding, self.version)
 
 

@@ -45,7 +45,7 @@ from amc_client.text import (
     query_tokens,
     words,
 )
-from amc_model.model import AMC
+from amc_model.model import AMC, keyword_coherence
 from export.onnx_export import (
     TOLERANCE,
     ExportError,
@@ -197,6 +197,16 @@ class StoreBuffers(nn.Module):
         if with_keywords:
             self.register_buffer("keyword_projected", torch.from_numpy(store.keyword_projected))
             self.register_buffer("keyword_mask", torch.from_numpy(store.keyword_mask))
+            # Each stored keyword's agreement with the row's other keywords (AMCConfig.tag_agreement): query-free,
+            # so computed here once; a graph whose model does not read it leaves it out of its trace.
+            coherence = [keyword_coherence(torch.from_numpy(store.keyword_embeddings[s:s + CHUNK]))
+                         for s in range(0, len(store), CHUNK)]
+            self.register_buffer("keyword_coherence", torch.cat(coherence) if coherence else
+                                 torch.zeros(store.keyword_mask.shape))
+
+    def coherence(self, model: AMC, candidate_ids: torch.Tensor) -> torch.Tensor | None:
+        """The candidates' keyword coherence (B, N, K) where ``model`` reads it, else None."""
+        return self.keyword_coherence[candidate_ids] if model.config.tag_agreement else None
 
 
 def _fp32(gathered: torch.Tensor) -> torch.Tensor:
@@ -267,7 +277,8 @@ class FusedStoreGraph(StoreBuffers):
         visual, region_attention = self.model.van.forward_projected(q, _fp32(self.projected[candidate_ids]),
                                                                     self.region_mask[candidate_ids])
         keyword, keyword_attention = self.model.lan.forward_projected(
-            q, _fp32(self.keyword_projected[candidate_ids]), self.keyword_mask[candidate_ids], keyword_lexical)
+            q, _fp32(self.keyword_projected[candidate_ids]), self.keyword_mask[candidate_ids], keyword_lexical,
+            self.coherence(self.model, candidate_ids))
         scores, weights = self.model.mtn(q, visual, keyword)
         return scores, weights, region_attention, keyword_attention, _version_column(query_text, self.version)
 

@@ -58,6 +58,10 @@ METHODS = (*LEARNED, *TEXT_BASELINES)
 NDCG_KEYS = tuple(f"ndcg@{k}" for k in NDCG_KS)
 GROUPS = ("all", "noisy", "clean")
 RESULT_NEUTRAL = ("progress",)  # TrainConfig fields that change no figure: a resumed run may differ in them
+# TrainConfig fields that only AMC's learned MTN weights read: a baseline trains and scores the same whatever they are
+# (tests/unit/test_model.py::test_the_tags_witness_changes_no_baseline), so --baselines-from may take the learned
+# baselines of a run that differs from this one in these fields alone.
+AMC_ONLY_FIELDS = ("tag_agreement",)
 
 
 def text_baselines(corpus: Corpus, data: CorpusTensors, lists: list[protocols.RankingList], *,
@@ -173,12 +177,16 @@ def run(base: TrainConfig, seeds: list[int], out: Path, *, methods=LEARNED, log=
     if resume:
         per_seed, timings, sizes, done = _resumed(out, base, seeds, methods)
 
+    earlier = {}  # where the learned baselines came from (add_earlier_baselines), kept through a resume
+    if resume and (out / "eval_details.json").is_file():
+        earlier = {k: v for k, v in json.loads((out / "eval_details.json").read_text()).items() if k == "baselines_from"}
+
     def write(seeds_done: list[int]) -> dict:
         report = summarize(per_seed, weights)
         write_reports(out, report, {"seeds": seeds_done, "seeds_requested": seeds,
                                     "per_seed": per_seed, "list_counts": sizes, "train_seconds": timings,
                                     "config": dataclasses.asdict(base),
-                                    "summary": examples[0].summary() if examples else ""}, examples)
+                                    "summary": examples[0].summary() if examples else "", **earlier}, examples)
         return report
 
     def record(protocol: str, method: str, metrics: dict[str, dict]) -> None:
@@ -283,6 +291,47 @@ def run_in_processes(base: TrainConfig, seeds: list[int], out: Path, jobs: int, 
     merged |= {"seeds": seeds, "seeds_requested": seeds, "config": json.loads(config_file.read_text())}
     (out / "eval_details.json").write_text(json.dumps(merged, indent=2) + "\n")
     return run(base, seeds, out, methods=methods, log=log, resume=True)
+
+
+def add_earlier_baselines(out: Path, earlier: Path) -> list[str]:
+    """Complete ``out``'s eval_details.json, from a run without some learned baselines, with their per-seed figures
+    and training times from ``earlier`` (an eval_details.json): allowed only where the two runs' configurations differ
+    in :data:`AMC_ONLY_FIELDS` alone, cover the same seeds and lists, and their text baselines, which read the same
+    corpus and lists, agree to the last digit. Returns the methods taken."""
+    path = out / "eval_details.json"
+    now, then = json.loads(path.read_text()), json.loads(earlier.read_text())
+
+    def shared(config: dict) -> dict:
+        return {k: v for k, v in _affecting_results(config).items() if k not in AMC_ONLY_FIELDS}
+    differing = sorted(k for k in set(shared(now["config"])) | set(shared(then["config"]))
+                       if shared(now["config"]).get(k) != shared(then["config"]).get(k))
+    if differing:
+        raise ValueError(f"--baselines-from {earlier}: its configuration differs in {differing}, which baselines read")
+    if then["seeds"] != now["seeds"] or then["list_counts"] != now["list_counts"]:
+        raise ValueError(f"--baselines-from {earlier}: seeds {then['seeds']} / lists differ from this run's")
+    for protocol, groups in now["per_seed"].items():
+        for group, metrics in groups.items():
+            for metric, by_method in metrics.items():
+                for method in (*TEXT_BASELINES, REFERENCE):
+                    old = then["per_seed"][protocol][group][metric].get(method)
+                    if method in by_method and not np.array_equal(old, by_method[method], equal_nan=True):
+                        raise ValueError(f"--baselines-from {earlier}: {method}'s {protocol} {group} {metric} differs "
+                                         f"({old} vs {by_method[method]}): not the same corpus and lists")
+    taken = [m for m in LEARNED if m not in now["train_seconds"]]
+    missing = [m for m in taken if m not in then["train_seconds"]]
+    if missing:
+        raise ValueError(f"--baselines-from {earlier}: it has no figures for {missing}")
+    order = (*LEARNED, *TEXT_BASELINES, REFERENCE)  # the tables' rows in the order a full run writes them
+    for protocol, groups in now["per_seed"].items():
+        for group, metrics in groups.items():
+            for metric, by_method in metrics.items():
+                merged = {**by_method, **{m: then["per_seed"][protocol][group][metric][m] for m in taken}}
+                metrics[metric] = {m: merged[m] for m in order if m in merged}
+    for method in taken:
+        now["train_seconds"][method] = then["train_seconds"][method]
+    now["baselines_from"] = {"path": str(earlier), "methods": taken, "differing_fields": list(AMC_ONLY_FIELDS)}
+    path.write_text(json.dumps(now, indent=2) + "\n")
+    return taken
 
 
 def write_reports(out: Path, report: dict, details: dict, examples) -> None:
@@ -424,6 +473,11 @@ def markdown(report: dict, details: dict) -> str:
         f"{w['clean_keywords']:.3f}, noisy keywords {w['noisy_keywords']:.3f} "
         f"(ratio {w['noisy_keywords'] / w['clean_keywords']:.2f}).", "",
         f"Mean training time per model in seconds: {seconds}.", "",
+        *([f"The learned baselines {', '.join(details['baselines_from']['methods'])} are those of the earlier run "
+           f"whose details this run read from `{details['baselines_from']['path']}` (`--baselines-from`; git keeps "
+           f"that file): its configuration differed only in {', '.join(details['baselines_from']['differing_fields'])}"
+           ", which only AMC reads, and its text baselines agreed with this run's to the last digit.", ""]
+          if details.get("baselines_from") else []),
         "![NDCG@k per method](ndcg.png)", "", "![Attention on test queries](attention.png)", "",
         "What was tried to get here, step by step with figures: [eval_history.md](eval_history.md).", "",
         "## Corpus", "", "```", details["summary"], "```", ""]
@@ -441,11 +495,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="seeds evaluated at once, each in its own process")
     parser.add_argument("--methods", nargs="+", choices=LEARNED, default=list(LEARNED),
                         help="learned methods to train (amc always among them); fewer for an ablation of AMC alone")
+    parser.add_argument("--baselines-from", dest="baselines_from", type=Path, default=None,
+                        help="an earlier eval_details.json whose learned baselines complete this run's (its "
+                             f"configuration may differ only in {', '.join(AMC_ONLY_FIELDS)}); the reports are then "
+                             "rewritten with every method")
     add_dataclass_args(parser, TrainConfig)
     args = parser.parse_args(argv)
     seeds, out_dir, resume, jobs = args.seeds, args.out_dir, args.resume_seeds, args.jobs
     methods = tuple(m for m in LEARNED if m in args.methods)  # the report's order, whatever the command line's
-    del args.seeds, args.out_dir, args.resume_seeds, args.jobs, args.methods
+    baselines_from = args.baselines_from
+    del args.seeds, args.out_dir, args.resume_seeds, args.jobs, args.methods, args.baselines_from
     if jobs < 1:
         parser.error(f"--jobs must be >= 1, got {jobs}")
     if "amc" not in methods:
@@ -457,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
             report = run_in_processes(base, seeds, out_dir, jobs, methods=methods, resume=resume)
         else:
             report = run(base, seeds, out_dir, methods=methods, resume=resume)
+        if baselines_from is not None and methods != LEARNED:
+            taken = add_earlier_baselines(out_dir, baselines_from)
+            print(f"learned baselines {taken} from {baselines_from}")
+            report = run(base, seeds, out_dir, methods=LEARNED, resume=True)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,17 +32,18 @@ def score_shared(model: AMC, query_text: torch.Tensor, reduced: torch.Tensor, ke
     """
     u = model.van.project(reduced)  # (N, R, H): once per image
     return score_projected(model, model.qen(query_text), u, torch.tanh(u), model.lan.project(keyword_embeddings),
-                           (keyword_embeddings != 0).any(-1), keyword_lexical)
+                           (keyword_embeddings != 0).any(-1), keyword_lexical, model.lan.coherence(keyword_embeddings))
 
 
 def score_projected(model: AMC, q: torch.Tensor, u: torch.Tensor, tanh_u: torch.Tensor,
                     keyword_projected: torch.Tensor, keyword_mask: torch.Tensor,
-                    keyword_lexical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    keyword_lexical: torch.Tensor, coherence: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """VAN, LAN and MTN from the images' projections: q (B, Q) query embeddings; u = W_v PCA(regions) (N, R, H) and
-    its tanh; keyword_projected (N, K, H) and keyword_mask (N, K); keyword_lexical (B, N, K, F) -> scores (B, N),
-    MTN's weights (B, N, 2)."""
+    its tanh; keyword_projected (N, K, H), keyword_mask and (``tag_agreement``) the keywords' coherence (N, K);
+    keyword_lexical (B, N, K, F) -> scores (B, N), MTN's weights (B, N, 2)."""
     visual, _ = model.van.forward_shared(q, u, tanh_u)  # (B, N, H)
-    keyword, _ = model.lan.forward_shared(q, keyword_projected, keyword_mask, keyword_lexical)
+    keyword, _ = model.lan.forward_shared(q, keyword_projected, keyword_mask, keyword_lexical, coherence)
     return model.mtn(q, visual, keyword)
 
 
@@ -57,6 +58,7 @@ class CollectionScorer:
             self.u = torch.cat([model.van.project(data.reduced[s:s + 512]) for s in range(0, len(data.reduced), 512)])
             self.tanh_u = torch.tanh(self.u)  # (G, R, H)
             self.keyword_projected = model.lan.project(data.keyword_embeddings)  # (G, K, H)
+            self.coherence = model.lan.coherence(data.keyword_embeddings)  # (G, K) or None
         self.keyword_mask = (data.keyword_embeddings != 0).any(-1)  # (G, K)
 
     @torch.no_grad()
@@ -72,5 +74,5 @@ class CollectionScorer:
         q = self.model.qen(self.data.query_text(texts))  # (b, Q)
         lexical = self.data.lexical(texts).to(q.device)  # (b, G, K, F)
         scores, _ = score_projected(self.model, q, self.u, self.tanh_u, self.keyword_projected, self.keyword_mask,
-                                    lexical)
+                                    lexical, self.coherence)
         return scores  # (b, G)

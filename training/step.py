@@ -69,7 +69,8 @@ def auxiliary_losses(model: AMC, data: CorpusTensors, out, index: torch.Tensor, 
         visual_scores = cosine(q_match.unsqueeze(1), out.visual_vector)  # (b, 1 + t)
         loss = loss + cfg.visual_rank_weight * ranking_loss(visual_scores, cfg.margin)
     if cfg.language_rank_weight:
-        language_scores = cosine(model.mtn.query_vectors(out.query_embedding)[1].unsqueeze(1), out.keyword_vector)
+        keyword_vector = model.mtn.split(out.keyword_vector)[0]  # k^q without the tags' coherence
+        language_scores = cosine(model.mtn.query_vectors(out.query_embedding)[1].unsqueeze(1), keyword_vector)
         loss = loss + cfg.language_rank_weight * ranking_loss(language_scores, cfg.margin)
     if cfg.visual_contrastive_weight:
         local = upload(index[:, 0], device)  # (b,) this rank's queries' clicked images

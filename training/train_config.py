@@ -38,6 +38,7 @@ class TrainConfig:
     init_lexical_gate: float = 4.0
     lexical_monotone: bool = True  # AMCConfig.lexical_monotone
     visual_agreement: bool = True  # AMCConfig.visual_agreement (needs gate_lexical; off where the gate is off)
+    tag_agreement: bool = True  # AMCConfig.tag_agreement (needs visual_agreement; off where that is off)
     hidden: int = 128
     pca_dim: int = 256
     # Visual-only auxiliary losses (issue 8: VAN was weak where keywords are noise, because the fused loss lets
@@ -92,4 +93,5 @@ class TrainConfig:
                          lexical_axis=self.lexical_axis, projection_bias=self.projection_bias,
                          mtn_guide=self.mtn_guide, lexical_pool=self.lexical_pool,
                          gate_lexical=self.gate_lexical, lexical_monotone=self.lexical_monotone,
-                         visual_agreement=self.visual_agreement and self.gate_lexical)
+                         visual_agreement=self.visual_agreement and self.gate_lexical,
+                         tag_agreement=self.tag_agreement and self.visual_agreement and self.gate_lexical)

@@ -31,7 +31,8 @@ FEATURE_MAP_SIDE = 7
 
 DYNAMIC_AXES = ("batch", "candidates", "regions", "keywords", "tokens", "query_words")
 # Symbolic dims a model version fixes (its AMCConfig: ``query_dim`` = QEN's output, ``hidden`` = the AMC space,
-# ``keyword_hidden`` = LAN's k^q); their numbers come from ``export.onnx_export.model_sizes``.
+# ``keyword_hidden`` = LAN's output: k^q, and with ``tag_agreement`` its evidence keyword's coherence); their numbers
+# come from ``export.onnx_export.model_sizes``.
 MODEL_AXES = ("query_dim", "hidden", "keyword_hidden")
 # The sentence encoder's embedding size and the lexical features per keyword (fixed by the model).
 TEXT_EMBEDDING_DIM = 384

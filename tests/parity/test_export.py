@@ -97,9 +97,9 @@ def test_random_inputs_are_realistic():
     assert ids.shape == (3, 6) and np.all(ids[:, 0] == 101) and ids[0, -1] == 102  # [CLS] ... [SEP], 0 pads
 
 
-@pytest.mark.parametrize("config", [{"lexical_axis": False, "gate_lexical": False, "visual_agreement": False, "query_skip": False},
+@pytest.mark.parametrize("config", [{"lexical_axis": False, "gate_lexical": False, "visual_agreement": False, "tag_agreement": False, "query_skip": False},
                                     {"lexical_axis": True, "query_skip": True, "projection_bias": True},
-                                    {"lexical_pool": "attention", "mtn_guide": "separate", "gate_lexical": False, "visual_agreement": False,
+                                    {"lexical_pool": "attention", "mtn_guide": "separate", "gate_lexical": False, "visual_agreement": False, "tag_agreement": False,
                                      "lexical_monotone": False}])
 def test_other_model_configurations_export(tmp_path, config):
     """Without LAN's lexical evidence axis (keyword_vector has hidden channels, not hidden + 1), without the

@@ -46,8 +46,8 @@ def test_masked_softmax_sums_to_one_and_zeroes_padding():
     assert torch.equal(w[1], torch.zeros(3))  # nothing unmasked: zeros, not NaN
 
 
-VARIANTS = [{}, {"lexical_pool": "attention", "gate_lexical": False, "visual_agreement": False, "lexical_monotone": False},
-            {"query_skip": False, "lexical_axis": False, "gate_lexical": False, "visual_agreement": False, "mtn_guide": "separate"}]
+VARIANTS = [{}, {"lexical_pool": "attention", "gate_lexical": False, "visual_agreement": False, "tag_agreement": False, "lexical_monotone": False},
+            {"query_skip": False, "lexical_axis": False, "gate_lexical": False, "visual_agreement": False, "tag_agreement": False, "mtn_guide": "separate"}]
 
 
 @pytest.mark.parametrize("options", VARIANTS)
@@ -193,11 +193,11 @@ def test_lexical_max_pool_counts_an_exact_match_in_full_whatever_the_other_keywo
     lexical[0, 1, 0] = 1.0
     q = model.qen(query)
     with torch.no_grad():
-        vector, _ = model.lan(q, keywords, lexical)
+        vector = model.mtn.split(model.lan(q, keywords, lexical)[0])[0]  # k^q, the lexical axis last
     assert vector[0, 0, -1].item() == pytest.approx(3.0) and vector[0, 1, -1].item() == pytest.approx(3.0)
     keywords[0, 0] = 0  # no keywords at all: no evidence
     with torch.no_grad():
-        assert model.lan(q, keywords, lexical)[0][0, 0, -1].item() == 0.0
+        assert model.mtn.split(model.lan(q, keywords, lexical)[0])[0][0, 0, -1].item() == 0.0
     with pytest.raises(ValueError, match="gate_lexical needs lexical_axis"):
         AMCConfig(lexical_axis=False)
     with pytest.raises(ValueError, match="unknown lexical_pool 'sum'"):
@@ -207,7 +207,7 @@ def test_lexical_max_pool_counts_an_exact_match_in_full_whatever_the_other_keywo
 def test_lexical_gate_moves_weight_to_the_keywords_of_an_exact_match_only():
     """gate_lexical: the candidate's lexical evidence (k^q's last coordinate) adds trust(q) * evidence to MTN's
     language logit; a candidate without evidence keeps the weights of the model without the gate."""
-    model = _model(lexical_pool="max", gate_lexical=True, visual_agreement=False)
+    model = _model(lexical_pool="max", gate_lexical=True, visual_agreement=False, tag_agreement=False)
     with torch.no_grad():
         model.lan.lexical_vector.weight.zero_()  # the lexical features reach k^q only as its evidence axis
         model.lan.lexical_logit.weight.zero_()
@@ -222,7 +222,7 @@ def test_lexical_gate_moves_weight_to_the_keywords_of_an_exact_match_only():
     lexical[0, 1, 0] = 1.0  # ... but the second has an exact match
     with torch.no_grad():
         weights = model(query, regions, region_mask, keywords, lexical).modality_weights
-        plain = _model(lexical_pool="max", gate_lexical=False, visual_agreement=False)
+        plain = _model(lexical_pool="max", gate_lexical=False, visual_agreement=False, tag_agreement=False)
         plain.load_state_dict({k: v for k, v in model.state_dict().items() if "gate_lexical" not in k})
         without_gate = plain(query, regions, region_mask, keywords, lexical).modality_weights
     moved = weights[0, 1, 1] - weights[0, 0, 1]
@@ -251,16 +251,52 @@ def test_a_tag_match_on_a_picture_that_disagrees_moves_weight_to_the_picture():
     agreeing = q_guide[:, :-1]  # a picture along the query
     visual = torch.stack([agreeing, -agreeing], dim=1)  # candidate 0 agrees, candidate 1 points away
     with torch.no_grad():
-        weights = model.mtn._weights(q, q_guide.unsqueeze(1), torch.nn.functional.pad(visual, (0, 1)), keyword)
+        weights = model.mtn._weights(q, q_guide.unsqueeze(1), torch.nn.functional.pad(visual, (0, 1)), keyword, None)
         model.mtn.agreement = None  # the plain gate: every match trusted alike
-        plain = model.mtn._weights(q, q_guide.unsqueeze(1), torch.nn.functional.pad(visual, (0, 1)), keyword)
+        plain = model.mtn._weights(q, q_guide.unsqueeze(1), torch.nn.functional.pad(visual, (0, 1)), keyword, None)
     assert weights[0, 0, 1] > weights[0, 1, 1] + 0.1  # the disagreeing picture keeps more of the weight
     assert plain[0, 1, 1] > weights[0, 1, 1] + 0.3  # where the plain gate handed it to the tag
     assert plain[0, 0, 1] >= weights[0, 0, 1]  # agreement only ever takes trust away from the plain gate
 
 
+def test_keyword_coherence_is_each_keywords_best_cosine_with_another_of_its_candidate():
+    from amc_model.model import keyword_coherence
+
+    e = torch.zeros(1, 2, 3, 4)
+    e[0, 0, 0] = torch.tensor([1.0, 0, 0, 0])
+    e[0, 0, 1] = torch.tensor([1.0, 1.0, 0, 0])  # 45 degrees from keyword 0
+    e[0, 0, 2] = torch.tensor([0, 0, 0, 2.0])  # an outsider
+    e[0, 1, 0] = torch.tensor([0, 1.0, 0, 0])  # candidate 1: one keyword, nothing to agree with
+    h = keyword_coherence(e)
+    half = 2**-0.5
+    assert torch.allclose(h[0, 0], torch.tensor([half, half, 0.0]), atol=1e-6)
+    assert h[0, 1].tolist() == [0.0, 0.0, 0.0]  # a lone keyword and the padding
+
+
+def test_a_tag_match_among_kin_is_trusted_more_than_one_among_strangers():
+    """tag_agreement: where the picture says nothing (cos(q', v^q) = 0, a concept the visual half never saw), an exact
+    match on a tag that agrees with the image's other tags keeps the keywords' weight, one on an outsider (a wrong
+    auto-tag) loses it."""
+    model = _model(lexical_pool="max")
+    with torch.no_grad():
+        model.mtn.log_temperature.zero_()
+        model.mtn.gate_lexical.weight.zero_()
+        model.mtn.gate_lexical.bias.fill_(2.0)
+    q = model.qen(_inputs(b=1)[0])
+    q_guide, _ = model.mtn.query_vectors(q)
+    keyword = torch.rand(1, 2, q_guide.shape[1])
+    keyword[..., -1] = 1.0  # both: an exact tag match
+    visual = torch.zeros(1, 2, q_guide.shape[1])  # a picture orthogonal to the query
+    visual[..., 0] = 1.0
+    visual = visual - (visual * q_guide.unsqueeze(1)).sum(-1, keepdim=True) * q_guide.unsqueeze(1) / q_guide.norm() ** 2
+    coherence = torch.tensor([[0.7, 0.1]])  # candidate 0's matching tag has kin, candidate 1's is an outsider
+    with torch.no_grad():
+        weights = model.mtn._weights(q, q_guide.unsqueeze(1), visual, keyword, coherence)
+    assert weights[0, 0, 1] > weights[0, 1, 1] + 0.1
+
+
 def test_checkpoint_from_before_the_visual_agreement_loads_with_the_plain_gate(tmp_path):
-    model = _model(visual_agreement=False)
+    model = _model(visual_agreement=False, tag_agreement=False)
     weights = TermWeights.from_documents([["cat"]]).to_json()
     save_checkpoint(tmp_path / "c.pt", model, weights, train_config={})
     payload = torch.load(tmp_path / "c.pt", weights_only=True)
@@ -286,7 +322,7 @@ def test_lexical_evidence_never_falls_as_the_match_grows():
         model = _model(lexical_pool="max", lexical_monotone=monotone)
         with torch.no_grad():
             model.lan.lexical_score.weight.fill_(-1.0)
-            vector, _ = model.lan(model.qen(query), keywords, lexical)
+            vector = model.mtn.split(model.lan(model.qen(query), keywords, lexical)[0])[0]
         evidence[monotone] = vector[0, :, -1]
     assert evidence[True][1] > evidence[True][0] == 0.0
     assert evidence[False][1] < evidence[False][0]  # what a free c allowed
@@ -302,11 +338,11 @@ def test_lexical_gate_starts_at_the_configured_trust():
     for bad in (0.0, float("nan"), 1e4):
         with pytest.raises(ValueError, match="initial trust must be in"):
             model.mtn.start_gate_at(bad)
-    _model(gate_lexical=False, visual_agreement=False).mtn.start_gate_at(2.0)  # no gate: nothing to start
+    _model(gate_lexical=False, visual_agreement=False, tag_agreement=False).mtn.start_gate_at(2.0)  # no gate: nothing to start
 
 
 def test_checkpoint_from_before_the_mtn_guide_option_loads_with_the_papers_separate_guide(tmp_path):
-    model = _model(mtn_guide="separate", lexical_pool="attention", gate_lexical=False, visual_agreement=False, lexical_monotone=False)
+    model = _model(mtn_guide="separate", lexical_pool="attention", gate_lexical=False, visual_agreement=False, tag_agreement=False, lexical_monotone=False)
     weights = TermWeights.from_documents([["cat"]]).to_json()
     save_checkpoint(tmp_path / "c.pt", model, weights, train_config={})
     payload = torch.load(tmp_path / "c.pt", weights_only=True)
@@ -344,7 +380,7 @@ def test_shared_mtn_guide_weighs_the_modality_that_matches_the_query():
     assert model.mtn.guide is None
     q = model.qen(_inputs()[0][:1])
     q_match = model.mtn.match_vector(q)  # (1, H)
-    pad = 1 if model.config.lexical_axis else 0
+    pad = model.config.keyword_vector_dim - model.config.hidden  # the lexical axis and the tags' coherence
     aligned = torch.nn.functional.pad(q_match, (0, pad))[:, None, :]  # a vector along q_m
     orthogonal = torch.nn.functional.pad(torch.where(q_match > 0, 0.0, 1.0), (0, pad))[:, None, :]
     with torch.no_grad():
@@ -369,3 +405,23 @@ def test_shared_candidates_score_as_per_query_lists(options):
                          shared_keywords.expand(3, *shared_keywords.shape), lexical).scores
         scores, _ = score_shared(model, query, model.van.reduce(shared_regions), shared_keywords, lexical)
     assert torch.allclose(scores, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["keywords_only", "visual_only", "equal_fusion"])
+def test_the_tags_witness_changes_no_baseline(mode):
+    """tag_agreement is read by MTN's learned weights only: a baseline (fixed weights) scores, and gets gradients,
+    exactly as without it, from the same initialisation (its parameters are created in the same order and the
+    witness draws no random numbers), so its training and figures are unchanged."""
+    inputs = _inputs()
+    results = []
+    for tag in (True, False):
+        model = _model(mode, tag_agreement=tag).train()
+        out = model(*inputs)
+        out.scores.sum().backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((out.scores.detach(), grads, {k: v for k, v in model.state_dict().items()}))
+    (with_scores, with_grads, with_state), (plain_scores, plain_grads, plain_state) = results
+    assert torch.equal(with_scores, plain_scores)
+    assert with_grads.keys() == plain_grads.keys() and all(torch.equal(with_grads[k], plain_grads[k]) for k in plain_grads)
+    assert set(with_state) - set(plain_state) == {"mtn.tag_witness"}
+    assert all(torch.equal(with_state[k], plain_state[k]) for k in plain_state)
