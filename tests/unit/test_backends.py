@@ -244,10 +244,10 @@ def test_the_ranking_text_step_reads_queries_by_its_rules_in_process(tmp_path) -
     from google.protobuf import json_format
 
     from amc_client.text import EmojiNames, TermWeights
+    from amc_model.text_encoder import tokenizer_json
     from export.configs import step_config
     from export.repository import TextStepFiles, write_text_step
     from tests import fake_pb_utils
-    from amc_model.text_encoder import tokenizer_json
 
     here = tmp_path / sig.TOKENIZER.model_name
     _stand_in_encoder(tmp_path / "text_encoder.onnx")

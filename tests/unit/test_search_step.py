@@ -264,9 +264,9 @@ def step_dir(tmp_path):
     graph and a 6-row store."""
     from google.protobuf import json_format
 
+    from amc_model.text_encoder import tokenizer_json
     from export.configs import SEARCH_SETTINGS, search_step_config
     from export.repository import SEARCH_GRAPH_FILE, TextStepFiles, write_text_step
-    from amc_model.text_encoder import tokenizer_json
 
     here = tmp_path / sig.SEARCH_STEP.model_name
     files = TextStepFiles(tokenizer_json(), amc_text.TermWeights.from_documents(KEYWORDS).to_json(),
