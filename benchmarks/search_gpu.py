@@ -174,16 +174,19 @@ def parity(client, cpu: CpuPath, pool: list[Request]) -> dict:
 
 
 # ---- in-process ceiling ---------------------------------------------------------------------------------------
-def session(path: Path, device: str, *, cuda_graph: bool, threads: int = 1):
+def session(path: Path | bytes, device: str, *, cuda_graph: bool, threads: int = 1):
+    """A session of the graph file ``path`` (or a serialized model) as the ceiling runs it."""
     import onnxruntime as ort
+
+    path = path if isinstance(path, bytes) else str(path)
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if device != "cuda":
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
     cuda = {"device_id": 0, "use_tf32": "0", **({"enable_cuda_graph": "1"} if cuda_graph else {})}
-    return ort.InferenceSession(str(path), sess_options=options,
+    return ort.InferenceSession(path, sess_options=options,
                                 providers=[("CUDAExecutionProvider", cuda), "CPUExecutionProvider"])
 
 
@@ -208,8 +211,12 @@ def placement(path: Path) -> dict:
 
 
 def ceiling_points(path: Path, device: str, cpu: CpuPath, queries: list[str], n: int | None, combos, args) -> list:
-    """The graph alone: T threads x B queries per call, each way of running it; outputs copied to the host."""
+    """The graph alone: T threads x B queries per call, each way of running it; outputs copied to the host. The
+    ``cuda_graph`` way runs the step's own fixed-shape copies (``serving.backends.search.StaticGraphs``, one set per
+    thread: a captured graph belongs to one session), since onnxruntime refuses to capture the dynamic graph."""
+    from export import static_shapes
     from serving.backends.onnx_runner import BoundSession
+    from serving.backends.search import StaticGraphs
 
     rng = np.random.default_rng(1)
     size = cpu.size
@@ -221,8 +228,13 @@ def ceiling_points(path: Path, device: str, cpu: CpuPath, queries: list[str], n:
         for threads, batch in combos:
             point = {"way": way, "threads": threads, "batch": batch, "n": n or size}
             try:
-                if way == "cuda_graph":  # a captured graph belongs to one session: one per thread
-                    sessions = [session(path, device, cuda_graph=True) for _ in range(threads)]
+                if way == "cuda_graph":  # a captured graph belongs to one session: one set of copies per thread
+                    if path.stat().st_size > 2**30:  # as the step: no copies of a graph over 1 GB (max_static_graph_mb)
+                        raise ValueError(f"{path.name} is over 1 GB: no fixed-shape copies, as in the step")
+                    sessions = [StaticGraphs(path, sig.SEARCH_STORE.input_names,
+                                             lambda model: session(model, device, cuda_graph=True),
+                                             lambda s: BoundSession(s, device=device, cuda_graph=True, max_graphs=1),
+                                             static_shapes, limit=8) for _ in range(threads)]
                 else:
                     if "plain" not in shared:  # one session for both ways (an IOBinding is the caller's, per thread)
                         shared["plain"] = session(path, device, cuda_graph=False)
@@ -237,6 +249,13 @@ def ceiling_points(path: Path, device: str, cpu: CpuPath, queries: list[str], n:
                     s = sessions[w]
                     if way == "host_arrays":
                         return lambda j: s.run(None, groups[j % len(groups)])
+                    if way == "cuda_graph":
+                        def captured(j: int) -> dict:
+                            out = s.run(groups[j % len(groups)])
+                            if out is None:
+                                raise RuntimeError(f"fixed-shape copy failed: {s.error or 'over its limit'}")
+                            return out
+                        return captured
                     bound = BoundSession(s, device=device, host_inputs=(sig.SEARCH_K.name,),
                                          cuda_graph=way == "cuda_graph")
                     return lambda j: bound.run(groups[j % len(groups)])

@@ -4,8 +4,9 @@ The configs themselves come from :mod:`export.configs`. A publish writes only wh
 calls and the steps those models run::
 
     amc_tokenizer/config.pbtxt   amc_tokenizer/<N>/{model.py, amc_text.py, amc_onnx_runner.py, amc_top_k.py,
-                                                    amc_admission.py, amc_search.py, tokenizer.json,
-                                                    text_encoder.onnx, term_weights.json, keyword_table.npz,
+                                                    amc_admission.py, amc_search.py, amc_static_shapes.py,
+                                                    tokenizer.json, text_encoder.onnx, term_weights.json,
+                                                    keyword_table.npz,
                                                     version.json}        (the text step, mode raw)
     amc_qen/config.pbtxt         amc_qen/<N>/{model.onnx [, model.py, amc_admission.py]}
                                                     (and amc_van, amc_lan, amc_mtn)
@@ -176,6 +177,8 @@ def write_text_step(version_dir: Path, *, version: int, files: TextStepFiles, st
     shutil.copy(BACKENDS_DIR / TOP_K_FILE, version_dir / "amc_top_k.py")
     shutil.copy(BACKENDS_DIR / ADMISSION_FILE, version_dir / "amc_admission.py")
     shutil.copy(BACKENDS_DIR / SEARCH_FILE, version_dir / "amc_search.py")
+    # The search step's fixed-shape copies of its graph for CUDA graphs (search.StaticGraphs).
+    shutil.copy(Path(__file__).with_name("static_shapes.py"), version_dir / "amc_static_shapes.py")
     if encoder:
         shutil.copy(files.text_encoder, version_dir / "text_encoder.onnx")
     if files.keyword_table is not None:

@@ -324,8 +324,11 @@ class SearchGraph:
     - ``graph_inputs``: the graph's input names, in the order tokens, words, word weights, rows, k (the signatures');
     - ``io_binding`` (``1`` default): run through ``onnx_runner.BoundSession`` (inputs and outputs bound in buffers on
       the session's device, a few batch shapes); ``0``: ``session.run`` with host arrays (the A/B's "off");
-    - ``cuda_graph`` (``0`` default): also capture each shape's run as a CUDA graph; where onnxruntime refuses it for
-      this graph (a node it cannot capture), the session runs without, and :meth:`describe` says why;
+    - ``cuda_graph`` (``0`` default): on the CUDA provider, run each bucket (input shapes and k) through a copy of the
+      graph with every shape fixed, captured as a CUDA graph (:class:`StaticGraphs`; onnxruntime refuses to capture
+      the dynamic graph, whose shape work runs on the host); at most ``max_static_graphs`` (8) copies, and none for a
+      graph file over ``max_static_graph_mb`` (1024 MB: each copy holds the store again); other calls, and every call
+      where a copy fails, run the dynamic graph uncaptured, and :meth:`describe` says why;
     - ``max_rows_per_run`` (131072): queries x rows per graph call at most (the graph's (B, N, R, hidden) tensors:
       a whole store of 100,000 rows is ~2.5 GB of them per query), ``max_graph_batch`` (64) queries at most;
     - ``intra_op_num_threads``, ``allow_spinning``, ``execution_provider``, ``use_tf32``: as ``onnx_runner.py``.
@@ -344,17 +347,13 @@ class SearchGraph:
         graph = (params.get("cuda_graph") or "0").strip() == "1"
         self.graph_refused = ""
 
-        def open_session(p: dict[str, str]) -> Any:
-            return ort.InferenceSession(str(path), sess_options=runner.session_options(p, model_name),
+        def open_session(p: dict[str, str], model: Any = None) -> Any:
+            return ort.InferenceSession(str(path) if model is None else model,
+                                        sess_options=runner.session_options(p, model_name),
                                         providers=runner.execution_providers(p, args, model_name))
-        try:
-            session = open_session(params)
-        except Exception as e:  # noqa: BLE001 - onnxruntime refuses CUDA graphs for some graphs: serve without
-            if not graph:
-                raise
-            self.graph_refused = f"{type(e).__name__}: {e}"
-            graph = False
-            session = open_session({**params, "cuda_graph": "0"})
+        # The dynamic graph is never captured (its shape work runs on the host: onnxruntime refuses); the fixed-shape
+        # copies of StaticGraphs are.
+        session = open_session({**params, "cuda_graph": "0"})
         have = [i.name for i in session.get_inputs()]
         if len(self.names) != 5 or sorted(have) != sorted(self.names):
             raise ValueError(f"{model_name}: config parameter graph_inputs {self.names} does not name {path.name}'s "
@@ -366,19 +365,35 @@ class SearchGraph:
         self.bound = None
         if (params.get("io_binding") or "1").strip() == "1" or self.cuda_graph:
             self.bound = runner.BoundSession(session, device="cuda" if on_cuda else "cpu", device_id=device_id,
-                                             host_inputs=(self.names[4],), cuda_graph=self.cuda_graph)
+                                             host_inputs=(self.names[4],))
+        self.static = None
+        if self.cuda_graph:
+            limit_mb = float(params.get("max_static_graph_mb") or 1024)
+            if path.stat().st_size > limit_mb * 2**20:
+                self.graph_refused = (f"{path.name} is {path.stat().st_size / 2**20:.0f} MB, over max_static_graph_mb "
+                                      f"{limit_mb:.0f}: no fixed-shape copies")
+                self.cuda_graph = False
+            else:
+                self.static = StaticGraphs(
+                    path, self.names, lambda model: open_session({**params, "cuda_graph": "1"}, model),
+                    lambda s: runner.BoundSession(s, device="cuda", device_id=device_id, cuda_graph=True, max_graphs=1),
+                    runner.load_sibling(folder, "amc_static_shapes.py"), int(params.get("max_static_graphs") or 8))
         self.bucket = runner.bucket
 
     def describe(self) -> str:
         how = "IOBinding" if self.bound is not None else "host arrays"
-        failed = self.bound.graph_error if self.bound is not None else ""
-        graphs = ("CUDA graphs" + (f" (a capture failed, later shapes uncaptured: {failed})" if failed else "")
-                  if self.cuda_graph else "no CUDA graphs (" + self.graph_refused + ")" if self.graph_refused
-                  else "no CUDA graphs")
+        if self.static is not None:
+            graphs = f"CUDA graphs of fixed-shape copies ({self.static.describe()})"
+        else:
+            graphs = "no CUDA graphs" + (f" ({self.graph_refused})" if self.graph_refused else "")
         return f"search graph on {self.session.get_providers()[0]}, {how}, {graphs}"
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One graph call: its outputs by name, host arrays of their own."""
+        if self.static is not None:
+            out = self.static.run(feeds)
+            if out is not None:
+                return out
         if self.bound is not None:
             return self.bound.run(feeds)
         names = [o.name for o in self.session.get_outputs()]
@@ -401,6 +416,51 @@ class SearchGraph:
                                           np.full((size, 1), k, dtype=np.int64)), strict=True))
             parts.append({name: value[: stop - start] for name, value in self.run(feeds).items()})
         return parts[0] if len(parts) == 1 else {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+class StaticGraphs:
+    """The search graph's calls on CUDA graphs: per bucket (the four inputs' shapes and k), a copy of the graph with
+    every shape fixed and k a constant (``export.static_shapes``, beside the step as ``amc_static_shapes.py``), whose
+    shape work onnxruntime folds away, in a session with CUDA graphs, bound and captured on its first call.
+
+    Why copies: the dynamic graph computes its shapes on the host (Shape, Range, TopK's k) and onnxruntime refuses to
+    capture a graph with host nodes (reports/search_static_shapes.json lists them). ``limit`` copies at most, since
+    each holds the graph's constants (the store) again; a bucket beyond it, or any copy that fails to build, capture
+    or run, returns None and the caller runs the dynamic graph (a failure also stops further copies, named by
+    :meth:`describe`).
+    """
+
+    def __init__(self, path: Path, names: Sequence[str], open_session: Any, bind: Any, static_shapes: Any,
+                 limit: int) -> None:
+        self.path, self.names, self.open_session, self.bind = path, list(names), open_session, bind
+        self.static_shapes, self.limit = static_shapes, limit
+        self.model = None  # the graph's ModelProto, read on the first copy
+        self.copies: dict[tuple, Any] = {}
+        self.error = ""
+
+    def describe(self) -> str:
+        state = f"{len(self.copies)} of at most {self.limit} built"
+        return state + (f"; stopped: {self.error}" if self.error else "")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        tokens, words, weights, rows, k = (feeds[n] for n in self.names)
+        key = (tokens.shape, words.shape, rows.shape, int(k[0, 0]))
+        bound = self.copies.get(key)
+        try:
+            if bound is None:
+                if self.error or len(self.copies) >= self.limit:
+                    return None
+                if self.model is None:
+                    self.model = self.static_shapes.load(self.path)
+                copy = self.static_shapes.static_search_graph(
+                    self.model, batch=rows.shape[0], tokens=tokens.shape[1], words=words.shape[1],
+                    candidates=rows.shape[1], k=key[3])
+                bound = self.copies[key] = self.bind(self.open_session(copy.SerializeToString()))
+            return bound.run(dict(zip(self.names[:4], (tokens, words, weights, rows), strict=True)))
+        except Exception as e:  # noqa: BLE001 - serve on the dynamic graph rather than fail the request
+            self.error = f"{type(e).__name__}: {str(e)[:300]}"
+            self.copies.pop(key, None)
+            return None
 
 
 def graph_k(wanted: Sequence[int], n: int) -> int:

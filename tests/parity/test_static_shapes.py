@@ -83,3 +83,31 @@ def test_bad_shapes_are_refused(search_graph):
     with pytest.raises(ValueError, match="search_k is int64 in the graph"):
         ss.make_static(original, {"query_tokens": (1, 16), "query_words": (1, 8), "query_word_weights": (1, 8),
                                   "candidate_ids": (1, 7)}, {"search_k": np.ones((1, 1), np.int32)})
+
+
+def test_the_steps_static_graphs_answer_as_the_dynamic_graph_and_fall_back_past_their_limit(search_graph):
+    """serving.backends.search.StaticGraphs (what the search step runs on CUDA graphs), here on the CPU provider: one
+    copy per bucket, the dynamic graph's answers, None (the caller runs the dynamic graph) beyond its limit or where
+    a copy fails, and the failure named."""
+    from serving.backends.onnx_runner import BoundSession
+    from serving.backends.search import StaticGraphs
+
+    names = ["query_tokens", "query_words", "query_word_weights", "candidate_ids", "search_k"]
+    graphs = StaticGraphs(search_graph, names, lambda model: ort.InferenceSession(model, providers=["CPUExecutionProvider"]),
+                          lambda s: BoundSession(s, device="cpu"), ss, limit=2)
+    dynamic = ort.InferenceSession(str(search_graph), providers=["CPUExecutionProvider"])
+    original = onnx.load(str(search_graph))
+    rng = np.random.default_rng(3)
+    for b, n in ((3, 7), (3, 7), (2, 5)):
+        feeds = random_feeds(original, b, 16, 8, n, rng)
+        feeds["search_k"] = np.full((b, 1), 4, np.int64)
+        got = graphs.run(feeds)
+        want = dict(zip([o.name for o in dynamic.get_outputs()], dynamic.run(None, feeds), strict=True))
+        assert got is not None and got.keys() == want.keys()
+        assert np.array_equal(got["candidate_index"], want["candidate_index"])
+        assert np.allclose(got["scores"], want["scores"], atol=1e-6)
+    assert len(graphs.copies) == 2 and graphs.describe() == "2 of at most 2 built"
+    assert graphs.run(random_feeds(original, 1, 16, 8, 7, rng) | {"search_k": np.full((1, 1), 4, np.int64)}) is None
+    broken = StaticGraphs(search_graph, names, lambda model: 1 / 0, lambda s: s, ss, limit=2)
+    assert broken.run(random_feeds(original, 1, 16, 8, 7, rng) | {"search_k": np.full((1, 1), 4, np.int64)}) is None
+    assert broken.describe().startswith("0 of at most 2 built; stopped: ZeroDivisionError")
