@@ -150,7 +150,7 @@ def test_the_export_checks_its_graph_against_the_signature(tmp_path):
     proto = onnx.load(str(tmp_path / "lan.onnx"))
     sizes = onnx_export.model_sizes(model.config)
     onnx_export.check_graph_dims(proto, sig.LAN, sizes, "lan")
-    with pytest.raises(ExportError, match=r"lan.keyword_vector: the graph's shape \[\?, \?, 13\] differs"):
+    with pytest.raises(ExportError, match=r"lan.keyword_vector: the graph's shape \[\?, \?, 14\] differs"):
         onnx_export.check_graph_dims(proto, sig.LAN, {**sizes, "keyword_hidden": 12}, "lan")
     with pytest.raises(ValueError, match="the model fixes its .query_dim. axis"):
         onnx_export.check_graph_dims(proto, sig.LAN, {}, "lan")
