@@ -188,10 +188,19 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weights * mask.to(weights.dtype)
 
 
+# The coherence of a candidate's only keyword: no other tag can vouch for it or against it, so a value near the
+# agreement's starting threshold t (0.4; trained models end near 0.5) leaves the picture to decide.
+LONE_KEYWORD_COHERENCE = 0.5
+# Keywords whose evidence is within this (relative, plus as much absolute) of the strongest's count as tied with it:
+# the coherence passed on is the best among them, so that PyTorch and onnxruntime, whose sums round differently, pass
+# on the same value where two keywords' evidence is equal but for rounding.
+EVIDENCE_TIE = 1e-4
+
+
 def keyword_coherence(keyword_embeddings: torch.Tensor, keyword_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(..., K, E) keyword embeddings (zero vectors pad) -> (..., K): each keyword's best cosine with another real
-    keyword of the same candidate; 0 for padding and for a candidate's only keyword. Depends on the keywords alone,
-    so a candidate store computes it once."""
+    keyword of the same candidate; :data:`LONE_KEYWORD_COHERENCE` for a candidate's only keyword, 0 for padding.
+    Depends on the keywords alone, so a candidate store computes it once."""
     if keyword_mask is None:
         keyword_mask = (keyword_embeddings != 0).any(-1)  # (..., K)
     unit = keyword_embeddings / keyword_embeddings.norm(dim=-1, keepdim=True).clamp_min(_EPS)
@@ -200,7 +209,8 @@ def keyword_coherence(keyword_embeddings: torch.Tensor, keyword_mask: torch.Tens
     # no boolean EyeLike).
     self_match = torch.eye(keyword_mask.shape[-1], dtype=similarity.dtype, device=similarity.device)  # (K, K)
     best = (similarity.masked_fill(~keyword_mask.unsqueeze(-2), -4.0) - 8.0 * self_match).amax(-1)  # (..., K)
-    return torch.where(keyword_mask & (best > -2.0), best, torch.zeros_like(best))
+    lone = torch.full_like(best, LONE_KEYWORD_COHERENCE)
+    return torch.where(keyword_mask, torch.where(best > -2.0, best, lone), torch.zeros_like(best))
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -336,16 +346,18 @@ class LanguageAttention(nn.Module):
         per_keyword = F.linear(keyword_lexical, c).squeeze(-1)  # (B, N, K)
         has_keywords = keyword_mask.any(-1, keepdim=True)  # (B, N, 1): a candidate without keywords gets 0
         if self.lexical_pool == "max":
-            evidence, strongest = per_keyword.masked_fill(~keyword_mask, _NEG).max(-1, keepdim=True)  # (B, N, 1)
-            evidence = evidence * has_keywords
+            strongest = per_keyword.masked_fill(~keyword_mask, _NEG).amax(-1, keepdim=True)  # (B, N, 1)
+            evidence = strongest * has_keywords
         else:
             evidence = (attention * per_keyword).sum(-1, keepdim=True)  # (B, N, 1)
         parts = [keyword_vector, evidence]
         if self.tag_agreement:
             if coherence is None:
                 raise ValueError("this LAN reads its keywords' coherence (tag_agreement): pass coherence")
-            if self.lexical_pool == "max":
-                parts.append(coherence.gather(-1, strongest) * has_keywords)  # (B, N, 1)
+            if self.lexical_pool == "max":  # the best coherence among the keywords tied for the strongest evidence
+                tied = keyword_mask & (per_keyword >= strongest - EVIDENCE_TIE * (strongest.abs() + 1))  # (B, N, K)
+                chosen = coherence.masked_fill(~tied, -2.0).amax(-1, keepdim=True)  # (B, N, 1)
+                parts.append(chosen * has_keywords)
             else:
                 parts.append((attention * coherence).sum(-1, keepdim=True))
         return torch.cat(parts, dim=-1)  # (B, N, H + 1 [+ 1])
@@ -441,7 +453,8 @@ class AMCOutput:
     region_attention: torch.Tensor  # (B, N, R)
     keyword_attention: torch.Tensor  # (B, N, K)
     visual_vector: torch.Tensor | None = None  # (B, N, H): v^q, for training's single-modality auxiliary losses
-    keyword_vector: torch.Tensor | None = None  # (B, N, H [+ 1]): k^q
+    # (B, N, keyword_vector_dim): LAN's output, k^q with the tags' coherence last (ModalityFusion.split takes it off)
+    keyword_vector: torch.Tensor | None = None
     query_embedding: torch.Tensor | None = None  # (B, Q)
 
 

@@ -104,15 +104,16 @@ class SearchSettings:
     instances: int  # Python processes, each with its own session, store copy and CUDA context
     batch_delay_us: int  # the dynamic batcher's wait for more requests to merge into one graph call
     io_binding: bool  # onnx_runner.BoundSession: inputs and outputs bound on the device
-    cuda_graph: bool  # capture each batch shape's run (where onnxruntime allows it for the graph)
+    cuda_graph: bool  # run each batch shape through a fixed-shape copy of the graph, captured (search.StaticGraphs)
     intra_op_threads: int | None  # onnxruntime's CPU pool per instance (None: its default, the machine's cores)
 
 
 # The search step by the kind of machine that will serve (issue 23, "fast by default"). GPU: what the sweep of
 # ``benchmarks.search_gpu`` chose on one H100 (reports/gpu.json, ``search_defaults``, which a test checks against
-# this: no lever gained past the run's noise at both sizes, so these stay). CUDA graphs are asked for but onnxruntime
-# refuses to capture this graph (it places shape ops on the CPU; ``search_cuda_graph_refusals``), and the step then
-# runs it uncaptured, as the step's description says. The graph's work is on the device, so one onnxruntime thread
+# this: no lever gained past the run's noise at both sizes, so these stay). CUDA graphs: onnxruntime refuses to
+# capture the graph as exported (its shape ops run on the host), so the step captures fixed-shape copies of it, one
+# per batch shape (``search.StaticGraphs``); the step's description says which ran. The graph's work is on the
+# device, so one onnxruntime thread
 # per instance (its CPU pool only runs shape ops) leaves the cores to the other
 # instances and to Triton. CPU: one instance with onnxruntime's own pool (more processes would split the same
 # cores), bound host buffers (the same code path as the GPU's), no graphs.

@@ -329,7 +329,9 @@ def add_earlier_baselines(out: Path, earlier: Path) -> list[str]:
                 metrics[metric] = {m: merged[m] for m in order if m in merged}
     for method in taken:
         now["train_seconds"][method] = then["train_seconds"][method]
-    now["baselines_from"] = {"path": str(earlier), "methods": taken, "differing_fields": list(AMC_ONLY_FIELDS)}
+    fields = sorted(k for k in set(now["config"]) | set(then["config"])
+                    if k in AMC_ONLY_FIELDS and now["config"].get(k) != then["config"].get(k))
+    now["baselines_from"] = {"path": str(earlier), "methods": taken, "differing_fields": fields}
     path.write_text(json.dumps(now, indent=2) + "\n")
     return taken
 
@@ -475,8 +477,9 @@ def markdown(report: dict, details: dict) -> str:
         f"Mean training time per model in seconds: {seconds}.", "",
         *([f"The learned baselines {', '.join(details['baselines_from']['methods'])} are those of the earlier run "
            f"whose details this run read from `{details['baselines_from']['path']}` (`--baselines-from`; git keeps "
-           f"that file): its configuration differed only in {', '.join(details['baselines_from']['differing_fields'])}"
-           ", which only AMC reads, and its text baselines agreed with this run's to the last digit.", ""]
+           f"that file): its configuration differed only in "
+           f"{', '.join(details['baselines_from']['differing_fields']) or 'nothing'}, which only AMC reads, and its "
+           "text baselines agreed with this run's to the last digit.", ""]
           if details.get("baselines_from") else []),
         "![NDCG@k per method](ndcg.png)", "", "![Attention on test queries](attention.png)", "",
         "What was tried to get here, step by step with figures: [eval_history.md](eval_history.md).", "",
@@ -509,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--jobs must be >= 1, got {jobs}")
     if "amc" not in methods:
         parser.error("--methods must include amc (the report's MTN weights and attention examples are AMC's)")
+    if baselines_from is not None and methods == LEARNED:
+        parser.error("--baselines-from completes a run of fewer --methods; this run trains every learned method")
     try:
         base = config_from_args(TrainConfig, args)
         started = time.perf_counter()

@@ -161,7 +161,8 @@ KEYWORD_LEXICAL = _t("keyword_lexical", "float32", "batch", "candidates", "keywo
 QUERY_EMBEDDING = _t("query_embedding", "float32", "batch", "query_dim")
 VISUAL_VECTOR = _t("visual_vector", "float32", "batch", "candidates", "hidden")
 KEYWORD_VECTOR = _t("keyword_vector", "float32", "batch", "candidates", "keyword_hidden",
-                    doc="LAN's k^q: hidden dims, plus the lexical axis (amc_model/model.py)")
+                    doc="LAN's output: k^q (hidden dims, plus the lexical axis), then with tag_agreement the coherence "
+                        "of its evidence keyword, which MTN takes off (amc_model/model.py)")
 TOKENIZER_VERSION = _t("tokenizer_version", "int64", "batch", 1)
 QEN_VERSION = _t("qen_version", "int64", "batch", 1)
 VAN_VERSION = _t("van_version", "int64", "batch", 1)

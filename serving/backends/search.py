@@ -253,23 +253,26 @@ class QueryText:
                                                                                               strict=True)}
 
     def _lookup(self, texts: Sequence[str], simple: list[bool]) -> dict[str, tuple]:
-        """The table entries of the words of the ``simple`` queries, those missing made now (one tokenizer call)."""
+        """The entries of the ``simple`` queries' words outside the fixed table, those missing made now (one tokenizer
+        call). Taken before the learned part drops its oldest entries for the new ones: a word of this batch that
+        goes is still answered."""
         fixed, learned = self.fixed, self.learned
-        new = self._infos(sorted({w for t, s in zip(texts, simple, strict=True) if s for w in t.split(" ")
-                                  if w not in fixed and w not in learned}))
+        wanted = {w for t, s in zip(texts, simple, strict=True) if s for w in t.split(" ") if w not in fixed}
+        entries = {w: learned[w] for w in wanted if w in learned}
+        new = self._infos(sorted(wanted - entries.keys()))
         for word, info in new.items():
             if len(learned) >= self.max_words:
                 learned.pop(next(iter(learned)))
             learned[word] = info
-        return new
+        return {**entries, **new}
 
     def features(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(Q,) queries, as read -> their WordPiece ids (Q, L) and content words' numbers and IDFs (Q, W), as
         ``text.query_tokens`` and ``store_words.query`` give them for these queries together."""
         text, most = self.text, self.text.QUERY_MAX_TOKENS
         simple = [self.cls_sep is not None and _SIMPLE.fullmatch(t) is not None for t in texts]
-        new = self._lookup(texts, simple) if any(simple) else {}
-        fixed, learned, unknown = self.fixed, self.learned, self.store_words.unknown
+        entries = self._lookup(texts, simple) if any(simple) else {}
+        fixed, unknown = self.fixed, self.store_words.unknown
         tokens: list[list[int] | None] = []
         numbers: list[list[int] | None] = []
         idfs: list[list[float] | None] = []
@@ -279,7 +282,7 @@ class QueryText:
                 continue
             ids, nums, weights, seen, next_unknown = list(self.cls_sep[0]), [], [], set(), unknown
             for w in t.split(" "):
-                pieces, stop, number, idf = fixed.get(w) or new.get(w) or learned[w]
+                pieces, stop, number, idf = fixed.get(w) or entries[w]
                 ids.extend(pieces)
                 if not stop and w not in seen:  # content words: in order, each once
                     seen.add(w)
@@ -374,10 +377,17 @@ class SearchGraph:
                                       f"{limit_mb:.0f}: no fixed-shape copies")
                 self.cuda_graph = False
             else:
-                self.static = StaticGraphs(
-                    path, self.names, lambda model: open_session({**params, "cuda_graph": "1"}, model),
-                    lambda s: runner.BoundSession(s, device="cuda", device_id=device_id, cuda_graph=True, max_graphs=1),
-                    runner.load_sibling(folder, "amc_static_shapes.py"), int(params.get("max_static_graphs") or 8))
+                try:  # it needs the onnx package in the stub's Python: without it, serve uncaptured
+                    static_shapes = runner.load_sibling(folder, "amc_static_shapes.py")
+                except Exception as e:  # noqa: BLE001
+                    self.graph_refused = f"no fixed-shape copies: amc_static_shapes.py: {type(e).__name__}: {e}"
+                    self.cuda_graph = False
+                else:
+                    self.static = StaticGraphs(
+                        path, self.names, lambda model: open_session({**params, "cuda_graph": "1"}, model),
+                        lambda s: runner.BoundSession(s, device="cuda", device_id=device_id, cuda_graph=True,
+                                                      max_graphs=1),
+                        static_shapes, int(params.get("max_static_graphs") or 8))
         self.bucket = runner.bucket
 
     def describe(self) -> str:
@@ -427,7 +437,7 @@ class StaticGraphs:
     capture a graph with host nodes (reports/search_static_shapes.json lists them). ``limit`` copies at most, since
     each holds the graph's constants (the store) again; a bucket beyond it, or any copy that fails to build, capture
     or run, returns None and the caller runs the dynamic graph (a failure also stops further copies, named by
-    :meth:`describe`).
+    :meth:`describe`). Not thread-safe: a Triton instance calls ``execute`` one batch at a time.
     """
 
     def __init__(self, path: Path, names: Sequence[str], open_session: Any, bind: Any, static_shapes: Any,
@@ -456,7 +466,10 @@ class StaticGraphs:
                     self.model, batch=rows.shape[0], tokens=tokens.shape[1], words=words.shape[1],
                     candidates=rows.shape[1], k=key[3])
                 bound = self.copies[key] = self.bind(self.open_session(copy.SerializeToString()))
-            return bound.run(dict(zip(self.names[:4], (tokens, words, weights, rows), strict=True)))
+            out = bound.run(dict(zip(self.names[:4], (tokens, words, weights, rows), strict=True)))
+            if getattr(bound, "graph_error", ""):  # BoundSession ran it uncaptured: a copy for nothing
+                raise RuntimeError(f"capture failed: {bound.graph_error}")
+            return out
         except Exception as e:  # noqa: BLE001 - serve on the dynamic graph rather than fail the request
             self.error = f"{type(e).__name__}: {str(e)[:300]}"
             self.copies.pop(key, None)

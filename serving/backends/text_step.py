@@ -11,6 +11,7 @@ text step of their store ensembles, ``benchmarks.store_models``). Files beside i
     amc_top_k.py         copy of top_k.py: store mode checks top_k with its rule before any row is scored
     amc_admission.py     copy of admission.py: the in-flight counter this step admits requests through
     amc_search.py        copy of search.py: the request rules every mode reads queries by; search mode's logic
+    amc_static_shapes.py copy of export/static_shapes.py: the search graph's fixed-shape copies for CUDA graphs
     tokenizer.json       the sentence encoder's WordPiece tokenizer
     text_encoder.onnx    all-MiniLM-L6-v2 (signature TEXT_ENCODER): WordPiece ids -> unit-norm embedding
     term_weights.json    the checkpoint's IDF over the candidate collection (amc_client.text.TermWeights)

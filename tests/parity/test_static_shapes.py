@@ -111,3 +111,22 @@ def test_the_steps_static_graphs_answer_as_the_dynamic_graph_and_fall_back_past_
     broken = StaticGraphs(search_graph, names, lambda model: 1 / 0, lambda s: s, ss, limit=2)
     assert broken.run(random_feeds(original, 1, 16, 8, 7, rng) | {"search_k": np.full((1, 1), 4, np.int64)}) is None
     assert broken.describe().startswith("0 of at most 2 built; stopped: ZeroDivisionError")
+
+
+def test_a_copy_whose_capture_failed_stops_the_copies(search_graph):
+    """BoundSession runs a bucket uncaptured where its capture fails (graph_error); StaticGraphs then drops that copy
+    and builds no more (each holds the store again), and the caller runs the dynamic graph."""
+    from serving.backends.onnx_runner import BoundSession
+    from serving.backends.search import StaticGraphs
+
+    class Uncaptured(BoundSession):  # as BoundSession leaves a bucket whose capture onnxruntime refused
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.graph_error = "Fail: capture refused"
+
+    names = ["query_tokens", "query_words", "query_word_weights", "candidate_ids", "search_k"]
+    graphs = StaticGraphs(search_graph, names, lambda model: ort.InferenceSession(model, providers=["CPUExecutionProvider"]),
+                          lambda s: Uncaptured(s, device="cpu"), ss, limit=4)
+    feeds = random_feeds(onnx.load(str(search_graph)), 2, 16, 8, 7, np.random.default_rng(5))
+    assert graphs.run(feeds | {"search_k": np.full((2, 1), 3, np.int64)}) is None
+    assert graphs.copies == {} and "capture failed: Fail: capture refused" in graphs.describe()

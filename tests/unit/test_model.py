@@ -270,7 +270,7 @@ def test_keyword_coherence_is_each_keywords_best_cosine_with_another_of_its_cand
     h = keyword_coherence(e)
     half = 2**-0.5
     assert torch.allclose(h[0, 0], torch.tensor([half, half, 0.0]), atol=1e-6)
-    assert h[0, 1].tolist() == [0.0, 0.0, 0.0]  # a lone keyword and the padding
+    assert h[0, 1].tolist() == [0.5, 0.0, 0.0]  # a lone keyword (neither vouched for nor against) and the padding
 
 
 def test_a_tag_match_among_kin_is_trusted_more_than_one_among_strangers():
@@ -425,3 +425,21 @@ def test_the_tags_witness_changes_no_baseline(mode):
     assert with_grads.keys() == plain_grads.keys() and all(torch.equal(with_grads[k], plain_grads[k]) for k in plain_grads)
     assert set(with_state) - set(plain_state) == {"mtn.tag_witness"}
     assert all(torch.equal(with_state[k], plain_state[k]) for k in plain_state)
+
+
+def test_keywords_tied_for_the_strongest_evidence_pass_on_their_best_coherence():
+    """Where two keywords' evidence is equal but for rounding, the coherence LAN passes on does not depend on which of
+    them a max picks (PyTorch and onnxruntime round and break ties differently): the best among the tied."""
+    model = _model(lexical_pool="max")
+    with torch.no_grad():
+        model.lan.lexical_score.weight.fill_(1.0)
+    query, _, _, keywords, lexical = _inputs(b=1, n=1, k=4)
+    lexical.zero_()
+    lexical[0, 0, 0] = torch.tensor([0.5, 0.5, 0.0])
+    lexical[0, 0, 1] = torch.tensor([0.5, 0.5 + 1e-7, 0.0])  # the same evidence, rounded otherwise
+    coherence = torch.tensor([[[0.2, 0.6, 0.9, 0.0]]])  # keyword 2 coheres most but matches nothing
+    projected = model.lan.project(keywords)
+    mask = (keywords != 0).any(-1)
+    with torch.no_grad():
+        out = model.lan.forward_projected(model.qen(query), projected, mask, lexical, coherence)[0]
+    assert out[0, 0, -1].item() == pytest.approx(0.6)

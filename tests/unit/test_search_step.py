@@ -205,6 +205,9 @@ def test_words_queries_bring_are_kept_within_a_bound(query_text, wordpiece):
     tokens, _, _ = small.features(batch)
     np.testing.assert_array_equal(tokens, amc_text.query_tokens(wordpiece, batch))
     assert len(small.learned) == 3 and len(small.fixed) == fixed and "cat" in small.fixed
+    # A word learned earlier that the table drops while this batch's new words go in is still answered.
+    for later in (["qqx"], ["qqy qqz"], ["qqx", "qqw"]):
+        np.testing.assert_array_equal(small.features(later)[0], amc_text.query_tokens(wordpiece, later))
     # Without a store (the ranking's text step): the reading alone.
     assert search.QueryText(amc_text, wordpiece, None, None, tokenizer_json=tokenizer_json()).normalize("A b") == "A b"
     # Not BERT's tokenizer: every query goes through the tokenizer.
