@@ -42,11 +42,15 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def block(report: dict, seeds: list[int] | None = None) -> str:
+def block(report: dict, seeds: list[int] | None = None, reused: dict | None = None) -> str:
+    """The page's generated block; ``reused``: eval_details.json's ``baselines_from`` (learned baselines taken from an
+    earlier run), said under the table's heading."""
     over = f", seeds {', '.join(map(str, seeds))}" if seeds else ""
+    taken = (f" The learned baselines {', '.join(reused['methods'])} come from the earlier run it names "
+             "(`--baselines-from`), whose configuration differed only in what AMC alone reads." if reused else "")
     return "\n".join([START, f"From `reports/eval.json` (`make eval`{over}; [`reports/eval.md`](../reports/eval.md) has every "
                       "figure, split by clean / noisy-keyword targets). `bm25_clean_reference` ranks by the clean CLDR "
-                      "names and keywords, which no method sees: a reference ceiling, not a baseline.", "",
+                      "names and keywords, which no method sees: a reference ceiling, not a baseline." + taken, "",
                       table(report), END])
 
 
@@ -72,9 +76,9 @@ def write_or_check(readme: Path, fresh: str, *, check: bool, stale: str) -> int:
     return 0
 
 
-def render(readme: str, report: dict, seeds: list[int] | None = None) -> str:
+def render(readme: str, report: dict, seeds: list[int] | None = None, reused: dict | None = None) -> str:
     """``readme`` with its generated block replaced."""
-    return replace_block(readme, START, END, block(report, seeds), "evaluation")
+    return replace_block(readme, START, END, block(report, seeds, reused), "evaluation")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     readme = args.readme.read_text(encoding="utf-8")
     details = args.report.with_name("eval_details.json")
-    seeds = json.loads(details.read_text()).get("seeds") if details.is_file() else None
-    fresh = render(readme, json.loads(args.report.read_text()), seeds)
+    found = json.loads(details.read_text()) if details.is_file() else {}
+    fresh = render(readme, json.loads(args.report.read_text()), found.get("seeds"), found.get("baselines_from"))
     return write_or_check(args.readme, fresh, check=args.check, stale=f"{args.readme}: the evaluation block differs "
                           f"from {args.report}; run python -m training.readme_eval")
 
