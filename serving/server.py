@@ -67,11 +67,15 @@ class ServerStartError(RuntimeError):
         self.log_tail = log_tail
 
 
-def _free_port() -> int:
-    # Bind port 0 and release it: the kernel's pick is free now; a clash at server start is retried.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free now: each bound to port 0 while the others are still held (one at a time, the kernel
+    may hand the port it just released out again: the same port for gRPC and metrics, and tritonserver refuses its
+    command line); a clash with another process at server start is retried."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for s in sockets:
+            s.bind((LOOPBACK, 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
@@ -223,7 +227,8 @@ class TritonServer:
             raise RuntimeError(f"tritonserver already running (pid {self._proc.pid})")
         deadline = time.monotonic() + timeout_s
         for attempt in range(_START_ATTEMPTS):
-            self._ports = {k: p if p is not None else _free_port() for k, p in self._fixed_ports.items()}
+            fresh = iter(_free_ports(sum(p is None for p in self._fixed_ports.values())))
+            self._ports = {k: p if p is not None else next(fresh) for k, p in self._fixed_ports.items()}
             self._launch()
             try:
                 self._wait_ready(deadline)
@@ -283,7 +288,7 @@ class TritonServer:
                                        f"(log: {self._log_path})", _tail(self._log_path))
             wanted = [m for m in self.models if m != "*"]
             # The log check makes sure the server answering on our port is ours, not another one that took the
-            # port between _free_port() and our bind (ours then exits and is retried). Readiness is read over
+            # port between _free_ports() and our bind (ours then exits and is retried). Readiness is read over
             # HTTP (loopback, no TLS), so a gRPC endpoint that demands client certificates needs none from us.
             if (self._endpoints_started() and self.http_ok(HEALTH_LIVE_PATH) and self.http_ok(HEALTH_READY_PATH)
                     and all(self.http_ok(f"/v2/models/{m}/ready") for m in wanted)):
