@@ -169,6 +169,11 @@ def execution_providers(params: dict[str, str], args: dict[str, str], model_name
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
+# onnxruntime's output type names -> numpy dtypes (the search graph's outputs), for buffers made before a run.
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+                "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
+
+
 def bucket(n: int) -> int:
     """The smallest of :data:`BATCH_BUCKETS` that holds ``n`` queries (``n`` itself above the largest)."""
     return next((b for b in BATCH_BUCKETS if b >= n), n)
@@ -223,10 +228,18 @@ class BoundSession:
                 inputs[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), where, self.device_id)
                 io.bind_ortvalue_input(name, inputs[name])
             options = self._options(capture=True)
-            # The first call lets onnxruntime allocate the outputs on the device (it knows their shapes); those
-            # buffers then stay bound, so later calls (and a captured graph) write into the same addresses.
-            for name in self.output_names:
-                io.bind_output(name, self.device, self.device_id)
+            # Outputs of a fixed shape get their device buffers now: a CUDA graph is captured on this first call, and
+            # onnxruntime allocating (and shaping) an output inside the capture is what it cannot record. Other
+            # outputs are left to onnxruntime on the first call; either way the buffers then stay bound, so later
+            # calls (and a captured graph) write into the same addresses.
+            for out in self.session.get_outputs():
+                shape = out.shape
+                if self.cuda_graph and all(isinstance(d, int) and d > 0 for d in shape):
+                    value = ort.OrtValue.ortvalue_from_shape_and_type(
+                        shape, _NUMPY_TYPES[out.type], self.device, self.device_id)
+                    io.bind_ortvalue_output(out.name, value)
+                else:
+                    io.bind_output(out.name, self.device, self.device_id)
             try:
                 self.session.run_with_iobinding(io, options)
             except Exception as e:  # a capture onnxruntime could not make: this shape and later ones run uncaptured
