@@ -179,6 +179,22 @@ def make_static(model: onnx.ModelProto | str | Path, shapes: Mapping[str, Sequen
     return folded
 
 
+def split_constant_outputs(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Take the graph outputs that folding made constants (an initializer or a Constant node: the search graph's
+    ``model_version``) out of ``model``'s outputs, and return their values. onnxruntime copies such an output from
+    the initializer into the bound buffer on every run, a host-synchronous copy that a CUDA graph capture cannot
+    hold; the caller answers them itself."""
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    constant = {o.name: values[o.name] for o in model.graph.output if o.name in values}
+    kept = [o for o in model.graph.output if o.name not in constant]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    return constant
+
+
 def static_search_graph(model: onnx.ModelProto | str | Path, *, batch: int, tokens: int, words: int,
                         candidates: int, k: int, large: int = LARGE) -> onnx.ModelProto:
     """The search graph for one bucket: ``batch`` queries of ``tokens`` WordPiece ids and ``words`` word slots,

@@ -465,11 +465,15 @@ class StaticGraphs:
                 copy = self.static_shapes.static_search_graph(
                     self.model, batch=rows.shape[0], tokens=tokens.shape[1], words=words.shape[1],
                     candidates=rows.shape[1], k=key[3])
-                bound = self.copies[key] = self.bind(self.open_session(copy.SerializeToString()))
-            out = bound.run(dict(zip(self.names[:4], (tokens, words, weights, rows), strict=True)))
-            if getattr(bound, "graph_error", ""):  # BoundSession ran it uncaptured: a copy for nothing
-                raise RuntimeError(f"capture failed: {bound.graph_error}")
-            return out
+                # Outputs that folded to constants (model_version) are answered here: onnxruntime would copy them
+                # from the host on every run, which a capture cannot hold.
+                constant = self.static_shapes.split_constant_outputs(copy)
+                bound = self.copies[key] = (self.bind(self.open_session(copy.SerializeToString())), constant)
+            session, constant = bound
+            out = session.run(dict(zip(self.names[:4], (tokens, words, weights, rows), strict=True)))
+            if getattr(session, "graph_error", ""):  # BoundSession ran it uncaptured: a copy for nothing
+                raise RuntimeError(f"capture failed: {session.graph_error}")
+            return {**out, **{name: value.copy() for name, value in constant.items()}}
         except Exception as e:  # noqa: BLE001 - serve on the dynamic graph rather than fail the request
             self.error = f"{type(e).__name__}: {str(e)[:300]}"
             self.copies.pop(key, None)

@@ -107,6 +107,9 @@ def test_the_steps_static_graphs_answer_as_the_dynamic_graph_and_fall_back_past_
         assert got is not None and got.keys() == want.keys()
         assert np.array_equal(got["candidate_index"], want["candidate_index"])
         assert np.allclose(got["scores"], want["scores"], atol=1e-6)
+        assert np.array_equal(got["model_version"], want["model_version"])  # a constant of the copy, answered aside
+    [(bound, constant)] = [graphs.copies[k] for k in list(graphs.copies)[:1]]
+    assert list(constant) == ["model_version"] and "model_version" not in bound.output_names
     assert len(graphs.copies) == 2 and graphs.describe() == "2 of at most 2 built"
     assert graphs.run(random_feeds(original, 1, 16, 8, 7, rng) | {"search_k": np.full((1, 1), 4, np.int64)}) is None
     broken = StaticGraphs(search_graph, names, lambda model: 1 / 0, lambda s: s, ss, limit=2)
