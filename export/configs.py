@@ -110,15 +110,14 @@ class SearchSettings:
 
 # The search step by the kind of machine that will serve (issue 23, "fast by default"). GPU: what the sweep of
 # ``benchmarks.search_gpu`` chose on one H100 (reports/gpu.json, ``search_defaults``, which a test checks against
-# this: no lever gained past the run's noise at both sizes, so these stay). CUDA graphs: onnxruntime refuses to
-# capture the graph as exported (its shape ops run on the host), so the step captures fixed-shape copies of it, one
-# per batch shape (``search.StaticGraphs``); the step's description says which ran. The graph's work is on the
-# device, so one onnxruntime thread
-# per instance (its CPU pool only runs shape ops) leaves the cores to the other
-# instances and to Triton. CPU: one instance with onnxruntime's own pool (more processes would split the same
-# cores), bound host buffers (the same code path as the GPU's), no graphs.
+# this: the lever with the largest mean gain over the base at both sizes, where it passes the run's noise; the
+# latest winner was onnxruntime's own CPU thread pool per instance, though every lever of that run beat its base by
+# 11-15%, so the base may have been unlucky). CUDA graphs: onnxruntime refuses to capture the graph as exported (its
+# shape ops run on the host), so the step captures fixed-shape copies of it, one per batch shape
+# (``search.StaticGraphs``); the step's description says which ran. CPU: one instance with onnxruntime's own pool
+# (more processes would split the same cores), bound host buffers (the same code path as the GPU's), no graphs.
 SEARCH_SETTINGS = {"gpu": SearchSettings(instances=2, batch_delay_us=200, io_binding=True, cuda_graph=True,
-                                         intra_op_threads=1),
+                                         intra_op_threads=None),
                    "cpu": SearchSettings(instances=1, batch_delay_us=100, io_binding=True, cuda_graph=False,
                                          intra_op_threads=None)}
 # Requests the search step lets wait (each execution takes up to sig.SEARCH_MAX_BATCH queries); more are answered
