@@ -169,9 +169,8 @@ def execution_providers(params: dict[str, str], args: dict[str, str], model_name
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
-# onnxruntime's output type names -> numpy dtypes (the search graph's outputs), for buffers made before a run.
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-                "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
+# onnxruntime's element types -> numpy dtypes, for output buffers made before a run.
+_NUMPY_TYPES = {ort_type: dtype for dtype, ort_type in _ORT_TYPES.items()}
 
 
 def bucket(n: int) -> int:
