@@ -293,6 +293,19 @@ def run_in_processes(base: TrainConfig, seeds: list[int], out: Path, jobs: int, 
     return run(base, seeds, out, methods=methods, log=log, resume=True)
 
 
+def _differing(a: dict, b: dict) -> list[str]:
+    """The fields in which two run configurations differ (a field one of them lacks counts)."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _cells(per_seed: dict):
+    """(protocol, group, metric, that group's metrics) for every cell of an eval_details ``per_seed``."""
+    for protocol, groups in per_seed.items():
+        for group, metrics in groups.items():
+            for metric in list(metrics):
+                yield protocol, group, metric, metrics
+
+
 def add_earlier_baselines(out: Path, earlier: Path) -> list[str]:
     """Complete ``out``'s eval_details.json, from a run without some learned baselines, with their per-seed figures
     and training times from ``earlier`` (an eval_details.json): allowed only where the two runs' configurations differ
@@ -300,37 +313,30 @@ def add_earlier_baselines(out: Path, earlier: Path) -> list[str]:
     corpus and lists, agree to the last digit. Returns the methods taken."""
     path = out / "eval_details.json"
     now, then = json.loads(path.read_text()), json.loads(earlier.read_text())
-
-    def shared(config: dict) -> dict:
-        return {k: v for k, v in _affecting_results(config).items() if k not in AMC_ONLY_FIELDS}
-    differing = sorted(k for k in set(shared(now["config"])) | set(shared(then["config"]))
-                       if shared(now["config"]).get(k) != shared(then["config"]).get(k))
+    differing = [k for k in _differing(_affecting_results(now["config"]), _affecting_results(then["config"]))
+                 if k not in AMC_ONLY_FIELDS]
     if differing:
         raise ValueError(f"--baselines-from {earlier}: its configuration differs in {differing}, which baselines read")
     if then["seeds"] != now["seeds"] or then["list_counts"] != now["list_counts"]:
         raise ValueError(f"--baselines-from {earlier}: seeds {then['seeds']} / lists differ from this run's")
-    for protocol, groups in now["per_seed"].items():
-        for group, metrics in groups.items():
-            for metric, by_method in metrics.items():
-                for method in (*TEXT_BASELINES, REFERENCE):
-                    old = then["per_seed"][protocol][group][metric].get(method)
-                    if method in by_method and not np.array_equal(old, by_method[method], equal_nan=True):
-                        raise ValueError(f"--baselines-from {earlier}: {method}'s {protocol} {group} {metric} differs "
-                                         f"({old} vs {by_method[method]}): not the same corpus and lists")
+    for protocol, group, metric, metrics in _cells(now["per_seed"]):
+        by_method = metrics[metric]
+        for method in (*TEXT_BASELINES, REFERENCE):
+            old = then["per_seed"][protocol][group][metric].get(method)
+            if method in by_method and not np.array_equal(old, by_method[method], equal_nan=True):
+                raise ValueError(f"--baselines-from {earlier}: {method}'s {protocol} {group} {metric} differs "
+                                 f"({old} vs {by_method[method]}): not the same corpus and lists")
     taken = [m for m in LEARNED if m not in now["train_seconds"]]
     missing = [m for m in taken if m not in then["train_seconds"]]
     if missing:
         raise ValueError(f"--baselines-from {earlier}: it has no figures for {missing}")
     order = (*LEARNED, *TEXT_BASELINES, REFERENCE)  # the tables' rows in the order a full run writes them
-    for protocol, groups in now["per_seed"].items():
-        for group, metrics in groups.items():
-            for metric, by_method in metrics.items():
-                merged = {**by_method, **{m: then["per_seed"][protocol][group][metric][m] for m in taken}}
-                metrics[metric] = {m: merged[m] for m in order if m in merged}
+    for protocol, group, metric, metrics in _cells(now["per_seed"]):
+        merged = {**metrics[metric], **{m: then["per_seed"][protocol][group][metric][m] for m in taken}}
+        metrics[metric] = {m: merged[m] for m in order if m in merged}
     for method in taken:
         now["train_seconds"][method] = then["train_seconds"][method]
-    fields = sorted(k for k in set(now["config"]) | set(then["config"])
-                    if k in AMC_ONLY_FIELDS and now["config"].get(k) != then["config"].get(k))
+    fields = [k for k in _differing(now["config"], then["config"]) if k in AMC_ONLY_FIELDS]
     now["baselines_from"] = {"path": str(earlier), "methods": taken, "differing_fields": fields}
     path.write_text(json.dumps(now, indent=2) + "\n")
     return taken
