@@ -364,24 +364,22 @@ class SearchGraph:
         self.session = session
         on_cuda = session.get_providers()[0] == "CUDAExecutionProvider"
         device_id = int(session.get_provider_options().get("CUDAExecutionProvider", {}).get("device_id", 0))
-        self.cuda_graph = graph and on_cuda
+        capture = graph and on_cuda
         self.bound = None
-        if (params.get("io_binding") or "1").strip() == "1" or self.cuda_graph:
+        if (params.get("io_binding") or "1").strip() == "1" or capture:
             self.bound = runner.BoundSession(session, device="cuda" if on_cuda else "cpu", device_id=device_id,
                                              host_inputs=(self.names[4],))
-        self.static = None
-        if self.cuda_graph:
+        self.static = None  # the fixed-shape copies, where CUDA graphs are asked for and can be had
+        if capture:
             limit_mb = float(params.get("max_static_graph_mb") or 1024)
             if path.stat().st_size > limit_mb * 2**20:
                 self.graph_refused = (f"{path.name} is {path.stat().st_size / 2**20:.0f} MB, over max_static_graph_mb "
                                       f"{limit_mb:.0f}: no fixed-shape copies")
-                self.cuda_graph = False
             else:
                 try:  # it needs the onnx package in the stub's Python: without it, serve uncaptured
                     static_shapes = runner.load_sibling(folder, "amc_static_shapes.py")
                 except Exception as e:  # noqa: BLE001
                     self.graph_refused = f"no fixed-shape copies: amc_static_shapes.py: {type(e).__name__}: {e}"
-                    self.cuda_graph = False
                 else:
                     self.static = StaticGraphs(
                         path, self.names, lambda model: open_session({**params, "cuda_graph": "1"}, model),
