@@ -18,7 +18,7 @@ def test_harness_and_report_on_tiny_runs(tmp_path):
     assert out["calls"] > 0 and out["errors"] == 0 and out["p99_ms"] >= out["p50_ms"]
     # Rates as floor.measure_cpu() reports them (it measures for seconds): a copy reads and writes, so memory moves
     # at half the copy rate.
-    floors = floor.floors(100, {"memory_copy_gb_s": 20.0, "matmul_fp32_tflop_s": 0.5}, "cpu")
+    floors = floor.floors(100, {"memory_copy_gb_s": 20.0, "matmul_fp32_tflop_s": 0.5})
     assert floors["raw"]["bytes"] == 100 * 49 * 1280 * 4 and floors["store"]["flops"] < floors["raw"]["flops"]
     assert floors["raw"]["bytes_ms"] == pytest.approx(floors["raw"]["bytes"] / 10e9 * 1e3)
     assert floors["raw"]["flops_ms"] == pytest.approx(floors["raw"]["flops"] / 0.5e12 * 1e3)
