@@ -92,8 +92,9 @@ fleet-report: setup ## Fleet load test (3 tritonservers, 4 threads on one client
 ddp-pack: setup ## Pack the DDP benchmark's training set for the GPU machine (then: bash benchmarks/ddp.sh there)
 	$(PY) -m benchmarks.ddp pack --sessions 8 --out .cache/ddp/pack.npz
 
-bench: setup ## CPU serving benchmark: writes reports/serving_cpu.json
+bench: setup ## CPU serving benchmark: ranking (reports/serving_cpu.json, serving.md), then whole-store search (appends to reports/search_cpu.json)
 	$(PY) -m benchmarks.run --device cpu
+	$(PY) -m benchmarks.search --device cpu
 
 k8s: setup ## Render deploy/k8s/rendered and monitoring/ from deploy/k8s/values.yaml and validate them offline
 	$(PY) -m deploy.k8s.render

@@ -10,7 +10,7 @@
 #   source .stage/install.sh && PHASES=served bash benchmarks/gpu.sh
 # Writes gpu_search.json, gpu_search.md, log and nvidia-smi.txt under $OUT (reports/search_gpu when OUT is unset);
 # here, afterwards: python -m benchmarks.search_gpu --merge RUN_A/gpu_search.json [RUN_B/gpu_search.json]
-# (reports/gpu.json, gpu.md, docs/gpu.md's table). The store ensemble's suite of issue 10 is python -m benchmarks.run.
+# (reports/gpu.json, gpu.md, docs/gpu.md's table).
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" reports/search_gpu
 which perf_analyzer tritonserver 2>/dev/null

@@ -1,4 +1,4 @@
-# Sourced by the GPU measuring scripts (gpu.sh, ceiling.sh, search_gpu.sh) after the wheels were staged:
+# Sourced by the GPU measuring script (gpu.sh) after the wheels were staged:
 #   source "$(dirname "$0")/gpu_common.sh" DEFAULT_OUT
 # Moves to the repository root, puts the project and the staged environment's tools on the paths, makes the
 # output folder ($OUT, else DEFAULT_OUT) as $out, and records the GPU there (nvidia-smi.txt).

@@ -1,7 +1,9 @@
-"""The serving benchmark suite: one entry point for the CPU machine and the GPU machine.
+"""The CPU serving benchmark (``make bench``): what ranking given candidates costs on the CPU machine.
 
-    python -m benchmarks.run --device cpu  [--sizes 100] [--concurrency 1 4] [--duration-s 8] [--out reports]
-    python -m benchmarks.run --device cuda [--sizes 10 100 1000] ...           (benchmarks/gpu.sh on the device)
+    python -m benchmarks.run --device cpu [--sizes 100] [--concurrency 1 4] [--duration-s 8] [--out reports]
+
+(Serving on a GPU is ``bash benchmarks/gpu.sh``, ``benchmarks.search_gpu``; this suite's GPU mode, issue 10's
+store ensembles on the device, left the tree: ``git show 132d596:benchmarks/run.py``.)
 
 Methods, all on the same requests (N candidates per query, batch 1 per request unless said):
   triton_amc      the raw ensemble ``amc`` in a real tritonserver, through amc_client.AMCClient
@@ -12,7 +14,7 @@ Methods, all on the same requests (N candidates per query, batch 1 per request u
   torch           amc_model.model.AMC from the checkpoint, in-process (text features by the text step code)
 The server is started here on a freshly published temp repository with the benchmarks' store models added
 (``benchmarks.store_models``: the store ensembles over a store built from the gallery, the fused graphs).
-Writes ``serving_cpu.json`` + ``serving.md`` (cpu) or ``gpu.json`` + ``gpu.md`` + plots (cuda).
+Writes ``serving_cpu.json`` + ``serving.md``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import argparse
 import functools
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import floor, harness, inprocess, perf, triton
+from . import floor, harness, inprocess, triton
 from .workloads import Gallery, Request, collection_words, corpus_gallery, make_requests, synthetic_gallery
 
 DEFAULT_CHECKPOINT = Path("runs/amc/checkpoint.pt")
@@ -86,15 +87,6 @@ def inprocess_loop(runner, pool: list[Request], batch: int, concurrency: int, du
     return out
 
 
-def gpu_memory_mib() -> dict:
-    try:
-        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.used,memory.total", "--format=csv,noheader,nounits"],
-                           capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0].split(", ")
-        return {"name": q[0], "used_mib": float(q[1]), "total_mib": float(q[2])}
-    except Exception as e:  # noqa: BLE001
-        return {"error": str(e)}
-
-
 # ---------------------------------------------------------------------------------------------------------
 def run(args, results: dict) -> dict:
     device = args.device
@@ -103,16 +95,14 @@ def run(args, results: dict) -> dict:
                      "cpus": os.cpu_count(), "python": platform.python_version(), "sizes": args.sizes,
                      "concurrency": args.concurrency, "duration_s": args.duration_s, "measurements": {}})
     m = results["measurements"]
-    if device == "cuda":
-        results["gpu"] = gpu_memory_mib().get("name", "unknown")
     import onnxruntime as ort
     results["onnxruntime"] = ort.__version__
     results["providers"] = ort.get_available_providers()
 
     log("floors: measuring bandwidth and matmul rate")
-    rates = floor.measure_cuda() if device == "cuda" else floor.measure_cpu()
+    rates = floor.measure_cpu()
     results["rates"] = rates
-    results["floors"] = {str(n): floor.floors(n, rates, device) for n in args.sizes}
+    results["floors"] = {str(n): floor.floors(n, rates) for n in args.sizes}
 
     gallery: Gallery = (corpus_gallery() if args.gallery == "corpus"
                         else synthetic_gallery(collection_words(args.checkpoint), size=args.gallery_size))
@@ -149,47 +139,25 @@ def run(args, results: dict) -> dict:
     log(f"score checks: {checks}")
 
     # ---- in-process ----------------------------------------------------------------------------------
-    batches = [1, 8] if device == "cuda" else [1]
     for n in args.sizes:
         pool = pools[n]
         for name, runner in built.items():
             kind = name.rsplit("_", 1)[0]
-            for b in batches:
-                if b > len(pool) or (n >= 1000 and b > 2 and kind != "ort_store"):
-                    continue
-                for c in args.concurrency if b == 1 else [1]:
-                    measure(f"{kind} n{n} b{b} c{c}", lambda runner=runner, pool=pool, b=b, c=c: inprocess_loop(runner, pool, b, c, args.duration_s),
-                            results=m, key=f"{kind}|{n}|b{b}|c{c}", budget=budget)
-        if device == "cuda":
-            fused = {"ort_fused": False, "ort_fused_store": True}
-            for kind, store in fused.items():
-                try:
-                    r = inprocess.OrtFused(repo / ("amc_fused_store" if store else "amc_fused") / v / "model.onnx",
-                                           feeds(device, store), device)
-                except Exception as e:  # noqa: BLE001
-                    m[f"{kind}|{n}|b1|c1"] = {"error": str(e)}
-                    continue
-                for b in (1, 8) if n < 1000 else (1,):
-                    measure(f"{kind} n{n} b{b}", lambda r=r, pool=pool, b=b: inprocess_loop(r, pool, b, 1, args.duration_s),
-                            results=m, key=f"{kind}|{n}|b{b}|c1", budget=budget)
-    if device == "cuda":
-        import torch
-        results["torch_max_memory_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            for c in args.concurrency:
+                measure(f"{kind} n{n} b1 c{c}", lambda runner=runner, pool=pool, c=c: inprocess_loop(runner, pool, 1, c, args.duration_s),
+                        results=m, key=f"{kind}|{n}|b1|c{c}", budget=budget)
     built.clear()
 
     # ---- Triton ----------------------------------------------------------------------------------------
     from serving.server import TritonServer
 
     models = triton.model_names(version)
-    args.models = models
     log("starting tritonserver")
     t0 = time.monotonic()
     with TritonServer(repo, models=models, log_file=workdir / "tritonserver.log") as server:
         results["triton_start_s"] = round(time.monotonic() - t0, 1)
         url = server.grpc_url
         triton.wait_models(url, models)
-        if device == "cuda":
-            results["gpu_memory_with_server"] = gpu_memory_mib()
         checks = {}
         for n, r, s in zip(args.sizes, sample, ref_scores):
             try:
@@ -206,7 +174,7 @@ def run(args, results: dict) -> dict:
         results["triton_score_relative_error_vs_ort_cpu_raw"] = checks
         log(f"triton score checks: {checks}")
         results["client_serialization"] = {str(n): triton.client_serialization_ms(pools[n][0]) for n in args.sizes
-                                           if n <= 100 or device == "cuda"}
+                                           if n <= 100}
         callers = {"triton_amc": lambda pool: triton.amc_client_worker(url, pool),
                    "triton_store": lambda pool: triton.store_worker(url, pool),
                    "triton_store_fused": lambda pool: triton.store_worker(url, pool, model=triton.STORE_FUSED),
@@ -226,54 +194,8 @@ def run(args, results: dict) -> dict:
                         out["steps"] = triton.breakdown(before, triton.snapshot(url))
                         return out
                     measure(f"{kind} n{n} c{c}", go, results=m, key=f"{kind}|{n}|c{c}", budget=budget, need_s=10)
-        if device == "cuda" and perf.available():
-            results["perf_analyzer"] = perf_sweeps(url, pools, feeds, workdir, args, budget)
-    # Instance sweep: k instances of every step of the two store ensembles, each k on a fresh server, both
-    # store ensembles swept with perf_analyzer at 100 candidates.
-    if device == "cuda" and 100 in pools and perf.available():
-        sweeps: dict = {}
-        results["perf_analyzer_instances"] = sweeps
-        for k in args.tuned_instances:
-            if not budget.ok(60):
-                log(f"instances {k}: skipped (budget)")
-                break
-            for model in (*triton.STORE_STEP_MODELS, "amc_fused_store"):
-                triton.set_instances(repo, model, k)
-            with TritonServer(repo, models=models, log_file=workdir / f"tritonserver-x{k}.log") as server:
-                triton.wait_models(server.grpc_url, models)
-                tuned = {}
-                for model in ("amc_store_fused", "amc_store"):
-                    if model not in models or not budget.ok(30):
-                        continue
-                    data = perf.input_data(pools[100], "store", workdir / "data-store-100.json")
-                    tuned[f"{model}|100"] = perf.sweep(server.grpc_url, model, data, args.tuned_concurrency, 100,
-                                                       workdir, log=log, deadline=budget.deadline - 10)
-                sweeps[str(k)] = tuned
     results["total_s"] = round(args.budget_s - budget.left(), 1)
     return results
-
-
-def perf_sweeps(url, pools, feeds, workdir, args, budget) -> dict:
-    out = {}
-    # The full sweep where the targets are (store, 100 candidates); three levels elsewhere (device time).
-    short = [c for c in (1, 8, 64) if c in args.perf_concurrency] or args.perf_concurrency
-    plan = [("store", "amc_store", 100, args.perf_concurrency)]
-    plan += [("store", triton.STORE_FUSED, 100, args.perf_concurrency)] if triton.STORE_FUSED in args.models else []
-    plan += [] if args.no_raw_perf else [("raw", "amc", 100, short)]
-    plan += [("fused_store", "amc_fused_store", 100, short)]
-    plan += [("store", "amc_store", n, short) for n in args.sizes if n != 100]
-    for kind, model, n, levels in plan:
-        if n not in pools or not budget.ok(60):
-            continue
-        try:
-            # raw requests are 25 MB each (33 MB as base64 JSON): two distinct ones are enough for perf_analyzer
-            data = perf.input_data(pools[n][:2] if kind == "raw" else pools[n], kind,
-                                   workdir / f"data-{kind}-{n}.json", feeds("cpu", kind == "fused_store"))
-            out[f"{model}|{n}"] = perf.sweep(url, model, data, levels, n, workdir, log=log,
-                                             deadline=budget.deadline - 100)
-        except Exception as e:  # noqa: BLE001
-            out[f"{model}|{n}"] = [{"error": str(e)[:300]}]
-    return out
 
 
 def _flat(repo: Path, v: str, workdir: Path, store: bool = False) -> Path:
@@ -291,26 +213,17 @@ def _flat(repo: Path, v: str, workdir: Path, store: bool = False) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="candidates per query")
+    parser.add_argument("--device", choices=("cpu",), default="cpu",
+                        help="the CPU only (serving on a GPU: bash benchmarks/gpu.sh)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100], help="candidates per query")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--perf-concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    parser.add_argument("--duration-s", type=float, default=None, help="seconds per measurement")
-    parser.add_argument("--budget-s", type=float, default=None, help="stop measuring after this long")
+    parser.add_argument("--duration-s", type=float, default=8.0, help="seconds per measurement")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="stop measuring after this long")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--gallery", choices=("corpus", "synthetic"), default=None)
+    parser.add_argument("--gallery", choices=("corpus", "synthetic"), default="corpus")
     parser.add_argument("--gallery-size", type=int, default=2000)
-    parser.add_argument("--tuned-instances", type=int, nargs="*", default=[2],
-                        help="instance counts of the store steps to sweep, one fresh server each")
-    parser.add_argument("--tuned-concurrency", type=int, nargs="+", default=[8, 32, 64, 128, 256])
-    parser.add_argument("--no-raw-perf", action="store_true", help="skip perf_analyzer on the raw ensemble")
     parser.add_argument("--out", type=Path, default=Path("reports"))
     args = parser.parse_args(argv)
-    cuda = args.device == "cuda"
-    args.sizes = args.sizes or ([10, 100, 1000] if cuda else [100])
-    args.duration_s = args.duration_s or (2.0 if cuda else 8.0)
-    args.budget_s = args.budget_s or (480.0 if cuda else 240.0)
-    args.gallery = args.gallery or ("synthetic" if cuda else "corpus")
     from . import report
 
     results: dict = {}

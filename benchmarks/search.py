@@ -1,7 +1,11 @@
-"""Whole-store search latency: ``AMCClient.search`` against ``amc_search`` in a real tritonserver, concurrency 1.
+"""Whole-store search latency on the CPU: ``AMCClient.search`` against ``amc_search`` in a real tritonserver,
+concurrency 1 (the second half of ``make bench``).
 
-    python -m benchmarks.search --device cpu  [--out reports/search_cpu.json]        (the corpus: every image)
-    python -m benchmarks.search --device cuda --store-size 100000 --projected-dtype float16 --out $OUT/search.json
+    python -m benchmarks.search --device cpu [--out reports/search_cpu.json]        (the corpus: every image)
+
+(On a GPU, whole-store search is measured by ``bash benchmarks/gpu.sh``: ``benchmarks.search_gpu``, which lays out
+its repositories with this module's :func:`gallery_store` and :func:`add_search`. This module's own GPU mode left
+the tree: ``git show 132d596:benchmarks/search.py``.)
 
 Publishes the checkpoint into a temp repository with a candidate store and only the search path (the one search step,
 ``amc_search_step``; ``export.repository.search_ensemble_config``), starts tritonserver, checks
@@ -133,7 +137,8 @@ def reference_scores(ckpt, gallery: Gallery, store, query: str, rows: np.ndarray
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.search", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=("cpu",), default="cpu",
+                        help="the CPU only (whole-store search on a GPU: bash benchmarks/gpu.sh)")
     parser.add_argument("--checkpoint", type=Path, default=Path("runs/amc/checkpoint.pt"))
     parser.add_argument("--store-size", type=int, default=0, help="rows (0: the corpus, one row per image)")
     parser.add_argument("--gallery-size", type=int, default=2000, help="distinct synthetic images (--store-size)")
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ms = np.array(latencies)
     run = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.node(),
-        "device": args.device, "gpu": _gpu_name() if args.device == "cuda" else None,
+        "device": args.device,
         "store_rows": len(store), "distinct_images": len(gallery), "gallery": gallery.source,
         "projected_dtype": args.projected_dtype, "top_k": args.top_k, "concurrency": 1, "requests": len(ms),
         "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
@@ -205,16 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     log(f"appended to {args.out}")
     return 0 if run["parity"]["holds"] else 1
-
-
-def _gpu_name() -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 if __name__ == "__main__":

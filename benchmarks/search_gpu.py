@@ -49,7 +49,6 @@ import numpy as np
 from amc_client import signatures as sig
 
 from . import harness, perf, triton
-from .run import gpu_memory_mib
 from .search import SEARCH_MODELS, add_search, gallery_store
 from .search_report import SIZES, merge, summarize, summary_md
 from .workloads import Request, collection_words, synthetic_gallery
@@ -59,6 +58,15 @@ TOP_K = 10
 
 def log(msg: str) -> None:
     print(f"[search-gpu {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def gpu_memory_mib() -> dict:
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.used,memory.total", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0].split(", ")
+        return {"name": q[0], "used_mib": float(q[1]), "total_mib": float(q[2])}
+    except Exception as e:  # noqa: BLE001
+        return {"error": str(e)}
 
 
 # ---- workload ------------------------------------------------------------------------------------------------

@@ -48,9 +48,10 @@ STORE_STEPS = (STORE_TOKENIZER, *STORE_NETWORKS)
 FUSED_STEPS = (FUSED, FUSED_STORE)
 STEPS = STORE_STEPS + FUSED_STEPS  # every step added here
 # Instances of the store text step and the fused store graph by the kind of machine (issue 10): on an H100 4:4
-# answered the most at 100 candidates of the counts tried (reports/gpu_instances_run6.json; reports/gpu.md, run 6);
-# on a CPU one each (more processes only split the same cores). Each fused-graph instance holds its own copy of the
-# store's projections and of the sentence encoder. The other steps keep one.
+# answered the most at 100 candidates of the counts tried (reports/gpu.md, run 6; the sweep's file is in git:
+# git show 132d596:reports/gpu_instances_run6.json); on a CPU one each (more processes only split the same cores).
+# Each fused-graph instance holds its own copy of the store's projections and of the sentence encoder. The other
+# steps keep one.
 STORE_INSTANCES = {"gpu": 4, "cpu": 1}
 TUNED_STORE_STEPS = (STORE_TOKENIZER, FUSED_STORE)
 STORE_BATCH_DELAY_US = 100  # requests are cheap to merge, so wait less for company at low load

@@ -4,7 +4,6 @@ tritonserver, drive it, read its statistics."""
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
@@ -42,16 +41,6 @@ def build_repository(workdir: Path, checkpoint: Path, gallery: Gallery, *, log=p
     add_store_models(repo, version, ckpt.build_model(), ckpt.term_weights, gallery.regions, gallery.keywords,
                      fingerprint=ckpt.fingerprint, instances=1, log=log)  # the benchmarks set instances themselves
     return repo, version
-
-
-def set_instances(repo: Path, model: str, count: int, delay_us: int | None = None) -> None:
-    """Rewrite the instance count (and queue delay) of ``model``'s config in a benchmark repository."""
-    path = repo / model / "config.pbtxt"
-    text = path.read_text()
-    text = re.sub(r"count: \d+", f"count: {count}", text)
-    if delay_us is not None:
-        text = re.sub(r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {delay_us}", text)
-    path.write_text(text)
 
 
 def parameter(repo: Path, model: str, key: str) -> str:
@@ -212,8 +201,6 @@ def client_serialization_ms(request: Request, repeats: int = 5) -> dict[str, flo
 
 
 STORE_FUSED = STORE_FUSED_ENSEMBLE_NAME
-# Every step of the 5-step store ensemble amc_store (amc_store_fused: the text step + amc_fused_store).
-STORE_STEP_MODELS = ("amc_store_tokenizer", "amc_qen", "amc_van_store", "amc_lan_store", "amc_mtn")
 
 
 def model_names(version: int) -> list[str]:

@@ -1,6 +1,6 @@
 """The benchmark suite through a real tritonserver: the store ensembles the benchmarks build into their own
-repository (``benchmarks.store_models``) equal the raw ensemble, and the serving-bound
-measurement's null graph and end-to-end run (in-process: tests/parity/test_benchmarks.py)."""
+repository (``benchmarks.store_models``) equal the raw ensemble, and a direct caller of the fused store graph who
+repeats a query word is refused (in-process: tests/parity/test_benchmarks.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """The benchmark suite in-process: the candidate store's correctness (store-path scores equal raw-path scores for the
-same candidates, and the fused graphs and PyTorch agree), the workloads, and the ORT ceiling end to end at a tiny
-size (through a real tritonserver: tests/integration/test_benchmarks.py; the suite's plain code:
-tests/unit/test_benchmarks.py)."""
+same candidates, and the fused graphs and PyTorch agree) and the workloads (through a real tritonserver:
+tests/integration/test_benchmarks.py; the suite's plain code: tests/unit/test_benchmarks.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 from amc_client import signatures as sig
-from benchmarks import floor, inprocess, store_models, triton
+from benchmarks import inprocess, store_models, triton
 from benchmarks import store_signatures as bench_sig
 from benchmarks.workloads import make_requests
 from export.configs import STEPS, parse_config
@@ -58,29 +57,6 @@ def test_workloads_and_perf_input_data(bench_repo, trained, tmp_path):
         assert len(rows) == 2 and set(rows[0]) == {s.name for s in signature.inputs if not s.optional}, kind
     with pytest.raises(ValueError, match="text step"):
         perf.input_data(requests, "fused", tmp_path / "x.json")
-
-
-def test_ort_ceiling_on_cpu_at_a_tiny_size(trained, tmp_path):
-    """benchmarks.ort_ceiling end to end on the CPU (no Triton, fp32 only): parity, sweep, floor and summary keys."""
-    import json
-
-    from benchmarks import ort_ceiling
-
-    out = tmp_path / "out"
-    assert ort_ceiling.main(["--device", "cpu", "--checkpoint", str(trained.checkpoint), "--out", str(out),
-                             "--sizes", "5", "--threads", "1", "2", "--batches", "1", "2", "--precisions", "fp32",
-                             "--duration-s", "0.05", "--gallery-size", "20", "--pool", "4", "--check-requests", "2",
-                             "--e2e-configs", "1x1", "--e2e-top", "0", "--cuda-graph-batches", "1",
-                             "--cuda-graph-threads", "1", "--triton-config", "none", "--budget-s", "300"]) == 0
-    results = json.loads((out / "ort_ceiling.json").read_text())
-    assert results["parity"]["fp32"]["holds"]
-    assert {p["threads"] for p in results["ort_graph"]} >= {1, 2} and all("error" not in p for p in results["ort_graph"])
-    row = results["summary"]["n5"]
-    assert row["ort_ceiling_candidates_per_s"] > 0 and row["floor_candidates_per_s"] > 0
-    assert row["ensemble_best_candidates_per_s"] is None  # no Triton in this test
-    assert results["ort_e2e"] and (out / "ort_ceiling.md").exists()
-    cost = floor.store_candidate_cost(hidden=128, keywords=6)
-    assert cost["device_bytes"] > cost["stored_bytes"] > 49 * 128 * 4
 
 
 def test_the_benchmark_repository_adds_its_store_models_to_a_publish(bench_repo):
