@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 
 from . import harness, perf, triton
 from .search import SEARCH_MODELS, add_search, gallery_store

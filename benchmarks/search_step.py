@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_FILES = ("store.json", "tokenizer.json", "term_weights.json", "version.json", "emoji_names.json")
@@ -103,7 +103,10 @@ def lay_out(source: Path, code: Path, dest: Path) -> Path:
     backends = code / "serving" / "backends"
     for path in backends.glob("*.py"):
         shutil.copy(path, version_dir / ("model.py" if path.name == "text_step.py" else f"amc_{path.name}"))
-    shutil.copy(code / "client" / "amc_client" / "text.py", version_dir / "amc_text.py")
+    text = code / "client" / "amc_contract" / "text.py"
+    if not text.is_file():  # a tree from before the contract package
+        text = code / "client" / "amc_client" / "text.py"
+    shutil.copy(text, version_dir / "amc_text.py")
     for name in DATA_FILES:
         if (source / name).is_file():
             shutil.copy(source / name, version_dir / name)
@@ -162,7 +165,7 @@ def ablate(step, pb, what: list[str]) -> list[str]:
 def queries(store: dict, count: int, seed: int, unknown_share: float) -> list[str]:
     """``count`` distinct queries of 1-3 words of the store's keywords; in ``unknown_share`` of them one word is made
     up (8 random letters: a word no store or table has, so its WordPiece ids are looked up while the step runs)."""
-    from amc_client.text import content_words
+    from amc_contract.text import content_words
 
     words = sorted({w for row in store["keywords"] for k in row for w in content_words(k)})
     rng, out = np.random.default_rng(seed), {}
@@ -337,10 +340,10 @@ def checkout(code: str, dest: Path) -> tuple[Path, dict]:
     if Path(code).is_dir():
         tree = Path(code).resolve()
         return tree, {"tree": str(tree), "commit": git("rev-parse", "HEAD", cwd=tree),
-                      "changed": git("status", "--porcelain", "--", "serving/backends", "client/amc_client/text.py",
+                      "changed": git("status", "--porcelain", "--", "serving/backends", "client/amc_contract/text.py",
                                      cwd=tree) != ""}
     dest.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", code, "serving/backends", "client/amc_client/text.py"],
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", code, "serving/backends", "client/amc_contract/text.py"],
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest, {"revision": code, "commit": git("rev-parse", code)}

@@ -13,7 +13,7 @@ features held as constants, ``candidate_ids`` in) and ``amc_fused``; QEN and MTN
 
 :func:`add_store_models` adds them to a version a publish wrote (``benchmarks.triton.build_repository`` publishes
 into a temp folder and calls it). The client calls none of them: their signatures are in
-:mod:`benchmarks.store_signatures`, made of the tensors of :mod:`amc_client.signatures`; their configs come from the
+:mod:`benchmarks.store_signatures`, made of the tensors of :mod:`amc_contract.signatures`; their configs come from the
 building blocks of :mod:`export.configs` and their graphs are exported and validated against PyTorch by
 :mod:`export.store`'s code: no tensor name is spelled outside a signature.
 """
@@ -30,8 +30,8 @@ import numpy as np
 from torch import nn
 from tritonclient.grpc import model_config_pb2 as mc
 
-from amc_client import signatures as sig
-from amc_client.text import LexicalMatcher, TermWeights
+from amc_contract import signatures as sig
+from amc_contract.text import LexicalMatcher, TermWeights
 from amc_model.model import AMC
 from export import configs
 from export.onnx_export import (

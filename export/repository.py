@@ -39,10 +39,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from amc_client import Routing
-from amc_client import signatures as sig
-from amc_client._routing import parse as parse_routing
-from amc_client.text import EMOJI_NAMES_FILE, TEXT_RULES
+from amc_contract import signatures as sig
+from amc_contract.routing import Routing
+from amc_contract.routing import parse as parse_routing
+from amc_contract.text import EMOJI_NAMES_FILE, TEXT_RULES
 from export.configs import (  # SEARCH_SETTINGS, device_kind: benchmarks.search imports them from here
     ONNX_FILE,
     SEARCH_GRAPH_FILE,
@@ -66,7 +66,7 @@ TOP_K_FILE = "top_k.py"
 SEARCH_FILE = "search.py"  # serving/backends/search.py, copied as amc_search.py beside the text steps
 STORE_FILE = "store.json"  # in amc_search_step/<N>/: {"version": N, "size": G, "ids": [...], "keywords": [...]}
 # A text step version's query rules: version.json's "text_rules" (absent: 1, queries as sent) and, from rules 2 on,
-# its emoji names (amc_client.text.EMOJI_NAMES_FILE). KNOWN_TEXT_RULES: the rules this release's text step implements.
+# its emoji names (amc_contract.text.EMOJI_NAMES_FILE). KNOWN_TEXT_RULES: the rules this release's text step implements.
 TEXT_RULES_KEY = "text_rules"
 KNOWN_TEXT_RULES = tuple(range(1, TEXT_RULES + 1))
 # The steps of a version's candidate store: one, the search step (text_step.py in mode search: checks, tokenizes,
@@ -144,11 +144,11 @@ class TextStepFiles:
     """What a text-step version directory holds besides the code (see ``serving/backends/text_step.py``)."""
 
     tokenizer_json: str  # the sentence encoder's WordPiece tokenizer.json
-    term_weights_json: str  # the checkpoint's amc_client.text.TermWeights
+    term_weights_json: str  # the checkpoint's amc_contract.text.TermWeights
     text_encoder: Path  # text_encoder.onnx, exported and validated
     keyword_table: Path | None = None  # keyword_table.npz (raw mode)
-    # The query rules of the version (amc_client.text.TEXT_RULES of the checkpoint's training; 1: queries as sent)
-    # and, from rules 2 on, the emoji names it normalizes queries with (amc_client.text.EmojiNames JSON).
+    # The query rules of the version (amc_contract.text.TEXT_RULES of the checkpoint's training; 1: queries as sent)
+    # and, from rules 2 on, the emoji names it normalizes queries with (amc_contract.text.EmojiNames JSON).
     text_rules: int = 1
     emoji_names_json: str | None = None
 

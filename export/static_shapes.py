@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-# The search graph's inputs (amc_client.signatures.SEARCH_STORE), in order: tokens, words, word weights, rows, k.
+# The search graph's inputs (amc_contract.signatures.SEARCH_STORE), in order: tokens, words, word weights, rows, k.
 SEARCH_INPUTS = ("query_tokens", "query_words", "query_word_weights", "candidate_ids", "search_k")
 
 # Initializers with more elements than this are kept out of the optimizer (see the module's docstring).

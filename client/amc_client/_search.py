@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from . import signatures as sig
+from amc_contract import signatures as sig
+
 from ._packing import check_query, check_request_query, check_top_k, explained
 from ._types import RankedResult
 from .errors import AMCError, InvalidInputError, MixedVersionError

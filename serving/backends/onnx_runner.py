@@ -3,7 +3,7 @@
 The config generator copies this file as ``<model>/<version>/model.py`` beside ``model.onnx`` (the ``python``
 repository flavour). Everything model-specific comes from the model's ``config.pbtxt``:
 
-- input and output names and dtypes: ``input`` / ``output`` (generated from ``amc_client.signatures``);
+- input and output names and dtypes: ``input`` / ``output`` (generated from ``amc_contract.signatures``);
 - ``parameters``: ``onnx_file`` (default ``model.onnx``), ``intra_op_num_threads`` (default: onnxruntime's, or
   the CPUs this process may run on where that is fewer than the machine's), ``allow_spinning`` (``0`` (default)
   or ``1``: whether onnxruntime's idle threads spin; see :func:`session_options`),
@@ -306,7 +306,7 @@ class TritonPythonModel:
                                             providers=execution_providers(params, args, self.model_name))
         self._check_signature()
         # Each input's dims as the graph declares them: an int (fixed) or a name (symbolic: "batch", "candidates",
-        # "regions", ... from amc_client.signatures). Inputs that share a name must agree on its size; a request
+        # "regions", ... from amc_contract.signatures). Inputs that share a name must agree on its size; a request
         # where they do not (regions for 3 candidates, region_mask for 2) is the caller's mistake, refused here
         # with INVALID_ARGUMENT before onnxruntime fails on it with an opaque INTERNAL error.
         self.graph_dims = {i.name: list(i.shape) for i in self.session.get_inputs()}

@@ -6,7 +6,7 @@ One module, three Triton models: a publish copies it as ``model.py`` into ``amc_
 whose logic is ``search.py``'s functions); the benchmarks into ``amc_store_tokenizer/<N>/`` (``mode: store``: the
 text step of their store ensembles, ``benchmarks.store_models``). Files beside it (written by ``export.repository``):
 
-    amc_text.py          copy of amc_client/text.py: WordPiece ids, words, IDF term weights, lexical matches
+    amc_text.py          copy of amc_contract/text.py: WordPiece ids, words, IDF term weights, lexical matches
     amc_onnx_runner.py   copy of onnx_runner.py, for its execution-provider choice and error responses
     amc_top_k.py         copy of top_k.py: store mode checks top_k with its rule before any row is scored
     amc_admission.py     copy of admission.py: the in-flight counter this step admits requests through
@@ -14,7 +14,7 @@ text step of their store ensembles, ``benchmarks.store_models``). Files beside i
     amc_static_shapes.py copy of export/static_shapes.py: the search graph's fixed-shape copies for CUDA graphs
     tokenizer.json       the sentence encoder's WordPiece tokenizer
     text_encoder.onnx    all-MiniLM-L6-v2 (signature TEXT_ENCODER): WordPiece ids -> unit-norm embedding
-    term_weights.json    the checkpoint's IDF over the candidate collection (amc_client.text.TermWeights)
+    term_weights.json    the checkpoint's IDF over the candidate collection (amc_contract.text.TermWeights)
     keyword_table.npz    raw mode: keyword strings and their embeddings, precomputed at export for the
                          training corpus's keywords (texts (U,), vectors (U, E)); may be absent or empty
     store.json           store and search modes: {"version", "size", "ids", "keywords": one list of strings per row}
@@ -22,7 +22,7 @@ text step of their store ensembles, ``benchmarks.store_models``). Files beside i
     version.json         {"version": N, "text_rules": R} (no "text_rules": R = 1)
     emoji_names.json     from text rules 2 on: the emoji -> CLDR name table queries are normalized with
 
-Tensors (names and order from config.pbtxt, generated from ``amc_client.signatures``)::
+Tensors (names and order from config.pbtxt, generated from ``amc_contract.signatures``)::
 
     raw    in:  query BYTES [B, 1], keywords BYTES [B, N, K] ("" pads), region_mask BOOL [B, N, R]
            out: query_text FP32 [B, E], keyword_embeddings FP32 [B, N, K, E] (zero vector on padding),
@@ -72,7 +72,7 @@ words: WordPiece covers any text, in any script, emoji included (one no table na
 Triton's INVALID_ARGUMENT and a message naming the problem: an empty or whitespace-only query, a query that
 normalizes to nothing (text rules 2: only punctuation and spaces, e.g. "?!"), an empty candidate set, text that is not UTF-8,
 candidate ids outside the store or repeated, tensors of inconsistent shapes, and a request over one of the bounds of
-``amc_client.signatures`` (given to this step as config parameters, the limit named in the message):
+``amc_contract.signatures`` (given to this step as config parameters, the limit named in the message):
 ``max_candidates`` per query, ``max_query_bytes``, ``max_keywords`` slots per candidate, ``max_keyword_words``
 and ``max_keyword_bytes`` per keyword.
 
@@ -120,11 +120,11 @@ _KINDS = {
               (("TYPE_FP32", 1), ("TYPE_FP32", 3), ("TYPE_INT64", 1), ("TYPE_INT64", 1), ("TYPE_INT64", 1),
                ("TYPE_INT64", 1), ("TYPE_INT64", 1), ("TYPE_FP32", 1))),
 }
-# The request bounds of amc_client.signatures (this file cannot import it inside the stub); the config
+# The request bounds of amc_contract.signatures (this file cannot import it inside the stub); the config
 # parameters of the same names, which the generator writes from the signatures, win.
 DEFAULT_BOUNDS = {"max_candidates": 1000, "max_query_bytes": 1024, "max_keywords": 64, "max_keyword_words": 16,
                   "max_keyword_bytes": 256}
-# The query rules this code implements (amc_client.text.TEXT_RULES): 1, queries as sent; 2, normalize_query.
+# The query rules this code implements (amc_contract.text.TEXT_RULES): 1, queries as sent; 2, normalize_query.
 TEXT_RULES_IMPLEMENTED = (1, 2)
 DEFAULT_KEYWORD_CACHE = 20_000  # keywords encoded on the fly that are kept (384 floats each: 1.5 KB)
 ENCODER_CHUNK = 256  # texts per encoder call, sorted by length so that a chunk pads little
@@ -177,7 +177,7 @@ class TextFeatures:
         import onnxruntime as ort
 
         folder = Path(folder)
-        self.text = _load_module(folder, "amc_text.py", "amc_client.text")
+        self.text = _load_module(folder, "amc_text.py", "amc_contract.text")
         self.text_rules, self.emoji_names = self._text_rules(folder)
         self.wordpiece = self.text.load_wordpiece((folder / "tokenizer.json").read_text(encoding="utf-8"))
         self.matcher = self.text.LexicalMatcher(

@@ -12,7 +12,7 @@ generator copies this file as its ``model.py``, with ``onnx_runner.py`` beside i
 error responses and ``admission.py`` as ``amc_admission.py``. ``candidate_index`` is the position in the request.
 (Whole-store search keeps its top k inside its graph, ONNX TopK, in its one step: ``text_step.py``, mode search.)
 
-Tensors (names and order from config.pbtxt, generated from ``amc_client.signatures`` TOPK)::
+Tensors (names and order from config.pbtxt, generated from ``amc_contract.signatures`` TOPK)::
 
     in:  candidate_scores FP32 [B, N], candidate_modality_weights FP32 [B, N, 2],
          candidate_region_attention FP32 [B, N, R], candidate_keyword_attention FP32 [B, N, K],

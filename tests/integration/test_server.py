@@ -4,13 +4,13 @@ One server serves a tiny repository built in a temporary directory:
 
 - ``amc_tokenizer``: the text step (``serving/backends/text_step.py``, mode raw) with the exported MiniLM
   encoder, a small keyword table and term weights; version 1 carries ``amc_text.py`` beside model.py, version 2
-  does not and so imports the installed ``amc_client.text`` (checks that the stub sees the venv's editable
+  does not and so imports the installed ``amc_contract.text`` (checks that the stub sees the venv's editable
   installs);
 - ``amc_store_tokenizer``: the same module in mode store, over a 4-row store, with dynamic batching;
 - ``toy_net``: a three-node ONNX graph run by ``serving/backends/onnx_runner.py`` with dynamic batching;
 - ``toy_late``: the same, not loaded at start, for the admin-key checks.
 
-The text step's outputs are compared with the PyTorch encoder and ``amc_client.text.LexicalMatcher`` (what
+The text step's outputs are compared with the PyTorch encoder and ``amc_contract.text.LexicalMatcher`` (what
 training computes), and every bad request must be INVALID_ARGUMENT with a message naming the problem.
 """
 
@@ -36,8 +36,8 @@ from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from amc_client import signatures as sig
-from amc_client import text as amc_text
+from amc_contract import signatures as sig
+from amc_contract import text as amc_text
 from benchmarks import store_signatures as bench_sig
 from benchmarks.store_models import store_step_config
 from export.configs import step_config
@@ -299,7 +299,7 @@ def test_any_query_gets_features(client: grpcclient.InferenceServerClient, query
 def test_text_step_without_published_text_module_uses_installed_client(
         client: grpcclient.InferenceServerClient, server: TritonServer) -> None:
     log = server.log_path.read_text() if server.log_path else ""
-    assert "amc_client/text.py" in log and "amc_text.py" in log  # what each version's initialize() logged
+    assert "amc_contract/text.py" in log and "amc_text.py" in log  # what each version's initialize() logged
     # Version 2 has no amc_text.py: it must import amc_client (an editable install) from the project venv.
     # The version policy is `all`, so both versions were loaded at start; the unversioned name gets the latest.
     assert client.is_model_ready(TOKENIZER, "1") and client.is_model_ready(TOKENIZER, "2")

@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from amc_client import signatures as sig
-from amc_client.text import TermWeights
+from amc_contract import signatures as sig
+from amc_contract.text import TermWeights
 from amc_model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from amc_model.model import AMC, AMCConfig
 from export import onnx_export
@@ -278,7 +278,7 @@ def test_store_graphs_equal_the_raw_path(tmp_path, checkpoint):
         set_store_serving(repo, version)
     assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
     # The validation fails loudly when the store's keyword projections are off.
-    from amc_client.text import LexicalMatcher
+    from amc_contract.text import LexicalMatcher
 
     matcher = LexicalMatcher(TermWeights.from_json(TERM_WEIGHTS))
     broken = build_store(tiny_model(), regions, keywords)

@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from amc_client.text import LexicalMatcher, TermWeights
+from amc_contract.text import LexicalMatcher, TermWeights
 from benchmarks.search_static_shapes import compare, cuda_placement, optimized, random_feeds
 from export import static_shapes as ss
 from export.store import build_store, export_store_graphs

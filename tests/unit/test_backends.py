@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 from serving.backends.onnx_runner import RequestError, TritonPythonModel
 
 
@@ -33,7 +33,7 @@ def test_inputs_named_distinct_repeat_no_value_within_a_query() -> None:
 
 def _publish_text_files(folder, *, version: int = 1, text_rules: int = 1, names: dict | None = None):
     """A text-step version directory as export.repository.write_text_step lays it out (a stand-in encoder file)."""
-    from amc_client.text import EmojiNames
+    from amc_contract.text import EmojiNames
     from export.repository import TextStepFiles, write_text_step
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +50,7 @@ def _rules(folder):
     from serving.backends.text_step import TextFeatures, _load_module
 
     features = TextFeatures.__new__(TextFeatures)
-    features.text = _load_module(folder, "amc_text.py", "amc_client.text")
+    features.text = _load_module(folder, "amc_text.py", "amc_contract.text")
     features.text_rules, features.emoji_names = features._text_rules(folder)
     return features
 
@@ -98,7 +98,7 @@ def test_a_version_needing_rules_the_step_code_lacks_is_refused(tmp_path) -> Non
     (folder / "amc_text.py").write_text('"""the text rules of an older release"""\nQUERY_MAX_TOKENS = 48\n')
     with pytest.raises(ValueError, match=r"needs text rules 2 .* its text module .*amc_text.py text rules up to 1"):
         _rules(folder)
-    (folder / "amc_text.py").unlink()  # the step then uses the installed amc_client.text, which has rules 2
+    (folder / "amc_text.py").unlink()  # the step then uses the installed amc_contract.text, which has rules 2
     assert _rules(folder).text_rules == 2
     (folder / "emoji_names.json").unlink()
     with pytest.raises(ValueError, match="needs text rules 2 but has no emoji_names.json"):
@@ -186,7 +186,7 @@ def _store_text_step(root):
     4-row store), with the real WordPiece tokenizer and a stand-in encoder."""
     from google.protobuf import text_format
 
-    from amc_client.text import TermWeights
+    from amc_contract.text import TermWeights
     from amc_model.text_encoder import tokenizer_json
     from benchmarks.store_models import store_step_config
     from benchmarks.store_signatures import STORE_TOKENIZER
@@ -243,7 +243,7 @@ def test_the_ranking_text_step_reads_queries_by_its_rules_in_process(tmp_path) -
     punctuation), and one that normalizes to nothing or is not UTF-8 is refused with the message a server gives."""
     from google.protobuf import json_format
 
-    from amc_client.text import EmojiNames, TermWeights
+    from amc_contract.text import EmojiNames, TermWeights
     from amc_model.text_encoder import tokenizer_json
     from export.configs import step_config
     from export.repository import TextStepFiles, write_text_step

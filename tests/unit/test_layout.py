@@ -2,7 +2,8 @@
 
 The modules are every ``.py`` file of the project's packages: each directory with an ``__init__.py`` whose parent
 has none, found at most two levels below the repository root (``amc_model``, ``training``, ``export``, ``serving``,
-``benchmarks``, ``ui``, ``deploy``, ``monitoring``, ``client/amc_client`` as ``amc_client``, and any package added
+``benchmarks``, ``ui``, ``deploy``, ``monitoring``, ``client/amc_client`` as ``amc_client``, ``client/amc_contract`` as
+``amc_contract``, and any package added
 later), minus ``tests`` and build outputs. Folders inside a package without an ``__init__.py`` (``serving/backends``)
 are namespace packages: their files are modules too.
 
@@ -172,7 +173,7 @@ def describe(cycle: list[str], graph: dict[str, dict[str, str]]) -> str:
 
 def test_the_projects_modules_import_no_cycle():
     modules = project_modules()
-    for package in ("amc_model", "training", "export", "serving", "benchmarks", "ui", "amc_client"):
+    for package in ("amc_model", "training", "export", "serving", "benchmarks", "ui", "amc_client", "amc_contract"):
         assert package in modules, f"package {package} not found below {ROOT}"
     graph = import_graph(modules)
     cycles = find_cycles(graph)

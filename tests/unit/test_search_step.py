@@ -12,8 +12,8 @@ import string
 import numpy as np
 import pytest
 
-from amc_client import signatures as sig
-from amc_client import text as amc_text
+from amc_contract import signatures as sig
+from amc_contract import text as amc_text
 from serving.backends import search
 from serving.backends.onnx_runner import first_repeat
 from serving.backends.top_k import RequestError as TopKError
