@@ -20,7 +20,6 @@ building blocks of :mod:`export.configs` and their graphs are exported and valid
 
 from __future__ import annotations
 
-import compileall
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -44,11 +43,12 @@ from export.onnx_export import (
     write_onnx,
 )
 from export.repository import (
-    BACKENDS_DIR,
+    NETWORK_MODULE,
     TextStepFiles,
     has_versions,
     repository_flavour,
     write_atomic,
+    write_step_code,
     write_text_step,
 )
 from export.store import (
@@ -238,8 +238,7 @@ def add_store_models(repository: Path, version: int, model: AMC, term_weights: s
                 version_dir.mkdir(parents=True)
                 shutil.copy(onnx_dir / f"{step.model_name.removeprefix('amc_')}.onnx", version_dir / configs.ONNX_FILE)
                 if flavour == "python":
-                    shutil.copy(BACKENDS_DIR / "onnx_runner.py", version_dir / "model.py")
-            compileall.compile_dir(version_dir, quiet=1)
+                    write_step_code(version_dir, NETWORK_MODULE)
     ensembles = {versioned_store_ensemble_name(version): store_ensemble_config,
                  STORE_ENSEMBLE_NAME: store_ensemble_config, STORE_FUSED_ENSEMBLE_NAME: store_fused_ensemble_config}
     for name, make in ensembles.items():

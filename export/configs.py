@@ -202,9 +202,7 @@ def admission_parameters(counter: str) -> dict[str, str]:
 
 def request_bounds() -> dict[str, int]:
     """The bounds of :mod:`amc_contract.signatures` as the text step's config parameters (``text_step.py``)."""
-    return {"max_candidates": sig.MAX_CANDIDATES, "max_query_bytes": sig.MAX_QUERY_BYTES,
-            "max_keywords": sig.MAX_KEYWORDS, "max_keyword_words": sig.MAX_KEYWORD_WORDS,
-            "max_keyword_bytes": sig.MAX_KEYWORD_BYTES}
+    return dict(sig.REQUEST_BOUNDS)
 
 
 def text_step(config: mc.ModelConfig, mode: str, *, instances: int) -> None:

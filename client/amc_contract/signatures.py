@@ -237,6 +237,10 @@ MAX_KEYWORD_WORDS = 16
 MAX_KEYWORD_BYTES = 256
 # Largest number of queries in one request (Triton's max_batch_size for every step).
 MAX_BATCH = 8
+# The bounds above as the text step's config parameters (name -> limit): the config generator writes them, and the
+# step reads them there (these where a config lacks one).
+REQUEST_BOUNDS = {"max_candidates": MAX_CANDIDATES, "max_query_bytes": MAX_QUERY_BYTES, "max_keywords": MAX_KEYWORDS,
+                  "max_keyword_words": MAX_KEYWORD_WORDS, "max_keyword_bytes": MAX_KEYWORD_BYTES}
 
 # ---- overload -------------------------------------------------------------------------------------------
 # Admission control (``serving/backends/admission.py``): most requests in flight through one model version's

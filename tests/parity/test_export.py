@@ -138,9 +138,11 @@ def test_publish_adds_versions_and_never_overwrites(tmp_path, checkpoint):
     for step in STEPS:
         assert (repo / step.model_name / "1").is_dir() and (repo / step.model_name / "2").is_dir()
     text_step = repo / sig.TOKENIZER.model_name / "2"
-    for name in ("model.py", "amc_text.py", "amc_onnx_runner.py", "tokenizer.json", "text_encoder.onnx",
-                 "term_weights.json", "keyword_table.npz", "version.json"):
+    for name in ("model.py", "amc_steps/text_step.py", "amc_steps/onnx_runner.py", "amc_contract/text.py",
+                 "amc_contract/signatures.py", "tokenizer.json", "text_encoder.onnx", "term_weights.json",
+                 "keyword_table.npz", "version.json"):
         assert (text_step / name).is_file(), name
+    assert not list(text_step.glob("amc_*.py"))  # the code is vendored packages, not renamed files
     assert (text_step / "term_weights.json").read_text() == TERM_WEIGHTS
     with np.load(text_step / "keyword_table.npz") as table:
         assert sorted(table["texts"].tolist()) == KEYWORDS and table["vectors"].shape == (len(KEYWORDS), 384)

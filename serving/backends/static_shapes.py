@@ -26,7 +26,8 @@ copied back afterwards. A node whose inputs are all initializers but a large one
 at the now constant positions) stays as it is; onnxruntime's basic level folds it when a session opens the copy.
 The copy is a ``ModelProto`` as large as the original: open it with ``InferenceSession(copy.SerializeToString())``
 below protobuf's 2 GB, else save it with ``onnx.save_model(..., save_as_external_data=True)`` and open the file.
-Only numpy, onnx and onnxruntime are imported, so the file can travel beside a Triton step as the runner does.
+Only numpy, onnx and onnxruntime are imported: the search step imports this module (a version's ``amc_steps``) only
+when CUDA graphs are asked for, so a stub without the onnx package serves uncaptured.
 """
 
 from __future__ import annotations
