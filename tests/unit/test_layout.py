@@ -19,7 +19,7 @@ edge goes from the importing module to the project module whose code must run fo
 Parent packages get no edge of their own: Python runs a package's ``__init__`` before any of its submodules, so
 when a submodule runs, its package's ``__init__`` has either finished or is the very import that led to it. So a
 package whose ``__init__`` imports its submodules, and submodules that import their siblings by full name
-(``from amc_client import signatures``, ``from . import _calls``), make no cycle. A submodule that takes a name
+(``from amc_contract import signatures``, ``from . import _calls``), make no cycle. A submodule that takes a name
 from its package's ``__init__`` (``from pkg import name``, ``name`` not a submodule) does depend on that
 ``__init__``: if the ``__init__`` imports that submodule (directly or through others), it is a cycle, and reported.
 
