@@ -6,5 +6,5 @@
 
 Export and serving import this package, never ``training``; training imports it. It imports nothing from
 ``training`` (``tests/unit/test_layout.py`` checks both). The text rules it reads queries with (WordPiece ids,
-term weights, the lexical match) are ``amc_client.text``'s, shared with the served steps.
+term weights, the lexical match) are ``amc_contract.text``'s, shared with the served steps.
 """

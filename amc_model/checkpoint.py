@@ -5,7 +5,7 @@ which the lexical features are computed with) and every weight tensor, so two ch
 they compute the same function. Export writes it into each ONNX file's
 metadata and the version manifest, which is how a served version is traced back to its training run.
 
-A checkpoint also records the text rules its queries were read with (``text_rules``, ``amc_client.text.TEXT_RULES``
+A checkpoint also records the text rules its queries were read with (``text_rules``, ``amc_contract.text.TEXT_RULES``
 at save time; 1 where a checkpoint predates them): publish ships the same rules with the version. They are not
 part of the fingerprint, so the fingerprints of existing checkpoints are unchanged.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from amc_client.text import TEXT_RULES
+from amc_contract.text import TEXT_RULES
 from amc_model.model import AMC, ENCODER, AMCConfig
 
 FORMAT = "amc-checkpoint/2"
@@ -37,11 +37,11 @@ class CheckpointError(RuntimeError):
 class Checkpoint:
     model_config: AMCConfig
     state_dict: dict[str, torch.Tensor]
-    term_weights: str  # amc_client.text.TermWeights as JSON
+    term_weights: str  # amc_contract.text.TermWeights as JSON
     train_config: dict = field(default_factory=dict)  # the training run's full configuration
     metrics: dict = field(default_factory=dict)  # validation/test figures at save time
     fingerprint: str = ""
-    text_rules: int = 1  # the query rules it was trained with (amc_client.text.TEXT_RULES); 1 before they existed
+    text_rules: int = 1  # the query rules it was trained with (amc_contract.text.TEXT_RULES); 1 before they existed
 
     def build_model(self) -> AMC:
         model = AMC(self.model_config)

@@ -14,7 +14,7 @@ Where the paper leaves a detail open, the choice made here:
   kernel: ``logit_r = s_q . tanh(W_v v_r)``, i.e. a convolution with a kernel derived from the query, which
   also works for any number of (masked) regions.
 * LAN: a keyword's embedding ``k_i`` is its MiniLM sentence embedding (keywords are often several words);
-  ``f_i`` are its term-weighted lexical matches with the query (``amc_client.text.LEXICAL_FEATURES``: IDF
+  ``f_i`` are its term-weighted lexical matches with the query (``amc_contract.text.LEXICAL_FEATURES``: IDF
   share of the keyword found in the query, of the query found in the keyword, of the query found anywhere in
   the candidate's keywords). ``p_i = softmax_i((q W_ql) . (k_i W_kl) / sqrt(hidden) + a . f_i)``,
   ``k^q = sum_i p_i (k_i W_kl + U f_i)``, with ``a`` and ``U`` learned; with ``lexical_axis``, ``k^q`` gets one
@@ -81,7 +81,7 @@ _EPS = 1e-8
 
 ENCODER = "all-MiniLM-L6-v2"  # the only text encoder this code serves (checkpoints record theirs)
 TEXT_DIM = 384
-LEXICAL_DIM = 3  # len(amc_client.text.LEXICAL_FEATURES)
+LEXICAL_DIM = 3  # len(amc_contract.text.LEXICAL_FEATURES)
 
 
 @dataclass(frozen=True)

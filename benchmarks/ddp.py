@@ -34,29 +34,26 @@ import json
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if importlib.util.find_spec("amc_client") is None:
-    # The GPU machine has no amc-client install (nor grpc/tritonclient, which its __init__ imports): load
-    # amc_client.text, which needs numpy alone, from the checkout without running the package's __init__.
-    package = types.ModuleType("amc_client")
-    package.__path__ = [str(ROOT / "client" / "amc_client")]
-    sys.modules["amc_client"] = package
+if importlib.util.find_spec("amc_contract") is None:
+    # The GPU machine has no amc-client install (nor grpc/tritonclient): the contract needs numpy alone, so it is
+    # read from the checkout.
+    sys.path.insert(0, str(ROOT / "client"))
 
 import torch  # noqa: E402
 
-from amc_client.text import LexicalMatcher, TermWeights  # noqa: E402
+from amc_contract.text import LexicalMatcher, TermWeights  # noqa: E402
 from amc_model.text_encoder import TextEmbeddings  # noqa: E402
 from training.corpus import SPLITS, Corpus, CorpusConfig, Query  # noqa: E402
 from training.data import CorpusTensors  # noqa: E402
 
 
 def pack(out: Path, sessions: int, cache_dir: str) -> None:
-    from amc_client.text import padded_keywords
+    from amc_contract.text import padded_keywords
     from amc_model.model import AMC
     from training.corpus import load_corpus
     from training.data import corpus_tensors, fit_region_pca, term_weights

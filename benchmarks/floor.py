@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 
 R, D = sig.REGIONS_PER_IMAGE, sig.REGION_FEATURE_DIM
 

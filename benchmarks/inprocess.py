@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 from serving.backends.text_step import TextFeatures
 
 from .store_signatures import FUSED, FUSED_STORE, LAN_STORE, STORE_TOKENIZER, VAN_STORE

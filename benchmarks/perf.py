@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 
 from .store_signatures import FUSED, FUSED_STORE
 from .triton import breakdown, snapshot

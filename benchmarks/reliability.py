@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from amc_client import AMCClient, Candidate, ServerUnavailableError
-from amc_client import signatures as sig
 from amc_client._calls import DEFAULT_BACKOFF_S
+from amc_contract import signatures as sig
 from serving import faults
 from serving.server import TritonServer
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 
 from . import triton
 from .workloads import Gallery, collection_words, corpus_gallery, synthetic_gallery
@@ -76,7 +76,7 @@ def add_search(repo: Path, version: int, ckpt, store, text_dir: Path, *, setting
     version folder (the text step files of ``text_dir``, ``store.json``, the search graph exported here) with its
     config (``settings``: a ``SearchSettings``, default this machine's kind's) and the ensembles. Returns the
     step's version folder."""
-    from amc_client.text import LexicalMatcher, TermWeights
+    from amc_contract.text import LexicalMatcher, TermWeights
     from export.onnx_export import write_onnx
     from export.repository import (
         SEARCH_GRAPH_FILE,

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 
 from . import harness, perf, triton
 from .search import SEARCH_MODELS, add_search, gallery_store
@@ -222,7 +222,7 @@ def ceiling_points(path: Path, device: str, cpu: CpuPath, queries: list[str], n:
     """The graph alone: T threads x B queries per call, each way of running it; outputs copied to the host. The
     ``cuda_graph`` way runs the step's own fixed-shape copies (``serving.backends.search.StaticGraphs``, one set per
     thread: a captured graph belongs to one session), since onnxruntime refuses to capture the dynamic graph."""
-    from export import static_shapes
+    from serving.backends import static_shapes
     from serving.backends.onnx_runner import BoundSession
     from serving.backends.search import StaticGraphs
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 
 P99_BOUND_MS = {"n100": 50.0, "n1000": 50.0, "whole": 100.0}
 SIZES = {"n100": 100, "n1000": 1000}

@@ -1,4 +1,4 @@
-"""What the static-shape copy of the search graph (``export.static_shapes``) leaves of its shape arithmetic, on the
+"""What the static-shape copy of the search graph (``serving.backends.static_shapes``) leaves of its shape arithmetic, on the
 CPU: nodes by op type before and after, every node that still computes on shapes or feeds a value the CUDA
 provider reads on the host, and the outputs against the original graph's on random valid inputs (onnxruntime, CPU
 provider both). Writes ``reports/search_static_shapes.json``.
@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from export import static_shapes as ss
+from serving.backends import static_shapes as ss
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_INITIALIZER = 100  # onnxruntime's kSmallInitializerThreshold (elements)

@@ -45,11 +45,13 @@ from typing import Any
 
 import numpy as np
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_FILES = ("store.json", "tokenizer.json", "term_weights.json", "version.json", "emoji_names.json")
 GRAPH_FILE = "search_store.onnx"
+# The step's code in a tree: the step package and the contract (before the contract package: the client's text.py).
+STEP_CODE = ("serving/backends", "client/amc_contract", "client/amc_client/text.py")
 # phase -> (owner, attribute) of the callables timed, for this tree's step and older ones (those absent are skipped).
 # Owners: "step" the TritonPythonModel, "features" its TextFeatures, "graph" its search graph, "search" the search
 # module it loaded, "queries" its QueryText, "pb_utils" the fake backend module.
@@ -94,16 +96,23 @@ def published(args) -> Path:
 
 
 def lay_out(source: Path, code: Path, dest: Path) -> Path:
-    """``dest/amc_search_step/<N>``: ``code``'s step (``text_step.py`` as ``model.py``, every other backend file and
-    the client's ``text.py`` beside it as ``amc_<name>.py``, as a publish lays them out) over ``source``'s data."""
+    """``dest/amc_search_step/<N>``: ``code``'s step as a publish of that tree lays it out (the step package and the
+    contract vendored, ``export.repository.write_step_code``; a tree from before the contract package: ``text_step.py``
+    as ``model.py``, every other backend file and the client's ``text.py`` beside it as ``amc_<name>.py``), over
+    ``source``'s data."""
+    from export.repository import TEXT_STEP_MODULE, write_step_code
+
     model_dir = dest / sig.SEARCH_STEP.model_name
     shutil.rmtree(model_dir, ignore_errors=True)
     version_dir = model_dir / source.name
     version_dir.mkdir(parents=True)
-    backends = code / "serving" / "backends"
-    for path in backends.glob("*.py"):
-        shutil.copy(path, version_dir / ("model.py" if path.name == "text_step.py" else f"amc_{path.name}"))
-    shutil.copy(code / "client" / "amc_client" / "text.py", version_dir / "amc_text.py")
+    backends, contract = code / "serving" / "backends", code / "client" / "amc_contract"
+    if contract.is_dir():
+        write_step_code(version_dir, TEXT_STEP_MODULE, steps=backends, contract=contract)
+    else:
+        for path in backends.glob("*.py"):
+            shutil.copy(path, version_dir / ("model.py" if path.name == "text_step.py" else f"amc_{path.name}"))
+        shutil.copy(code / "client" / "amc_client" / "text.py", version_dir / "amc_text.py")
     for name in DATA_FILES:
         if (source / name).is_file():
             shutil.copy(source / name, version_dir / name)
@@ -162,7 +171,7 @@ def ablate(step, pb, what: list[str]) -> list[str]:
 def queries(store: dict, count: int, seed: int, unknown_share: float) -> list[str]:
     """``count`` distinct queries of 1-3 words of the store's keywords; in ``unknown_share`` of them one word is made
     up (8 random letters: a word no store or table has, so its WordPiece ids are looked up while the step runs)."""
-    from amc_client.text import content_words
+    from amc_contract.text import content_words
 
     words = sorted({w for row in store["keywords"] for k in row for w in content_words(k)})
     rng, out = np.random.default_rng(seed), {}
@@ -337,11 +346,11 @@ def checkout(code: str, dest: Path) -> tuple[Path, dict]:
     if Path(code).is_dir():
         tree = Path(code).resolve()
         return tree, {"tree": str(tree), "commit": git("rev-parse", "HEAD", cwd=tree),
-                      "changed": git("status", "--porcelain", "--", "serving/backends", "client/amc_client/text.py",
-                                     cwd=tree) != ""}
+                      "changed": git("status", "--porcelain", "--", *STEP_CODE, cwd=tree) != ""}
     dest.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", code, "serving/backends", "client/amc_client/text.py"],
-                             capture_output=True, check=True).stdout
+    paths = [p for p in STEP_CODE if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{code}:{p}"],
+                                                     capture_output=True).returncode == 0]
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", code, *paths], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest, {"revision": code, "commit": git("rev-parse", code)}
 

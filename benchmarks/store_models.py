@@ -13,14 +13,13 @@ features held as constants, ``candidate_ids`` in) and ``amc_fused``; QEN and MTN
 
 :func:`add_store_models` adds them to a version a publish wrote (``benchmarks.triton.build_repository`` publishes
 into a temp folder and calls it). The client calls none of them: their signatures are in
-:mod:`benchmarks.store_signatures`, made of the tensors of :mod:`amc_client.signatures`; their configs come from the
+:mod:`benchmarks.store_signatures`, made of the tensors of :mod:`amc_contract.signatures`; their configs come from the
 building blocks of :mod:`export.configs` and their graphs are exported and validated against PyTorch by
 :mod:`export.store`'s code: no tensor name is spelled outside a signature.
 """
 
 from __future__ import annotations
 
-import compileall
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -30,8 +29,8 @@ import numpy as np
 from torch import nn
 from tritonclient.grpc import model_config_pb2 as mc
 
-from amc_client import signatures as sig
-from amc_client.text import LexicalMatcher, TermWeights
+from amc_contract import signatures as sig
+from amc_contract.text import LexicalMatcher, TermWeights
 from amc_model.model import AMC
 from export import configs
 from export.onnx_export import (
@@ -44,11 +43,12 @@ from export.onnx_export import (
     write_onnx,
 )
 from export.repository import (
-    BACKENDS_DIR,
+    NETWORK_MODULE,
     TextStepFiles,
     has_versions,
     repository_flavour,
     write_atomic,
+    write_step_code,
     write_text_step,
 )
 from export.store import (
@@ -238,8 +238,7 @@ def add_store_models(repository: Path, version: int, model: AMC, term_weights: s
                 version_dir.mkdir(parents=True)
                 shutil.copy(onnx_dir / f"{step.model_name.removeprefix('amc_')}.onnx", version_dir / configs.ONNX_FILE)
                 if flavour == "python":
-                    shutil.copy(BACKENDS_DIR / "onnx_runner.py", version_dir / "model.py")
-            compileall.compile_dir(version_dir, quiet=1)
+                    write_step_code(version_dir, NETWORK_MODULE)
     ensembles = {versioned_store_ensemble_name(version): store_ensemble_config,
                  STORE_ENSEMBLE_NAME: store_ensemble_config, STORE_FUSED_ENSEMBLE_NAME: store_fused_ensemble_config}
     for name, make in ensembles.items():

@@ -1,7 +1,7 @@
 """The tensor signatures of the store ensembles only the benchmarks measure (``benchmarks.store_models`` builds them).
 
 The client calls none of these models and a publish writes none of them, so they live here, not in
-:mod:`amc_client.signatures`; they are made of its tensors (one of their own: the store text step's
+:mod:`amc_contract.signatures`; they are made of its tensors (one of their own: the store text step's
 ``candidate_rows``), and the config generator (``export.configs``' building blocks) and the ONNX export read them as
 they read the client's.
 Light on purpose (no torch): the benchmarks' drivers import it on any machine.
@@ -13,7 +13,7 @@ Light on purpose (no torch): the benchmarks' drivers import it on any machine.
 
 from __future__ import annotations
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 
 CANDIDATE_ROWS = sig.TensorSpec("candidate_rows", "int64", ("batch", "candidates"),
                                 doc="the store rows a request scores: its candidate_ids, or every row when it sent none")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 
 from .store_signatures import (
     FUSED,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 
 
 @dataclass
@@ -49,7 +49,7 @@ def synthetic_gallery(words: list[str], size: int = 2000, seed: int = 0, queries
 
 def collection_words(checkpoint) -> list[str]:
     """The words of the candidate collection the checkpoint's term weights were counted over."""
-    from amc_client.text import TermWeights
+    from amc_contract.text import TermWeights
     from amc_model.checkpoint import load_checkpoint
 
     return sorted(TermWeights.from_json(load_checkpoint(checkpoint).term_weights).df) or ["cat", "face"]

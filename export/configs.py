@@ -1,4 +1,4 @@
-"""Generates every Triton ``config.pbtxt`` of the AMC repository from :mod:`amc_client.signatures`.
+"""Generates every Triton ``config.pbtxt`` of the AMC repository from :mod:`amc_contract.signatures`.
 
 Configs are built as Triton's ``ModelConfig`` protobuf (so an invalid field cannot be written) and printed
 with ``text_format``; nothing here touches a repository (that is :mod:`export.repository`). The models a publish
@@ -43,8 +43,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from amc_client import Routing
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
+from amc_contract.routing import Routing
 
 FLAVOURS = ("python", "onnxruntime")
 # The steps of the ensemble ``amc`` (and ``amc_v<N>``), in pipeline order.
@@ -201,10 +201,8 @@ def admission_parameters(counter: str) -> dict[str, str]:
 
 
 def request_bounds() -> dict[str, int]:
-    """The bounds of :mod:`amc_client.signatures` as the text step's config parameters (``text_step.py``)."""
-    return {"max_candidates": sig.MAX_CANDIDATES, "max_query_bytes": sig.MAX_QUERY_BYTES,
-            "max_keywords": sig.MAX_KEYWORDS, "max_keyword_words": sig.MAX_KEYWORD_WORDS,
-            "max_keyword_bytes": sig.MAX_KEYWORD_BYTES}
+    """The bounds of :mod:`amc_contract.signatures` as the text step's config parameters (``text_step.py``)."""
+    return dict(sig.REQUEST_BOUNDS)
 
 
 def text_step(config: mc.ModelConfig, mode: str, *, instances: int) -> None:

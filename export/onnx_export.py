@@ -1,6 +1,6 @@
 """Export the text encoder, QEN, VAN, LAN and MTN to ONNX from a checkpoint alone, and validate each against PyTorch.
 
-Tensor names, dtypes and dynamic axes come from :mod:`amc_client.signatures`. Each AMC network is wrapped so
+Tensor names, dtypes and dynamic axes come from :mod:`amc_contract.signatures`. Each AMC network is wrapped so
 that it also emits its model version as a (B, 1) int64 tensor; MTN receives the versions of the text step,
 QEN, VAN and LAN and returns ``model_version`` = its own version if all agree, else -1. A response scored by
 parts of two versions is therefore visible in the response itself, not only prevented by configuration.
@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 from amc_model.model import AMC, AMCConfig
 
 OPSET = 17

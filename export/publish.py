@@ -23,7 +23,7 @@ A publish writes only the models :class:`amc_client.AMCClient` calls (``amc``, `
 
 A checkpoint trained with another text encoder (format 1: GloVe) is refused with the checkpoint loader's
 "encoder mismatch" message, before anything is written; so is one trained with query rules this release does not
-implement (``Checkpoint.text_rules`` above ``amc_client.text.TEXT_RULES``). The version's text step gets the
+implement (``Checkpoint.text_rules`` above ``amc_contract.text.TEXT_RULES``). The version's text step gets the
 checkpoint's rules (``text_rules`` in its ``version.json``) and, from rules 2 on, the emoji names it normalizes
 queries with (``emoji_names.json``, CLDR's, built here by ``training.corpus.catalog.emoji_names``); the golden
 requests' PyTorch outputs read their queries by the same rules.
@@ -46,8 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from amc_client import signatures as sig
-from amc_client.text import TEXT_RULES, TermWeights
+from amc_contract import signatures as sig
+from amc_contract.text import TEXT_RULES, TermWeights
 from amc_model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from amc_model.text_encoder import ENCODER_NAME, PACKAGE, TextEmbeddings, tokenizer_json
 from export.configs import DEVICE_KINDS, FLAVOURS, STEPS
@@ -155,7 +155,7 @@ def check_text_rules(ckpt: Checkpoint) -> None:
     if ckpt.text_rules not in KNOWN_TEXT_RULES:
         raise ValueError(f"the checkpoint was trained with text rules {ckpt.text_rules}, but this release's text step "
                          f"implements text rules {', '.join(map(str, KNOWN_TEXT_RULES))} "
-                         f"(amc_client.text.TEXT_RULES = {TEXT_RULES}): publish it with the release that trained it")
+                         f"(amc_contract.text.TEXT_RULES = {TEXT_RULES}): publish it with the release that trained it")
 
 
 def golden_requests(ckpt: Checkpoint, reference: Reference, keywords: list[str], *, seed: int = 1234,

@@ -1,10 +1,10 @@
 """The PyTorch reference of a served request: what the served ensemble must answer, computed without Triton.
 
 The text features are computed as the serving text step (``serving/backends/text_step.py``) computes them:
-WordPiece ids by ``amc_client.text.wordpiece_ids`` (inside :class:`amc_model.text_encoder.TextEncoder`), the
-zero vector for padded ("") keywords, lexical features by ``amc_client.text.LexicalMatcher`` with the
+WordPiece ids by ``amc_contract.text.wordpiece_ids`` (inside :class:`amc_model.text_encoder.TextEncoder`), the
+zero vector for padded ("") keywords, lexical features by ``amc_contract.text.LexicalMatcher`` with the
 checkpoint's term weights, after the query rules the checkpoint was trained with (``Checkpoint.text_rules``: from
-rules 2 on, ``amc_client.text.normalize_query`` with CLDR's emoji names, as the version's text step applies them).
+rules 2 on, ``amc_contract.text.normalize_query`` with CLDR's emoji names, as the version's text step applies them).
 Only the engine differs: the sentence encoder and the networks run in PyTorch here,
 in onnxruntime there. Golden requests (``export.publish``), the integration tests and the export of the
 candidate store use it.
@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from amc_client import signatures as sig
-from amc_client.text import EmojiNames, LexicalMatcher, TermWeights, normalize_query
+from amc_contract import signatures as sig
+from amc_contract.text import EmojiNames, LexicalMatcher, TermWeights, normalize_query
 from amc_model.checkpoint import Checkpoint
 from amc_model.model import AMCOutput
 

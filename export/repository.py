@@ -3,14 +3,13 @@
 The configs themselves come from :mod:`export.configs`. A publish writes only what :class:`amc_client.AMCClient`
 calls and the steps those models run::
 
-    amc_tokenizer/config.pbtxt   amc_tokenizer/<N>/{model.py, amc_text.py, amc_onnx_runner.py, amc_top_k.py,
-                                                    amc_admission.py, amc_search.py, amc_static_shapes.py,
+    amc_tokenizer/config.pbtxt   amc_tokenizer/<N>/{model.py, amc_steps/, amc_contract/,
                                                     tokenizer.json, text_encoder.onnx, term_weights.json,
                                                     keyword_table.npz,
                                                     version.json}        (the text step, mode raw)
-    amc_qen/config.pbtxt         amc_qen/<N>/{model.onnx [, model.py, amc_admission.py]}
+    amc_qen/config.pbtxt         amc_qen/<N>/{model.onnx [, model.py, amc_steps/, amc_contract/]}
                                                     (and amc_van, amc_lan, amc_mtn)
-    amc_topk/config.pbtxt        amc_topk/<N>/{model.py, amc_onnx_runner.py, amc_admission.py}
+    amc_topk/config.pbtxt        amc_topk/<N>/{model.py, amc_steps/, amc_contract/}
                                                     (server-side top-k, mode raw)
     amc_v<N>/config.pbtxt        ensemble pinned to version N of every step; amc_v<N>/{manifest.json, golden.npz}
     amc/config.pbtxt             ensemble pinned to the serving version; routing in its parameters
@@ -19,6 +18,14 @@ and, for a version published with a candidate store (whole-store search, ``AMCCl
 
     amc_search_step/config.pbtxt amc_search_step/<N>/{the text step's files but the encoder, store.json,
                                                       search_store.onnx}   (mode search)
+
+Every Python-backend version folder carries the code it was published with (:func:`write_step_code`): the step
+package ``serving/backends`` copied whole as ``amc_steps/``, the contract ``amc_contract/`` copied whole, and
+``model.py``, the entry Triton imports, which puts its folder first on ``sys.path`` and imports
+``amc_steps.<step>.TritonPythonModel`` the ordinary way. Each model instance is a stub process of its own, so each
+version runs its own copies. A version published before this layout (its ``model.py`` a copy of the step module,
+with its siblings beside it as ``amc_text.py``, ``amc_onnx_runner.py``, ...) loads them by path and serves beside
+these unchanged: the configs, which its versions share, are the same.
     amc_search_v<N>/config.pbtxt search pinned to version N
     amc_search/config.pbtxt      search pinned to the version whose store serves (re-pinned with the serving version)
 
@@ -39,10 +46,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from amc_client import Routing
-from amc_client import signatures as sig
-from amc_client._routing import parse as parse_routing
-from amc_client.text import EMOJI_NAMES_FILE, TEXT_RULES
+from amc_contract import signatures as sig
+from amc_contract.routing import Routing
+from amc_contract.routing import parse as parse_routing
+from amc_contract.text import EMOJI_NAMES_FILE, TEXT_RULES
 from export.configs import (  # SEARCH_SETTINGS, device_kind: benchmarks.search imports them from here
     ONNX_FILE,
     SEARCH_GRAPH_FILE,
@@ -59,14 +66,43 @@ from export.configs import (  # SEARCH_SETTINGS, device_kind: benchmarks.search 
     to_text,
 )
 
+# The code a Python-backend version folder carries (write_step_code): the step package, vendored as STEPS_PACKAGE,
+# and the contract, vendored under its own name.
 BACKENDS_DIR = Path(__file__).resolve().parent.parent / "serving" / "backends"
-ADMISSION_FILE = "admission.py"  # serving/backends/admission.py, copied as amc_admission.py beside the steps
-TEXT_STEP_FILE = "text_step.py"
-TOP_K_FILE = "top_k.py"
-SEARCH_FILE = "search.py"  # serving/backends/search.py, copied as amc_search.py beside the text steps
+CONTRACT_DIR = Path(sig.__file__).resolve().parent
+STEPS_PACKAGE = "amc_steps"
+CONTRACT_PACKAGE = CONTRACT_DIR.name  # amc_contract
+# The step modules of serving/backends that a version's model.py takes TritonPythonModel from.
+TEXT_STEP_MODULE, TOP_K_MODULE, NETWORK_MODULE = "text_step", "top_k", "onnx_runner"
+ENTRY_FILE = "model.py"
+# model.py of a Python-backend version: the stub imports it (as "<N>.model") in a process of its own.
+ENTRY = '''"""Triton's entry to this version of {model} (written at publish by export.repository).
+
+The step's code is the packages beside this file, as published: {steps} (the project's serving/backends) and
+{contract}. This folder goes first on sys.path and they are imported the ordinary way; each model instance is a
+Python-backend stub process of its own, so each runs its own version's copies.
+"""
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.dont_write_bytecode = True  # publish compiled this folder; a __pycache__ written here would be a changed version
+sys.path.insert(0, str(HERE))
+
+import {contract}  # noqa: E402
+import {steps}  # noqa: E402
+
+for package in ({steps}, {contract}):
+    if Path(package.__file__).resolve().parent.parent != HERE:
+        raise ImportError(f"{{package.__file__}} is not this version's copy ({{HERE}}): other code of that name was "
+                          "imported first in this process")
+
+from {steps}.{module} import TritonPythonModel  # noqa: E402, F401
+'''
 STORE_FILE = "store.json"  # in amc_search_step/<N>/: {"version": N, "size": G, "ids": [...], "keywords": [...]}
 # A text step version's query rules: version.json's "text_rules" (absent: 1, queries as sent) and, from rules 2 on,
-# its emoji names (amc_client.text.EMOJI_NAMES_FILE). KNOWN_TEXT_RULES: the rules this release's text step implements.
+# its emoji names (amc_contract.text.EMOJI_NAMES_FILE). KNOWN_TEXT_RULES: the rules this release's text step implements.
 TEXT_RULES_KEY = "text_rules"
 KNOWN_TEXT_RULES = tuple(range(1, TEXT_RULES + 1))
 # The steps of a version's candidate store: one, the search step (text_step.py in mode search: checks, tokenizes,
@@ -144,11 +180,11 @@ class TextStepFiles:
     """What a text-step version directory holds besides the code (see ``serving/backends/text_step.py``)."""
 
     tokenizer_json: str  # the sentence encoder's WordPiece tokenizer.json
-    term_weights_json: str  # the checkpoint's amc_client.text.TermWeights
+    term_weights_json: str  # the checkpoint's amc_contract.text.TermWeights
     text_encoder: Path  # text_encoder.onnx, exported and validated
     keyword_table: Path | None = None  # keyword_table.npz (raw mode)
-    # The query rules of the version (amc_client.text.TEXT_RULES of the checkpoint's training; 1: queries as sent)
-    # and, from rules 2 on, the emoji names it normalizes queries with (amc_client.text.EmojiNames JSON).
+    # The query rules of the version (amc_contract.text.TEXT_RULES of the checkpoint's training; 1: queries as sent)
+    # and, from rules 2 on, the emoji names it normalizes queries with (amc_contract.text.EmojiNames JSON).
     text_rules: int = 1
     emoji_names_json: str | None = None
 
@@ -164,21 +200,30 @@ class TextStepFiles:
                    emoji_names_json=names.read_text(encoding="utf-8") if names.is_file() else None)
 
 
+def write_step_code(version_dir: Path, module: str, *, steps: Path = BACKENDS_DIR,
+                    contract: Path = CONTRACT_DIR) -> None:
+    """The code of one Python-backend step version in ``version_dir`` (made if missing): ``steps`` (default
+    ``serving/backends``) copied whole as ``amc_steps/``, ``contract`` (default ``amc_contract``) copied whole, and
+    ``model.py``, Triton's entry, taking ``TritonPythonModel`` from ``amc_steps.<module>`` (``text_step``,
+    ``top_k``, ``onnx_runner``). Compiled here: the stub writes no bytecode into the folder (Triton would take a new
+    file there for a changed version and reload it)."""
+    version_dir.mkdir(parents=True, exist_ok=True)
+    if not (steps / f"{module}.py").is_file():
+        raise ValueError(f"{steps} has no step module {module}.py")
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(steps, version_dir / STEPS_PACKAGE, ignore=skip)
+    shutil.copytree(contract, version_dir / CONTRACT_PACKAGE, ignore=skip)
+    (version_dir / ENTRY_FILE).write_text(ENTRY.format(model=version_dir.parent.name, steps=STEPS_PACKAGE,
+                                                       contract=CONTRACT_PACKAGE, module=module), encoding="utf-8")
+    compileall.compile_dir(version_dir, quiet=1)
+
+
 def write_text_step(version_dir: Path, *, version: int, files: TextStepFiles, store_json: str | None = None,
                     encoder: bool = True) -> None:
-    """Lay out one text-step version directory: the module as ``model.py`` and the files it reads (``encoder``:
-    with ``text_encoder.onnx``; the search step's graph holds the encoder instead)."""
+    """Lay out one text-step version directory: its code (:func:`write_step_code`) and the files it reads
+    (``encoder``: with ``text_encoder.onnx``; the search step's graph holds the encoder instead)."""
     version_dir.mkdir(parents=True)
-    shutil.copy(BACKENDS_DIR / TEXT_STEP_FILE, version_dir / "model.py")
-    # The Python backend stub only sees site-packages, so the step gets the shared text rules and the
-    # provider choice beside it, frozen with the model version.
-    shutil.copy(Path(sig.__file__).with_name("text.py"), version_dir / "amc_text.py")
-    shutil.copy(BACKENDS_DIR / "onnx_runner.py", version_dir / "amc_onnx_runner.py")
-    shutil.copy(BACKENDS_DIR / TOP_K_FILE, version_dir / "amc_top_k.py")
-    shutil.copy(BACKENDS_DIR / ADMISSION_FILE, version_dir / "amc_admission.py")
-    shutil.copy(BACKENDS_DIR / SEARCH_FILE, version_dir / "amc_search.py")
-    # The search step's fixed-shape copies of its graph for CUDA graphs (search.StaticGraphs).
-    shutil.copy(Path(__file__).with_name("static_shapes.py"), version_dir / "amc_static_shapes.py")
+    write_step_code(version_dir, TEXT_STEP_MODULE)
     if encoder:
         shutil.copy(files.text_encoder, version_dir / "text_encoder.onnx")
     if files.keyword_table is not None:
@@ -202,9 +247,7 @@ def write_text_step(version_dir: Path, *, version: int, files: TextStepFiles, st
 def write_top_k_step(version_dir: Path) -> None:
     """Lay out one top-k step version directory (``serving/backends/top_k.py``)."""
     version_dir.mkdir(parents=True)
-    shutil.copy(BACKENDS_DIR / TOP_K_FILE, version_dir / "model.py")
-    shutil.copy(BACKENDS_DIR / "onnx_runner.py", version_dir / "amc_onnx_runner.py")
-    shutil.copy(BACKENDS_DIR / ADMISSION_FILE, version_dir / "amc_admission.py")
+    write_step_code(version_dir, TOP_K_MODULE)
 
 
 def stage_version(stage: Path, *, version: int, flavour: str, onnx_dir: Path, text: TextStepFiles) -> None:
@@ -217,12 +260,7 @@ def stage_version(stage: Path, *, version: int, flavour: str, onnx_dir: Path, te
         short = network.model_name.removeprefix("amc_")
         shutil.copy(onnx_dir / f"{short}.onnx", version_dir / ONNX_FILE)
         if flavour == "python":
-            shutil.copy(BACKENDS_DIR / "onnx_runner.py", version_dir / "model.py")
-            shutil.copy(BACKENDS_DIR / ADMISSION_FILE, version_dir / "amc_admission.py")
-    # The Python backend stub writes __pycache__ into the version directory on first import, which Triton
-    # then sees as a modified version and reloads on the next load_model; compiling now avoids that.
-    for step in STEPS:
-        compileall.compile_dir(stage / step.model_name / str(version), quiet=1)
+            write_step_code(version_dir, NETWORK_MODULE)
     ensemble_dir = stage / sig.versioned_ensemble_name(version)
     (ensemble_dir / "1").mkdir(parents=True)
     write_atomic(ensemble_dir / "config.pbtxt", to_text(ensemble_config(ensemble_dir.name, version)))
@@ -269,7 +307,6 @@ def stage_store_version(repository: Path, *, version: int, onnx_dir: Path, text:
     version_dir = repository / sig.SEARCH_STEP.model_name / str(version)
     write_text_step(version_dir, version=version, files=text, store_json=store_json, encoder=False)
     shutil.copy(onnx_dir / SEARCH_GRAPH_FILE, version_dir / SEARCH_GRAPH_FILE)
-    compileall.compile_dir(version_dir, quiet=1)
     written.append(version_dir)
     search_dir = repository / sig.versioned_search_ensemble_name(version)
     (search_dir / "1").mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ CUDA execution provider) and take ``candidate_ids`` (rows of the store) instead 
 A publish exports one, the search graph ``search_store.onnx`` (:class:`SearchStoreGraph`): the sentence encoder,
 the lexical match against every stored keyword, QEN, VAN, LAN and MTN over the store (:class:`FusedStoreGraph`) and
 the top-k selection (ONNX TopK). It takes the query's WordPiece ids and its content words, numbered as the store's
-keyword words by :class:`amc_client.text.StoreWords`; the stored keywords' word numbers and IDF mass are constants
+keyword words by :class:`amc_contract.text.StoreWords`; the stored keywords' word numbers and IDF mass are constants
 of the graph. The search step (``serving/backends/text_step.py``, mode search) tokenizes and runs it. The
 benchmarks export their store graphs (per network, fused without top-k) with the same code
 (``benchmarks.store_models``: :func:`export_store_graphs` and :func:`validate_store` take a table of graphs).
@@ -35,8 +35,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from amc_client import signatures as sig
-from amc_client.text import (
+from amc_contract import signatures as sig
+from amc_contract.text import (
     LexicalMatcher,
     StoreWords,
     TermWeights,
@@ -216,10 +216,10 @@ def _fp32(gathered: torch.Tensor) -> torch.Tensor:
 
 def lexical_match(words: torch.Tensor, weights: torch.Tensor, vocabulary: int, keyword_words: torch.Tensor,
                   keyword_mass: torch.Tensor, keyword_real: torch.Tensor, row_words: torch.Tensor) -> torch.Tensor:
-    """:meth:`amc_client.text.LexicalMatcher.features` as tensor operations, for candidates whose keywords'
-    words are numbered (:class:`amc_client.text.StoreWords`, ``vocabulary`` words): the search graph's lexical match.
+    """:meth:`amc_contract.text.LexicalMatcher.features` as tensor operations, for candidates whose keywords'
+    words are numbered (:class:`amc_contract.text.StoreWords`, ``vocabulary`` words): the search graph's lexical match.
     The graph holds no strings, so it finds the shared words by number, then takes the same three ratios as
-    :func:`amc_client.text.lexical_features`, the numpy definition (``tests/unit/test_text.py`` holds the two equal).
+    :func:`amc_contract.text.lexical_features`, the numpy definition (``tests/unit/test_text.py`` holds the two equal).
 
     ``words``, ``weights``: (B, W) the query's word numbers (distinct, as :meth:`StoreWords.query` gives them: a
     number repeated counts once, with one of its weights, so the python-flavour steps refuse one; ``vocabulary``
@@ -454,7 +454,7 @@ def publish_store(repository: Path, version: int, model: AMC, term_weights: str,
     the search graph, validated against the PyTorch raw path, in ``amc_search_step/<N>`` and ``amc_search_v<N>``
     (``serve``: ``amc_search`` pinned to it too).
 
-    ``term_weights``: the checkpoint's :class:`amc_client.text.TermWeights` JSON; the search step reuses the
+    ``term_weights``: the checkpoint's :class:`amc_contract.text.TermWeights` JSON; the search step reuses the
     version's tokenizer and text rules (``amc_tokenizer/<version>/``). ``instances``: of the search step where its
     config is new (default by device kind, ``export.configs.SEARCH_SETTINGS``); ``kind`` ("gpu", "cpu"; default
     this machine's): the machine that serves, for that config. Its dims are the model's (``model_sizes``).

@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 
 FOLDER = "thumbnails"
 INDEX = "index.json"

@@ -1,7 +1,7 @@
 """Render the Prometheus scrape config and the Grafana dashboard for Triton's metrics port.
 
 Same sources as ``deploy/k8s/render.py``: ``deploy/k8s/values.yaml`` (namespace, app label, scrape interval)
-and the project's code (model names from :mod:`amc_client.signatures` and ``export.repository.STEPS``; the
+and the project's code (model names from :mod:`amc_contract.signatures` and ``export.repository.STEPS``; the
 metrics port and path from :mod:`serving.endpoints`). Output, checked in and tested for equality::
 
     monitoring/prometheus.yml            two jobs: `make serve` on this machine, and the pods of deploy/k8s
@@ -31,7 +31,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 from deploy.k8s import render as k8s
 from export.repository import STEPS
 from serving import endpoints

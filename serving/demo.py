@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from amc_client import AMCClient, Candidate
-from amc_client import signatures as sig
 from amc_client.cli import format_table, save_candidates
+from amc_contract import signatures as sig
 from export.publish import publish
 from export.repository import STEPS
 from export.store import Gallery
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"model version {results[0].model_version}")
             print(format_table(results[:5]))
         # "thumbs up" and "red heart" once put images first whose only link to the query was a wrong auto-tag
-        # (issue 21); "🐱" and "thumbs_up" are read as "cat face" and "thumbs up" (amc_client.text.normalize_query).
+        # (issue 21); "🐱" and "thumbs_up" are read as "cat face" and "thumbs up" (amc_contract.text.normalize_query).
         for text in [picks[0].text, "thumbs up", "red heart", "🐱", "thumbs_up"]:
             t0 = time.perf_counter()
             found = client.search(text, top_k=5)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 
 # A few keyword documents for the untrained model's term weights (IDF); any will do.
 _DOCUMENTS = [["cat", "face"], ["dog", "red heart"], ["kiwi fruit", "food"], ["heart", "love"], ["cat", "hat"]]
@@ -28,7 +28,7 @@ def untrained_checkpoint(path: str | Path, *, seed: int = 0) -> Path:
     """
     import torch
 
-    from amc_client.text import TermWeights
+    from amc_contract.text import TermWeights
     from amc_model.checkpoint import save_checkpoint
     from amc_model.model import AMC, AMCConfig
 

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from amc_client import AMCClient
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 from export.publish import publish
 from serving.loadtest import ADMIN_KEY, Load, argument_parser, collection_words, roll_out, serving_models
 from serving.rollout import Rollout

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from amc_client import AMCClient, AMCError, Candidate, MixedVersionError
-from amc_client import signatures as sig
-from amc_client.text import TermWeights
+from amc_contract import signatures as sig
+from amc_contract.text import TermWeights
 from export.publish import publish
 from export.repository import STEPS
 from serving.rollout import Rollout

@@ -54,8 +54,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from amc_client import Routing
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
+from amc_contract.routing import Routing
 from export.configs import DEVICE_KINDS, STEPS
 from export.onnx_export import relative_error
 from export.publish import GOLDEN, corpus_gallery, published_versions, read_manifest, repository_lock

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 
 from .endpoints import LOOPBACK
 from .faults import instance_model

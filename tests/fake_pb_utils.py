@@ -9,7 +9,7 @@ bytes dtype) is serialized when it is made, by the ``serialize_byte_tensor`` tha
 ``triton_python_backend_utils`` holds at that moment: its cost is counted, and a step that replaced it is seen.
 
     with installed() as pb_utils:                    # sys.modules["triton_python_backend_utils"] while inside
-        step = load_step(version_dir / "model.py")     # a step's model.py, imported as the stub imports it
+        step = load_step(version_dir / "model.py")     # a step's model.py, imported as a fresh stub imports it
         responses = step.execute([pb_utils.InferenceRequest({"query": ...}, requested_output_names=[...])])
 """
 
@@ -194,13 +194,33 @@ def installed() -> Iterator[ModuleType]:
 
 def load_step(path: Path, name: str | None = None) -> ModuleType:
     """A step's ``model.py`` imported by path under a private name (as the stub imports it), with whatever
-    ``triton_python_backend_utils`` is installed now. Registered in ``sys.modules`` (its dataclasses look it up)."""
+    ``triton_python_backend_utils`` is installed now. Registered in ``sys.modules`` (its dataclasses look it up).
+
+    A published version's ``model.py`` (``export.repository.write_step_code``) puts its folder first on ``sys.path``
+    and imports the packages vendored there (``amc_steps``, ``amc_contract``), as a stub process of its own would: so
+    while it runs, this process's modules of those names are set aside, and afterwards put back (with ``sys.path`` and
+    ``sys.dont_write_bytecode``). The step keeps the version's own copies; this process keeps its own."""
+    folder = path.parent
+    vendored = {p.name for p in folder.iterdir() if (p / "__init__.py").is_file()}
+
+    def theirs(module: str) -> bool:
+        return module.partition(".")[0] in vendored
+
+    aside = {m: sys.modules.pop(m) for m in [m for m in sys.modules if theirs(m)]}
+    path_before, bytecode_before = list(sys.path), sys.dont_write_bytecode
     name = name or f"_step_{abs(hash(str(path)))}"
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        for m in [m for m in sys.modules if theirs(m)]:
+            del sys.modules[m]
+        sys.modules.update(aside)
+        sys.path[:] = path_before
+        sys.dont_write_bytecode = bytecode_before
     return module
 
 

@@ -3,13 +3,13 @@
 Text goes through the frozen sentence encoder once: every query text and every keyword string is embedded
 by :class:`amc_model.text_encoder.TextEmbeddings` and cached on disk (keyed by the encoder package's version, so a
 new encoder never reuses old vectors). Every lexical feature of a (query, image) pair that training and evaluation
-use comes from :meth:`CorpusTensors.lexical`: the corpus's keywords indexed once (:class:`amc_client.text.KeywordIndex`,
-equal to the bit to the :class:`~amc_client.text.LexicalMatcher` the serving text step runs), per batch, for
+use comes from :meth:`CorpusTensors.lexical`: the corpus's keywords indexed once (:class:`amc_contract.text.KeywordIndex`,
+equal to the bit to the :class:`~amc_contract.text.LexicalMatcher` the serving text step runs), per batch, for
 training's logged pairs once before the first step (:class:`LoggedPairs`, ``TrainConfig.precompute_lexical``), and
 against the whole collection (``training.collection``, ``training.retrieval``).
 
 Queries enter through :meth:`CorpusTensors.query_text` and :meth:`CorpusTensors.lexical` (and :class:`LoggedPairs`,
-which uses both), where they are read as the served text step reads them: :func:`amc_client.text.normalize_query`
+which uses both), where they are read as the served text step reads them: :func:`amc_contract.text.normalize_query`
 with CLDR's emoji names (text rules ``TEXT_RULES``; ``training.corpus.catalog.emoji_names``). Keywords are used as
 they are.
 """
@@ -23,7 +23,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from amc_client.text import (
+from amc_contract.text import (
     LEXICAL_FEATURES,
     EmojiNames,
     KeywordIndex,
@@ -49,7 +49,7 @@ class CorpusTensors:
     emoji_names: ClassVar[EmojiNames | None] = None
 
     def normalized(self, texts: list[str]) -> list[str]:
-        """Query texts as the model reads them (``amc_client.text.normalize_query``, text rules 2), each computed
+        """Query texts as the model reads them (``amc_contract.text.normalize_query``, text rules 2), each computed
         once per instance. A query that normalizes to "" stays "" here (the served step refuses it)."""
         cache = self.__dict__.setdefault("_normalized", {})
         names = self.emoji_names

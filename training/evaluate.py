@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amc_client.text import content_words, words
+from amc_contract.text import content_words, words
 from amc_model.checkpoint import load_checkpoint
 from training import protocols
 from training.corpus import Corpus, load_corpus

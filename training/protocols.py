@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amc_client.text import words
+from amc_contract.text import words
 from training.corpus import CLDR_ANNOTATIONS, CLDR_DERIVED_ANNOTATIONS, Corpus, relevance_oracle, split_of
 
 PROTOCOLS = ("test_lists", "random100", "regional_names", "whole_store")

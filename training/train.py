@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from amc_client.text import TermWeights
+from amc_contract.text import TermWeights
 from amc_model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from amc_model.model import AMC
 from training.collection import CollectionNegatives

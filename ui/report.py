@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from amc_client import AMCClient
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 from export.repository import STEPS, read_routing
 from export.thumbnails import has_thumbnails
 from serving.server import TritonServer

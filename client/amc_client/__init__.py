@@ -5,11 +5,13 @@
 ...         print(r.rank, r.candidate_id, r.score, r.visual_weight, r.top_keywords[:3])
 """
 
+from amc_contract.routing import Routing
+
 from ._async_client import AsyncAMCClient
 from ._client import AMCClient
 from ._fleet import ReplicaStatus
 from ._packing import pack_request
-from ._types import Candidate, CandidateArrays, RankedResult, Routing
+from ._types import Candidate, CandidateArrays, RankedResult
 from .errors import (
     AMCError,
     DeadlineExceededError,

@@ -10,13 +10,15 @@ from typing import Any
 
 from tritonclient.utils import InferenceServerException
 
+from amc_contract.routing import Routing
+
 from . import _fleet
 from ._calls import Detach as _Detach
 from ._calls import Sleep as _Sleep
 from ._calls import Steps as _Steps
 from ._core import _Core
 from ._packing import CandidateSet
-from ._types import RankedResult, Routing
+from ._types import RankedResult
 
 
 class AsyncAMCClient(_Core):

@@ -23,15 +23,17 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from amc_contract import signatures as sig
+from amc_contract.routing import Routing
+
 from . import _calls, _fleet, _packing, _routing, _search
-from . import signatures as sig
 from ._calls import Call as _Call
 from ._calls import Detach as _Detach
 from ._calls import Sleep as _Sleep
 from ._calls import Steps as _Steps
 from ._fleet import ReplicaStatus
 from ._packing import CandidateSet
-from ._types import RankedResult, Routing
+from ._types import RankedResult
 from .errors import AMCError, DeadlineExceededError, InvalidInputError, ModelVersionError
 
 # The deadline of a routing refresh in the background (close() waits for one in flight).

@@ -43,8 +43,9 @@ from typing import Any
 
 from tritonclient.utils import InferenceServerException
 
+from amc_contract import signatures as sig
+
 from . import _calls
-from . import signatures as sig
 from ._calls import Call, Deadline, Steps
 from .errors import InvalidInputError
 

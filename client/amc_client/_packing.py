@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from . import signatures as sig
+from amc_contract import signatures as sig
+
 from ._types import Candidate, CandidateArrays, RankedResult
 from .errors import AMCError, InvalidInputError, MixedVersionError
 

@@ -1,4 +1,5 @@
-"""Canary routing: parse the `amc` model's config parameters and pick the model for one request."""
+"""Canary routing on the client's side: the `amc` model's config parameters read (:mod:`amc_contract.routing`), the model
+picked for one request, the versions a server has loaded."""
 
 from __future__ import annotations
 
@@ -6,40 +7,20 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from . import signatures as sig
-from ._types import Routing
+from amc_contract import signatures as sig
+from amc_contract.routing import Routing
+from amc_contract.routing import parse as parse_parameters
+
 from .errors import AMCError
 
 
 def parse(config: Mapping[str, Any]) -> Routing:
-    """``get_model_config("amc", as_json=True)`` -> :class:`Routing` (missing parameters: no canary)."""
-    cfg = config.get("config", config)
-    params = {
-        k: (v.get("string_value", "") if isinstance(v, Mapping) else str(v))
-        for k, v in cfg.get("parameters", {}).items()
-    }
-
-    def version(key: str) -> int | None:
-        raw = params.get(key, "").strip()
-        if not raw:
-            return None
-        try:
-            return int(raw)
-        except ValueError:
-            raise AMCError(
-                f"model {sig.ENSEMBLE_NAME!r} has a malformed routing parameter {key}={raw!r}"
-            ) from None
-
-    serving, canary = version(sig.ROUTING_SERVING_VERSION), version(sig.ROUTING_CANARY_VERSION)
-    raw = params.get(sig.ROUTING_CANARY_SHARE, "").strip() or "0"
+    """``get_model_config("amc", as_json=True)`` -> :class:`Routing` (missing parameters: no canary); a malformed
+    parameter is an :class:`AMCError` (the contract's :func:`amc_contract.routing.parse` reads it)."""
     try:
-        share = float(raw)
-    except ValueError:
-        share = -1.0
-    if not 0.0 <= share <= 1.0:
-        raise AMCError(f"model {sig.ENSEMBLE_NAME!r} has a malformed routing parameter canary_share={raw!r}")
-    canary_search = canary is not None and params.get(sig.ROUTING_CANARY_SEARCH, "").strip() == "1"
-    return Routing(serving, canary, share if canary is not None else 0.0, canary_search)
+        return parse_parameters(config)
+    except ValueError as e:
+        raise AMCError(str(e)) from None
 
 
 def pick(routing: Routing, rng: random.Random) -> tuple[str, int | None]:

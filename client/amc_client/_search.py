@@ -7,7 +7,7 @@ ensemble ``amc_search`` (``amc_search_v<N>`` pinned): the request is the query, 
 Python step on the server, ``amc_search_step`` (issue 23), which scores every row in one pass:
 
     checks the request; the query's WordPiece ids and its content words, numbered as the store numbers its
-    keywords' words (``amc_text.StoreWords``), with their IDFs; then the search graph: the sentence encoder, the
+    keywords' words (``amc_contract.text.StoreWords``), with their IDFs; then the search graph: the sentence encoder, the
     lexical match against every stored keyword, QEN, VAN, LAN and MTN over all the rows (batched gathers of the
     stored projections and keyword word numbers) and the top-k selection (ONNX TopK): only the k rows kept leave
     it, so no per-row tensor of the store crosses the Python backend; last the store's id and keyword strings of
@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from . import signatures as sig
+from amc_contract import signatures as sig
+
 from ._packing import check_query, check_request_query, check_top_k, explained
 from ._types import RankedResult
 from .errors import AMCError, InvalidInputError, MixedVersionError

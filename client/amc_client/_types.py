@@ -1,4 +1,5 @@
-"""Plain data in and out of the client: candidates (two input forms), ranked results, routing."""
+"""Plain data in and out of the client: candidates (two input forms), ranked results (routing:
+:class:`amc_contract.routing.Routing`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from . import signatures as sig
+from amc_contract import signatures as sig
+
 from .errors import InvalidInputError
 
 D = sig.REGION_FEATURE_DIM
@@ -95,21 +97,6 @@ class RankedResult:
     region_attention: np.ndarray = field(repr=False)
     model_version: int
     store_row: int | None = None
-
-
-@dataclass(frozen=True)
-class Routing:
-    """Canary routing read from the ``amc`` model's config parameters.
-
-    ``canary_share`` of the unpinned queries go to ``amc_v{canary_version}``, the rest to ``amc``; where the
-    canary version has a candidate store (``canary_search``), the same share of searches go to its
-    ``amc_search_v{canary_version}``, the rest to ``amc_search``.
-    """
-
-    serving_version: int | None
-    canary_version: int | None = None
-    canary_share: float = 0.0
-    canary_search: bool = False
 
 
 # ---- validation helpers ----------------------------------------------------------------------------------

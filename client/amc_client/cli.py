@@ -17,8 +17,10 @@ from typing import NoReturn
 
 import numpy as np
 
+from amc_contract.routing import Routing
+
 from ._client import AMCClient
-from ._types import Candidate, CandidateArrays, RankedResult, Routing
+from ._types import Candidate, CandidateArrays, RankedResult
 from .errors import (
     AMCError,
     DeadlineExceededError,

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from . import signatures as sig
+from amc_contract import signatures as sig
+
 from ._types import Candidate
 from .errors import InvalidInputError
 

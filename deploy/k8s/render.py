@@ -4,7 +4,7 @@ Two sources and no third: ``deploy/k8s/values.yaml`` holds what a deployment cho
 replicas, GPU count, autoscaling target); the project's code holds what the server and the client agree on,
 and this module reads it from there instead of copying it:
 
-- model names: :mod:`amc_client.signatures` (``amc``, ``amc_v<N>``) and ``export.repository.STEPS`` (the text
+- model names: :mod:`amc_contract.signatures` (``amc``, ``amc_v<N>``) and ``export.repository.STEPS`` (the text
   step and the four networks), in the ``onnxruntime`` flavour's layout (``platform: onnxruntime_onnx`` on
   ``KIND_GPU``; the text step stays a Python-backend model);
 - ports, probe paths, the metrics flags and the admin-key header: :mod:`serving.endpoints`.
@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 from export.repository import STEPS
 from serving import endpoints
 

@@ -1,9 +1,10 @@
 """Triton Python-backend model that runs one exported AMC network (QEN, VAN, LAN or MTN) with onnxruntime.
 
-The config generator copies this file as ``<model>/<version>/model.py`` beside ``model.onnx`` (the ``python``
-repository flavour). Everything model-specific comes from the model's ``config.pbtxt``:
+A ``python``-flavour network's version folder holds ``model.onnx`` and this package (its ``model.py`` imports
+:class:`TritonPythonModel` from here: ``export.repository.write_step_code``). Everything model-specific comes from the
+model's ``config.pbtxt``:
 
-- input and output names and dtypes: ``input`` / ``output`` (generated from ``amc_client.signatures``);
+- input and output names and dtypes: ``input`` / ``output`` (generated from ``amc_contract.signatures``);
 - ``parameters``: ``onnx_file`` (default ``model.onnx``), ``intra_op_num_threads`` (default: onnxruntime's, or
   the CPUs this process may run on where that is fewer than the machine's), ``allow_spinning`` (``0`` (default)
   or ``1``: whether onnxruntime's idle threads spin; see :func:`session_options`),
@@ -25,22 +26,24 @@ request at a time so only the bad request fails); the instance itself never rais
 
 Overload: with config parameter ``admission`` (the generator sets it on VAN, the one network that can refuse a
 request the text step admitted: NaN regions, regions and mask for different candidates), every error response
-frees one slot of that in-flight counter (``admission.py``, beside this file as ``amc_admission.py``), since the
-request goes no further than here and the top-k step that would free it never sees it.
+frees one slot of that in-flight counter (``admission.py``), since the request goes no further than here and the
+top-k step that would free it never sees it.
 
-This file must stay importable by the stub without the project installed: it imports only numpy,
-onnxruntime and ``triton_python_backend_utils`` (and ``amc_admission.py`` beside it, when present).
+Like every module of this package it must import in the stub without the project installed: numpy, onnxruntime,
+``triton_python_backend_utils``, its siblings and ``amc_contract`` (both vendored beside the version's model.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from amc_contract import RequestError
+
+from .admission import InFlight, counter_path
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -53,35 +56,16 @@ _ORT_TYPES = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tens
               np.dtype(np.bool_): "tensor(bool)"}
 
 
-def load_sibling(here: Path, filename: str) -> Any:
-    """``filename`` in the version directory ``here``, loaded by path under a private name (independent of
-    sys.path and of other models' copies in the same stub), without writing a __pycache__ there."""
-    path = here / filename
-    spec = importlib.util.spec_from_file_location(f"_{path.stem}_{abs(hash(str(path)))}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    before, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # Triton would see a new file as a new version
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = before
-    return module
-
-
 def first_repeat(rows: np.ndarray) -> tuple[int, int] | None:
     """(B, n) integer rows -> (row, value) of the first row that repeats a value of 0 or more (its smallest such
-    value), None where no row does; negative values are padding. Also the store text step's check of repeated
-    candidate ids (``text_step.py``, which gets this file beside it as ``amc_onnx_runner.py``)."""
+    value), None where no row does; negative values are padding. Also the search step's check of repeated candidate
+    ids (``search.check_ids``)."""
     ordered = np.sort(rows, axis=1)
     repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
     if not repeated.any():
         return None
     b, j = (int(x) for x in np.argwhere(repeated)[0])
     return b, ordered[b, j].item()
-
-
-class RequestError(ValueError):
-    """A problem with one request's inputs; becomes that request's error response."""
 
 
 def session_options(params: dict[str, str], model_name: str) -> Any:
@@ -94,7 +78,7 @@ def session_options(params: dict[str, str], model_name: str) -> Any:
     47 / 39 ms instead of 87 / 79 (100 candidates: 203 / 213 instead of 300 / 277; ``reports/overload_runs.json``).
     And a server pinned to fewer CPUs than the machine has (taskset, a cpuset) gets pools of that size, where
     onnxruntime would size them by the machine's cores; unpinned, onnxruntime's own default stays.
-    Also used by the text step (``text_step.py``, which gets this file beside it as ``amc_onnx_runner.py``).
+    Also used by the text and search steps (``text_step.py``, ``search.SearchGraph``).
     """
     import os
 
@@ -140,7 +124,7 @@ def lower_cpu_priority(params: dict[str, str], model_name: str) -> int:
 def execution_providers(params: dict[str, str], args: dict[str, str], model_name: str) -> list[Any]:
     """onnxruntime providers from the config parameters ``execution_provider`` and ``use_tf32`` (see above).
 
-    Also used by the text step (``text_step.py``, which gets this file beside it as ``amc_onnx_runner.py``).
+    Also used by the text and search steps (``text_step.py``, ``search.SearchGraph``).
     """
     import onnxruntime as ort
 
@@ -306,7 +290,7 @@ class TritonPythonModel:
                                             providers=execution_providers(params, args, self.model_name))
         self._check_signature()
         # Each input's dims as the graph declares them: an int (fixed) or a name (symbolic: "batch", "candidates",
-        # "regions", ... from amc_client.signatures). Inputs that share a name must agree on its size; a request
+        # "regions", ... from amc_contract.signatures). Inputs that share a name must agree on its size; a request
         # where they do not (regions for 3 candidates, region_mask for 2) is the caller's mistake, refused here
         # with INVALID_ARGUMENT before onnxruntime fails on it with an opaque INTERNAL error.
         self.graph_dims = {i.name: list(i.shape) for i in self.session.get_inputs()}
@@ -315,11 +299,9 @@ class TritonPythonModel:
         if unknown:
             raise ValueError(f"{self.model_name}: config parameter distinct names no input(s) {unknown}")
         self.in_flight = None
-        here = Path(args["model_repository"]) / self.version
-        if params.get("admission") and (here / "amc_admission.py").is_file():
-            admission = load_sibling(here, "amc_admission.py")
-            self.in_flight = admission.InFlight(admission.counter_path(Path(args["model_repository"]).parent,
-                                                                       params["admission"], self.version))
+        if params.get("admission"):
+            self.in_flight = InFlight(counter_path(Path(args["model_repository"]).parent, params["admission"],
+                                                   self.version))
         self.logger.log_info(f"{self.model_name} v{self.version}: {path.name} on {self.session.get_providers()}, "
                              f"niceness {niceness}")
 

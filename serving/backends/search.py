@@ -1,8 +1,8 @@
 """The search step's logic (``amc_search_step``: ``text_step.py`` in mode search, which only wraps it): functions of
 numpy arrays, importable and tested without a server (``tests/unit/test_search_step.py``).
 
-A publish copies this file beside each text step as ``amc_search.py``; ``text_step.py`` loads it from there (from
-``serving.backends.search`` where it is not), and every mode reads its queries with :func:`read_query`.
+``text_step.py`` imports it (every mode reads its queries with :func:`read_query`); a published version carries it in
+its vendored ``amc_steps`` package.
 
 One execution of the step, for the requests the dynamic batcher hands over:
 
@@ -35,9 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from amc_contract import RequestError
+from amc_contract import text as amc_text
 
-class RequestError(ValueError):
-    """A problem with one request's inputs; becomes that request's INVALID_ARGUMENT error response."""
+from .onnx_runner import BoundSession, bucket, execution_providers, first_repeat, session_options
+from .top_k import check_top_k
 
 
 # ---- reading a request -------------------------------------------------------------------------------------------
@@ -73,9 +75,8 @@ def read_query(value: bytes | str, where: str, *, max_bytes: int, normalize: Cal
 @dataclass(frozen=True)
 class Rules:
     """What :func:`parse_request` checks a request against: the step's input names (query, candidate ids, top_k), its
-    version and store size, the query bound, the query reading (:meth:`QueryText.normalize`, text rules), and the
-    top-k step's rule (``top_k.check_top_k``, raising ``top_k_error``) and repeat finder
-    (``onnx_runner.first_repeat``)."""
+    version and store size, the query bound and the query reading (:meth:`QueryText.normalize`, text rules). (The
+    top_k rule is the top-k step's, ``top_k.check_top_k``.)"""
 
     names: tuple[str, str, str]
     version: int
@@ -83,9 +84,6 @@ class Rules:
     max_query_bytes: int
     normalize: Callable[[str], str]
     text_rules: int
-    check_top_k: Callable[[np.ndarray, int, int], int]
-    top_k_error: type[Exception]
-    first_repeat: Callable[[np.ndarray], tuple[int, int] | None]
 
 
 @dataclass
@@ -106,7 +104,7 @@ def check_ids(ids: np.ndarray, rules: Rules) -> None:
         where = np.argwhere(bad)[0]
         raise RequestError(f"{idn}[{where[0]}, {where[1]}] = {int(ids[tuple(where)])} is outside the candidate "
                            f"store of version {rules.version} (0 .. {size - 1})")
-    repeat = rules.first_repeat(ids)  # every id is >= 0 by now
+    repeat = first_repeat(ids)  # every id is >= 0 by now
     if repeat is not None:
         b, row = repeat
         at = np.flatnonzero(ids[b] == row)[:2].tolist()
@@ -165,13 +163,8 @@ def parse_request(query: np.ndarray | None, ids: np.ndarray | None, top_k: np.nd
     k = None
     if top_k is not None:  # the top-k step's rule, here before any row is scored
         first = int(top_k[0, 0]) if top_k.shape == (1, 1) and batch == 1 else 0
-        if 1 <= first <= rows.shape[1]:  # one query's valid k: what check_top_k would return
-            k = first
-        else:
-            try:
-                k = rules.check_top_k(top_k, batch, rows.shape[1])
-            except rules.top_k_error as e:
-                raise RequestError(str(e)) from None
+        # One query's valid k is what check_top_k would return; anything else gets its checks (and their message).
+        k = first if 1 <= first <= rows.shape[1] else check_top_k(top_k, batch, rows.shape[1])
     texts = [read_query(query[b, 0], qn if batch == 1 else f"{qn} {b} of the batch", max_bytes=rules.max_query_bytes,
                         normalize=rules.normalize, rules=rules.text_rules) for b in range(batch)]
     asked = frozenset(wants) if wants is not None else frozenset()
@@ -187,9 +180,9 @@ class QueryText:
     """A version's query reading (text rules) and the search graph's query features (its WordPiece ids and its
     content words numbered as the store's), for a batch of queries at once.
 
-    ``text``: the version's text module (``amc_text.py``); ``wordpiece``, ``store_words``, ``emoji_names``: what the
-    text step loaded (``TextFeatures``; ``store_words`` None without a store: only :meth:`normalize` then). Equal to
-    ``text.normalize_query``, ``text.query_tokens`` and ``store_words.query`` (tests check it), with two shortcuts
+    ``wordpiece``, ``store_words``, ``emoji_names``: what the text step loaded (``TextFeatures``; ``store_words`` None
+    without a store: only :meth:`normalize` then). Equal to ``amc_contract.text``'s ``normalize_query`` and
+    ``query_tokens`` and to ``store_words.query`` (tests check it), with two shortcuts
     where they give the same by construction:
 
     - an ASCII query under text rules 2 holds no emoji the names know (no name's key is all ASCII: checked at load),
@@ -202,9 +195,9 @@ class QueryText:
       goes through the tokenizer.
     """
 
-    def __init__(self, text: Any, wordpiece: Any, store_words: Any, emoji_names: dict[str, str] | None, *,
+    def __init__(self, wordpiece: Any, store_words: Any, emoji_names: dict[str, str] | None, *,
                  tokenizer_json: str | None = None, max_words: int = 100_000) -> None:
-        self.text, self.wordpiece, self.store_words, self.emoji_names = text, wordpiece, store_words, emoji_names
+        self.wordpiece, self.store_words, self.emoji_names = wordpiece, store_words, emoji_names
         self.ascii_names = emoji_names is not None and any(key.isascii() for key in emoji_names)
         # word -> (WordPiece ids, stopword, store number or None, IDF): the store's words and the stopwords, fixed;
         # the others queries brought, at most max_words (the oldest dropped first)
@@ -216,7 +209,7 @@ class QueryText:
             found = wordpiece.encode("a").ids
             if len(found) > 2 and found[1:-1] == wordpiece.encode("a", add_special_tokens=False).ids:
                 self.cls_sep = (found[:1], found[-1:])
-                self.fixed = self._infos(sorted({*store_words.number, *text.STOPWORDS}))
+                self.fixed = self._infos(sorted({*store_words.number, *amc_text.STOPWORDS}))
                 if not self._agrees():
                     self.cls_sep = None
 
@@ -232,19 +225,19 @@ class QueryText:
                    " ".join(["red heart"] * 40), "0 1 2 3 flag japan", "unknownword zzzq unknownword"]
         tokens, words, weights = self.features(samples)
         want_words, want_weights = self.store_words.query(samples)
-        return (np.array_equal(tokens, self.text.query_tokens(self.wordpiece, samples))
+        return (np.array_equal(tokens, amc_text.query_tokens(self.wordpiece, samples))
                 and np.array_equal(words, want_words) and np.array_equal(weights, want_weights))
 
     def normalize(self, text: str) -> str:
-        """``text`` as the version reads it: as sent under text rules 1, else ``text.normalize_query``."""
+        """``text`` as the version reads it: as sent under text rules 1, else ``amc_text.normalize_query``."""
         if self.emoji_names is None:
             return text
         if text.isascii() and not self.ascii_names:
             return " ".join(_NOT_WORD.sub(" ", text.lower()).split())
-        return self.text.normalize_query(text, self.emoji_names)
+        return amc_text.normalize_query(text, self.emoji_names)
 
     def _infos(self, words: list[str]) -> dict[str, tuple[tuple[int, ...], bool, int | None, float]]:
-        weights, number, stop = self.store_words.weights, self.store_words.number, self.text.STOPWORDS
+        weights, number, stop = self.store_words.weights, self.store_words.number, amc_text.STOPWORDS
         # The batch call hands the words to the tokenizer's thread pool: worth it for a store's words, not for the
         # few new ones a batch of queries brings (on a busy machine the pool's threads wait for a core).
         encodings = (self.wordpiece.encode_batch(words, add_special_tokens=False) if len(words) > 64
@@ -268,8 +261,8 @@ class QueryText:
 
     def features(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(Q,) queries, as read -> their WordPiece ids (Q, L) and content words' numbers and IDFs (Q, W), as
-        ``text.query_tokens`` and ``store_words.query`` give them for these queries together."""
-        text, most = self.text, self.text.QUERY_MAX_TOKENS
+        ``amc_text.query_tokens`` and ``store_words.query`` give them for these queries together."""
+        most = amc_text.QUERY_MAX_TOKENS
         simple = [self.cls_sep is not None and _SIMPLE.fullmatch(t) is not None for t in texts]
         entries = self._lookup(texts, simple) if any(simple) else {}
         fixed, unknown = self.fixed, self.store_words.unknown
@@ -298,12 +291,12 @@ class QueryText:
         longest, counted = [1, *(len(r) for r in tokens if r is not None)], [0, *(len(r) for r in numbers if r)]
         if slow:
             slow_texts = [texts[i] for i in slow]
-            slow_tokens = text.wordpiece_ids(self.wordpiece, slow_texts, most)
+            slow_tokens = amc_text.wordpiece_ids(self.wordpiece, slow_texts, most)
             slow_words, slow_weights = self.store_words.query(slow_texts)
             longest.append(slow_tokens.shape[1])
             counted.append(slow_words.shape[1])  # a padded width: padding it again changes nothing
-        width = text.padded_width(max(longest), text.QUERY_TOKEN_STEP, most)
-        wide = text.padded_width(max(counted), self.store_words.QUERY_WIDTH_STEP)
+        width = amc_text.padded_width(max(longest), amc_text.QUERY_TOKEN_STEP, most)
+        wide = amc_text.padded_width(max(counted), self.store_words.QUERY_WIDTH_STEP)
         pad = self.store_words.PAD
         out_tokens = np.array([[0] * width if r is None else r + [0] * (width - len(r)) for r in tokens],
                               np.int64).reshape(len(texts), width)
@@ -334,13 +327,11 @@ class SearchGraph:
       where a copy fails, run the dynamic graph uncaptured, and :meth:`describe` says why;
     - ``max_rows_per_run`` (131072): queries x rows per graph call at most (the graph's (B, N, R, hidden) tensors:
       a whole store of 100,000 rows is ~2.5 GB of them per query), ``max_graph_batch`` (64) queries at most;
-    - ``intra_op_num_threads``, ``allow_spinning``, ``execution_provider``, ``use_tf32``: as ``onnx_runner.py``.
-
-    ``runner``: ``onnx_runner.py`` (its provider choice, session options, ``BoundSession`` and batch buckets).
+    - ``intra_op_num_threads``, ``allow_spinning``, ``execution_provider``, ``use_tf32``: as ``onnx_runner.py``
+      (whose provider choice, session options, ``BoundSession`` and batch buckets it uses).
     """
 
-    def __init__(self, folder: Path, params: dict[str, str], args: dict[str, str], runner: Any,
-                 model_name: str) -> None:
+    def __init__(self, folder: Path, params: dict[str, str], args: dict[str, str], model_name: str) -> None:
         import onnxruntime as ort
 
         self.names = [n.strip() for n in (params.get("graph_inputs") or "").split(",") if n.strip()]
@@ -352,8 +343,8 @@ class SearchGraph:
 
         def open_session(p: dict[str, str], model: Any = None) -> Any:
             return ort.InferenceSession(str(path) if model is None else model,
-                                        sess_options=runner.session_options(p, model_name),
-                                        providers=runner.execution_providers(p, args, model_name))
+                                        sess_options=session_options(p, model_name),
+                                        providers=execution_providers(p, args, model_name))
         # The dynamic graph is never captured (its shape work runs on the host: onnxruntime refuses); the fixed-shape
         # copies of StaticGraphs are.
         session = open_session({**params, "cuda_graph": "0"})
@@ -367,7 +358,7 @@ class SearchGraph:
         capture = graph and on_cuda
         self.bound = None
         if (params.get("io_binding") or "1").strip() == "1" or capture:
-            self.bound = runner.BoundSession(session, device="cuda" if on_cuda else "cpu", device_id=device_id,
+            self.bound = BoundSession(session, device="cuda" if on_cuda else "cpu", device_id=device_id,
                                              host_inputs=(self.names[4],))
         self.static = None  # the fixed-shape copies, where CUDA graphs are asked for and can be had
         if capture:
@@ -377,16 +368,15 @@ class SearchGraph:
                                       f"{limit_mb:.0f}: no fixed-shape copies")
             else:
                 try:  # it needs the onnx package in the stub's Python: without it, serve uncaptured
-                    static_shapes = runner.load_sibling(folder, "amc_static_shapes.py")
+                    from . import static_shapes
                 except Exception as e:  # noqa: BLE001
-                    self.graph_refused = f"no fixed-shape copies: amc_static_shapes.py: {type(e).__name__}: {e}"
+                    self.graph_refused = f"no fixed-shape copies: static_shapes.py: {type(e).__name__}: {e}"
                 else:
                     self.static = StaticGraphs(
                         path, self.names, lambda model: open_session({**params, "cuda_graph": "1"}, model),
-                        lambda s: runner.BoundSession(s, device="cuda", device_id=device_id, cuda_graph=True,
-                                                      max_graphs=1),
+                        lambda s: BoundSession(s, device="cuda", device_id=device_id, cuda_graph=True, max_graphs=1),
                         static_shapes, int(params.get("max_static_graphs") or 8))
-        self.bucket = runner.bucket
+        self.bucket = bucket
 
     def describe(self) -> str:
         how = "IOBinding" if self.bound is not None else "host arrays"
@@ -428,7 +418,7 @@ class SearchGraph:
 
 class StaticGraphs:
     """The search graph's calls on CUDA graphs: per bucket (the four inputs' shapes and k), a copy of the graph with
-    every shape fixed and k a constant (``export.static_shapes``, beside the step as ``amc_static_shapes.py``), whose
+    every shape fixed and k a constant (``static_shapes.py`` of this package), whose
     shape work onnxruntime folds away, in a session with CUDA graphs, bound and captured on its first call.
 
     Why copies: the dynamic graph computes its shapes on the host (Shape, Range, TopK's k) and onnxruntime refuses to

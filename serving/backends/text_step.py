@@ -1,20 +1,22 @@
 """The text step of the ensembles: query and keyword strings to what the steps after it read (sentence-encoder
 features and lexical matches; for the fused store graphs, the query's tokens and numbered words).
 
-One module, three Triton models: a publish copies it as ``model.py`` into ``amc_tokenizer/<N>/`` (config parameter
-``mode: raw``) and into ``amc_search_step/<N>/`` (``mode: search``: the whole of ``amc_search`` in this one step,
-whose logic is ``search.py``'s functions); the benchmarks into ``amc_store_tokenizer/<N>/`` (``mode: store``: the
-text step of their store ensembles, ``benchmarks.store_models``). Files beside it (written by ``export.repository``):
+One module, three Triton models: the ``model.py`` of ``amc_tokenizer/<N>/`` (config parameter ``mode: raw``) and of
+``amc_search_step/<N>/`` (``mode: search``: the whole of ``amc_search`` in this one step, whose logic is
+``search.py``'s functions) imports :class:`TritonPythonModel` from here, as the benchmarks' ``amc_store_tokenizer/<N>/``
+does (``mode: store``: the text step of their store ensembles, ``benchmarks.store_models``). A version folder holds
+(written by ``export.repository``):
 
-    amc_text.py          copy of amc_client/text.py: WordPiece ids, words, IDF term weights, lexical matches
-    amc_onnx_runner.py   copy of onnx_runner.py, for its execution-provider choice and error responses
-    amc_top_k.py         copy of top_k.py: store mode checks top_k with its rule before any row is scored
-    amc_admission.py     copy of admission.py: the in-flight counter this step admits requests through
-    amc_search.py        copy of search.py: the request rules every mode reads queries by; search mode's logic
-    amc_static_shapes.py copy of export/static_shapes.py: the search graph's fixed-shape copies for CUDA graphs
+    model.py             Triton's entry: this folder first on sys.path, then ``from amc_steps.text_step import ...``
+    amc_steps/           this package as published (``onnx_runner.py``: provider choice and error responses;
+                         ``search.py``: the request rules every mode reads queries by, search mode's logic;
+                         ``top_k.py``: the top_k rule; ``admission.py``: the in-flight counter; ``static_shapes.py``:
+                         the search graph's fixed-shape copies for CUDA graphs)
+    amc_contract/        the contract as published: ``text.py`` (WordPiece ids, words, IDF term weights, lexical
+                         matches, query normalization), ``signatures.py`` (the bounds), ``RequestError``
     tokenizer.json       the sentence encoder's WordPiece tokenizer
     text_encoder.onnx    all-MiniLM-L6-v2 (signature TEXT_ENCODER): WordPiece ids -> unit-norm embedding
-    term_weights.json    the checkpoint's IDF over the candidate collection (amc_client.text.TermWeights)
+    term_weights.json    the checkpoint's IDF over the candidate collection (amc_contract.text.TermWeights)
     keyword_table.npz    raw mode: keyword strings and their embeddings, precomputed at export for the
                          training corpus's keywords (texts (U,), vectors (U, E)); may be absent or empty
     store.json           store and search modes: {"version", "size", "ids", "keywords": one list of strings per row}
@@ -22,7 +24,7 @@ text step of their store ensembles, ``benchmarks.store_models``). Files beside i
     version.json         {"version": N, "text_rules": R} (no "text_rules": R = 1)
     emoji_names.json     from text rules 2 on: the emoji -> CLDR name table queries are normalized with
 
-Tensors (names and order from config.pbtxt, generated from ``amc_client.signatures``)::
+Tensors (names and order from config.pbtxt, generated from ``amc_contract.signatures``)::
 
     raw    in:  query BYTES [B, 1], keywords BYTES [B, N, K] ("" pads), region_mask BOOL [B, N, R]
            out: query_text FP32 [B, E], keyword_embeddings FP32 [B, N, K, E] (zero vector on padding),
@@ -43,7 +45,7 @@ Tensors (names and order from config.pbtxt, generated from ``amc_client.signatur
 Search mode is one Python step per request (issue 23): it checks the request as store mode does, tokenizes, and runs
 the search graph itself; the dynamic batcher's requests that search as many rows share graph calls. It takes no slot
 of an in-flight counter (nothing after it would free one): its own queue's bound (Triton's) refuses the excess. Here
-it only moves tensors: ``search.py`` (``amc_search.py``) checks, tokenizes, runs the graph and cuts the answers, as
+it only moves tensors: ``search.py`` checks, tokenizes, runs the graph and cuts the answers, as
 functions of numpy arrays; each request gets the outputs it asked for.
 
 Store mode (the benchmarks' ``amc_store`` and ``amc_store_fused``) computes only the outputs a request's ensemble
@@ -60,10 +62,10 @@ every stored keyword. Its ids are bounded by the store (each row at most once), 
 
 Queries are read by the text rules the version declares (``text_rules`` in ``version.json``, the rules its
 checkpoint was trained with): rules 1 (versions published before rules existed) use a query as sent; rules 2 first
-apply ``amc_text.normalize_query`` with the version's ``emoji_names.json`` (an emoji becomes its CLDR name; case,
-underscores and stray punctuation are dropped), and every output is computed from the normalized text. A version
-whose rules this code, or the ``amc_text`` it loads, does not implement is refused at load with a message naming
-the rules (:class:`TextFeatures`), never served with other rules than it was trained with.
+apply ``amc_contract.text.normalize_query`` with the version's ``emoji_names.json`` (an emoji becomes its CLDR name;
+case, underscores and stray punctuation are dropped), and every output is computed from the normalized text. A
+version whose rules this code does not implement is refused at load with a message naming the rules
+(:class:`TextFeatures`), never served with other rules than it was trained with.
 
 Queries are encoded by ``text_encoder.onnx`` (onnxruntime, CUDA provider when available, chosen as
 ``onnx_runner.py`` chooses). Keywords are looked up in the keyword table; a keyword missing there is encoded
@@ -72,7 +74,7 @@ words: WordPiece covers any text, in any script, emoji included (one no table na
 Triton's INVALID_ARGUMENT and a message naming the problem: an empty or whitespace-only query, a query that
 normalizes to nothing (text rules 2: only punctuation and spaces, e.g. "?!"), an empty candidate set, text that is not UTF-8,
 candidate ids outside the store or repeated, tensors of inconsistent shapes, and a request over one of the bounds of
-``amc_client.signatures`` (given to this step as config parameters, the limit named in the message):
+``amc_contract.signatures`` (given to this step as config parameters, the limit named in the message):
 ``max_candidates`` per query, ``max_query_bytes``, ``max_keywords`` slots per candidate, ``max_keyword_words``
 and ``max_keyword_bytes`` per keyword.
 
@@ -93,15 +95,21 @@ pipelines run it on a published version directory, so they pay the same text cos
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from amc_contract import RequestError
+from amc_contract import signatures as sig
+from amc_contract import text as amc_text
+
+from . import search as search_logic
+from .admission import InFlight, counter_path, remove_stale
+from .onnx_runner import coded_response, error_response, execution_providers, session_options
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -120,46 +128,12 @@ _KINDS = {
               (("TYPE_FP32", 1), ("TYPE_FP32", 3), ("TYPE_INT64", 1), ("TYPE_INT64", 1), ("TYPE_INT64", 1),
                ("TYPE_INT64", 1), ("TYPE_INT64", 1), ("TYPE_FP32", 1))),
 }
-# The request bounds of amc_client.signatures (this file cannot import it inside the stub); the config
-# parameters of the same names, which the generator writes from the signatures, win.
-DEFAULT_BOUNDS = {"max_candidates": 1000, "max_query_bytes": 1024, "max_keywords": 64, "max_keyword_words": 16,
-                  "max_keyword_bytes": 256}
-# The query rules this code implements (amc_client.text.TEXT_RULES): 1, queries as sent; 2, normalize_query.
-TEXT_RULES_IMPLEMENTED = (1, 2)
+# The query rules this code implements (amc_contract.text.TEXT_RULES): 1, queries as sent; 2, normalize_query.
+TEXT_RULES_IMPLEMENTED = tuple(range(1, amc_text.TEXT_RULES + 1))
 DEFAULT_KEYWORD_CACHE = 20_000  # keywords encoded on the fly that are kept (384 floats each: 1.5 KB)
 ENCODER_CHUNK = 256  # texts per encoder call, sorted by length so that a chunk pads little
 
 
-def _load_module(here: Path, filename: str, fallback: str | None = None) -> Any:
-    """``filename`` beside this file, loaded by path; else the installed module ``fallback``."""
-    local = here / filename
-    if local.is_file():
-        # A private name: independent of sys.path and of other models' copies in the same stub.
-        spec = importlib.util.spec_from_file_location(f"_{local.stem}_{abs(hash(str(local)))}", local)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up there
-        # No __pycache__ in the version directory: Triton would count a new file there as a changed version
-        # and re-initialize it on the next load_model.
-        before, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            sys.dont_write_bytecode = before
-        return module
-    if fallback is None:
-        raise FileNotFoundError(f"{local} is missing")
-    try:
-        return importlib.import_module(fallback)
-    except ImportError as e:
-        raise ImportError(f"no {filename} in {here} and {fallback} is not importable by the Python backend stub "
-                          "(start the server with serving.serve or serving.server.TritonServer so the stub uses the project venv)") from e
-
-
-# The search step's logic and the request rules every mode shares (amc_search.py beside this file; search.py of
-# serving/backends where this file is imported from there): one RequestError for both.
-search_logic = _load_module(Path(__file__).resolve().parent, "amc_search.py", "serving.backends.search")
-RequestError = search_logic.RequestError
 _decode = search_logic.decode
 
 
@@ -177,11 +151,10 @@ class TextFeatures:
         import onnxruntime as ort
 
         folder = Path(folder)
-        self.text = _load_module(folder, "amc_text.py", "amc_client.text")
         self.text_rules, self.emoji_names = self._text_rules(folder)
-        self.wordpiece = self.text.load_wordpiece((folder / "tokenizer.json").read_text(encoding="utf-8"))
-        self.matcher = self.text.LexicalMatcher(
-            self.text.TermWeights.from_json((folder / "term_weights.json").read_text(encoding="utf-8")))
+        self.wordpiece = amc_text.load_wordpiece((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        self.matcher = amc_text.LexicalMatcher(
+            amc_text.TermWeights.from_json((folder / "term_weights.json").read_text(encoding="utf-8")))
         self.session = None
         self.dim = 0
         if encoder:
@@ -205,7 +178,7 @@ class TextFeatures:
                 self.store_keywords[g, : len(row)] = row
         self._store_index: Any = None  # built on first use: only amc_store's lexical features read it
         # The fused store graphs' view of the same keywords: their words numbered (amc_text.StoreWords).
-        self.store_words = None if self.store_keywords is None else self.text.StoreWords(
+        self.store_words = None if self.store_keywords is None else amc_text.StoreWords(
             self.matcher.weights, self.store_keywords.reshape(-1).tolist())
 
     def _text_rules(self, folder: Path) -> tuple[int, Any]:
@@ -213,36 +186,35 @@ class TextFeatures:
         where this code or its text module does not implement them."""
         declared = json.loads((folder / "version.json").read_text()) if (folder / "version.json").is_file() else {}
         rules = declared.get("text_rules", 1)
-        module_rules = getattr(self.text, "TEXT_RULES", 1)  # a text module older than the rules implements 1
-        if not isinstance(rules, int) or rules not in TEXT_RULES_IMPLEMENTED or rules > module_rules:
+        if not isinstance(rules, int) or rules not in TEXT_RULES_IMPLEMENTED:
             raise ValueError(
                 f"{folder} needs text rules {rules!r} (version.json), but this text step implements text rules "
-                f"{', '.join(map(str, TEXT_RULES_IMPLEMENTED))} and its text module {self.text.__file__} text rules "
-                f"up to {module_rules}: its model was trained to read queries by those rules, and other rules would "
-                "score them otherwise; serve it with the step code of a release that implements them")
+                f"{', '.join(map(str, TEXT_RULES_IMPLEMENTED))} (its text module: {amc_text.__file__}): its model was "
+                "trained to read queries by those rules, and other rules would score them otherwise; serve it with "
+                "the step code of a release that implements them")
         if rules == 1:
             return rules, None
-        names = folder / self.text.EMOJI_NAMES_FILE
+        names = folder / amc_text.EMOJI_NAMES_FILE
         if not names.is_file():
             raise ValueError(f"{folder} needs text rules {rules} but has no {names.name} (its emoji names)")
-        return rules, self.text.load_emoji_names(names.read_text(encoding="utf-8"))
+        return rules, amc_text.load_emoji_names(names.read_text(encoding="utf-8"))
 
     def normalize(self, queries: Sequence[str]) -> list[str]:
         """(B,) query strings as this version reads them: unchanged under text rules 1, else
-        ``amc_text.normalize_query`` with the version's emoji names ("" where nothing is left)."""
+        ``amc_contract.text.normalize_query`` with the version's emoji names ("" where nothing is left)."""
         if self.emoji_names is None:
             return list(queries)
-        return [self.text.normalize_query(q, self.emoji_names) for q in queries]
+        return [amc_text.normalize_query(q, self.emoji_names) for q in queries]
 
     def _read(self, queries: Sequence[str], normalized: bool) -> list[str]:
         return list(queries) if normalized else self.normalize(queries)
 
     def encode(self, texts: Sequence[str], max_tokens: int) -> np.ndarray:
-        """(n,) texts -> (n, E) float32 sentence embeddings, tokenized by ``amc_text.wordpiece_ids``."""
+        """(n,) texts -> (n, E) float32 sentence embeddings, tokenized by ``amc_contract.text.wordpiece_ids``."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not len(texts):
             return out
-        ids = self.text.wordpiece_ids(self.wordpiece, texts, max_tokens)  # (n, L), 0 pads
+        ids = amc_text.wordpiece_ids(self.wordpiece, texts, max_tokens)  # (n, L), 0 pads
         lengths = (ids > 0).sum(1)
         order = np.argsort(lengths, kind="stable")
         for start in range(0, len(texts), ENCODER_CHUNK):
@@ -254,11 +226,11 @@ class TextFeatures:
     # the caller has already (the served step normalizes each query once, when it checks it).
     def query_text(self, queries: Sequence[str], *, normalized: bool = False) -> np.ndarray:
         """(B,) query strings -> (B, E)."""
-        return self.encode(self._read(queries, normalized), self.text.QUERY_MAX_TOKENS)
+        return self.encode(self._read(queries, normalized), amc_text.QUERY_MAX_TOKENS)
 
     def query_tokens(self, queries: Sequence[str], *, normalized: bool = False) -> np.ndarray:
         """(B,) query strings -> (B, L) WordPiece ids, padded as the fused store graphs read them."""
-        return self.text.query_tokens(self.wordpiece, self._read(queries, normalized))
+        return amc_text.query_tokens(self.wordpiece, self._read(queries, normalized))
 
     def query_words(self, queries: Sequence[str], *, normalized: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(B,) query strings -> their content words numbered as the store's, (B, W), and their IDFs, (B, W)
@@ -283,7 +255,7 @@ class TextFeatures:
                 out[i] = found
         if missing:
             texts = list(missing)
-            vectors = self.encode(texts, self.text.KEYWORD_MAX_TOKENS)
+            vectors = self.encode(texts, amc_text.KEYWORD_MAX_TOKENS)
             self.encoded_keywords += len(texts)
             for text, vector in zip(texts, vectors, strict=True):
                 out[missing[text]] = vector
@@ -310,7 +282,7 @@ class TextFeatures:
         if self.store_keywords is None:
             raise ValueError("this text step has no candidate store (store.json)")
         if self._store_index is None:
-            self._store_index = self.text.KeywordIndex(self.matcher, self.store_keywords)
+            self._store_index = amc_text.KeywordIndex(self.matcher, self.store_keywords)
         queries = self._read(queries, normalized)
         rows = [None] * len(queries) if ids is None else ids
         features = [self._store_index.features(q, row) for q, row in zip(queries, rows, strict=True)]
@@ -360,18 +332,16 @@ class TritonPythonModel:
             # The version a response reports must be the directory Triton loaded, or MTN's check means nothing.
             raise ValueError(f"{self.model_name}: version.json says {self.version} but the directory is "
                              f"{args['model_version']}")
-        bounds = {k: int(params.get(k) or v) for k, v in DEFAULT_BOUNDS.items()}
+        bounds = {k: int(params.get(k) or v) for k, v in sig.REQUEST_BOUNDS.items()}  # the config's, else these
         self.max_candidates = bounds["max_candidates"]
         self.max_query_bytes = bounds["max_query_bytes"]
         self.max_keywords = bounds["max_keywords"]
         self.max_keyword_words = bounds["max_keyword_words"]
         self.max_keyword_bytes = bounds["max_keyword_bytes"]
-        # onnx_runner.py's provider choice and error responses (INVALID_ARGUMENT for the caller's mistakes).
-        self.runner = _load_module(here, "amc_onnx_runner.py")
         searching = self.mode == "search"
         self.features = TextFeatures(
-            here, providers=self.runner.execution_providers(params, args, self.model_name),
-            options=self.runner.session_options(params, self.model_name),
+            here, providers=execution_providers(params, args, self.model_name),
+            options=session_options(params, self.model_name),
             cache_size=int(params.get("keyword_cache_size") or DEFAULT_KEYWORD_CACHE), encoder=not searching)
         if not searching and self.features.dim != config["output"][0]["dims"][0]:
             raise ValueError(f"{self.model_name}: text_encoder.onnx gives {self.features.dim}-d embeddings, the "
@@ -379,23 +349,21 @@ class TritonPythonModel:
         detail = f"{len(self.features.table)} keywords precomputed"
         # The version's query reading (and, over a store, the search graph's query features).
         self.queries = search_logic.QueryText(
-            self.features.text, self.features.wordpiece, self.features.store_words, self.features.emoji_names,
+            self.features.wordpiece, self.features.store_words, self.features.emoji_names,
             tokenizer_json=(here / "tokenizer.json").read_text(encoding="utf-8"))
         if self.mode != "raw":
             store = self.features.store_keywords
             if store is None:
                 raise ValueError(f"{self.model_name}: mode store needs store.json in {here}")
             detail = f"store of {len(store)} candidates, {store.shape[1]} keyword slots each"
-            # top_k's checks, as the top-k step makes them (amc_top_k.py beside this file): INVALID_ARGUMENT here.
-            top_k_rule = _load_module(here, "amc_top_k.py")
+            # top_k's checks are the top-k step's (top_k.check_top_k): INVALID_ARGUMENT here.
             self.rules = search_logic.Rules(
                 names=tuple(self.input_names), version=self.version, store_size=len(store),
                 max_query_bytes=self.max_query_bytes, normalize=self.queries.normalize,
-                text_rules=self.features.text_rules, check_top_k=top_k_rule.check_top_k,
-                top_k_error=top_k_rule.RequestError, first_repeat=self.runner.first_repeat)
+                text_rules=self.features.text_rules)
         if searching:
             self.search_module = search_logic
-            self.search = search_logic.SearchGraph(here, params, args, self.runner, self.model_name)
+            self.search = search_logic.SearchGraph(here, params, args, self.model_name)
             self.strings = search_logic.StoreStrings.of((here / "store.json").read_text(encoding="utf-8"))
             self.bytes = search_logic.SerializedBytes(pb_utils)
             detail += f", {self.search.describe()}"
@@ -404,19 +372,14 @@ class TritonPythonModel:
         self.max_in_flight = int(params.get("max_in_flight") or 0)
         counter = params.get("admission", "")
         if counter and self.max_in_flight > 0:
-            if (here / "amc_admission.py").is_file():
-                admission = _load_module(here, "amc_admission.py")
-                admission.remove_stale()
-                self.in_flight = admission.InFlight(
-                    admission.counter_path(Path(args["model_repository"]).parent, counter, self.version),
-                    limit=self.max_in_flight, expiry_s=float(params.get("in_flight_expiry_s") or 30))
-                detail += f", at most {self.max_in_flight} requests in flight ({self.in_flight.path})"
-            else:
-                pb_utils.Logger.log_warn(f"{self.model_name}: no amc_admission.py in {here}: no admission control")
+            remove_stale()
+            self.in_flight = InFlight(counter_path(Path(args["model_repository"]).parent, counter, self.version),
+                                      limit=self.max_in_flight, expiry_s=float(params.get("in_flight_expiry_s") or 30))
+            detail += f", at most {self.max_in_flight} requests in flight ({self.in_flight.path})"
         encoder = self.features.session.get_providers() if self.features.session is not None else "the graph"
         pb_utils.Logger.log_info(f"{self.model_name} v{self.version} ({self.mode}): {detail}, encoder on "
                                  f"{encoder}, text rules "
-                                 f"{self.features.text_rules} from {self.features.text.__file__}")
+                                 f"{self.features.text_rules} from {amc_text.__file__}")
 
     def _names(self, config: dict[str, Any], kind: str, expected: tuple[tuple[str, int], ...]) -> list[str]:
         """Tensor names of ``config[kind]`` after checking their count, dtypes and ranks match the mode."""
@@ -490,7 +453,7 @@ class TritonPythonModel:
     def _refusal(self, error: Exception) -> Any:
         """The error response of a refused request: UNAVAILABLE for overload, else as :meth:`_error` says."""
         if isinstance(error, _Overloaded):
-            return self.runner.coded_response(str(error), "UNAVAILABLE")
+            return coded_response(str(error), "UNAVAILABLE")
         return self._error(error)
 
     def _admit(self, parsed: list[_Parsed | Exception]) -> list[_Parsed | Exception]:
@@ -670,7 +633,7 @@ class TritonPythonModel:
         return tensor.as_numpy()
 
     def _error(self, error: BaseException) -> Any:
-        return self.runner.error_response(self.model_name, error, invalid_argument=isinstance(error, RequestError))
+        return error_response(self.model_name, error, invalid_argument=isinstance(error, RequestError))
 
     def finalize(self) -> None:
         self.features = None

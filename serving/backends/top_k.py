@@ -7,12 +7,13 @@ weights, region and keyword attention and ``candidate_index`` (which candidate e
 that does not ask for top-k gets what the ensembles answered before this step existed. What it saves: the
 response carries k rows instead of N, and the client sorts nothing.
 
-The Triton model ``amc_topk`` (config parameter ``mode: raw``), the end of ``amc`` / ``amc_v<N>``; the config
-generator copies this file as its ``model.py``, with ``onnx_runner.py`` beside it as ``amc_onnx_runner.py`` for its
-error responses and ``admission.py`` as ``amc_admission.py``. ``candidate_index`` is the position in the request.
+The Triton model ``amc_topk`` (config parameter ``mode: raw``), the end of ``amc`` / ``amc_v<N>``: its version's
+``model.py`` imports :class:`TritonPythonModel` from here (``export.repository.write_step_code``); the error
+responses are ``onnx_runner``'s, the in-flight counter ``admission``'s. ``candidate_index`` is the position in the
+request.
 (Whole-store search keeps its top k inside its graph, ONNX TopK, in its one step: ``text_step.py``, mode search.)
 
-Tensors (names and order from config.pbtxt, generated from ``amc_client.signatures`` TOPK)::
+Tensors (names and order from config.pbtxt, generated from ``amc_contract.signatures`` TOPK)::
 
     in:  candidate_scores FP32 [B, N], candidate_modality_weights FP32 [B, N, 2],
          candidate_region_attention FP32 [B, N, R], candidate_keyword_attention FP32 [B, N, K],
@@ -22,8 +23,8 @@ Tensors (names and order from config.pbtxt, generated from ``amc_client.signatur
 
 Refused with INVALID_ARGUMENT, the problem named: ``top_k`` below 1, above the request's N candidates, or
 different between the queries of one request (the response is one [B, k] tensor). :func:`check_top_k` is also the
-store and search steps' rule (a copy of this file is ``amc_top_k.py`` beside them), so ``amc_search`` refuses a bad
-``top_k`` before any row is scored. Each request is answered on
+store and search steps' rule (``search.parse_request``), so ``amc_search`` refuses a bad ``top_k`` before any row is
+scored. Each request is answered on
 its own; the instance never raises out of :meth:`TritonPythonModel.execute`. Selection is ``argpartition`` and a
 sort of the k chosen: O(N + k log k) per query.
 
@@ -33,13 +34,16 @@ Overload: the last step of its ensembles, it frees the in-flight slot (``admissi
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from amc_contract import RequestError
+
+from .admission import InFlight, counter_path
+from .onnx_runner import error_response
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -47,10 +51,6 @@ except ImportError:  # imported outside Triton (unit tests): best_first only
     pb_utils = None
 
 MODES = ("raw",)
-
-
-class RequestError(ValueError):
-    """A problem with one request's inputs; becomes that request's INVALID_ARGUMENT error response."""
 
 
 def best_first(scores: np.ndarray, k: int) -> np.ndarray:
@@ -82,20 +82,6 @@ def check_top_k(top_k: np.ndarray, batch: int, n: int) -> int:
     return int(values[0])
 
 
-def _load_runner(here: Path) -> Any:
-    """``amc_onnx_runner.py`` beside this file (its ``load_sibling`` then loads the others)."""
-    path = here / "amc_onnx_runner.py"
-    spec = importlib.util.spec_from_file_location(f"_{path.stem}_{abs(hash(str(path)))}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    before, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in the version directory
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = before
-    return module
-
-
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -110,14 +96,11 @@ class TritonPythonModel:
         if (len(self.input_names), len(self.output_names)) != expected:
             raise ValueError(f"{self.model_name}: mode {self.mode} needs {expected[0]} inputs and {expected[1]} "
                              f"outputs, the config has {self.input_names} and {self.output_names}")
-        here = Path(args["model_repository"]) / args["model_version"]
-        self.runner = _load_runner(here)
         self.in_flight = None
         counter = params.get("admission", "")
-        if counter and (here / "amc_admission.py").is_file():
-            admission = self.runner.load_sibling(here, "amc_admission.py")
-            self.in_flight = admission.InFlight(
-                admission.counter_path(Path(args["model_repository"]).parent, counter, args["model_version"]))
+        if counter:
+            self.in_flight = InFlight(counter_path(Path(args["model_repository"]).parent, counter,
+                                                   args["model_version"]))
         pb_utils.Logger.log_info(f"{self.model_name} v{args['model_version']} ({self.mode})")
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -126,8 +109,7 @@ class TritonPythonModel:
             try:
                 responses.append(self._respond(request))
             except Exception as e:  # noqa: BLE001 - any problem is this request's error, never the instance's
-                responses.append(self.runner.error_response(self.model_name, e,
-                                                            invalid_argument=isinstance(e, RequestError)))
+                responses.append(error_response(self.model_name, e, invalid_argument=isinstance(e, RequestError)))
         if self.in_flight is not None:
             try:
                 self.in_flight.release(len(requests))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 from benchmarks import inprocess, triton
 from benchmarks import store_signatures as bench_sig
 from benchmarks.workloads import make_requests

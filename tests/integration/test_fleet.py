@@ -86,7 +86,7 @@ def test_a_killed_stub_costs_no_request_with_two_replicas(fleet):
     client retries what that replica fails on the other one (the stub's INTERNAL error is a server fault, never
     the caller's), so no request fails; the replica's supervisor repairs it (a reload, or a restart where
     tritonserver itself aborted on the stub's death)."""
-    from amc_client import signatures as sig
+    from amc_contract import signatures as sig
     from serving import faults
     from serving.loadtest import Load, collection_words
     from serving.supervisor import Supervisor

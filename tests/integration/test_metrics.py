@@ -22,8 +22,8 @@ import torch
 import yaml
 
 from amc_client import AMCClient, Candidate, InvalidInputError, Routing
-from amc_client import signatures as sig
-from amc_client.text import TermWeights
+from amc_contract import signatures as sig
+from amc_contract.text import TermWeights
 from amc_model.checkpoint import save_checkpoint
 from amc_model.model import AMC, AMCConfig
 from deploy.k8s import render as k8s

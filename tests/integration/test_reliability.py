@@ -18,7 +18,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from amc_client import AMCClient, Candidate, InvalidInputError
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 from export.repository import STEPS
 from serving import faults
 from serving.server import TritonServer
@@ -77,7 +77,7 @@ def test_odd_but_valid_queries_are_ranked(server: TritonServer, query: str) -> N
 
 @pytest.mark.parametrize("query", ["?!", "...", " _ "])
 def test_a_query_of_punctuation_only_is_invalid_argument(server: TritonServer, query: str) -> None:
-    """Text rules 2: nothing is left of it once normalized (amc_client.text.normalize_query)."""
+    """Text rules 2: nothing is left of it once normalized (amc_contract.text.normalize_query)."""
     with pytest.raises(InferenceServerException) as info:
         send(server, faults.request(query=query.encode()))
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT"

@@ -11,7 +11,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 from amc_model.checkpoint import load_checkpoint
 from benchmarks.store_models import store_ensemble_config
 from export.configs import STEPS, to_text

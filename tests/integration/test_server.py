@@ -3,14 +3,13 @@
 One server serves a tiny repository built in a temporary directory:
 
 - ``amc_tokenizer``: the text step (``serving/backends/text_step.py``, mode raw) with the exported MiniLM
-  encoder, a small keyword table and term weights; version 1 carries ``amc_text.py`` beside model.py, version 2
-  does not and so imports the installed ``amc_client.text`` (checks that the stub sees the venv's editable
-  installs);
+  encoder, a small keyword table and term weights, in two versions, each running the code vendored into its own
+  folder (``amc_steps/``, ``amc_contract/``: ``export.repository.write_step_code``);
 - ``amc_store_tokenizer``: the same module in mode store, over a 4-row store, with dynamic batching;
 - ``toy_net``: a three-node ONNX graph run by ``serving/backends/onnx_runner.py`` with dynamic batching;
 - ``toy_late``: the same, not loaded at start, for the admin-key checks.
 
-The text step's outputs are compared with the PyTorch encoder and ``amc_client.text.LexicalMatcher`` (what
+The text step's outputs are compared with the PyTorch encoder and ``amc_contract.text.LexicalMatcher`` (what
 training computes), and every bad request must be INVALID_ARGUMENT with a message naming the problem.
 """
 
@@ -20,7 +19,6 @@ import functools
 import json
 import os
 import queue
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -36,17 +34,16 @@ from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from amc_client import signatures as sig
-from amc_client import text as amc_text
+from amc_contract import signatures as sig
+from amc_contract import text as amc_text
 from benchmarks import store_signatures as bench_sig
 from benchmarks.store_models import store_step_config
 from export.configs import step_config
 from export.reference import keyword_embeddings
-from export.repository import TextStepFiles, write_text_step
+from export.repository import NETWORK_MODULE, TextStepFiles, write_step_code, write_text_step
 from serving.endpoints import ADMIN_KEY_HEADER, GRPC_ADMIN_KEY_HEADER
 from serving.server import ServerStartError, TritonServer
 
-BACKENDS = Path(__file__).resolve().parents[2] / "serving" / "backends"
 DOCUMENTS = [["cat", "face", "grinning face with smiling eyes"], ["dog", "red heart"], ["smiling", "eyes"],
              ["heart", "love"], ["kiwi fruit", "food"]]
 TABLE = ["cat", "face", "dog", "red heart", "heart"]  # precomputed; every other keyword is encoded when served
@@ -126,7 +123,10 @@ def _build_repository(root: Path) -> Path:
     (repo / TOKENIZER / "config.pbtxt").write_text(text_format.MessageToString(text_config))
     for version in (1, 2):
         write_text_step(repo / TOKENIZER / str(version), version=version, files=files)
-    (repo / TOKENIZER / "2" / "amc_text.py").unlink()  # version 2 must find amc_client instead
+    # What publish wrote into version 1 (code compiled included): serving it must add nothing (Triton would take a
+    # new file there, a __pycache__, for a changed version).
+    published = sorted(str(p.relative_to(repo)) for p in (repo / TOKENIZER / "1").rglob("*"))
+    (root / "published.json").write_text(json.dumps(published))
     config = store_step_config(bench_sig.STORE_TOKENIZER, "python")
     config.dynamic_batching.max_queue_delay_microseconds = 100_000  # so that concurrent requests meet
     config.parameters["max_in_flight"].string_value = "0"  # as the raw text step above
@@ -137,7 +137,7 @@ def _build_repository(root: Path) -> Path:
     for name in (TOY, TOY_LATE):
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text(_toy_config(name))
-        shutil.copy(BACKENDS / "onnx_runner.py", repo / name / "1" / "model.py")
+        write_step_code(repo / name / "1", NETWORK_MODULE)
         _toy_onnx(repo / name / "1" / "model.onnx")
     return repo
 
@@ -283,8 +283,9 @@ def test_text_step_matches_training_code(client: grpcclient.InferenceServerClien
     assert not out[sig.KEYWORD_EMBEDDINGS.name][1, 1].any()  # a candidate of padding: zero vectors
     assert out[sig.KEYWORD_LEXICAL.name][0, 0, 0, 0] == 1.0  # "cat" is all in the query
     np.testing.assert_array_equal(out[sig.TOKENIZER_VERSION.name], [[1], [1]])
-    # Loading amc_text.py wrote no bytecode into the version directory (Triton would see a changed version).
-    assert not list((repository / TOKENIZER / "1").rglob("amc_text*.pyc"))
+    # Serving wrote nothing into the version directory (no bytecode: Triton would see a changed version).
+    published = json.loads((repository.parent / "published.json").read_text())
+    assert sorted(str(p.relative_to(repository)) for p in (repository / TOKENIZER / "1").rglob("*")) == published
 
 
 @pytest.mark.parametrize("query", ["kiwifruit", "guardsman", "猫", "кошка", "😺", "grinning cat 😺", "?!"])
@@ -296,11 +297,11 @@ def test_any_query_gets_features(client: grpcclient.InferenceServerClient, query
     assert abs(float(np.linalg.norm(out[sig.QUERY_TEXT.name])) - 1) < 1e-5
 
 
-def test_text_step_without_published_text_module_uses_installed_client(
-        client: grpcclient.InferenceServerClient, server: TritonServer) -> None:
+def test_each_version_runs_the_code_published_with_it(
+        client: grpcclient.InferenceServerClient, server: TritonServer, repository: Path) -> None:
     log = server.log_path.read_text() if server.log_path else ""
-    assert "amc_client/text.py" in log and "amc_text.py" in log  # what each version's initialize() logged
-    # Version 2 has no amc_text.py: it must import amc_client (an editable install) from the project venv.
+    for version in ("1", "2"):  # what each version's initialize() logged: its own folder's copy of the text rules
+        assert f"from {repository.resolve() / TOKENIZER / version / 'amc_contract' / 'text.py'}" in log, log[-3000:]
     # The version policy is `all`, so both versions were loaded at start; the unversioned name gets the latest.
     assert client.is_model_ready(TOKENIZER, "1") and client.is_model_ready(TOKENIZER, "2")
     rows = [[["dog"]]]

@@ -29,7 +29,7 @@ from amc_client import (
     ModelVersionError,
     pack_request,
 )
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 from amc_model.checkpoint import load_checkpoint
 from export.publish import publish
 from export.reference import Reference
@@ -232,7 +232,7 @@ def test_the_published_version_carries_its_text_rules(served):
     emoji names they normalize with; the manifest says the rules too."""
     import json
 
-    from amc_client.text import TEXT_RULES, load_emoji_names
+    from amc_contract.text import TEXT_RULES, load_emoji_names
     from export.publish import read_manifest
     from training.corpus.catalog import emoji_names
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 from benchmarks import inprocess, store_models, triton
 from benchmarks import store_signatures as bench_sig
 from benchmarks.workloads import make_requests
@@ -81,7 +81,7 @@ def test_the_benchmark_repository_adds_its_store_models_to_a_publish(bench_repo)
 def test_a_store_graph_off_the_raw_path_is_caught(tmp_path):
     """The benchmarks' store graphs are validated against PyTorch's raw path like the search graph: a store whose
     keyword projections are off fails loudly, naming the graph."""
-    from amc_client.text import LexicalMatcher, TermWeights
+    from amc_contract.text import LexicalMatcher, TermWeights
     from export.onnx_export import ExportError
     from export.store import build_store
     from tests.parity.test_export import KEYWORDS, TERM_WEIGHTS, tiny_model

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 from amc_model.model import AMC, AMCConfig
 from benchmarks.store_models import add_store_models
 from benchmarks.store_signatures import FUSED, FUSED_STORE, STORE_NETWORKS

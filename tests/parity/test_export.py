@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from amc_client import signatures as sig
-from amc_client.text import TermWeights
+from amc_contract import signatures as sig
+from amc_contract.text import TermWeights
 from amc_model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from amc_model.model import AMC, AMCConfig
 from export import onnx_export
@@ -138,9 +138,11 @@ def test_publish_adds_versions_and_never_overwrites(tmp_path, checkpoint):
     for step in STEPS:
         assert (repo / step.model_name / "1").is_dir() and (repo / step.model_name / "2").is_dir()
     text_step = repo / sig.TOKENIZER.model_name / "2"
-    for name in ("model.py", "amc_text.py", "amc_onnx_runner.py", "tokenizer.json", "text_encoder.onnx",
-                 "term_weights.json", "keyword_table.npz", "version.json"):
+    for name in ("model.py", "amc_steps/text_step.py", "amc_steps/onnx_runner.py", "amc_contract/text.py",
+                 "amc_contract/signatures.py", "tokenizer.json", "text_encoder.onnx", "term_weights.json",
+                 "keyword_table.npz", "version.json"):
         assert (text_step / name).is_file(), name
+    assert not list(text_step.glob("amc_*.py"))  # the code is vendored packages, not renamed files
     assert (text_step / "term_weights.json").read_text() == TERM_WEIGHTS
     with np.load(text_step / "keyword_table.npz") as table:
         assert sorted(table["texts"].tolist()) == KEYWORDS and table["vectors"].shape == (len(KEYWORDS), 384)
@@ -278,7 +280,7 @@ def test_store_graphs_equal_the_raw_path(tmp_path, checkpoint):
         set_store_serving(repo, version)
     assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
     # The validation fails loudly when the store's keyword projections are off.
-    from amc_client.text import LexicalMatcher
+    from amc_contract.text import LexicalMatcher
 
     matcher = LexicalMatcher(TermWeights.from_json(TERM_WEIGHTS))
     broken = build_store(tiny_model(), regions, keywords)

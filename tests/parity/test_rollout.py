@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 from export.publish import publish, published_versions
 from export.repository import store_serving_version
 from export.store import Gallery

@@ -1,4 +1,4 @@
-"""The static-shape copy of the search graph for one IOBinding bucket (``export.static_shapes``): nothing left that
+"""The static-shape copy of the search graph for one IOBinding bucket (``serving.backends.static_shapes``): nothing left that
 computes on shapes on the host (what kept onnxruntime from capturing the graph as a CUDA graph), and the same
 outputs as the original graph (onnxruntime, CPU provider both)."""
 
@@ -9,10 +9,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from amc_client.text import LexicalMatcher, TermWeights
+from amc_contract.text import LexicalMatcher, TermWeights
 from benchmarks.search_static_shapes import compare, cuda_placement, optimized, random_feeds
-from export import static_shapes as ss
 from export.store import build_store, export_store_graphs
+from serving.backends import static_shapes as ss
 from tests.parity.test_export import TERM_WEIGHTS, _gallery, tiny_model
 
 BUCKET = {"batch": 3, "tokens": 16, "words": 8, "candidates": 7, "k": 5}

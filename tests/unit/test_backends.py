@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from amc_client import signatures as sig
-from serving.backends.onnx_runner import RequestError, TritonPythonModel
+from amc_contract import RequestError
+from amc_contract import signatures as sig
+from serving.backends.onnx_runner import TritonPythonModel
 
 
 def _runner(distinct: list[str]) -> TritonPythonModel:
@@ -33,7 +34,7 @@ def test_inputs_named_distinct_repeat_no_value_within_a_query() -> None:
 
 def _publish_text_files(folder, *, version: int = 1, text_rules: int = 1, names: dict | None = None):
     """A text-step version directory as export.repository.write_text_step lays it out (a stand-in encoder file)."""
-    from amc_client.text import EmojiNames
+    from amc_contract.text import EmojiNames
     from export.repository import TextStepFiles, write_text_step
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -47,10 +48,9 @@ def _publish_text_files(folder, *, version: int = 1, text_rules: int = 1, names:
 
 def _rules(folder):
     """TextFeatures' rules check alone (the encoder is not loaded)."""
-    from serving.backends.text_step import TextFeatures, _load_module
+    from serving.backends.text_step import TextFeatures
 
     features = TextFeatures.__new__(TextFeatures)
-    features.text = _load_module(folder, "amc_text.py", "amc_client.text")
     features.text_rules, features.emoji_names = features._text_rules(folder)
     return features
 
@@ -91,14 +91,9 @@ def test_a_version_needing_rules_the_step_code_lacks_is_refused(tmp_path) -> Non
     # A newer release's version (rules 3) met by this step code:
     (folder / "version.json").write_text(json.dumps({"version": 3, "text_rules": 3}))
     with pytest.raises(ValueError, match=r"needs text rules 3 \(version.json\), but this text step implements text "
-                                         r"rules 1, 2"):
+                                         r"rules 1, 2 \(its text module: .*amc_contract/text.py\)"):
         _rules(folder)
-    # A rules-2 version whose text module predates the rules (no TEXT_RULES, no normalize_query):
     (folder / "version.json").write_text(json.dumps({"version": 3, "text_rules": 2}))
-    (folder / "amc_text.py").write_text('"""the text rules of an older release"""\nQUERY_MAX_TOKENS = 48\n')
-    with pytest.raises(ValueError, match=r"needs text rules 2 .* its text module .*amc_text.py text rules up to 1"):
-        _rules(folder)
-    (folder / "amc_text.py").unlink()  # the step then uses the installed amc_client.text, which has rules 2
     assert _rules(folder).text_rules == 2
     (folder / "emoji_names.json").unlink()
     with pytest.raises(ValueError, match="needs text rules 2 but has no emoji_names.json"):
@@ -186,7 +181,7 @@ def _store_text_step(root):
     4-row store), with the real WordPiece tokenizer and a stand-in encoder."""
     from google.protobuf import text_format
 
-    from amc_client.text import TermWeights
+    from amc_contract.text import TermWeights
     from amc_model.text_encoder import tokenizer_json
     from benchmarks.store_models import store_step_config
     from benchmarks.store_signatures import STORE_TOKENIZER
@@ -243,7 +238,7 @@ def test_the_ranking_text_step_reads_queries_by_its_rules_in_process(tmp_path) -
     punctuation), and one that normalizes to nothing or is not UTF-8 is refused with the message a server gives."""
     from google.protobuf import json_format
 
-    from amc_client.text import EmojiNames, TermWeights
+    from amc_contract.text import EmojiNames, TermWeights
     from amc_model.text_encoder import tokenizer_json
     from export.configs import step_config
     from export.repository import TextStepFiles, write_text_step
@@ -278,3 +273,53 @@ def test_the_ranking_text_step_reads_queries_by_its_rules_in_process(tmp_path) -
     assert "query '?!' normalizes to nothing" in answers[1].error().message()
     assert "query is not valid UTF-8 (byte 0xff at position 0)" in answers[2].error().message()
     assert answers[2].error().code() == pb_utils.TritonError.INVALID_ARG
+
+
+# ---- a version folder carries its code: the step package and the contract, vendored whole ---------------------------
+def test_a_version_folder_runs_the_code_vendored_into_it(tmp_path) -> None:
+    """write_step_code copies serving/backends (as amc_steps) and amc_contract whole; the version's model.py imports
+    TritonPythonModel from those copies (here a copy marked after publish), never from elsewhere."""
+    import sys
+
+    import amc_contract
+    from export.repository import BACKENDS_DIR, CONTRACT_DIR
+    from tests import fake_pb_utils
+
+    folder = tmp_path / "amc_tokenizer" / "1"
+    _publish_text_files(folder, text_rules=2, names={"🐱": "cat face"})
+    for source, copy in ((BACKENDS_DIR, folder / "amc_steps"), (CONTRACT_DIR, folder / "amc_contract")):
+        assert sorted(p.name for p in source.glob("*.py")) == sorted(p.name for p in copy.glob("*.py"))
+        for path in source.glob("*.py"):
+            assert (copy / path.name).read_bytes() == path.read_bytes(), path.name
+    assert not list(folder.glob("amc_*.py"))
+    with (folder / "amc_contract" / "signatures.py").open("a") as f:
+        f.write('\nVENDORED = "version 1"\n')
+    with fake_pb_utils.installed():
+        model = fake_pb_utils.load_step(folder / "model.py").TritonPythonModel
+    code = model.initialize.__code__.co_filename
+    assert code == str(folder.resolve() / "amc_steps" / "text_step.py")
+    assert model.initialize.__globals__["sig"].VENDORED == "version 1"
+    assert model.initialize.__globals__["amc_text"].__file__ == str(folder.resolve() / "amc_contract" / "text.py")
+    # This process keeps its own modules of those names.
+    assert sys.modules["amc_contract"] is amc_contract and "amc_steps" not in sys.modules
+
+
+def test_a_version_entry_refuses_other_code_of_its_packages_names(tmp_path) -> None:
+    """model.py run where amc_contract is already imported from elsewhere (never so in a stub process, one version
+    each): an ImportError naming it, not a step that runs other code than its version's."""
+    import runpy
+    import sys
+
+    folder = tmp_path / "amc_topk" / "1"
+    from export.repository import TOP_K_MODULE, write_step_code
+
+    write_step_code(folder, TOP_K_MODULE)
+    path_before, bytecode_before = list(sys.path), sys.dont_write_bytecode
+    try:
+        with pytest.raises(ImportError, match="is not this version's copy"):
+            runpy.run_path(str(folder / "model.py"))  # this process's amc_contract is the tree's
+    finally:
+        for name in [m for m in sys.modules if m.partition(".")[0] == "amc_steps"]:
+            del sys.modules[name]
+        sys.path[:] = path_before
+        sys.dont_write_bytecode = bytecode_before

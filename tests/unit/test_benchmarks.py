@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 from benchmarks import floor, harness, report, store_models
 from benchmarks import store_signatures as bench_sig
 from export.configs import parse_config, to_text

@@ -29,7 +29,7 @@ from amc_client import (
     cli,
     pack_request,
 )
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 
 D = sig.REGION_FEATURE_DIM
 

@@ -38,7 +38,7 @@ def test_sampled_negatives_are_never_relevant_and_the_clicked_image_is_the_targe
 
 def test_tag_pool_holds_irrelevant_images_carrying_the_query_words(small_corpus):
     _, data, negatives = _setup(small_corpus)
-    from amc_client.text import content_words
+    from amc_contract.text import content_words
 
     checked = 0
     for row, text in enumerate(negatives.distinct):

@@ -44,7 +44,7 @@ def test_precomputed_lexical_features_train_the_same_model(tmp_path):
 def test_logged_pairs_gather_the_features_of_each_drawn_candidate():
     import numpy as np
 
-    from amc_client.text import LexicalMatcher, TermWeights
+    from amc_contract.text import LexicalMatcher, TermWeights
     from training.data import CorpusTensors, LoggedPairs
 
     keywords = np.array([["cat", "hat"], ["dog", ""], ["red", "hat"], ["cat", "face"]], dtype=object)

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from amc_client import AMCClient
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 from deploy.k8s import render
 from export.repository import STEPS, parse_config, template_files
 from serving import endpoints

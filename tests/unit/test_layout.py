@@ -1,10 +1,11 @@
-"""No import cycles among the project's modules, and the model apart from training (issue 22).
+"""No import cycles among the project's modules, the model apart from training, and the contract and the served
+steps as ground floors (issue 22).
 
 The modules are every ``.py`` file of the project's packages: each directory with an ``__init__.py`` whose parent
 has none, found at most two levels below the repository root (``amc_model``, ``training``, ``export``, ``serving``,
-``benchmarks``, ``ui``, ``deploy``, ``monitoring``, ``client/amc_client`` as ``amc_client``, and any package added
-later), minus ``tests`` and build outputs. Folders inside a package without an ``__init__.py`` (``serving/backends``)
-are namespace packages: their files are modules too.
+``benchmarks``, ``ui``, ``deploy``, ``monitoring``, ``client/amc_client`` as ``amc_client``, ``client/amc_contract``
+as ``amc_contract``, and any package added later), minus ``tests`` and build outputs. Folders inside a package
+without an ``__init__.py`` are namespace packages: their files are modules too.
 
 The rule, read with ``ast`` from every import statement of a file, at module level, inside a function or under
 ``if TYPE_CHECKING:`` alike: a lazy import is still a cycle, only deferred, and a type-only one still ties the two
@@ -18,7 +19,7 @@ edge goes from the importing module to the project module whose code must run fo
 Parent packages get no edge of their own: Python runs a package's ``__init__`` before any of its submodules, so
 when a submodule runs, its package's ``__init__`` has either finished or is the very import that led to it. So a
 package whose ``__init__`` imports its submodules, and submodules that import their siblings by full name
-(``from amc_client import signatures``, ``from . import _calls``), make no cycle. A submodule that takes a name
+(``from amc_contract import signatures``, ``from . import _calls``), make no cycle. A submodule that takes a name
 from its package's ``__init__`` (``from pkg import name``, ``name`` not a submodule) does depend on that
 ``__init__``: if the ``__init__`` imports that submodule (directly or through others), it is a cycle, and reported.
 
@@ -26,7 +27,10 @@ A cycle is a strongly connected component of this graph with more than one modul
 cycle in each, with the file and line of every import on it. Imports by string (``importlib``) are not seen.
 
 The same graph shows what the model package, export and serving take from ``training``: nothing, but for the edges
-``FROM_TRAINING`` lists with their reason (the corpus, and the demo); export's modules also load without it.
+``FROM_TRAINING`` lists with their reason (the corpus, and the demo); export's modules also load without it. And
+what the ground floors take from the rest: ``amc_contract`` nothing; ``amc_client`` only the contract; the served
+steps (``serving/backends``, which publish vendors into each version folder as ``amc_steps`` beside a copy of
+``amc_contract``) only the contract and each other, relatively.
 """
 
 from __future__ import annotations
@@ -172,7 +176,7 @@ def describe(cycle: list[str], graph: dict[str, dict[str, str]]) -> str:
 
 def test_the_projects_modules_import_no_cycle():
     modules = project_modules()
-    for package in ("amc_model", "training", "export", "serving", "benchmarks", "ui", "amc_client"):
+    for package in ("amc_model", "training", "export", "serving", "benchmarks", "ui", "amc_client", "amc_contract"):
         assert package in modules, f"package {package} not found below {ROOT}"
     graph = import_graph(modules)
     cycles = find_cycles(graph)
@@ -226,6 +230,53 @@ def test_the_model_package_export_and_serving_import_nothing_from_training():
     eager = {name: [m for m in _module_level_imports(path) if m.split(".")[0] == "training"]
              for name, path in modules.items() if name.split(".")[0] == "export"}
     assert not any(eager.values()), f"export modules importing training when loaded: { {k: v for k, v in eager.items() if v} }"
+
+
+# What a package may import of the project: the contract nothing but itself; the client the contract (it installs on
+# its own: pip install client/); the served steps the contract and each other (a version folder holds nothing else).
+GROUND_FLOORS = {
+    "amc_contract": ("amc_contract",),
+    "amc_client": ("amc_client", "amc_contract"),
+    "serving.backends": ("serving.backends", "amc_contract"),
+}
+
+
+def _inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_the_contract_the_client_and_the_steps_import_only_what_they_ship_with():
+    modules = project_modules()
+    graph = import_graph(modules)
+    for package, allowed in GROUND_FLOORS.items():
+        members = [m for m in modules if _inside(m, package)]
+        assert members, f"no modules of {package}"
+        wrong = [f"{a} -> {b} ({where})" for a in members for b, where in sorted(graph[a].items())
+                 if not any(_inside(b, ok) for ok in allowed)]
+        assert not wrong, f"{package} may import only {allowed} of the project:\n    " + "\n    ".join(wrong)
+
+
+def test_the_steps_import_each_other_relatively():
+    """In a version folder the steps' package is ``amc_steps``, not ``serving.backends``: a sibling imported by its
+    project name would not be there."""
+    modules = project_modules()
+    absolute = []
+    for name, path in modules.items():
+        if not _inside(name, "serving.backends"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            absolute += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] == "serving"]
+    assert not absolute, "serving/backends imports itself by its project name:\n    " + "\n    ".join(absolute)
+
+
+def test_the_clients_distribution_ships_the_contract():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())
+    shipped = set(project["tool"]["setuptools"]["packages"])
+    assert {"amc_client", "amc_contract"} <= shipped, shipped
 
 
 def _write(root: Path, files: dict[str, str]) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from amc_client.text import TermWeights
+from amc_contract.text import TermWeights
 from amc_model.checkpoint import CheckpointError, fingerprint, load_checkpoint, save_checkpoint
 from amc_model.model import AMC, AMCConfig, masked_softmax, ranking_loss
 from training.config import ConfigError, add_dataclass_args, config_from_args

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from amc_client.text import words
+from amc_contract.text import words
 from training import protocols
 from training.metrics import reciprocal_rank_fusion, target_metrics, target_rank
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from amc_client import signatures as sig
+from amc_contract import signatures as sig
 
 
 def test_every_step_queue_is_bounded_in_the_generated_configs() -> None:

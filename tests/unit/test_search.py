@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from amc_client import AMCClient, Candidate, InvalidInputError, _packing, _search
-from amc_client import signatures as sig
-from serving.backends.top_k import RequestError, best_first, check_top_k
+from amc_contract import RequestError
+from amc_contract import signatures as sig
+from serving.backends.top_k import best_first, check_top_k
 
 D = sig.REGION_FEATURE_DIM
 

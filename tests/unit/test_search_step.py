@@ -12,12 +12,9 @@ import string
 import numpy as np
 import pytest
 
-from amc_client import signatures as sig
-from amc_client import text as amc_text
+from amc_contract import signatures as sig
+from amc_contract import text as amc_text
 from serving.backends import search
-from serving.backends.onnx_runner import first_repeat
-from serving.backends.top_k import RequestError as TopKError
-from serving.backends.top_k import check_top_k
 from tests import fake_pb_utils
 
 IDS = ["a", "b", "ç", "d", "e", "🐱 id"]
@@ -40,13 +37,12 @@ def query_text(wordpiece):
 
     weights = amc_text.TermWeights.from_documents(KEYWORDS)
     words = amc_text.StoreWords(weights, [k for row in KEYWORDS for k in row])
-    return search.QueryText(amc_text, wordpiece, words, amc_text.EmojiNames(NAMES), tokenizer_json=tokenizer_json())
+    return search.QueryText(wordpiece, words, amc_text.EmojiNames(NAMES), tokenizer_json=tokenizer_json())
 
 
 def rules(query_text, **changes) -> search.Rules:
     base = dict(names=STEP_NAMES, version=1, store_size=len(IDS), max_query_bytes=1024,
-                normalize=query_text.normalize, text_rules=2, check_top_k=check_top_k, top_k_error=TopKError,
-                first_repeat=first_repeat)
+                normalize=query_text.normalize, text_rules=2)
     return search.Rules(**{**base, **changes})
 
 
@@ -198,7 +194,7 @@ def test_query_features_equal_the_reference(query_text, wordpiece):
 def test_words_queries_bring_are_kept_within_a_bound(query_text, wordpiece):
     from amc_model.text_encoder import tokenizer_json
 
-    small = search.QueryText(amc_text, wordpiece, query_text.store_words, None, tokenizer_json=tokenizer_json(),
+    small = search.QueryText(wordpiece, query_text.store_words, None, tokenizer_json=tokenizer_json(),
                              max_words=3)
     fixed = len(small.fixed)
     batch = ["qqa qqb qqc qqd qqe", "cat qqf"]
@@ -209,9 +205,9 @@ def test_words_queries_bring_are_kept_within_a_bound(query_text, wordpiece):
     for later in (["qqx"], ["qqy qqz"], ["qqx", "qqw"]):
         np.testing.assert_array_equal(small.features(later)[0], amc_text.query_tokens(wordpiece, later))
     # Without a store (the ranking's text step): the reading alone.
-    assert search.QueryText(amc_text, wordpiece, None, None, tokenizer_json=tokenizer_json()).normalize("A b") == "A b"
+    assert search.QueryText(wordpiece, None, None, tokenizer_json=tokenizer_json()).normalize("A b") == "A b"
     # Not BERT's tokenizer: every query goes through the tokenizer.
-    other = search.QueryText(amc_text, wordpiece, query_text.store_words, None, tokenizer_json="{}")
+    other = search.QueryText(wordpiece, query_text.store_words, None, tokenizer_json="{}")
     assert other.cls_sep is None
     np.testing.assert_array_equal(other.features(batch)[0], tokens)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amc_client.text import LexicalMatcher, TermWeights, load_wordpiece, wordpiece_ids
+from amc_contract.text import LexicalMatcher, TermWeights, load_wordpiece, wordpiece_ids
 from amc_model.text_encoder import TextEncoder, tokenizer_json
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "minilm_reference.npz"
@@ -69,7 +69,7 @@ def test_lexical_features_weigh_informative_words():
 def test_the_keyword_index_equals_the_matcher_to_the_bit():
     """The lexical match's two numpy engines (a request's keywords by a loop, a fixed collection's by its postings)
     give the same float32 features bit for bit, over all rows, some rows (repeated too) and edge-case queries."""
-    from amc_client.text import KeywordIndex
+    from amc_contract.text import KeywordIndex
 
     rng = np.random.default_rng(0)
     vocabulary = [f"w{i}" for i in range(50)] + ["cat", "face", "the", "red heart", "猫"]
@@ -95,7 +95,7 @@ def test_the_store_graphs_lexical_match_equals_the_matcher():
     keyword without content words, repeated words, padding, and query widths padded to a multiple of 8."""
     import torch
 
-    from amc_client.text import StoreWords, query_tokens
+    from amc_contract.text import StoreWords, query_tokens
     from export.store import lexical_match
 
     keywords = np.array([["red heart", "heart", ""], ["the", "kiwi fruit", "red red apple"],
@@ -130,7 +130,7 @@ def test_the_store_graphs_lexical_match_equals_the_matcher():
     assert tokens.shape == (2, 48) and (query_tokens(load_wordpiece(tokenizer_json()), ["cat"]).shape == (1, 16))
 
 
-# ---- queries as people type them (text rules 2: amc_client.text.normalize_query) ----------------------------------
+# ---- queries as people type them (text rules 2: amc_contract.text.normalize_query) ----------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -155,13 +155,13 @@ def cldr_names():
     ("Ｃａｔ　ｆａｃｅ", "cat face"),  # NFKC: full-width letters and space
 ])
 def test_an_emoji_in_a_query_is_read_as_its_cldr_name(cldr_names, query, expected):
-    from amc_client.text import normalize_query
+    from amc_contract.text import normalize_query
 
     assert normalize_query(query, cldr_names) == expected
 
 
 def test_case_underscores_and_stray_punctuation_do_not_change_a_query(cldr_names):
-    from amc_client.text import normalize_query
+    from amc_contract.text import normalize_query
 
     forms = ["thumbs_up", "Thumbs Up!!", "thumbs up", "  THUMBS -- up?  ", "thumbs\tup."]
     assert {normalize_query(q, cldr_names) for q in forms} == {"thumbs up"}
@@ -172,13 +172,13 @@ def test_case_underscores_and_stray_punctuation_do_not_change_a_query(cldr_names
 
 @pytest.mark.parametrize("query", ["?!", "  ...  ", "_-_", "“”", "!!!???"])
 def test_a_query_of_punctuation_only_normalizes_to_nothing(cldr_names, query):
-    from amc_client.text import normalize_query
+    from amc_contract.text import normalize_query
 
     assert normalize_query(query, cldr_names) == ""
 
 
 def test_an_emoji_the_table_does_not_name_is_kept_as_text():
-    from amc_client.text import EmojiNames, normalize_query
+    from amc_contract.text import EmojiNames, normalize_query
 
     names = EmojiNames({"🐱": "cat face"})
     assert normalize_query("🐶", names) == "🐶"
@@ -189,7 +189,7 @@ def test_an_emoji_the_table_does_not_name_is_kept_as_text():
 
 def test_the_cldr_table_names_emoji_only(cldr_names):
     """CLDR's annotations also name punctuation and signs ("_" "low line", "$" "dollar"): they stay punctuation."""
-    from amc_client.text import normalize_query
+    from amc_contract.text import normalize_query
 
     for sign in ("_", "$", "#", "→", "∞", "!"):
         assert sign not in cldr_names
@@ -201,7 +201,7 @@ def test_the_cldr_table_names_emoji_only(cldr_names):
 
 
 def test_emoji_names_round_trip_through_json(cldr_names):
-    from amc_client.text import EmojiNames, dump_emoji_names, load_emoji_names
+    from amc_contract.text import EmojiNames, dump_emoji_names, load_emoji_names
 
     assert load_emoji_names(dump_emoji_names(cldr_names)) == cldr_names
     with_selector = EmojiNames({"❤\ufe0f": "red heart"})
@@ -241,7 +241,7 @@ def test_checkpoints_record_their_text_rules(tmp_path):
 
     import torch
 
-    from amc_client.text import TEXT_RULES
+    from amc_contract.text import TEXT_RULES
     from amc_model.checkpoint import fingerprint, load_checkpoint, save_checkpoint
     from amc_model.model import AMC, AMCConfig
     from export.publish import check_text_rules

@@ -72,7 +72,7 @@ from typing import Any
 
 import numpy as np
 
-from amc_client.text import words  # the serving text step's word rules: relevance and queries split alike
+from amc_contract.text import words  # the serving text step's word rules: relevance and queries split alike
 from training.corpus.autotag import auto_tag
 from training.corpus.cache import atomic_write, check_fingerprint, key, read_cache, sha
 from training.corpus.catalog import (

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import features
 
-from amc_client.text import EmojiNames
+from amc_contract.text import EmojiNames
 from training.corpus import render
 from training.corpus.cache import check_fingerprint, file_id, key, read_cache, version, write_json
 from training.corpus.datatypes import SPLITS, CorpusConfig, MissingDataError
@@ -89,7 +89,7 @@ def _labelled_emoji() -> set[str]:
 @lru_cache(maxsize=1)
 def emoji_names() -> EmojiNames:
     """Emoji -> CLDR English name (type="tts") from the annotations (en.xml, then annotationsDerived/en.xml: skin
-    tones, flags, keycaps, ZWJ sequences): the table queries are normalized with (``amc_client.text.normalize_query``,
+    tones, flags, keycaps, ZWJ sequences): the table queries are normalized with (``amc_contract.text.normalize_query``,
     text rules 2), in training and in every version publish ships (``emoji_names.json``).
 
     Only emoji: the annotations also name punctuation, math and currency signs ("_" "low line", "$" "dollar"),

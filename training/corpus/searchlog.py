@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from amc_client.text import words  # the serving tokenizer's rules: vocabulary and queries split alike
+from amc_contract.text import words  # the serving tokenizer's rules: vocabulary and queries split alike
 from training.corpus.catalog import keyword_targets, split_of
 from training.corpus.datatypes import SPLITS, CorpusConfig, Query
 

@@ -26,7 +26,8 @@ copied back afterwards. A node whose inputs are all initializers but a large one
 at the now constant positions) stays as it is; onnxruntime's basic level folds it when a session opens the copy.
 The copy is a ``ModelProto`` as large as the original: open it with ``InferenceSession(copy.SerializeToString())``
 below protobuf's 2 GB, else save it with ``onnx.save_model(..., save_as_external_data=True)`` and open the file.
-Only numpy, onnx and onnxruntime are imported, so the file can travel beside a Triton step as the runner does.
+Only numpy, onnx and onnxruntime are imported: the search step imports this module (a version's ``amc_steps``) only
+when CUDA graphs are asked for, so a stub without the onnx package serves uncaptured.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-# The search graph's inputs (amc_client.signatures.SEARCH_STORE), in order: tokens, words, word weights, rows, k.
+# The search graph's inputs (amc_contract.signatures.SEARCH_STORE), in order: tokens, words, word weights, rows, k.
 SEARCH_INPUTS = ("query_tokens", "query_words", "query_word_weights", "candidate_ids", "search_k")
 
 # Initializers with more elements than this are kept out of the optimizer (see the module's docstring).

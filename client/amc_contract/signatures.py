@@ -14,7 +14,7 @@ the graph against :meth:`TensorSpec.fixed_dims` and the Triton configs write tha
 
 Axes: B queries, N candidates per query, R regions per image, D region-feature channels, K keywords per
 candidate, E text-embedding size (384, all-MiniLM-L6-v2), F lexical features per keyword
-(``amc_client.text.LEXICAL_FEATURES``), L WordPiece tokens of a text.
+(``amc_contract.text.LEXICAL_FEATURES``), L WordPiece tokens of a text.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ QUERY_TEXT = _t("query_text", "float32", "batch", TEXT_EMBEDDING_DIM,
 KEYWORD_EMBEDDINGS = _t("keyword_embeddings", "float32", "batch", "candidates", "keywords", TEXT_EMBEDDING_DIM,
                         doc="each keyword's sentence embedding; the zero vector pads")
 KEYWORD_LEXICAL = _t("keyword_lexical", "float32", "batch", "candidates", "keywords", LEXICAL_DIM,
-                     doc="term-weighted lexical matches of each keyword with the query (amc_client.text)")
+                     doc="term-weighted lexical matches of each keyword with the query (amc_contract.text)")
 QUERY_EMBEDDING = _t("query_embedding", "float32", "batch", "query_dim")
 VISUAL_VECTOR = _t("visual_vector", "float32", "batch", "candidates", "hidden")
 KEYWORD_VECTOR = _t("keyword_vector", "float32", "batch", "candidates", "keyword_hidden",
@@ -237,6 +237,10 @@ MAX_KEYWORD_WORDS = 16
 MAX_KEYWORD_BYTES = 256
 # Largest number of queries in one request (Triton's max_batch_size for every step).
 MAX_BATCH = 8
+# The bounds above as the text step's config parameters (name -> limit): the config generator writes them, and the
+# step reads them there (these where a config lacks one).
+REQUEST_BOUNDS = {"max_candidates": MAX_CANDIDATES, "max_query_bytes": MAX_QUERY_BYTES, "max_keywords": MAX_KEYWORDS,
+                  "max_keyword_words": MAX_KEYWORD_WORDS, "max_keyword_bytes": MAX_KEYWORD_BYTES}
 
 # ---- overload -------------------------------------------------------------------------------------------
 # Admission control (``serving/backends/admission.py``): most requests in flight through one model version's
@@ -284,7 +288,7 @@ SEARCH_IDS = TensorSpec(CANDIDATE_IDS.name, CANDIDATE_IDS.dtype, CANDIDATE_IDS.d
 SEARCH_K = _t("search_k", "int64", "batch", 1)
 # What the search graph takes instead of the query's embedding and the lexical features: the query's WordPiece ids
 # (the graph runs the sentence encoder) and its content words, numbered as the store numbers its keywords' words
-# (amc_client.text.StoreWords), with their IDFs (the graph matches them against the stored keywords). Both padded to
+# (amc_contract.text.StoreWords), with their IDFs (the graph matches them against the stored keywords). Both padded to
 # widths that let Triton batch requests of similar queries together.
 QUERY_TOKENS = _t("query_tokens", "int64", "batch", "tokens",
                   doc="the query's WordPiece ids with [CLS] and [SEP], 0 pads (to a multiple of 16)")

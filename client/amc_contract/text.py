@@ -1,7 +1,7 @@
 """Text rules shared by training and the serving text step: WordPiece ids, words, and term-weighted matches.
 
-Training and the Triton text step (``serving/backends/text_step.py``, which is published beside a copy of this
-file) call the same functions, so a query is tokenized and matched identically offline and online. No torch:
+Training and the Triton text step (``serving/backends/text_step.py``, published with a copy of this package in each
+version folder) call the same functions, so a query is tokenized and matched identically offline and online. No torch:
 numpy, and the ``tokenizers`` package for WordPiece (imported only by :func:`load_wordpiece`).
 
 Two views of text:
