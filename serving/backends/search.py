@@ -1,8 +1,9 @@
 """The search step's logic (``amc_search_step``: ``text_step.py`` in mode search, which only wraps it): functions of
 numpy arrays, importable and tested without a server (``tests/unit/test_search_step.py``).
 
-``text_step.py`` imports it (every mode reads its queries with :func:`read_query`); a published version carries it in
-its vendored ``amc_steps`` package.
+``text_step.py`` and ``text_requests.py`` import it (every mode of the text step reads its queries with
+:func:`read_query`, store mode checks its requests with :func:`parse_request`); a published version carries it in its
+vendored ``amc_steps`` package.
 
 One execution of the step, for the requests the dynamic batcher hands over:
 
