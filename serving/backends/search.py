@@ -39,7 +39,8 @@ import numpy as np
 from amc_contract import RequestError
 from amc_contract import text as amc_text
 
-from .onnx_runner import BoundSession, bucket, execution_providers, first_repeat, session_options
+from .network import first_repeat
+from .onnx_runner import BoundSession, bucket, execution_providers, session_options
 from .top_k import check_top_k
 
 

@@ -1,30 +1,11 @@
-"""The Python-backend steps' request checks, in-process and without a server (tests/integration/test_serving.py
-sends the same mistakes to a real tritonserver)."""
+"""The Python-backend steps' load and packaging, in-process and without a server: the text rules a version declares,
+``onnx_runner.BoundSession``, and the code vendored into each version folder. (Each step's request logic has its own
+test file: ``test_text_step.py``, ``test_network_step.py``, ``test_top_k_step.py``, ``test_search_step.py``.)"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from amc_contract import RequestError
-from serving.backends.onnx_runner import TritonPythonModel
-
-
-def _runner(distinct: list[str]) -> TritonPythonModel:
-    runner = TritonPythonModel.__new__(TritonPythonModel)  # no session: only the check under test
-    runner.distinct = distinct
-    return runner
-
-
-def test_inputs_named_distinct_repeat_no_value_within_a_query() -> None:
-    runner = _runner(["query_words"])
-    padded = np.array([[4, 9, -1, -1], [2, -1, -1, -1]], dtype=np.int64)  # repeated padding is fine
-    runner._check_distinct({"query_words": padded, "other": np.zeros((2, 4))})
-    runner._check_distinct({"query_words": np.array([[3]], dtype=np.int64)})
-    with pytest.raises(RequestError, match=r"query_words\[1\] repeats 7; each value may appear once"):
-        runner._check_distinct({"query_words": np.array([[1, 2, 3], [7, -1, 7]], dtype=np.int64)})
-    _runner([])._check_distinct({"query_words": np.array([[7, 7]], dtype=np.int64)})  # not named: not checked
-
 
 # ---- the text step's query rules (version.json "text_rules", emoji_names.json) --------------------------------------
 
