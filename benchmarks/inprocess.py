@@ -2,7 +2,7 @@
 
 Each runner's ``__call__(requests)`` scores a list of same-size requests in one pass (the batch is the
 number of requests) and returns scores (B, N) as numpy. The text features come from :class:`TextFeeds`: the
-serving text step's own code (``serving/backends/text_step.py``'s :class:`TextFeatures`) on the published
+serving text step's own code (``serving/backends/text_features.py``'s :class:`TextFeatures`) on the published
 version's files, its sentence encoder under onnxruntime on the runner's device; so text encoding, lexical
 matching and host<->device copies are inside, as a serving process would pay them.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from amc_contract import signatures as sig
-from serving.backends.text_step import TextFeatures
+from serving.backends.text_features import TextFeatures
 
 from .store_signatures import FUSED, FUSED_STORE, LAN_STORE, STORE_TOKENIZER, VAN_STORE
 from .workloads import Request

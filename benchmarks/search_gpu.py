@@ -148,7 +148,7 @@ class CpuPath:
         import onnxruntime as ort
 
         from export.repository import SEARCH_GRAPH_FILE
-        from serving.backends.text_step import TextFeatures
+        from serving.backends.text_features import TextFeatures
 
         self.features = TextFeatures(step_dir, encoder=False)
         self.session = ort.InferenceSession(str(step_dir / SEARCH_GRAPH_FILE), providers=["CPUExecutionProvider"])

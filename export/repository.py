@@ -177,7 +177,7 @@ def repository_flavour(repository: Path) -> str:
 
 @dataclass(frozen=True)
 class TextStepFiles:
-    """What a text-step version directory holds besides the code (see ``serving/backends/text_step.py``)."""
+    """What a text-step version directory holds besides the code (see ``serving/backends/text_features.py``)."""
 
     tokenizer_json: str  # the sentence encoder's WordPiece tokenizer.json
     term_weights_json: str  # the checkpoint's amc_contract.text.TermWeights
@@ -235,7 +235,7 @@ def write_text_step(version_dir: Path, *, version: int, files: TextStepFiles, st
                          f"{KNOWN_TEXT_RULES}: publish with the release that trained the checkpoint")
     if files.text_rules == 1:  # as versions were before text rules existed: the step uses queries as sent
         (version_dir / "version.json").write_text(f'{{"version": {version}}}')
-    else:  # the step applies these rules (text_step.TextFeatures refuses rules its code does not implement)
+    else:  # the step applies these rules (text_features.TextFeatures refuses rules its code does not implement)
         if files.emoji_names_json is None:
             raise ValueError(f"text rules {files.text_rules} need the emoji names ({EMOJI_NAMES_FILE})")
         (version_dir / "version.json").write_text(json.dumps({"version": version, TEXT_RULES_KEY: files.text_rules}))

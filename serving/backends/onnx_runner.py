@@ -14,15 +14,21 @@ model's ``config.pbtxt``:
   ``use_tf32`` (``0`` (default) or ``1``: the CUDA provider's ``use_tf32`` option; with 0 its float32 MatMuls
   stay float32, as on the CPU path; onnxruntime's own default is TF32 on, about 1e-3 relative off fp32),
   ``cuda_graph`` (``0`` (default) or ``1``: the CUDA provider's ``enable_cuda_graph``; only the search step sets it,
-  which runs its session through :class:`BoundSession`), ``distinct`` (comma-separated input names: in each query's row of these, a value of 0 or more may appear only
-  once, negative values pad; the fused store graphs set it on ``query_words``, whose weights their lexical match
-  scatters by word number, so that a repeated word would silently count once).
+  which runs its session through :class:`BoundSession`), ``distinct`` (comma-separated input names: in each
+  query's row of these, a value of 0 or more may appear only once, negative values pad; the fused store graphs set
+  it on ``query_words``, whose weights their lexical match scatters by word number, so that a repeated word would
+  silently count once).
 
 Batching: with ``dynamic_batching`` Triton may hand :meth:`execute` several requests at once. Requests whose
 inputs agree on every non-batch dim are concatenated along the batch axis and run in one session call; the
 outputs are split back. A request that fails validation, or a group whose run fails, gets an error response
 ``"<model>: <reason>"``: INVALID_ARGUMENT for a bad input, INTERNAL otherwise (a failed group is retried one
-request at a time so only the bad request fails); the instance itself never raises out of :meth:`execute`.
+request at a time so only the bad request fails); the instance itself never raises out of :meth:`execute`. The step
+only moves tensors between ``pb_utils`` and numpy: the checks and the batching are ``network.py``'s functions.
+
+Also here, for every step of the package: the onnxruntime providers and session options the config parameters
+choose (:func:`execution_providers`, :func:`session_options`, :func:`lower_cpu_priority`), :class:`BoundSession`
+(the search step's device-resident I/O) and the error responses (:func:`error_response`, :func:`coded_response`).
 
 Overload: with config parameter ``admission`` (the generator sets it on VAN, the one network that can refuse a
 request the text step admitted: NaN regions, regions and mask for different candidates), every error response
@@ -43,29 +49,13 @@ import numpy as np
 
 from amc_contract import RequestError
 
+from . import network
 from .admission import InFlight, counter_path
 
 try:
     import triton_python_backend_utils as pb_utils
 except ImportError:  # imported outside Triton (tests): session_options only
     pb_utils = None
-
-# onnxruntime's element types for the config dtypes this project uses.
-_ORT_TYPES = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)",
-              np.dtype(np.int64): "tensor(int64)", np.dtype(np.int32): "tensor(int32)",
-              np.dtype(np.bool_): "tensor(bool)"}
-
-
-def first_repeat(rows: np.ndarray) -> tuple[int, int] | None:
-    """(B, n) integer rows -> (row, value) of the first row that repeats a value of 0 or more (its smallest such
-    value), None where no row does; negative values are padding. Also the search step's check of repeated candidate
-    ids (``search.check_ids``)."""
-    ordered = np.sort(rows, axis=1)
-    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-    if not repeated.any():
-        return None
-    b, j = (int(x) for x in np.argwhere(repeated)[0])
-    return b, ordered[b, j].item()
 
 
 def session_options(params: dict[str, str], model_name: str) -> Any:
@@ -154,7 +144,7 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 # onnxruntime's element types -> numpy dtypes, for output buffers made before a run.
-_NUMPY_TYPES = {ort_type: dtype for dtype, ort_type in _ORT_TYPES.items()}
+_NUMPY_TYPES = {ort_type: dtype for dtype, ort_type in network.ORT_TYPES.items()}
 
 
 def bucket(n: int) -> int:
@@ -274,190 +264,54 @@ class TritonPythonModel:
         self.model_name = args["model_name"]
         self.version = args["model_version"]
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        # max_batch_size > 0: the first dim of every tensor is Triton's batch dim (not in config dims).
-        self.batched = int(config.get("max_batch_size", 0)) > 0
-        self.inputs = [(t["name"], np.dtype(pb_utils.triton_string_to_numpy(t["data_type"])))
-                       for t in config["input"]]
-        self.outputs = [(t["name"], np.dtype(pb_utils.triton_string_to_numpy(t["data_type"])))
-                        for t in config["output"]]
-        self.output_names = tuple(n for n, _ in self.outputs)
-        self.output_dtypes = dict(self.outputs)
-        self.logger = pb_utils.Logger
-
         path = Path(args["model_repository"]) / self.version / (params.get("onnx_file") or "model.onnx")
         niceness = lower_cpu_priority(params, self.model_name)
         self.session = ort.InferenceSession(str(path), sess_options=session_options(params, self.model_name),
                                             providers=execution_providers(params, args, self.model_name))
-        self._check_signature()
-        # Each input's dims as the graph declares them: an int (fixed) or a name (symbolic: "batch", "candidates",
-        # "regions", ... from amc_contract.signatures). Inputs that share a name must agree on its size; a request
-        # where they do not (regions for 3 candidates, region_mask for 2) is the caller's mistake, refused here
-        # with INVALID_ARGUMENT before onnxruntime fails on it with an opaque INTERNAL error.
-        self.graph_dims = {i.name: list(i.shape) for i in self.session.get_inputs()}
-        self.distinct = [n.strip() for n in (params.get("distinct") or "").split(",") if n.strip()]
-        unknown = sorted(set(self.distinct) - {n for n, _ in self.inputs})
-        if unknown:
-            raise ValueError(f"{self.model_name}: config parameter distinct names no input(s) {unknown}")
+        numpy_of = pb_utils.triton_string_to_numpy
+        inputs, outputs = (tuple((t["name"], np.dtype(numpy_of(t["data_type"]))) for t in config[kind])
+                           for kind in ("input", "output"))
+        # max_batch_size > 0: the first dim of every tensor is Triton's batch dim (not in config dims).
+        self.spec = network.Spec(
+            inputs=inputs, outputs=outputs, batched=int(config.get("max_batch_size", 0)) > 0,
+            graph_dims={i.name: list(i.shape) for i in self.session.get_inputs()},
+            distinct=tuple(n.strip() for n in (params.get("distinct") or "").split(",") if n.strip()))
+        network.check_signature(self.spec, {i.name: i.type for i in self.session.get_inputs()},
+                                {o.name: o.type for o in self.session.get_outputs()}, self.model_name)
         self.in_flight = None
         if params.get("admission"):
             self.in_flight = InFlight(counter_path(Path(args["model_repository"]).parent, params["admission"],
                                                    self.version))
-        self.logger.log_info(f"{self.model_name} v{self.version}: {path.name} on {self.session.get_providers()}, "
-                             f"niceness {niceness}")
+        pb_utils.Logger.log_info(f"{self.model_name} v{self.version}: {path.name} on {self.session.get_providers()}, "
+                                 f"niceness {niceness}")
 
-    def _check_signature(self) -> None:
-        """Fail the load, not the first request, if model.onnx and config.pbtxt disagree."""
-        graph_in = {i.name: i.type for i in self.session.get_inputs()}
-        graph_out = {o.name: o.type for o in self.session.get_outputs()}
-        for kind, declared, graph in (("input", self.inputs, graph_in), ("output", self.outputs, graph_out)):
-            names = [n for n, _ in declared]
-            if sorted(names) != sorted(graph):
-                raise ValueError(f"{self.model_name}: config {kind}s {names} differ from the ONNX graph's "
-                                 f"{sorted(graph)}")
-            for name, dtype in declared:
-                if _ORT_TYPES.get(dtype, graph[name]) != graph[name]:
-                    raise ValueError(f"{self.model_name}: config declares {kind} {name} as {dtype}, the ONNX "
-                                     f"graph as {graph[name]}")
-
-    # ---- serving ---------------------------------------------------------------------------------------
+    # ---- serving: pb_utils tensors to numpy and back; the checks and the batching are network's -------------------
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses: list[Any] = [None] * len(requests)
-        groups: dict[tuple, list[tuple[int, dict[str, np.ndarray], tuple[str, ...]]]] = {}
-        for i, request in enumerate(requests):
+        found: list[network.Request | Exception] = []
+        for request in requests:
             try:
-                feeds = self._inputs(request)
-                wanted = self._requested(request)
+                tensors = {n: pb_utils.get_input_tensor_by_name(request, n) for n, _ in self.spec.inputs}
+                asked = getattr(request, "requested_output_names", None)
+                found.append(network.read_request({n: None if t is None else t.as_numpy() for n, t in tensors.items()},
+                                                  None if asked is None else asked(), self.spec))
             except Exception as e:  # noqa: BLE001 - any problem is this request's error, never the instance's
-                responses[i] = self._error(e)
-                continue
-            # Requests can share one session call only when every non-batch dim agrees.
-            key = tuple(feeds[n].shape[1:] for n, _ in self.inputs) if self.batched else (i,)
-            groups.setdefault(key, []).append((i, feeds, wanted))
-        for members in groups.values():
+                found.append(e)
+        responses = []
+        for answer in network.run_batched(found, self.session, self.spec):
             try:
-                outputs = self._run_group([f for _, f, _ in members], self._union([w for _, _, w in members]))
-                for (i, _, wanted), out in zip(members, outputs, strict=True):
-                    responses[i] = self._response(out, wanted)
+                if isinstance(answer, Exception):
+                    raise answer
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, a)
+                                                                            for n, a in answer.items()]))
             except Exception as e:  # noqa: BLE001
-                if len(members) == 1:
-                    responses[members[0][0]] = self._error(e)
-                    continue
-                # Isolate the request that breaks the group: rerun each one alone.
-                for i, feeds, wanted in members:
-                    try:
-                        responses[i] = self._response(self._run_group([feeds], wanted)[0], wanted)
-                    except Exception as single:  # noqa: BLE001
-                        responses[i] = self._error(single)
+                responses.append(self._error(e))
         failed = sum(r.has_error() for r in responses) if self.in_flight is not None else 0
         if failed:
             try:
                 self.in_flight.release(failed)
             except OSError as e:
-                self.logger.log_warn(f"{self.model_name}: in-flight counter unusable ({e})")
+                pb_utils.Logger.log_warn(f"{self.model_name}: in-flight counter unusable ({e})")
         return responses
-
-    def _requested(self, request: Any) -> tuple[str, ...]:
-        """The outputs this request asked for, in config order (all of them when it names none).
-
-        Inside an ensemble the step is asked for every output its ``output_map`` names, whatever the client
-        asked of the ensemble (Triton's ensemble scheduler adds each mapped output as requested), so this
-        saves work only for direct requests that name a subset."""
-        names = getattr(request, "requested_output_names", None)
-        asked = set(names()) if names is not None else set()
-        if not asked:
-            return self.output_names
-        unknown = asked - set(self.output_names)
-        if unknown:
-            raise RequestError(f"unknown output(s) requested: {sorted(unknown)}")
-        return tuple(n for n in self.output_names if n in asked)
-
-    def _union(self, wanted: list[tuple[str, ...]]) -> tuple[str, ...]:
-        if all(w is self.output_names for w in wanted):
-            return self.output_names
-        asked = set().union(*wanted)
-        return tuple(n for n in self.output_names if n in asked)
-
-    def _inputs(self, request: Any) -> dict[str, np.ndarray]:
-        feeds: dict[str, np.ndarray] = {}
-        for name, dtype in self.inputs:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is None:
-                raise RequestError(f"input {name} is missing")
-            array = tensor.as_numpy()
-            if array.dtype != dtype:
-                raise RequestError(f"input {name} has dtype {array.dtype}, expected {dtype}")
-            if dtype.kind == "f" and not np.isfinite(array).all():
-                raise RequestError(f"{name} contains NaN or infinite values")
-            feeds[name] = array
-        if self.batched:
-            sizes = {name: a.shape[0] if a.ndim else 0 for name, a in feeds.items()}
-            if len(set(sizes.values())) > 1:
-                raise RequestError(f"inputs disagree on the batch size: {sizes}")
-        self._check_dims(feeds)
-        self._check_distinct(feeds)
-        return feeds
-
-    def _check_distinct(self, feeds: dict[str, np.ndarray]) -> None:
-        """The inputs named by the config parameter ``distinct`` repeat no value of 0 or more within a query."""
-        for name in getattr(self, "distinct", ()):
-            array = feeds[name]
-            repeat = first_repeat(array.reshape(array.shape[0], -1)) if array.ndim >= 2 else None
-            if repeat is not None:
-                raise RequestError(f"{name}[{repeat[0]}] repeats {repeat[1]}; each value may appear once "
-                                   "(negative values are padding)")
-
-    def _check_dims(self, feeds: dict[str, np.ndarray]) -> None:
-        """Ranks, fixed dims and shared symbolic dims of the request against the graph's declaration."""
-        seen: dict[str, tuple[str, int]] = {}  # symbolic dim -> (first input that set it, its size)
-        for name, array in feeds.items():
-            dims = getattr(self, "graph_dims", {}).get(name)
-            if dims is None:
-                continue
-            if array.ndim != len(dims):
-                raise RequestError(f"{name} has shape {list(array.shape)}, expected {len(dims)} dims {dims}")
-            for axis, (want, got) in enumerate(zip(dims, array.shape, strict=True)):
-                if isinstance(want, int) and want >= 0 and got != want:
-                    raise RequestError(f"{name} has {got} at axis {axis}, expected {want} (shape {list(array.shape)})")
-                if isinstance(want, str) and want:
-                    first = seen.setdefault(want, (name, got))
-                    if first[1] != got:
-                        raise RequestError(f"{name} has {got} {want} (axis {axis}) but {first[0]} has {first[1]}: "
-                                           f"every input must agree on the number of {want}")
-
-    def _run_group(self, members: list[dict[str, np.ndarray]],
-                   names: tuple[str, ...] | None = None) -> list[dict[str, np.ndarray]]:
-        """One session call for requests with equal non-batch shapes; outputs split back per request.
-
-        Only ``names`` (default: every output) are fetched from the session. Each request's outputs are
-        slices of the batch's along axis 0, so of a C-contiguous result they are contiguous views: no copy
-        here; the one copy is the backend's into shared memory when the response is built."""
-        names = self.output_names if names is None else names
-        if len(members) == 1:
-            return [self._run(members[0], names)]
-        first = self.inputs[0][0]
-        feeds = {n: np.concatenate([m[n] for m in members], axis=0) for n, _ in self.inputs}
-        merged = self._run(feeds, names)
-        out, start = [], 0
-        for m in members:
-            stop = start + m[first].shape[0]
-            out.append({n: a[start:stop] for n, a in merged.items()})
-            start = stop
-        return out
-
-    def _run(self, feeds: dict[str, np.ndarray], names: tuple[str, ...]) -> dict[str, np.ndarray]:
-        results = self.session.run(list(names), feeds)
-        batch = next(iter(feeds.values())).shape[0] if self.batched else None
-        out = {}
-        for name, value in zip(names, results, strict=True):
-            if batch is not None and (value.ndim == 0 or value.shape[0] != batch):
-                raise RuntimeError(f"output {name} has shape {list(value.shape)}, expected batch {batch} first")
-            # astype/ascontiguousarray copy only when ORT returned another dtype or a strided array.
-            out[name] = np.ascontiguousarray(value.astype(self.output_dtypes[name], copy=False))
-        return out
-
-    def _response(self, outputs: dict[str, np.ndarray], wanted: tuple[str, ...] | None = None) -> Any:
-        names = outputs if wanted is None else wanted
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, outputs[n]) for n in names])
 
     def _error(self, error: BaseException) -> Any:
         return error_response(self.model_name, error, invalid_argument=isinstance(error, RequestError))

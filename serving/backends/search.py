@@ -1,8 +1,9 @@
 """The search step's logic (``amc_search_step``: ``text_step.py`` in mode search, which only wraps it): functions of
 numpy arrays, importable and tested without a server (``tests/unit/test_search_step.py``).
 
-``text_step.py`` imports it (every mode reads its queries with :func:`read_query`); a published version carries it in
-its vendored ``amc_steps`` package.
+``text_step.py`` and ``text_requests.py`` import it (every mode of the text step reads its queries with
+:func:`read_query`, store mode checks its requests with :func:`parse_request`); a published version carries it in its
+vendored ``amc_steps`` package.
 
 One execution of the step, for the requests the dynamic batcher hands over:
 
@@ -38,7 +39,8 @@ import numpy as np
 from amc_contract import RequestError
 from amc_contract import text as amc_text
 
-from .onnx_runner import BoundSession, bucket, execution_providers, first_repeat, session_options
+from .network import first_repeat
+from .onnx_runner import BoundSession, bucket, execution_providers, session_options
 from .top_k import check_top_k
 
 

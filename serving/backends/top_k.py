@@ -24,9 +24,10 @@ Tensors (names and order from config.pbtxt, generated from ``amc_contract.signat
 Refused with INVALID_ARGUMENT, the problem named: ``top_k`` below 1, above the request's N candidates, or
 different between the queries of one request (the response is one [B, k] tensor). :func:`check_top_k` is also the
 store and search steps' rule (``search.parse_request``), so ``amc_search`` refuses a bad ``top_k`` before any row is
-scored. Each request is answered on
-its own; the instance never raises out of :meth:`TritonPythonModel.execute`. Selection is ``argpartition`` and a
-sort of the k chosen: O(N + k log k) per query.
+scored. Each request is answered on its own; the instance never raises out of :meth:`TritonPythonModel.execute`,
+which only moves tensors between ``pb_utils`` and numpy: :func:`select` chooses the rows, as a function of numpy
+arrays (tested without a server, ``tests/unit/test_top_k_step.py``). Selection is ``argpartition`` and a sort of the k
+chosen: O(N + k log k) per query.
 
 Overload: the last step of its ensembles, it frees the in-flight slot (``admission.py``, config parameter
 ``admission``: the counter) that the text step took for each request, once per request it answers, ok or not.
@@ -35,6 +36,7 @@ Overload: the last step of its ensembles, it frees the in-flight slot (``admissi
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,7 @@ from .onnx_runner import error_response
 
 try:
     import triton_python_backend_utils as pb_utils
-except ImportError:  # imported outside Triton (unit tests): best_first only
+except ImportError:  # imported outside Triton (unit tests): its functions only
     pb_utils = None
 
 MODES = ("raw",)
@@ -80,6 +82,28 @@ def check_top_k(top_k: np.ndarray, batch: int, n: int) -> int:
         raise RequestError(f"top_k differs between the queries of one request ({values.tolist()}); send one value, "
                            "or one request per value")
     return int(values[0])
+
+
+def select(candidates: Sequence[np.ndarray | None], top_k: np.ndarray | None, names: Sequence[str]) -> list[np.ndarray]:
+    """Every candidate's scores (B, N), modality weights (B, N, 2), region and keyword attention (B, N, R) and (B, N,
+    K), and ``top_k`` (B, 1) or None -> the step's outputs, C-contiguous: those four of the top k of each query, best
+    first, and ``candidate_index`` (B, k); without ``top_k`` every candidate in request order. ``names``: the four
+    inputs' names, for the message of :class:`RequestError` where one is absent (None); a bad ``top_k``'s is
+    :func:`check_top_k`'s."""
+    missing = [n for n, a in zip(names, candidates, strict=True) if a is None]
+    if missing:
+        raise RequestError(f"inputs {missing} are missing")
+    scores, weights, regions, keywords = candidates  # (B, N), (B, N, ...)
+    batch, n = scores.shape
+    if top_k is None:
+        order = np.broadcast_to(np.arange(n), (batch, n))  # every candidate, request order
+    else:
+        k = check_top_k(top_k, batch, n)
+        order = np.stack([best_first(scores[b], k) for b in range(batch)])  # (B, k)
+    out = [np.take_along_axis(scores, order, 1), np.take_along_axis(weights, order[..., None], 1),
+           np.take_along_axis(regions, order[..., None], 1), np.take_along_axis(keywords, order[..., None], 1),
+           order.astype(np.int64)]
+    return [np.ascontiguousarray(a) for a in out]
 
 
 class TritonPythonModel:
@@ -119,22 +143,10 @@ class TritonPythonModel:
 
     def _respond(self, request: Any) -> Any:
         tensors = [pb_utils.get_input_tensor_by_name(request, n) for n in self.input_names]
-        missing = [n for n, t in zip(self.input_names[:-1], tensors[:-1], strict=True) if t is None]
-        if missing:
-            raise RequestError(f"inputs {missing} are missing")
-        scores, weights, regions, keywords = (t.as_numpy() for t in tensors[:-1])  # (B, N), (B, N, ...)
-        batch, n = scores.shape
-        top_k = tensors[-1]
-        if top_k is None:
-            order = np.broadcast_to(np.arange(n), (batch, n))  # every candidate, request order
-        else:
-            k = check_top_k(top_k.as_numpy(), batch, n)
-            order = np.stack([best_first(scores[b], k) for b in range(batch)])  # (B, k)
-        out = [np.take_along_axis(scores, order, 1), np.take_along_axis(weights, order[..., None], 1),
-               np.take_along_axis(regions, order[..., None], 1), np.take_along_axis(keywords, order[..., None], 1),
-               order.astype(np.int64)]
+        arrays = [None if t is None else t.as_numpy() for t in tensors]
+        out = select(arrays[:-1], arrays[-1], self.input_names[:-1])
         return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(name, np.ascontiguousarray(a)) for name, a in zip(self.output_names, out, strict=True)])
+            pb_utils.Tensor(name, a) for name, a in zip(self.output_names, out, strict=True)])
 
     def finalize(self) -> None:
         if self.in_flight is not None:

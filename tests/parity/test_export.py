@@ -188,7 +188,7 @@ def test_text_step_features_equal_the_pytorch_reference(tmp_path, checkpoint):
     """The text step's computation (in-process, on the published files) against export.reference: queries in
     any script, keywords from the table and keywords it never saw (encoded on the fly, then cached)."""
     from export.reference import Reference
-    from serving.backends.text_step import TextFeatures
+    from serving.backends.text_features import TextFeatures
 
     _, path = checkpoint
     repo = tmp_path / "repo"

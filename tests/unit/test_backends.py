@@ -1,33 +1,11 @@
-"""The Python-backend steps' request checks, in-process and without a server (tests/integration/test_serving.py
-sends the same mistakes to a real tritonserver)."""
+"""The Python-backend steps' load and packaging, in-process and without a server: the text rules a version declares,
+``onnx_runner.BoundSession``, and the code vendored into each version folder. (Each step's request logic has its own
+test file: ``test_text_step.py``, ``test_network_step.py``, ``test_top_k_step.py``, ``test_search_step.py``.)"""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-
-from amc_contract import RequestError
-from amc_contract import signatures as sig
-from serving.backends.onnx_runner import TritonPythonModel
-
-
-def _runner(distinct: list[str]) -> TritonPythonModel:
-    runner = TritonPythonModel.__new__(TritonPythonModel)  # no session: only the check under test
-    runner.distinct = distinct
-    return runner
-
-
-def test_inputs_named_distinct_repeat_no_value_within_a_query() -> None:
-    runner = _runner(["query_words"])
-    padded = np.array([[4, 9, -1, -1], [2, -1, -1, -1]], dtype=np.int64)  # repeated padding is fine
-    runner._check_distinct({"query_words": padded, "other": np.zeros((2, 4))})
-    runner._check_distinct({"query_words": np.array([[3]], dtype=np.int64)})
-    with pytest.raises(RequestError, match=r"query_words\[1\] repeats 7; each value may appear once"):
-        runner._check_distinct({"query_words": np.array([[1, 2, 3], [7, -1, 7]], dtype=np.int64)})
-    _runner([])._check_distinct({"query_words": np.array([[7, 7]], dtype=np.int64)})  # not named: not checked
-
 
 # ---- the text step's query rules (version.json "text_rules", emoji_names.json) --------------------------------------
 
@@ -48,7 +26,7 @@ def _publish_text_files(folder, *, version: int = 1, text_rules: int = 1, names:
 
 def _rules(folder):
     """TextFeatures' rules check alone (the encoder is not loaded)."""
-    from serving.backends.text_step import TextFeatures
+    from serving.backends.text_features import TextFeatures
 
     features = TextFeatures.__new__(TextFeatures)
     features.text_rules, features.emoji_names = features._text_rules(folder)
@@ -151,130 +129,6 @@ def test_bound_session_answers_what_session_run_does_and_keeps_no_alias(tmp_path
     assert [bucket(n) for n in (1, 5, 7, 13, 64, 65, 300)] == [1, 6, 8, 16, 64, 96, 300]
 
 
-# ---- the store text step in-process: only the outputs asked for are computed ---------------------------------------
-
-
-def _stand_in_encoder(path) -> None:
-    """An ONNX graph with the sentence encoder's input and output (text_tokens -> 384-d text_embedding): the test
-    below breaks the encoder anyway, so what it computes does not matter, only that the step loads it."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    tokens, embedding = sig.TEXT_TOKENS.name, sig.TEXT_EMBEDDING.name
-    nodes = [helper.make_node("Cast", [tokens], ["as_float"], to=TensorProto.FLOAT),
-             helper.make_node("ReduceSum", ["as_float", "axis1"], ["total"], keepdims=1),
-             helper.make_node("Mul", ["total", "ones"], [embedding])]
-    graph = helper.make_graph(
-        nodes, "stand_in_encoder",
-        [helper.make_tensor_value_info(tokens, TensorProto.INT64, ["batch", "tokens"])],
-        [helper.make_tensor_value_info(embedding, TensorProto.FLOAT, ["batch", sig.TEXT_EMBEDDING_DIM])],
-        initializer=[helper.make_tensor("axis1", TensorProto.INT64, [1], [1]),
-                     helper.make_tensor("ones", TensorProto.FLOAT, [1, sig.TEXT_EMBEDDING_DIM],
-                                        [1.0] * sig.TEXT_EMBEDDING_DIM)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-
-
-def _store_text_step(root):
-    """The store text step's model directory as publish lays it out (its generated config, version 1 over a
-    4-row store), with the real WordPiece tokenizer and a stand-in encoder."""
-    from google.protobuf import text_format
-
-    from amc_contract.text import TermWeights
-    from amc_model.text_encoder import tokenizer_json
-    from benchmarks.store_models import store_step_config
-    from benchmarks.store_signatures import STORE_TOKENIZER
-    from export.repository import TextStepFiles, write_text_step
-
-    keywords = [["cat", "face"], ["dog"], ["red heart", "love", "heart"], ["kiwi fruit"]]
-    _stand_in_encoder(root / "text_encoder.onnx")
-    files = TextStepFiles(tokenizer_json(), TermWeights.from_documents(keywords).to_json(), root / "text_encoder.onnx")
-    here = root / STORE_TOKENIZER.model_name
-    config = store_step_config(STORE_TOKENIZER, "python")
-    config.parameters["max_in_flight"].string_value = "0"  # no ensemble's top-k step frees slots here
-    here.mkdir()
-    (here / "config.pbtxt").write_text(text_format.MessageToString(config))
-    store = {"version": 1, "size": len(keywords), "ids": list("abcd"), "keywords": keywords}
-    write_text_step(here / "1", version=1, files=files, store_json=json.dumps(store))
-    return here
-
-
-def test_store_text_step_computes_only_the_outputs_asked_for(tmp_path, monkeypatch) -> None:
-    """In one batch, a request of the fused store ensembles (tokens and words) and one of amc_store (the query's
-    embedding): with the encoder broken, the first is answered and only the second fails, so the first never
-    reached the encoder. The step runs in-process here, with the shared stand-in for Triton's backend utilities."""
-    from google.protobuf import json_format
-
-    from benchmarks.store_signatures import STORE_TOKENIZER
-    from export.configs import parse_config
-    from tests import fake_pb_utils
-
-    here = _store_text_step(tmp_path)
-    config = json_format.MessageToDict(parse_config((here / "config.pbtxt").read_text()),
-                                       preserving_proto_field_name=True)
-    for tensor in config["input"] + config["output"]:  # protobuf's JSON writes int64 as strings, Triton's as numbers
-        tensor["dims"] = [int(d) for d in tensor["dims"]]
-    with fake_pb_utils.installed() as pb_utils:
-        step = fake_pb_utils.load_step(here / "1" / "model.py").TritonPythonModel()
-        step.initialize({"model_config": json.dumps(config), "model_name": STORE_TOKENIZER.model_name,
-                         "model_version": "1", "model_repository": str(here)})
-
-        def broken(_queries, **_options):
-            raise RuntimeError("encoder down")
-
-        monkeypatch.setattr(step.features, "query_text", broken)
-        inputs = {sig.QUERY.name: np.array([[b"red heart"]], dtype=object),
-                  sig.CANDIDATE_IDS.name: np.array([[2, 0]], dtype=np.int64)}
-        fused = [sig.QUERY_TOKENS.name, sig.QUERY_WORDS.name, sig.QUERY_WORD_WEIGHTS.name]
-        five_step = [sig.QUERY_TEXT.name, sig.KEYWORD_LEXICAL.name, sig.TOKENIZER_VERSION.name]
-        answers = step.execute([pb_utils.InferenceRequest(inputs, fused), pb_utils.InferenceRequest(inputs, five_step)])
-    assert not answers[0].has_error() and list(fake_pb_utils.outputs(answers[0])) == fused
-    assert answers[1].has_error() and "encoder down" in answers[1].error().message()
-
-
-def test_the_ranking_text_step_reads_queries_by_its_rules_in_process(tmp_path) -> None:
-    """The raw text step (amc_tokenizer) in-process: a query is read by the version's text rules (emoji names, case,
-    punctuation), and one that normalizes to nothing or is not UTF-8 is refused with the message a server gives."""
-    from google.protobuf import json_format
-
-    from amc_contract.text import EmojiNames, TermWeights
-    from amc_model.text_encoder import tokenizer_json
-    from export.configs import step_config
-    from export.repository import TextStepFiles, write_text_step
-    from tests import fake_pb_utils
-
-    here = tmp_path / sig.TOKENIZER.model_name
-    _stand_in_encoder(tmp_path / "text_encoder.onnx")
-    files = TextStepFiles(tokenizer_json(), TermWeights.from_documents([["cat", "face"], ["thumbs up"]]).to_json(),
-                          tmp_path / "text_encoder.onnx", text_rules=2,
-                          emoji_names_json=EmojiNames({"🐱": "cat face"}).to_json())
-    write_text_step(here / "1", version=1, files=files)
-    config = step_config(sig.TOKENIZER, "python")
-    config.parameters["max_in_flight"].string_value = "0"  # no top-k step frees slots here
-    config = json_format.MessageToDict(config, preserving_proto_field_name=True)
-    for tensor in config["input"] + config["output"]:
-        tensor["dims"] = [int(d) for d in tensor["dims"]]
-    with fake_pb_utils.installed() as pb_utils:
-        step = fake_pb_utils.load_step(here / "1" / "model.py").TritonPythonModel()
-        step.initialize({"model_config": json.dumps(config), "model_name": sig.TOKENIZER.model_name,
-                         "model_version": "1", "model_repository": str(here)})
-
-        def request(query: bytes):
-            return pb_utils.InferenceRequest({sig.QUERY.name: np.array([[query]], dtype=object),
-                                              sig.KEYWORDS.name: np.array([[[b"cat face", b""]]], dtype=object),
-                                              sig.REGION_MASK.name: np.ones((1, 1, 2), dtype=bool)})
-
-        requests = [request("🐱 Thumbs_Up!".encode()), request(b"?!"), request(b"\xff\xfecat")]
-        answers = [fake_pb_utils.answer(r, a) for r, a in zip(requests, step.execute(requests), strict=True)]
-    assert not answers[0].has_error()
-    lexical = fake_pb_utils.outputs(answers[0])[sig.KEYWORD_LEXICAL.name]  # "cat face" read in the query
-    assert lexical.shape == (1, 1, 2, 3) and lexical[0, 0, 0, 0] == 1.0
-    assert "query '?!' normalizes to nothing" in answers[1].error().message()
-    assert "query is not valid UTF-8 (byte 0xff at position 0)" in answers[2].error().message()
-    assert answers[2].error().code() == pb_utils.TritonError.INVALID_ARG
-
-
 # ---- a version folder carries its code: the step package and the contract, vendored whole ---------------------------
 def test_a_version_folder_runs_the_code_vendored_into_it(tmp_path) -> None:
     """write_step_code copies serving/backends (as amc_steps) and amc_contract whole; the version's model.py imports
@@ -298,7 +152,7 @@ def test_a_version_folder_runs_the_code_vendored_into_it(tmp_path) -> None:
         model = fake_pb_utils.load_step(folder / "model.py").TritonPythonModel
     code = model.initialize.__code__.co_filename
     assert code == str(folder.resolve() / "amc_steps" / "text_step.py")
-    assert model.initialize.__globals__["sig"].VENDORED == "version 1"
+    assert model.initialize.__globals__["text_requests"].sig.VENDORED == "version 1"
     assert model.initialize.__globals__["amc_text"].__file__ == str(folder.resolve() / "amc_contract" / "text.py")
     # This process keeps its own modules of those names.
     assert sys.modules["amc_contract"] is amc_contract and "amc_steps" not in sys.modules
