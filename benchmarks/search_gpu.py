@@ -220,11 +220,11 @@ def placement(path: Path) -> dict:
 
 def ceiling_points(path: Path, device: str, cpu: CpuPath, queries: list[str], n: int | None, combos, args) -> list:
     """The graph alone: T threads x B queries per call, each way of running it; outputs copied to the host. The
-    ``cuda_graph`` way runs the step's own fixed-shape copies (``serving.backends.search.StaticGraphs``, one set per
-    thread: a captured graph belongs to one session), since onnxruntime refuses to capture the dynamic graph."""
+    ``cuda_graph`` way runs the step's own fixed-shape copies (``serving.backends.search_graph.StaticGraphs``, one set
+    per thread: a captured graph belongs to one session), since onnxruntime refuses to capture the dynamic graph."""
     from serving.backends import static_shapes
     from serving.backends.onnx_runner import BoundSession
-    from serving.backends.search import StaticGraphs
+    from serving.backends.search_graph import StaticGraphs
 
     rng = np.random.default_rng(1)
     size = cpu.size

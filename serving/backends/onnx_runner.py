@@ -68,7 +68,7 @@ def session_options(params: dict[str, str], model_name: str) -> Any:
     47 / 39 ms instead of 87 / 79 (100 candidates: 203 / 213 instead of 300 / 277; ``reports/overload_runs.json``).
     And a server pinned to fewer CPUs than the machine has (taskset, a cpuset) gets pools of that size, where
     onnxruntime would size them by the machine's cores; unpinned, onnxruntime's own default stays.
-    Also used by the text and search steps (``text_step.py``, ``search.SearchGraph``).
+    Also used by the text and search steps (``text_step.py``, ``search_graph.SearchGraph``).
     """
     import os
 
@@ -114,7 +114,7 @@ def lower_cpu_priority(params: dict[str, str], model_name: str) -> int:
 def execution_providers(params: dict[str, str], args: dict[str, str], model_name: str) -> list[Any]:
     """onnxruntime providers from the config parameters ``execution_provider`` and ``use_tf32`` (see above).
 
-    Also used by the text and search steps (``text_step.py``, ``search.SearchGraph``).
+    Also used by the text and search steps (``text_step.py``, ``search_graph.SearchGraph``).
     """
     import onnxruntime as ort
 

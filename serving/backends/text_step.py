@@ -11,7 +11,8 @@ numpy arrays, tested without a server:
     text_features.py     :class:`TextFeatures`: the version folder's tokenizer, encoder, keyword table, text rules
     text_requests.py     raw and store modes: each request's checks, admission, the outputs
     search.py            search mode: the checks (which store mode shares, and every mode's reading of a query),
-                         tokens and words, the search graph, the answers
+                         tokens and words, the answers
+    search_graph.py      search mode: the search graph's calls (fixed-shape copies on CUDA graphs where asked for)
 
 A version folder holds (written by ``export.repository``) ``model.py``, Triton's entry (this folder first on
 sys.path, then ``from amc_steps.text_step import ...``); ``amc_steps/``, this package as published; ``amc_contract/``,
@@ -67,7 +68,7 @@ from amc_contract import RequestError
 from amc_contract import text as amc_text
 
 from . import search as search_logic
-from . import text_requests
+from . import search_graph, text_requests
 from .admission import InFlight, counter_path, remove_stale
 from .onnx_runner import coded_response, error_response, execution_providers, session_options
 from .text_features import DEFAULT_KEYWORD_CACHE, TextFeatures
@@ -124,7 +125,7 @@ class TritonPythonModel:
                 text_rules=self.features.text_rules)
         if searching:
             self.search_module = search_logic
-            self.search = search_logic.SearchGraph(here, params, args, self.model_name)
+            self.search = search_graph.SearchGraph(here, params, args, self.model_name)
             self.strings = search_logic.StoreStrings.of((here / "store.json").read_text(encoding="utf-8"))
             self.bytes = search_logic.SerializedBytes(pb_utils)
             detail += f", {self.search.describe()}"
