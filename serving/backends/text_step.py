@@ -70,7 +70,14 @@ from amc_contract import text as amc_text
 from . import search as search_logic
 from . import search_graph, text_requests
 from .admission import InFlight, counter_path, remove_stale
-from .onnx_runner import coded_response, error_response, execution_providers, session_options
+from .onnx_runner import (
+    coded_response,
+    config_mode,
+    config_parameters,
+    error_response,
+    execution_providers,
+    session_options,
+)
 from .text_features import DEFAULT_KEYWORD_CACHE, TextFeatures
 
 try:
@@ -82,12 +89,9 @@ except ImportError:  # imported outside Triton (benchmarks, tests)
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        params = config_parameters(config)
         self.model_name = args["model_name"]
-        self.mode = params.get("mode", "")
-        if self.mode not in text_requests.MODES:
-            raise ValueError(f"{self.model_name}: config parameter mode must be one of {text_requests.MODES}, got "
-                             f"{self.mode!r}")
+        self.mode = config_mode(params, text_requests.MODES, self.model_name)
         self.input_names = text_requests.config_names(config, "input", self.mode, self.model_name)
         self.output_names = text_requests.config_names(config, "output", self.mode, self.model_name)
         here = Path(args["model_repository"]) / args["model_version"]
