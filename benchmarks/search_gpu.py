@@ -28,6 +28,9 @@ Phases (state under ``--state``, so that phases of one machine start can run in 
 
 Everything is written to ``--out``/gpu_search.json (and a summary .md) after each phase. Without perf_analyzer (the
 CPU machine) the sweeps use tritonclient threads instead, which the CPU dry run exercises.
+
+Why one module: it is the one entry point of the GPU serving question (``benchmarks/gpu.sh``, docs/benchmarks.md),
+and its phases share the state under ``--state`` and one report.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ result, or thrown the tritonclient exception. One loop runs them, ``_calls.drive
 ``_perform``: the blocking :class:`AMCClient` (``_client.py``) performs it with plain calls and ``time.sleep``
 (``_calls.run_blocking``), the asyncio :class:`AsyncAMCClient` (``_async_client.py``) with awaited calls and
 ``asyncio.sleep``; each face adds only how it talks to the channel and its public methods, one line each.
+
+Why one module: it is one class, whose request paths share its routing cache, retry state and deadlines; the rules
+they follow (packing, the fleet's choice, routing, search, error translation) are modules of their own already.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ One execution of the step, for the requests the dynamic batcher hands over:
 Why the per-row serialization: the Python backend serializes a BYTES tensor when it is made, in Python, element by
 element (``serialize_byte_tensor`` of ``triton_python_backend_utils``): for the store's keywords that is top_k x
 keyword slots elements per query, the most costly part of the step's own Python.
+
+Why one module: it is the search step's logic in the order one execution runs it (the requests read, their queries'
+tokens and words, the answers cut out of the graph's), which reads best top to bottom; the graph calls are
+``search_graph.py``'s.
 """
 
 from __future__ import annotations
