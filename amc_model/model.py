@@ -61,6 +61,9 @@ unmasked (padding) gets zero vectors and a score of 0.
 
 Shapes: B queries, N candidates, R regions, D region channels, K keywords, E text-embedding size (384),
 F lexical features (3).
+
+Why one module: QEN, VAN, LAN and MTN are the one network the paper draws, composed by :class:`AMC` from one
+:class:`AMCConfig`, and the choices above read across them (MTN's gate weighs LAN's evidence by VAN's agreement).
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ depend on the weights) from a real tritonserver on the CPU, with the supervisor 
 - ``soak``: 4 client threads for ``--soak-minutes``; the slope of the server's and stubs' RSS (least squares).
 - ``tls``: a mutual-TLS server (certificates from the openssl CLI): a client with a certificate is served, a
   plaintext one is refused.
+
+Why one module: it is the one entry point of the reliability question (``make reliability-report``,
+docs/benchmarks.md), and its scenarios share one served version, its supervisor and one report.
 """
 
 from __future__ import annotations

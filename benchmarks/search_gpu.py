@@ -28,6 +28,9 @@ Phases (state under ``--state``, so that phases of one machine start can run in 
 
 Everything is written to ``--out``/gpu_search.json (and a summary .md) after each phase. Without perf_analyzer (the
 CPU machine) the sweeps use tritonclient threads instead, which the CPU dry run exercises.
+
+Why one module: it is the one entry point of the GPU serving question (``benchmarks/gpu.sh``, docs/benchmarks.md),
+and its phases share the state under ``--state`` and one report.
 """
 
 from __future__ import annotations
@@ -220,11 +223,11 @@ def placement(path: Path) -> dict:
 
 def ceiling_points(path: Path, device: str, cpu: CpuPath, queries: list[str], n: int | None, combos, args) -> list:
     """The graph alone: T threads x B queries per call, each way of running it; outputs copied to the host. The
-    ``cuda_graph`` way runs the step's own fixed-shape copies (``serving.backends.search.StaticGraphs``, one set per
-    thread: a captured graph belongs to one session), since onnxruntime refuses to capture the dynamic graph."""
+    ``cuda_graph`` way runs the step's own fixed-shape copies (``serving.backends.search_graph.StaticGraphs``, one set
+    per thread: a captured graph belongs to one session), since onnxruntime refuses to capture the dynamic graph."""
     from serving.backends import static_shapes
     from serving.backends.onnx_runner import BoundSession
-    from serving.backends.search import StaticGraphs
+    from serving.backends.search_graph import StaticGraphs
 
     rng = np.random.default_rng(1)
     size = cpu.size

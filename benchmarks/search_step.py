@@ -25,6 +25,9 @@ executions with the phases timed (exclusive time of the callables of :data:`PHAS
 outputs; the rest of ``execute`` is "other"). ``outputs_digest`` hashes every response's tensors of the first
 execution (the real graph's answers; BYTES as serialized): equal digests, equal answers on the wire. ``--report``
 adds the run to a JSON report ``{"command", "before", "after", "runs"}`` under ``--label``.
+
+Why one module: it is the one entry point of the search step's own cost, and its parts (laying a version out from
+``--code``, the requests, the timers) serve that measurement only.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ class SearchSettings:
     instances: int  # Python processes, each with its own session, store copy and CUDA context
     batch_delay_us: int  # the dynamic batcher's wait for more requests to merge into one graph call
     io_binding: bool  # onnx_runner.BoundSession: inputs and outputs bound on the device
-    cuda_graph: bool  # run each batch shape through a fixed-shape copy of the graph, captured (search.StaticGraphs)
+    cuda_graph: bool  # each batch shape on a captured fixed-shape copy of the graph (search_graph.StaticGraphs)
     intra_op_threads: int | None  # onnxruntime's CPU pool per instance (None: its default, the machine's cores)
 
 
@@ -114,8 +114,8 @@ class SearchSettings:
 # latest winner was onnxruntime's own CPU thread pool per instance, though every lever of that run beat its base by
 # 11-15%, so the base may have been unlucky). CUDA graphs: onnxruntime refuses to capture the graph as exported (its
 # shape ops run on the host), so the step captures fixed-shape copies of it, one per batch shape
-# (``search.StaticGraphs``); the step's description says which ran. CPU: one instance with onnxruntime's own pool
-# (more processes would split the same cores), bound host buffers (the same code path as the GPU's), no graphs.
+# (``search_graph.StaticGraphs``); the step's description says which ran. CPU: one instance with onnxruntime's own
+# pool (more processes would split the same cores), bound host buffers (the same code path as the GPU's), no graphs.
 SEARCH_SETTINGS = {"gpu": SearchSettings(instances=2, batch_delay_us=200, io_binding=True, cuda_graph=True,
                                          intra_op_threads=None),
                    "cpu": SearchSettings(instances=1, batch_delay_us=100, io_binding=True, cuda_graph=False,
@@ -299,8 +299,8 @@ def ensemble_config(name: str, version: int, routing: Routing | None = None) -> 
 def search_step_config(settings: SearchSettings, *, sizes: Mapping[str, int] | None = None,
                        max_batch: int = sig.SEARCH_MAX_BATCH) -> mc.ModelConfig:
     """``amc_search_step``'s config: the text step's module in mode search, run as ``settings`` say (the
-    benchmarks write their A/B variants with it), with the search graph's parameters (``SearchGraph`` of ``serving/backends/search.py``).
-    The same in both flavours (the graph runs inside the Python step)."""
+    benchmarks write their A/B variants with it), with the search graph's parameters (``SearchGraph`` of
+    ``serving/backends/search_graph.py``). The same in both flavours (the graph runs inside the Python step)."""
     config = mc.ModelConfig(name=sig.SEARCH_STEP.model_name, max_batch_size=max_batch)
     config.version_policy.all.SetInParent()
     declare_tensors(config, sig.SEARCH_STEP, template_sizes() if sizes is None else sizes)

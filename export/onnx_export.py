@@ -14,6 +14,9 @@ varied regions, keywords and token lengths) and requires every output's relative
 ``||ort - torch|| / ||torch||`` under :data:`TOLERANCE`. The inputs are realistic: sentence embeddings of
 unit norm, the zero vector for padded keywords, lexical features in [0, 1] (0 on padding), WordPiece ids
 between [CLS] and [SEP] followed by 0 pads.
+
+Why one module: every graph it writes is validated here against the wrapper it was traced from, on inputs made here;
+fifteen of its definitions are the five wrappers' class, ``__init__`` and ``forward``.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ benchmarks export their store graphs (per network, fused without top-k) with the
 Correctness: :func:`validate_store` compares every store graph with the PyTorch raw path on the same
 candidates (the gallery rows gathered by id, keywords as sentence embeddings): relative error <
 :data:`export.onnx_export.TOLERANCE`.
+
+Why one module: the store's arrays, the graphs that hold them as constants and the check of those graphs against
+PyTorch change together (a new stored array touches all three), and split in two the halves would import each other
+(the graphs take a :class:`Store`, the store's export builds the graphs; test_layout counts type-only imports).
 """
 
 from __future__ import annotations

@@ -34,6 +34,10 @@ A version is published once, then loaded and verified on every replica (concurre
 applied to every replica; if any replica fails a step, the step is undone on all of them (a version that
 fails to load or verify anywhere is unloaded everywhere and quarantined; a routing change that fails to
 reload ``amc`` anywhere is reverted everywhere), and the error names the replica.
+
+Why one module: the ordering rules above span every operation of :class:`Rollout` (each loads, re-pins or unloads
+under the same rules, on every replica, and undoes itself on all of them when one fails), so they are read against
+each other in one class; its command line, :func:`main`, is under 60 lines.
 """
 
 from __future__ import annotations

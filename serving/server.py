@@ -16,6 +16,10 @@ TLS: with ``tls=TLSFiles(cert, key, ca)`` (``--tls-cert/--tls-key/--tls-ca``) th
 (Triton's ``--grpc-use-ssl``); with a CA it also demands a client certificate signed by it (mutual TLS,
 ``--grpc-use-ssl-mutual``). A plaintext client is refused (UNAVAILABLE). Triton's HTTP endpoint has no TLS: it
 stays on loopback, and this launcher reads readiness there, so it needs no client certificate of its own.
+
+Why one module: it is one class, one tritonserver process from launch to stop; eleven of its definitions are
+one-line accessors (ports, URLs, pid, log, headers), and the wheel's binary and the endpoints live apart already
+(``triton_wheel.py``, ``endpoints.py``).
 """
 
 from __future__ import annotations

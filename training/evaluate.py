@@ -14,6 +14,9 @@ targets, MTN's mean visual weight), ``eval_details.json`` (per seed), ``eval.md`
 ``--jobs N`` runs up to N seeds at once, each in a process of its own (``--out-dir``/seeds/seed<S>/, with its log),
 then writes the reports over all seeds from theirs; each process gets ``OMP_NUM_THREADS`` = cores / N unless the
 variable is set. A seed's figures do not depend on how many ran beside it.
+
+Why one module: it is the evaluation's one command, from training each seed to the tables and figures it writes, and
+its parts serve that command only (the protocols are ``training.protocols``').
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ from tritonclient.utils import InferenceServerException
 
 from amc_contract.routing import Routing
 
-from . import _fleet
+from . import _calls, _fleet
+from ._calls import Call as _Call
 from ._calls import Detach as _Detach
 from ._calls import Sleep as _Sleep
 from ._calls import Steps as _Steps
@@ -35,33 +36,21 @@ class AsyncAMCClient(_Core):
         return replica.client
 
     async def _drive(self, steps: _Steps) -> Any:
-        """See :meth:`AMCClient._drive`: the same paths, with awaited calls and sleeps."""
-        value: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                op = steps.throw(error) if error is not None else steps.send(value)
-            except StopIteration as done:
-                return done.value
-            value, error = None, None
-            if isinstance(op, _Sleep):
-                await asyncio.sleep(op.seconds)
-                continue
-            if isinstance(op, _Detach):
-                task = asyncio.ensure_future(self._drive_apart(op.steps))
-                self._pending_tasks.add(task)  # close() waits for it; done, it leaves the set
-                task.add_done_callback(self._pending_tasks.discard)
-                task.add_done_callback(lambda _, done=op.done: done())  # also when cancelled before it ran
-                continue
-            try:
-                inner = self._client_of(op.replica)
-                if op.method == "infer":
-                    value = await self._infer(inner, op.remaining, **op.kwargs)
-                else:
-                    args, kwargs = self._kwargs(op, op.remaining)
-                    value = await getattr(inner, op.method)(*args, **kwargs)
-            except InferenceServerException as e:
-                error = e
+        """Run a core request path (``_calls.drive``): each call it yields awaited, each backoff slept with asyncio."""
+        return await _calls.drive(steps, self._perform)
+
+    async def _perform(self, op: _Call | _Sleep | _Detach) -> Any:
+        """One op of a path; a detached path runs in a task of its own."""
+        if isinstance(op, _Sleep):
+            await asyncio.sleep(op.seconds)
+        elif isinstance(op, _Detach):
+            task = asyncio.ensure_future(self._drive_apart(op.steps))
+            self._pending_tasks.add(task)  # close() waits for it; done, it leaves the set
+            task.add_done_callback(self._pending_tasks.discard)
+            task.add_done_callback(lambda _, done=op.done: done())  # also when cancelled before it ran
+        else:
+            return await self._invoke(op)
+        return None
 
     async def _drive_apart(self, steps: _Steps) -> None:
         """See :meth:`AMCClient._drive_apart`."""

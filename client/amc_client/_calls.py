@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,3 +150,32 @@ class Detach:
 
 # What the core's request paths yield, and what they are sent back.
 Steps = Generator["Call | Sleep | Detach", Any, Any]
+
+
+async def drive(steps: Steps, perform: Callable[[Call | Sleep | Detach], Awaitable[Any]]) -> Any:
+    """Run a request path to its end, the one loop of both faces: each op it yields goes to ``perform`` (the face's
+    call, sleep or detach), and the path is sent the result, or thrown the tritonclient exception ``perform``
+    raised. The asyncio face awaits it; the blocking face's ``perform`` never suspends, so it runs it with
+    :func:`run_blocking`."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            op = steps.throw(error) if error is not None else steps.send(value)
+        except StopIteration as done:
+            return done.value
+        value, error = None, None
+        try:
+            value = await perform(op)
+        except InferenceServerException as e:
+            error = e
+
+
+def run_blocking(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """A coroutine that never suspends (:func:`drive` with the blocking face's ``perform``), run to its end now."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("a blocking request path suspended: its perform awaited something that waits")

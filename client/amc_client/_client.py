@@ -14,7 +14,8 @@ from tritonclient.utils import InferenceServerException
 
 from amc_contract.routing import Routing
 
-from . import _fleet
+from . import _calls, _fleet
+from ._calls import Call as _Call
 from ._calls import Detach as _Detach
 from ._calls import Sleep as _Sleep
 from ._calls import Steps as _Steps
@@ -50,30 +51,18 @@ class AMCClient(_Core):
         return replica.client
 
     def _drive(self, steps: _Steps) -> Any:
-        """Run a core request path: perform each call it yields (blocking), sleep each backoff."""
-        value: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                op = steps.throw(error) if error is not None else steps.send(value)
-            except StopIteration as done:
-                return done.value
-            value, error = None, None
-            if isinstance(op, _Sleep):
-                time.sleep(op.seconds)
-                continue
-            if isinstance(op, _Detach):
-                self._start_apart(op)
-                continue
-            try:
-                inner = self._client_of(op.replica)
-                if op.method == "infer":
-                    value = self._infer(inner, op.remaining, **op.kwargs)
-                else:
-                    args, kwargs = self._kwargs(op, op.remaining)
-                    value = getattr(inner, op.method)(*args, **kwargs)
-            except InferenceServerException as e:
-                error = e
+        """Run a core request path (``_calls.drive``): each call it yields made blocking, each backoff slept."""
+        return _calls.run_blocking(_calls.drive(steps, self._perform))
+
+    async def _perform(self, op: _Call | _Sleep | _Detach) -> Any:
+        """One op of a path, done before it returns: it never suspends (``_calls.run_blocking``)."""
+        if isinstance(op, _Sleep):
+            time.sleep(op.seconds)
+        elif isinstance(op, _Detach):
+            self._start_apart(op)
+        else:
+            return self._invoke(op)
+        return None
 
     def _start_apart(self, op: _Detach) -> None:
         """Run ``op``'s path in a daemon thread; close() waits for it as for an abandoned call."""

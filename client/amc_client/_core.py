@@ -4,10 +4,13 @@ One core, two thin faces. :class:`_Core` holds everything a request does: option
 canary routing, retries with backoff inside one deadline, the translation of errors, the result checks. Its
 request paths are generators that *yield* what they need done (:class:`_Call`: one call of tritonclient's
 API; :class:`_Sleep`: a backoff; :class:`_Detach`: a path to run apart, as the routing refresh) and are sent the
-result, or thrown the tritonclient exception. The blocking :class:`AMCClient` (``_client.py``) runs them
-with :meth:`AMCClient._drive` (plain calls, ``time.sleep``), the asyncio :class:`AsyncAMCClient`
-(``_async_client.py``) with :meth:`AsyncAMCClient._drive` (awaited calls, ``asyncio.sleep``); each face adds
-only how it talks to the channel and its public methods, one line each.
+result, or thrown the tritonclient exception. One loop runs them, ``_calls.drive``, handing each op to the face's
+``_perform``: the blocking :class:`AMCClient` (``_client.py``) performs it with plain calls and ``time.sleep``
+(``_calls.run_blocking``), the asyncio :class:`AsyncAMCClient` (``_async_client.py``) with awaited calls and
+``asyncio.sleep``; each face adds only how it talks to the channel and its public methods, one line each.
+
+Why one module: it is one class, whose request paths share its routing cache, retry state and deadlines; the rules
+they follow (packing, the fleet's choice, routing, search, error translation) are modules of their own already.
 """
 
 from __future__ import annotations
@@ -206,7 +209,7 @@ class _Core:
             loaded=loaded,
         )
 
-    # ---- the request paths: generators of _Call / _Sleep / _Detach, run by a face's _drive --------------------
+    # ---- the request paths: generators of _Call / _Sleep / _Detach, run by _calls.drive ----------------------
     def _rank_many(
         self,
         queries: Sequence[str],
@@ -376,7 +379,16 @@ class _Core:
         return (yield from self._probe("is_model_ready", name))
 
     # ---- running a path (the faces' part) ------------------------------------------------------------------
-    def _kwargs(self, call: _Call, timeout: float) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def _invoke(self, call: _Call) -> Any:
+        """Make ``call`` on its replica's tritonclient client: what the method returns (the blocking face's answer;
+        the asyncio face's awaitable of it). An inference goes through the face's ``_infer``."""
+        inner = self._client_of(call.replica)
+        if call.method == "infer":
+            return self._infer(inner, call.remaining, **call.kwargs)
         kwargs = dict(call.kwargs)
         args = kwargs.pop("args", ())
-        return args, {**kwargs, "headers": self._headers, "client_timeout": timeout}
+        return getattr(inner, call.method)(*args, **kwargs, headers=self._headers, client_timeout=call.remaining)
+
+    def _infer(self, inner: Any, remaining: float, **kwargs: Any) -> Any:
+        """One inference on ``inner``, waited for at most ``remaining`` s and never cancelled (each face's own)."""
+        raise NotImplementedError

@@ -28,6 +28,10 @@ emoji -> name table (:class:`EmojiNames`) is built from CLDR at training and pub
 training and serving read the same names. Keywords are not normalized (they are the catalog's own strings).
 Versions published before rules 2 (rules 1: no ``text_rules`` in their ``version.json``) keep their queries as
 sent: the text step applies the rules its version declares.
+
+Why one module: it is the text rules a version declares as one (``text_rules``), and the lexical match's three ways
+(:class:`LexicalMatcher`, :class:`KeywordIndex`, :class:`StoreWords`) and the query reading they start from must
+agree to the bit, so they are read against each other here.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ Each step's ``TritonPythonModel`` only moves tensors between ``pb_utils`` and nu
 arrays, tested without a server (``tests/unit``):
 
     search.py        the search step's (and store mode's checks, every mode's reading of a query)
+    search_graph.py  the search step's graph calls: SearchGraph, StaticGraphs (fixed-shape copies), graph_k
     text_requests.py the text step's raw and store modes: checks, admission, outputs
     text_features.py TextFeatures: a text-step version folder's tokenizer, encoder, keyword table and text rules
     network.py       a network step's input checks and batching

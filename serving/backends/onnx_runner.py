@@ -26,9 +26,10 @@ outputs are split back. A request that fails validation, or a group whose run fa
 request at a time so only the bad request fails); the instance itself never raises out of :meth:`execute`. The step
 only moves tensors between ``pb_utils`` and numpy: the checks and the batching are ``network.py``'s functions.
 
-Also here, for every step of the package: the onnxruntime providers and session options the config parameters
-choose (:func:`execution_providers`, :func:`session_options`, :func:`lower_cpu_priority`), :class:`BoundSession`
-(the search step's device-resident I/O) and the error responses (:func:`error_response`, :func:`coded_response`).
+Also here, for every step of the package: the config parameters as strings (:func:`config_parameters`,
+:func:`config_mode`), the onnxruntime providers and session options they choose (:func:`execution_providers`,
+:func:`session_options`, :func:`lower_cpu_priority`), :class:`BoundSession` (the search step's device-resident I/O)
+and the error responses (:func:`error_response`, :func:`coded_response`).
 
 Overload: with config parameter ``admission`` (the generator sets it on VAN, the one network that can refuse a
 request the text step admitted: NaN regions, regions and mask for different candidates), every error response
@@ -58,6 +59,21 @@ except ImportError:  # imported outside Triton (tests): session_options only
     pb_utils = None
 
 
+def config_parameters(config: dict[str, Any]) -> dict[str, str]:
+    """A step's config parameters (``parameters`` of the config Triton hands ``initialize``) by key: each one's
+    ``string_value``, "" where it has none."""
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def config_mode(params: dict[str, str], modes: tuple[str, ...], model_name: str) -> str:
+    """The config parameter ``mode`` of a step that serves several models (``text_step.py``, ``top_k.py``): one of
+    ``modes``, else ValueError naming them."""
+    mode = params.get("mode", "")
+    if mode not in modes:
+        raise ValueError(f"{model_name}: config parameter mode must be one of {modes}, got {mode!r}")
+    return mode
+
+
 def session_options(params: dict[str, str], model_name: str) -> Any:
     """onnxruntime session options from the config parameters ``intra_op_num_threads`` and ``allow_spinning``.
 
@@ -68,7 +84,7 @@ def session_options(params: dict[str, str], model_name: str) -> Any:
     47 / 39 ms instead of 87 / 79 (100 candidates: 203 / 213 instead of 300 / 277; ``reports/overload_runs.json``).
     And a server pinned to fewer CPUs than the machine has (taskset, a cpuset) gets pools of that size, where
     onnxruntime would size them by the machine's cores; unpinned, onnxruntime's own default stays.
-    Also used by the text and search steps (``text_step.py``, ``search.SearchGraph``).
+    Also used by the text and search steps (``text_step.py``, ``search_graph.SearchGraph``).
     """
     import os
 
@@ -114,7 +130,7 @@ def lower_cpu_priority(params: dict[str, str], model_name: str) -> int:
 def execution_providers(params: dict[str, str], args: dict[str, str], model_name: str) -> list[Any]:
     """onnxruntime providers from the config parameters ``execution_provider`` and ``use_tf32`` (see above).
 
-    Also used by the text and search steps (``text_step.py``, ``search.SearchGraph``).
+    Also used by the text and search steps (``text_step.py``, ``search_graph.SearchGraph``).
     """
     import onnxruntime as ort
 
@@ -263,7 +279,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.model_name = args["model_name"]
         self.version = args["model_version"]
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        params = config_parameters(config)
         path = Path(args["model_repository"]) / self.version / (params.get("onnx_file") or "model.onnx")
         niceness = lower_cpu_priority(params, self.model_name)
         self.session = ort.InferenceSession(str(path), sess_options=session_options(params, self.model_name),

@@ -11,7 +11,8 @@ numpy arrays, tested without a server:
     text_features.py     :class:`TextFeatures`: the version folder's tokenizer, encoder, keyword table, text rules
     text_requests.py     raw and store modes: each request's checks, admission, the outputs
     search.py            search mode: the checks (which store mode shares, and every mode's reading of a query),
-                         tokens and words, the search graph, the answers
+                         tokens and words, the answers
+    search_graph.py      search mode: the search graph's calls (fixed-shape copies on CUDA graphs where asked for)
 
 A version folder holds (written by ``export.repository``) ``model.py``, Triton's entry (this folder first on
 sys.path, then ``from amc_steps.text_step import ...``); ``amc_steps/``, this package as published; ``amc_contract/``,
@@ -67,9 +68,16 @@ from amc_contract import RequestError
 from amc_contract import text as amc_text
 
 from . import search as search_logic
-from . import text_requests
+from . import search_graph, text_requests
 from .admission import InFlight, counter_path, remove_stale
-from .onnx_runner import coded_response, error_response, execution_providers, session_options
+from .onnx_runner import (
+    coded_response,
+    config_mode,
+    config_parameters,
+    error_response,
+    execution_providers,
+    session_options,
+)
 from .text_features import DEFAULT_KEYWORD_CACHE, TextFeatures
 
 try:
@@ -81,12 +89,9 @@ except ImportError:  # imported outside Triton (benchmarks, tests)
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        params = config_parameters(config)
         self.model_name = args["model_name"]
-        self.mode = params.get("mode", "")
-        if self.mode not in text_requests.MODES:
-            raise ValueError(f"{self.model_name}: config parameter mode must be one of {text_requests.MODES}, got "
-                             f"{self.mode!r}")
+        self.mode = config_mode(params, text_requests.MODES, self.model_name)
         self.input_names = text_requests.config_names(config, "input", self.mode, self.model_name)
         self.output_names = text_requests.config_names(config, "output", self.mode, self.model_name)
         here = Path(args["model_repository"]) / args["model_version"]
@@ -124,7 +129,7 @@ class TritonPythonModel:
                 text_rules=self.features.text_rules)
         if searching:
             self.search_module = search_logic
-            self.search = search_logic.SearchGraph(here, params, args, self.model_name)
+            self.search = search_graph.SearchGraph(here, params, args, self.model_name)
             self.strings = search_logic.StoreStrings.of((here / "store.json").read_text(encoding="utf-8"))
             self.bytes = search_logic.SerializedBytes(pb_utils)
             detail += f", {self.search.describe()}"

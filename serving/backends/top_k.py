@@ -45,7 +45,7 @@ import numpy as np
 from amc_contract import RequestError
 
 from .admission import InFlight, counter_path
-from .onnx_runner import error_response
+from .onnx_runner import config_mode, config_parameters, error_response
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -109,11 +109,9 @@ def select(candidates: Sequence[np.ndarray | None], top_k: np.ndarray | None, na
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        params = config_parameters(config)
         self.model_name = args["model_name"]
-        self.mode = params.get("mode", "")
-        if self.mode not in MODES:
-            raise ValueError(f"{self.model_name}: config parameter mode must be one of {MODES}, got {self.mode!r}")
+        self.mode = config_mode(params, MODES, self.model_name)
         self.input_names = [t["name"] for t in config["input"]]
         self.output_names = [t["name"] for t in config["output"]]
         expected = (5, 5)

@@ -86,11 +86,11 @@ def test_bad_shapes_are_refused(search_graph):
 
 
 def test_the_steps_static_graphs_answer_as_the_dynamic_graph_and_fall_back_past_their_limit(search_graph):
-    """serving.backends.search.StaticGraphs (what the search step runs on CUDA graphs), here on the CPU provider: one
-    copy per bucket, the dynamic graph's answers, None (the caller runs the dynamic graph) beyond its limit or where
-    a copy fails, and the failure named."""
+    """serving.backends.search_graph.StaticGraphs (what the search step runs on CUDA graphs), here on the CPU
+    provider: one copy per bucket, the dynamic graph's answers, None (the caller runs the dynamic graph) beyond its
+    limit or where a copy fails, and the failure named."""
     from serving.backends.onnx_runner import BoundSession
-    from serving.backends.search import StaticGraphs
+    from serving.backends.search_graph import StaticGraphs
 
     names = ["query_tokens", "query_words", "query_word_weights", "candidate_ids", "search_k"]
     graphs = StaticGraphs(search_graph, names, lambda model: ort.InferenceSession(model, providers=["CPUExecutionProvider"]),
@@ -121,7 +121,7 @@ def test_a_copy_whose_capture_failed_stops_the_copies(search_graph):
     """BoundSession runs a bucket uncaptured where its capture fails (graph_error); StaticGraphs then drops that copy
     and builds no more (each holds the store again), and the caller runs the dynamic graph."""
     from serving.backends.onnx_runner import BoundSession
-    from serving.backends.search import StaticGraphs
+    from serving.backends.search_graph import StaticGraphs
 
     class Uncaptured(BoundSession):  # as BoundSession leaves a bucket whose capture onnxruntime refused
         def __init__(self, *args, **kwargs):

@@ -1,7 +1,7 @@
-"""The search step (``amc_search_step``) without a server: its functions (``serving/backends/search.py``) and its
-``TritonPythonModel`` run in-process with the shared fake ``pb_utils`` (``tests/fake_pb_utils.py``) over a stand-in
-search graph. Every bad input the integration tests send to a real tritonserver is refused here with the same
-message (tests/integration/test_serving.py)."""
+"""The search step (``amc_search_step``) without a server: its functions (``serving/backends/search.py``; its graph
+calls, ``search_graph.py``) and its ``TritonPythonModel`` run in-process with the shared fake ``pb_utils``
+(``tests/fake_pb_utils.py``) over a stand-in search graph. Every bad input the integration tests send to a real
+tritonserver is refused here with the same message (tests/integration/test_serving.py)."""
 
 from __future__ import annotations
 
