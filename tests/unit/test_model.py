@@ -295,15 +295,22 @@ def test_a_tag_match_among_kin_is_trusted_more_than_one_among_strangers():
     assert weights[0, 0, 1] > weights[0, 1, 1] + 0.1
 
 
-def test_checkpoint_from_before_the_visual_agreement_loads_with_the_plain_gate(tmp_path):
-    model = _model(visual_agreement=False, tag_agreement=False)
+def _as_older_checkpoint(tmp_path, model, *dropped: str):
+    """``model`` saved, then loaded as a checkpoint written before the config fields ``dropped`` existed (fingerprinted
+    as it was saved then)."""
     weights = TermWeights.from_documents([["cat"]]).to_json()
     save_checkpoint(tmp_path / "c.pt", model, weights, train_config={})
     payload = torch.load(tmp_path / "c.pt", weights_only=True)
-    del payload["model_config"]["visual_agreement"]
+    for name in dropped:
+        del payload["model_config"][name]
     payload["fingerprint"] = fingerprint(payload["model_config"], weights, payload["state_dict"])
     torch.save(payload, tmp_path / "old.pt")
-    loaded = load_checkpoint(tmp_path / "old.pt")
+    return load_checkpoint(tmp_path / "old.pt")
+
+
+def test_checkpoint_from_before_the_visual_agreement_loads_with_the_plain_gate(tmp_path):
+    model = _model(visual_agreement=False, tag_agreement=False)
+    loaded = _as_older_checkpoint(tmp_path, model, "visual_agreement")
     assert loaded.model_config.gate_lexical and not loaded.model_config.visual_agreement
     inputs = _inputs()
     assert torch.equal(loaded.build_model()(*inputs).scores, model(*inputs).scores)
@@ -343,16 +350,8 @@ def test_lexical_gate_starts_at_the_configured_trust():
 
 def test_checkpoint_from_before_the_mtn_guide_option_loads_with_the_papers_separate_guide(tmp_path):
     model = _model(mtn_guide="separate", lexical_pool="attention", gate_lexical=False, visual_agreement=False, tag_agreement=False, lexical_monotone=False)
-    weights = TermWeights.from_documents([["cat"]]).to_json()
-    save_checkpoint(tmp_path / "c.pt", model, weights, train_config={})
-    payload = torch.load(tmp_path / "c.pt", weights_only=True)
-    del payload["model_config"]["mtn_guide"]  # what a checkpoint written before the options holds
-    del payload["model_config"]["lexical_pool"]
-    del payload["model_config"]["gate_lexical"]
-    del payload["model_config"]["lexical_monotone"]
-    payload["fingerprint"] = fingerprint(payload["model_config"], weights, payload["state_dict"])  # as it was saved
-    torch.save(payload, tmp_path / "old.pt")
-    loaded = load_checkpoint(tmp_path / "old.pt")
+    # what a checkpoint written before the options holds
+    loaded = _as_older_checkpoint(tmp_path, model, "mtn_guide", "lexical_pool", "gate_lexical", "lexical_monotone")
     assert loaded.model_config.mtn_guide == "separate" and loaded.model_config.lexical_pool == "attention"
     assert not loaded.model_config.gate_lexical and not loaded.model_config.lexical_monotone
     inputs = _inputs()
@@ -363,13 +362,7 @@ def test_checkpoint_with_the_gate_but_before_monotone_evidence_loads_with_a_free
     model = _model(lexical_pool="max", gate_lexical=True, lexical_monotone=False)
     with torch.no_grad():
         model.lan.lexical_score.weight.fill_(-1.0)  # what a free c could learn; |c| would score otherwise
-    weights = TermWeights.from_documents([["cat"]]).to_json()
-    save_checkpoint(tmp_path / "c.pt", model, weights, train_config={})
-    payload = torch.load(tmp_path / "c.pt", weights_only=True)
-    del payload["model_config"]["lexical_monotone"]
-    payload["fingerprint"] = fingerprint(payload["model_config"], weights, payload["state_dict"])
-    torch.save(payload, tmp_path / "gate.pt")
-    loaded = load_checkpoint(tmp_path / "gate.pt")
+    loaded = _as_older_checkpoint(tmp_path, model, "lexical_monotone")
     assert loaded.model_config.gate_lexical and not loaded.model_config.lexical_monotone
     inputs = _inputs()
     assert torch.equal(loaded.build_model()(*inputs).scores, model(*inputs).scores)
