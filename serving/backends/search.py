@@ -333,11 +333,6 @@ class StoreStrings:
         self.packed_ids = _objects([serialize(self.ids[g: g + 1]) for g in range(len(self.ids))])
         self.packed_keywords = _objects([serialize(row) for row in self.keywords])
 
-    @classmethod
-    def of(cls, store_json: str) -> StoreStrings:
-        store = json.loads(store_json)
-        return cls(store["ids"], store["keywords"])
-
 
 def _objects(values: list[bytes]) -> np.ndarray:
     out = np.empty(len(values), dtype=object)

@@ -82,8 +82,10 @@ class TextFeatures:
         self.cache_size = cache_size
         self.encoded_keywords = 0  # keywords encoded on the fly since start (table and cache misses)
         self.store_keywords: np.ndarray | None = None  # (G, K_store) strings of the store rows, "" pads
+        self.store_ids: list[str] | None = None  # (G,) the store rows' ids
         if (folder / "store.json").is_file():
-            rows = json.loads((folder / "store.json").read_text(encoding="utf-8"))["keywords"]
+            store = json.loads((folder / "store.json").read_text(encoding="utf-8"))
+            rows, self.store_ids = store["keywords"], store["ids"]
             self.store_keywords = np.full((len(rows), max([1, *map(len, rows)])), "", dtype=object)
             for g, row in enumerate(rows):
                 self.store_keywords[g, : len(row)] = row

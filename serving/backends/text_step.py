@@ -130,7 +130,8 @@ class TritonPythonModel:
         if searching:
             self.search_module = search_logic
             self.search = search_graph.SearchGraph(here, params, args, self.model_name)
-            self.strings = search_logic.StoreStrings.of((here / "store.json").read_text(encoding="utf-8"))
+            # The store parsed once, by TextFeatures: its rows' strings as the answers carry them.
+            self.strings = search_logic.StoreStrings(self.features.store_ids, self.features.store_keywords)
             self.bytes = search_logic.SerializedBytes(pb_utils)
             detail += f", {self.search.describe()}"
         self.in_flight = None
