@@ -52,7 +52,7 @@ from amc_contract import signatures as sig
 from serving import faults
 from serving.server import TritonServer
 
-from . import triton, triton_trace
+from . import triton
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -482,15 +482,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", type=Path, default=None,
                         help="serve this repository (made by serving.faults.publish_untrained where the training "
                              "stack is, e.g. for a machine without it) instead of publishing an untrained model")
-    parser.add_argument("--onnx-spinning", choices=("0", "1"), default=None,
-                        help="set the ONNX steps' allow_spinning config parameter (default: as published, 0) to "
-                             "compare the two")
-    parser.add_argument("--network-nice", type=int, choices=range(20), default=None, metavar="0-19",
-                        help="set the network steps' nice config parameter (default: as published) to compare "
-                             "priorities of the networks' compute and the front end's intake")
-    parser.add_argument("--trace-rate", type=_positive, default=None, metavar="N",
-                        help="trace one overload request in N with Triton's timestamps (the front end's intake, "
-                             "the time in the server, the send) and add their percentiles to the details")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "reliability.json")
     args = parser.parse_args(argv)
     if set(args.sections) != set(SECTIONS) and args.out == parser.get_default("out"):
@@ -514,7 +505,7 @@ def _run(args: argparse.Namespace, work: Path, command: str) -> int:
     if args.repository is None:
         repository = work / "repository"
         version = faults.publish_untrained(repository)
-    else:  # a copy: --onnx-spinning and --max-in-flight change its configs
+    else:  # a copy: --max-in-flight changes its configs
         repository = work / "repository"
         shutil.copytree(args.repository, repository)
         versions = published_versions(repository)
@@ -523,16 +514,10 @@ def _run(args: argparse.Namespace, work: Path, command: str) -> int:
         version = versions[-1]
 
     models = [step.model_name for step in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]
-    if args.onnx_spinning is not None:
-        triton.set_parameter(repository, [sig.TOKENIZER.model_name, *(s.model_name for s in sig.NETWORKS)],
-                       "allow_spinning", args.onnx_spinning)
-    if args.network_nice is not None:
-        triton.set_parameter(repository, [s.model_name for s in sig.NETWORKS], "nice", str(args.network_nice))
     if args.max_in_flight is not None:
         triton.set_parameter(repository, [sig.TOKENIZER.model_name], "max_in_flight", str(args.max_in_flight))
     details: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": _machine(),
-                     "command": command, "onnx_spinning": args.onnx_spinning or "as published (0)",
-                     "network_nice": triton.parameter(repository, sig.VAN.model_name, "nice") or "0"}
+                     "command": command}
     report: dict = {}
 
     def step(name: str) -> None:
@@ -543,9 +528,7 @@ def _run(args: argparse.Namespace, work: Path, command: str) -> int:
     client_cpus = args.client_cpus or (os.sched_getaffinity(0) if args.server_cpus else None)
     if args.server_cpus:
         os.sched_setaffinity(0, args.server_cpus)
-    trace_file = work / "trace.json"
-    trace_args = triton_trace.server_args(trace_file) if args.trace_rate else []
-    with TritonServer(repository, models=models, log_file=work / "tritonserver.log", extra_args=trace_args) as server:
+    with TritonServer(repository, models=models, log_file=work / "tritonserver.log") as server:
         details["server_cpus"] = sorted(os.sched_getaffinity(server.pid))
         details["client_cpus"] = sorted(client_cpus) if client_cpus else "as the server"
         if "bad_inputs" in sections:
@@ -559,11 +542,7 @@ def _run(args: argparse.Namespace, work: Path, command: str) -> int:
             closed_loop(server, seconds=10, **load)
             step(f"overload: 64 threads for {args.overload_seconds:g} s")
             stats_before = step_statistics(server)
-            if args.trace_rate:
-                triton_trace.switch(server.grpc_url, args.trace_rate)
             over = closed_loop(server, seconds=args.overload_seconds, backoff_s=args.overload_backoff_s, **load)
-            if args.trace_rate:
-                triton_trace.switch(server.grpc_url, None)
             start, end = over["rss_mb"][0][1], over["rss_mb"][-1][1]
             details["overload"] = {k: v for k, v in over.items() if k != "rss_mb"} | {
                 "rss_mb_start_end": [start, end], "candidates": 20,
@@ -594,10 +573,6 @@ def _run(args: argparse.Namespace, work: Path, command: str) -> int:
             killed = under_load(server, lambda: faults.kill(pid), candidates=_candidates(3), settle_s=180)
             details["server_kill"] = _timeline(killed)
             report["server_kill"] = {"client_recovered_s": round(killed["recovered_s"] or -1.0, 2)}
-    if args.trace_rate and "overload" in details:  # Triton writes the trace file when it stops
-        details["overload"]["server_trace"] = triton_trace.summarize(trace_file, sig.ENSEMBLE_NAME,
-                                                                     refused_without=sig.VAN.model_name)
-        print(json.dumps({"server_trace": details["overload"]["server_trace"]}))
     if "tls" in sections:
         step("tls")
         report["tls"] = tls_check(repository, models, work / "pki")

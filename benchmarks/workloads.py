@@ -87,8 +87,3 @@ def make_requests(gallery: Gallery, n: int, count: int | None = None, seed: int 
                            gallery.regions[ids].astype(np.float32),
                            np.ones((n, gallery.regions.shape[1]), dtype=bool), kw))
     return out
-
-
-def region_bytes(n: int, dtype_bytes: int = 4) -> int:
-    """Bytes of region features one query ships on the raw path."""
-    return n * sig.REGIONS_PER_IMAGE * sig.REGION_FEATURE_DIM * dtype_bytes

@@ -357,7 +357,3 @@ def export_all(model: AMC, out_dir: Path, *, version: int, fingerprint: str,
         report[name] = validate_network(model, name, path, version=version)
         check_parity(name, report[name])
     return report
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}

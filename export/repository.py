@@ -200,19 +200,18 @@ class TextStepFiles:
                    emoji_names_json=names.read_text(encoding="utf-8") if names.is_file() else None)
 
 
-def write_step_code(version_dir: Path, module: str, *, steps: Path = BACKENDS_DIR,
-                    contract: Path = CONTRACT_DIR) -> None:
-    """The code of one Python-backend step version in ``version_dir`` (made if missing): ``steps`` (default
-    ``serving/backends``) copied whole as ``amc_steps/``, ``contract`` (default ``amc_contract``) copied whole, and
-    ``model.py``, Triton's entry, taking ``TritonPythonModel`` from ``amc_steps.<module>`` (``text_step``,
-    ``top_k``, ``onnx_runner``). Compiled here: the stub writes no bytecode into the folder (Triton would take a new
-    file there for a changed version and reload it)."""
+def write_step_code(version_dir: Path, module: str) -> None:
+    """The code of one Python-backend step version in ``version_dir`` (made if missing): ``serving/backends`` copied
+    whole as ``amc_steps/``, ``amc_contract`` copied whole, and ``model.py``, Triton's entry, taking
+    ``TritonPythonModel`` from ``amc_steps.<module>`` (``text_step``, ``top_k``, ``onnx_runner``). Compiled here: the
+    stub writes no bytecode into the folder (Triton would take a new file there for a changed version and reload
+    it)."""
     version_dir.mkdir(parents=True, exist_ok=True)
-    if not (steps / f"{module}.py").is_file():
-        raise ValueError(f"{steps} has no step module {module}.py")
+    if not (BACKENDS_DIR / f"{module}.py").is_file():
+        raise ValueError(f"{BACKENDS_DIR} has no step module {module}.py")
     skip = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(steps, version_dir / STEPS_PACKAGE, ignore=skip)
-    shutil.copytree(contract, version_dir / CONTRACT_PACKAGE, ignore=skip)
+    shutil.copytree(BACKENDS_DIR, version_dir / STEPS_PACKAGE, ignore=skip)
+    shutil.copytree(CONTRACT_DIR, version_dir / CONTRACT_PACKAGE, ignore=skip)
     (version_dir / ENTRY_FILE).write_text(ENTRY.format(model=version_dir.parent.name, steps=STEPS_PACKAGE,
                                                        contract=CONTRACT_PACKAGE, module=module), encoding="utf-8")
     compileall.compile_dir(version_dir, quiet=1)

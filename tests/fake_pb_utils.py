@@ -1,5 +1,5 @@
 """A stand-in for the Python backend's ``triton_python_backend_utils`` (``pb_utils``): the serving steps run in-process,
-without a server, in the unit tests and in ``benchmarks.search_step``.
+without a server, in the unit tests (and in ``benchmarks/search_step.py``, last present at commit 448fa56).
 
 Built as the real stub builds it: the wheel's own ``triton_python_backend_utils.py`` (``serialize_byte_tensor``,
 ``get_input_tensor_by_name``, ``triton_string_to_numpy``, ...), loaded from the installed ``nvidia-pytriton``, with the

@@ -78,7 +78,3 @@ def config_from_args(cls: type[T], namespace: argparse.Namespace) -> T:
             node = node.setdefault(p, {})
         node[leaf] = tuple(value) if isinstance(value, list) else value
     return _apply(cls, values, "")
-
-
-def config_to_dict(config) -> dict:
-    return dataclasses.asdict(config)

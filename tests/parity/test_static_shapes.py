@@ -1,8 +1,16 @@
 """The static-shape copy of the search graph for one IOBinding bucket (``serving.backends.static_shapes``): nothing left that
 computes on shapes on the host (what kept onnxruntime from capturing the graph as a CUDA graph), and the same
-outputs as the original graph (onnxruntime, CPU provider both)."""
+outputs as the original graph (onnxruntime, CPU provider both).
+
+The helpers below (:func:`cuda_placement`, a replay of onnxruntime's CPU fallback for the CUDA provider,
+``GetCpuPreferredNodes`` in ``onnxruntime/core/framework/fallback_cpu_capability.cc``; on the original graph as
+onnxruntime's basic level leaves it, it gives the 98 CPU-provider nodes of ``reports/gpu.md`` run 9) came from
+``benchmarks/search_static_shapes.py``, which wrote ``reports/search_static_shapes.json`` and is last present at commit
+448fa56."""
 
 from __future__ import annotations
+
+import tempfile
 
 import numpy as np
 import onnx
@@ -10,12 +18,116 @@ import onnxruntime as ort
 import pytest
 
 from amc_contract.text import LexicalMatcher, TermWeights
-from benchmarks.search_static_shapes import compare, cuda_placement, optimized, random_feeds
 from export.store import build_store, export_store_graphs
 from serving.backends import static_shapes as ss
 from tests.parity.test_export import TERM_WEIGHTS, _gallery, tiny_model
 
 BUCKET = {"batch": 3, "tokens": 16, "words": 8, "candidates": 7, "k": 5}
+SMALL_INITIALIZER = 100  # onnxruntime's kSmallInitializerThreshold (elements)
+
+
+def optimized(model: onnx.ModelProto, level: str, dims: dict[str, int] | None = None) -> onnx.ModelProto:
+    """``model`` as onnxruntime's CPU provider leaves it at ``level`` (``basic``, ``extended``), with free-dimension
+    overrides ``dims`` (symbolic dim name -> size)."""
+    with tempfile.TemporaryDirectory(prefix="amc-static-shapes-") as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{level.upper()}")
+        options.optimized_model_filepath = f"{tmp}/optimized.onnx"
+        options.intra_op_num_threads = 1
+        for name, size in (dims or {}).items():
+            options.add_free_dimension_override_by_name(name, size)
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return onnx.load(f"{tmp}/optimized.onnx")
+
+
+def cuda_placement(model: onnx.ModelProto) -> dict:
+    """onnxruntime's CPU fallback for the CUDA provider, replayed: from the outputs the CUDA kernels write in host
+    memory (Shape, Size), each consumer goes to the CPU provider when every input is a small initializer, a graph
+    input, or such a host tensor that its CUDA kernel does not read on the host anyway (:data:`ss.HOST_INPUTS`);
+    then the tensors that cross between host and device (a Memcpy node each)."""
+    graph = model.graph
+    nodes = list(graph.node)  # by index: protobuf hands out new wrappers, so no id() of a node is stable
+    sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in graph.initializer}
+    inputs = {i.name for i in graph.input}
+    consumers: dict[str, list[int]] = {}
+    for j, node in enumerate(nodes):
+        for name in node.input:
+            consumers.setdefault(name, []).append(j)
+    host: set[str] = set()
+    cpu: set[int] = set()
+    seen: set[int] = set()
+    queue: list[int] = []
+    for node in nodes:
+        if node.op_type in ("Shape", "Size"):
+            host.update(node.output)
+            queue.extend(c for o in node.output for c in consumers.get(o, []))
+    while queue:
+        queue.sort(reverse=True)  # the first in the graph's (topological) order last, popped first
+        j = queue.pop()
+        if j in seen:
+            continue
+        seen.add(j)
+        node = nodes[j]
+        movable = True
+        for i, name in enumerate(node.input):
+            if not name or sizes.get(name, SMALL_INITIALIZER + 1) <= SMALL_INITIALIZER or name in inputs:
+                continue
+            if name not in host or i in ss.HOST_INPUTS.get(node.op_type, ()):
+                movable = False
+                break
+        if movable:
+            cpu.add(j)
+            host.update(node.output)
+            queue.extend(c for o in node.output for c in consumers.get(o, []))
+    producers = {o: j for j, n in enumerate(nodes) for o in n.output}
+    to_device, to_host = set(), set()
+    for j, node in enumerate(nodes):
+        for i, name in enumerate(node.input):
+            p = producers.get(name)
+            if p is None:
+                continue
+            on_host = p in cpu or nodes[p].op_type in ("Shape", "Size")
+            read_on_host = j in cpu or i in ss.HOST_INPUTS.get(node.op_type, ())
+            if on_host and not read_on_host:
+                to_device.add(name)
+            elif read_on_host and not on_host:
+                to_host.add(name)
+    return {"nodes": len(graph.node), "cpu_provider_nodes": len(cpu),
+            "memcpy_from_host_after": sorted(to_device), "memcpy_to_host_before": sorted(to_host)}
+
+
+def random_feeds(model: onnx.ModelProto, batch: int, tokens: int, words: int, candidates: int,
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Valid inputs of the search graph: [CLS] ids [SEP] then 0 pads; distinct word numbers (some past the store's
+    words), -1 pads weighing 0; distinct store rows."""
+    store = next(t for t in model.graph.initializer if t.name == "projected").dims[0]
+    ids = np.zeros((batch, tokens), np.int64)
+    numbers, weights = np.full((batch, words), -1, np.int64), np.zeros((batch, words), np.float32)
+    for b in range(batch):
+        n = int(rng.integers(1, tokens - 1))
+        ids[b, 0], ids[b, 1:n + 1], ids[b, n + 1] = 101, rng.integers(999, 30522, n), 102
+        w = int(rng.integers(1, words + 1))
+        numbers[b, :w] = rng.choice(64, w, replace=False)
+        weights[b, :w] = rng.uniform(0.1, 4.0, w)
+    rows = np.stack([rng.choice(store, candidates, replace=False) for _ in range(batch)]).astype(np.int64)
+    return dict(zip(ss.SEARCH_INPUTS[:4], (ids, numbers, weights, rows), strict=True))
+
+
+def compare(original: ort.InferenceSession, static: ort.InferenceSession, feeds: dict[str, np.ndarray],
+            k: int) -> float:
+    """Largest absolute difference over the float outputs; the integer outputs must be equal."""
+    want = original.run(None, {**feeds, ss.SEARCH_INPUTS[4]: np.full((len(feeds[ss.SEARCH_INPUTS[0]]), 1), k,
+                                                                        np.int64)})
+    got = static.run([o.name for o in original.get_outputs()], feeds)
+    worst = 0.0
+    for out, a, b in zip(original.get_outputs(), want, got, strict=True):
+        if a.shape != b.shape:
+            raise AssertionError(f"{out.name}: shape {b.shape}, the original's {a.shape}")
+        if a.dtype.kind == "f":
+            worst = max(worst, float(np.abs(a.astype(np.float64) - b).max()))
+        elif not np.array_equal(a, b):
+            raise AssertionError(f"{out.name} differs from the original's")
+    return worst
 
 
 @pytest.fixture(scope="module")

