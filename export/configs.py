@@ -11,9 +11,6 @@ writes, each config from one function here:
     amc_search_step  whole-store search in one step        :func:`search_step_config`
     amc_search_v<N>, amc_search   its ensemble, pinned     :func:`search_ensemble_config`
 
-(the benchmarks' own store ensembles are built by ``benchmarks.store_models`` from the same building blocks:
-:func:`declare_tensors`, :func:`add_step`, :func:`text_step`, :func:`queue_policy`, :func:`onnxruntime_instances`).
-
 Two flavours come from the same code: ``python`` (each network is a Python-backend model running
 onnxruntime, with the CUDA execution provider when a GPU is present; runs on the tritonserver from the
 nvidia-pytriton wheel) and ``onnxruntime`` (``platform: onnxruntime_onnx``, for NVIDIA's Triton container;

@@ -2,8 +2,7 @@
 
 ONNX export takes ``input_names``/``output_names``/``dynamic_axes`` from here, the Triton config generator
 builds every ``config.pbtxt`` from here, and the client builds its requests from here. Nothing else spells
-a tensor name. The steps here are those a publish writes (what the client calls and what those models run); the
-store ensembles only the benchmarks measure declare theirs in ``benchmarks/store_models.py``, from these tensors.
+a tensor name. The steps here are those a publish writes (what the client calls and what those models run).
 
 Dims are ints (fixed) or strings (symbolic). A symbolic dim listed in :data:`DYNAMIC_AXES` varies per
 request (batch, candidates, ...) and is a dynamic axis of the ONNX graph; one listed in :data:`MODEL_AXES`
