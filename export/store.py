@@ -226,9 +226,8 @@ def lexical_match(words: torch.Tensor, weights: torch.Tensor, vocabulary: int, k
     :func:`amc_contract.text.lexical_features`, the numpy definition (``tests/unit/test_text.py`` holds the two equal).
 
     ``words``, ``weights``: (B, W) the query's word numbers (distinct, as :meth:`StoreWords.query` gives them: a
-    number repeated counts once, with one of its weights, so the python-flavour steps refuse one; ``vocabulary``
-    and up for words the store lacks, -1 pads) and
-    IDFs (0 on padding); per candidate, ``keyword_words`` (B, N, K, Wk) its keywords' word numbers,
+    number repeated would count once, with one of its weights; ``vocabulary`` and up for words the store lacks, -1
+    pads) and IDFs (0 on padding); per candidate, ``keyword_words`` (B, N, K, Wk) its keywords' word numbers,
     ``keyword_mass`` (B, N, K) their IDF mass, ``keyword_real`` (B, N, K) True for real keywords, ``row_words``
     (B, N, Wc) the distinct words of all its keywords (-1 pads) -> (B, N, K, 3).
 

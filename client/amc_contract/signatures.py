@@ -293,7 +293,7 @@ QUERY_TOKENS = _t("query_tokens", "int64", "batch", "tokens",
                   doc="the query's WordPiece ids with [CLS] and [SEP], 0 pads (to a multiple of 16)")
 QUERY_WORDS = _t("query_words", "int64", "batch", "query_words",
                  doc="the query's distinct content words numbered as the store's keyword words (StoreWords), "
-                     "-1 pads; a repeated number is refused (INVALID_ARGUMENT, the python flavour)")
+                     "-1 pads (a repeated number would count once)")
 QUERY_WORD_WEIGHTS = _t("query_word_weights", "float32", "batch", "query_words",
                         doc="the IDF of each of query_words, 0 on padding")
 

@@ -50,7 +50,7 @@ def folder() -> Path:
 
 
 def counter_path(repository: str | Path, counter: str, version: int | str, server_pid: int | None = None) -> Path:
-    """The counter file of ``counter`` ("raw" / "store") for version ``version`` of the repository at
+    """The counter file of ``counter`` ("raw") for version ``version`` of the repository at
     ``repository`` (the folder holding the model folders), in the tritonserver process ``server_pid`` (default:
     this stub's parent, which is tritonserver)."""
     pid = os.getppid() if server_pid is None else server_pid
