@@ -9,7 +9,6 @@ matching and host<->device copies are inside, as a serving process would pay the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +16,13 @@ import numpy as np
 from amc_contract import signatures as sig
 from serving.backends.text_features import TextFeatures
 
-from .store_signatures import FUSED, FUSED_STORE, LAN_STORE, STORE_TOKENIZER, VAN_STORE
 from .workloads import Request
 
-# The CUDA provider's TF32 switch, as the served steps use it (onnx_runner.py's ``use_tf32`` parameter,
-# "0" in the generated store configs): float32 MatMuls stay float32, as on the CPU path.
+# The CUDA provider's TF32 switch, as the served steps use it (onnx_runner.py's ``use_tf32`` parameter, "0" in the
+# search step's generated config): float32 MatMuls stay float32, as on the CPU path.
 USE_TF32 = "0"
+# What ``AMC.forward`` takes, in its order: the raw text step's outputs with the candidates' regions.
+MODEL_INPUTS = (sig.QUERY_TEXT, sig.REGIONS, sig.REGION_MASK, sig.KEYWORD_EMBEDDINGS, sig.KEYWORD_LEXICAL)
 
 
 def ort_providers(device: str) -> list:
@@ -63,36 +63,15 @@ def _stack(requests: list[Request]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 class TextFeeds:
-    """What the text step hands the networks for ``requests``, computed in-process by the text step's code.
+    """What the raw text step hands the networks for ``requests`` (query_text, keyword_embeddings, keyword_lexical),
+    computed in-process by the text step's code, with the requests' regions: every input of ``AMC.forward``."""
 
-    ``store=False``: the raw step's outputs (query_text, keyword_embeddings, keyword_lexical) with the requests'
-    regions, i.e. every input of ``amc_fused``; ``store=True``: the store step's with the candidate ids: those
-    ``amc_store``'s networks read (query_text, keyword_lexical of the stored rows) and those of
-    ``amc_fused_store`` (the query's tokens and numbered words), each computed only where ``wanted`` names it
-    (default: every one), as the served step computes only what its ensemble maps.
-    """
-
-    def __init__(self, repo: Path, version: int | str, device: str, *, store: bool = False,
-                 threads: int | None = None) -> None:
-        step = STORE_TOKENIZER if store else sig.TOKENIZER
-        self.store = store
-        self.text = TextFeatures(repo / step.model_name / str(version), providers=ort_providers(device),
+    def __init__(self, repo: Path, version: int | str, device: str, *, threads: int | None = None) -> None:
+        self.text = TextFeatures(repo / sig.TOKENIZER.model_name / str(version), providers=ort_providers(device),
                                  options=_options(threads))
 
-    def __call__(self, requests: list[Request], wanted: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def __call__(self, requests: list[Request]) -> dict[str, np.ndarray]:
         queries = [r.query for r in requests]
-        if self.store:
-            wants = set(STORE_TOKENIZER.output_names if wanted is None else wanted)
-            out = {sig.CANDIDATE_IDS.name: np.stack([r.ids for r in requests])}
-            if sig.QUERY_TEXT.name in wants:
-                out[sig.QUERY_TEXT.name] = self.text.query_text(queries)
-            if sig.KEYWORD_LEXICAL.name in wants:  # the served step's keyword index
-                out[sig.KEYWORD_LEXICAL.name] = self.text.store_lexical(queries, out[sig.CANDIDATE_IDS.name])
-            if sig.QUERY_TOKENS.name in wants:
-                out[sig.QUERY_TOKENS.name] = self.text.query_tokens(queries)
-            if {sig.QUERY_WORDS.name, sig.QUERY_WORD_WEIGHTS.name} & wants:
-                out[sig.QUERY_WORDS.name], out[sig.QUERY_WORD_WEIGHTS.name] = self.text.query_words(queries)
-            return out
         out = {sig.QUERY_TEXT.name: self.text.query_text(queries)}
         regions, mask, keywords = _stack(requests)
         out.update({sig.REGIONS.name: regions, sig.REGION_MASK.name: mask,
@@ -106,12 +85,12 @@ def _feeds(signature: sig.StepSignature, available: dict[str, np.ndarray]) -> di
     return {name: available[name] for name in signature.input_names}
 
 
-def _score(sessions: dict, have: dict[str, np.ndarray], van: sig.StepSignature, lan: sig.StepSignature) -> np.ndarray:
+def _score(sessions: dict, have: dict[str, np.ndarray]) -> np.ndarray:
     """QEN -> (VAN, LAN) -> MTN over ``have`` (the text step's outputs and the candidates)."""
     q, qv = sessions[sig.QEN.model_name].run(None, _feeds(sig.QEN, have))
     have = {**have, sig.QUERY_EMBEDDING.name: q}
-    visual, _, vv = sessions[van.model_name].run(None, _feeds(van, have))
-    keyword, _, lv = sessions[lan.model_name].run(None, _feeds(lan, have))
+    visual, _, vv = sessions[sig.VAN.model_name].run(None, _feeds(sig.VAN, have))
+    keyword, _, lv = sessions[sig.LAN.model_name].run(None, _feeds(sig.LAN, have))
     scores, _, _ = sessions[sig.MTN.model_name].run(None, {
         sig.QUERY_EMBEDDING.name: q, sig.VISUAL_VECTOR.name: visual, sig.KEYWORD_VECTOR.name: keyword,
         sig.TOKENIZER_VERSION.name: qv, sig.QEN_VERSION.name: qv, sig.VAN_VERSION.name: vv,
@@ -120,31 +99,16 @@ def _score(sessions: dict, have: dict[str, np.ndarray], van: sig.StepSignature, 
 
 
 class OrtPipeline:
-    """QEN -> (VAN, LAN) -> MTN, the four exported graphs, as the raw ``amc`` ensemble runs them; with store
-    ``feeds``, QEN -> (VAN store, LAN store) -> MTN over the candidate store, as ``amc_store`` runs them.
-    ``onnx_dir`` holds ``<model>/model.onnx`` for each of them."""
+    """QEN -> (VAN, LAN) -> MTN, the four exported graphs, as the raw ``amc`` ensemble runs them. ``onnx_dir`` holds
+    ``<model>/model.onnx`` for each of them."""
 
     def __init__(self, onnx_dir: Path, feeds: TextFeeds, device: str, threads: int | None = None) -> None:
         self.feeds = feeds
-        self.van, self.lan = (VAN_STORE, LAN_STORE) if feeds.store else (sig.VAN, sig.LAN)
         self.s = {s.model_name: _session(onnx_dir / s.model_name / "model.onnx", device, threads)
-                  for s in (sig.QEN, self.van, self.lan, sig.MTN)}
+                  for s in sig.NETWORKS}
 
     def __call__(self, requests: list[Request]) -> np.ndarray:
-        return _score(self.s, self.feeds(requests), self.van, self.lan)
-
-
-class OrtFused:
-    """One graph of all four networks: ``fused.onnx`` (raw features) or ``fused_store.onnx`` (ids)."""
-
-    def __init__(self, path: Path, feeds: TextFeeds, device: str, threads: int | None = None) -> None:
-        self.feeds, self.store = feeds, feeds.store
-        self.signature = FUSED_STORE if feeds.store else FUSED
-        self.session = _session(path, device, threads)
-
-    def __call__(self, requests: list[Request]) -> np.ndarray:
-        return self.session.run([sig.SCORES.name], _feeds(self.signature, self.feeds(requests,
-                                                                                  self.signature.input_names)))[0]
+        return _score(self.s, self.feeds(requests))
 
 
 class TorchRunner:
@@ -163,5 +127,5 @@ class TorchRunner:
         torch = self.torch
         have = self.feeds(requests)
         with torch.inference_mode():
-            args = [torch.from_numpy(have[n]).to(self.device) for n in FUSED.input_names]
+            args = [torch.from_numpy(have[t.name]).to(self.device) for t in MODEL_INPUTS]
             return self.model(*args).scores.cpu().numpy()

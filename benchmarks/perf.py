@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import base64
 import csv
-import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 
-from amc_contract import signatures as sig
-
-from .store_signatures import FUSED, FUSED_STORE
 from .triton import breakdown, snapshot
-from .workloads import Request
 
 
 def available() -> bool:
@@ -24,32 +19,6 @@ def available() -> bool:
 
 def _b64(a: np.ndarray) -> dict:
     return {"b64": base64.b64encode(np.ascontiguousarray(a).tobytes()).decode(), "shape": list(a.shape)}
-
-
-def input_data(requests: list[Request], kind: str, path: Path, feeds=None) -> Path:
-    """perf_analyzer's --input-data JSON for ``kind`` in raw / store / fused / fused_store (batch dim omitted).
-
-    The fused kinds take the text step's outputs, computed by ``feeds`` (an ``inprocess.TextFeeds``, raw for
-    ``fused``, store for ``fused_store``)."""
-    rows = []
-    for r in requests:
-        if kind == "raw":
-            row = {sig.QUERY.name: {"content": [r.query], "shape": [1]}, sig.REGIONS.name: _b64(r.regions),
-                   sig.REGION_MASK.name: _b64(r.region_mask),
-                   sig.KEYWORDS.name: {"content": [str(k) for k in r.keywords.reshape(-1)],
-                                       "shape": list(r.keywords.shape)}}
-        elif kind == "store":
-            row = {sig.QUERY.name: {"content": [r.query], "shape": [1]}, sig.CANDIDATE_IDS.name: _b64(r.ids)}
-        else:
-            signature = FUSED_STORE if kind == "fused_store" else FUSED
-            if feeds is None or feeds.store != (kind == "fused_store"):
-                raise ValueError(f"input data of {kind} needs the {'store' if kind == 'fused_store' else 'raw'} "
-                                 "text step's features (feeds)")
-            have = feeds([r], signature.input_names)
-            row = {name: _b64(have[name][0]) for name in signature.input_names}
-        rows.append(row)
-    path.write_text(json.dumps({"data": rows}))
-    return path
 
 
 def sweep(url: str, model: str, data: Path, concurrency: list[int], n: int, workdir: Path, *,

@@ -72,8 +72,9 @@ def _where_the_time_goes(results: dict, n: int) -> list[str]:
             f"{moves:.1f} ms, and queueing between steps: {queue:.1f} ms;",
             f"- the rest ({other:.1f} ms): gRPC transport of the request, the server-side parse, response "
             "handling, and the client and server sharing the same 2 cores.", "",
-            "So the overhead is mostly the candidate payload, not Triton's scheduling: the store path "
-            "(candidates by id, `triton_store`) removes it, which is the GPU work's main remedy (reports/gpu.md).",
+            "So the overhead is mostly the candidate payload, not Triton's scheduling: whole-store search "
+            "(`AMCClient.search`: the candidates' features held by the server, `reports/search_cpu.json`) removes it, "
+            "which is the GPU work's main remedy (reports/gpu.md).",
             ""]
 
 
@@ -106,6 +107,6 @@ def write(results: dict, out: Path) -> None:
           f"{json.dumps(results.get('score_relative_error_vs_ort_cpu_raw'))} "
           f"{json.dumps(results.get('triton_score_relative_error_vs_ort_cpu_raw'))}", ""]
     md += _where_the_time_goes(results, n)
-    for key in (f"triton_amc|{n}|c1", f"triton_amc|{n}|c4", f"triton_store|{n}|c1"):
+    for key in (f"triton_amc|{n}|c1", f"triton_amc|{n}|c4"):
         md += _steps(m, key)
     (out / "serving.md").write_text("\n".join(md) + "\n")

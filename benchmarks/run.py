@@ -3,18 +3,16 @@
     python -m benchmarks.run --device cpu [--sizes 100] [--concurrency 1 4] [--duration-s 8] [--out reports]
 
 (Serving on a GPU is ``bash benchmarks/gpu.sh``, ``benchmarks.search_gpu``; this suite's GPU mode, issue 10's
-store ensembles on the device, left the tree: ``git show 132d596:benchmarks/run.py``.)
+store ensembles on the device, left the tree: ``git show 132d596:benchmarks/run.py``. Whole-store search on the CPU
+is ``benchmarks.search``, the second half of ``make bench``.)
 
-Methods, all on the same requests (N candidates per query, batch 1 per request unless said):
-  triton_amc      the raw ensemble ``amc`` in a real tritonserver, through amc_client.AMCClient
-  triton_store    the store ensemble ``amc_store`` (query + candidate ids), through tritonclient
-  triton_fused    ``amc_fused`` (one graph, text features in) / ``amc_fused_store`` served by Triton
+Methods, all on the same requests (N candidates per query, batch 1 per request):
+  triton_amc      the raw ensemble ``amc`` in a real tritonserver, through amc_client.AMCClient (``rank``)
   ort             the same exported graphs in-process (QEN -> VAN, LAN -> MTN) + the same text step code
-  ort_store       the store graphs in-process
   torch           amc_model.model.AMC from the checkpoint, in-process (text features by the text step code)
-The server is started here on a freshly published temp repository with the benchmarks' store models added
-(``benchmarks.store_models``: the store ensembles over a store built from the gallery, the fused graphs).
-Writes ``serving_cpu.json`` + ``serving.md``.
+The server is started here on a freshly published temp repository. Writes ``serving_cpu.json`` + ``serving.md``.
+(Issue 10's store ensembles, ``amc_store``, ``amc_store_fused`` and the fused graphs, which this suite also measured
+beside ``amc``, left the tree once ``AMCClient.search`` took over: ``git show 1285aea:benchmarks/store_models.py``.)
 """
 
 from __future__ import annotations
@@ -29,6 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from amc_contract import signatures as sig
 
 from . import floor, harness, inprocess, triton
 from .workloads import Gallery, Request, collection_words, corpus_gallery, make_requests, synthetic_gallery
@@ -110,24 +110,22 @@ def run(args, results: dict) -> dict:
     pools = {n: make_requests(gallery, n) for n in args.sizes}
     workdir = Path(tempfile.mkdtemp(prefix="amc-bench-"))
 
-    log(f"publishing {args.checkpoint} into {workdir} (raw + store of {len(gallery)} + fused)")
+    log(f"publishing {args.checkpoint} into {workdir} (keywords of {len(gallery)} gallery images)")
     repo, version = triton.build_repository(workdir, args.checkpoint, gallery, log=log)
     v = str(version)
 
     @functools.cache
-    def feeds(dev: str, store: bool) -> inprocess.TextFeeds:
-        """The text step's code in-process (encoder on ``dev``), one per (device, raw/store)."""
-        return inprocess.TextFeeds(repo, v, dev, store=store)
+    def feeds(dev: str) -> inprocess.TextFeeds:
+        """The text step's code in-process (encoder on ``dev``), one per device."""
+        return inprocess.TextFeeds(repo, v, dev)
 
     # ---- correctness: the same candidates through every path, against ORT-CPU raw (the CPU serving path) ----
-    ref = inprocess.OrtPipeline(_flat(repo, v, workdir), feeds("cpu", False), "cpu")
+    ref = inprocess.OrtPipeline(_flat(repo, v, workdir), feeds("cpu"), "cpu")
     checks = {}
     sample = [pools[n][0] for n in args.sizes]
     ref_scores = [ref([r]) for r in sample]
-    runners = {"ort_store_" + device: lambda: inprocess.OrtPipeline(_flat(repo, v, workdir, store=True),
-                                                                         feeds(device, True), device),
-               "ort_" + device: lambda: inprocess.OrtPipeline(_flat(repo, v, workdir), feeds(device, False), device),
-               "torch_" + device: lambda: inprocess.TorchRunner(args.checkpoint, feeds(device, False), device)}
+    runners = {"ort_" + device: lambda: inprocess.OrtPipeline(_flat(repo, v, workdir), feeds(device), device),
+               "torch_" + device: lambda: inprocess.TorchRunner(args.checkpoint, feeds(device), device)}
     built = {}
     for name, make in runners.items():
         try:
@@ -165,44 +163,32 @@ def run(args, results: dict) -> dict:
                 by_id = {x.candidate_id: x.score for x in got}
                 checks[f"triton_amc n{n}"] = rel_err([by_id[str(i)] if str(i) in by_id else by_id[f"{j}-{i}"]
                                                       for j, i in enumerate(r.ids.tolist())], s[0])
-                checks[f"triton_store n{n}"] = rel_err(triton.store_worker(url, [r])(0)(0)[0], s[0])
-                if triton.STORE_FUSED in models:
-                    checks[f"triton_store_fused n{n}"] = rel_err(
-                        triton.store_worker(url, [r], model=triton.STORE_FUSED)(0)(0)[0], s[0])
             except Exception as e:  # noqa: BLE001
                 checks[f"n{n}"] = f"error: {e}"
         results["triton_score_relative_error_vs_ort_cpu_raw"] = checks
         log(f"triton score checks: {checks}")
         results["client_serialization"] = {str(n): triton.client_serialization_ms(pools[n][0]) for n in args.sizes
                                            if n <= 100}
-        callers = {"triton_amc": lambda pool: triton.amc_client_worker(url, pool),
-                   "triton_store": lambda pool: triton.store_worker(url, pool),
-                   "triton_store_fused": lambda pool: triton.store_worker(url, pool, model=triton.STORE_FUSED),
-                   "triton_fused": lambda pool: triton.fused_worker(url, pool, feeds("cpu", False)),
-                   "triton_fused_store": lambda pool: triton.fused_worker(url, pool, feeds("cpu", True))}
         for n in args.sizes:
-            for kind, make in callers.items():
-                for c in args.concurrency:
-                    if n >= 1000 and c > 1 and kind in ("triton_amc", "triton_fused"):
-                        continue
-                    if kind == "triton_store_fused" and triton.STORE_FUSED not in models:
-                        continue
-                    def go(make=make, n=n, c=c):
-                        before = triton.snapshot(url)
-                        out = harness.closed_loop(make(pools[n]), concurrency=c, duration_s=args.duration_s,
-                                                  items_per_call=n)
-                        out["steps"] = triton.breakdown(before, triton.snapshot(url))
-                        return out
-                    measure(f"{kind} n{n} c{c}", go, results=m, key=f"{kind}|{n}|c{c}", budget=budget, need_s=10)
+            for c in args.concurrency:
+                if n >= 1000 and c > 1:  # 250 MB a request: one at a time
+                    continue
+
+                def go(n=n, c=c):
+                    before = triton.snapshot(url)
+                    out = harness.closed_loop(triton.amc_client_worker(url, pools[n]), concurrency=c,
+                                              duration_s=args.duration_s, items_per_call=n)
+                    out["steps"] = triton.breakdown(before, triton.snapshot(url))
+                    return out
+                measure(f"triton_amc n{n} c{c}", go, results=m, key=f"triton_amc|{n}|c{c}", budget=budget, need_s=10)
     results["total_s"] = round(args.budget_s - budget.left(), 1)
     return results
 
 
-def _flat(repo: Path, v: str, workdir: Path, store: bool = False) -> Path:
-    """A directory with <model>/model.onnx links for the in-process runners (the repository's version dirs)."""
-    d = workdir / ("flat-store" if store else "flat")
-    names = ["amc_qen", "amc_mtn"] + (["amc_van_store", "amc_lan_store"] if store else ["amc_van", "amc_lan"])
-    for name in names:
+def _flat(repo: Path, v: str, workdir: Path) -> Path:
+    """A directory with <model>/model.onnx links for the in-process runner (the repository's version dirs)."""
+    d = workdir / "flat"
+    for name in (s.model_name for s in sig.NETWORKS):
         (d / name).mkdir(parents=True, exist_ok=True)
         link = d / name / "model.onnx"
         if not link.exists():

@@ -77,7 +77,6 @@ def add_search(repo: Path, version: int, ckpt, store, text_dir: Path, *, setting
     config (``settings``: a ``SearchSettings``, default this machine's kind's) and the ensembles. Returns the
     step's version folder."""
     from amc_contract.text import LexicalMatcher, TermWeights
-    from export.onnx_export import write_onnx
     from export.repository import (
         SEARCH_GRAPH_FILE,
         SEARCH_SETTINGS,
@@ -89,19 +88,16 @@ def add_search(repo: Path, version: int, ckpt, store, text_dir: Path, *, setting
         write_atomic,
         write_text_step,
     )
-    from export.store import SearchStoreGraph, StoreText, _example
+    from export.store import StoreText, export_search_graph
 
     model = ckpt.build_model().eval()
     matcher = LexicalMatcher(TermWeights.from_json(ckpt.term_weights))
     text = StoreText.of(store, matcher.weights)
-    example = _example(sig.SEARCH_STORE, model, store, matcher, batch=2, candidates=3, rng=np.random.default_rng(0),
-                       text=text)
     step_dir = repo / sig.SEARCH_STEP.model_name / str(version)
     write_text_step(step_dir, version=version, files=TextStepFiles.of_version(text_dir), store_json=store.manifest(version),
                     encoder=False)
     t0 = time.perf_counter()
-    write_onnx(text.graph(SearchStoreGraph, model, store, version), sig.SEARCH_STORE, example,
-               step_dir / SEARCH_GRAPH_FILE, version=version, fingerprint=ckpt.fingerprint, name="search_store")
+    export_search_graph(model, store, matcher, step_dir, version=version, fingerprint=ckpt.fingerprint, text=text)
     log(f"{SEARCH_GRAPH_FILE} exported in {time.perf_counter() - t0:.0f} s "
         f"({(step_dir / SEARCH_GRAPH_FILE).stat().st_size / 2**20:.0f} MiB)")
     write_atomic(repo / sig.SEARCH_STEP.model_name / "config.pbtxt",

@@ -1,5 +1,4 @@
-"""Triton side: publish a temp repository and add the benchmarks' store models to it (raw + store + fused), start
-tritonserver, drive it, read its statistics."""
+"""Triton side: publish a temp repository, start tritonserver, drive it, read its statistics."""
 
 from __future__ import annotations
 
@@ -11,35 +10,20 @@ import numpy as np
 
 from amc_contract import signatures as sig
 
-from .store_signatures import (
-    FUSED,
-    FUSED_STORE,
-    STORE_ENSEMBLE,
-    STORE_ENSEMBLE_NAME,
-    STORE_FUSED_ENSEMBLE_NAME,
-)
-from .store_signatures import model_names as store_model_names
 from .workloads import Gallery, Request
 
 STAT_KEYS = ("queue", "compute_input", "compute_infer", "compute_output")
 
 
 def build_repository(workdir: Path, checkpoint: Path, gallery: Gallery, *, log=print) -> tuple[Path, int]:
-    """Publish ``checkpoint`` as version N of a fresh python-flavour repository under ``workdir`` (a temp folder) and
-    add the benchmarks' store models of a store built from ``gallery`` (``store_models.add_store_models``: the store
-    ensembles, the fused graphs); returns (repository, N). The raw text step's keyword table holds the gallery's
-    keywords, as a deployment's would hold its collection's."""
-    from amc_model.checkpoint import load_checkpoint
+    """Publish ``checkpoint`` as version N of a fresh python-flavour repository under ``workdir`` (a temp folder),
+    without a store; returns (repository, N). The raw text step's keyword table holds the gallery's keywords, as a
+    deployment's would hold its collection's."""
     from export.publish import publish
-
-    from .store_models import add_store_models
 
     repo = workdir / "repository"
     keywords = sorted({k for kws in gallery.keywords for k in kws if k})
     version = publish(checkpoint, repo, flavour="python", keywords=keywords, log=log)
-    ckpt = load_checkpoint(checkpoint)
-    add_store_models(repo, version, ckpt.build_model(), ckpt.term_weights, gallery.regions, gallery.keywords,
-                     fingerprint=ckpt.fingerprint, instances=1, log=log)  # the benchmarks set instances themselves
     return repo, version
 
 
@@ -114,11 +98,11 @@ def amc_client_worker(url: str, requests: list[Request], model_version: int | No
     return make
 
 
-def _outputs(signature: sig.StepSignature, names: tuple[str, ...] | None = None):
-    """Requested outputs: every output of ``signature``, or only ``names``."""
+def _outputs(signature: sig.StepSignature):
+    """Requested outputs: every output of ``signature``."""
     import tritonclient.grpc as grpcclient
 
-    return [grpcclient.InferRequestedOutput(n) for n in (names or signature.output_names)]
+    return [grpcclient.InferRequestedOutput(n) for n in signature.output_names]
 
 
 def _input(name: str, array: np.ndarray, datatype: str):
@@ -127,50 +111,6 @@ def _input(name: str, array: np.ndarray, datatype: str):
     t = grpcclient.InferInput(name, list(array.shape), datatype)
     t.set_data_from_numpy(array)
     return t
-
-
-def store_worker(url: str, requests: list[Request], model: str = STORE_ENSEMBLE_NAME,
-                 outputs: tuple[str, ...] | None = None, queries_per_request: int = 1):
-    """tritonclient on the store ensemble: query text + candidate ids (all outputs, or only ``outputs``);
-    ``queries_per_request`` consecutive requests of the pool in one (their candidate counts must agree)."""
-    import tritonclient.grpc as grpcclient
-
-    names = outputs
-
-    def make(w: int):
-        client = grpcclient.InferenceServerClient(url)
-        outputs = _outputs(STORE_ENSEMBLE, names)
-
-        def call(i: int):
-            start = (i + w) * queries_per_request
-            batch = [requests[(start + j) % len(requests)] for j in range(queries_per_request)]
-            inputs = [_input(sig.QUERY.name, np.array([[r.query.encode()] for r in batch], dtype=object), "BYTES"),
-                      _input(sig.CANDIDATE_IDS.name, np.stack([r.ids for r in batch]), "INT64")]
-            return client.infer(model, inputs, outputs=outputs, client_timeout=120).as_numpy(sig.SCORES.name)
-        return call
-    return make
-
-
-def fused_worker(url: str, requests: list[Request], feeds, outputs: tuple[str, ...] | None = None):
-    """tritonclient on a fused graph (text features computed client-side per request by ``feeds``, an
-    ``inprocess.TextFeeds``: ``amc_fused_store`` if it is the store's, else ``amc_fused``; all outputs or
-    ``outputs``)."""
-    import tritonclient.grpc as grpcclient
-
-    signature = FUSED_STORE if feeds.store else FUSED
-    names = outputs
-
-    def make(w: int):
-        client = grpcclient.InferenceServerClient(url, channel_args=[("grpc.max_send_message_length", 2**31 - 1),
-                                                                     ("grpc.max_receive_message_length", 2**31 - 1)])
-        requested = _outputs(signature, names)
-
-        def call(i: int):
-            have = feeds([requests[(i + w) % len(requests)]], signature.input_names)
-            inputs = [_input(s.name, have[s.name], s.triton_datatype) for s in signature.inputs]
-            return client.infer(signature.model_name, inputs, outputs=requested, client_timeout=120)
-        return call
-    return make
 
 
 def client_serialization_ms(request: Request, repeats: int = 5) -> dict[str, float]:
@@ -200,16 +140,11 @@ def client_serialization_ms(request: Request, repeats: int = 5) -> dict[str, flo
             "protobuf_serialize_ms": float(np.median(proto)) * 1e3, "request_bytes": len(data)}
 
 
-STORE_FUSED = STORE_FUSED_ENSEMBLE_NAME
-
-
 def model_names(version: int) -> list[str]:
-    """What :func:`build_repository`'s repository serves the benchmarks: ``amc`` and its steps, then the store
-    models (``store_signatures.model_names``)."""
+    """What :func:`build_repository`'s repository serves the benchmarks: ``amc``'s steps, ``amc_v<N>`` and ``amc``."""
     from export.configs import STEPS
 
-    return ([s.model_name for s in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]
-            + store_model_names(version))
+    return [s.model_name for s in STEPS] + [sig.versioned_ensemble_name(version), sig.ENSEMBLE_NAME]
 
 
 def wait_models(url: str, names: list[str], timeout_s: float = 120) -> None:

@@ -11,9 +11,6 @@ writes, each config from one function here:
     amc_search_step  whole-store search in one step        :func:`search_step_config`
     amc_search_v<N>, amc_search   its ensemble, pinned     :func:`search_ensemble_config`
 
-(the benchmarks' own store ensembles are built by ``benchmarks.store_models`` from the same building blocks:
-:func:`declare_tensors`, :func:`add_step`, :func:`text_step`, :func:`queue_policy`, :func:`onnxruntime_instances`).
-
 Two flavours come from the same code: ``python`` (each network is a Python-backend model running
 onnxruntime, with the CUDA execution provider when a GPU is present; runs on the tritonserver from the
 nvidia-pytriton wheel) and ``onnxruntime`` (``platform: onnxruntime_onnx``, for NVIDIA's Triton container;
@@ -205,18 +202,17 @@ def request_bounds() -> dict[str, int]:
     return dict(sig.REQUEST_BOUNDS)
 
 
-def text_step(config: mc.ModelConfig, mode: str, *, instances: int) -> None:
-    """The text step's backend, instances and parameters (``serving/backends/text_step.py`` reads them); only mode
-    raw counts requests in flight (its ensembles end in the top-k step, which frees their slots)."""
+def text_step(config: mc.ModelConfig, *, instances: int) -> None:
+    """The ranking text step's backend, instances and parameters (``serving/backends/text_step.py`` in mode raw reads
+    them): it counts requests in flight (its ensembles end in the top-k step, which frees their slots)."""
     config.backend = "python"
     # KIND_CPU: the instance is a Python process; onnxruntime inside it picks the CUDA provider itself.
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
-    config.parameters["mode"].string_value = mode
+    config.parameters["mode"].string_value = "raw"
     for key, value in request_bounds().items():
         config.parameters[key].string_value = str(value)
-    if mode == "raw":
-        for key, value in admission_parameters(mode).items():
-            config.parameters[key].string_value = value
+    for key, value in admission_parameters("raw").items():
+        config.parameters[key].string_value = value
     config.parameters["keyword_cache_size"].string_value = str(KEYWORD_CACHE_SIZE)
 
 
@@ -266,7 +262,7 @@ def step_config(signature: sig.StepSignature, flavour: str, *, sizes: Mapping[st
         # their queries in one call) and its queue gets the bounds of queue_policy().
         config.dynamic_batching.SetInParent()
         queue_policy(config)
-        text_step(config, "raw", instances=1)
+        text_step(config, instances=1)
         return config
     if signature is sig.TOPK:
         _top_k_step(config, "raw")

@@ -29,10 +29,9 @@ these unchanged: the configs, which its versions share, are the same.
     amc_search_v<N>/config.pbtxt search pinned to version N
     amc_search/config.pbtxt      search pinned to the version whose store serves (re-pinned with the serving version)
 
-Nothing else: the store ensembles the benchmarks measure (``amc_store``, ``amc_store_fused``, ...) are built by
-``benchmarks.store_models`` into the benchmark's own repository. A repository published by an earlier release may
-still hold them (:data:`LEGACY_STORE_STEPS`): nothing loads or re-pins them, and gc and quarantine remove a removed
-version's folders of them with it.
+Nothing else. A repository published by an earlier release may also hold issue 10's store ensembles
+(``amc_store``, ``amc_store_fused``, ... :data:`LEGACY_STORE_STEPS`): nothing loads or re-pins them, and gc and
+quarantine remove a removed version's folders of them with it.
 """
 
 from __future__ import annotations
@@ -108,9 +107,10 @@ KNOWN_TEXT_RULES = tuple(range(1, TEXT_RULES + 1))
 # The steps of a version's candidate store: one, the search step (text_step.py in mode search: checks, tokenizes,
 # runs the search graph and adds the store's strings; issue 23). What gc, quarantine and rollouts look for.
 SEARCH_STEPS: tuple[sig.StepSignature, ...] = (sig.SEARCH_STEP,)
-# What releases before issue 22 also published with a store, for the benchmarks (benchmarks.store_models builds them
-# now, into the benchmark's repository): store text step, per-network and fused store graphs (and, before issue 23,
-# the three-step search's graph and top-k), their pinned ensemble amc_store_v<N> and amc_store / amc_store_fused.
+# What releases before issue 22 also published with a store, for the benchmarks (which then built them into their own
+# repository until they left the tree: git show 1285aea:benchmarks/store_models.py): store text step, per-network and
+# fused store graphs (and, before issue 23, the three-step search's graph and top-k), their pinned ensemble
+# amc_store_v<N> and amc_store / amc_store_fused.
 LEGACY_STORE_STEPS = ("amc_store_tokenizer", "amc_van_store", "amc_lan_store", "amc_fused", "amc_fused_store",
                       "amc_search_store", "amc_store_topk")
 LEGACY_PINNED_STORE = "amc_store_v"  # + N

@@ -6,24 +6,23 @@ Why: the raw ``amc`` ensemble takes each candidate's 49 x 1280 float32 region fe
 A search engine's candidates come from its gallery, which is known at export time, so the parts of VAN and
 LAN that depend on the candidate alone can be computed once per model version: ``u = W_v PCA(regions)``
 (G, R, hidden) and ``W_kl k`` of every keyword's sentence embedding (G, K, hidden), with the region and
-keyword masks (:func:`build_store`). The store graphs hold them as constants (ORT keeps them on the GPU with the
-CUDA execution provider) and take ``candidate_ids`` (rows of the store) instead of the candidates' features.
+keyword masks (:func:`build_store`). The graph over the store holds them as constants (ORT keeps them on the GPU
+with the CUDA execution provider) and takes ``candidate_ids`` (rows of the store) instead of the candidates' features.
 
-A publish exports one, the search graph ``search_store.onnx`` (:class:`SearchStoreGraph`): the sentence encoder,
-the lexical match against every stored keyword, QEN, VAN, LAN and MTN over the store (:class:`FusedStoreGraph`) and
-the top-k selection (ONNX TopK). It takes the query's WordPiece ids and its content words, numbered as the store's
-keyword words by :class:`amc_contract.text.StoreWords`; the stored keywords' word numbers and IDF mass are constants
-of the graph. The search step (``serving/backends/text_step.py``, mode search) tokenizes and runs it. The
-benchmarks export their store graphs (per network, fused without top-k) with the same code
-(``benchmarks.store_models``: :func:`export_store_graphs` and :func:`validate_store` take a table of graphs).
+A publish exports it, the search graph ``search_store.onnx`` (:class:`SearchStoreGraph`): the sentence encoder, the
+lexical match against every stored keyword, QEN, VAN, LAN and MTN over the store and the top-k selection (ONNX TopK). It takes the query's WordPiece ids and its content words, numbered as the store's keyword
+words by :class:`amc_contract.text.StoreWords`; the stored keywords' word numbers and IDF mass are constants of the
+graph. The search step (``serving/backends/text_step.py``, mode search) tokenizes and runs it. (Issue 10's store
+graphs, per network and fused without the top-k, were exported by the same code until they left the tree with the
+benchmarks' store ensembles: ``git show 1285aea:benchmarks/store_models.py``.)
 
-Correctness: :func:`validate_store` compares every store graph with the PyTorch raw path on the same
-candidates (the gallery rows gathered by id, keywords as sentence embeddings): relative error <
-:data:`export.onnx_export.TOLERANCE`.
+Correctness: :func:`validate_store` compares the search graph with the PyTorch raw path on the same candidates (the
+gallery rows gathered by id, keywords as sentence embeddings): relative error < :data:`export.onnx_export.TOLERANCE`,
+and the rows it keeps are the reference's ranking.
 
-Why one module: the store's arrays, the graphs that hold them as constants and the check of those graphs against
+Why one module: the store's arrays, the graph that holds them as constants and the check of that graph against
 PyTorch change together (a new stored array touches all three), and split in two the halves would import each other
-(the graphs take a :class:`Store`, the store's export builds the graphs; test_layout counts type-only imports).
+(the graph takes a :class:`Store`, the store's export builds the graph; test_layout counts type-only imports).
 """
 
 from __future__ import annotations
@@ -56,11 +55,11 @@ from export.onnx_export import (
     _version_column,
     model_sizes,
     relative_error,
-    unit_rows,
     write_onnx,
 )
 from export.reference import keyword_embeddings
 from export.repository import (
+    SEARCH_GRAPH_FILE,
     SEARCH_STEPS,
     TextStepFiles,
     check_store_configs,
@@ -69,6 +68,7 @@ from export.repository import (
 )
 
 CHUNK = 256  # gallery images projected per torch call at export time
+SEARCH_GRAPH = SEARCH_GRAPH_FILE.removesuffix(".onnx")  # its name in the graph's metadata and in export errors
 
 
 @dataclass
@@ -190,29 +190,6 @@ def build_store(model: AMC, regions: np.ndarray, keywords: Sequence[Sequence[str
                  embeddings, keyword_projected, strings != "")
 
 
-class StoreBuffers(nn.Module):
-    """A store's projected features as buffers of a graph (constants of its ONNX export)."""
-
-    def __init__(self, store: Store, with_visual: bool = True, with_keywords: bool = True) -> None:
-        super().__init__()
-        if with_visual:
-            self.register_buffer("projected", torch.from_numpy(store.projected))
-            self.register_buffer("region_mask", torch.from_numpy(store.region_mask))
-        if with_keywords:
-            self.register_buffer("keyword_projected", torch.from_numpy(store.keyword_projected))
-            self.register_buffer("keyword_mask", torch.from_numpy(store.keyword_mask))
-            # Each stored keyword's agreement with the row's other keywords (AMCConfig.tag_agreement): query-free,
-            # so computed here once; a graph whose model does not read it leaves it out of its trace.
-            coherence = [keyword_coherence(torch.from_numpy(store.keyword_embeddings[s:s + CHUNK]))
-                         for s in range(0, len(store), CHUNK)]
-            self.register_buffer("keyword_coherence", torch.cat(coherence) if coherence else
-                                 torch.zeros(store.keyword_mask.shape))
-
-    def coherence(self, model: AMC, candidate_ids: torch.Tensor) -> torch.Tensor | None:
-        """The candidates' keyword coherence (B, N, K) where ``model`` reads it, else None."""
-        return self.keyword_coherence[candidate_ids] if model.config.tag_agreement else None
-
-
 def _fp32(gathered: torch.Tensor) -> torch.Tensor:
     """Rows of a store held in float16 (``Store.tiled``) computed on in float32; a float32 store traces no cast."""
     return gathered if gathered.dtype == torch.float32 else gathered.float()
@@ -226,9 +203,8 @@ def lexical_match(words: torch.Tensor, weights: torch.Tensor, vocabulary: int, k
     :func:`amc_contract.text.lexical_features`, the numpy definition (``tests/unit/test_text.py`` holds the two equal).
 
     ``words``, ``weights``: (B, W) the query's word numbers (distinct, as :meth:`StoreWords.query` gives them: a
-    number repeated counts once, with one of its weights, so the python-flavour steps refuse one; ``vocabulary``
-    and up for words the store lacks, -1 pads) and
-    IDFs (0 on padding); per candidate, ``keyword_words`` (B, N, K, Wk) its keywords' word numbers,
+    number repeated would count once, with one of its weights; ``vocabulary`` and up for words the store lacks, -1
+    pads) and IDFs (0 on padding); per candidate, ``keyword_words`` (B, N, K, Wk) its keywords' word numbers,
     ``keyword_mass`` (B, N, K) their IDF mass, ``keyword_real`` (B, N, K) True for real keywords, ``row_words``
     (B, N, Wc) the distinct words of all its keywords (-1 pads) -> (B, N, K, 3).
 
@@ -255,24 +231,38 @@ def lexical_match(words: torch.Tensor, weights: torch.Tensor, vocabulary: int, k
     return torch.stack([in_query, of_query, in_candidate], dim=-1)
 
 
-class FusedStoreGraph(StoreBuffers):
-    """The sentence encoder, the lexical match and QEN + VAN + LAN + MTN in one graph over the candidate store:
-    the query's WordPiece ids and numbered content words in, nothing computed per candidate outside the graph
-    (:class:`SearchStoreGraph` adds the top-k; ``benchmarks.store_models.FUSED_STORE`` serves it alone).
+class SearchStoreGraph(nn.Module):
+    """The search graph: the sentence encoder, the lexical match and QEN + VAN + LAN + MTN in one graph over the
+    candidate store (the query's WordPiece ids and numbered content words in, nothing computed per candidate outside
+    the graph), then the top-k selection: the ``search_k`` best rows of each query, best first (ONNX TopK: equal
+    scores in row order), with their explanations and store rows (``candidate_index``). One k per call
+    (``search_k[0, 0]``): the search step makes a request's k one value and calls the graph with one k for the
+    requests it groups (``serving/backends/search_graph.graph_k``).
 
-    ``encoder``: the sentence encoder (``amc_model.text_encoder.MiniLM``); ``words``: the store's word numbering
-    under the version's term weights (which give each stored keyword's IDF mass)."""
+    The store's projected features are buffers, constants of the export. ``encoder``: the sentence encoder
+    (``amc_model.text_encoder.MiniLM``); ``words``: the store's word numbering under the version's term weights
+    (which give each stored keyword's IDF mass)."""
 
     def __init__(self, model: AMC, store: Store, version: int, *, encoder: nn.Module, words: StoreWords) -> None:
-        super().__init__(store)
+        super().__init__()
         self.model, self.version, self.encoder = model, version, encoder
+        self.register_buffer("projected", torch.from_numpy(store.projected))
+        self.register_buffer("region_mask", torch.from_numpy(store.region_mask))
+        self.register_buffer("keyword_projected", torch.from_numpy(store.keyword_projected))
+        self.register_buffer("keyword_mask", torch.from_numpy(store.keyword_mask))
+        # Each stored keyword's agreement with the row's other keywords (AMCConfig.tag_agreement): query-free, so
+        # computed here once; a graph whose model does not read it leaves it out of its trace.
+        coherence = [keyword_coherence(torch.from_numpy(store.keyword_embeddings[s:s + CHUNK]))
+                     for s in range(0, len(store), CHUNK)]
+        self.register_buffer("keyword_coherence", torch.cat(coherence) if coherence else
+                             torch.zeros(store.keyword_mask.shape))
         numbers, mass = words.keyword_words(store.keywords)
         self.vocabulary = words.unknown
         self.register_buffer("keyword_words", torch.from_numpy(numbers))
         self.register_buffer("keyword_mass", torch.from_numpy(mass))
         self.register_buffer("row_words", torch.from_numpy(StoreWords.row_words(numbers)))
 
-    def forward(self, query_tokens, query_words, query_word_weights, candidate_ids):
+    def forward(self, query_tokens, query_words, query_word_weights, candidate_ids, search_k):
         query_text = self.encoder(query_tokens)
         keyword_lexical = lexical_match(query_words, query_word_weights, self.vocabulary,
                                         self.keyword_words[candidate_ids], self.keyword_mass[candidate_ids],
@@ -280,35 +270,24 @@ class FusedStoreGraph(StoreBuffers):
         q = self.model.qen(query_text)
         visual, region_attention = self.model.van.forward_projected(q, _fp32(self.projected[candidate_ids]),
                                                                     self.region_mask[candidate_ids])
+        coherence = self.keyword_coherence[candidate_ids] if self.model.config.tag_agreement else None
         keyword, keyword_attention = self.model.lan.forward_projected(
             q, _fp32(self.keyword_projected[candidate_ids]), self.keyword_mask[candidate_ids], keyword_lexical,
-            self.coherence(self.model, candidate_ids))
+            coherence)
         scores, weights = self.model.mtn(q, visual, keyword)
-        return scores, weights, region_attention, keyword_attention, _version_column(query_text, self.version)
-
-
-class SearchStoreGraph(FusedStoreGraph):
-    """:class:`FusedStoreGraph` plus the top-k selection: the ``search_k`` best rows of each query, best first
-    (ONNX TopK: equal scores in row order), with their explanations and store rows (``candidate_index``). One k
-    per execution (``search_k[0, 0]``): the text step makes a request's k one value, and the search graph's Triton
-    model runs each request alone (``export.repository.store_step_config``)."""
-
-    def forward(self, query_tokens, query_words, query_word_weights, candidate_ids, search_k):
-        scores, weights, region_attention, keyword_attention, version = super().forward(
-            query_tokens, query_words, query_word_weights, candidate_ids)
         best, order = torch.topk(scores, search_k[0, 0], dim=1)  # (B, k), best first
 
         def rows(x: torch.Tensor) -> torch.Tensor:  # (B, N, ...) -> (B, k, ...)
             return torch.gather(x, 1, order.view(*order.shape, 1).expand(-1, -1, x.shape[2]))
 
-        return (best, rows(weights), rows(region_attention), rows(keyword_attention), version,
-                torch.gather(candidate_ids, 1, order))
+        return (best, rows(weights), rows(region_attention), rows(keyword_attention),
+                _version_column(query_text, self.version), torch.gather(candidate_ids, 1, order))
 
 
 @dataclass(frozen=True)
 class StoreText:
-    """What the fused store graphs hold beside the model: the sentence encoder, the WordPiece tokenizer that
-    feeds it, and the store's word numbering under the version's term weights."""
+    """What the search graph holds beside the model: the sentence encoder, the WordPiece tokenizer that feeds it, and
+    the store's word numbering under the version's term weights."""
 
     encoder: nn.Module
     tokenizer: Any
@@ -322,131 +301,92 @@ class StoreText:
         return cls(encoder if encoder is not None else load_minilm(), load_wordpiece(tokenizer_json()),
                    StoreWords(weights, store.keywords.reshape(-1).tolist()))
 
-    def graph(self, cls: type[FusedStoreGraph], model: AMC, store: Store, version: int) -> FusedStoreGraph:
-        return cls(model, store, version, encoder=self.encoder, words=self.words)
+    def graph(self, model: AMC, store: Store, version: int) -> SearchStoreGraph:
+        return SearchStoreGraph(model, store, version, encoder=self.encoder, words=self.words)
 
 
-def _example(signature: sig.StepSignature, model: AMC, store: Store, matcher: LexicalMatcher, *, batch: int,
-             candidates: int, rng: np.random.Generator, text: StoreText | None = None) -> dict[str, np.ndarray]:
-    """Inputs for ``signature`` and what the reference needs beside them: real gallery rows as candidates;
-    queries of words from the store's keywords (so that lexical features are not all 0; every third one with a
-    word the store lacks), with unit-norm sentence embeddings, or, for the fused store graphs (``text`` needed),
-    their WordPiece ids and numbered words, with their embeddings by ``text.encoder``."""
+def _example(model: AMC, store: Store, matcher: LexicalMatcher, text: StoreText, *, batch: int, candidates: int,
+             rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The search graph's inputs and what the reference needs beside them: real gallery rows as candidates; queries
+    of words from the store's keywords (so that lexical features are not all 0; every third one with a word the store
+    lacks), as their WordPiece ids and numbered words, with their embeddings by ``text.encoder`` and their lexical
+    features by ``matcher``; ``search_k`` every row, so that all are compared."""
     ids = rng.integers(0, len(store), size=(batch, candidates)).astype(np.int64)
     vocabulary = sorted({w for k in store.keywords.reshape(-1).tolist() for w in words(k)}) or ["cat"]
     texts = [" ".join(rng.choice(vocabulary, size=int(rng.integers(1, 4)))) + (" quokka" if b % 3 == 2 else "")
              for b in range(batch)]
     lexical = np.stack([matcher.features(t, store.keywords[row]) for t, row in zip(texts, ids, strict=True)])
+    tokens = query_tokens(text.tokenizer, texts)
     values = {sig.CANDIDATE_IDS.name: ids, sig.KEYWORD_LEXICAL.name: lexical.astype(np.float32),
-              sig.SEARCH_K.name: np.full((batch, 1), candidates, dtype=np.int64)}  # every row: all comparable
-    if sig.QUERY_TOKENS.name in signature.input_names:
-        if text is None:
-            raise ValueError(f"inputs of {signature.model_name} need the store's text (StoreText)")
-        tokens = query_tokens(text.tokenizer, texts)
-        values[sig.QUERY_WORDS.name], values[sig.QUERY_WORD_WEIGHTS.name] = text.words.query(texts)
-        with torch.no_grad():
-            values[sig.QUERY_TEXT.name] = text.encoder(torch.from_numpy(tokens)).numpy()
-        values[sig.QUERY_TOKENS.name] = tokens
-    else:
-        values[sig.QUERY_TEXT.name] = unit_rows(rng, (batch, sig.TEXT_EMBEDDING_DIM))
+              sig.SEARCH_K.name: np.full((batch, 1), candidates, dtype=np.int64), sig.QUERY_TOKENS.name: tokens}
+    values[sig.QUERY_WORDS.name], values[sig.QUERY_WORD_WEIGHTS.name] = text.words.query(texts)
     with torch.no_grad():
-        values[sig.QUERY_EMBEDDING.name] = model.qen(torch.from_numpy(values[sig.QUERY_TEXT.name])).numpy()
+        values[sig.QUERY_TEXT.name] = text.encoder(torch.from_numpy(tokens)).numpy()
     return values
 
 
-def _raw_reference(model: AMC, store: Store, values: dict[str, np.ndarray], regions: np.ndarray,
-                   signature: sig.StepSignature) -> dict:
+def _raw_reference(model: AMC, store: Store, values: dict[str, np.ndarray], regions: np.ndarray) -> dict:
     """PyTorch raw path on the same candidates (gallery regions and keyword embeddings gathered by id, the
-    lexical features by ``LexicalMatcher``): the store graphs' reference. ``values``: :func:`_example`'s."""
+    lexical features by ``LexicalMatcher``): the search graph's reference. ``values``: :func:`_example`'s."""
     ids = values[sig.CANDIDATE_IDS.name]
     reg = torch.from_numpy(np.asarray(regions[ids], dtype=np.float32))  # (B, N, R, D)
     mask = torch.from_numpy(store.region_mask[ids])
     kw = torch.from_numpy(store.keyword_embeddings[ids])  # (B, N, K, E)
     lexical = torch.from_numpy(values[sig.KEYWORD_LEXICAL.name])
     with torch.no_grad():
-        if sig.SCORES in signature.outputs:
-            out = model(torch.from_numpy(values[sig.QUERY_TEXT.name]), reg, mask, kw, lexical)
-            return {sig.SCORES.name: out.scores, sig.MODALITY_WEIGHTS.name: out.modality_weights,
-                    sig.REGION_ATTENTION.name: out.region_attention, sig.KEYWORD_ATTENTION.name: out.keyword_attention}
-        q = torch.from_numpy(values[sig.QUERY_EMBEDDING.name])
-        if sig.KEYWORD_LEXICAL not in signature.inputs:  # the VAN store step: no keywords involved
-            visual, ra = model.van(q, reg, mask)
-            return {sig.VISUAL_VECTOR.name: visual, sig.REGION_ATTENTION.name: ra}
-        keyword, ka = model.lan(q, kw, lexical)
-        return {sig.KEYWORD_VECTOR.name: keyword, sig.KEYWORD_ATTENTION.name: ka}
+        out = model(torch.from_numpy(values[sig.QUERY_TEXT.name]), reg, mask, kw, lexical)
+    return {sig.SCORES.name: out.scores, sig.MODALITY_WEIGHTS.name: out.modality_weights,
+            sig.REGION_ATTENTION.name: out.region_attention, sig.KEYWORD_ATTENTION.name: out.keyword_attention}
 
 
-# The graphs a store is exported as: name -> (signature, graph class), written as ``<name>.onnx``. A publish
-# exports the search graph only; the benchmarks pass their own table (``benchmarks.store_models``) to the same code.
-# A graph class that takes the query's tokens and words (a FusedStoreGraph) is built with the store's StoreText.
-SEARCH_GRAPHS: dict[str, tuple[sig.StepSignature, type[nn.Module]]] = {
-    "search_store": (sig.SEARCH_STORE, SearchStoreGraph)}
-
-
-def _with_text(cls: type[nn.Module]) -> bool:
-    return issubclass(cls, FusedStoreGraph)
-
-
-def export_store_graphs(model: AMC, store: Store, matcher: LexicalMatcher, out_dir: Path, *, version: int,
-                        fingerprint: str, graphs: dict[str, tuple[sig.StepSignature, type[nn.Module]]] = SEARCH_GRAPHS,
-                        text: StoreText | None = None) -> None:
-    """Write ``<name>.onnx`` of each of ``graphs`` (default the search graph, ``search_store.onnx``) into
-    ``out_dir``. ``text``: the store's text for the graphs that read the query's tokens (default ``StoreText.of``)."""
+def export_search_graph(model: AMC, store: Store, matcher: LexicalMatcher, out_dir: Path, *, version: int,
+                        fingerprint: str, text: StoreText | None = None) -> None:
+    """Write the search graph over ``store``, ``search_store.onnx``, into ``out_dir``. ``text``: the store's text
+    (default ``StoreText.of``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for name, (signature, cls) in graphs.items():
-        if _with_text(cls) and text is None:
-            text = StoreText.of(store, matcher.weights)
-        example = _example(signature, model, store, matcher, batch=2, candidates=3, rng=rng, text=text)
-        graph = text.graph(cls, model, store, version) if _with_text(cls) else cls(model, store, version)
-        write_onnx(graph, signature, example, out_dir / f"{name}.onnx", version=version,
-                   fingerprint=fingerprint, name=name, sizes=model_sizes(model.config))
+    text = text or StoreText.of(store, matcher.weights)
+    example = _example(model, store, matcher, text, batch=2, candidates=3, rng=np.random.default_rng(0))
+    write_onnx(text.graph(model, store, version), sig.SEARCH_STORE, example, out_dir / SEARCH_GRAPH_FILE,
+               version=version, fingerprint=fingerprint, name=SEARCH_GRAPH, sizes=model_sizes(model.config))
 
 
 def validate_store(model: AMC, store: Store, matcher: LexicalMatcher, regions: np.ndarray, onnx_dir: Path, *,
-                   graphs: dict[str, tuple[sig.StepSignature, type[nn.Module]]] = SEARCH_GRAPHS, seed: int = 0,
-                   shapes: tuple[tuple[int, int], ...] = ((1, 1), (3, 7), (2, 100)),
+                   seed: int = 0, shapes: tuple[tuple[int, int], ...] = ((1, 1), (3, 7), (2, 100)),
                    text: StoreText | None = None) -> float:
-    """The store graphs of ``graphs`` found in ``onnx_dir`` (ORT CPU) against the PyTorch raw path on the same gallery
-    candidates; returns the worst relative error. The graphs that read the query's tokens are fed query strings as
-    the search step feeds them (WordPiece ids, numbered words): the reference embeds the queries with
-    ``text.encoder`` in PyTorch and matches their words with :class:`LexicalMatcher`.
+    """The search graph in ``onnx_dir`` (ORT CPU) against the PyTorch raw path on the same gallery candidates; returns
+    the worst relative error. It is fed query strings as the search step feeds them (WordPiece ids, numbered
+    words): the reference embeds the queries with ``text.encoder`` in PyTorch and matches their words with
+    :class:`LexicalMatcher`.
 
-    Raises :class:`ExportError` when any output differs by more than ``TOLERANCE`` (relative).
+    Raises :class:`ExportError` when any output differs by more than ``TOLERANCE`` (relative), or the graph keeps
+    other rows or ranks them otherwise than the reference.
     """
     rng = np.random.default_rng(seed)
+    text = text or StoreText.of(store, matcher.weights)
+    session = ort.InferenceSession(str(onnx_dir / SEARCH_GRAPH_FILE), providers=["CPUExecutionProvider"])
+    signature, name = sig.SEARCH_STORE, SEARCH_GRAPH
     worst = 0.0
-    for name, (signature, cls) in graphs.items():
-        path = onnx_dir / f"{name}.onnx"
-        if not path.exists():
-            continue
-        if _with_text(cls) and text is None:
-            text = StoreText.of(store, matcher.weights)
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        for batch, n in shapes:
-            inputs = _example(signature, model, store, matcher, batch=batch, candidates=n, rng=rng, text=text)
-            expected = _raw_reference(model, store, inputs, regions, signature)
-            inputs = {k: inputs[k] for k in signature.input_names}
-            got = dict(zip(signature.output_names, session.run(None, inputs)))
-            if sig.SEARCH_K.name in inputs:  # every row kept, best first: the reference in the graph's order
-                ids, kept = inputs[sig.CANDIDATE_IDS.name], got[sig.CANDIDATE_INDEX.name]
-                if any(sorted(a.tolist()) != sorted(b.tolist()) for a, b in zip(ids, kept, strict=True)):
-                    raise ExportError(f"{name} at batch {batch}, {n} candidates: the rows kept are not the rows sent")
-                where = [{r: j for j, r in enumerate(row.tolist())} for row in ids]  # a repeated row: any copy
-                pos = np.array([[where[b][r] for r in kept[b].tolist()] for b in range(batch)])
-                expected = {k: torch.from_numpy(np.ascontiguousarray(v.numpy()[np.arange(batch)[:, None], pos]))
-                            for k, v in expected.items()}
-                ranked = expected[sig.SCORES.name].numpy()  # the reference's scores in the graph's order
-                if (np.diff(ranked, axis=1) > TOLERANCE * max(1e-6, float(np.abs(ranked).max()))).any():
-                    raise ExportError(f"{name} at batch {batch}, {n} candidates: its ranking differs from the raw path's")
-            for out_name, want in expected.items():
-                if out_name not in got:
-                    continue
-                err = relative_error(got[out_name], want.numpy())
-                worst = max(worst, err)
-                if not err < TOLERANCE:
-                    raise ExportError(f"{name}.{out_name} at batch {batch}, {n} candidates: relative error "
-                                      f"{err:.2e} against the raw path (tolerance {TOLERANCE:g})")
+    for batch, n in shapes:
+        inputs = _example(model, store, matcher, text, batch=batch, candidates=n, rng=rng)
+        expected = _raw_reference(model, store, inputs, regions)
+        inputs = {k: inputs[k] for k in signature.input_names}
+        got = dict(zip(signature.output_names, session.run(None, inputs)))
+        # Every row kept, best first: the reference in the graph's order.
+        ids, kept = inputs[sig.CANDIDATE_IDS.name], got[sig.CANDIDATE_INDEX.name]
+        if any(sorted(a.tolist()) != sorted(b.tolist()) for a, b in zip(ids, kept, strict=True)):
+            raise ExportError(f"{name} at batch {batch}, {n} candidates: the rows kept are not the rows sent")
+        where = [{r: j for j, r in enumerate(row.tolist())} for row in ids]  # a repeated row: any copy
+        pos = np.array([[where[b][r] for r in kept[b].tolist()] for b in range(batch)])
+        expected = {k: np.ascontiguousarray(v.numpy()[np.arange(batch)[:, None], pos]) for k, v in expected.items()}
+        ranked = expected[sig.SCORES.name]  # the reference's scores in the graph's order
+        if (np.diff(ranked, axis=1) > TOLERANCE * max(1e-6, float(np.abs(ranked).max()))).any():
+            raise ExportError(f"{name} at batch {batch}, {n} candidates: its ranking differs from the raw path's")
+        for out_name, want in expected.items():
+            err = relative_error(got[out_name], want)
+            worst = max(worst, err)
+            if not err < TOLERANCE:
+                raise ExportError(f"{name}.{out_name} at batch {batch}, {n} candidates: relative error "
+                                  f"{err:.2e} against the raw path (tolerance {TOLERANCE:g})")
     return worst
 
 
@@ -473,7 +413,7 @@ def publish_store(repository: Path, version: int, model: AMC, term_weights: str,
     with tempfile.TemporaryDirectory(prefix="amc-store-") as tmp:
         onnx_dir = Path(tmp)
         store_text = StoreText.of(store, matcher.weights)
-        export_store_graphs(model, store, matcher, onnx_dir, version=version, fingerprint=fingerprint, text=store_text)
+        export_search_graph(model, store, matcher, onnx_dir, version=version, fingerprint=fingerprint, text=store_text)
         worst = validate_store(model, store, matcher, regions, onnx_dir, text=store_text)
         log(f"store of {len(store)} candidates exported for version {version} "
             f"(worst relative error against the raw path {worst:.1e})")

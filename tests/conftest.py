@@ -49,8 +49,9 @@ def trained_other(small_corpus, tmp_path_factory) -> TrainResult:
 
 @pytest.fixture(scope="session")
 def bench_repo(trained, small_corpus, tmp_path_factory):
-    """The benchmarks' repository (``benchmarks.triton.build_repository``): ``trained`` published with a store of 60
-    corpus images, and 20 test queries (tests/parity and tests/integration test_benchmarks.py)."""
+    """The benchmarks' repository (``benchmarks.triton.build_repository``): ``trained`` published with the keywords
+    of 60 corpus images (the gallery the requests draw candidates from), and 20 test queries (tests/parity and
+    tests/integration test_benchmarks.py)."""
     from benchmarks import triton
     from benchmarks.workloads import Gallery
 

@@ -2,8 +2,7 @@
 
 ONNX export takes ``input_names``/``output_names``/``dynamic_axes`` from here, the Triton config generator
 builds every ``config.pbtxt`` from here, and the client builds its requests from here. Nothing else spells
-a tensor name. The steps here are those a publish writes (what the client calls and what those models run); the
-store ensembles only the benchmarks measure declare theirs in ``benchmarks/store_models.py``, from these tensors.
+a tensor name. The steps here are those a publish writes (what the client calls and what those models run).
 
 Dims are ints (fixed) or strings (symbolic). A symbolic dim listed in :data:`DYNAMIC_AXES` varies per
 request (batch, candidates, ...) and is a dynamic axis of the ONNX graph; one listed in :data:`MODEL_AXES`
@@ -294,7 +293,7 @@ QUERY_TOKENS = _t("query_tokens", "int64", "batch", "tokens",
                   doc="the query's WordPiece ids with [CLS] and [SEP], 0 pads (to a multiple of 16)")
 QUERY_WORDS = _t("query_words", "int64", "batch", "query_words",
                  doc="the query's distinct content words numbered as the store's keyword words (StoreWords), "
-                     "-1 pads; a repeated number is refused (INVALID_ARGUMENT, the python flavour)")
+                     "-1 pads (a repeated number would count once)")
 QUERY_WORD_WEIGHTS = _t("query_word_weights", "float32", "batch", "query_words",
                         doc="the IDF of each of query_words, 0 on padding")
 

@@ -382,7 +382,7 @@ QUERY_TOKEN_STEP = 16  # a query's WordPiece ids are padded to a multiple of thi
 
 def query_tokens(tokenizer, queries: Sequence[str]) -> np.ndarray:
     """(B,) queries -> (B, L) int64 WordPiece ids as :func:`wordpiece_ids` gives them (``QUERY_MAX_TOKENS``), 0
-    padded to L = :func:`padded_width` of the longest: what the fused store graphs' encoder reads. The encoder
+    padded to L = :func:`padded_width` of the longest: what the search graph's encoder reads. The encoder
     gives padding no attention, so the width changes no embedding."""
     ids = wordpiece_ids(tokenizer, queries, QUERY_MAX_TOKENS)
     width = padded_width(ids.shape[1], QUERY_TOKEN_STEP, QUERY_MAX_TOKENS)
@@ -390,16 +390,16 @@ def query_tokens(tokenizer, queries: Sequence[str]) -> np.ndarray:
 
 
 class StoreWords:
-    """A candidate store's keyword words, numbered, for the lexical features computed inside the store graphs.
+    """A candidate store's keyword words, numbered, for the lexical features computed inside the search graph.
 
-    The store graphs (``export/store.py``) hold, per stored keyword, the numbers of its content words
-    (:meth:`keyword_words`) and their IDF mass; the store text step sends, per query, the numbers of the query's
+    The search graph (``export/store.py``) holds, per stored keyword, the numbers of its content words
+    (:meth:`keyword_words`) and their IDF mass; the search step feeds it, per query, the numbers of the query's
     content words and their IDFs (:meth:`query`). The graph's match of the two gives
     :meth:`LexicalMatcher.features` without a loop over candidates. Words are numbered in sorted order of the
-    store's distinct content words, so the text step (from ``store.json``) and the export (from the store) number
+    store's distinct content words, so the search step (from ``store.json``) and the export (from the store) number
     them alike. A query word the store lacks gets a number from :attr:`unknown` (one past the last word) up, one
-    each, so that a query's numbers stay distinct (the python-flavour graph steps refuse a repeated one): it
-    matches nothing but still counts in the query's IDF total, as in :meth:`LexicalMatcher.features`.
+    each, so that a query's numbers stay distinct (the graph would count a repeated one once): it matches nothing
+    but still counts in the query's IDF total, as in :meth:`LexicalMatcher.features`.
     """
 
     PAD = -1  # word slots past a keyword's or a query's words; a query's pads weigh 0

@@ -1,7 +1,7 @@
 """The Python-backend steps: the code Triton's Python backend runs for every published Python model.
 
     text_step.py     the text step: amc_tokenizer (mode raw), amc_search_step (mode search: the whole of amc_search,
-                     whose logic is search.py's), the benchmarks' amc_store_tokenizer (mode store)
+                     whose logic is search.py's)
     onnx_runner.py   one exported network on onnxruntime (the python flavour's amc_qen, amc_van, amc_lan, amc_mtn);
                      also the steps' provider choice, session options and error responses
     top_k.py         amc_topk, the end of the ranking ensembles; check_top_k, the one top_k rule
@@ -11,9 +11,9 @@
 Each step's ``TritonPythonModel`` only moves tensors between ``pb_utils`` and numpy; its logic is functions of numpy
 arrays, tested without a server (``tests/unit``):
 
-    search.py        the search step's (and store mode's checks, every mode's reading of a query)
+    search.py        the search step's (and every mode's reading of a query)
     search_graph.py  the search step's graph calls: SearchGraph, StaticGraphs (fixed-shape copies), graph_k
-    text_requests.py the text step's raw and store modes: checks, admission, outputs
+    text_requests.py the text step's raw mode: checks, admission, outputs
     text_features.py TextFeatures: a text-step version folder's tokenizer, encoder, keyword table and text rules
     network.py       a network step's input checks and batching
     top_k.py         select, beside its step

@@ -25,8 +25,7 @@ leaked slot (the oldest) is the first a release clears.
 
 Counters (``counter_path``): ``raw`` for ``amc`` and ``amc_v<N>`` (text step ``amc_tokenizer`` -> ... ->
 ``amc_topk``). Whole-store search counts nothing: ``amc_search`` is one step (``amc_search_step``), bounded by
-Triton's limit on its queue (as are the benchmarks' store ensembles, ``benchmarks.store_models``, which end in an
-ONNX network that cannot release a slot).
+Triton's limit on its queue.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ def folder() -> Path:
 
 
 def counter_path(repository: str | Path, counter: str, version: int | str, server_pid: int | None = None) -> Path:
-    """The counter file of ``counter`` ("raw" / "store") for version ``version`` of the repository at
+    """The counter file of ``counter`` ("raw") for version ``version`` of the repository at
     ``repository`` (the folder holding the model folders), in the tritonserver process ``server_pid`` (default:
     this stub's parent, which is tritonserver)."""
     pid = os.getppid() if server_pid is None else server_pid

@@ -5,7 +5,7 @@ At load, :func:`check_signature` fails a model whose ``model.onnx`` and ``config
 holds what requests are checked against. One execution, for the requests the dynamic batcher hands over:
 
 1. :func:`read_request` checks each request's inputs (present, the config's dtype, finite, one batch size, the
-   graph's dims, no repeated value where the config parameter ``distinct`` says so) and the outputs it asks for;
+   graph's dims) and the outputs it asks for;
    a request that fails becomes the :class:`RequestError` naming its problem ("<model>: " is the caller's prefix);
 2. :func:`run_batched` runs the others: requests whose inputs agree on every non-batch dim are concatenated along the
    batch axis and run in one session call, the outputs split back (:func:`run_group`); a group whose run fails is
@@ -30,31 +30,17 @@ ORT_TYPES = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tenso
              np.dtype(np.bool_): "tensor(bool)"}
 
 
-def first_repeat(rows: np.ndarray) -> tuple[int, int] | None:
-    """(B, n) integer rows -> (row, value) of the first row that repeats a value of 0 or more (its smallest such
-    value), None where no row does; negative values are padding. Also the search step's check of repeated candidate
-    ids (``search.check_ids``)."""
-    ordered = np.sort(rows, axis=1)
-    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-    if not repeated.any():
-        return None
-    b, j = (int(x) for x in np.argwhere(repeated)[0])
-    return b, ordered[b, j].item()
-
-
 @dataclass(frozen=True)
 class Spec:
     """What a network step checks requests against and runs: the config's inputs and outputs (name, numpy dtype) in
     order, whether the first dim of every tensor is Triton's batch dim (``max_batch_size`` > 0), each input's dims as
     the graph declares them (an int: fixed; a name: symbolic, "batch", "candidates", ... from
-    ``amc_contract.signatures``; inputs that share a name must agree on its size), and the inputs named by the config
-    parameter ``distinct``."""
+    ``amc_contract.signatures``; inputs that share a name must agree on its size)."""
 
     inputs: tuple[tuple[str, np.dtype], ...]
     outputs: tuple[tuple[str, np.dtype], ...]
     batched: bool = True
     graph_dims: Mapping[str, Sequence[Any]] = field(default_factory=dict)
-    distinct: tuple[str, ...] = ()
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -63,7 +49,7 @@ class Spec:
 
 def check_signature(spec: Spec, graph_in: Mapping[str, str], graph_out: Mapping[str, str], model_name: str) -> None:
     """Fail the load, not the first request, if the graph's inputs and outputs (name -> onnxruntime type) and the
-    config's (``spec``) disagree, or the config parameter ``distinct`` names no input."""
+    config's (``spec``) disagree."""
     for kind, declared, graph in (("input", spec.inputs, graph_in), ("output", spec.outputs, graph_out)):
         names = [n for n, _ in declared]
         if sorted(names) != sorted(graph):
@@ -72,9 +58,6 @@ def check_signature(spec: Spec, graph_in: Mapping[str, str], graph_out: Mapping[
             if ORT_TYPES.get(dtype, graph[name]) != graph[name]:
                 raise ValueError(f"{model_name}: config declares {kind} {name} as {dtype}, the ONNX graph as "
                                  f"{graph[name]}")
-    unknown = sorted(set(spec.distinct) - {n for n, _ in spec.inputs})
-    if unknown:
-        raise ValueError(f"{model_name}: config parameter distinct names no input(s) {unknown}")
 
 
 # ---- a request's checks -----------------------------------------------------------------------------------------
@@ -93,8 +76,8 @@ def read_request(arrays: Mapping[str, np.ndarray | None], asked: Iterable[str] |
 
 
 def check_inputs(arrays: Mapping[str, np.ndarray | None], spec: Spec) -> dict[str, np.ndarray]:
-    """Each input of ``spec`` in turn present, of its dtype and, if floating, finite; then one batch size, the graph's
-    dims (:func:`check_dims`) and the ``distinct`` inputs (:func:`check_distinct`)."""
+    """Each input of ``spec`` in turn present, of its dtype and, if floating, finite; then one batch size and the
+    graph's dims (:func:`check_dims`)."""
     feeds: dict[str, np.ndarray] = {}
     for name, dtype in spec.inputs:
         array = arrays.get(name)
@@ -110,7 +93,6 @@ def check_inputs(arrays: Mapping[str, np.ndarray | None], spec: Spec) -> dict[st
         if len(set(sizes.values())) > 1:
             raise RequestError(f"inputs disagree on the batch size: {sizes}")
     check_dims(feeds, spec.graph_dims)
-    check_distinct(feeds, spec.distinct)
     return feeds
 
 
@@ -133,17 +115,6 @@ def check_dims(feeds: Mapping[str, np.ndarray], graph_dims: Mapping[str, Sequenc
                 if first[1] != got:
                     raise RequestError(f"{name} has {got} {want} (axis {axis}) but {first[0]} has {first[1]}: "
                                        f"every input must agree on the number of {want}")
-
-
-def check_distinct(feeds: Mapping[str, np.ndarray], distinct: Iterable[str]) -> None:
-    """The inputs named by the config parameter ``distinct`` repeat no value of 0 or more within a query (the fused
-    store graphs scatter ``query_words``' weights by word number, so that a repeated word would silently count once)."""
-    for name in distinct:
-        array = feeds[name]
-        repeat = first_repeat(array.reshape(array.shape[0], -1)) if array.ndim >= 2 else None
-        if repeat is not None:
-            raise RequestError(f"{name}[{repeat[0]}] repeats {repeat[1]}; each value may appear once "
-                               "(negative values are padding)")
 
 
 def requested(asked: Iterable[str] | None, output_names: tuple[str, ...]) -> tuple[str, ...]:

@@ -14,10 +14,7 @@ model's ``config.pbtxt``:
   ``use_tf32`` (``0`` (default) or ``1``: the CUDA provider's ``use_tf32`` option; with 0 its float32 MatMuls
   stay float32, as on the CPU path; onnxruntime's own default is TF32 on, about 1e-3 relative off fp32),
   ``cuda_graph`` (``0`` (default) or ``1``: the CUDA provider's ``enable_cuda_graph``; only the search step sets it,
-  which runs its session through :class:`BoundSession`), ``distinct`` (comma-separated input names: in each
-  query's row of these, a value of 0 or more may appear only once, negative values pad; the fused store graphs set
-  it on ``query_words``, whose weights their lexical match scatters by word number, so that a repeated word would
-  silently count once).
+  which runs its session through :class:`BoundSession`).
 
 Batching: with ``dynamic_batching`` Triton may hand :meth:`execute` several requests at once. Requests whose
 inputs agree on every non-batch dim are concatenated along the batch axis and run in one session call; the
@@ -290,8 +287,7 @@ class TritonPythonModel:
         # max_batch_size > 0: the first dim of every tensor is Triton's batch dim (not in config dims).
         self.spec = network.Spec(
             inputs=inputs, outputs=outputs, batched=int(config.get("max_batch_size", 0)) > 0,
-            graph_dims={i.name: list(i.shape) for i in self.session.get_inputs()},
-            distinct=tuple(n.strip() for n in (params.get("distinct") or "").split(",") if n.strip()))
+            graph_dims={i.name: list(i.shape) for i in self.session.get_inputs()})
         network.check_signature(self.spec, {i.name: i.type for i in self.session.get_inputs()},
                                 {o.name: o.type for o in self.session.get_outputs()}, self.model_name)
         self.in_flight = None

@@ -2,8 +2,7 @@
 numpy arrays, importable and tested without a server (``tests/unit/test_search_step.py``).
 
 ``text_step.py`` and ``text_requests.py`` import it (every mode of the text step reads its queries with
-:func:`read_query`, store mode checks its requests with :func:`parse_request`); a published version carries it in its
-vendored ``amc_steps`` package.
+:func:`read_query`); a published version carries it in its vendored ``amc_steps`` package.
 
 One execution of the step, for the requests the dynamic batcher hands over:
 
@@ -42,7 +41,6 @@ import numpy as np
 from amc_contract import RequestError
 from amc_contract import text as amc_text
 
-from .network import first_repeat
 from .search_graph import SearchGraph, graph_k
 from .top_k import check_top_k
 
@@ -99,6 +97,17 @@ class Request:
     rows: np.ndarray  # (B, N) store rows to search (every row, broadcast, where it sent no ids)
     top_k: int | None  # one k for its queries, checked against N; None: every row searched
     wants: frozenset[str] | None = None  # the outputs it asked for (None: every one)
+
+
+def first_repeat(rows: np.ndarray) -> tuple[int, int] | None:
+    """(B, n) non-negative integer rows -> (row, value) of the first row that repeats a value (its smallest such
+    value), None where no row does."""
+    ordered = np.sort(rows, axis=1)
+    repeated = ordered[:, 1:] == ordered[:, :-1]
+    if not repeated.any():
+        return None
+    b, j = (int(x) for x in np.argwhere(repeated)[0])
+    return b, ordered[b, j].item()
 
 
 def check_ids(ids: np.ndarray, rules: Rules) -> None:

@@ -10,7 +10,7 @@ cost. What it reads there (written by ``export.repository``):
     term_weights.json    the checkpoint's IDF over the candidate collection (amc_contract.text.TermWeights)
     keyword_table.npz    raw mode: keyword strings and their embeddings, precomputed at export for the
                          training corpus's keywords (texts (U,), vectors (U, E)); may be absent or empty
-    store.json           store and search modes: {"version", "size", "ids", "keywords": one list of strings per row}
+    store.json           search mode: {"version", "size", "ids", "keywords": one list of strings per row}
     version.json         {"version": N, "text_rules": R} (no "text_rules": R = 1)
     emoji_names.json     from text rules 2 on: the emoji -> CLDR name table queries are normalized with
 
@@ -25,10 +25,6 @@ Queries are encoded by ``text_encoder.onnx`` (onnxruntime; the served step passe
 ``onnx_runner.py`` chooses). Keywords are looked up in the keyword table; a keyword missing there is encoded on the
 fly and kept in a bounded cache (config parameter ``keyword_cache_size``). No query is refused for its words:
 WordPiece covers any text, in any script, emoji included (one no table names is kept as text).
-
-For ``amc_store`` (the benchmarks' store ensemble), :meth:`TextFeatures.store_lexical` computes the lexical features
-with ``amc_text.KeywordIndex`` (the store's keywords indexed by word at first use): one pass over the postings of the
-query's words and numpy gathers, not a Python loop over every stored keyword.
 """
 
 from __future__ import annotations
@@ -89,8 +85,7 @@ class TextFeatures:
             self.store_keywords = np.full((len(rows), max([1, *map(len, rows)])), "", dtype=object)
             for g, row in enumerate(rows):
                 self.store_keywords[g, : len(row)] = row
-        self._store_index: Any = None  # built on first use: only amc_store's lexical features read it
-        # The fused store graphs' view of the same keywords: their words numbered (amc_text.StoreWords).
+        # The search graph's view of the same keywords: their words numbered (amc_text.StoreWords).
         self.store_words = None if self.store_keywords is None else amc_text.StoreWords(
             self.matcher.weights, self.store_keywords.reshape(-1).tolist())
 
@@ -142,7 +137,7 @@ class TextFeatures:
         return self.encode(self._read(queries, normalized), amc_text.QUERY_MAX_TOKENS)
 
     def query_tokens(self, queries: Sequence[str], *, normalized: bool = False) -> np.ndarray:
-        """(B,) query strings -> (B, L) WordPiece ids, padded as the fused store graphs read them."""
+        """(B,) query strings -> (B, L) WordPiece ids, padded as the search graph reads them."""
         return amc_text.query_tokens(self.wordpiece, self._read(queries, normalized))
 
     def query_words(self, queries: Sequence[str], *, normalized: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -188,22 +183,3 @@ class TextFeatures:
         """(B,) queries against their candidates' keywords (B, N, K) ("" pads) -> (B, N, K, 3) float32."""
         queries = self._read(queries, normalized)
         return np.stack([self.matcher.features(q, k) for q, k in zip(queries, keywords, strict=True)])
-
-    def store_lexical(self, queries: Sequence[str], ids: np.ndarray | None, *, normalized: bool = False) -> np.ndarray:
-        """(B,) queries against the stored rows ``ids`` (B, N), None for every row -> (B, N, K_store, 3) float32
-        (needs ``store.json``); equal to ``lexical(queries, store_rows(ids))``, through the store's keyword index."""
-        if self.store_keywords is None:
-            raise ValueError("this text step has no candidate store (store.json)")
-        if self._store_index is None:
-            self._store_index = amc_text.KeywordIndex(self.matcher, self.store_keywords)
-        queries = self._read(queries, normalized)
-        rows = [None] * len(queries) if ids is None else ids
-        features = [self._store_index.features(q, row) for q, row in zip(queries, rows, strict=True)]
-        return features[0][None] if len(features) == 1 else np.stack(features)  # one query: no copy
-
-    def store_rows(self, ids: np.ndarray) -> np.ndarray:
-        """(B, N) store rows -> their keyword strings (B, N, K_store), "" pads (needs ``store.json``)."""
-        if self.store_keywords is None:
-            raise ValueError("this text step has no candidate store (store.json)")
-        return self.store_keywords[ids]
-

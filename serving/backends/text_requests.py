@@ -1,34 +1,27 @@
-"""The text step's raw and store modes as functions of numpy arrays (``text_step.py`` only moves their tensors):
-importable and tested without a server (``tests/unit/test_text_step.py``).
+"""The text step's raw mode as functions of numpy arrays (``text_step.py`` only moves their tensors): importable and
+tested without a server (``tests/unit/test_text_step.py``). (Its search mode is ``search.py``'s.)
 
-One execution of the step in mode raw (``amc_tokenizer``) or store (the benchmarks' ``amc_store_tokenizer``), for the
-requests the dynamic batcher hands over:
+One execution of the step in mode raw (``amc_tokenizer``), for the requests the dynamic batcher hands over:
 
-1. :func:`parse_raw` / :func:`parse_store` check each request on its own and read its queries by the version's text
-   rules (``search.read_query``); a request that fails becomes the :class:`RequestError` naming its problem;
-2. :func:`admit` takes a slot of the version's in-flight counter (``admission.py``) for each valid raw request; those
+1. :func:`parse_raw` checks each request on its own and reads its queries by the version's text rules
+   (``search.read_query``); a request that fails becomes the :class:`RequestError` naming its problem;
+2. :func:`admit` takes a slot of the version's in-flight counter (``admission.py``) for each valid request; those
    beyond ``max_in_flight`` become :class:`Overloaded` (answered UNAVAILABLE, never encoded);
 3. the step sends the refusals at once (through each request's response sender), then :func:`answer` encodes the
-   queries of every request that asks for their embedding in one encoder call and computes each request's outputs
-   (:func:`outputs`); a request that fails there frees its slot.
+   queries of every admitted request in one encoder call and computes each request's outputs (:func:`outputs`); a
+   request that fails there frees its slot.
 
 Refused, with Triton's INVALID_ARGUMENT and a message naming the problem: an empty or whitespace-only query, a query
 that normalizes to nothing (text rules 2: only punctuation and spaces, e.g. "?!"), an empty candidate set, text that
-is not UTF-8, candidate ids outside the store or repeated (store mode: ``search.parse_request``'s checks), tensors of
-inconsistent shapes, and a request over one of the bounds of ``amc_contract.signatures`` (given to the step as config
-parameters, :class:`Bounds`, the limit named in the message): ``max_candidates`` per query, ``max_query_bytes``,
-``max_keywords`` slots per candidate, ``max_keyword_words`` and ``max_keyword_bytes`` per keyword.
-
-Store mode computes only the outputs a request's ensemble maps (``requested_output_names``): the 5-step ``amc_store``
-reads the query's embedding and the lexical features; the fused store graph (``amc_store_fused``) runs the sentence
-encoder and the lexical match itself, so for it this step only tokenizes: no encoder call, nothing per candidate.
-Token and word widths are padded so that requests of similar queries have equal shapes, which Triton's dynamic
-batcher needs to merge them into one execution of the graph.
+is not UTF-8, tensors of inconsistent shapes, and a request over one of the bounds of ``amc_contract.signatures``
+(given to the step as config parameters, :class:`Bounds`, the limit named in the message): ``max_candidates`` per
+query, ``max_query_bytes``, ``max_keywords`` slots per candidate, ``max_keyword_words`` and ``max_keyword_bytes`` per
+keyword.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +32,7 @@ from amc_contract import signatures as sig
 
 from . import search as search_logic
 
-MODES = ("raw", "store", "search")
+MODES = ("raw", "search")
 # (data_type, rank after the batch dim) of the step's tensors, in the signatures' order; names come from config.
 KINDS = {
     "search": ((("TYPE_STRING", 1), ("TYPE_INT64", 1), ("TYPE_INT64", 1)),
@@ -47,9 +40,6 @@ KINDS = {
                 ("TYPE_INT64", 1), ("TYPE_STRING", 1), ("TYPE_STRING", 2))),
     "raw": ((("TYPE_STRING", 1), ("TYPE_STRING", 2), ("TYPE_BOOL", 2)),
             (("TYPE_FP32", 1), ("TYPE_FP32", 3), ("TYPE_FP32", 3), ("TYPE_INT64", 1))),
-    "store": ((("TYPE_STRING", 1), ("TYPE_INT64", 1), ("TYPE_INT64", 1)),
-              (("TYPE_FP32", 1), ("TYPE_FP32", 3), ("TYPE_INT64", 1), ("TYPE_INT64", 1), ("TYPE_INT64", 1),
-               ("TYPE_INT64", 1), ("TYPE_INT64", 1), ("TYPE_FP32", 1))),
 }
 
 
@@ -95,18 +85,11 @@ class RawRules:
 
 @dataclass
 class Parsed:
-    """One request after validation: its query texts and its candidates."""
+    """One request after validation: its query texts and its candidates' keywords."""
 
     texts: list[str]  # normalized by the version's text rules
-    keywords: np.ndarray | None = None  # raw: (B, N, K) decoded keyword strings
-    ids: np.ndarray | None = None  # store: (B, N) candidate ids
-    whole_store: bool = False  # store: no ids were sent, ``ids`` is every row
-    top_k: int | None = None  # store: the request's top_k, checked against N
-    counted: bool = True  # takes a slot of the in-flight counter (its ensemble ends in a top-k step)
-    wants: frozenset[str] | None = None  # store: the outputs its ensemble maps (None: every output)
-
-    def asks(self, name: str) -> bool:
-        return self.wants is None or name in self.wants
+    keywords: np.ndarray | None = None  # (B, N, K) decoded keyword strings
+    counted: bool = True  # holds a slot of the in-flight counter (False where admission counted none)
 
 
 class Overloaded(Exception):
@@ -188,28 +171,13 @@ def read_keywords(keywords: np.ndarray, name: str, bounds: Bounds) -> np.ndarray
     return np.array(decoded, dtype=object)[inverse.reshape(-1)].reshape(keywords.shape)
 
 
-def parse_store(found: Mapping[str, np.ndarray], rules: search_logic.Rules,
-                wants: Iterable[str] | None = None) -> Parsed:
-    """Store mode: a request's inputs by name (``candidate_ids`` and ``top_k`` may be absent) -> its :class:`Parsed`,
-    by the search step's checks (``search.parse_request``); ``wants``: the outputs it asked for (None: every one). Its
-    ids are bounded by the store (each row at most once), not by ``max_candidates``.
-
-    No store-path request takes a slot of the in-flight counter: the search step answers its requests itself
-    (Triton's bound on its queue refuses the excess), and the benchmarks' amc_store and amc_store_fused end in an ONNX
-    step, which cannot free one."""
-    qn, idn, kn = rules.names
-    checked = search_logic.parse_request(found.get(qn), found.get(idn), found.get(kn), rules)
-    return Parsed(checked.texts, ids=checked.rows, whole_store=idn not in found, top_k=checked.top_k,
-                  counted=False, wants=None if wants is None else frozenset(wants))
-
-
 # ---- admission --------------------------------------------------------------------------------------------------
 def admit(parsed: list[Parsed | Exception], in_flight: Any, model_name: str,
           version: int) -> tuple[list[Parsed | Exception], str | None]:
-    """Take a slot of ``in_flight`` (``admission.InFlight``, None: no counter) for each valid request that counts;
-    the requests beyond its limit become :class:`Overloaded`. Also returns a warning to log, where the counter file
-    is unusable (gone, unwritable): then every request is admitted uncounted, served rather than refused."""
-    counted = [i for i, p in enumerate(parsed) if isinstance(p, Parsed) and p.counted]
+    """Take a slot of ``in_flight`` (``admission.InFlight``, None: no counter) for each valid request; the requests
+    beyond its limit become :class:`Overloaded`. Also returns a warning to log, where the counter file is unusable
+    (gone, unwritable): then every request is admitted uncounted, served rather than refused."""
+    counted = [i for i, p in enumerate(parsed) if isinstance(p, Parsed)]
     if in_flight is None or not counted:
         for p in parsed:
             if isinstance(p, Parsed):
@@ -232,57 +200,37 @@ def admit(parsed: list[Parsed | Exception], in_flight: Any, model_name: str,
 
 
 # ---- the answers ------------------------------------------------------------------------------------------------
-def answer(parsed: Sequence[Parsed | Exception], features: Any, names: Sequence[str], version: int, mode: str,
+def answer(parsed: Sequence[Parsed | Exception], features: Any, names: Sequence[str], version: int,
            release: Callable[[int], None]) -> list[dict[str, np.ndarray] | Exception]:
     """Each request's outputs by name (:func:`outputs`), or its exception: those of ``parsed`` as they are, the
-    encoder's for the requests it failed, a request's own where its outputs failed. The queries of every request that
-    asks for their embedding (``names[0]``) go through ``features`` (``TextFeatures``) in one encoder call (the fused
-    store ensembles ask for none: their graph runs the encoder). ``release(n)``: free ``n`` in-flight slots of the
+    encoder's for the requests it failed, a request's own where its outputs failed. The queries of every request go
+    through ``features`` (``TextFeatures``) in one encoder call. ``release(n)``: free ``n`` in-flight slots of the
     admitted requests that go no further."""
-    encoded = [isinstance(p, Parsed) and p.asks(names[0]) for p in parsed]
-    texts = [t for p, e in zip(parsed, encoded, strict=True) if e for t in p.texts]
+    texts = [t for p in parsed if isinstance(p, Parsed) for t in p.texts]
     out: list[Any] = list(parsed)
     try:
         query_text = features.query_text(texts, normalized=True)
-    except Exception as e:  # noqa: BLE001 - the encoded requests fail, the others are answered
-        release(sum(p.counted for p, x in zip(parsed, encoded, strict=True) if x))
-        out = [e if x else p for p, x in zip(parsed, encoded, strict=True)]
+    except Exception as e:  # noqa: BLE001 - the requests to encode fail, the others are answered
+        release(sum(p.counted for p in parsed if isinstance(p, Parsed)))
+        return [e if isinstance(p, Parsed) else p for p in parsed]
     start = 0
-    for i, (p, e) in enumerate(zip(out, encoded, strict=True)):
+    for i, p in enumerate(out):
         if isinstance(p, Exception):
             continue
         try:
-            out[i] = outputs(p, query_text[start:start + len(p.texts)] if e else None, features, names, version, mode)
+            out[i] = outputs(p, query_text[start:start + len(p.texts)], features, names, version)
         except Exception as x:  # noqa: BLE001
             release(int(p.counted))  # admitted, but it goes no further
             out[i] = x
-        start += len(p.texts) if e else 0
+        start += len(p.texts)
     return out
 
 
-def outputs(p: Parsed, query_text: np.ndarray | None, features: Any, names: Sequence[str], version: int,
-            mode: str) -> dict[str, np.ndarray]:
-    """One request's outputs by name, C-contiguous, in the step's order: raw mode every one; store mode only those
-    its ensemble maps (:meth:`Parsed.asks`). ``query_text``: its queries' embeddings (B, E), where it asks for them."""
-    column = np.full((len(p.texts), 1), version, dtype=np.int64)
-    if mode == "raw":
-        arrays = {0: query_text, 1: features.keyword_embeddings(p.keywords),  # (B, N, K, E)
-                  2: features.lexical(p.texts, p.keywords, normalized=True), 3: column}  # (B, N, K, 3)
-    else:
-        wanted = [p.asks(name) for name in names]
-        arrays = {}
-        if wanted[0]:
-            arrays[0] = query_text
-        if wanted[1]:  # the lexical features of the stored rows' keywords: (B, N, K_store, 3)
-            arrays[1] = features.store_lexical(p.texts, None if p.whole_store else p.ids, normalized=True)
-        if wanted[2]:
-            arrays[2] = column
-        if wanted[3]:
-            arrays[3] = p.ids
-        if wanted[4]:
-            arrays[4] = np.full((len(p.texts), 1), p.ids.shape[1] if p.top_k is None else p.top_k, np.int64)
-        if wanted[5]:
-            arrays[5] = features.query_tokens(p.texts, normalized=True)
-        if wanted[6] or wanted[7]:
-            arrays[6], arrays[7] = features.query_words(p.texts, normalized=True)
-    return {names[i]: np.ascontiguousarray(a) for i, a in arrays.items()}
+def outputs(p: Parsed, query_text: np.ndarray, features: Any, names: Sequence[str],
+            version: int) -> dict[str, np.ndarray]:
+    """One request's outputs by name, C-contiguous, in the step's order. ``query_text``: its queries' embeddings
+    (B, E)."""
+    arrays = [query_text, features.keyword_embeddings(p.keywords),  # (B, N, K, E)
+              features.lexical(p.texts, p.keywords, normalized=True),  # (B, N, K, 3)
+              np.full((len(p.texts), 1), version, dtype=np.int64)]
+    return {name: np.ascontiguousarray(a) for name, a in zip(names, arrays, strict=True)}

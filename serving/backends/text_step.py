@@ -1,17 +1,13 @@
-"""The text step of the ensembles: query and keyword strings to what the steps after it read (sentence-encoder
-features and lexical matches; for the fused store graphs, the query's tokens and numbered words), and in mode search
-the whole of ``amc_search``.
+"""The text step of the ranking ensemble, query and keyword strings to what the steps after it read (sentence-encoder
+features and lexical matches), and in mode search the whole of ``amc_search``.
 
-One module, three Triton models: the ``model.py`` of ``amc_tokenizer/<N>/`` (config parameter ``mode: raw``) and of
-``amc_search_step/<N>/`` (``mode: search``) imports :class:`TritonPythonModel` from here, as the benchmarks'
-``amc_store_tokenizer/<N>/`` does (``mode: store``: the text step of their store ensembles,
-``benchmarks.store_models``). Here it only moves tensors between ``pb_utils`` and numpy; the logic is in functions of
-numpy arrays, tested without a server:
+One module, two Triton models: the ``model.py`` of ``amc_tokenizer/<N>/`` (config parameter ``mode: raw``) and of
+``amc_search_step/<N>/`` (``mode: search``) imports :class:`TritonPythonModel` from here. Here it only moves tensors
+between ``pb_utils`` and numpy; the logic is in functions of numpy arrays, tested without a server:
 
     text_features.py     :class:`TextFeatures`: the version folder's tokenizer, encoder, keyword table, text rules
-    text_requests.py     raw and store modes: each request's checks, admission, the outputs
-    search.py            search mode: the checks (which store mode shares, and every mode's reading of a query),
-                         tokens and words, the answers
+    text_requests.py     raw mode: each request's checks, admission, the outputs
+    search.py            search mode: the checks (and every mode's reading of a query), tokens and words, the answers
     search_graph.py      search mode: the search graph's calls (fixed-shape copies on CUDA graphs where asked for)
 
 A version folder holds (written by ``export.repository``) ``model.py``, Triton's entry (this folder first on
@@ -25,31 +21,24 @@ Tensors (names and order from config.pbtxt, generated from ``amc_contract.signat
     raw    in:  query BYTES [B, 1], keywords BYTES [B, N, K] ("" pads), region_mask BOOL [B, N, R]
            out: query_text FP32 [B, E], keyword_embeddings FP32 [B, N, K, E] (zero vector on padding),
                 keyword_lexical FP32 [B, N, K, 3], tokenizer_version INT64 [B, 1]
-    store  in:  query BYTES [B, 1], candidate_ids INT64 [B, N] (optional: absent, every row of the store),
-                top_k INT64 [B, 1] (optional)
-           out: query_text FP32 [B, E], keyword_lexical FP32 [B, N, K_store, 3] (for the stored rows' keywords),
-                tokenizer_version INT64 [B, 1], candidate_rows INT64 [B, N] (the rows scored),
-                search_k INT64 [B, 1] (top_k, checked: 1 <= top_k <= N and one value per request; else N),
-                query_tokens INT64 [B, L] (WordPiece ids, 0 padded to a multiple of 16),
-                query_words INT64 [B, W], query_word_weights FP32 [B, W] (the query's content words numbered as
-                the store's keyword words, amc_text.StoreWords, and their IDFs; -1 and 0 padded to a multiple of 8)
-
-    search in:  as store; out: scores FP32 [B, k], modality_weights FP32 [B, k, 2], region_attention FP32 [B, k, R],
+    search in:  query BYTES [B, 1], candidate_ids INT64 [B, N] (optional: absent, every row of the store),
+                top_k INT64 [B, 1] (optional: 1 <= top_k <= N and one value per request; absent, N)
+           out: scores FP32 [B, k], modality_weights FP32 [B, k, 2], region_attention FP32 [B, k, R],
                 keyword_attention FP32 [B, k, K_store], model_version INT64 [B, 1], candidate_index INT64 [B, k] (store
                 rows, best first), stored_ids BYTES [B, k], stored_keywords BYTES [B, k, K_store]
 
-Search mode is one Python step per request (issue 23): it checks the request as store mode does, tokenizes, and runs
-the search graph itself; the dynamic batcher's requests that search as many rows share graph calls. It takes no slot
-of an in-flight counter (nothing after it would free one): its own queue's bound (Triton's) refuses the excess.
+Search mode is one Python step per request (issue 23): it checks the request, tokenizes the queries and numbers their
+words as the store numbers its keywords' (``amc_contract.text.StoreWords``), and runs the search graph itself; the
+dynamic batcher's requests that search as many rows share graph calls. It takes no slot of an in-flight counter
+(nothing after it would free one): its own queue's bound (Triton's) refuses the excess.
 
 Overload: in raw mode each valid request takes a slot of its version's in-flight counter (``admission.py``; config
 parameters ``admission``, ``max_in_flight``, ``in_flight_expiry_s``), freed by the top-k step at the end of the
 ensemble; with ``max_in_flight`` taken, the request is answered UNAVAILABLE "overloaded: ... in flight" at once
 instead of waiting in the slow steps' queues. Refusals and the caller's mistakes are sent through each request's
 response sender before the batch's admitted queries are encoded (their places in ``execute``'s list are None), so
-that a refusal never waits for the encoder. Only raw mode counts: the store and search modes' ensembles end in no step
-that frees a slot (search answers in this step; the benchmarks' ``amc_store`` and ``amc_store_fused`` in an ONNX
-step).
+that a refusal never waits for the encoder. Only raw mode counts: search answers in this step, and no later step
+could free a slot.
 
 With dynamic batching Triton hands several requests to one :meth:`TritonPythonModel.execute`: each request is
 validated and answered on its own (INVALID_ARGUMENT for the caller's mistakes, with the message naming the problem),
@@ -120,14 +109,13 @@ class TritonPythonModel:
         else:
             store = self.features.store_keywords
             if store is None:
-                raise ValueError(f"{self.model_name}: mode store needs store.json in {here}")
+                raise ValueError(f"{self.model_name}: mode search needs store.json in {here}")
             detail = f"store of {len(store)} candidates, {store.shape[1]} keyword slots each"
             # top_k's checks are the top-k step's (top_k.check_top_k): INVALID_ARGUMENT here.
             self.rules = search_logic.Rules(
                 names=tuple(self.input_names), version=self.version, store_size=len(store),
                 max_query_bytes=bounds.max_query_bytes, normalize=self.queries.normalize,
                 text_rules=self.features.text_rules)
-        if searching:
             self.search_module = search_logic
             self.search = search_graph.SearchGraph(here, params, args, self.model_name)
             # The store parsed once, by TextFeatures: its rows' strings as the answers carry them.
@@ -165,8 +153,7 @@ class TritonPythonModel:
         # not after the batch's queries are encoded: under overload the encoding of the admitted requests
         # would otherwise hold every rejection of the batch. Their place in the returned list is None.
         answered = [self._answer_now(r, p) for r, p in zip(requests, parsed, strict=True)]
-        answers = text_requests.answer(parsed, self.features, self.output_names, self.version, self.mode,
-                                       self._release)
+        answers = text_requests.answer(parsed, self.features, self.output_names, self.version, self._release)
         responses = []
         for p, done, found in zip(parsed, answered, answers, strict=True):
             if done:
@@ -183,10 +170,6 @@ class TritonPythonModel:
         return responses
 
     def _parse(self, request: Any) -> text_requests.Parsed:
-        if self.mode == "store":
-            names = getattr(request, "requested_output_names", None)
-            return text_requests.parse_store({t.name(): t.as_numpy() for t in request.inputs()}, self.rules,
-                                             None if names is None else names())
         arrays = [pb_utils.get_input_tensor_by_name(request, name) for name in self.input_names]
         return text_requests.parse_raw(*(None if t is None else t.as_numpy() for t in arrays), self.raw_rules)
 

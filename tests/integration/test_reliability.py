@@ -231,16 +231,13 @@ def test_in_flight_limit_rejects_at_once_and_frees_every_slot(repository: tuple[
         assert server.poll() is None
 
 
-def test_store_path_requests_take_no_in_flight_slot(repository: tuple[Path, int], tmp_path: Path) -> None:
-    """Concurrent amc_search_v<N> requests (one step, which answers them itself) and requests of the benchmarks'
-    amc_store_v<N> (no step could free a slot; built by ``benchmarks.store_models``) take no slot of an in-flight
-    counter: 8 threads each are all answered, and a lone search afterwards too."""
+def test_search_requests_take_no_in_flight_slot(repository: tuple[Path, int], tmp_path: Path) -> None:
+    """Concurrent amc_search_v<N> requests (one step, which answers them itself: nothing after it could free a slot)
+    take no slot of an in-flight counter: 8 threads of 12 each are all answered, and a lone search afterwards too."""
     import shutil
     import threading
 
     from amc_model.checkpoint import load_checkpoint
-    from benchmarks import store_signatures as bench_sig
-    from benchmarks.store_models import add_store_models
     from export.store import publish_store
 
     repo, version = repository
@@ -250,43 +247,37 @@ def test_store_path_requests_take_no_in_flight_slot(repository: tuple[Path, int]
     rng = np.random.default_rng(0)
     regions = np.abs(rng.normal(size=(12, 4, sig.REGION_FEATURE_DIM))).astype(np.float32)
     keywords = [["cat", "face"][: g % 2 + 1] for g in range(12)]
-    for add in (publish_store, add_store_models):
-        add(store_repo, version, checkpoint.build_model(), checkpoint.term_weights, regions, keywords,
-            ids=[f"s{g}" for g in range(12)], fingerprint=checkpoint.fingerprint, instances=1, log=lambda *_: None)
-    search, store = sig.versioned_search_ensemble_name(version), bench_sig.versioned_store_ensemble_name(version)
-    models = [bench_sig.STORE_TOKENIZER.model_name, sig.QEN.model_name, bench_sig.VAN_STORE.model_name,
-              bench_sig.LAN_STORE.model_name, sig.MTN.model_name, sig.SEARCH_STEP.model_name, search, store]
+    publish_store(store_repo, version, checkpoint.build_model(), checkpoint.term_weights, regions, keywords,
+                  ids=[f"s{g}" for g in range(12)], fingerprint=checkpoint.fingerprint, instances=1,
+                  log=lambda *_: None)
+    search = sig.versioned_search_ensemble_name(version)
 
-    def inputs(ids: bool) -> list:
+    def inputs() -> list:
         query = grpcclient.InferInput(sig.QUERY.name, [1, 1], "BYTES")
         query.set_data_from_numpy(np.array([[b"cat face"]], dtype=object))
-        if not ids:
-            return [query]
-        rows = grpcclient.InferInput(sig.CANDIDATE_IDS.name, [1, 12], "INT64")
-        rows.set_data_from_numpy(np.arange(12, dtype=np.int64)[None])
-        return [query, rows]
+        return [query]
 
-    with TritonServer(store_repo, models=models, log_file=tmp_path / "store.log") as server:
-        for model in (search, store):
-            answers: list[str] = []
+    with TritonServer(store_repo, models=[sig.SEARCH_STEP.model_name, search],
+                      log_file=tmp_path / "store.log") as server:
+        answers: list[str] = []
 
-            def loop(model: str = model, answers: list[str] = answers) -> None:
-                with grpcclient.InferenceServerClient(server.grpc_url) as client:
-                    for _ in range(12):
-                        try:
-                            client.infer(model, inputs(ids=model == store), client_timeout=120)
-                            answers.append("ok")
-                        except InferenceServerException as e:
-                            answers.append(f"{e.status()} {e.message()}")
+        def loop() -> None:
+            with grpcclient.InferenceServerClient(server.grpc_url) as client:
+                for _ in range(12):
+                    try:
+                        client.infer(search, inputs(), client_timeout=120)
+                        answers.append("ok")
+                    except InferenceServerException as e:
+                        answers.append(f"{e.status()} {e.message()}")
 
-            threads = [threading.Thread(target=loop) for _ in range(8)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            assert answers.count("ok") == len(answers) == 96, answers
+        threads = [threading.Thread(target=loop) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert answers.count("ok") == len(answers) == 96, answers
         with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            client.infer(search, inputs(ids=False), client_timeout=120)  # a lone search afterwards
+            client.infer(search, inputs(), client_timeout=120)  # a lone search afterwards
         assert server.poll() is None
 
 

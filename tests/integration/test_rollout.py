@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
 from amc_contract import signatures as sig
 from amc_model.checkpoint import load_checkpoint
-from benchmarks.store_models import store_ensemble_config
 from export.configs import STEPS, to_text
 from export.onnx_export import export_network
 from export.publish import publish, published_versions
@@ -154,7 +154,11 @@ def test_status_gc_and_rollback_without_history(serving_v1, trained):
     for path in leftovers + legacy + staying:
         path.mkdir(parents=True)
     for name, version in (("amc_store_fused", gone), ("amc_store", kept)):
-        pinned = store_ensemble_config(name, version)
+        # As an earlier release wrote them (last present at 1285aea: benchmarks/store_models.py): an ensemble of
+        # steps pinned to one version; gc reads only the pinned versions.
+        pinned = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=sig.MAX_BATCH)
+        for step in ("amc_store_tokenizer", "amc_fused_store"):
+            pinned.ensemble_scheduling.step.add(model_name=step, model_version=version)
         (repository / name / "config.pbtxt").write_text(to_text(pinned))
     removed = rollout.gc(keep=1)
     assert removed == [gone] and published_versions(repository) == [1, kept]

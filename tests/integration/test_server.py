@@ -5,7 +5,6 @@ One server serves a tiny repository built in a temporary directory:
 - ``amc_tokenizer``: the text step (``serving/backends/text_step.py``, mode raw) with the exported MiniLM
   encoder, a small keyword table and term weights, in two versions, each running the code vendored into its own
   folder (``amc_steps/``, ``amc_contract/``: ``export.repository.write_step_code``);
-- ``amc_store_tokenizer``: the same module in mode store, over a 4-row store, with dynamic batching;
 - ``toy_net``: a three-node ONNX graph run by ``serving/backends/onnx_runner.py`` with dynamic batching;
 - ``toy_late``: the same, not loaded at start, for the admin-key checks.
 
@@ -36,8 +35,6 @@ from tritonclient.utils import InferenceServerException
 
 from amc_contract import signatures as sig
 from amc_contract import text as amc_text
-from benchmarks import store_signatures as bench_sig
-from benchmarks.store_models import store_step_config
 from export.configs import step_config
 from export.reference import keyword_embeddings
 from export.repository import NETWORK_MODULE, TextStepFiles, write_step_code, write_text_step
@@ -47,10 +44,9 @@ from serving.server import ServerStartError, TritonServer
 DOCUMENTS = [["cat", "face", "grinning face with smiling eyes"], ["dog", "red heart"], ["smiling", "eyes"],
              ["heart", "love"], ["kiwi fruit", "food"]]
 TABLE = ["cat", "face", "dog", "red heart", "heart"]  # precomputed; every other keyword is encoded when served
-STORE_KEYWORDS = [["cat", "face"], ["dog"], ["red heart", "love", "heart"], ["kiwi fruit"]]
 ADMIN_KEY = "test-admin-key"
 TOY, TOY_LATE = "toy_net", "toy_late"
-TOKENIZER, STORE_TOKENIZER = sig.TOKENIZER.model_name, bench_sig.STORE_TOKENIZER.model_name
+TOKENIZER = sig.TOKENIZER.model_name
 # The toy reuses real tensor names, so its error messages read like the served networks'.
 REGIONS, MASK, SCORES = sig.REGIONS.name, sig.REGION_MASK.name, sig.SCORES.name
 TOTAL = "total"
@@ -127,13 +123,6 @@ def _build_repository(root: Path) -> Path:
     # new file there, a __pycache__, for a changed version).
     published = sorted(str(p.relative_to(repo)) for p in (repo / TOKENIZER / "1").rglob("*"))
     (root / "published.json").write_text(json.dumps(published))
-    config = store_step_config(bench_sig.STORE_TOKENIZER, "python")
-    config.dynamic_batching.max_queue_delay_microseconds = 100_000  # so that concurrent requests meet
-    config.parameters["max_in_flight"].string_value = "0"  # as the raw text step above
-    (repo / STORE_TOKENIZER).mkdir()
-    (repo / STORE_TOKENIZER / "config.pbtxt").write_text(text_format.MessageToString(config))
-    store = {"version": 1, "size": len(STORE_KEYWORDS), "ids": list("abcd"), "keywords": STORE_KEYWORDS}
-    write_text_step(repo / STORE_TOKENIZER / "1", version=1, files=files, store_json=json.dumps(store))
     for name in (TOY, TOY_LATE):
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text(_toy_config(name))
@@ -149,7 +138,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repository: Path) -> Iterator[TritonServer]:
-    srv = TritonServer(repository, models=[TOKENIZER, STORE_TOKENIZER, TOY], admin_key=ADMIN_KEY,
+    srv = TritonServer(repository, models=[TOKENIZER, TOY], admin_key=ADMIN_KEY,
                        log_file=repository.parent / "tritonserver.log")
     srv.start(timeout_s=120)
     try:
@@ -183,18 +172,6 @@ def _text_step(client: grpcclient.InferenceServerClient, queries: list[bytes | s
                                       _bytes_input(sig.KEYWORDS.name, keywords), mask],
                           model_version=version, client_timeout=60)
     return {name: result.as_numpy(name) for name in sig.TOKENIZER.output_names}
-
-
-def _store_inputs(queries: list[bytes | str], ids: np.ndarray) -> list[grpcclient.InferInput]:
-    tensor = grpcclient.InferInput(sig.CANDIDATE_IDS.name, list(ids.shape), "INT64")
-    tensor.set_data_from_numpy(ids.astype(np.int64))
-    return [_bytes_input(sig.QUERY.name, _queries(queries)), tensor]
-
-
-def _store_step(client: grpcclient.InferenceServerClient, queries: list[bytes | str],
-                ids: np.ndarray) -> dict[str, np.ndarray]:
-    result = client.infer(STORE_TOKENIZER, _store_inputs(queries, ids), client_timeout=60)
-    return {name: result.as_numpy(name) for name in bench_sig.STORE_TOKENIZER.output_names}
 
 
 def _keywords(rows: list[list[list[str]]]) -> np.ndarray:
@@ -336,68 +313,6 @@ def test_text_step_rejects_bad_keywords_and_too_many_candidates(client: grpcclie
     _assert_text_step_works(client)
 
 
-def test_store_text_step_matches_training_code(client: grpcclient.InferenceServerClient) -> None:
-    ids = np.array([[2, 0, 3, 1], [1, 3, 0, 2]])
-    queries = ["red heart", "кошка cat"]
-    out = _store_step(client, queries, ids)
-    np.testing.assert_array_equal(out[bench_sig.CANDIDATE_ROWS.name], ids)
-    width = max(map(len, STORE_KEYWORDS))
-    store = np.array([row + [""] * (width - len(row)) for row in STORE_KEYWORDS], dtype=object)
-    _assert_features_match(out, queries, store[ids])
-    assert out[sig.KEYWORD_LEXICAL.name].shape == (2, 4, width, sig.LEXICAL_DIM)
-    np.testing.assert_array_equal(out[sig.TOKENIZER_VERSION.name], [[1], [1]])
-    # What the fused store graphs read instead: the queries' WordPiece ids and their words, numbered as the store
-    # numbers its keywords' words, with their IDFs.
-    from amc_model.text_encoder import tokenizer_json
-
-    tokens = amc_text.query_tokens(amc_text.load_wordpiece(tokenizer_json()), queries)
-    np.testing.assert_array_equal(out[sig.QUERY_TOKENS.name], tokens)
-    assert tokens.shape == (2, 16)
-    store = amc_text.StoreWords(matcher().weights, [k for row in STORE_KEYWORDS for k in row])
-    words, idf = store.query(queries)
-    np.testing.assert_array_equal(out[sig.QUERY_WORDS.name], words)
-    np.testing.assert_allclose(out[sig.QUERY_WORD_WEIGHTS.name], idf)
-    assert words.shape == (2, 8) and words[0, :3].tolist() == [store.number["red"], store.number["heart"], -1]
-    assert words[1, :2].tolist() == [store.number["cat"], -1]  # "кошка" is no word of amc_text.words
-
-
-def test_store_text_step_answers_the_outputs_asked_for(client: grpcclient.InferenceServerClient) -> None:
-    """Asked only for the fused store graphs' inputs (as amc_store_fused's ensemble asks), the step answers."""
-    names = (sig.QUERY_TOKENS.name, sig.QUERY_WORDS.name, sig.QUERY_WORD_WEIGHTS.name)
-    result = client.infer(STORE_TOKENIZER, _store_inputs(["red heart"], np.array([[2, 0]])), client_timeout=60,
-                          outputs=[grpcclient.InferRequestedOutput(n) for n in names])
-    assert {o.name for o in result.get_response().outputs} == set(names)
-    assert result.as_numpy(sig.QUERY_WORDS.name).shape == (1, 8)
-
-
-def test_store_text_step_answers_concurrent_requests_and_isolates_bad_ones(client: grpcclient.InferenceServerClient) -> None:
-    cases = [(["cat face"], [[0, 1]]), (["dog"], [[1, 2, 3]]), (["heart"], [[0, 9]]), ([""], [[0]]),
-             (["kiwi"], [[3]]), (["love"], [[]]), (["cat"], [[1, 2, 1]])]
-    answers: queue.Queue[tuple[int, object]] = queue.Queue()
-
-    def callback(i: int, result, error) -> None:
-        answers.put((i, error if error is not None else result))
-
-    for i, (queries, ids) in enumerate(cases):  # within the 100 ms batching window: one execute() call
-        client.async_infer(STORE_TOKENIZER, _store_inputs(queries, np.array(ids, dtype=np.int64).reshape(1, -1)),
-                           callback=functools.partial(callback, i), client_timeout=60)
-    results: dict[int, object] = dict(answers.get(timeout=60) for _ in cases)
-    errors = {2: "candidate_ids[0, 1] = 9 is outside the candidate store of version 1 (0 .. 3)",
-              3: "query is empty", 5: "candidate set is empty",
-              6: "candidate_ids[0] repeats store row 1 (at positions 0 and 2); each candidate may appear once"}
-    for i, (queries, _) in enumerate(cases):
-        if i in errors:
-            assert isinstance(results[i], InferenceServerException), i
-            assert f"{STORE_TOKENIZER}: {errors[i]}" in results[i].message()
-            assert results[i].status() == "StatusCode.INVALID_ARGUMENT"
-            continue
-        assert not isinstance(results[i], Exception), results[i]
-        got = results[i].as_numpy(sig.QUERY_TEXT.name)
-        assert _relative(got, encoder().encode(queries)) < TOLERANCE
-    # Whether Triton merged these requests into fewer execute() calls depends on timing (a loaded CI machine
-    # may not), so it is not asserted here: what must hold either way is that each is answered on its own.
-
-
 def test_onnx_runner_batches_and_isolates_bad_requests(client: grpcclient.InferenceServerClient) -> None:
     rng = np.random.default_rng(0)
     shapes = [(1, 3, 4), (2, 3, 4), (1, 5, 4), (1, 3, 4), (3, 5, 4), (1, 3, 4)]
@@ -480,7 +395,7 @@ def test_admin_key_guards_model_repository(client: grpcclient.InferenceServerCli
     scores, _ = _toy(client, np.ones((1, 2, 2), dtype=np.float32), np.array([[True, False]]), model=TOY_LATE)
     np.testing.assert_allclose(scores, [[2.0, 0.0]])
     index = client.get_model_repository_index(headers=server.admin_headers, as_json=True)
-    assert {m["name"] for m in index["models"]} >= {TOY, TOY_LATE, TOKENIZER, STORE_TOKENIZER}
+    assert {m["name"] for m in index["models"]} >= {TOY, TOY_LATE, TOKENIZER}
     client.unload_model(TOY_LATE, headers=server.admin_headers)
 
 

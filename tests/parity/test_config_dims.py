@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -18,20 +17,17 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from amc_contract import signatures as sig
 from amc_model.model import AMC, AMCConfig
-from benchmarks.store_models import add_store_models
-from benchmarks.store_signatures import FUSED, FUSED_STORE, STORE_NETWORKS
 from export import onnx_export
 from export import publish as publish_module
 from export.configs import FLAVOURS, ONNX_FILE, TEMPLATE_ROOT, parse_config, template_files
 from export.onnx_export import ExportError
 from export.publish import publish
 from export.repository import init_repository
-from tests.parity.test_export import KEYWORDS, TERM_WEIGHTS, checkpoint, quiet, tiny_model  # noqa: F401 - checkpoint: a fixture
+from tests.parity.test_export import KEYWORDS, checkpoint, quiet, tiny_model  # noqa: F401 - checkpoint: a fixture
 
 # Every step that Triton serves from an ONNX graph (model.onnx; the text step's encoder runs inside Python): the
-# networks a publish writes and the benchmarks' store graphs. (The search graph runs inside the search step, a Python
-# step in both flavours.)
-ONNX_STEPS = {s.model_name for s in (*sig.NETWORKS, *STORE_NETWORKS, FUSED, FUSED_STORE)}
+# networks a publish writes. (The search graph runs inside the search step, a Python step in both flavours.)
+ONNX_STEPS = {s.model_name for s in sig.NETWORKS}
 
 
 def graph_shapes(path) -> dict[str, list[int]]:
@@ -73,18 +69,13 @@ def with_cuda(monkeypatch):
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_every_onnx_step_config_declares_its_graph_dims(tmp_path, checkpoint, monkeypatch, flavour):  # noqa: F811
-    """A version published in each flavour by a machine without CUDA, with the benchmarks' store models added
-    (``benchmarks.store_models``): every ONNX step's config agrees with its graph (raw and store steps, inputs and
-    outputs), with the model's own sizes (the tiny model's, not the templates'); the onnxruntime flavour's steps are
-    placed on KIND_CPU."""
+    """A version published in each flavour by a machine without CUDA: every ONNX step's config agrees with its graph
+    (inputs and outputs), with the model's own sizes (the tiny model's, not the templates'); the onnxruntime flavour's
+    steps are placed on KIND_CPU."""
     cpu_only(monkeypatch)
     _, path = checkpoint
     repo = tmp_path / "repo"
     version = publish(path, repo, flavour=flavour, keywords=KEYWORDS, log=quiet)
-    rng = np.random.default_rng(0)
-    regions = np.abs(rng.normal(0, 1.5, size=(6, sig.REGIONS_PER_IMAGE, sig.REGION_FEATURE_DIM))).astype(np.float16)
-    keywords = [list(rng.choice(KEYWORDS, size=int(rng.integers(1, 4)), replace=False)) for _ in range(6)]
-    add_store_models(repo, version, tiny_model(), TERM_WEIGHTS, regions, keywords, fingerprint="fp", log=quiet)
     steps = onnx_steps(repo, version)
     assert set(steps) == ONNX_STEPS
     problems = [p for config, shapes in steps.values() for p in disagreements(config, shapes)]

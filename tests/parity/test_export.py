@@ -251,7 +251,7 @@ def test_a_publish_writes_only_what_the_client_calls(tmp_path, checkpoint):
 def test_store_graphs_equal_the_raw_path(tmp_path, checkpoint):
     """The store's LAN holds W_kl k of the keywords' sentence embeddings; the search graph matches PyTorch's raw
     path; the search step gets the instances asked for."""
-    from export.store import build_store, export_store_graphs, publish_store, validate_store
+    from export.store import build_store, export_search_graph, publish_store, validate_store
 
     ckpt, path = checkpoint
     repo = tmp_path / "repo"
@@ -285,7 +285,7 @@ def test_store_graphs_equal_the_raw_path(tmp_path, checkpoint):
     matcher = LexicalMatcher(TermWeights.from_json(TERM_WEIGHTS))
     broken = build_store(tiny_model(), regions, keywords)
     broken.keyword_projected = broken.keyword_projected * 1.5
-    export_store_graphs(tiny_model(), broken, matcher, tmp_path / "onnx", version=1, fingerprint="fp")
+    export_search_graph(tiny_model(), broken, matcher, tmp_path / "onnx", version=1, fingerprint="fp")
     with pytest.raises(ExportError, match="search_store"):
         validate_store(tiny_model(), broken, matcher, regions, tmp_path / "onnx")
 

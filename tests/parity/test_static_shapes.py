@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 
 from amc_contract.text import LexicalMatcher, TermWeights
-from export.store import build_store, export_store_graphs
+from export.store import build_store, export_search_graph
 from serving.backends import static_shapes as ss
 from tests.parity.test_export import TERM_WEIGHTS, _gallery, tiny_model
 
@@ -137,7 +137,7 @@ def search_graph(tmp_path_factory):
     regions, keywords = _gallery()
     model = tiny_model()
     store = build_store(model, regions, keywords)
-    export_store_graphs(model, store, LexicalMatcher(TermWeights.from_json(TERM_WEIGHTS)), out, version=1,
+    export_search_graph(model, store, LexicalMatcher(TermWeights.from_json(TERM_WEIGHTS)), out, version=1,
                         fingerprint="fp")
     return out / "search_store.onnx"
 

@@ -1,15 +1,12 @@
-"""The benchmark suite's code on tiny sizes (no timed assertions): harness, floors, report, configs and the figures of
-reports/gpu.json (the candidate store's correctness in-process: tests/parity/test_benchmarks.py; through a real
-tritonserver: tests/integration/test_benchmarks.py)."""
+"""The benchmark suite's code on tiny sizes (no timed assertions): harness, floors, report and the figures of
+reports/gpu.json (its runners in-process: tests/parity/test_benchmarks.py; through a real tritonserver:
+tests/integration/test_benchmarks.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from amc_contract import signatures as sig
-from benchmarks import floor, harness, report, store_models
-from benchmarks import store_signatures as bench_sig
-from export.configs import parse_config, to_text
+from benchmarks import floor, harness, report
 
 
 def test_harness_and_report_on_tiny_runs(tmp_path):
@@ -28,15 +25,6 @@ def test_harness_and_report_on_tiny_runs(tmp_path):
                    "triton_amc|100|c1": {**out, "steps": {}}, "ort|100|b1|c1": out}}
     report.write(results, tmp_path)
     assert (tmp_path / "serving_cpu.json").exists() and "triton_amc" in (tmp_path / "serving.md").read_text()
-
-
-def test_store_configs_round_trip():
-    for step in bench_sig.STEPS:
-        config = store_models.store_step_config(step, "python", instances=3)
-        assert parse_config(to_text(config)) == config
-        assert config.instance_group[0].count == 3 and config.dynamic_batching.max_queue_delay_microseconds > 0
-    with pytest.raises(ValueError, match="not one of the benchmarks' store steps"):
-        store_models.store_step_config(sig.SEARCH_STEP, "python")
 
 
 def test_readme_gpu_table_is_generated_from_gpu_json(tmp_path):

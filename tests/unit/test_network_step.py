@@ -22,7 +22,7 @@ from tests import fake_pb_utils
 SIZES = {"query_dim": 8, "hidden": 8, "keyword_hidden": 9}  # a model's sizes, as an export fixes them in its graphs
 
 
-def spec_of(step: sig.StepSignature, distinct: tuple[str, ...] = ()) -> network.Spec:
+def spec_of(step: sig.StepSignature) -> network.Spec:
     """A network step's spec as the served step builds it from its config and the exported graph (the graph's dims:
     a model axis fixed to its size, the dynamic axes by name)."""
     def dims(t: sig.TensorSpec) -> list:
@@ -30,7 +30,7 @@ def spec_of(step: sig.StepSignature, distinct: tuple[str, ...] = ()) -> network.
 
     return network.Spec(tuple((t.name, t.numpy_dtype) for t in step.inputs),
                         tuple((t.name, t.numpy_dtype) for t in step.outputs), True,
-                        {t.name: dims(t) for t in step.inputs}, distinct)
+                        {t.name: dims(t) for t in step.inputs})
 
 
 VAN = spec_of(sig.VAN)
@@ -99,22 +99,6 @@ def test_outputs_asked_for_are_in_config_order_and_unknown_ones_refused():
         network.requested(["nope", names[1]], names)
 
 
-def test_inputs_named_distinct_repeat_no_value_within_a_query() -> None:
-    padded = np.array([[4, 9, -1, -1], [2, -1, -1, -1]], dtype=np.int64)  # repeated padding is fine
-    network.check_distinct({"query_words": padded, "other": np.zeros((2, 4))}, ["query_words"])
-    network.check_distinct({"query_words": np.array([[3]], dtype=np.int64)}, ["query_words"])
-    with pytest.raises(RequestError, match=r"^query_words\[1\] repeats 7; each value may appear once \(negative "
-                                           r"values are padding\)$"):
-        network.check_distinct({"query_words": np.array([[1, 2, 3], [7, -1, 7]], dtype=np.int64)}, ["query_words"])
-    network.check_distinct({"query_words": np.array([[7, 7]], dtype=np.int64)}, [])  # not named: not checked
-    spec = spec_of(sig.SEARCH_STORE, distinct=(sig.QUERY_WORDS.name,))
-    feeds = {t.name: np.zeros((1, 2), t.numpy_dtype) for t in sig.SEARCH_STORE.inputs}
-    feeds[sig.SEARCH_K.name] = np.ones((1, 1), np.int64)
-    feeds[sig.QUERY_WORDS.name] = np.array([[5, 5]])
-    with pytest.raises(RequestError, match=r"query_words\[0\] repeats 5"):
-        network.read_request(feeds, None, spec)
-
-
 def test_a_graph_and_config_that_disagree_fail_the_load():
     graph_in = {sig.QUERY_EMBEDDING.name: "tensor(float)", sig.REGIONS.name: "tensor(float)",
                 sig.REGION_MASK.name: "tensor(bool)"}
@@ -125,8 +109,6 @@ def test_a_graph_and_config_that_disagree_fail_the_load():
     with pytest.raises(ValueError, match="amc_van: config declares input region_mask as bool, the ONNX graph as "
                                          r"tensor\(float\)"):
         network.check_signature(VAN, {**graph_in, sig.REGION_MASK.name: "tensor(float)"}, graph_out, "amc_van")
-    with pytest.raises(ValueError, match=r"amc_van: config parameter distinct names no input\(s\) \['nope'\]"):
-        network.check_signature(spec_of(sig.VAN, ("nope",)), graph_in, graph_out, "amc_van")
 
 
 # ---- batching ----------------------------------------------------------------------------------------------------

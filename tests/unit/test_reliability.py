@@ -26,11 +26,8 @@ def test_every_step_queue_is_bounded_in_the_generated_configs() -> None:
 
 def test_admission_control_is_in_the_generated_configs() -> None:
     """The raw text step takes in-flight slots with the limit of the signatures module; the top-k step at the end of
-    its ensembles frees them, and VAN (python flavour) frees the slot of each request it refuses. The store path
-    counts nothing (search is one step, bounded by its queue; no step at the end of the benchmarks' store ensembles
-    frees a slot)."""
-    from benchmarks.store_models import store_step_config
-    from benchmarks.store_signatures import STORE_TOKENIZER
+    its ensembles frees them, and VAN (python flavour) frees the slot of each request it refuses. Search counts
+    nothing (one step, bounded by its queue)."""
     from export.configs import ADMISSION, SEARCH_QUEUE_SIZE, SEARCH_SETTINGS, search_step_config, step_config
 
     for settings in SEARCH_SETTINGS.values():
@@ -38,7 +35,6 @@ def test_admission_control_is_in_the_generated_configs() -> None:
         assert ADMISSION not in search.parameters
         assert search.dynamic_batching.default_queue_policy.max_queue_size == SEARCH_QUEUE_SIZE
     for flavour in ("python", "onnxruntime"):
-        assert ADMISSION not in store_step_config(STORE_TOKENIZER, flavour).parameters
         for text, topk, counter in ((step_config(sig.TOKENIZER, flavour), step_config(sig.TOPK, flavour), "raw"),):
             params = {k: v.string_value for k, v in text.parameters.items()}
             assert params[ADMISSION] == counter and params["max_in_flight"] == str(sig.MAX_IN_FLIGHT)

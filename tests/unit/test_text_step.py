@@ -1,9 +1,8 @@
-"""The text step's raw and store modes (``amc_tokenizer``, the benchmarks' ``amc_store_tokenizer``) without a server:
-their functions (``serving/backends/text_requests.py``) and the step's ``TritonPythonModel`` in-process with the shared
-fake ``pb_utils`` (``tests/fake_pb_utils.py``). Every bad input that tests/integration/test_server.py and
-test_serving.py send to these steps on a real tritonserver is refused here with the same message (those the ``amc``
-ensemble's catalogue, ``serving.faults.bad_requests``, sends: ``test_network_step.py``); search mode:
-``test_search_step.py``."""
+"""The text step's raw mode (``amc_tokenizer``) without a server: its functions (``serving/backends/text_requests.py``)
+and the step's ``TritonPythonModel`` in-process with the shared fake ``pb_utils`` (``tests/fake_pb_utils.py``). Every
+bad input that tests/integration/test_server.py and test_serving.py send to this step on a real tritonserver is
+refused here with the same message (those the ``amc`` ensemble's catalogue, ``serving.faults.bad_requests``, sends:
+``test_network_step.py``); search mode: ``test_search_step.py``."""
 
 from __future__ import annotations
 
@@ -22,7 +21,6 @@ from serving.backends.admission import InFlight
 from tests import fake_pb_utils
 
 NAMES = {"🐱": "cat face"}
-STORE_KEYWORDS = [["cat", "face"], ["dog"], ["red heart", "love", "heart"], ["kiwi fruit"]]
 
 
 def raw_rules(**bounds: int) -> text_requests.RawRules:
@@ -124,7 +122,7 @@ def test_a_good_raw_request_is_read_by_the_versions_rules():
     query = np.array([["🐱 Thumbs_Up!".encode()], [b"dog"]], dtype=object)
     keywords = np.array([[["café".encode(), b""]], [[b"cat", b"dog"]]], dtype=object)
     parsed = text_requests.parse_raw(query, keywords, np.ones((2, 1, 4), bool), raw_rules())
-    assert parsed.texts == ["cat face thumbs up", "dog"] and parsed.counted and parsed.wants is None
+    assert parsed.texts == ["cat face thumbs up", "dog"] and parsed.counted
     assert parsed.keywords.tolist() == [[["café", ""]], [["cat", "dog"]]]
 
 
@@ -156,48 +154,8 @@ def test_fuzz_random_raw_requests_are_read_or_refused_by_request_error(arrays):
     assert len(parsed.texts) == arrays[0].shape[0] and parsed.keywords.shape == arrays[1].shape
 
 
-# ---- store mode: the search step's checks ------------------------------------------------------------------------
-def store_rules() -> search.Rules:
-    names = tuple(sig.SEARCH_STEP.input_names)
-    return search.Rules(names=names, version=1, store_size=len(STORE_KEYWORDS), max_query_bytes=sig.MAX_QUERY_BYTES,
-                        normalize=lambda t: t, text_rules=1)
-
-
-def store(query: bytes, ids=None, top_k=None) -> dict[str, np.ndarray]:
-    found = {sig.QUERY.name: np.array([[query]], dtype=object)}
-    if ids is not None:
-        found[sig.CANDIDATE_IDS.name] = np.asarray(ids, dtype=np.int64)
-    if top_k is not None:
-        found[sig.TOP_K.name] = np.asarray(top_k, dtype=np.int64)
-    return found
-
-
-@pytest.mark.parametrize(("found", "message"), [  # tests/integration/test_server.py (amc_store_tokenizer)
-    (store(b"heart", [[0, 9]]), "candidate_ids[0, 1] = 9 is outside the candidate store of version 1 (0 .. 3)"),
-    (store(b"", [[0]]), "query is empty"),
-    (store(b"love", np.empty((1, 0))), "candidate set is empty"),
-    (store(b"cat", [[1, 2, 1]]), "candidate_ids[0] repeats store row 1 (at positions 0 and 2); each candidate may "
-                                 "appear once"),
-    (store(b"cat", [[1, 2]], [[3]]), "top_k is 3, more than the 2 candidates of the request"),
-    (store(b"cat", None, [[0]]), "top_k is 0; it must be at least 1"),
-    ({}, "input query is missing"),
-])
-def test_store_bad_requests_are_refused_naming_the_problem(found, message):
-    with pytest.raises(RequestError) as info:
-        text_requests.parse_store(found, store_rules())
-    assert message in str(info.value)
-
-
-def test_a_store_request_names_its_rows_and_the_outputs_it_wants():
-    whole = text_requests.parse_store(store(b"red heart", None, [[2]]), store_rules(), ["query_tokens"])
-    assert whole.whole_store and whole.ids.tolist() == [[0, 1, 2, 3]] and whole.top_k == 2 and not whole.counted
-    assert whole.asks("query_tokens") and not whole.asks("query_text")
-    some = text_requests.parse_store(store(b"dog", [[3, 1]]), store_rules())
-    assert not some.whole_store and some.ids.tolist() == [[3, 1]] and some.top_k is None and some.asks("query_text")
-
-
 # ---- admission ---------------------------------------------------------------------------------------------------
-def test_admission_takes_a_slot_per_counted_request_and_overloads_the_rest(tmp_path):
+def test_admission_takes_a_slot_per_valid_request_and_overloads_the_rest(tmp_path):
     counter = InFlight(tmp_path / "counter", limit=2, expiry_s=30)
     parsed = [text_requests.Parsed(["a"]), RequestError("bad"), text_requests.Parsed(["b"]),
               text_requests.Parsed(["c"])]
@@ -206,9 +164,7 @@ def test_admission_takes_a_slot_per_counted_request_and_overloads_the_rest(tmp_p
     assert str(out[3]) == ("amc_tokenizer: overloaded: 2 requests in flight through version 3, the limit is 2; retry "
                            "after a backoff")
     assert counter.in_flight() == 2
-    # Uncounted requests (store mode) take none; without a counter nothing is counted.
-    store_mode = [text_requests.Parsed(["d"], counted=False)]
-    assert text_requests.admit(store_mode, counter, "x", 3) == (store_mode, None) and counter.in_flight() == 2
+    # Without a counter nothing is counted.
     alone = [text_requests.Parsed(["e"])]
     assert text_requests.admit(alone, None, "x", 3) == (alone, None) and not alone[0].counted
 
@@ -247,16 +203,6 @@ class Features:
     def lexical(self, texts, keywords, *, normalized):
         return np.zeros((*keywords.shape, 3), np.float32)
 
-    def store_lexical(self, texts, ids, *, normalized):
-        self.calls.append(("store_lexical", ids))
-        return np.zeros((len(texts), 4 if ids is None else ids.shape[1], 3, 3), np.float32)
-
-    def query_tokens(self, texts, *, normalized):
-        return np.ones((len(texts), 16), np.int64)
-
-    def query_words(self, texts, *, normalized):
-        return np.full((len(texts), 8), -1, np.int64), np.zeros((len(texts), 8), np.float32)
-
 
 def test_raw_answers_encode_the_batch_once_and_fail_alone():
     released: list[int] = []
@@ -266,29 +212,14 @@ def test_raw_answers_encode_the_batch_once_and_fail_alone():
               text_requests.Parsed(["d"], keywords=keywords, counted=False)]
     features = Features()
     names = sig.TOKENIZER.output_names
-    out = text_requests.answer(parsed, features, names, 7, "raw", released.append)
+    out = text_requests.answer(parsed, features, names, 7, released.append)
     assert features.calls == [("query_text", ["a", "b", "c", "d"])]
     assert list(out[0]) == names and out[0][names[0]].tolist() == [[0, 1], [2, 3]]
     assert out[0][names[3]].tolist() == [[7], [7]] and out[0][names[2]].shape == (2, 1, 2, 3)
     assert out[1] is parsed[1] and isinstance(out[2], ValueError) and released == [1]  # its slot freed
     assert out[3][names[0]].tolist() == [[6, 7]]  # the queries after a failed request keep their embeddings
-    broken = text_requests.answer(parsed, Features("encoder"), names, 7, "raw", released.append)
+    broken = text_requests.answer(parsed, Features("encoder"), names, 7, released.append)
     assert [str(x) for x in (broken[0], broken[2], broken[3])] == ["encoder down"] * 3 and released == [1, 2]
-
-
-def test_store_answers_compute_only_the_outputs_asked_for():
-    names = ["query_text", "keyword_lexical", "tokenizer_version", "candidate_rows", "search_k", "query_tokens",
-             "query_words", "query_word_weights"]
-    rows = np.array([[2, 0]], np.int64)
-    fused = text_requests.Parsed(["x"], ids=rows, counted=False, wants=frozenset(names[5:]))
-    five_step = text_requests.Parsed(["y"], ids=np.arange(4)[None], whole_store=True, top_k=3, counted=False,
-                                     wants=frozenset(names[:5]))
-    features = Features()
-    out = text_requests.answer([fused, five_step], features, names, 1, "store", lambda n: None)
-    assert features.calls == [("query_text", ["y"]), ("store_lexical", None)]  # whole store: no ids
-    assert list(out[0]) == names[5:] and list(out[1]) == names[:5]
-    assert out[1]["search_k"].tolist() == [[3]] and out[1]["candidate_rows"].tolist() == [[0, 1, 2, 3]]
-    assert all(a.flags.c_contiguous for answer in out for a in answer.values())
 
 
 def test_a_config_of_other_tensors_than_the_mode_needs_is_refused():
@@ -398,43 +329,3 @@ def test_the_ranking_text_step_refuses_the_excess_as_unavailable(ranking_step, t
     assert refusal.message() == ("amc_tokenizer: overloaded: 1 requests in flight through version 1, the limit is 1; "
                                  "retry after a backoff")
     assert step.in_flight.in_flight() == 1  # the admitted one holds its slot until the top-k step frees it
-
-
-def test_store_text_step_computes_only_the_outputs_asked_for(tmp_path, monkeypatch) -> None:
-    """In one batch, a request of the fused store ensembles (tokens and words) and one of amc_store (the query's
-    embedding): with the encoder broken, the first is answered and only the second fails, so the first never
-    reached the encoder."""
-    from amc_contract.text import TermWeights
-    from amc_model.text_encoder import tokenizer_json
-    from benchmarks.store_models import store_step_config
-    from benchmarks.store_signatures import STORE_TOKENIZER
-    from export.repository import TextStepFiles, write_text_step
-
-    stand_in_encoder(tmp_path / "text_encoder.onnx")
-    files = TextStepFiles(tokenizer_json(), TermWeights.from_documents(STORE_KEYWORDS).to_json(),
-                          tmp_path / "text_encoder.onnx")
-    here = tmp_path / STORE_TOKENIZER.model_name
-    config = store_step_config(STORE_TOKENIZER, "python")
-    config.parameters["max_in_flight"].string_value = "0"  # no ensemble's top-k step frees slots here
-    store_json = {"version": 1, "size": len(STORE_KEYWORDS), "ids": list("abcd"), "keywords": STORE_KEYWORDS}
-    write_text_step(here / "1", version=1, files=files, store_json=json.dumps(store_json))
-    with fake_pb_utils.installed() as pb_utils:
-        step = load_step(pb_utils, here, config, STORE_TOKENIZER.model_name)
-
-        def broken(_queries, **_options):
-            raise RuntimeError("encoder down")
-
-        monkeypatch.setattr(step.features, "query_text", broken)
-        inputs = {sig.QUERY.name: np.array([[b"red heart"]], dtype=object),
-                  sig.CANDIDATE_IDS.name: np.array([[2, 0]], dtype=np.int64)}
-        fused = [sig.QUERY_TOKENS.name, sig.QUERY_WORDS.name, sig.QUERY_WORD_WEIGHTS.name]
-        five_step = [sig.QUERY_TEXT.name, sig.KEYWORD_LEXICAL.name, sig.TOKENIZER_VERSION.name]
-        bad = {**inputs, sig.CANDIDATE_IDS.name: np.array([[2, 9]], dtype=np.int64)}
-        requests = [pb_utils.InferenceRequest(inputs, fused), pb_utils.InferenceRequest(inputs, five_step),
-                    pb_utils.InferenceRequest(bad, fused)]
-        answers = [fake_pb_utils.answer(r, a) for r, a in zip(requests, step.execute(requests), strict=True)]
-    assert not answers[0].has_error() and list(fake_pb_utils.outputs(answers[0])) == fused
-    assert answers[1].has_error() and "encoder down" in answers[1].error().message()
-    assert answers[1].error().code() == pb_utils.TritonError.INTERNAL
-    assert answers[2].error().message() == ("amc_store_tokenizer: candidate_ids[0, 1] = 9 is outside the candidate "
-                                            "store of version 1 (0 .. 3)")
