@@ -171,7 +171,8 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
     # Graphs where they are valid (training.graphed): fixed-shape batches, no CPU features, and under DDP no
     # parameter left without a gradient (find_unused_parameters walks the autograd graph in Python each step).
     graphed = (cfg.cuda_graph and d.device.type == "cuda" and pairs_table is not None and not unused
-               and len(pairs) >= cfg.batch_size and negatives is None)  # the collection loss samples on the CPU
+               and len(pairs) >= cfg.batch_size and negatives is None  # the collection loss samples on the CPU
+               and not cfg.ema_decay)  # the average is updated on the current stream, not the graph's
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, capturable=graphed)
 
@@ -202,6 +203,7 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
 
     steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
     best, best_state, best_epoch, stale, history = -1.0, None, 0, 0, []
+    averaged = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"train {cfg.mode}", unit="step",
                disable=not progress, file=sys.stderr)
     for epoch in range(1, cfg.epochs + 1):
@@ -229,6 +231,8 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+            if averaged is not None:  # after the graph's replay too: it updates the same parameters in place
+                averaged.update()
             losses.append(loss.detach())
             bar.update(1)
             if progress and (step % 20 == 0 or step == steps_per_epoch - 1):  # .item() waits for the GPU
@@ -241,13 +245,16 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
         if d.device.type == "cuda":
             torch.cuda.synchronize(d.device)
         train_s = time.perf_counter() - epoch_started
-        val = d.broadcast(evaluate_split(model, data, val_queries) if d.main else None)
+        # Validated (and kept) are the averaged weights where there are some (TrainConfig.ema_decay).
+        with averaged.swapped_in() if averaged is not None else contextlib.nullcontext():
+            val = d.broadcast(evaluate_split(model, data, val_queries) if d.main else None)
+            score = (val["ndcg@1"] + val["ndcg@10"]) / 2 if cfg.select_by == "ndcg@1+10" else val[cfg.select_by]
+            if score > best:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append({"epoch": epoch, "loss": epoch_loss, **{f"val_{k}": v for k, v in val.items()},
                         "train_s": train_s, "samples": len(pairs)})
-        score = (val["ndcg@1"] + val["ndcg@10"]) / 2 if cfg.select_by == "ndcg@1+10" else val[cfg.select_by]
         if score > best:
             best, best_epoch, stale = score, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
             if stale >= cfg.patience:
@@ -268,6 +275,35 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
     fingerprint, val, test = d.broadcast(summary)  # every rank returns the same result, once it is written
     return TrainResult(out_dir / "checkpoint.pt", fingerprint, best_epoch, val, test, history,
                        time.perf_counter() - started)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's trainable weights (``TrainConfig.ema_decay``)."""
+
+    def __init__(self, model: AMC, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"--ema_decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The averaged weights in the model for the block's duration, the trained ones back after it."""
+        trained = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, a in zip(self.params, self.average, strict=True):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, t in zip(self.params, trained, strict=True):
+                    p.copy_(t)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,6 +68,10 @@ class TrainConfig:
     dwell: bool = True
     # Validation figure that picks the best epoch: NDCG@10, or "ndcg@1+10" (their mean).
     select_by: str = "ndcg@10"
+    # Validate (and keep) an exponential moving average of the weights, updated after every step with this decay
+    # (0: the weights as trained). Averaging over the last ~1/(1 - decay) steps smooths the step-to-step noise of
+    # the sampled negatives.
+    ema_decay: float = 0.0
     resume: str = ""  # checkpoint to continue from; refused if its model configuration differs
     # How each batch's clicked and unclicked candidates are drawn. "sequential": one rng.choice pair per query
     # (the original stream, what every reported figure used). "vectorized": the same distribution drawn for
