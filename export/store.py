@@ -10,10 +10,11 @@ keyword masks (:func:`build_store`). The graph over the store holds them as cons
 with the CUDA execution provider) and takes ``candidate_ids`` (rows of the store) instead of the candidates' features.
 
 A publish exports it, the search graph ``search_store.onnx`` (:class:`SearchStoreGraph`): the sentence encoder, the
-lexical match against every stored keyword, QEN, VAN, LAN and MTN over the store and the top-k selection (ONNX TopK). It takes the query's WordPiece ids and its content words, numbered as the store's keyword
-words by :class:`amc_contract.text.StoreWords`; the stored keywords' word numbers and IDF mass are constants of the
-graph. The search step (``serving/backends/text_step.py``, mode search) tokenizes and runs it. (Issue 10's store
-graphs, per network and fused without the top-k, were exported by the same code until they left the tree with the
+lexical match against every stored keyword, QEN, VAN, LAN and MTN over the store and the top-k selection (ONNX
+TopK). It takes the query's WordPiece ids and its content words, numbered as the store's keyword words by
+:class:`amc_contract.text.StoreWords`; the stored keywords' word numbers and IDF mass are constants of the graph.
+The search step (``serving/backends/text_step.py``, mode search) tokenizes and runs it. (Issue 10's store graphs,
+per network and fused without the top-k, were exported by the same code until they left the tree with the
 benchmarks' store ensembles: ``git show 1285aea:benchmarks/store_models.py``.)
 
 Correctness: :func:`validate_store` compares the search graph with the PyTorch raw path on the same candidates (the

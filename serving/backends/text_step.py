@@ -116,7 +116,6 @@ class TritonPythonModel:
                 names=tuple(self.input_names), version=self.version, store_size=len(store),
                 max_query_bytes=bounds.max_query_bytes, normalize=self.queries.normalize,
                 text_rules=self.features.text_rules)
-            self.search_module = search_logic
             self.search = search_graph.SearchGraph(here, params, args, self.model_name)
             # The store parsed once, by TextFeatures: its rows' strings as the answers carry them.
             self.strings = search_logic.StoreStrings(self.features.store_ids, self.features.store_keywords)
