@@ -71,7 +71,7 @@ def sweep(url: str, model: str, data: Path, concurrency: list[int], n: int, work
             out_csv.unlink(missing_ok=True)  # a file of an earlier call must never be read as this call's
             cmd = [exe, "-m", model, "-i", "grpc", "-u", url, "--input-data", str(data), "-b", str(batch),
                    "--concurrency-range", f"{c}:{c}", "--measurement-interval", str(interval),
-                   "--warmup-request-count", str(max(16, 4 * c)),
+                   "--warmup-request-count", str(min(32, max(16, 4 * c))),  # below the input data's 64 requests
                    "--stability-percentage", "30", "--max-trials", "4", "-f", str(out_csv), "--verbose-csv"]
             before = snapshot(url)
             try:
