@@ -349,9 +349,12 @@ def variants(args) -> dict:
 
     base = SEARCH_SETTINGS["gpu" if args.device == "cuda" else "cpu"]
     r = dataclasses.replace
+    # The thread lever flips whichever the base has: since the base took onnxruntime's own pool (None), a variant
+    # "ort_threads" of None was the base again under another name, so the A/B compares one thread against it.
+    threads = {"ort_threads": r(base, intra_op_threads=None)} if base.intra_op_threads is not None else \
+        {"one_thread": r(base, intra_op_threads=1)}
     out = {"base": base, "host_arrays": r(base, io_binding=False, cuda_graph=False),
-           "no_graph": r(base, cuda_graph=False), "ort_threads": r(base, intra_op_threads=None),
-           "delay_0": r(base, batch_delay_us=0)}
+           "no_graph": r(base, cuda_graph=False), **threads, "delay_0": r(base, batch_delay_us=0)}
     for count in args.instances:
         if count != base.instances:
             out[f"instances_{count}"] = r(base, instances=count)

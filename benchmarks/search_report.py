@@ -20,8 +20,11 @@ SIZES = {"n100": 100, "n1000": 1000}
 NOISE = 0.10  # a lever must gain more than this (mean over SIZES) to become the default
 
 # Each lever: (name, the variant without it, the variant with it).
+# A run has one of the two thread variants (``search_gpu.variants``: the one the base is not): one_thread where the
+# base has onnxruntime's own pool, ort_threads where it has one thread.
 LEVERS = (("io_binding (no CUDA graphs)", "host_arrays", "no_graph"), ("cuda_graph", "no_graph", "base"),
-          ("one intra-op thread", "ort_threads", "base"), ("dynamic batching delay 0 -> base", "delay_0", "base"))
+          ("one intra-op thread", "ort_threads", "base"), ("one intra-op thread", "base", "one_thread"),
+          ("dynamic batching delay 0 -> base", "delay_0", "base"))
 
 # Issue 23's targets (one H100, or one H200 where no H100 comes).
 TARGETS = {
@@ -211,6 +214,15 @@ def summarize(results: dict) -> dict:
                 ab.append({"lever": f"{lever}, {key} best point", "off": a["candidates_per_s"],
                            "on": b["candidates_per_s"], "unit": "candidates/s"})
     out["ab"] = ab
+    # Served points that perf_analyzer could not measure: no A/B row is made of them (served_pair), and they are
+    # listed here so that a missing row reads as a failed measurement.
+    failed = {}
+    for tag, v in variants_.items():  # base_<size> is a point; any other tag a variant (its error: no server)
+        points = {tag: v} if tag.startswith("base_") else {tag: v, **{f"{tag} {key}": v.get(key) for key in SIZES}}
+        failed.update({name: p["error"][-200:] for name, p in points.items() if isinstance(p, dict) and p.get("error")})
+    failed.update({f"base {name}": p["error"][-200:] for name in ("n100_sweep", "n1000_sweep", "whole_sweep")
+                   for p in head.get(name, []) if p.get("error")})
+    out["failed"] = failed
     # The sweep's choice: a variant (one lever from the base) becomes the default only when it answers more than the
     # base at both sizes on average by more than a run's noise (NOISE: A/B points of one lever repeated within one
     # machine start differ by that much: 335,037-388,698 cand/s at 100 ids and c64 over the first H100
@@ -272,6 +284,8 @@ def summary_md(s: dict) -> str:
                      f"{_f(v.get('over_ceiling'), 3)} |")
     lines += ["", "| lever | off | on | unit |", "| --- | --- | --- | --- |"]
     lines += [f"| {a['lever']} | {_n(a['off'])} | {_n(a['on'])} | {a['unit']} |" for a in s.get("ab", [])]
+    lines += ["", "failed (no figure; perf_analyzer's last words):", *[f"    {k}: {' '.join(e.split())[-160:]}"
+                                                                       for k, e in s.get("failed", {}).items()]]
     lines += ["", f"search_defaults: {json.dumps(s.get('search_defaults'))}", "",
               f"parity: {json.dumps(s.get('parity'))}", "", f"step: {json.dumps(s.get('step'))}", "",
               f"profile: {json.dumps(s.get('profile'))}", "", f"CUDA graphs refused: {s.get('ceiling_refusals')}", "",
