@@ -78,6 +78,9 @@ def merged(runs: list[dict]) -> dict:
     out["search_cuda_graph_refusals"] = sorted({e for s in sums for e in s["ceiling_refusals"]})
     out["search_placement"] = full.get("placement")
     out["search_runs_file"] = f"reports/{RUNS_FILE}"
+    # A row without a figure must say why: each run's failed measurements, named by run.
+    out["search_failed"] = {f"run {i + 1} {name}": error for i, s in enumerate(sums)
+                            for name, error in s.get("failed", {}).items()}
     return out
 
 
@@ -155,6 +158,11 @@ def markdown(entry: dict) -> str:
               f"CUDA graphs refused by onnxruntime: `{entry['search_cuda_graph_refusals']}`; nodes it left off the GPU "
               "(its verbose log):", ""]
     lines += [f"    {line}" for line in (entry.get("search_placement") or [])[:30]]
+    failed = entry.get("search_failed") or {}
+    if failed:
+        lines += ["", "Measurements that gave no figure (perf_analyzer's last words; a row or lever without a figure is "
+                  "one of these):", ""]
+        lines += [f"- {name}: `{' '.join(error.split())[-160:]}`" for name, error in failed.items()]
     lines += ["", f"Full results: `{entry['search_runs_file']}`.", END]
     return "\n".join(lines)
 
