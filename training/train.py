@@ -231,7 +231,7 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            if averaged is not None:  # after the graph's replay too: it updates the same parameters in place
+            if averaged is not None:  # after the optimizer's step (no graph replays while averaging: `graphed`)
                 averaged.update()
             losses.append(loss.detach())
             bar.update(1)
@@ -250,15 +250,14 @@ def _train(cfg: TrainConfig, corpus: Corpus | None, prepared: Prepared | None, d
             val = d.broadcast(evaluate_split(model, data, val_queries) if d.main else None)
             score = (val["ndcg@1"] + val["ndcg@10"]) / 2 if cfg.select_by == "ndcg@1+10" else val[cfg.select_by]
             if score > best:
+                best, best_epoch, stale = score, epoch, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                stale += 1
         history.append({"epoch": epoch, "loss": epoch_loss, **{f"val_{k}": v for k, v in val.items()},
                         "train_s": train_s, "samples": len(pairs)})
-        if score > best:
-            best, best_epoch, stale = score, epoch, 0
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
+        if stale and stale >= cfg.patience:  # an improving epoch never stops training, whatever the patience
+            break
     bar.close()
     model.load_state_dict(best_state)
     out_dir = Path(cfg.out)
