@@ -302,9 +302,6 @@ class StoreText:
         return cls(encoder if encoder is not None else load_minilm(), load_wordpiece(tokenizer_json()),
                    StoreWords(weights, store.keywords.reshape(-1).tolist()))
 
-    def graph(self, model: AMC, store: Store, version: int) -> SearchStoreGraph:
-        return SearchStoreGraph(model, store, version, encoder=self.encoder, words=self.words)
-
 
 def _example(model: AMC, store: Store, matcher: LexicalMatcher, text: StoreText, *, batch: int, candidates: int,
              rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -347,7 +344,8 @@ def export_search_graph(model: AMC, store: Store, matcher: LexicalMatcher, out_d
     out_dir.mkdir(parents=True, exist_ok=True)
     text = text or StoreText.of(store, matcher.weights)
     example = _example(model, store, matcher, text, batch=2, candidates=3, rng=np.random.default_rng(0))
-    write_onnx(text.graph(model, store, version), sig.SEARCH_STORE, example, out_dir / SEARCH_GRAPH_FILE,
+    graph = SearchStoreGraph(model, store, version, encoder=text.encoder, words=text.words)
+    write_onnx(graph, sig.SEARCH_STORE, example, out_dir / SEARCH_GRAPH_FILE,
                version=version, fingerprint=fingerprint, name=SEARCH_GRAPH, sizes=model_sizes(model.config))
 
 
